@@ -1,0 +1,144 @@
+"""Agent configuration: one TOML file, validated once at start into typed pydantic models.
+
+Every key has a default (documented in docs/configuration.md); unknown keys are errors so that a typo never
+silently falls back to a default. Relative paths are resolved against the config file's directory.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(Exception):
+    """A configuration file that cannot be used. The message names the file, the key and the reason."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class VehicleConfig(_Section):
+    fleet: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    id: str = Field("vehicle-0001", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class CanBusConfig(_Section):
+    name: str = Field("can0", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
+    interface: str = "socketcan"
+    channel: str = "can0"
+    bitrate: int | None = Field(None, gt=0)
+    dbc: list[Path] = Field(default_factory=list)
+    receive_timeout_s: float = Field(0.2, gt=0, le=10)
+    reconnect_min_s: float = Field(0.5, gt=0)
+    reconnect_max_s: float = Field(30.0, gt=0)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class SerialConfig(_Section):
+    name: str = Field("gps", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
+    port: str = "/dev/ttyUSB0"
+    baudrate: int = Field(4800, gt=0)
+    protocol: Literal["nmea"] = "nmea"
+    reconnect_min_s: float = Field(0.5, gt=0)
+    reconnect_max_s: float = Field(30.0, gt=0)
+    max_line_bytes: int = Field(256, ge=82, le=65536)
+
+
+class ModelConfig(_Section):
+    path: Path = Path("models/harvester-anomaly.int8.onnx")
+    threads: int = Field(1, ge=1, le=16)
+    batch_windows: int = Field(16, ge=1, le=4096)
+
+
+class StoreConfig(_Section):
+    path: Path = Path("/var/lib/harvester-agent/buffer.sqlite")
+    max_bytes: int = Field(512 * 1024 * 1024, ge=1024 * 1024)
+    flush_interval_s: float = Field(1.0, gt=0, le=60)
+    flush_max_samples: int = Field(20_000, ge=1)
+
+
+class MqttConfig(_Section):
+    host: str = "localhost"
+    port: int = Field(1883, gt=0, lt=65536)
+    client_id: str = ""
+    keepalive_s: int = Field(30, ge=5, le=3600)
+    tls: bool = False
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    batch_max_bytes: int = Field(256 * 1024, ge=1024, le=64 * 1024 * 1024)
+    batch_max_age_s: float = Field(5.0, gt=0, le=600)
+    max_inflight_batches: int = Field(4, ge=1, le=1000)
+    ack_timeout_s: float = Field(30.0, gt=0)
+    reconnect_min_s: float = Field(1.0, gt=0)
+    reconnect_max_s: float = Field(60.0, gt=0)
+
+    @field_validator("ca_file", "cert_file", "key_file")
+    @classmethod
+    def _no_empty(cls, v: Path | None) -> Path | None:
+        return None if v is not None and str(v) == "" else v
+
+
+class LogConfig(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class AgentConfig(_Section):
+    vehicle: VehicleConfig = VehicleConfig()
+    can: list[CanBusConfig] = Field(default_factory=list)
+    serial: list[SerialConfig] = Field(default_factory=list)
+    model: ModelConfig = ModelConfig()
+    store: StoreConfig = StoreConfig()
+    mqtt: MqttConfig = MqttConfig()
+    log: LogConfig = LogConfig()
+    # The simulator's own settings live in the same file so that the demo is one file; the agent ignores them.
+    sim: dict[str, Any] = Field(default_factory=dict)
+
+
+def _resolve_paths(obj: Any, base: Path) -> Any:
+    """Make every Path in a validated config absolute, relative to the config file's folder."""
+    if isinstance(obj, Path):
+        return obj if obj.is_absolute() else (base / obj).resolve()
+    if isinstance(obj, list):
+        return [_resolve_paths(v, base) for v in obj]
+    if isinstance(obj, BaseModel):
+        updates = {name: _resolve_paths(getattr(obj, name), base) for name in type(obj).model_fields}
+        return obj.model_copy(update=updates)
+    return obj
+
+
+def format_validation_error(path: Path, err: ValidationError) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    extra = f" ({len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    got = first.get("input")
+    got_s = f" (got {got!r})" if got is not None and not isinstance(got, dict | list) else ""
+    return f"{path}: {key}: {first['msg']}{got_s}{extra}"
+
+
+def parse_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+
+
+def load_config(path: str | Path) -> AgentConfig:
+    """Read and validate an agent config file; raise ConfigError with a one-line reason."""
+    p = Path(path)
+    raw = parse_toml(p)
+    try:
+        cfg = AgentConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(p, e)) from None
+    resolved: AgentConfig = _resolve_paths(cfg, p.resolve().parent)
+    return resolved

@@ -1,0 +1,62 @@
+"""The records that flow through the pipeline.
+
+Samples travel in bulk as `SampleBatch` (columnar numpy arrays), never one Python object per reading: the
+hot path decodes tens of thousands of frames per second. Alerts and DTC events are rare and small, so they are
+plain dataclasses serialised to JSON.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class SignalKey:
+    """A signal as the store and the wire know it: `Message.Signal` plus where it came from."""
+
+    name: str
+    source: str = ""
+    unit: str = ""
+
+
+@dataclass(slots=True)
+class Reading:
+    """One decoded value. Used at the edges (serial lines, tests); the CAN path batches instead."""
+
+    ts: float
+    key: SignalKey
+    value: float
+
+
+@dataclass(slots=True)
+class Alert:
+    """A model alert. `state` is "open" when raised and "closed" when the condition clears; both are records."""
+
+    alert_id: str
+    state: str
+    model: str
+    model_version: str
+    score: float
+    threshold: float
+    window_start: float
+    window_end: float
+    ts: float
+    label: str = ""
+    top_features: list[tuple[str, float]] = field(default_factory=list)
+    snapshot: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(slots=True)
+class Event:
+    """Anything else worth telling the cloud: DTC open/close, source down/up, evictions, model changes."""
+
+    kind: str
+    ts: float
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,46 @@
+"""A pseudo-terminal pair standing in for a serial device: write bytes to `master`, open `slave_path` with pyserial."""
+
+from __future__ import annotations
+
+import os
+import tty
+from pathlib import Path
+
+
+class PtyPair:
+    def __init__(self, link: Path | None = None) -> None:
+        self.master, self.slave = os.openpty()
+        tty.setraw(self.slave)  # no echo, no line discipline: bytes pass as on a real UART
+        self.slave_path = os.ttyname(self.slave)
+        self.link = link
+        if link is not None:
+            link.parent.mkdir(parents=True, exist_ok=True)
+            tmp = link.with_name(link.name + ".tmp")
+            tmp.unlink(missing_ok=True)
+            tmp.symlink_to(self.slave_path)
+            tmp.replace(link)
+
+    @property
+    def path(self) -> str:
+        return str(self.link) if self.link is not None else self.slave_path
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.write(self.master, view)
+            view = view[n:]
+
+    def close(self) -> None:
+        for fd in (self.master, self.slave):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        if self.link is not None:
+            self.link.unlink(missing_ok=True)
+
+    def __enter__(self) -> PtyPair:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
