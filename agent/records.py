@@ -60,3 +60,15 @@ class Event:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(slots=True)
+class SampleArrays:
+    """Decoded samples in columnar form: timestamps (s), signal ids (SignalRegistry), values."""
+
+    ts: Any  # npt.NDArray[np.float64]
+    sid: Any  # npt.NDArray[np.int32]
+    value: Any  # npt.NDArray[np.float64]
+
+    def __len__(self) -> int:
+        return int(self.ts.shape[0])

@@ -65,6 +65,12 @@ class Segment:
     seq_hi: int
     record: dict[str, Any] | None = None
     columns: SampleColumns | None = None
+    # Already-encoded columns (segment header fields, blob), as the store keeps them: sent without re-encoding.
+    encoded: tuple[dict[str, Any], bytes] | None = None
+
+    @property
+    def n(self) -> int:
+        return self.seq_hi - self.seq_lo + 1
 
 
 @dataclass(slots=True)
@@ -87,7 +93,7 @@ class Batch:
 
     @property
     def n_samples(self) -> int:
-        return sum(len(s.columns) for s in self.segments if s.columns is not None)
+        return sum(s.n for s in self.segments if s.kind == "samples")
 
 
 def _shuffle(a: npt.NDArray[Any]) -> bytes:
@@ -148,8 +154,8 @@ def encode_batch(batch: Batch, compress: bool = True) -> bytes:
     offset = 0
     for s in batch.segments:
         entry: dict[str, Any] = {"kind": s.kind, "seq_lo": s.seq_lo, "seq_hi": s.seq_hi}
-        if s.columns is not None:
-            head, blob = encode_columns(s.columns)
+        if s.columns is not None or s.encoded is not None:
+            head, blob = s.encoded if s.encoded is not None else encode_columns(s.columns)  # type: ignore[arg-type]
             entry.update(head, offset=offset, length=len(blob))
             blobs.append(blob)
             offset += len(blob)

@@ -8,17 +8,10 @@ from pathlib import Path
 import pytest
 
 from agent.testing.broker import MosquittoBroker, find_mosquitto
+from agent.testing.data import SHARED_DATA, shared_file
 from agent.testing.pty import PtyPair
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-def shared_file(rel: str) -> Path:
-    """A file from ../shared/data, or skip the test with the name of what is missing."""
-    p = SHARED_DATA / rel
-    if not p.exists():
-        pytest.skip(f"shared data file {p} is absent (tests read real data from ../shared/data)")
-    return p
+__all__ = ["SHARED_DATA", "shared_file"]
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tty
 from pathlib import Path
@@ -32,10 +33,8 @@ class PtyPair:
 
     def close(self) -> None:
         for fd in (self.master, self.slave):
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
         if self.link is not None:
             self.link.unlink(missing_ok=True)
 

@@ -1,0 +1,175 @@
+"""`harvester-agent`: a thin command-line face over the agent's Python API.
+
+Errors the user can fix (bad config, missing file) are one line on stderr and exit status 2; no tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from agent import __version__
+from agent.config import ConfigError, load_config
+
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    """A one-line error for the user."""
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+
+    def handler(signum: int, frame: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return stop
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from agent.service import Agent
+
+    cfg = load_config(args.config)
+    setup_logging(cfg.log.level)
+    agent = Agent(cfg)
+    stop = _stop_on_signals()
+    agent.start()
+    try:
+        while not stop.wait(60):
+            p = agent.progress()
+            logging.getLogger("agent").info(
+                "frames %d (%.0f/s), windows %d, alerts %d, backlog %d, synced %d, %s",
+                p.frames, p.frames_per_s, p.windows_scored, p.alerts_opened, p.backlog, p.synced,
+                "connected" if p.connected else "offline",
+            )
+    finally:
+        agent.stop(drain_s=args.drain_s)
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from agent.simulate import run_simulator_from_config
+
+    cfg = load_config(args.config)
+    setup_logging(cfg.log.level)
+    stop = _stop_on_signals()
+    stats = run_simulator_from_config(cfg, duration_s=args.duration, fault=args.fault, speed=args.speed, stop=stop)
+    print(json.dumps(stats, indent=2) if args.json else
+          ", ".join(f"{k} {v}" for k, v in stats.items()))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from agent.store import Store
+
+    cfg = load_config(args.config)
+    if not cfg.store.path.exists():
+        raise CliError(f"{cfg.store.path}: no store yet (the agent has not run with this config)")
+    store = Store(cfg.store.path, cfg.store.max_bytes)
+    try:
+        st = store.status()
+    finally:
+        store.close()
+    st["vehicle"] = cfg.vehicle.id
+    st["fleet"] = cfg.vehicle.fleet
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    print(f"vehicle          {cfg.vehicle.fleet}/{cfg.vehicle.id}")
+    print(f"store            {st['path']} ({st['used_bytes'] / 1e6:.1f} of {st['max_bytes'] / 1e6:.0f} MB)")
+    w = st["records_written"]
+    print(f"records written  {w['samples']} samples, {w['records']} alerts/events")
+    print(f"highest seq      {st['highest_seq']}")
+    print(f"last acked seq   {st['last_acked_seq']}")
+    ev = st["evicted"]
+    print(f"evicted          {ev['samples']} samples, {ev['records']} records in {ev['evictions']} evictions")
+    print("backlog          " + (", ".join(f"{k}: {v['records']}" for k, v in sorted(st["backlog"].items()))
+                                  or "empty"))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from agent.demo import run_demo
+
+    return run_demo(
+        config=Path(args.config) if args.config else None,
+        duration_s=args.duration,
+        fault=args.fault,
+        workdir=Path(args.workdir),
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="harvester-agent",
+        description="Edge agent for orange harvesters: reads CAN (J1939) and serial sensors, scores windows with "
+        "an ONNX model, buffers everything in SQLite and syncs it to the cloud over MQTT.",
+    )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    r = sub.add_parser("run", help="run the agent in the foreground (as systemd does)",
+                       description="Run the agent until SIGTERM/SIGINT; then flush the store and stop cleanly.")
+    r.add_argument("--config", required=True, help="agent TOML config (docs/configuration.md)")
+    r.add_argument("--drain-s", type=float, default=5.0,
+                   help="at stop, how long to keep sending the backlog before closing (default 5)")
+    r.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("simulate", help="run the harvester simulator alone on the configured bus and serial pty",
+                       description="Put simulated J1939 traffic on the config's first CAN bus and NMEA on a pty "
+                       "linked at [sim] serial_link (default: the config's first serial port).")
+    s.add_argument("--config", required=True, help="agent TOML config; its [sim] table sets the scenario")
+    s.add_argument("--duration", type=float, default=None, help="seconds to run (default: until stopped)")
+    s.add_argument("--fault", default=None, help="switch a fault on (overrides [sim] fault)")
+    s.add_argument("--speed", type=float, default=1.0, help="time factor, 2 = twice real time (default 1)")
+    s.add_argument("--json", action="store_true", help="print the summary as JSON")
+    s.set_defaults(func=cmd_simulate)
+
+    st = sub.add_parser("status", help="report what the store holds",
+                        description="Records written, highest sequence number, backlog by kind, last acknowledged.")
+    st.add_argument("--config", required=True, help="agent TOML config")
+    st.add_argument("--json", action="store_true", help="print one JSON object")
+    st.set_defaults(func=cmd_status)
+
+    d = sub.add_parser("demo", help="run the whole system locally for a minute: broker, cloud, simulator, agent",
+                       description="Start Mosquitto, cloud_sync, the simulator with a fault and the agent; show "
+                       "progress; print what reached the cloud database. Exits 1 if no alert reached it.")
+    d.add_argument("--duration", type=float, default=60.0, help="seconds of simulated driving (default 60)")
+    d.add_argument("--fault", default=None, help="fault scenario (default: the demo config's, coolant_leak)")
+    d.add_argument("--config", default=None, help="agent config to start from (default docs/examples/demo-agent.toml)")
+    d.add_argument("--workdir", default="demo-run", help="folder for the demo's databases, logs and configs")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ConfigError, CliError) as e:
+        print(f"harvester-agent: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

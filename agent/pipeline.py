@@ -1,0 +1,224 @@
+"""The on-vehicle pipeline without threads or sockets: frames and lines in, store writes out.
+
+The live service (agent/service.py) and log replay both drive this same object, so what a fleet engineer replays
+is exactly what runs on the vehicle.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from agent import wire
+from agent.alerts import AlertContext, AlertTracker
+from agent.decode.j1939 import J1939Decoder
+from agent.decode.nmea import SIGNALS as NMEA_SIGNALS
+from agent.decode.nmea import NmeaDecoder
+from agent.features import FeatureEngine, FeatureRow
+from agent.frames import FrameBatch
+from agent.records import Alert, Event, SampleArrays
+from agent.scoring import Scorer
+from agent.signals import SignalRegistry
+from agent.store import Store
+
+log = logging.getLogger("agent.pipeline")
+
+
+@dataclass(slots=True)
+class PipelineStats:
+    frames: int = 0
+    samples: int = 0
+    windows: int = 0
+    windows_scored: int = 0
+    alerts_opened: int = 0
+    alerts_closed: int = 0
+    dtc_events: int = 0
+    serial_lines: int = 0
+    last_score: float = math.nan
+    errors: Counter[str] = field(default_factory=Counter)
+
+
+class SampleBuffer:
+    """Decoded samples waiting to become one store segment."""
+
+    def __init__(self, registry: SignalRegistry) -> None:
+        self.registry = registry
+        self._parts: list[SampleArrays] = []
+        self.n = 0
+        self.since = time.monotonic()
+
+    def add(self, s: SampleArrays) -> None:
+        if len(s):
+            if not self._parts:
+                self.since = time.monotonic()
+            self._parts.append(s)
+            self.n += len(s)
+
+    def take(self) -> wire.SampleColumns | None:
+        if not self._parts:
+            return None
+        ts = np.concatenate([p.ts for p in self._parts])
+        sid = np.concatenate([p.sid for p in self._parts])
+        value = np.concatenate([p.value for p in self._parts])
+        self._parts, self.n = [], 0
+        uniq, local = np.unique(sid, return_inverse=True)
+        signals = [self.registry.key(int(u)) for u in uniq.tolist()]
+        ts_us = np.rint(ts * 1e6).astype(np.int64)
+        return wire.SampleColumns(signals, local.astype(np.uint16), ts_us, value)
+
+    def put_back(self, cols: wire.SampleColumns) -> None:
+        """Return a segment that could not be written (disk full, I/O error), to retry later."""
+        sid = np.array([self.registry.intern(*k) for k in cols.signals], np.int32)[cols.sig]
+        self._parts.insert(0, SampleArrays(cols.ts_us / 1e6, sid, cols.value))
+        self.n += len(cols)
+
+
+class Pipeline:
+    def __init__(
+        self,
+        registry: SignalRegistry,
+        decoders: dict[str, J1939Decoder],
+        scorer: Scorer | None,
+        store: Store | None,
+    ) -> None:
+        self.registry = registry
+        self.decoders = decoders
+        self.nmea: dict[str, NmeaDecoder] = {}
+        self.scorer = scorer
+        self.store = store
+        self.stats = PipelineStats()
+        self.buffer = SampleBuffer(registry)
+        self.pending_records: list[tuple[str, dict[str, Any]]] = []
+        self.engine: FeatureEngine | None = None
+        self.tracker: AlertTracker | None = None
+        self._sid_map = np.zeros(0, np.int32)
+        if scorer is not None:
+            c = scorer.contract
+            self.engine = FeatureEngine(c.features, c.hop_s)
+            self.tracker = AlertTracker(c.alert, c.model_name, c.model_version)
+
+    # --- inputs ----------------------------------------------------------------------------------------------
+
+    def on_frames(self, fb: FrameBatch) -> None:
+        dec = self.decoders.get(fb.bus)
+        if dec is None:
+            self.stats.errors["frames_from_unknown_bus"] += len(fb)
+            return
+        self.stats.frames += len(fb)
+        res = dec.decode(fb)
+        self._samples(res.samples)
+        self._events(res.events)
+
+    def on_lines(self, device: str, lines: list[tuple[float, bytes]]) -> None:
+        dec = self.nmea.setdefault(device, NmeaDecoder())
+        ts: list[float] = []
+        sid: list[int] = []
+        val: list[float] = []
+        for t, line in lines:
+            self.stats.serial_lines += 1
+            for name, v in dec.decode(line):
+                ts.append(t)
+                sid.append(self.registry.intern(name, device, NMEA_SIGNALS.get(name, "")))
+                val.append(v)
+        if ts:
+            self._samples(SampleArrays(np.array(ts), np.array(sid, np.int32), np.array(val)))
+
+    # --- stages ----------------------------------------------------------------------------------------------
+
+    def _feature_index(self, sid: npt.NDArray[np.int32]) -> npt.NDArray[np.int32]:
+        """Registry ids → the feature engine's signal index (-1: not used by the model)."""
+        assert self.engine is not None
+        if len(self.registry) > self._sid_map.size:
+            old = self._sid_map.size
+            grown = np.full(len(self.registry), -1, np.int32)
+            grown[:old] = self._sid_map
+            for i in range(old, len(self.registry)):
+                grown[i] = self.engine.signal_index.get(self.registry.name(i), -1)
+            self._sid_map = grown
+        return self._sid_map[sid]
+
+    def _samples(self, s: SampleArrays) -> None:
+        if not len(s):
+            return
+        self.stats.samples += len(s)
+        if self.store is not None:
+            self.buffer.add(s)
+        if self.engine is not None:
+            rows = self.engine.feed(s.ts, self._feature_index(s.sid), s.value)
+            if rows:
+                self._score(rows)
+
+    def _score(self, rows: list[FeatureRow]) -> None:
+        assert self.scorer is not None and self.tracker is not None
+        self.stats.windows += len(rows)
+        x = np.stack([r.x for r in rows])
+        res = self.scorer.score(x)
+        self.stats.windows_scored += int(res.scored.sum())
+        for i, row in enumerate(rows):
+            score = float(res.scores[i])
+            if not res.scored[i]:
+                continue
+            self.stats.last_score = score
+            ctx = AlertContext(row.start, row.end, res.labels[i], snapshot=row.snapshot)
+            was_open = self.tracker.open is not None
+            alert = self.tracker.update(score, ctx)
+            if alert is None:
+                continue
+            if not was_open:
+                alert.top_features = self.scorer.explain(row.x)
+                self.stats.alerts_opened += 1
+                log.warning("alert %s opened: %s score %.3f", alert.alert_id[:8], alert.label, score)
+            else:
+                self.stats.alerts_closed += 1
+                log.info("alert %s closed", alert.alert_id[:8])
+            self._record("alert", alert)
+
+    def _events(self, events: list[Event]) -> None:
+        for e in events:
+            if e.kind.startswith("dtc_"):
+                self.stats.dtc_events += 1
+                log.info("%s %s", e.kind, e.data)
+            self._record("event", e)
+
+    def _record(self, kind: str, rec: Alert | Event) -> None:
+        self.pending_records.append((kind, rec.to_dict()))
+        self.flush_records()
+
+    # --- output ----------------------------------------------------------------------------------------------
+
+    def flush_records(self) -> None:
+        """Alerts and events are written at once: they are what must never wait in memory."""
+        if self.store is None or not self.pending_records:
+            return
+        try:
+            self.store.append_records(self.pending_records)
+            self.pending_records = []
+        except Exception as e:
+            self.stats.errors["store_write_failed"] += 1
+            log.error("cannot write %d records to the store (kept in memory): %s", len(self.pending_records), e)
+
+    def flush_samples(self) -> None:
+        if self.store is None:
+            return
+        cols = self.buffer.take()
+        if cols is None:
+            return
+        try:
+            self.store.append_samples(cols)
+        except Exception as e:
+            self.stats.errors["store_write_failed"] += 1
+            log.error("cannot write %d samples to the store (kept in memory): %s", len(cols), e)
+            self.buffer.put_back(cols)
+
+    def maybe_flush(self, interval_s: float, max_samples: int) -> None:
+        if self.buffer.n >= max_samples or (self.buffer.n and time.monotonic() - self.buffer.since >= interval_s):
+            self.flush_samples()
+        if self.pending_records:
+            self.flush_records()

@@ -1,0 +1,207 @@
+"""The running agent: sources in threads → one processing thread (the pipeline) → store → uplink thread.
+
+Sources never block on a slow pipeline: a full queue drops the batch and counts it (the bus driver would drop
+frames anyway; we would rather know). SIGTERM stops the sources, drains the queue, writes every buffered sample,
+gives the uplink a bounded time to send, and closes the store cleanly, well inside systemd's TimeoutStopSec.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from agent import __version__
+from agent.config import AgentConfig
+from agent.contract import ContractError
+from agent.decode.j1939 import J1939Decoder
+from agent.decode.nmea import SIGNALS as NMEA_SIGNALS
+from agent.frames import FrameBatch
+from agent.pipeline import Pipeline
+from agent.scoring import ModelLoadError, Scorer
+from agent.signals import SignalRegistry
+from agent.sources.can import CanSource
+from agent.sources.serial import SerialSource
+from agent.store import Store
+from agent.systemd import notify, watchdog_interval_s
+from agent.uplink import Uplink
+
+log = logging.getLogger("agent.service")
+
+QUEUE_MAX = 2000
+
+
+@dataclass(slots=True)
+class Progress:
+    uptime_s: float
+    frames: int
+    frames_per_s: float
+    samples: int
+    windows_scored: int
+    alerts_opened: int
+    dtc_events: int
+    backlog: int
+    synced: int
+    connected: bool
+    last_score: float
+    dropped_batches: int
+
+
+def load_scorer(cfg: AgentConfig, decoders: dict[str, J1939Decoder]) -> tuple[Scorer | None, str]:
+    """Load the model and check its contract against what this vehicle can decode. Never raises."""
+    try:
+        scorer = Scorer.load(cfg.model.path, cfg.model.threads)
+        available = set(NMEA_SIGNALS) if cfg.serial else set()
+        for d in decoders.values():
+            for cm in d.messages.values():
+                available.update(f.name for f in cm.fast)
+                available.update(f"{cm.name}.{s}" for s in cm.slow)
+        scorer.check_signals(available)
+    except (ModelLoadError, ContractError) as e:
+        return None, f"refused: {e}"
+    c = scorer.contract
+    return scorer, f"{c.model_name} {c.model_version}"
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        self.registry = SignalRegistry()
+        self.decoders = {b.name: J1939Decoder(self.registry, b.dbc, b.name) for b in cfg.can}
+        self.scorer, self.model_status = load_scorer(cfg, self.decoders)
+        if self.scorer is None:
+            log.error("model %s %s: the agent runs without scoring (data is still stored and synced)",
+                      cfg.model.path, self.model_status)
+        self.store = Store(cfg.store.path, cfg.store.max_bytes)
+        self.pipeline = Pipeline(self.registry, self.decoders, self.scorer, self.store)
+        self.queue: queue.Queue[tuple[str, Any]] = queue.Queue(QUEUE_MAX)
+        self.dropped: Counter[str] = Counter()
+        self.can_sources = [CanSource(b, self._on_frames) for b in cfg.can]
+        self.serial_sources = [SerialSource(s, self._on_lines) for s in cfg.serial]
+        self.uplink = Uplink(cfg.mqtt, cfg.vehicle, self.store, self._status_extra)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._started = time.monotonic()
+        self._rate_mark = (time.monotonic(), 0)
+        self._fps = 0.0
+        self.store_status_at_stop: dict[str, Any] = {}
+
+    def _status_extra(self) -> dict[str, Any]:
+        st = self.store.status()
+        return {
+            "model_version": self.scorer.contract.model_version if self.scorer else "",
+            "model_status": self.model_status,
+            "backlog": {"samples": st["backlog"].get("samples", {}).get("records", 0),
+                        "records": st["backlog_records"] - st["backlog"].get("samples", {}).get("records", 0)},
+            "evicted": st["evicted"],
+        }
+
+    # --- source callbacks (source threads) -------------------------------------------------------------------
+
+    def _offer(self, item: tuple[str, Any], n: int) -> None:
+        try:
+            self.queue.put_nowait(item)
+        except queue.Full:
+            self.dropped[item[0]] += n
+
+    def _on_frames(self, fb: FrameBatch) -> None:
+        self._offer(("can", fb), len(fb))
+
+    def _on_lines(self, device: str, lines: list[tuple[float, bytes]]) -> None:
+        self._offer(("serial", (device, lines)), len(lines))
+
+    # --- processing thread -----------------------------------------------------------------------------------
+
+    def _process(self, item: tuple[str, Any]) -> None:
+        kind, payload = item
+        if kind == "can":
+            self.pipeline.on_frames(payload)
+        else:
+            self.pipeline.on_lines(*payload)
+
+    def _run(self) -> None:
+        wd = watchdog_interval_s()
+        last_wd = 0.0
+        s = self.cfg.store
+        while not self._stop.is_set():
+            try:
+                item = self.queue.get(timeout=0.1)
+            except queue.Empty:
+                item = None
+            try:
+                if item is not None:
+                    self._process(item)
+                self.pipeline.maybe_flush(s.flush_interval_s, s.flush_max_samples)
+            except Exception:
+                # A bug in one batch must not stop the vehicle's agent; it is logged with its traceback.
+                log.exception("pipeline failed on a batch; continuing")
+                self.pipeline.stats.errors["pipeline_exception"] += 1
+            if wd is not None and time.monotonic() - last_wd >= wd:
+                notify("WATCHDOG=1")
+                last_wd = time.monotonic()
+        while True:  # drain what the sources already handed over
+            try:
+                self._process(self.queue.get_nowait())
+            except queue.Empty:
+                break
+        self.pipeline.flush_samples()
+        self.pipeline.flush_records()
+
+    # --- lifecycle -------------------------------------------------------------------------------------------
+
+    def _sources(self) -> list[CanSource | SerialSource]:
+        return [*self.can_sources, *self.serial_sources]
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="pipeline", daemon=True)
+        self._thread.start()
+        self.uplink.start()
+        for src in self._sources():
+            src.start()
+        notify("READY=1")
+        notify(f"STATUS=running; model {self.model_status}")
+        log.info("agent %s started: vehicle %s/%s, %d CAN bus(es), %d serial device(s), model %s",
+                 __version__, self.cfg.vehicle.fleet, self.cfg.vehicle.id, len(self.can_sources),
+                 len(self.serial_sources), self.model_status)
+
+    def stop(self, drain_s: float = 5.0) -> None:
+        notify("STOPPING=1")
+        for src in self._sources():
+            src.stop()
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(30)
+        self.uplink.stop(drain_s=drain_s)
+        self.store_status_at_stop = self.store.status()
+        self.store.close()
+        log.info("agent stopped")
+
+    def progress(self) -> Progress:
+        now = time.monotonic()
+        st = self.pipeline.stats
+        t0, f0 = self._rate_mark
+        if now - t0 >= 1.0:
+            self._fps = (st.frames - f0) / (now - t0)
+            self._rate_mark = (now, st.frames)
+        c = self.store.counters()
+        backlog = (c["written_samples"] + c["written_records"]) - (
+            c["acked_samples"] + c["acked_records"] + c["evicted_samples"] + c["evicted_records"]
+        )
+        return Progress(
+            uptime_s=now - self._started,
+            frames=st.frames,
+            frames_per_s=self._fps,
+            samples=st.samples,
+            windows_scored=st.windows_scored,
+            alerts_opened=st.alerts_opened,
+            dtc_events=st.dtc_events,
+            backlog=backlog,
+            synced=c["acked_samples"] + c["acked_records"],
+            connected=self.uplink.connected,
+            last_score=st.last_score,
+            dropped_batches=sum(self.dropped.values()),
+        )

@@ -1,0 +1,325 @@
+"""The vehicle's SQLite outbox: everything waits here until the cloud acknowledges it.
+
+One file in WAL mode with `synchronous=FULL`, so a committed write survives a power cut. Every record gets the
+next per-vehicle sequence number inside the transaction that writes it. Samples are written as *segments*
+(a contiguous range of sequence numbers in the wire's columnar encoding, one row per flush), alerts and events as
+one row each. Rows leave the table only when the cloud acknowledges their range, or when the size bound evicts
+them: oldest samples first, records (alerts, DTC events) only when no sample is left. Every eviction is counted
+in `meta` and announced upstream by an `evicted` event naming the ranges, so the cloud can tell it from a gap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent import wire
+
+SCHEMA_VERSION = 1
+PRIO_NOTICE = -1  # eviction notices: sent first, never evicted (they explain the gaps evictions leave)
+PRIO_RECORD = 0  # alerts, DTC and other events: sent before samples, evicted last
+PRIO_SAMPLES = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    seq_lo  INTEGER PRIMARY KEY,
+    seq_hi  INTEGER NOT NULL,
+    kind    TEXT    NOT NULL,
+    prio    INTEGER NOT NULL,
+    n       INTEGER NOT NULL,
+    ts_lo   REAL,
+    ts_hi   REAL,
+    created REAL    NOT NULL,
+    head    TEXT    NOT NULL,
+    body    BLOB    NOT NULL
+);
+CREATE INDEX IF NOT EXISTS outbox_prio ON outbox (prio, seq_lo);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+
+_COUNTERS = (
+    "next_seq",
+    "written_samples",
+    "written_records",
+    "acked_samples",
+    "acked_records",
+    "last_acked_seq",
+    "evicted_samples",
+    "evicted_records",
+    "evictions",
+)
+
+
+class StoreError(RuntimeError):
+    pass
+
+
+@dataclass(slots=True)
+class OutboxRow:
+    seq_lo: int
+    seq_hi: int
+    kind: str
+    prio: int
+    n: int
+    created: float
+    head: str
+    body: bytes
+
+    def segment(self) -> wire.Segment:
+        if self.kind == "samples":
+            return wire.Segment("samples", self.seq_lo, self.seq_hi, encoded=(json.loads(self.head), self.body))
+        return wire.Segment(self.kind, self.seq_lo, self.seq_hi, record=json.loads(self.head))
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.head) + len(self.body)
+
+
+class Store:
+    def __init__(self, path: Path, max_bytes: int = 512 * 1024 * 1024) -> None:
+        self.path = Path(path)
+        self.max_bytes = max_bytes
+        self._lock = threading.RLock()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False, timeout=30)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self._migrate()
+        self._page_size = int(self.db.execute("PRAGMA page_size").fetchone()[0])
+
+    def _migrate(self) -> None:
+        with self._lock:
+            version = int(self.db.execute("PRAGMA user_version").fetchone()[0])
+            if version > SCHEMA_VERSION:
+                raise StoreError(f"{self.path}: schema version {version} is newer than this agent ({SCHEMA_VERSION})")
+            if version < 1:
+                self.db.execute("BEGIN IMMEDIATE")
+                for stmt in _SCHEMA.split(";"):
+                    if stmt.strip():
+                        self.db.execute(stmt)
+                for k in _COUNTERS:
+                    self.db.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (k, 1 if k == "next_seq" else 0))
+                self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                self.db.execute("COMMIT")
+
+    # --- writing ---------------------------------------------------------------------------------------------
+
+    def _take_seq(self, n: int) -> int:
+        lo = int(self.db.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone()[0])
+        self.db.execute("UPDATE meta SET value=? WHERE key='next_seq'", (lo + n,))
+        return lo
+
+    def _bump(self, key: str, by: int) -> None:
+        self.db.execute("UPDATE meta SET value=value+? WHERE key=?", (by, key))
+
+    def append_samples(self, cols: wire.SampleColumns) -> tuple[int, int]:
+        """Write one segment of samples; returns its sequence range. Durable when this returns."""
+        n = len(cols)
+        if n == 0:
+            raise ValueError("empty segment")
+        head, body = wire.encode_columns(cols)
+        ts_lo = float(cols.ts_us.min()) / 1e6
+        ts_hi = float(cols.ts_us.max()) / 1e6
+        with self._lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                lo = self._take_seq(n)
+                self.db.execute(
+                    "INSERT INTO outbox VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    (lo, lo + n - 1, "samples", PRIO_SAMPLES, n, ts_lo, ts_hi, time.time(), json.dumps(head), body),
+                )
+                self._bump("written_samples", n)
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self._enforce_bound()
+        return lo, lo + n - 1
+
+    def append_records(self, records: Iterable[tuple[str, dict[str, Any]]]) -> list[int]:
+        """Write alert/event records (kind, JSON object) in one transaction; returns their sequence numbers."""
+        items = list(records)
+        if not items:
+            return []
+        now = time.time()
+        with self._lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                lo = self._take_seq(len(items))
+                rows = []
+                for i, (kind, rec) in enumerate(items):
+                    ts = rec.get("ts")
+                    ts_f = float(ts) if isinstance(ts, int | float) else now
+                    rows.append((lo + i, lo + i, kind, PRIO_RECORD, 1, ts_f, ts_f, now, json.dumps(rec), b""))
+                self.db.executemany("INSERT INTO outbox VALUES (?,?,?,?,?,?,?,?,?,?)", rows)
+                self._bump("written_records", len(items))
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self._enforce_bound()
+        return list(range(lo, lo + len(items)))
+
+    # --- size bound ------------------------------------------------------------------------------------------
+
+    def used_bytes(self) -> int:
+        """Bytes in use by live pages (freed pages are reused, so the file's own size only grows)."""
+        pages = int(self.db.execute("PRAGMA page_count").fetchone()[0])
+        free = int(self.db.execute("PRAGMA freelist_count").fetchone()[0])
+        return (pages - free) * self._page_size
+
+    def _enforce_bound(self) -> None:
+        if self.used_bytes() <= self.max_bytes:
+            return
+        evicted: list[tuple[int, int]] = []
+        n_samples = n_records = 0
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            # Down to 90 % so that a store at its bound does not evict on every single write.
+            while self.used_bytes() > self.max_bytes * 0.9:
+                # Oldest samples first; records only once no samples remain; notices never.
+                row = self.db.execute(
+                    "SELECT seq_lo, seq_hi, prio, n FROM outbox WHERE prio >= 0 ORDER BY prio DESC, seq_lo LIMIT 1"
+                ).fetchone()
+                if row is None:
+                    break
+                lo, hi, prio, n = row
+                self.db.execute("DELETE FROM outbox WHERE seq_lo=?", (lo,))
+                evicted.append((lo, hi))
+                if prio == PRIO_SAMPLES:
+                    n_samples += n
+                else:
+                    n_records += n
+            if evicted:
+                self._bump("evicted_samples", n_samples)
+                self._bump("evicted_records", n_records)
+                self._bump("evictions", 1)
+                seq = self._take_seq(1)
+                rec = {
+                    "kind": "evicted",
+                    "ts": time.time(),
+                    "data": {"ranges": _merge_ranges(evicted), "count": n_samples + n_records,
+                             "samples": n_samples, "records": n_records},
+                }
+                now = time.time()
+                self.db.execute(
+                    "INSERT INTO outbox VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    (seq, seq, "event", PRIO_NOTICE, 1, now, now, now, json.dumps(rec), b""),
+                )
+                self._bump("written_records", 1)
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+
+    # --- reading for the uplink ------------------------------------------------------------------------------
+
+    def pending(self, records: bool, exclude: set[int], max_bytes: int) -> list[OutboxRow]:
+        """Unacknowledged records (alerts, events) or samples, oldest first, skipping those in flight."""
+        out: list[OutboxRow] = []
+        total = 0
+        with self._lock:
+            cur = self.db.execute(
+                "SELECT seq_lo, seq_hi, kind, prio, n, created, head, body FROM outbox "
+                + ("WHERE prio<=0 ORDER BY prio, seq_lo" if records else "WHERE prio>0 ORDER BY seq_lo")
+            )
+            for r in cur:
+                if r[0] in exclude:
+                    continue
+                row = OutboxRow(*r)
+                if out and total + row.nbytes > max_bytes:
+                    break
+                out.append(row)
+                total += row.nbytes
+            cur.close()
+        return out
+
+    def pending_samples(self, exclude: set[int]) -> tuple[int, float | None]:
+        """(bytes, creation time of the oldest) of sample segments not in flight: when to close a batch."""
+        total = 0
+        oldest: float | None = None
+        with self._lock:
+            for lo, size, created in self.db.execute(
+                "SELECT seq_lo, LENGTH(body)+LENGTH(head), created FROM outbox WHERE prio>0 ORDER BY seq_lo"
+            ):
+                if lo not in exclude:
+                    total += int(size)
+                    oldest = float(created) if oldest is None else oldest
+        return total, oldest
+
+    def ack(self, ranges: Iterable[tuple[int, int]]) -> int:
+        """Delete rows wholly inside the acknowledged ranges. Returns how many rows went. Idempotent."""
+        gone = 0
+        with self._lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                for lo, hi in ranges:
+                    rows = self.db.execute(
+                        "SELECT seq_lo, prio, n FROM outbox WHERE seq_lo>=? AND seq_hi<=?", (lo, hi)
+                    ).fetchall()
+                    for seq_lo, prio, n in rows:
+                        self.db.execute("DELETE FROM outbox WHERE seq_lo=?", (seq_lo,))
+                        self._bump("acked_samples" if prio == PRIO_SAMPLES else "acked_records", n)
+                        gone += 1
+                    self.db.execute(
+                        "UPDATE meta SET value=MAX(value, ?) WHERE key='last_acked_seq'", (hi,)
+                    )
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+        return gone
+
+    # --- status ----------------------------------------------------------------------------------------------
+
+    def counters(self) -> dict[str, int]:
+        with self._lock:
+            return {k: int(v) for k, v in self.db.execute("SELECT key, value FROM meta")}
+
+    def backlog(self) -> dict[str, dict[str, int]]:
+        with self._lock:
+            rows = self.db.execute(
+                "SELECT kind, COUNT(*), COALESCE(SUM(n),0), COALESCE(SUM(LENGTH(body)+LENGTH(head)),0) "
+                "FROM outbox GROUP BY kind"
+            ).fetchall()
+        return {k: {"rows": int(c), "records": int(n), "bytes": int(b)} for k, c, n, b in rows}
+
+    def status(self) -> dict[str, Any]:
+        c = self.counters()
+        backlog = self.backlog()
+        return {
+            "path": str(self.path),
+            "schema_version": SCHEMA_VERSION,
+            "records_written": {"samples": c["written_samples"], "records": c["written_records"]},
+            "highest_seq": c["next_seq"] - 1,
+            "last_acked_seq": c["last_acked_seq"],
+            "acked": {"samples": c["acked_samples"], "records": c["acked_records"]},
+            "evicted": {"samples": c["evicted_samples"], "records": c["evicted_records"], "evictions": c["evictions"]},
+            "backlog": backlog,
+            "backlog_records": sum(v["records"] for v in backlog.values()),
+            "used_bytes": self.used_bytes(),
+            "max_bytes": self.max_bytes,
+        }
+
+    def close(self) -> None:
+        with self._lock:
+            with contextlib.suppress(sqlite3.Error):
+                self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self.db.close()
+
+
+def _merge_ranges(ranges: list[tuple[int, int]]) -> list[list[int]]:
+    out: list[list[int]] = []
+    for lo, hi in sorted(ranges):
+        if out and lo <= out[-1][1] + 1:
+            out[-1][1] = max(out[-1][1], hi)
+        else:
+            out.append([lo, hi])
+    return out

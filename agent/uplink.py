@@ -1,0 +1,308 @@
+"""Outbox → MQTT: batches of records and samples, deleted only on the cloud's end-to-end acknowledgement.
+
+One thread owns the paho client and drives it with `loop()`, so no other thread touches it; it reconnects with
+exponential backoff and full jitter (so a fleet coming back into coverage does not reconnect in lockstep).
+Records (alerts, events) go before samples. A batch stays "in flight" until cloud_sync acks its ranges, which it
+does after its database commit; an unacknowledged batch is resent after `ack_timeout_s`, and on every reconnect.
+The broker's PUBACK means nothing to the store: only the cloud's ack deletes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from agent import __version__, wire
+from agent.config import MqttConfig, VehicleConfig
+from agent.store import OutboxRow, Store
+
+log = logging.getLogger("agent.uplink")
+
+MAX_ACK_BYTES = 64 * 1024
+
+
+@dataclass(slots=True)
+class _InFlight:
+    batch: int
+    seq_los: list[int]
+    sent_at: float
+    n_samples: int
+
+
+@dataclass(slots=True)
+class UplinkStats:
+    connected: bool = False
+    connects: int = 0
+    connect_failures: int = 0
+    batches_sent: int = 0
+    bytes_sent: int = 0
+    samples_sent: int = 0
+    records_sent: int = 0
+    acks: int = 0
+    ack_timeouts: int = 0
+    bad_downlink: dict[str, int] = field(default_factory=dict)
+    rejected_batches: int = 0
+
+
+def backoff_delay(attempt: int, lo: float, hi: float, rng: random.Random) -> float:
+    """Full-jitter exponential backoff: uniform in [lo, min(hi, lo * 2**attempt)]."""
+    cap = min(hi, lo * (2 ** min(attempt, 30)))
+    return rng.uniform(lo, max(lo, cap))
+
+
+class Uplink:
+    def __init__(
+        self,
+        cfg: MqttConfig,
+        vehicle: VehicleConfig,
+        store: Store,
+        status_extra: Callable[[], dict[str, Any]] | None = None,
+        seed: int | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.vehicle = vehicle
+        self.store = store
+        self.status_extra = status_extra or (lambda: {})
+        self.stats = UplinkStats()
+        self._rng = random.Random(seed)
+        self._inflight: dict[int, _InFlight] = {}
+        self._parked: set[int] = set()  # seq_lo of rows the cloud rejected for good: kept, not resent
+        self._next_batch = int(time.time() * 1000)
+        self._stop = threading.Event()
+        self._flush = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._connected = False
+        self._last_status = 0.0
+        self._client = self._make_client()
+
+    # --- topics ----------------------------------------------------------------------------------------------
+
+    def topic(self, leaf: str) -> str:
+        return wire.vehicle_topic(self.vehicle.fleet, self.vehicle.id, leaf)
+
+    def _status_payload(self, state: str) -> bytes:
+        body = {"state": state, "ts": time.time(), "agent_version": __version__, **self.status_extra()}
+        return json.dumps(body, separators=(",", ":")).encode()
+
+    # --- client ----------------------------------------------------------------------------------------------
+
+    def _make_client(self) -> mqtt.Client:
+        c = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self.cfg.client_id or f"{self.vehicle.fleet}.{self.vehicle.id}",
+            protocol=mqtt.MQTTv5,
+            reconnect_on_failure=False,
+        )
+        c.max_inflight_messages_set(max(20, self.cfg.max_inflight_batches * 2))
+        c.will_set(self.topic("status"), self._status_payload("offline"), qos=1, retain=True)
+        if self.cfg.tls:
+            c.tls_set(
+                ca_certs=str(self.cfg.ca_file) if self.cfg.ca_file else None,
+                certfile=str(self.cfg.cert_file) if self.cfg.cert_file else None,
+                keyfile=str(self.cfg.key_file) if self.cfg.key_file else None,
+            )
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_message = self._on_message
+        return c
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
+        if rc.is_failure:
+            log.warning("broker refused the connection: %s", rc)
+            self.stats.connect_failures += 1
+            return
+        self._connected = True
+        self.stats.connected = True
+        self.stats.connects += 1
+        # Anything in flight before the reconnect may never be acked: send it again (the cloud dedups).
+        self._inflight.clear()
+        client.subscribe(self.topic("ack"), qos=1)
+        client.publish(self.topic("status"), self._status_payload("online"), qos=1, retain=True)
+        self._last_status = time.monotonic()
+        log.info("connected to %s:%d", self.cfg.host, self.cfg.port)
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
+        if self._connected:
+            log.warning("disconnected from broker: %s", rc)
+        self._connected = False
+        self.stats.connected = False
+        self._inflight.clear()
+
+    def _bad(self, reason: str) -> None:
+        self.stats.bad_downlink[reason] = self.stats.bad_downlink.get(reason, 0) + 1
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        if msg.topic != self.topic("ack"):
+            self._bad("unexpected_topic")
+            return
+        if len(msg.payload) > MAX_ACK_BYTES:
+            self._bad("oversized")
+            log.warning("dropped an oversized ack (%d bytes)", len(msg.payload))
+            return
+        try:
+            ack = wire.decode_ack(bytes(msg.payload))
+        except wire.WireError as e:
+            self._bad("malformed")
+            log.warning("dropped a malformed ack: %s", e)
+            return
+        if ack.vehicle != self.vehicle.id:
+            self._bad("wrong_vehicle")
+            return
+        if ack.status == "rejected":
+            # The cloud will never take these: keep them (nothing is deleted without a commit) but stop resending.
+            self.stats.rejected_batches += 1
+            inf = self._inflight.pop(ack.batch, None)
+            if inf is not None:
+                self._parked.update(inf.seq_los)
+            log.error("cloud rejected batch %d: %s", ack.batch, ack.reason)
+            return
+        self.store.ack(ack.ranges)
+        self.stats.acks += 1
+        self._inflight.pop(ack.batch, None)
+
+    # --- sending ---------------------------------------------------------------------------------------------
+
+    def _in_flight_seqs(self) -> set[int]:
+        s = set(self._parked)
+        for inf in self._inflight.values():
+            s.update(inf.seq_los)
+        return s
+
+    def _publish(self, leaf: str, rows: list[OutboxRow]) -> None:
+        batch_id = self._next_batch
+        self._next_batch += 1
+        b = wire.Batch(self.vehicle.fleet, self.vehicle.id, batch_id, [r.segment() for r in rows], time.time())
+        payload = wire.encode_batch(b)
+        info = self._client.publish(self.topic(leaf), payload, qos=1)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            log.debug("publish not queued: %s", mqtt.error_string(info.rc))
+            return
+        n_samples = sum(r.n for r in rows if r.kind == "samples")
+        self._inflight[batch_id] = _InFlight(batch_id, [r.seq_lo for r in rows], time.monotonic(), n_samples)
+        self.stats.batches_sent += 1
+        self.stats.bytes_sent += len(payload)
+        self.stats.samples_sent += n_samples
+        self.stats.records_sent += sum(r.n for r in rows if r.kind != "samples")
+
+    def _pump(self) -> None:
+        now = time.monotonic()
+        for bid, inf in list(self._inflight.items()):
+            if now - inf.sent_at > self.cfg.ack_timeout_s:
+                del self._inflight[bid]
+                self.stats.ack_timeouts += 1
+        if now - self._last_status > 30:
+            self._client.publish(self.topic("status"), self._status_payload("online"), qos=1, retain=True)
+            self._last_status = now
+        while len(self._inflight) < self.cfg.max_inflight_batches:
+            busy = self._in_flight_seqs()
+            records = self.store.pending(True, busy, self.cfg.batch_max_bytes)
+            if records:
+                kind = records[0].kind
+                same = [r for r in records if r.kind == kind]
+                self._publish("alerts" if kind == "alert" else "events", same)
+                continue
+            size, oldest = self.store.pending_samples(busy)
+            if oldest is None:
+                break
+            due = (
+                size >= self.cfg.batch_max_bytes
+                or time.time() - oldest >= self.cfg.batch_max_age_s
+                or self._flush.is_set()
+            )
+            if not due:
+                break
+            self._publish("telemetry", self.store.pending(False, busy, self.cfg.batch_max_bytes))
+
+    # --- lifecycle -------------------------------------------------------------------------------------------
+
+    def _connect(self) -> bool:
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = 3600
+        try:
+            self._client.connect(
+                self.cfg.host, self.cfg.port, self.cfg.keepalive_s, clean_start=False, properties=props
+            )
+            return True
+        except (OSError, ValueError) as e:
+            self.stats.connect_failures += 1
+            log.debug("connect to %s:%d failed: %s", self.cfg.host, self.cfg.port, e)
+            return False
+
+    def run(self) -> None:
+        attempt = 0
+        while not self._stop.is_set():
+            if not self._connect():
+                delay = backoff_delay(attempt, self.cfg.reconnect_min_s, self.cfg.reconnect_max_s, self._rng)
+                attempt += 1
+                self._stop.wait(delay)
+                continue
+            deadline = time.monotonic() + 30
+            while not self._stop.is_set():
+                rc = self._client.loop(timeout=0.05)
+                if rc != mqtt.MQTT_ERR_SUCCESS:
+                    break
+                if self._connected:
+                    attempt = 0
+                    try:
+                        self._pump()
+                    except Exception:
+                        log.exception("uplink pump failed; retrying")
+                        self._stop.wait(1.0)
+                elif time.monotonic() > deadline:
+                    break  # no CONNACK: start over
+            self._connected = False
+            self.stats.connected = False
+            self._inflight.clear()
+            if not self._stop.is_set():
+                delay = backoff_delay(attempt, self.cfg.reconnect_min_s, self.cfg.reconnect_max_s, self._rng)
+                attempt += 1
+                self._stop.wait(delay)
+        self._goodbye()
+
+    def _goodbye(self) -> None:
+        try:
+            if self._connected:
+                info = self._client.publish(self.topic("status"), self._status_payload("offline"), qos=1, retain=True)
+                end = time.monotonic() + 2
+                while not info.is_published() and time.monotonic() < end:
+                    self._client.loop(timeout=0.05)
+                self._client.disconnect()
+                self._client.loop(timeout=0.1)
+        except Exception:
+            log.debug("error while saying goodbye", exc_info=True)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run, name="uplink", daemon=True)
+        self._thread.start()
+
+    def flush(self) -> None:
+        """Send sample segments now instead of waiting for a batch to fill or age (shutdown, tests)."""
+        self._flush.set()
+
+    def stop(self, drain_s: float = 0.0) -> None:
+        """Stop; first, for up to `drain_s`, keep sending what is pending and wait for acks."""
+        if drain_s > 0 and self._thread is not None:
+            self.flush()
+            end = time.monotonic() + drain_s
+            while time.monotonic() < end and (self.store.status()["backlog_records"] > 0):
+                if not self._thread.is_alive():
+                    break
+                time.sleep(0.05)
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+
+    @property
+    def connected(self) -> bool:
+        return self._connected

@@ -1,0 +1,105 @@
+"""The scorer and the model contract, with real onnxruntime sessions on small hand-built models."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.contract import ContractError, FeatureSpec, contract_to_dict, parse_contract
+from agent.scoring import ModelLoadError, Scorer
+from agent.testing.onnx_models import linear_softmax_model, make_contract
+
+FEATS = [
+    FeatureSpec("t_mean", "ET1.EngCoolantTemp", "mean", 30),
+    FeatureSpec("p_mean", "EFL_P1.EngOilPress", "mean", 30),
+]
+# fault logit grows with coolant temperature; oil pressure pushes towards healthy.
+W = np.array([[0.0, 1.0], [0.0, -1.0]])
+B = np.array([0.0, 0.0])
+
+
+def _model(tmp_path: Path, **kw) -> Path:  # type: ignore[no-untyped-def]
+    return linear_softmax_model(tmp_path / "m.onnx", kw.pop("contract", make_contract(FEATS)), W, B, **kw)
+
+
+def test_scores_are_one_minus_healthy_probability(tmp_path: Path) -> None:
+    sc = Scorer.load(_model(tmp_path))
+    res = sc.score(np.array([[3.0, 0.0], [-3.0, 0.0], [0.0, 0.0]]))
+    expected = 1 / (1 + np.exp(-np.array([3.0, -3.0, 0.0])))
+    np.testing.assert_allclose(res.scores, expected, rtol=1e-5)
+    assert res.labels == ["fault", "fault", "fault"] and res.scored.all()
+
+
+def test_missing_features_imputed_within_limit_else_skipped(tmp_path: Path) -> None:
+    sc = Scorer.load(_model(tmp_path))
+    res = sc.score(np.array([[math.nan, 0.0], [math.nan, math.nan]]))
+    assert res.scored.tolist() == [True, False]
+    assert res.scores[0] == pytest.approx(0.5) and math.isnan(res.scores[1])
+    assert sc.windows_degraded == 1 and sc.windows_skipped == 1
+
+
+def test_nan_model_output_is_never_a_score(tmp_path: Path) -> None:
+    sc = Scorer.load(_model(tmp_path, nan_output=True))
+    res = sc.score(np.array([[5.0, 0.0]]))
+    assert not res.scored.any() and sc.invalid_outputs == 1
+
+
+def test_explain_names_the_feature_that_drives_the_score(tmp_path: Path) -> None:
+    sc = Scorer.load(_model(tmp_path))
+    top = sc.explain(np.array([4.0, 0.0]))
+    assert top[0][0] == "t_mean" and top[0][1] > 0
+
+
+def test_model_needing_signals_we_cannot_decode_is_refused(tmp_path: Path) -> None:
+    sc = Scorer.load(_model(tmp_path))
+    sc.check_signals({"ET1.EngCoolantTemp", "EFL_P1.EngOilPress"})
+    with pytest.raises(ContractError, match=r"EFL_P1\.EngOilPress"):
+        sc.check_signals({"ET1.EngCoolantTemp"})
+
+
+@pytest.mark.parametrize(
+    ("mutate", "reason"),
+    [
+        (lambda d: d.pop("features"), "missing features"),
+        (lambda d: d.update(contract_version=7), "unsupported contract version"),
+        (lambda d: d["features"][0].update(stat="median"), "is not one of"),
+        (lambda d: d["normalisation"].update(std=[1.0, 0.0]), "std must be positive"),
+        (lambda d: d["normalisation"].update(mean=[1.0]), "normalisation has"),
+        (lambda d: d["alert"].update(threshold=0.2), "clear_threshold <= alert.threshold"),
+        (lambda d: d.update(healthy_class="fine"), "healthy_class"),
+        (lambda d: d.update(input="x"), "no input named"),
+        (lambda d: d.update(output="y"), "no output named"),
+    ],
+)
+def test_broken_contracts_are_refused_with_the_reason(tmp_path: Path, mutate, reason: str) -> None:  # type: ignore[no-untyped-def]
+    d = contract_to_dict(make_contract(FEATS))
+    mutate(d)
+    with pytest.raises(ContractError, match=reason):
+        Scorer.load(_model(tmp_path, raw_contract=json.dumps(d)))
+
+
+def test_model_without_contract_or_with_wrong_width(tmp_path: Path) -> None:
+    with pytest.raises(ContractError, match="not a harvester model"):
+        Scorer.load(_model(tmp_path, contract=None))
+    three = [*FEATS, FeatureSpec("x", "LFE.EngFuelRate", "mean", 30)]
+    with pytest.raises(ContractError, match="does not take 3 features"):
+        Scorer.load(_model(tmp_path, contract=make_contract(three)))
+    with pytest.raises(ContractError, match="not JSON"):
+        parse_contract({"harvester.contract": "{nope"})
+
+
+@pytest.mark.parametrize("content", [b"", b"\x08\x01garbage", b"not onnx at all" * 100])
+def test_corrupt_model_files_are_refused(tmp_path: Path, content: bytes) -> None:
+    p = tmp_path / "bad.onnx"
+    p.write_bytes(content)
+    with pytest.raises((ModelLoadError, ContractError)):
+        Scorer.load(p)
+
+
+def test_missing_model_file(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="no such model"):
+        Scorer.load(tmp_path / "nope.onnx")
