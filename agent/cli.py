@@ -66,12 +66,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from agent.simulate import run_simulator_from_config
+    from agent.simulate import SimulateError, run_simulator_from_config
 
     cfg = load_config(args.config)
     setup_logging(cfg.log.level)
     stop = _stop_on_signals()
-    stats = run_simulator_from_config(cfg, duration_s=args.duration, fault=args.fault, speed=args.speed, stop=stop)
+    try:
+        stats = run_simulator_from_config(cfg, args.duration, args.fault, args.speed, stop)
+    except SimulateError as e:
+        raise CliError(str(e)) from None
     print(json.dumps(stats, indent=2) if args.json else
           ", ".join(f"{k} {v}" for k, v in stats.items()))
     return 0

@@ -103,6 +103,7 @@ def run_demo(config: Path | None, duration_s: float, fault: str | None, workdir:
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
     sim_cfg = dict(base.sim)
+    sim_cfg.pop("serial_link", None)  # the demo makes its own pty
     if fault:
         sim_cfg["fault"] = fault
     harvester = sim_from_config(sim_cfg)  # validates the scenario before anything starts

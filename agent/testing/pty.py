@@ -9,9 +9,14 @@ from pathlib import Path
 
 
 class PtyPair:
+    """Writes never block: when nobody reads the slave and the kernel buffer is full, bytes are dropped and
+    counted in `dropped_bytes`, as a UART with no listener loses them."""
+
     def __init__(self, link: Path | None = None) -> None:
         self.master, self.slave = os.openpty()
         tty.setraw(self.slave)  # no echo, no line discipline: bytes pass as on a real UART
+        os.set_blocking(self.master, False)
+        self.dropped_bytes = 0
         self.slave_path = os.ttyname(self.slave)
         self.link = link
         if link is not None:
@@ -28,7 +33,11 @@ class PtyPair:
     def write(self, data: bytes) -> None:
         view = memoryview(data)
         while view:
-            n = os.write(self.master, view)
+            try:
+                n = os.write(self.master, view)
+            except BlockingIOError:
+                self.dropped_bytes += len(view)
+                return
             view = view[n:]
 
     def close(self) -> None:

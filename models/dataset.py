@@ -1,0 +1,118 @@
+"""Labelled feature windows from simulated harvester runs, computed by the agent's own decode and feature code.
+
+Each run drives the simulator's J1939 transmitter, decodes its frames with `agent.decode.j1939` and windows them
+with `agent.features`: the model is trained on exactly what the vehicle will compute. A window is labelled with the
+run's fault once the fault's severity at the window's end reaches `LABEL_SEVERITY`; before onset it is healthy;
+in between it is ambiguous and left out of training (kept for detection-delay measurement).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from agent.contract import FeatureSpec
+from agent.decode.j1939 import J1939Decoder
+from agent.features import FeatureEngine
+from agent.frames import FrameBatch
+from agent.signals import SignalRegistry
+
+HEALTHY = "healthy"
+LABEL_SEVERITY = 0.5
+WINDOW_S = 30.0
+HOP_S = 5.0
+
+# Signal → statistics. Chosen from the physics of the four faults: temperatures and their trend, oil pressure
+# (which must be read against engine speed and load), coolant level and pressure, fan speed against its demand.
+SIGNAL_STATS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("EEC1.EngSpeed", ("mean", "std")),
+    ("EEC2.EngPercentLoadAtCurrentSpeed", ("mean",)),
+    ("ET1.EngCoolantTemp", ("mean", "slope")),
+    ("ET1.EngOilTemp1", ("mean",)),
+    ("EFL_P1.EngOilPress", ("mean", "min")),
+    ("EFL_P1.EngCoolantLevel", ("mean",)),
+    ("EFL_P1.EngCoolantPress", ("mean",)),
+    ("VF.HydTemp", ("mean", "slope")),
+    ("FD.FanSpeed", ("mean", "std")),
+    ("FD.EstPercentFanSpeed", ("mean",)),
+    ("AMB.AmbientAirTemp", ("mean",)),
+    ("CCVS.WheelBasedVehicleSpeed", ("mean",)),
+)
+
+
+def feature_specs(window_s: float = WINDOW_S) -> list[FeatureSpec]:
+    return [
+        FeatureSpec(f"{sig}:{stat}:{window_s:g}s", sig, stat, window_s) for sig, stats in SIGNAL_STATS for stat in stats
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class RunSpec:
+    seed: int
+    fault: str | None
+    duty: str
+    ambient_c: float
+    duration_s: float
+    onset_s: float
+    ramp_s: float
+
+
+@dataclass(slots=True)
+class RunWindows:
+    spec: RunSpec
+    x: npt.NDArray[np.float64]  # (windows, features)
+    end: npt.NDArray[np.float64]  # window end times (s since run start)
+    severity: npt.NDArray[np.float64]  # fault severity at each window end
+
+    def labels(self) -> list[str | None]:
+        """Class per window; None for the ambiguous onset of a fault."""
+        out: list[str | None] = []
+        for s in self.severity.tolist():
+            if self.spec.fault is None or s <= 0.0:
+                out.append(HEALTHY)
+            elif s >= LABEL_SEVERITY:
+                out.append(self.spec.fault)
+            else:
+                out.append(None)
+        return out
+
+
+def simulate_run(spec: RunSpec, window_s: float = WINDOW_S, hop_s: float = HOP_S, chunk_s: float = 10.0) -> RunWindows:
+    from agent.sim import Harvester, J1939Transmitter
+
+    h = Harvester(
+        seed=spec.seed,
+        fault=spec.fault,
+        fault_onset_s=spec.onset_s,
+        fault_ramp_s=spec.ramp_s,
+        duty=spec.duty,
+        ambient_c=spec.ambient_c,
+    )
+    tx = J1939Transmitter(h, seed=spec.seed)
+    reg = SignalRegistry()
+    dec = J1939Decoder(reg)
+    specs = feature_specs(window_s)
+    eng = FeatureEngine(specs, hop_s)
+    sid_map: dict[int, int] = {}
+    rows = []
+    t = 0.0
+    while t < spec.duration_s:
+        t = min(spec.duration_s, t + chunk_s)
+        frames = tx.frames_until(t)
+        if not frames:
+            continue
+        res = dec.decode(FrameBatch.from_messages(frames))
+        sid = res.samples.sid
+        for s in np.unique(sid).tolist():
+            if s not in sid_map:
+                sid_map[s] = eng.signal_index.get(reg.name(s), -1)
+        lut = np.full(max(sid_map) + 1, -1, np.int32)
+        for s, i in sid_map.items():
+            lut[s] = i
+        rows += eng.feed(res.samples.ts, lut[sid], res.samples.value)
+    x = np.stack([r.x for r in rows]) if rows else np.zeros((0, len(specs)))
+    end = np.array([r.end for r in rows])
+    sev = np.zeros(len(rows)) if spec.fault is None else np.clip((end - spec.onset_s) / spec.ramp_s, 0.0, 1.0)
+    return RunWindows(spec, x, end, sev)
