@@ -261,6 +261,8 @@ class Uplink:
                         self._stop.wait(1.0)
                 elif time.monotonic() > deadline:
                     break  # no CONNACK: start over
+            if self._stop.is_set():
+                break
             self._connected = False
             self.stats.connected = False
             self._inflight.clear()

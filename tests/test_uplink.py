@@ -1,0 +1,188 @@
+"""The uplink against a real Mosquitto: records before samples, deletion only on the cloud's ack, resend on ack
+timeout, survival of a broker crash. The cloud here is a small real MQTT peer that decodes and acks (the full
+cloud_sync is exercised in test_end_to_end.py)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent import wire
+from agent.config import MqttConfig, VehicleConfig
+from agent.store import Store
+from agent.testing.broker import MosquittoBroker
+from agent.uplink import Uplink, backoff_delay
+
+VEHICLE = VehicleConfig(fleet="f1", id="v1")
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Acker:
+    """Subscribes to the vehicle's uplink topics, records what arrives, and acks when `acking` is set."""
+
+    def __init__(self, broker: MosquittoBroker) -> None:
+        self.batches: list[tuple[str, wire.Batch]] = []
+        self.acking = threading.Event()
+        self.acking.set()
+        self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="acker", protocol=mqtt.MQTTv5)
+        self.c.on_message = self._on_message
+        self.c.on_connect = lambda c, *a: c.subscribe("fleet/+/vehicle/+/+", qos=1)
+        self.c.connect(broker.host, broker.port)
+        self.c.loop_start()
+
+    def _on_message(self, c: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        leaf = msg.topic.rsplit("/", 1)[1]
+        if leaf not in ("telemetry", "alerts", "events"):
+            return
+        b = wire.decode_batch(bytes(msg.payload))
+        self.batches.append((leaf, b))
+        if self.acking.is_set():
+            ack = wire.Ack(b.vehicle, b.batch, [(s.seq_lo, s.seq_hi) for s in b.segments])
+            c.publish(wire.vehicle_topic(b.fleet, b.vehicle, "ack"), wire.encode_ack(ack), qos=1)
+
+    def seqs(self) -> list[int]:
+        return sorted(q for _, b in self.batches for s in b.segments for q in range(s.seq_lo, s.seq_hi + 1))
+
+    def close(self) -> None:
+        self.c.loop_stop()
+        self.c.disconnect()
+
+
+def _cols(n: int) -> wire.SampleColumns:
+    return wire.SampleColumns([("EEC1.EngSpeed", "can0/00", "rpm")], np.zeros(n, np.uint16),
+                              np.arange(n, dtype=np.int64) * 20_000, np.full(n, 1500.0))
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    s = Store(tmp_path / "out.sqlite")
+    yield s
+    s.close()
+
+
+def _uplink(broker: MosquittoBroker, store: Store, **kw: object) -> Uplink:
+    cfg = MqttConfig(host=broker.host, port=broker.port, batch_max_age_s=0.2, reconnect_min_s=0.1,
+                     reconnect_max_s=0.5, **kw)  # type: ignore[arg-type]
+    up = Uplink(cfg, VEHICLE, store, seed=1)
+    up.start()
+    return up
+
+
+def test_records_go_first_and_acked_rows_are_deleted(broker: MosquittoBroker, store: Store) -> None:
+    acker = Acker(broker)
+    for _ in range(5):
+        store.append_samples(_cols(1000))
+    store.append_records([("alert", {"ts": 1.0, "alert_id": "a1"}), ("event", {"kind": "dtc_open", "ts": 2.0})])
+    up = _uplink(broker, store)
+    try:
+        wait_for(lambda: store.status()["backlog_records"] == 0, what="backlog to drain")
+        assert acker.seqs() == list(range(1, 5003))
+        first_leaf = acker.batches[0][0]
+        assert first_leaf in ("alerts", "events")
+        st = store.status()
+        assert st["acked"] == {"samples": 5000, "records": 2}
+    finally:
+        up.stop()
+        acker.close()
+
+
+def test_nothing_is_deleted_without_the_cloud_ack_and_unacked_batches_are_resent(
+    broker: MosquittoBroker, store: Store
+) -> None:
+    acker = Acker(broker)
+    acker.acking.clear()
+    store.append_samples(_cols(100))
+    up = _uplink(broker, store, ack_timeout_s=0.5)
+    try:
+        wait_for(lambda: len(acker.batches) >= 2, what="a resend after the ack timeout")
+        assert store.status()["backlog_records"] == 100  # the broker's PUBACK deleted nothing
+        assert up.stats.ack_timeouts >= 1
+        acker.acking.set()
+        wait_for(lambda: store.status()["backlog_records"] == 0, what="delete after ack")
+    finally:
+        up.stop()
+        acker.close()
+
+
+def test_broker_crash_and_restart_loses_nothing(broker: MosquittoBroker, store: Store) -> None:
+    acker = Acker(broker)
+    # Batches sent before the test's peer resubscribes to the restarted (memoryless) broker are lost there:
+    # they must come again after the ack timeout.
+    up = _uplink(broker, store, ack_timeout_s=1.0)
+    try:
+        wait_for(lambda: up.connected, what="connect")
+        broker.kill()
+        wait_for(lambda: not up.connected, what="disconnect noticed")
+        for _ in range(3):
+            store.append_samples(_cols(500))
+        assert store.status()["backlog_records"] == 1500
+        broker.start()
+        acker.close()
+        acker = Acker(broker)
+        wait_for(lambda: store.status()["backlog_records"] == 0, timeout=30, what="drain after restart")
+        assert set(acker.seqs()) == set(range(1, 1501))
+        assert up.stats.connects >= 2
+    finally:
+        up.stop()
+        acker.close()
+
+
+def test_malformed_and_foreign_acks_are_counted_not_applied(broker: MosquittoBroker, store: Store) -> None:
+    acker = Acker(broker)
+    acker.acking.clear()
+    store.append_samples(_cols(10))
+    up = _uplink(broker, store)
+    try:
+        wait_for(lambda: len(acker.batches) >= 1, what="first batch")
+        topic = wire.vehicle_topic("f1", "v1", "ack")
+        for payload in (b"garbage", b"{}", b"x" * 100_000,
+                        wire.encode_ack(wire.Ack("other-vehicle", 1, [(1, 10)]))):
+            acker.c.publish(topic, payload, qos=1)
+        wait_for(lambda: sum(up.stats.bad_downlink.values()) >= 4, what="bad acks counted")
+        assert up.stats.bad_downlink == {"malformed": 2, "oversized": 1, "wrong_vehicle": 1}
+        assert store.status()["backlog_records"] == 10
+    finally:
+        up.stop()
+        acker.close()
+
+
+def test_status_is_retained_and_will_says_offline(broker: MosquittoBroker, store: Store) -> None:
+    seen: list[bytes] = []
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="watcher", protocol=mqtt.MQTTv5)
+    c.on_message = lambda cl, u, m: seen.append(bytes(m.payload))
+    c.on_connect = lambda cl, *a: cl.subscribe("fleet/f1/vehicle/v1/status", qos=1)
+    c.connect(broker.host, broker.port)
+    c.loop_start()
+    up = _uplink(broker, store)
+    try:
+        wait_for(lambda: any(b'"online"' in s for s in seen), what="online status")
+    finally:
+        up.stop()
+    wait_for(lambda: b'"offline"' in seen[-1], what="offline status on clean stop")
+    c.loop_stop()
+    c.disconnect()
+
+
+def test_backoff_has_full_jitter_and_a_cap() -> None:
+    import random
+
+    rng = random.Random(3)
+    delays = [backoff_delay(a, 1.0, 60.0, rng) for a in range(20) for _ in range(20)]
+    assert all(1.0 <= d <= 60.0 for d in delays)
+    assert len({round(d, 3) for d in delays}) > 100  # jittered, not lockstep
+    assert max(backoff_delay(3, 1.0, 60.0, rng) for _ in range(200)) <= 8.0
