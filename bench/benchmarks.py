@@ -132,8 +132,13 @@ def ingest_frames_per_s() -> Figure:
     with tempfile.TemporaryDirectory() as d:
         n, t, _ = _pipeline_replay(files, Path(d))
     ours, base = n / t, nb / tb
-    return Figure(ours, "frames/s", base, ours / base,
-                  f"{n} real frames (John Deere 5055E, 44 logs); baseline: LogReader + cantools decode per frame")
+    return Figure(
+        ours,
+        "frames/s",
+        base,
+        ours / base,
+        f"{n} real frames (John Deere 5055E, 44 logs); baseline: LogReader + cantools decode per frame",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,8 +157,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"running {name} ...", file=sys.stderr, flush=True)
         results[name] = FIGURES[name]()
     if a.json:
-        print(json.dumps({k: {"value": v.value, "unit": v.unit, "baseline": v.baseline, "ratio": v.ratio}
-                          for k, v in results.items()}, indent=2))
+        print(
+            json.dumps(
+                {
+                    k: {"value": v.value, "unit": v.unit, "baseline": v.baseline, "ratio": v.ratio}
+                    for k, v in results.items()
+                },
+                indent=2,
+            )
+        )
         return 0
     print(f"{'figure':38s} {'value':>14s} {'baseline':>14s} {'ratio':>8s}  unit")
     for k, v in results.items():

@@ -179,7 +179,9 @@ def run_scores(model: Path, runs: Sequence[RunWindows], norm: Normaliser) -> lis
     return [sc.score(r.x).scores if len(r.x) else np.zeros(0) for r in runs]
 
 
-def evaluate(runs: Sequence[RunWindows], scores: Sequence[npt.NDArray[np.float64]], policy: AlertPolicy) -> dict[str, Any]:
+def evaluate(
+    runs: Sequence[RunWindows], scores: Sequence[npt.NDArray[np.float64]], policy: AlertPolicy
+) -> dict[str, Any]:
     from sklearn.metrics import average_precision_score, roc_auc_score
 
     ys, ss = [], []
@@ -293,8 +295,13 @@ def build(out: Path, seed: int, quick: bool, jobs: int) -> dict[str, Any]:
     diffs = diffs[np.isfinite(diffs)]
     card = {
         "model": {"name": MODEL_NAME, "version": MODEL_VERSION, "classes": classes},
-        "build": {"seed": seed, "quick": quick, "seconds": round(time.monotonic() - t0, 1),
-                  "train_runs": [asdict(s) for s in train_specs], "test_runs": len(test_specs)},
+        "build": {
+            "seed": seed,
+            "quick": quick,
+            "seconds": round(time.monotonic() - t0, 1),
+            "train_runs": [asdict(s) for s in train_specs],
+            "test_runs": len(test_specs),
+        },
         "features": [{"name": f.name, "signal": f.signal, "stat": f.stat, "window_s": f.window_s} for f in specs],
         "alert_policy": asdict(POLICY),
         "evaluation": {"fp32": e32, "int8": e8},
@@ -309,8 +316,10 @@ def build(out: Path, seed: int, quick: bool, jobs: int) -> dict[str, Any]:
     }
     (out / f"{MODEL_NAME}.card.json").write_text(json.dumps(card, indent=2) + "\n")
     (out / f"{MODEL_NAME}.card.md").write_text(render_card(card))
-    print(f"built {int8} in {time.monotonic() - t0:.0f}s: ROC-AUC fp32 {e32['roc_auc']:.4f} int8 {e8['roc_auc']:.4f}",
-          file=sys.stderr)
+    print(
+        f"built {int8} in {time.monotonic() - t0:.0f}s: ROC-AUC fp32 {e32['roc_auc']:.4f} int8 {e8['roc_auc']:.4f}",
+        file=sys.stderr,
+    )
     return card
 
 
@@ -345,8 +354,10 @@ def render_card(card: dict[str, Any]) -> str:
     ]
     for f, v in e32["per_fault"].items():
         v8 = e8["per_fault"][f]
-        lines.append(f"| detection rate: {f} (median delay) | {v['detection_rate']:.2f} ({v['median_delay_s']} s) | "
-                     f"{v8['detection_rate']:.2f} ({v8['median_delay_s']} s) |")
+        lines.append(
+            f"| detection rate: {f} (median delay) | {v['detection_rate']:.2f} ({v['median_delay_s']} s) | "
+            f"{v8['detection_rate']:.2f} ({v8['median_delay_s']} s) |"
+        )
     lines += [
         "",
         "## int8 vs fp32",
@@ -361,8 +372,9 @@ def render_card(card: dict[str, Any]) -> str:
     ]
     for f in card["features"]:
         st = card["feature_stats"][f["name"]]
-        lines.append(f"| {f['name']} | {f['signal']} | {f['stat']} | {f['window_s']:g} s | {st['mean']:.3f} | "
-                     f"{st['std']:.3f} |")
+        lines.append(
+            f"| {f['name']} | {f['signal']} | {f['stat']} | {f['window_s']:g} s | {st['mean']:.3f} | {st['std']:.3f} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -1,0 +1,22 @@
+"""The harvester simulator: physics and faults, J1939 transmitter, NMEA GPS, and a real-time runner."""
+
+from agent.sim.j1939_tx import J1939Transmitter, bam_frames, encode_dm1, generate_frames
+from agent.sim.nmea_tx import nmea_sentences
+from agent.sim.physics import DUTY_CYCLES, FAULTS, Dtc, GpsFix, Harvester
+from agent.sim.runner import SimStats, Simulator, sim_from_config
+
+__all__ = [
+    "DUTY_CYCLES",
+    "FAULTS",
+    "Dtc",
+    "GpsFix",
+    "Harvester",
+    "J1939Transmitter",
+    "SimStats",
+    "Simulator",
+    "bam_frames",
+    "encode_dm1",
+    "generate_frames",
+    "nmea_sentences",
+    "sim_from_config",
+]

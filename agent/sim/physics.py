@@ -1,0 +1,305 @@
+"""A harvester's engine, cooling, hydraulics and fan, with switchable faults. Pure and seeded: no I/O, no clock.
+
+Healthy ranges are shaped by the real J1939 traces in ../shared/data/can (John Deere 5055E: idle ~850-900 rpm,
+run-ups to ~1250-2300 rpm, oil pressure 0-450 kPa rising with speed, coolant 30-90 °C from cold to warm):
+idle 850-900 rpm, rated 2100-2250 rpm; warm coolant 84-95 °C; oil pressure ~230 kPa at idle, ~400 kPa at rated
+speed; hydraulic oil 55-80 °C when the picking head is working.
+
+Faults ramp in with `severity(t) = clip((t - onset) / ramp, 0, 1)`; at full severity:
+- coolant_leak: coolant level falls to 60 %, pressure halves, cooling capacity drops: +10-25 °C at load.
+- oil_pump_wear: oil pressure -25 % at idle to -40 % at rated speed; oil a few °C hotter.
+- hydraulic_overheat: clogged oil cooler: hydraulic oil +15-30 °C, the fan asked for more.
+- fan_wear: the fan slips 35 % below its demand, with a noisier speed; coolant and hydraulics warmer at load.
+Temperatures follow first-order lags (coolant 40 s, oil 90 s, hydraulic 60 s), so a fault shows gradually.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+FAULTS: tuple[str, ...] = ("coolant_leak", "oil_pump_wear", "hydraulic_overheat", "fan_wear")
+DUTY_CYCLES: tuple[str, ...] = ("harvest", "road", "idle", "mixed")
+
+THERMOSTAT_C = 86.0
+FAN_MAX_RPM = 2400.0
+RATED_RPM = 2200.0
+M_PER_DEG_LAT = 111_320.0
+
+
+@dataclass(frozen=True, slots=True)
+class Dtc:
+    spn: int
+    fmi: int
+    occurrence: int
+
+
+@dataclass(frozen=True, slots=True)
+class GpsFix:
+    lat: float
+    lon: float
+    speed_kmh: float
+    course_deg: float
+    altitude_m: float
+    fix_quality: int
+    satellites: int
+    hdop: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Mode:
+    name: str
+    rpm: float
+    load: float  # 0..1 engine load
+    speed_kmh: float
+    hyd_load: float  # 0..1 picking head / hydraulic demand
+    duration_s: float
+
+
+def _clip(x: float, lo: float, hi: float) -> float:
+    return lo if x < lo else hi if x > hi else x
+
+
+class Harvester:
+    def __init__(
+        self,
+        seed: int = 0,
+        fault: str | None = None,
+        fault_onset_s: float = 0.0,
+        fault_ramp_s: float = 600.0,
+        duty: str = "harvest",
+        ambient_c: float | None = None,
+        start_lat: float = 28.05,
+        start_lon: float = -81.95,
+    ) -> None:
+        if fault is not None and fault not in FAULTS:
+            raise ValueError(f"unknown fault {fault!r}; known: {', '.join(FAULTS)}")
+        if duty not in DUTY_CYCLES:
+            raise ValueError(f"unknown duty cycle {duty!r}; known: {', '.join(DUTY_CYCLES)}")
+        if fault_ramp_s <= 0:
+            raise ValueError("fault_ramp_s must be positive")
+        self.rng = random.Random(seed)
+        self.fault = fault
+        self.onset = fault_onset_s
+        self.ramp = fault_ramp_s
+        self.duty = duty
+        self.ambient = ambient_c if ambient_c is not None else self.rng.uniform(15.0, 35.0)
+        self._t = 0.0
+        self._mode = self._next_mode()
+        self._mode_left = self._mode.duration_s
+        self.rpm = self._mode.rpm
+        self.load = self._mode.load
+        self.speed = self._mode.speed_kmh
+        self.hyd_load = self._mode.hyd_load
+        self.pedal = self.load * 100
+        self.hours = 1200.0 + self.rng.uniform(0, 800)
+        self.fuel_temp = self.ambient + 15
+        self.fan_slip_noise = 0.0
+        # Start warm, at the equilibrium of the first mode: a run begins in normal operation, not at cold start.
+        self.coolant, self.hyd, self.fan_rpm = THERMOSTAT_C, 65.0, 0.5 * FAN_MAX_RPM
+        for _ in range(20):  # fixed point of the coupled coolant / hydraulics / fan equilibria
+            self.fan_rpm = self._fan_demand() * FAN_MAX_RPM * (1 - 0.35 * self._sev("fan_wear"))
+            self.coolant = self._coolant_eq()
+            self.hyd = self._hyd_eq()
+        self.oil_temp = self.coolant + 6 + 8 * self.load
+        self._noise: dict[str, float] = {}
+        self._dtc_active: dict[tuple[int, int], int] = {}
+        self._dtc_count: dict[tuple[int, int], int] = {}
+        # GPS: a serpentine through grove rows 300 m long, 6 m apart, running north-south.
+        self.lat0, self.lon0 = start_lat, start_lon
+        self.x = 0.0
+        self.y = 0.0
+        self.heading = 0.0
+        self.row_dir = 1.0
+        self.row_pos = 0.0
+
+    # --- fault and mode ------------------------------------------------------------------------------------
+
+    def severity(self, t: float | None = None) -> float:
+        if self.fault is None:
+            return 0.0
+        t = self._t if t is None else t
+        return _clip((t - self.onset) / self.ramp, 0.0, 1.0)
+
+    def _sev(self, fault: str) -> float:
+        return self.severity() if self.fault == fault else 0.0
+
+    def _next_mode(self) -> _Mode:
+        r = self.rng
+        duty = self.duty
+        if duty == "mixed":
+            duty = r.choice(("harvest", "harvest", "road", "idle"))
+        if duty == "idle":
+            return _Mode(
+                "idle", r.uniform(850, 900), r.uniform(0.08, 0.18), 0.0, r.uniform(0.0, 0.1), r.uniform(60, 240)
+            )
+        if duty == "road":
+            return _Mode(
+                "road", r.uniform(1800, 2100), r.uniform(0.4, 0.65), r.uniform(20, 30), 0.05, r.uniform(60, 300)
+            )
+        # harvest: rows under load, headland turns, a pause to unload into the bin trailer now and then
+        u = r.random()
+        if u < 0.7:
+            return _Mode(
+                "row",
+                r.uniform(2050, 2250),
+                r.uniform(0.6, 0.9),
+                r.uniform(2, 6),
+                r.uniform(0.6, 0.95),
+                r.uniform(40, 120),
+            )
+        if u < 0.9:
+            return _Mode("turn", r.uniform(1700, 2000), r.uniform(0.35, 0.5), r.uniform(2, 4), 0.2, r.uniform(10, 25))
+        return _Mode("unload", r.uniform(850, 950), r.uniform(0.1, 0.25), 0.0, 0.3, r.uniform(20, 60))
+
+    # --- physics ---------------------------------------------------------------------------------------------
+
+    def _cooling_capacity(self) -> float:
+        fan = self.fan_rpm / FAN_MAX_RPM
+        air = 0.35 + 0.65 * fan + 0.01 * self.speed
+        leak = 1.0 - 0.25 * self._sev("coolant_leak")
+        return air * leak
+
+    def _coolant_eq(self) -> float:
+        heat = 18 + 62 * self.load * (0.6 + 0.4 * self.rpm / RATED_RPM)
+        eq = self.ambient + heat / max(0.2, self._cooling_capacity())
+        # The thermostat holds the engine near its set point until the radiator cannot keep up.
+        return THERMOSTAT_C + 0.05 * (eq - THERMOSTAT_C) if eq < THERMOSTAT_C + 6 else eq - 6 + 0.3
+
+    def _hyd_eq(self) -> float:
+        fan = self.fan_rpm / FAN_MAX_RPM
+        cooler = (0.5 + 0.5 * fan) * (1.0 - 0.6 * self._sev("hydraulic_overheat"))
+        return self.ambient + 18 + 30 * self.hyd_load / max(0.25, cooler)
+
+    def _fan_demand(self) -> float:
+        d = 0.3 + 0.05 * (self.coolant - THERMOSTAT_C) + 0.012 * (self.hyd - 70)
+        return _clip(d, 0.2, 1.0)
+
+    def _ou(self, key: str, sigma: float, dt: float, tau: float = 2.0) -> float:
+        """Ornstein-Uhlenbeck noise: smooth, bounded, like a real sensor's wander."""
+        x = self._noise.get(key, 0.0)
+        x += -x * dt / tau + sigma * math.sqrt(2 * dt / tau) * self.rng.gauss(0, 1)
+        self._noise[key] = x
+        return x
+
+    def step(self, dt: float) -> None:
+        if dt <= 0:
+            return
+        self._t += dt
+        self._mode_left -= dt
+        if self._mode_left <= 0:
+            self._mode = self._next_mode()
+            self._mode_left = self._mode.duration_s
+        m = self._mode
+        a = 1 - math.exp(-dt / 2.0)
+        self.rpm += a * (m.rpm - self.rpm)
+        self.load += a * (m.load - self.load)
+        self.speed += a * (m.speed_kmh - self.speed)
+        self.hyd_load += a * (m.hyd_load - self.hyd_load)
+        self.pedal = _clip(self.load * 100 + self._ou("pedal", 3, dt), 0, 100)
+        self.coolant += (1 - math.exp(-dt / 40.0)) * (self._coolant_eq() - self.coolant)
+        oil_eq = self.coolant + 6 + 8 * self.load + 6 * self._sev("oil_pump_wear")
+        self.oil_temp += (1 - math.exp(-dt / 90.0)) * (oil_eq - self.oil_temp)
+        self.hyd += (1 - math.exp(-dt / 60.0)) * (self._hyd_eq() - self.hyd)
+        self.fuel_temp += (1 - math.exp(-dt / 300.0)) * (self.ambient + 10 + 12 * self.load - self.fuel_temp)
+        slip = 0.35 * self._sev("fan_wear")
+        fan_target = self._fan_demand() * FAN_MAX_RPM * (1 - slip)
+        self.fan_rpm += (1 - math.exp(-dt / 3.0)) * (fan_target - self.fan_rpm)
+        self.fan_slip_noise = self._ou("fan", 15 + 120 * self._sev("fan_wear"), dt, 1.0)
+        self.hours += dt / 3600
+        self._move(dt)
+        self._update_dtcs()
+
+    def _move(self, dt: float) -> None:
+        d = self.speed / 3.6 * dt
+        if self._mode.name == "road":
+            self.heading = 90.0
+            self.x += d
+            return
+        self.row_pos += d
+        if self.row_pos >= 300.0:
+            self.row_pos = 0.0
+            self.row_dir = -self.row_dir
+            self.x += 6.0
+        self.heading = 0.0 if self.row_dir > 0 else 180.0
+        self.y += d * self.row_dir
+
+    @property
+    def t(self) -> float:
+        return self._t
+
+    # --- readings --------------------------------------------------------------------------------------------
+
+    def oil_pressure(self) -> float:
+        p = (120 + 130 * self.rpm / 1000) * (1 - 0.004 * (self.oil_temp - 95))
+        wear = self._sev("oil_pump_wear")
+        return p * (1 - wear * (0.15 + 0.25 * self.rpm / RATED_RPM))
+
+    def values(self) -> dict[str, float]:
+        """Every signal of the project DBC, in engineering units, as the ECUs would report them now."""
+        n = self._noise
+        leak = self._sev("coolant_leak")
+        rpm = max(0.0, self.rpm + n.get("rpm", 0.0))
+        torque = _clip(self.load * 95 + n.get("pedal", 0.0), 0, 125)
+        return {
+            "EEC1.EngTorqueMode": 0.0,
+            "EEC1.DriversDemandEngPercentTorque": round(_clip(torque + 2, 0, 125)),
+            "EEC1.ActualEngPercentTorque": round(torque),
+            "EEC1.EngSpeed": rpm,
+            "EEC1.SrcAddrssOfCtrllngDvcFrEngCntrl": 0.0,
+            "EEC2.AccelPedalPos1": self.pedal,
+            "EEC2.EngPercentLoadAtCurrentSpeed": round(_clip(self.load * 100, 0, 100)),
+            "ET1.EngCoolantTemp": round(self.coolant + self._noise.get("ct", 0.0)),
+            "ET1.EngFuelTemp1": round(self.fuel_temp),
+            "ET1.EngOilTemp1": self.oil_temp,
+            "EFL_P1.EngFuelDeliveryPress": 400 + 40 * self.load,
+            "EFL_P1.EngOilLevel": 92.0,
+            "EFL_P1.EngOilPress": max(0.0, self.oil_pressure() + n.get("op", 0.0)),
+            "EFL_P1.EngCoolantPress": max(0.0, (60 + 0.6 * (self.coolant - 60)) * (1 - 0.5 * leak)),
+            "EFL_P1.EngCoolantLevel": self.coolant_level(),
+            "CCVS.WheelBasedVehicleSpeed": max(0.0, self.speed + n.get("spd", 0.0)),
+            "LFE.EngFuelRate": 1.5 + 28 * self.load * rpm / RATED_RPM,
+            "VF.HydTemp": round(self.hyd),
+            "VF.HydOilLevel": 88.0,
+            "FD.EstPercentFanSpeed": 100 * self._fan_demand(),
+            "FD.FanDriveState": 1.0,
+            "FD.FanSpeed": max(0.0, self.fan_rpm + self.fan_slip_noise),
+            "AMB.BarometricPress": 101.0,
+            "AMB.AmbientAirTemp": self.ambient,
+            "HOURS.EngTotalHoursOfOperation": self.hours,
+        }
+
+    def sensor_noise(self, dt: float) -> None:
+        """Advance the fast sensor noise (called by the transmitter at its own rate)."""
+        self._ou("rpm", 12, dt, 0.5)
+        self._ou("op", 6, dt, 1.0)
+        self._ou("spd", 0.2, dt, 1.0)
+        self._ou("ct", 0.3, dt, 5.0)
+
+    def gps(self) -> GpsFix:
+        lat = self.lat0 + self.y / M_PER_DEG_LAT
+        lon = self.lon0 + self.x / (M_PER_DEG_LAT * math.cos(math.radians(self.lat0)))
+        return GpsFix(lat, lon, max(0.0, self.speed), self.heading, 40.0, 1, 11, 0.9)
+
+    # --- the engine's own diagnostics ------------------------------------------------------------------------
+
+    def _update_dtcs(self) -> None:
+        conds = {
+            (110, 0): self.coolant > 105,
+            (111, 1): self.coolant_level() < 70,
+            (100, 1): self.rpm > 1200 and self.oil_pressure() < 200,
+            (1638, 0): self.hyd > 95,
+        }
+        for key, on in conds.items():
+            if on and key not in self._dtc_active:
+                self._dtc_count[key] = min(126, self._dtc_count.get(key, 0) + 1)
+                self._dtc_active[key] = self._dtc_count[key]
+            elif not on and key in self._dtc_active:
+                del self._dtc_active[key]
+
+    def coolant_level(self) -> float:
+        return 98.0 - 38.0 * self._sev("coolant_leak")
+
+    def active_dtcs(self) -> list[Dtc]:
+        return [Dtc(spn, fmi, oc) for (spn, fmi), oc in sorted(self._dtc_active.items())]

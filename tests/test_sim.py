@@ -1,0 +1,156 @@
+"""The simulator: frames that decode (by cantools and by our decoder), standard periods, fault signatures,
+determinism, NMEA that verifies, DM1 that round-trips, and the real-time runner on a real bus and pty."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from datetime import UTC, datetime
+
+import can
+import cantools
+import numpy as np
+import pytest
+import serial
+
+from agent.decode.j1939 import J1939Decoder, default_dbc
+from agent.decode.j1939_tp import parse_dm1
+from agent.decode.nmea import NmeaDecoder
+from agent.frames import FrameBatch
+from agent.signals import SignalRegistry
+from agent.sim import (
+    FAULTS,
+    Dtc,
+    Harvester,
+    J1939Transmitter,
+    Simulator,
+    encode_dm1,
+    generate_frames,
+    nmea_sentences,
+    sim_from_config,
+)
+from agent.testing.pty import PtyPair
+
+DB = cantools.database.load_file(str(default_dbc()))
+
+
+def _means(fault: str | None, duty: str = "harvest", seconds: float = 150) -> dict[str, float]:
+    h = Harvester(seed=11, fault=fault, fault_onset_s=0, fault_ramp_s=30, duty=duty, ambient_c=28)
+    reg = SignalRegistry()
+    res = J1939Decoder(reg).decode(FrameBatch.from_messages(list(generate_frames(h, seconds))))
+    names = np.array([reg.name(s) for s in res.samples.sid])
+    late = res.samples.ts > seconds - 60
+    return {n: float(res.samples.value[(names == n) & late].mean()) for n in set(names.tolist())}
+
+
+def test_frames_decode_with_cantools_to_physical_ranges() -> None:
+    h = Harvester(seed=1)
+    frames = list(generate_frames(h, 30))
+    assert frames
+    for m in frames[:2000]:
+        if (m.arbitration_id >> 8) & 0xFFFF in (0xFECA, 0xEC00, 0xEBFF):
+            continue
+        msg = DB.get_message_by_frame_id(m.arbitration_id)
+        vals = msg.decode(m.data)
+        for s in msg.signals:
+            assert s.minimum <= vals[s.name] <= s.maximum, (msg.name, s.name, vals[s.name])
+    v = _means(None)
+    assert 1900 < v["EEC1.EngSpeed"] < 2300
+    assert 80 <= v["ET1.EngCoolantTemp"] <= 100
+    assert 250 < v["EFL_P1.EngOilPress"] < 450
+    assert 2 <= v["CCVS.WheelBasedVehicleSpeed"] <= 6
+
+
+def test_periods_match_the_dbc() -> None:
+    frames = list(generate_frames(Harvester(seed=2), 20))
+    counts = Counter(m.arbitration_id for m in frames)
+    for msg in DB.messages:
+        expected = 20 / (msg.cycle_time / 1000)
+        assert abs(counts[msg.frame_id] - expected) <= 1, msg.name
+    assert {m.arbitration_id & 0xFF for m in frames} >= {0x00, 0x17, 0x27}  # several ECUs
+    ts = [m.timestamp for m in frames]
+    assert ts == sorted(ts)
+
+
+def test_same_seed_same_frames() -> None:
+    a = [(m.arbitration_id, bytes(m.data)) for m in generate_frames(Harvester(seed=5, fault="fan_wear"), 20)]
+    b = [(m.arbitration_id, bytes(m.data)) for m in generate_frames(Harvester(seed=5, fault="fan_wear"), 20)]
+    c = [(m.arbitration_id, bytes(m.data)) for m in generate_frames(Harvester(seed=6, fault="fan_wear"), 20)]
+    assert a == b and a != c
+
+
+@pytest.mark.parametrize(
+    ("fault", "signal", "direction", "at_least"),
+    [
+        ("coolant_leak", "EFL_P1.EngCoolantLevel", -1, 20),
+        ("coolant_leak", "ET1.EngCoolantTemp", +1, 4),
+        ("oil_pump_wear", "EFL_P1.EngOilPress", -1, 80),
+        ("hydraulic_overheat", "VF.HydTemp", +1, 15),
+        ("fan_wear", "FD.FanSpeed", -1, 200),
+    ],
+)
+def test_each_fault_moves_its_signature(fault: str, signal: str, direction: int, at_least: float) -> None:
+    healthy, faulty = _means(None), _means(fault)
+    assert direction * (faulty[signal] - healthy[signal]) >= at_least
+
+
+def test_faults_raise_engine_dtcs_over_dm1_and_bam() -> None:
+    h = Harvester(seed=4, fault="coolant_leak", fault_onset_s=0, fault_ramp_s=10, ambient_c=38)
+    reg = SignalRegistry()
+    dec = J1939Decoder(reg)
+    events = dec.decode(FrameBatch.from_messages(list(generate_frames(h, 200)))).events
+    opened = {(e.data["spn"], e.data["fmi"]) for e in events if e.kind == "dtc_open"}
+    assert (111, 1) in opened  # coolant level low
+
+
+def test_dm1_encoding_round_trips() -> None:
+    one = encode_dm1([Dtc(110, 0, 3)])
+    assert len(one) == 8
+    assert parse_dm1(one).dtcs == (parse_dm1(one).dtcs[0],) and parse_dm1(one).dtcs[0].spn == 110
+    many = encode_dm1([Dtc(110, 0, 3), Dtc(524287, 31, 126)])
+    d = parse_dm1(many)
+    assert [(x.spn, x.fmi, x.occurrence) for x in d.dtcs] == [(110, 0, 3), (524287, 31, 126)]
+    assert parse_dm1(encode_dm1([])).dtcs == ()
+
+
+def test_nmea_sentences_verify_and_decode() -> None:
+    h = Harvester(seed=1)
+    h.step(10)
+    fix = h.gps()
+    dec = NmeaDecoder()
+    out: dict[str, float] = {}
+    for line in nmea_sentences(fix, datetime(2026, 11, 24, 12, 0, 0, tzinfo=UTC)):
+        assert line.endswith("\r\n")
+        out.update(dec.decode(line.encode()))
+    assert not dec.errors and dec.sentences == 3
+    assert abs(out["GPS.Latitude"] - fix.lat) < 1e-5 and abs(out["GPS.Longitude"] - fix.lon) < 1e-5
+    assert abs(out["GPS.SpeedKmh"] - fix.speed_kmh) < 0.02
+
+
+def test_sim_from_config_validates() -> None:
+    assert sim_from_config({"seed": 3, "fault": "fan_wear", "duty": "road"}).fault == "fan_wear"
+    for bad, needle in (({"fault": "flat_tyre"}, "known: coolant_leak"), ({"color": 1}, "unknown key 'color'"),
+                        ({"seed": "x"}, "seed"), ({"duty": "sleep"}, "duty"), ({"fault_ramp_s": 0}, "positive")):
+        with pytest.raises(ValueError, match=needle):
+            sim_from_config(bad)
+    assert set(FAULTS) == {"coolant_leak", "oil_pump_wear", "hydraulic_overheat", "fan_wear"}
+
+
+def test_runner_on_a_virtual_bus_and_a_pty() -> None:
+    channel = "test-sim-runner"
+    rx = can.Bus(interface="virtual", channel=channel)
+    tx_bus = can.Bus(interface="virtual", channel=channel)
+    with PtyPair() as pty:
+        port = serial.Serial(pty.slave_path, timeout=0.5)
+        sim = Simulator(Harvester(seed=1), tx_bus, pty.write, speed=20)
+        stats = sim.run(2.0, threading.Event())
+        got = 0
+        while rx.recv(timeout=0.1) is not None:
+            got += 1
+        data = port.read(4096)
+        port.close()
+    rx.shutdown()
+    tx_bus.shutdown()
+    reference = len(list(J1939Transmitter(Harvester(seed=1)).frames_until(2.0)))
+    assert stats.frames_sent == got == reference
+    assert stats.nmea_sentences >= 3 and data.count(b"\r\n") == stats.nmea_sentences
