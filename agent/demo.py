@@ -9,6 +9,7 @@ whether an alert made it all the way there.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -109,6 +110,11 @@ def run_demo(config: Path | None, duration_s: float, fault: str | None, workdir:
     harvester = sim_from_config(sim_cfg)  # validates the scenario before anything starts
 
     _say(f"demo: work folder {workdir}")
+    # The agent's log goes to a file so that it does not tear the progress line; alerts show in the progress.
+    handler = logging.FileHandler(workdir / "agent.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    logging.getLogger().setLevel(logging.INFO)
     broker = MosquittoBroker(workdir=workdir / "mosquitto")
     broker.start()
     _say(f"demo: mosquitto listening on 127.0.0.1:{broker.port}")
@@ -121,7 +127,7 @@ def run_demo(config: Path | None, duration_s: float, fault: str | None, workdir:
     _say(f"demo: cloud_sync started (log {workdir / 'cloud-sync.log'})")
     agent = Agent(cfg)
     _say(f"demo: agent for {cfg.vehicle.fleet}/{cfg.vehicle.id}, model {agent.model_status}")
-    bus = can.Bus(interface="virtual", channel=cfg.can[0].channel) if cfg.can else None
+    bus = can.Bus(interface="virtual", channel=cfg.can[0].channel, preserve_timestamps=True) if cfg.can else None
     stop = threading.Event()
     sim = Simulator(harvester, bus, gps.write)
     sim_thread = threading.Thread(target=sim.run, args=(duration_s, stop), name="simulator", daemon=True)
@@ -170,7 +176,7 @@ def _report(status: dict[str, Any], summary: dict[str, Any], workdir: Path) -> i
         _say(f"  alert {a['state']:6s} {a['label'] or '?':20s} score {a['score']:.2f}  "
              f"model {a['model']} {a['model_version']}  top features: {top or '-'}")
     (workdir / "summary.json").write_text(json.dumps({"agent": status, "cloud": summary}, indent=2))
-    _say(f"  (full summary in {workdir / 'summary.json'}; inspect with "
+    _say(f"  (full summary in {workdir / 'summary.json'}, agent log in {workdir / 'agent.log'}; inspect with "
          f"`harvester-agent status --config {workdir / 'agent.toml'}` and "
          f"`cloud-sync stats --config {workdir / 'cloud.toml'}`)")
     if not any(a["state"] == "open" for a in alerts):

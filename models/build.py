@@ -47,8 +47,8 @@ def plan_runs(seed: int, quick: bool) -> tuple[list[RunSpec], list[RunSpec]]:
     from agent.sim import DUTY_CYCLES, FAULTS
 
     rng = random.Random(seed)
-    per_class = 2 if quick else 8
-    duration = 300.0 if quick else 900.0
+    per_class = 2 if quick else 20
+    duration = 300.0 if quick else 1200.0
 
     def runs(base_seed: int, n: int, healthy_factor: int) -> list[RunSpec]:
         out: list[RunSpec] = []
@@ -217,7 +217,7 @@ def evaluate(
         faults[f] = {
             **pf,
             "detection_rate": pf["detected"] / pf["runs"],
-            "median_delay_s": float(np.median(d)) if d else None,
+            "median_delay_s": round(float(np.median(d)), 1) if d else None,
         }
     y, sc = np.array(ys), np.array(ss)
     return {

@@ -68,7 +68,11 @@ class Simulator:
         self.stats = SimStats()
 
     def run(self, duration_s: float | None, stop: threading.Event) -> SimStats:
+        """Send until `duration_s` of simulated time (None: until `stop`). Frames carry `start + sim time` as
+        their timestamp, so at speed > 1 the data's own clock stays physically right (a bus created with
+        `preserve_timestamps=True` passes it on)."""
         t0 = time.monotonic()
+        wall0 = time.time()
         next_nmea = 0.0
         while not stop.is_set():
             sim_t = (time.monotonic() - t0) * self.speed
@@ -77,6 +81,7 @@ class Simulator:
             for msg in self.tx.frames_until(sim_t):
                 if self.bus is None:
                     continue
+                msg.timestamp += wall0
                 try:
                     self.bus.send(msg)
                     self.stats.frames_sent += 1

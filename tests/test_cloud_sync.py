@@ -1,0 +1,234 @@
+"""cloud_sync against a real Mosquitto and real SQLite: store once, ack after commit, dedup, gaps vs evictions,
+hostile messages rejected and counted, a persistent session that survives a receiver restart."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent import wire
+from agent.testing.broker import MosquittoBroker
+from cloud_sync.cli import main as cloud_main
+from cloud_sync.config import CloudConfig, load_config
+from cloud_sync.db import CloudDB
+from cloud_sync.receiver import Receiver, _Msg
+from tests.test_uplink import wait_for
+
+
+class Vehicle:
+    """A test vehicle: a real MQTT client that publishes wire batches and records the acks it gets."""
+
+    def __init__(self, broker: MosquittoBroker, fleet: str = "f1", vid: str = "v1") -> None:
+        self.fleet, self.vid = fleet, vid
+        self.acks: list[wire.Ack] = []
+        self.on_ack_hook: list[object] = []
+        self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"veh-{vid}", protocol=mqtt.MQTTv5)
+        subscribed = threading.Event()
+        self.c.on_connect = lambda c, *a: c.subscribe(wire.vehicle_topic(fleet, vid, "ack"), qos=1)
+        self.c.on_subscribe = lambda *a: subscribed.set()
+        self.c.on_message = self._on_message
+        self.c.connect(broker.host, broker.port)
+        self.c.loop_start()
+        assert subscribed.wait(10)
+
+    def _on_message(self, c: mqtt.Client, u: object, m: mqtt.MQTTMessage) -> None:
+        ack = wire.decode_ack(bytes(m.payload))
+        for hook in self.on_ack_hook:
+            hook(ack)  # type: ignore[operator]
+        self.acks.append(ack)
+
+    def send(
+        self, batch: wire.Batch, leaf: str = "telemetry", payload: bytes | None = None, topic_vehicle: str | None = None
+    ) -> None:
+        topic = wire.vehicle_topic(self.fleet, topic_vehicle or self.vid, leaf)
+        self.c.publish(topic, payload if payload is not None else wire.encode_batch(batch), qos=1).wait_for_publish(10)
+
+    def close(self) -> None:
+        self.c.loop_stop()
+        self.c.disconnect()
+
+
+def samples(lo: int, n: int) -> wire.Segment:
+    cols = wire.SampleColumns(
+        [("EEC1.EngSpeed", "can0/00", "rpm"), ("ET1.EngCoolantTemp", "can0/00", "degC")],
+        (np.arange(n) % 2).astype(np.uint16),
+        1_700_000_000_000_000 + np.arange(n, dtype=np.int64) * 10_000,
+        np.linspace(80, 90, n),
+    )
+    return wire.Segment("samples", lo, lo + n - 1, columns=cols)
+
+
+def batch(bid: int, *segs: wire.Segment, vid: str = "v1") -> wire.Batch:
+    return wire.Batch("f1", vid, bid, list(segs))
+
+
+def cfg_for(broker: MosquittoBroker, tmp_path: Path, client_id: str = "cs-test") -> CloudConfig:
+    return CloudConfig.model_validate(
+        {
+            "mqtt": {"host": broker.host, "port": broker.port, "client_id": client_id, "max_message_bytes": 200_000},
+            "db": {"path": str(tmp_path / "cloud.sqlite")},
+        }
+    )
+
+
+@pytest.fixture
+def receiver(broker: MosquittoBroker, tmp_path: Path) -> Iterator[Receiver]:
+    cfg = cfg_for(broker, tmp_path)
+    db = CloudDB(cfg.db.path)
+    rx = Receiver(cfg, db)
+    rx.start()
+    assert rx.connected.wait(10)
+    yield rx
+    rx.stop()
+    db.close()
+
+
+def test_batch_is_stored_then_acked(broker: MosquittoBroker, receiver: Receiver, tmp_path: Path) -> None:
+    v = Vehicle(broker)
+    seen_at_ack: list[int] = []
+
+    def check_committed(ack: wire.Ack) -> None:
+        # A separate connection sees only committed data: the rows must already be there when the ack arrives.
+        con = sqlite3.connect(tmp_path / "cloud.sqlite")
+        seen_at_ack.append(con.execute("SELECT COUNT(*) FROM samples").fetchone()[0])
+        con.close()
+
+    v.on_ack_hook.append(check_committed)
+    alert = wire.Segment(
+        "alert",
+        101,
+        101,
+        record={
+            "alert_id": "a1",
+            "state": "open",
+            "score": 0.93,
+            "ts": 5.0,
+            "model": "m",
+            "model_version": "1",
+            "label": "coolant_leak",
+        },
+    )
+    v.send(batch(7, samples(1, 100), alert))
+    wait_for(lambda: len(v.acks) == 1, what="ack")
+    assert v.acks[0].batch == 7 and v.acks[0].ranges == [(1, 100), (101, 101)] and v.acks[0].status == "ok"
+    assert seen_at_ack == [100]
+    s = receiver.db.stats()[0]
+    assert s.records == {"samples": 100, "alerts": 1, "events": 0} and s.highest_seq == 101 and s.gaps == []
+    assert receiver.db.alerts()[0]["label"] == "coolant_leak"
+    v.close()
+
+
+def test_duplicates_stored_once_and_acked_again(broker: MosquittoBroker, receiver: Receiver) -> None:
+    v = Vehicle(broker)
+    b = batch(1, samples(1, 50))
+    v.send(b)
+    v.send(b)
+    v.send(batch(2, samples(1, 80)))  # overlaps: 50 old, 30 new... as a different segmentation would
+    wait_for(lambda: len(v.acks) == 3, what="three acks")
+    s = receiver.db.stats()[0]
+    assert s.records["samples"] == 80 and s.duplicates == 100
+    v.close()
+
+
+def test_gaps_and_evictions(broker: MosquittoBroker, receiver: Receiver) -> None:
+    v = Vehicle(broker)
+    v.send(batch(1, samples(1, 10)))
+    v.send(batch(2, samples(31, 10)))  # 11..30 never arrived
+    ev = wire.Segment(
+        "event", 41, 41, record={"kind": "evicted", "ts": 1.0, "data": {"ranges": [[11, 20]], "count": 10}}
+    )
+    v.send(batch(3, ev), leaf="events")
+    wait_for(lambda: len(v.acks) == 3, what="acks")
+    s = receiver.db.stats()[0]
+    assert s.evicted == [[11, 20]] and s.gaps == [[21, 30]] and s.highest_seq == 41
+    v.close()
+
+
+def test_hostile_messages_rejected_counted_and_service_continues(broker: MosquittoBroker, receiver: Receiver) -> None:
+    v = Vehicle(broker)
+    good = wire.encode_batch(batch(1, samples(1, 5)))
+    v.send(batch(0), payload=b"garbage")
+    v.send(batch(0), payload=good[: len(good) // 2])
+    v.send(batch(0), payload=b"HV\x01\x00" + b"\x00" * 3)
+    v.send(batch(0), payload=b"x" * 300_000)
+    v.send(batch(1, samples(1, 5), vid="v2"), topic_vehicle="v1")  # claims another vehicle than its topic
+    v.send(batch(5, samples(1, 5)))
+    wait_for(lambda: len(v.acks) == 1, what="the good batch's ack")
+    wait_for(lambda: sum(receiver.db.rejected().values()) == 5, what="rejections counted")
+    assert receiver.db.rejected() == {"malformed": 3, "oversized": 1, "vehicle_mismatch": 1}
+    assert [a.batch for a in v.acks] == [5]
+    v.close()
+
+
+def test_messages_published_while_receiver_is_down_arrive_after_restart(
+    broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    cfg = cfg_for(broker, tmp_path, "cs-persistent")
+    db = CloudDB(cfg.db.path)
+    rx = Receiver(cfg, db)
+    rx.start()
+    assert rx.connected.wait(10)
+    rx.stop()
+    v = Vehicle(broker)
+    v.send(batch(9, samples(1, 20)))  # queued by the broker for the persistent session
+    rx = Receiver(cfg, db)
+    rx.start()
+    try:
+        wait_for(lambda: len(v.acks) == 1, what="ack after restart")
+        assert db.stats()[0].records["samples"] == 20
+    finally:
+        rx.stop()
+        v.close()
+        db.close()
+
+
+def test_status_marks_vehicle_online_and_offline(broker: MosquittoBroker, receiver: Receiver) -> None:
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="st", protocol=mqtt.MQTTv5)
+    c.connect(broker.host, broker.port)
+    c.loop_start()
+    topic = wire.vehicle_topic("f1", "v9", "status")
+    c.publish(topic, json.dumps({"state": "online", "ts": 1.0}), qos=1, retain=True).wait_for_publish(10)
+    wait_for(lambda: any(s.vehicle == "v9" and s.online for s in receiver.db.stats()), what="online")
+    c.publish(topic, json.dumps({"state": "offline", "ts": 2.0}), qos=1, retain=True).wait_for_publish(10)
+    wait_for(lambda: any(s.vehicle == "v9" and not s.online for s in receiver.db.stats()), what="offline")
+    c.loop_stop()
+    c.disconnect()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.binary(max_size=300), st.sampled_from(["telemetry", "alerts", "events", "status", "bogus"]))
+def test_fuzzed_payloads_never_break_the_worker(tmp_path: Path, data: bytes, leaf: str) -> None:
+    cfg = CloudConfig.model_validate({"db": {"path": str(tmp_path / "fuzz.sqlite")}})
+    db = CloudDB(cfg.db.path)
+    rx = Receiver(cfg, db)
+    rx.client.ack = lambda mid, qos: None  # type: ignore[method-assign]  # no broker in this unit test
+    rx._process([_Msg(f"fleet/f1/vehicle/v1/{leaf}", data, 1, 1)])
+    db.close()
+
+
+def test_stats_cli_json_shape(
+    broker: MosquittoBroker, receiver: Receiver, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    v = Vehicle(broker)
+    v.send(batch(1, samples(1, 10)))
+    wait_for(lambda: len(v.acks) == 1, what="ack")
+    conf = tmp_path / "cloud.toml"
+    conf.write_text(f'[db]\npath = "{tmp_path / "cloud.sqlite"}"\n')
+    assert cloud_main(["stats", "--config", str(conf), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    veh = out["vehicles"][0]
+    assert set(veh) >= {"vehicle", "fleet", "records", "highest_seq", "duplicates", "gaps", "evicted", "online"}
+    assert veh["records"]["samples"] == 10 and out["rejected"] == {}
+    assert cloud_main(["stats", "--config", str(tmp_path / "missing.toml")]) == 2
+    assert load_config(conf).db.path == tmp_path / "cloud.sqlite"
+    v.close()
