@@ -157,7 +157,8 @@ class CloudDB:
     def _count(self, vehicle: str, name: str, by: int) -> None:
         if by:
             self.db.execute(
-                "INSERT INTO counters VALUES (?,?,?) ON CONFLICT (vehicle, name) DO UPDATE SET value=value+excluded.value",
+                "INSERT INTO counters VALUES (?,?,?) "
+                "ON CONFLICT (vehicle, name) DO UPDATE SET value=value+excluded.value",
                 (vehicle, name, by),
             )
 
