@@ -110,14 +110,17 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from agent.demo import run_demo
+    from agent.demo import DemoError, run_demo
 
-    return run_demo(
-        config=Path(args.config) if args.config else None,
-        duration_s=args.duration,
-        fault=args.fault,
-        workdir=Path(args.workdir),
-    )
+    try:
+        return run_demo(
+            config=Path(args.config) if args.config else None,
+            duration_s=args.duration,
+            fault=args.fault,
+            workdir=Path(args.workdir),
+        )
+    except DemoError as e:
+        raise CliError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -32,6 +32,10 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "docs" / "examples" / "demo-agent.toml"
 
 
+class DemoError(ValueError):
+    """A demo that cannot start (bad scenario); the text says why."""
+
+
 def _say(msg: str) -> None:
     print(msg, flush=True)
 
@@ -107,7 +111,10 @@ def run_demo(config: Path | None, duration_s: float, fault: str | None, workdir:
     sim_cfg.pop("serial_link", None)  # the demo makes its own pty
     if fault:
         sim_cfg["fault"] = fault
-    harvester = sim_from_config(sim_cfg)  # validates the scenario before anything starts
+    try:
+        harvester = sim_from_config(sim_cfg)  # validates the scenario before anything starts
+    except ValueError as e:
+        raise DemoError(f"[sim] {e}") from None
 
     _say(f"demo: work folder {workdir}")
     # The agent's log goes to a file so that it does not tear the progress line; alerts show in the progress.
