@@ -68,6 +68,10 @@ class SampleBuffer:
         sid = np.concatenate([p.sid for p in self._parts])
         value = np.concatenate([p.value for p in self._parts])
         self._parts, self.n = [], 0
+        # Signal-major order: each signal's run is periodic in time and smooth in value, which is what the wire's
+        # delta and XOR columns compress best (sequence numbers follow this order; any order is valid).
+        order = np.lexsort((ts, sid))
+        ts, sid, value = ts[order], sid[order], value[order]
         uniq, local = np.unique(sid, return_inverse=True)
         signals = [self.registry.key(int(u)) for u in uniq.tolist()]
         ts_us = np.rint(ts * 1e6).astype(np.int64)
