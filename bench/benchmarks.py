@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import resource
@@ -19,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -140,7 +142,7 @@ def ingest_frames_per_s() -> Figure:
     )
 
 
-def _decoded_trace_samples(files: list[Path]) -> list[tuple[object, object, object, object]]:
+def _decoded_trace_samples(files: list[Path]) -> list[tuple[Any, Any, Any, Any]]:
     """(registry, ts, sid, value) per log, decoded by the agent's own decoder and sorted by time."""
     import can
     import numpy as np
@@ -172,13 +174,13 @@ def wire_bytes_per_sample() -> Figure:
 
     ours = json_bytes = n = 0
     for reg, ts, sid, val in _decoded_trace_samples(_trace_files()):
-        edges = np.arange(ts[0], ts[-1] + 10.0, 10.0)  # type: ignore[index]
-        for a, b in zip(edges[:-1], edges[1:], strict=True):
-            sel = (ts >= a) & (ts < b)  # type: ignore[operator]
+        edges = np.arange(ts[0], ts[-1] + 10.0, 10.0)
+        for a, b in itertools.pairwise(edges):
+            sel = (ts >= a) & (ts < b)
             if not sel.any():
                 continue
-            buf = SampleBuffer(reg)  # type: ignore[arg-type]
-            buf.add(SampleArrays(ts[sel], sid[sel], val[sel]))  # type: ignore[index]
+            buf = SampleBuffer(reg)
+            buf.add(SampleArrays(ts[sel], sid[sel], val[sel]))
             cols = buf.take()
             assert cols is not None
             seg = wire.Segment("samples", n + 1, n + len(cols), columns=cols)
