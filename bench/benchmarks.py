@@ -69,7 +69,7 @@ def _baseline_decode(files: list[Path]) -> tuple[int, float]:
     import can
     import cantools
 
-    db = cantools.database.load_file(str(_big_dbc()), strict=False)
+    db: Any = cantools.database.load_file(str(_big_dbc()), strict=False)
     by_pgn = {}
     for m in db.messages:
         pgn = (m.frame_id >> 8) & 0x3FFFF
@@ -82,7 +82,7 @@ def _baseline_decode(files: list[Path]) -> tuple[int, float]:
             m = by_pgn.get(pgn & 0x3FF00 if ((pgn >> 8) & 0xFF) < 240 else pgn)
             if m is not None:
                 with contextlib.suppress(Exception):  # the baseline gateway ignores bad frames too
-                    m.decode(msg.data)
+                    m.decode(bytes(msg.data))
             n += 1
     return n, time.perf_counter() - t0
 
