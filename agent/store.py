@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from agent import wire
+
+log = logging.getLogger("agent.store")
 
 SCHEMA_VERSION = 1
 PRIO_NOTICE = -1  # eviction notices: sent first, never evicted (they explain the gaps evictions leave)
@@ -82,17 +85,59 @@ class OutboxRow:
         return len(self.head) + len(self.body)
 
 
+def time_seq_floor() -> int:
+    """First sequence number of a brand-new store: microseconds since the epoch.
+
+    A vehicle may lose its store (corruption, a replaced SD card). If a new store started again at 1, the cloud
+    would take its records for duplicates of old ones and drop them. Starting at the current time in µs keeps
+    numbers increasing across stores as long as a store averages under a million records per second."""
+    return int(time.time() * 1_000_000)
+
+
 class Store:
-    def __init__(self, path: Path, max_bytes: int = 512 * 1024 * 1024) -> None:
+    def __init__(self, path: Path, max_bytes: int = 512 * 1024 * 1024, first_seq: int | None = None) -> None:
         self.path = Path(path)
         self.max_bytes = max_bytes
+        self._first_seq = first_seq
         self._lock = threading.RLock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False, timeout=30)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self._migrate()
-        self._page_size = int(self.db.execute("PRAGMA page_size").fetchone()[0])
+        self.quarantined: Path | None = None
+        try:
+            self.db = self._open()
+        except sqlite3.DatabaseError as e:
+            # Corrupt or not a database: keep it for forensics (never delete data), start afresh, and say so.
+            self.quarantined = self._quarantine()
+            self.db = self._open()
+            floor = self.counters()["first_seq"]
+            self.append_records([("event", {"kind": "store_quarantined", "ts": time.time(),
+                                            "data": {"moved_to": str(self.quarantined), "reason": str(e),
+                                                     "seq_floor": floor}})])
+
+    def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False, timeout=30)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            ok = db.execute("PRAGMA quick_check").fetchone()[0]
+            if ok != "ok":
+                raise sqlite3.DatabaseError(f"quick_check: {ok}")
+            self.db = db
+            self._migrate()
+            self._page_size = int(db.execute("PRAGMA page_size").fetchone()[0])
+        except sqlite3.DatabaseError:
+            db.close()
+            raise
+        return db
+
+    def _quarantine(self) -> Path:
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        dest = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        for suffix in ("", "-wal", "-shm"):
+            src = Path(str(self.path) + suffix)
+            if src.exists():
+                src.rename(Path(str(dest) + suffix))
+        log.error("store %s is unreadable; moved aside to %s and started a new one", self.path, dest)
+        return dest
 
     def _migrate(self) -> None:
         with self._lock:
@@ -104,8 +149,10 @@ class Store:
                 for stmt in _SCHEMA.split(";"):
                     if stmt.strip():
                         self.db.execute(stmt)
+                first = self._first_seq if self._first_seq is not None else time_seq_floor()
                 for k in _COUNTERS:
-                    self.db.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (k, 1 if k == "next_seq" else 0))
+                    self.db.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (k, first if k == "next_seq" else 0))
+                self.db.execute("INSERT OR IGNORE INTO meta VALUES ('first_seq', ?)", (first,))
                 self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
                 self.db.execute("COMMIT")
 
@@ -298,6 +345,7 @@ class Store:
             "path": str(self.path),
             "schema_version": SCHEMA_VERSION,
             "records_written": {"samples": c["written_samples"], "records": c["written_records"]},
+            "first_seq": c.get("first_seq", 1),
             "highest_seq": c["next_seq"] - 1,
             "last_acked_seq": c["last_acked_seq"],
             "acked": {"samples": c["acked_samples"], "records": c["acked_records"]},

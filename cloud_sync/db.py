@@ -69,6 +69,7 @@ class VehicleStats:
     duplicates: int
     gaps: list[list[int]]
     evicted: list[list[int]]
+    quarantined: list[list[int]]
     online: bool
     last_seen: float
     status: dict[str, Any] = field(default_factory=dict)
@@ -88,8 +89,10 @@ def merge_ranges(ranges: list[tuple[int, int]]) -> list[list[int]]:
 
 
 def holes(covered: list[list[int]], upto: int) -> list[list[int]]:
+    """Missing ranges between the first covered number and `upto`. A vehicle's numbering starts where its store
+    started (a time floor, agent/store.py), not at 1."""
     out: list[list[int]] = []
-    nxt = 1
+    nxt = covered[0][0] if covered else 1
     for lo, hi in covered:
         if lo > nxt:
             out.append([nxt, lo - 1])
@@ -283,7 +286,18 @@ class CloudDB:
                         if isinstance(r, list) and len(r) == 2:
                             evicted.append((int(r[0]), int(r[1])))
                 ev = merge_ranges(evicted)
-                missing = holes(covered, highest)
+                missing = subtract(holes(covered, highest), ev)
+                # A store the vehicle had to quarantine took its unsent records with it; the new store starts at
+                # `seq_floor`, so the gap that ends just below a floor is explained, and reported as such.
+                floors = set()
+                for (rec,) in self.db.execute(
+                    "SELECT record FROM events WHERE vehicle=? AND kind='store_quarantined'", (vehicle,)
+                ):
+                    f = json.loads(rec).get("data", {}).get("seq_floor")
+                    if isinstance(f, int):
+                        floors.add(f)
+                quarantined = [g for g in missing if g[1] + 1 in floors]
+                missing = [g for g in missing if g[1] + 1 not in floors]
                 dup = self.db.execute(
                     "SELECT value FROM counters WHERE vehicle=? AND name='duplicates'", (vehicle,)
                 ).fetchone()
@@ -294,7 +308,8 @@ class CloudDB:
                         records=counts,
                         highest_seq=highest,
                         duplicates=int(dup[0]) if dup else 0,
-                        gaps=subtract(missing, ev),
+                        gaps=missing,
+                        quarantined=quarantined,
                         evicted=[r for r in ev if r[0] <= highest],
                         online=bool(online),
                         last_seen=float(last_seen),

@@ -40,7 +40,7 @@ def test_status_json_reports_the_store(tmp_path: Path, capsys: pytest.CaptureFix
     cfg = tmp_path / "a.toml"
     cfg.write_text('[store]\npath = "s.sqlite"\n[vehicle]\nid = "v7"\n')
     assert main(["status", "--config", str(cfg)]) == 2  # no store yet
-    s = Store(tmp_path / "s.sqlite")
+    s = Store(tmp_path / "s.sqlite", first_seq=1)
     s.append_samples(wire.SampleColumns([("A", "", "")], np.zeros(3, np.uint16), np.arange(3, dtype=np.int64),
                                         np.ones(3)))
     s.append_records([("alert", {"ts": 1.0})])

@@ -227,8 +227,21 @@ def test_stats_cli_json_shape(
     assert cloud_main(["stats", "--config", str(conf), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     veh = out["vehicles"][0]
-    assert set(veh) >= {"vehicle", "fleet", "records", "highest_seq", "duplicates", "gaps", "evicted", "online"}
+    assert set(veh) >= {"vehicle", "fleet", "records", "highest_seq", "duplicates", "gaps", "evicted", "quarantined",
+                        "online"}
     assert veh["records"]["samples"] == 10 and out["rejected"] == {}
     assert cloud_main(["stats", "--config", str(tmp_path / "missing.toml")]) == 2
     assert load_config(conf).db.path == tmp_path / "cloud.sqlite"
+    v.close()
+
+
+def test_gap_below_a_quarantine_floor_is_explained(broker: MosquittoBroker, receiver: Receiver) -> None:
+    v = Vehicle(broker)
+    v.send(batch(1, samples(1000, 10)))  # an old store's numbers: 1000..1009
+    q = wire.Segment("event", 5000, 5000, record={"kind": "store_quarantined", "ts": 1.0,
+                                                 "data": {"moved_to": "/x", "reason": "corrupt", "seq_floor": 5000}})
+    v.send(batch(2, q, samples(5001, 5)), leaf="events")  # the new store starts at its floor
+    wait_for(lambda: len(v.acks) == 2, what="acks")
+    s = receiver.db.stats()[0]
+    assert s.gaps == [] and s.quarantined == [[1010, 4999]]
     v.close()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from agent import wire
-from agent.store import Store, StoreError
+from agent.store import Store, StoreError, time_seq_floor
 
 
 def _cols(n: int, t0: float = 1_700_000_000.0) -> wire.SampleColumns:
@@ -23,11 +23,11 @@ def _cols(n: int, t0: float = 1_700_000_000.0) -> wire.SampleColumns:
 
 
 def test_sequence_numbers_are_contiguous_across_kinds_and_reopen(tmp_path: Path) -> None:
-    s = Store(tmp_path / "a.sqlite")
+    s = Store(tmp_path / "a.sqlite", first_seq=1)
     assert s.append_samples(_cols(100)) == (1, 100)
     assert s.append_records([("alert", {"ts": 1.0}), ("event", {"kind": "dtc_open", "ts": 2.0})]) == [101, 102]
     s.close()
-    s = Store(tmp_path / "a.sqlite")
+    s = Store(tmp_path / "a.sqlite", first_seq=1)
     assert s.append_samples(_cols(10)) == (103, 112)
     st = s.status()
     assert st["highest_seq"] == 112
@@ -36,7 +36,7 @@ def test_sequence_numbers_are_contiguous_across_kinds_and_reopen(tmp_path: Path)
 
 
 def test_records_are_pending_before_samples_and_ack_deletes(tmp_path: Path) -> None:
-    s = Store(tmp_path / "a.sqlite")
+    s = Store(tmp_path / "a.sqlite", first_seq=1)
     s.append_samples(_cols(50))
     s.append_records([("alert", {"ts": 1.0, "score": 0.9})])
     recs = s.pending(True, set(), 1 << 20)
@@ -57,7 +57,7 @@ def test_records_are_pending_before_samples_and_ack_deletes(tmp_path: Path) -> N
 
 
 def test_in_flight_rows_are_skipped(tmp_path: Path) -> None:
-    s = Store(tmp_path / "a.sqlite")
+    s = Store(tmp_path / "a.sqlite", first_seq=1)
     for _ in range(3):
         s.append_samples(_cols(10))
     rows = s.pending(False, {1}, 1 << 20)
@@ -68,7 +68,7 @@ def test_in_flight_rows_are_skipped(tmp_path: Path) -> None:
 
 
 def test_bound_evicts_oldest_samples_first_keeps_alerts_and_reports(tmp_path: Path) -> None:
-    s = Store(tmp_path / "a.sqlite", max_bytes=1024 * 1024)
+    s = Store(tmp_path / "a.sqlite", max_bytes=1024 * 1024, first_seq=1)
     s.append_records([("alert", {"ts": 0.0, "alert_id": "first"})])
     for i in range(60):
         s.append_samples(_cols(5000, t0=1_700_000_000.0 + i * 100))
@@ -90,7 +90,7 @@ def test_bound_evicts_oldest_samples_first_keeps_alerts_and_reports(tmp_path: Pa
 
 
 def test_records_are_evicted_only_when_no_samples_are_left(tmp_path: Path) -> None:
-    s = Store(tmp_path / "a.sqlite", max_bytes=1024 * 1024)
+    s = Store(tmp_path / "a.sqlite", max_bytes=1024 * 1024, first_seq=1)
     big = "x" * 20_000
     s.append_samples(_cols(1000))
     s.append_records([("event", {"ts": float(i), "kind": "note", "data": {"pad": big}}) for i in range(80)])
@@ -101,8 +101,37 @@ def test_records_are_evicted_only_when_no_samples_are_left(tmp_path: Path) -> No
 
 
 def test_newer_schema_is_refused(tmp_path: Path) -> None:
-    s = Store(tmp_path / "a.sqlite")
+    s = Store(tmp_path / "a.sqlite", first_seq=1)
     s.db.execute("PRAGMA user_version=99")
     s.close()
     with pytest.raises(StoreError, match="newer"):
-        Store(tmp_path / "a.sqlite")
+        Store(tmp_path / "a.sqlite", first_seq=1)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated_header", "torn_page"])
+def test_corrupt_store_is_quarantined_not_deleted(tmp_path: Path, damage: str) -> None:
+    p = tmp_path / "a.sqlite"
+    s = Store(p, first_seq=1)
+    for _ in range(20):
+        s.append_samples(_cols(2000))
+    s.close()
+    raw = bytearray(p.read_bytes())
+    if damage == "garbage":
+        raw = bytearray(b"this is not a database" * 100)
+    elif damage == "truncated_header":
+        raw = raw[:50]
+    else:
+        raw[4096 * 3 : 4096 * 3 + 2048] = b"\xa5" * 2048  # a page torn mid-write
+    p.write_bytes(bytes(raw))
+    before = time_seq_floor()
+    s = Store(p)
+    assert s.quarantined is not None and s.quarantined.exists()
+    assert s.quarantined.read_bytes() == bytes(raw)  # kept exactly as found
+    notices = [json.loads(r.head) for r in s.pending(True, set(), 1 << 20)]
+    assert notices[0]["kind"] == "store_quarantined" and notices[0]["data"]["moved_to"] == str(s.quarantined)
+    # The new store numbers on from a time floor, far above the old store's numbers, never from 1 again.
+    floor = notices[0]["data"]["seq_floor"]
+    assert floor >= before > 20 * 2000
+    lo, hi = s.append_samples(_cols(10))
+    assert (lo, hi) == (floor + 1, floor + 10)
+    s.close()

@@ -70,7 +70,7 @@ def _cols(n: int) -> wire.SampleColumns:
 
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(tmp_path / "out.sqlite")
+    s = Store(tmp_path / "out.sqlite", first_seq=1)
     yield s
     s.close()
 
