@@ -59,6 +59,8 @@ class StoreConfig(_Section):
     max_bytes: int = Field(512 * 1024 * 1024, ge=1024 * 1024)
     flush_interval_s: float = Field(1.0, gt=0, le=60)
     flush_max_samples: int = Field(20_000, ge=1)
+    memory_max_samples: int = Field(500_000, ge=1000)
+    memory_max_records: int = Field(10_000, ge=10)
 
 
 class MqttConfig(_Section):

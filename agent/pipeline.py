@@ -77,11 +77,20 @@ class SampleBuffer:
         ts_us = np.rint(ts * 1e6).astype(np.int64)
         return wire.SampleColumns(signals, local.astype(np.uint16), ts_us, value)
 
-    def put_back(self, cols: wire.SampleColumns) -> None:
-        """Return a segment that could not be written (disk full, I/O error), to retry later."""
+    def put_back(self, cols: wire.SampleColumns, limit: int) -> int:
+        """Return a segment that could not be written (disk full, I/O error), to retry later. Keeps at most
+        `limit` samples, dropping the oldest; returns how many were dropped."""
         sid = np.array([self.registry.intern(*k) for k in cols.signals], np.int32)[cols.sig]
-        self._parts.insert(0, SampleArrays(cols.ts_us / 1e6, sid, cols.value))
-        self.n += len(cols)
+        ts, value = cols.ts_us / 1e6, cols.value
+        dropped = max(0, len(cols) + self.n - limit)
+        if dropped:
+            # Oldest first: the segment is signal-major, so order by time before cutting.
+            keep = np.argsort(ts, kind="stable")[min(dropped, len(cols)):]
+            keep.sort()
+            ts, sid, value = ts[keep], sid[keep], value[keep]
+        self._parts.insert(0, SampleArrays(ts, sid, value))
+        self.n += len(ts)
+        return dropped
 
 
 class Pipeline:
@@ -91,7 +100,13 @@ class Pipeline:
         decoders: dict[str, J1939Decoder],
         scorer: Scorer | None,
         store: Store | None,
+        memory_max_samples: int = 500_000,
+        memory_max_records: int = 10_000,
     ) -> None:
+        self.memory_max_samples = memory_max_samples
+        self.memory_max_records = memory_max_records
+        self.store_error: str | None = None  # set while the store cannot be written
+        self._retry_at = 0.0
         self.registry = registry
         self.decoders = decoders
         self.nmea: dict[str, NmeaDecoder] = {}
@@ -193,9 +208,25 @@ class Pipeline:
 
     def _record(self, kind: str, rec: Alert | Event) -> None:
         self.pending_records.append((kind, rec.to_dict()))
-        self.flush_records()
+        if self.store_error is None:
+            self.flush_records()
+        elif len(self.pending_records) > self.memory_max_records:
+            del self.pending_records[0]
+            self.stats.errors["records_dropped_store_unavailable"] += 1
 
     # --- output ----------------------------------------------------------------------------------------------
+
+    def _store_failed(self, what: str, e: Exception) -> None:
+        self.stats.errors["store_write_failed"] += 1
+        if self.store_error is None:
+            log.error("cannot write %s to the store (held in memory, retrying): %s", what, e)
+        self.store_error = str(e)
+
+    def _store_ok(self) -> None:
+        if self.store_error is not None:
+            log.warning("store writable again; %d records and %d samples held in memory are being written",
+                        len(self.pending_records), self.buffer.n)
+            self.store_error = None
 
     def flush_records(self) -> None:
         """Alerts and events are written at once: they are what must never wait in memory."""
@@ -204,9 +235,13 @@ class Pipeline:
         try:
             self.store.append_records(self.pending_records)
             self.pending_records = []
+            self._store_ok()
         except Exception as e:
-            self.stats.errors["store_write_failed"] += 1
-            log.error("cannot write %d records to the store (kept in memory): %s", len(self.pending_records), e)
+            self._store_failed("alerts/events", e)
+            over = len(self.pending_records) - self.memory_max_records
+            if over > 0:
+                del self.pending_records[:over]
+                self.stats.errors["records_dropped_store_unavailable"] += over
 
     def flush_samples(self) -> None:
         if self.store is None:
@@ -216,13 +251,21 @@ class Pipeline:
             return
         try:
             self.store.append_samples(cols)
+            self._store_ok()
         except Exception as e:
-            self.stats.errors["store_write_failed"] += 1
-            log.error("cannot write %d samples to the store (kept in memory): %s", len(cols), e)
-            self.buffer.put_back(cols)
+            self._store_failed("samples", e)
+            dropped = self.buffer.put_back(cols, self.memory_max_samples)
+            if dropped:
+                self.stats.errors["samples_dropped_store_unavailable"] += dropped
 
     def maybe_flush(self, interval_s: float, max_samples: int) -> None:
-        if self.buffer.n >= max_samples or (self.buffer.n and time.monotonic() - self.buffer.since >= interval_s):
+        now = time.monotonic()
+        if self.store_error is not None and now < self._retry_at:
+            return  # store down: retry once per interval, not on every batch
+        due = self.buffer.n >= max_samples or (self.buffer.n and now - self.buffer.since >= interval_s)
+        if due:
             self.flush_samples()
         if self.pending_records:
             self.flush_records()
+        if self.store_error is not None:
+            self._retry_at = now + interval_s

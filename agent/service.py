@@ -77,7 +77,8 @@ class Agent:
             log.error("model %s %s: the agent runs without scoring (data is still stored and synced)",
                       cfg.model.path, self.model_status)
         self.store = Store(cfg.store.path, cfg.store.max_bytes)
-        self.pipeline = Pipeline(self.registry, self.decoders, self.scorer, self.store)
+        self.pipeline = Pipeline(self.registry, self.decoders, self.scorer, self.store,
+                                 cfg.store.memory_max_samples, cfg.store.memory_max_records)
         self.queue: queue.Queue[tuple[str, Any]] = queue.Queue(QUEUE_MAX)
         self.dropped: Counter[str] = Counter()
         self.can_sources = [CanSource(b, self._on_frames) for b in cfg.can]
@@ -98,6 +99,8 @@ class Agent:
             "backlog": {"samples": st["backlog"].get("samples", {}).get("records", 0),
                         "records": st["backlog_records"] - st["backlog"].get("samples", {}).get("records", 0)},
             "evicted": st["evicted"],
+            "store_error": self.pipeline.store_error,
+            "dropped": dict(self.pipeline.stats.errors) | {f"queue_full_{k}": v for k, v in self.dropped.items()},
         }
 
     # --- source callbacks (source threads) -------------------------------------------------------------------

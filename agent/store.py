@@ -16,7 +16,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -145,18 +145,30 @@ class Store:
             if version > SCHEMA_VERSION:
                 raise StoreError(f"{self.path}: schema version {version} is newer than this agent ({SCHEMA_VERSION})")
             if version < 1:
-                self.db.execute("BEGIN IMMEDIATE")
-                for stmt in _SCHEMA.split(";"):
-                    if stmt.strip():
-                        self.db.execute(stmt)
-                first = self._first_seq if self._first_seq is not None else time_seq_floor()
-                for k in _COUNTERS:
-                    self.db.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (k, first if k == "next_seq" else 0))
-                self.db.execute("INSERT OR IGNORE INTO meta VALUES ('first_seq', ?)", (first,))
-                self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-                self.db.execute("COMMIT")
+                with self._tx():
+                    for stmt in _SCHEMA.split(";"):
+                        if stmt.strip():
+                            self.db.execute(stmt)
+                    first = self._first_seq if self._first_seq is not None else time_seq_floor()
+                    for k in _COUNTERS:
+                        self.db.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (k, first if k == "next_seq" else 0))
+                    self.db.execute("INSERT OR IGNORE INTO meta VALUES ('first_seq', ?)", (first,))
+                    self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     # --- writing ---------------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[None]:
+        """One write transaction. SQLite may already have rolled back on its own (SQLITE_FULL, I/O errors):
+        roll back only what is still open, and let the original error through."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            self.db.execute("COMMIT")
+        except BaseException:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise
 
     def _take_seq(self, n: int) -> int:
         lo = int(self.db.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone()[0])
@@ -175,18 +187,13 @@ class Store:
         ts_lo = float(cols.ts_us.min()) / 1e6
         ts_hi = float(cols.ts_us.max()) / 1e6
         with self._lock:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
+            with self._tx():
                 lo = self._take_seq(n)
                 self.db.execute(
                     "INSERT INTO outbox VALUES (?,?,?,?,?,?,?,?,?,?)",
                     (lo, lo + n - 1, "samples", PRIO_SAMPLES, n, ts_lo, ts_hi, time.time(), json.dumps(head), body),
                 )
                 self._bump("written_samples", n)
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
             self._enforce_bound()
         return lo, lo + n - 1
 
@@ -197,8 +204,7 @@ class Store:
             return []
         now = time.time()
         with self._lock:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
+            with self._tx():
                 lo = self._take_seq(len(items))
                 rows = []
                 for i, (kind, rec) in enumerate(items):
@@ -207,10 +213,6 @@ class Store:
                     rows.append((lo + i, lo + i, kind, PRIO_RECORD, 1, ts_f, ts_f, now, json.dumps(rec), b""))
                 self.db.executemany("INSERT INTO outbox VALUES (?,?,?,?,?,?,?,?,?,?)", rows)
                 self._bump("written_records", len(items))
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
             self._enforce_bound()
         return list(range(lo, lo + len(items)))
 
@@ -227,8 +229,7 @@ class Store:
             return
         evicted: list[tuple[int, int]] = []
         n_samples = n_records = 0
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._tx():
             # Down to 90 % so that a store at its bound does not evict on every single write.
             while self.used_bytes() > self.max_bytes * 0.9:
                 # Oldest samples first; records only once no samples remain; notices never.
@@ -261,10 +262,6 @@ class Store:
                     (seq, seq, "event", PRIO_NOTICE, 1, now, now, now, json.dumps(rec), b""),
                 )
                 self._bump("written_records", 1)
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
 
     # --- reading for the uplink ------------------------------------------------------------------------------
 
@@ -304,24 +301,18 @@ class Store:
     def ack(self, ranges: Iterable[tuple[int, int]]) -> int:
         """Delete rows wholly inside the acknowledged ranges. Returns how many rows went. Idempotent."""
         gone = 0
-        with self._lock:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                for lo, hi in ranges:
-                    rows = self.db.execute(
-                        "SELECT seq_lo, prio, n FROM outbox WHERE seq_lo>=? AND seq_hi<=?", (lo, hi)
-                    ).fetchall()
-                    for seq_lo, prio, n in rows:
-                        self.db.execute("DELETE FROM outbox WHERE seq_lo=?", (seq_lo,))
-                        self._bump("acked_samples" if prio == PRIO_SAMPLES else "acked_records", n)
-                        gone += 1
-                    self.db.execute(
-                        "UPDATE meta SET value=MAX(value, ?) WHERE key='last_acked_seq'", (hi,)
-                    )
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
+        with self._lock, self._tx():
+            for lo, hi in ranges:
+                rows = self.db.execute(
+                    "SELECT seq_lo, prio, n FROM outbox WHERE seq_lo>=? AND seq_hi<=?", (lo, hi)
+                ).fetchall()
+                for seq_lo, prio, n in rows:
+                    self.db.execute("DELETE FROM outbox WHERE seq_lo=?", (seq_lo,))
+                    self._bump("acked_samples" if prio == PRIO_SAMPLES else "acked_records", n)
+                    gone += 1
+                self.db.execute(
+                    "UPDATE meta SET value=MAX(value, ?) WHERE key='last_acked_seq'", (hi,)
+                )
         return gone
 
     # --- status ----------------------------------------------------------------------------------------------

@@ -235,7 +235,8 @@ class CloudDB:
                 out = [self._ingest_one(b, now) for b in batches]
                 self.db.execute("COMMIT")
             except BaseException:
-                self.db.execute("ROLLBACK")
+                if self.db.in_transaction:  # SQLite may have rolled back already (SQLITE_FULL, I/O error)
+                    self.db.execute("ROLLBACK")
                 raise
         return out
 
