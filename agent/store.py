@@ -151,7 +151,8 @@ class Store:
                             self.db.execute(stmt)
                     first = self._first_seq if self._first_seq is not None else time_seq_floor()
                     for k in _COUNTERS:
-                        self.db.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (k, first if k == "next_seq" else 0))
+                        v = first if k == "next_seq" else 0
+                        self.db.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (k, v))
                     self.db.execute("INSERT OR IGNORE INTO meta VALUES ('first_seq', ?)", (first,))
                     self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
