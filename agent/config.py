@@ -78,6 +78,7 @@ class MqttConfig(_Section):
     ack_timeout_s: float = Field(30.0, gt=0)
     reconnect_min_s: float = Field(1.0, gt=0)
     reconnect_max_s: float = Field(60.0, gt=0)
+    daily_budget_bytes: int = Field(0, ge=0)
 
     @field_validator("ca_file", "cert_file", "key_file")
     @classmethod

@@ -100,6 +100,8 @@ class Agent:
                         "records": st["backlog_records"] - st["backlog"].get("samples", {}).get("records", 0)},
             "evicted": st["evicted"],
             "store_error": self.pipeline.store_error,
+            "budget": {"used_today": self.uplink.budget_used(), "daily_bytes": self.cfg.mqtt.daily_budget_bytes,
+                       "samples_held": self.uplink.stats.budget_held},
             "dropped": dict(self.pipeline.stats.errors) | {f"queue_full_{k}": v for k, v in self.dropped.items()},
         }
 

@@ -316,11 +316,23 @@ class Store:
                 )
         return gone
 
+    # --- small persistent settings (data budget...) ------------------------------------------------------------
+
+    def get_meta(self, key: str, default: int = 0) -> int:
+        with self._lock:
+            row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return int(row[0]) if row else default
+
+    def set_meta(self, items: dict[str, int]) -> None:
+        with self._lock, self._tx():
+            self.db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", list(items.items()))
+
     # --- status ----------------------------------------------------------------------------------------------
 
     def counters(self) -> dict[str, int]:
         with self._lock:
-            return {k: int(v) for k, v in self.db.execute("SELECT key, value FROM meta")}
+            c = {k: int(v) for k, v in self.db.execute("SELECT key, value FROM meta")}
+        return {k: c.get(k, 0) for k in (*_COUNTERS, "first_seq")} | c
 
     def backlog(self) -> dict[str, dict[str, int]]:
         with self._lock:

@@ -53,6 +53,7 @@ class UplinkStats:
     ack_timeouts: int = 0
     bad_downlink: dict[str, int] = field(default_factory=dict)
     rejected_batches: int = 0
+    budget_held: bool = False
 
 
 def backoff_delay(attempt: int, lo: float, hi: float, rng: random.Random) -> float:
@@ -69,7 +70,9 @@ class Uplink:
         store: Store,
         status_extra: Callable[[], dict[str, Any]] | None = None,
         seed: int | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        self.clock = clock  # wall clock for the daily budget (UTC days); a parameter so tests can turn the day
         self.cfg = cfg
         self.vehicle = vehicle
         self.store = store
@@ -179,6 +182,23 @@ class Uplink:
             s.update(inf.seq_los)
         return s
 
+    # --- daily data budget ------------------------------------------------------------------------------------
+
+    def budget_used(self) -> int:
+        """Bytes sent today (UTC), persisted in the store so a restart does not reset the day's budget."""
+        day = int(self.clock() // 86400)
+        if self.store.get_meta("budget_day", -1) != day:
+            self.store.set_meta({"budget_day": day, "budget_used": 0})
+        return self.store.get_meta("budget_used")
+
+    def _spend(self, n: int) -> None:
+        self.budget_used()  # rolls the day over first if needed
+        self.store.set_meta({"budget_used": self.store.get_meta("budget_used") + n})
+
+    def budget_spent(self) -> bool:
+        b = self.cfg.daily_budget_bytes
+        return b > 0 and self.budget_used() >= b
+
     def _publish(self, leaf: str, rows: list[OutboxRow]) -> None:
         batch_id = self._next_batch
         self._next_batch += 1
@@ -192,6 +212,8 @@ class Uplink:
         self._inflight[batch_id] = _InFlight(batch_id, [r.seq_lo for r in rows], time.monotonic(), n_samples)
         self.stats.batches_sent += 1
         self.stats.bytes_sent += len(payload)
+        if self.cfg.daily_budget_bytes:
+            self._spend(len(payload))
         self.stats.samples_sent += n_samples
         self.stats.records_sent += sum(r.n for r in rows if r.kind != "samples")
 
@@ -212,6 +234,10 @@ class Uplink:
                 same = [r for r in records if r.kind == kind]
                 self._publish("alerts" if kind == "alert" else "events", same)
                 continue
+            if self.budget_spent():
+                self.stats.budget_held = True  # samples wait for tomorrow's budget; records above still go
+                break
+            self.stats.budget_held = False
             size, oldest = self.store.pending_samples(busy)
             if oldest is None:
                 break

@@ -186,3 +186,27 @@ def test_backoff_has_full_jitter_and_a_cap() -> None:
     assert all(1.0 <= d <= 60.0 for d in delays)
     assert len({round(d, 3) for d in delays}) > 100  # jittered, not lockstep
     assert max(backoff_delay(3, 1.0, 60.0, rng) for _ in range(200)) <= 8.0
+
+
+def test_daily_budget_holds_samples_back_but_never_alerts(broker: MosquittoBroker, store: Store) -> None:
+    acker = Acker(broker)
+    now = [1_800_000_000.0]
+    for _ in range(20):
+        store.append_samples(_cols(2000))
+    cfg = MqttConfig(host=broker.host, port=broker.port, batch_max_age_s=0.1, batch_max_bytes=8192,
+                     max_inflight_batches=1, daily_budget_bytes=3000)
+    up = Uplink(cfg, VEHICLE, store, seed=1, clock=lambda: now[0])
+    up.start()
+    try:
+        wait_for(lambda: up.stats.budget_held, what="budget spent")
+        held = store.status()["backlog"]["samples"]["records"]
+        assert 0 < held < 40_000  # some samples went, the rest wait
+        store.append_records([("alert", {"ts": 1.0, "alert_id": "late"})])
+        wait_for(lambda: "alert" not in store.status()["backlog"], what="alert sent despite the spent budget")
+        assert store.status()["backlog"]["samples"]["records"] == held
+        now[0] += 86400  # a new UTC day, a new budget
+        wait_for(lambda: store.status()["backlog"]["samples"]["records"] < held, what="samples flow again")
+        assert up.budget_used() > 0
+    finally:
+        up.stop()
+        acker.close()
