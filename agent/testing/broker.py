@@ -7,6 +7,7 @@ it again on the same port to simulate an outage.
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -53,6 +54,9 @@ class MosquittoBroker:
     def _write_conf(self) -> Path:
         conf = self.workdir / "mosquitto.conf"
         lines = [
+            # Run as whoever runs the tests: started as root, Mosquitto would drop to its own user and could not
+            # read the test's private temp folders (certificates, ACL files).
+            f"user {pwd.getpwuid(os.getuid()).pw_name}",
             "per_listener_settings false",
             "persistence false",
             "log_dest stderr",
