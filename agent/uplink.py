@@ -94,8 +94,10 @@ class Uplink:
     def topic(self, leaf: str) -> str:
         return wire.vehicle_topic(self.vehicle.fleet, self.vehicle.id, leaf)
 
-    def _status_payload(self, state: str) -> bytes:
-        body = {"state": state, "ts": time.time(), "agent_version": __version__, **self.status_extra()}
+    def _status_payload(self, state: str, extra: bool = True) -> bytes:
+        body = {"state": state, "ts": time.time(), "agent_version": __version__}
+        if extra:
+            body |= self.status_extra()
         return json.dumps(body, separators=(",", ":")).encode()
 
     # --- client ----------------------------------------------------------------------------------------------
@@ -108,7 +110,8 @@ class Uplink:
             reconnect_on_failure=False,
         )
         c.max_inflight_messages_set(max(20, self.cfg.max_inflight_batches * 2))
-        c.will_set(self.topic("status"), self._status_payload("offline"), qos=1, retain=True)
+        # The Will is fixed at connect time and only has to say "offline".
+        c.will_set(self.topic("status"), self._status_payload("offline", extra=False), qos=1, retain=True)
         if self.cfg.tls:
             c.tls_set(
                 ca_certs=str(self.cfg.ca_file) if self.cfg.ca_file else None,
@@ -199,7 +202,8 @@ class Uplink:
         b = self.cfg.daily_budget_bytes
         return b > 0 and self.budget_used() >= b
 
-    def _publish(self, leaf: str, rows: list[OutboxRow]) -> None:
+    def _publish(self, leaf: str, rows: list[OutboxRow]) -> bool:
+        """Queue one batch with paho; False when it could not (connection just lost, paho's queue full)."""
         batch_id = self._next_batch
         self._next_batch += 1
         b = wire.Batch(self.vehicle.fleet, self.vehicle.id, batch_id, [r.segment() for r in rows], time.time())
@@ -207,7 +211,7 @@ class Uplink:
         info = self._client.publish(self.topic(leaf), payload, qos=1)
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             log.debug("publish not queued: %s", mqtt.error_string(info.rc))
-            return
+            return False
         n_samples = sum(r.n for r in rows if r.kind == "samples")
         self._inflight[batch_id] = _InFlight(batch_id, [r.seq_lo for r in rows], time.monotonic(), n_samples)
         self.stats.batches_sent += 1
@@ -216,6 +220,7 @@ class Uplink:
             self._spend(len(payload))
         self.stats.samples_sent += n_samples
         self.stats.records_sent += sum(r.n for r in rows if r.kind != "samples")
+        return True
 
     def _pump(self) -> None:
         now = time.monotonic()
@@ -232,7 +237,8 @@ class Uplink:
             if records:
                 kind = records[0].kind
                 same = [r for r in records if r.kind == kind]
-                self._publish("alerts" if kind == "alert" else "events", same)
+                if not self._publish("alerts" if kind == "alert" else "events", same):
+                    return  # back to the network loop, which notices the lost connection
                 continue
             if self.budget_spent():
                 self.stats.budget_held = True  # samples wait for tomorrow's budget; records above still go
@@ -248,7 +254,8 @@ class Uplink:
             )
             if not due:
                 break
-            self._publish("telemetry", self.store.pending(False, busy, self.cfg.batch_max_bytes))
+            if not self._publish("telemetry", self.store.pending(False, busy, self.cfg.batch_max_bytes)):
+                return
 
     # --- lifecycle -------------------------------------------------------------------------------------------
 
