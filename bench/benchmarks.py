@@ -317,7 +317,8 @@ def drain_samples_per_s() -> Figure:
         c.disconnect()
         cloud.close()
     return Figure(ours, "samples/s", base, ours / base,
-                  "1,000,000 samples acked end to end after cloud commit; baseline JSON-per-sample QoS 1, broker PUBACK only")
+                  "1,000,000 samples acked end to end after cloud commit; "
+                  "baseline JSON-per-sample QoS 1, broker PUBACK only")
 
 
 @figure("alert_latency_p99_ms")
