@@ -203,7 +203,7 @@ def _synthetic_cols(n: int, t0_us: int = 1_700_000_000_000_000) -> Any:
 
     sig = (np.arange(n) % 8).astype(np.uint16)
     ts = t0_us + (np.arange(n) // 8).astype(np.int64) * 20_000
-    val = np.round(1500 + 40 * np.sin(np.arange(n) / 500.0) + sig * 10, 3)
+    val = np.round(1500 + 40 * np.sin(np.arange(n) / 500.0) + sig.astype(np.float64) * 10, 3)
     return wire.SampleColumns([(f"SIG{i}.Value", "can0/00", "u") for i in range(8)], sig, ts, val)
 
 
