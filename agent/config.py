@@ -68,7 +68,7 @@ class MqttConfig(_Section):
     port: int = Field(1883, gt=0, lt=65536)
     client_id: str = ""
     keepalive_s: int = Field(30, ge=5, le=3600)
-    tls: bool = False
+    tls: bool = True  # plain TCP only when a lab config says so
     ca_file: Path | None = None
     cert_file: Path | None = None
     key_file: Path | None = None

@@ -260,6 +260,8 @@ class Uplink:
     # --- lifecycle -------------------------------------------------------------------------------------------
 
     def _connect(self) -> bool:
+        if not self.cfg.tls and self.stats.connect_failures == 0 and self.stats.connects == 0:
+            log.warning("MQTT over plain TCP to %s:%d (mqtt.tls = false): for a lab only", self.cfg.host, self.cfg.port)
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = 3600
         try:

@@ -295,7 +295,7 @@ def drain_samples_per_s() -> Figure:
         store = Store(Path(d) / "v.sqlite", 1 << 32)
         for i in range(n_seg):
             store.append_samples(_synthetic_cols(n, 1_700_000_000_000_000 + i * 10**8))
-        up = Uplink(MqttConfig(host=cloud.broker.host, port=cloud.broker.port, batch_max_bytes=1 << 20,
+        up = Uplink(MqttConfig(host=cloud.broker.host, port=cloud.broker.port, tls=False, batch_max_bytes=1 << 20,
                                max_inflight_batches=8), VehicleConfig(fleet="bench", id="v1"), store)
         t0 = time.perf_counter()
         up.start()
@@ -338,7 +338,7 @@ def alert_latency_p99_ms() -> Figure:
     with tempfile.TemporaryDirectory() as d:
         cloud = _Cloud(Path(d))
         store = Store(Path(d) / "v.sqlite", 1 << 32)
-        up = Uplink(MqttConfig(host=cloud.broker.host, port=cloud.broker.port, batch_max_age_s=1.0),
+        up = Uplink(MqttConfig(host=cloud.broker.host, port=cloud.broker.port, tls=False, batch_max_age_s=1.0),
                     VehicleConfig(fleet="bench", id="v1"), store)
         up.start()
         acked: dict[int, float] = {}

@@ -44,7 +44,7 @@ class Rig:
             "db": {"path": str(tmp / "cloud.sqlite")}})
         self.db = CloudDB(self.cloud_cfg.db.path)
         self.rx: Receiver | None = None
-        cfg = MqttConfig(host=broker.host, port=broker.port, batch_max_age_s=0.2, ack_timeout_s=2.0,
+        cfg = MqttConfig(host=broker.host, port=broker.port, tls=False, batch_max_age_s=0.2, ack_timeout_s=2.0,
                          reconnect_min_s=0.1, reconnect_max_s=0.5)
         self.up = Uplink(cfg, VEHICLE, self.store, seed=3)
         self.t = 0
@@ -187,6 +187,7 @@ flush_interval_s = 0.2
 [mqtt]
 host = "{broker.host}"
 port = {broker.port}
+tls = false
 batch_max_age_s = 0.2
 ack_timeout_s = 2.0
 reconnect_min_s = 0.1
@@ -214,7 +215,7 @@ reconnect_max_s = 0.5
         p.send_signal(signal.SIGKILL)
         p.wait(10)
         store = Store(tmp_path / "vehicle.sqlite")
-        up = Uplink(MqttConfig(host=broker.host, port=broker.port, batch_max_age_s=0.1), VehicleConfig(
+        up = Uplink(MqttConfig(host=broker.host, port=broker.port, tls=False, batch_max_age_s=0.1), VehicleConfig(
             fleet="f1", id="v1"), store)
         up.start()
         wait_for(lambda: store.status()["backlog_records"] == 0, timeout=60, what="drain after the kills")

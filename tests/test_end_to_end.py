@@ -35,7 +35,7 @@ def _agent_config(tmp_path: Path, broker: MosquittoBroker, gps: str, channel: st
         "serial": [{"name": "gps", "port": gps}],
         "model": {"path": str(MODEL)},
         "store": {"path": str(tmp_path / "agent.sqlite"), "flush_interval_s": 0.5},
-        "mqtt": {"host": broker.host, "port": broker.port, "batch_max_age_s": 1.0, "ack_timeout_s": 5.0,
+        "mqtt": {"host": broker.host, "port": broker.port, "tls": False, "batch_max_age_s": 1.0, "ack_timeout_s": 5.0,
                  "reconnect_min_s": 0.2, "reconnect_max_s": 1.0},
     })
 

@@ -76,7 +76,7 @@ def store(tmp_path: Path) -> Iterator[Store]:
 
 
 def _uplink(broker: MosquittoBroker, store: Store, **kw: object) -> Uplink:
-    cfg = MqttConfig(host=broker.host, port=broker.port, batch_max_age_s=0.2, reconnect_min_s=0.1,
+    cfg = MqttConfig(host=broker.host, port=broker.port, tls=False, batch_max_age_s=0.2, reconnect_min_s=0.1,
                      reconnect_max_s=0.5, **kw)  # type: ignore[arg-type]
     up = Uplink(cfg, VEHICLE, store, seed=1)
     up.start()
@@ -193,7 +193,7 @@ def test_daily_budget_holds_samples_back_but_never_alerts(broker: MosquittoBroke
     now = [1_800_000_000.0]
     for _ in range(20):
         store.append_samples(_cols(2000))
-    cfg = MqttConfig(host=broker.host, port=broker.port, batch_max_age_s=0.1, batch_max_bytes=8192,
+    cfg = MqttConfig(host=broker.host, port=broker.port, tls=False, batch_max_age_s=0.1, batch_max_bytes=8192,
                      max_inflight_batches=1, daily_budget_bytes=3000)
     up = Uplink(cfg, VEHICLE, store, seed=1, clock=lambda: now[0])
     up.start()
