@@ -16,7 +16,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -140,21 +140,24 @@ class Store:
         return dest
 
     def _migrate(self) -> None:
+        """Bring the file to SCHEMA_VERSION, one step per transaction; `PRAGMA user_version` records the step."""
         with self._lock:
             version = int(self.db.execute("PRAGMA user_version").fetchone()[0])
             if version > SCHEMA_VERSION:
                 raise StoreError(f"{self.path}: schema version {version} is newer than this agent ({SCHEMA_VERSION})")
-            if version < 1:
+            for step in range(version, SCHEMA_VERSION):
                 with self._tx():
-                    for stmt in _SCHEMA.split(";"):
-                        if stmt.strip():
-                            self.db.execute(stmt)
-                    first = self._first_seq if self._first_seq is not None else time_seq_floor()
-                    for k in _COUNTERS:
-                        v = first if k == "next_seq" else 0
-                        self.db.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (k, v))
-                    self.db.execute("INSERT OR IGNORE INTO meta VALUES ('first_seq', ?)", (first,))
-                    self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                    MIGRATIONS[step](self)
+                    self.db.execute(f"PRAGMA user_version={step + 1}")
+
+    def _create_v1(self) -> None:
+        for stmt in _SCHEMA.split(";"):
+            if stmt.strip():
+                self.db.execute(stmt)
+        first = self._first_seq if self._first_seq is not None else time_seq_floor()
+        for k in _COUNTERS:
+            self.db.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (k, first if k == "next_seq" else 0))
+        self.db.execute("INSERT OR IGNORE INTO meta VALUES ('first_seq', ?)", (first,))
 
     # --- writing ---------------------------------------------------------------------------------------------
 
@@ -365,6 +368,11 @@ class Store:
             with contextlib.suppress(sqlite3.Error):
                 self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self.db.close()
+
+
+# MIGRATIONS[v] takes a store from schema version v to v + 1. Append, never edit: vehicles in the field run every
+# step in order the first time a newer agent opens their store.
+MIGRATIONS: list[Callable[[Store], None]] = [Store._create_v1]
 
 
 def _merge_ranges(ranges: list[tuple[int, int]]) -> list[list[int]]:

@@ -135,3 +135,14 @@ def test_corrupt_store_is_quarantined_not_deleted(tmp_path: Path, damage: str) -
     lo, hi = s.append_samples(_cols(10))
     assert (lo, hi) == (floor + 1, floor + 10)
     s.close()
+
+
+def test_migrations_cover_every_version_and_run_in_order(tmp_path: Path) -> None:
+    from agent.store import MIGRATIONS, SCHEMA_VERSION
+
+    assert len(MIGRATIONS) == SCHEMA_VERSION
+    s = Store(tmp_path / "a.sqlite", first_seq=1)
+    assert s.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    tables = {r[0] for r in s.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"outbox", "meta"} <= tables
+    s.close()
