@@ -123,6 +123,35 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise CliError(str(e)) from None
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    from agent.contract import ContractError
+    from agent.decode.j1939 import DbcError
+    from agent.replay import ReplayError, replay
+    from agent.scoring import ModelLoadError
+
+    model = None if args.no_model else Path(args.model)
+    try:
+        out = replay([Path(p) for p in args.logs], [Path(d) for d in args.dbc], Path(args.db) if args.db else None,
+                     model, progress=sys.stderr.isatty() and not args.json)
+    except (ReplayError, DbcError, ModelLoadError, ContractError) as e:
+        raise CliError(str(e)) from None
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"{out['frames']} frames in {out['seconds']:.2f} s ({out['frames_per_s']:.0f} frames/s) on "
+          f"{', '.join(out['buses']) or 'no bus'}")
+    print(f"decoded {out['frames_decoded']}, unknown {out['frames_unknown']}, samples {out['samples']}, "
+          f"DTC events {out['dtc_events']}, windows {out['windows']} (scored {out['windows_scored']}), "
+          f"alerts {out['alerts']}")
+    if out["errors"]:
+        print("counted: " + ", ".join(f"{k} {v}" for k, v in out["errors"].items()))
+    for name, st in list(out["signals"].items())[:40]:
+        print(f"  {name:48s} {st['count']:9d}  {st['min']:12.3f} .. {st['max']:.3f}")
+    if len(out["signals"]) > 40:
+        print(f"  ... {len(out['signals']) - 40} more signals (--json lists all)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="harvester-agent",
@@ -155,6 +184,19 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="print one JSON object")
     st.set_defaults(func=cmd_status)
 
+    rp = sub.add_parser("replay", help="run recorded CAN logs through the on-vehicle pipeline, as fast as it goes",
+                        description="Decode, window, score and store recorded logs (candump -L, ASC, BLF, TRC, CSV; "
+                        "MF4 with asammdf) exactly as the vehicle would, and print a summary.")
+    rp.add_argument("logs", nargs="+", metavar="LOG", help="log files")
+    rp.add_argument("--dbc", action="append", default=[], help="extra DBC, merged by PGN over the built-in one "
+                    "(repeatable)")
+    rp.add_argument("--db", default=None, help="keep the resulting store here (default: a temporary one)")
+    rp.add_argument("--model", default=str(Path(__file__).resolve().parents[1] / "models" /
+                                          "harvester-anomaly.int8.onnx"), help="model to score with")
+    rp.add_argument("--no-model", action="store_true", help="decode and store only")
+    rp.add_argument("--json", action="store_true", help="print one JSON object")
+    rp.set_defaults(func=cmd_replay)
+
     d = sub.add_parser("demo", help="run the whole system locally for a minute: broker, cloud, simulator, agent",
                        description="Start Mosquitto, cloud_sync, the simulator with a fault and the agent; show "
                        "progress; print what reached the cloud database. Exits 1 if no alert reached it.")
@@ -175,6 +217,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `... | head`: the reader left, nothing more to say
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

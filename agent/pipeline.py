@@ -10,6 +10,7 @@ import logging
 import math
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,7 +103,9 @@ class Pipeline:
         store: Store | None,
         memory_max_samples: int = 500_000,
         memory_max_records: int = 10_000,
+        tap: Callable[[SampleArrays], None] | None = None,
     ) -> None:
+        self.tap = tap  # sees every decoded sample batch (replay statistics)
         self.memory_max_samples = memory_max_samples
         self.memory_max_records = memory_max_records
         self.store_error: str | None = None  # set while the store cannot be written
@@ -167,6 +170,8 @@ class Pipeline:
         if not len(s):
             return
         self.stats.samples += len(s)
+        if self.tap is not None:
+            self.tap(s)
         if self.store is not None:
             self.buffer.add(s)
         if self.engine is not None:
