@@ -42,7 +42,9 @@ class SerialConfig(_Section):
     name: str = Field("gps", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
     port: str = "/dev/ttyUSB0"
     baudrate: int = Field(4800, gt=0)
-    protocol: Literal["nmea"] = "nmea"
+    protocol: Literal["nmea", "csv", "kv"] = "nmea"
+    fields: list[str] = Field(default_factory=list)
+    units: dict[str, str] = Field(default_factory=dict)
     reconnect_min_s: float = Field(0.5, gt=0)
     reconnect_max_s: float = Field(30.0, gt=0)
     max_line_bytes: int = Field(256, ge=82, le=65536)

@@ -20,6 +20,7 @@ import numpy.typing as npt
 from agent import wire
 from agent.alerts import AlertContext, AlertTracker
 from agent.decode.j1939 import J1939Decoder
+from agent.decode.lines import LineDecoder
 from agent.decode.nmea import SIGNALS as NMEA_SIGNALS
 from agent.decode.nmea import NmeaDecoder
 from agent.features import FeatureEngine, FeatureRow
@@ -112,7 +113,7 @@ class Pipeline:
         self._retry_at = 0.0
         self.registry = registry
         self.decoders = decoders
-        self.nmea: dict[str, NmeaDecoder] = {}
+        self.line_decoders: dict[str, NmeaDecoder | LineDecoder] = {}  # per serial device; NMEA unless configured
         self.scorer = scorer
         self.store = store
         self.stats = PipelineStats()
@@ -139,7 +140,9 @@ class Pipeline:
         self._events(res.events)
 
     def on_lines(self, device: str, lines: list[tuple[float, bytes]]) -> None:
-        dec = self.nmea.setdefault(device, NmeaDecoder())
+        dec = self.line_decoders.setdefault(device, NmeaDecoder())
+        units: dict[str, str] = NMEA_SIGNALS if isinstance(dec, NmeaDecoder) else {
+            dec.signal(f): u for f, u in dec.units.items()}
         ts: list[float] = []
         sid: list[int] = []
         val: list[float] = []
@@ -147,7 +150,7 @@ class Pipeline:
             self.stats.serial_lines += 1
             for name, v in dec.decode(line):
                 ts.append(t)
-                sid.append(self.registry.intern(name, device, NMEA_SIGNALS.get(name, "")))
+                sid.append(self.registry.intern(name, device, units.get(name, "")))
                 val.append(v)
         if ts:
             self._samples(SampleArrays(np.array(ts), np.array(sid, np.int32), np.array(val)))

@@ -19,6 +19,7 @@ from agent import __version__
 from agent.config import AgentConfig
 from agent.contract import ContractError
 from agent.decode.j1939 import J1939Decoder
+from agent.decode.lines import LineDecoder
 from agent.decode.nmea import SIGNALS as NMEA_SIGNALS
 from agent.frames import FrameBatch
 from agent.pipeline import Pipeline
@@ -55,7 +56,8 @@ def load_scorer(cfg: AgentConfig, decoders: dict[str, J1939Decoder]) -> tuple[Sc
     """Load the model and check its contract against what this vehicle can decode. Never raises."""
     try:
         scorer = Scorer.load(cfg.model.path, cfg.model.threads)
-        available = set(NMEA_SIGNALS) if cfg.serial else set()
+        available = set(NMEA_SIGNALS) if any(s.protocol == "nmea" for s in cfg.serial) else set()
+        available.update(f"{s.name}.{f}" for s in cfg.serial if s.protocol != "nmea" for f in s.fields if f)
         for d in decoders.values():
             for cm in d.messages.values():
                 available.update(f.name for f in cm.fast)
@@ -79,6 +81,9 @@ class Agent:
         self.store = Store(cfg.store.path, cfg.store.max_bytes)
         self.pipeline = Pipeline(self.registry, self.decoders, self.scorer, self.store,
                                  cfg.store.memory_max_samples, cfg.store.memory_max_records)
+        for s in cfg.serial:
+            if s.protocol != "nmea":
+                self.pipeline.line_decoders[s.name] = LineDecoder(s.name, s.protocol, s.fields, s.units)
         self.queue: queue.Queue[tuple[str, Any]] = queue.Queue(QUEUE_MAX)
         self.dropped: Counter[str] = Counter()
         self.can_sources = [CanSource(b, self._on_frames) for b in cfg.can]

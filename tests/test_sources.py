@@ -1,0 +1,128 @@
+"""Sources on real parts: a serial device unplugged and plugged back (pty pairs), a CAN bus that cannot be opened
+then can, garbage bytes on the wire. None of them needs an agent restart."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import can
+
+from agent.config import CanBusConfig, SerialConfig
+from agent.decode.nmea import checksum
+from agent.frames import FrameBatch
+from agent.sources.can import CanSource
+from agent.sources.serial import SerialSource
+from agent.testing.pty import PtyPair
+from tests.test_uplink import wait_for
+
+
+def _gga(i: int) -> bytes:
+    body = f"GPGGA,1235{i % 60:02d},2803.000,N,08157.000,W,1,08,0.9,40.0,M,-30.0,M,,"
+    return f"${body}*{checksum(body):02X}\r\n".encode()
+
+
+def test_serial_device_unplugged_and_plugged_back(tmp_path: Path) -> None:
+    link = tmp_path / "ttyGPS"
+    got: list[bytes] = []
+    lock = threading.Lock()
+
+    def sink(name: str, lines: list[tuple[float, bytes]]) -> None:
+        with lock:
+            got.extend(line for _, line in lines)
+
+    src = SerialSource(SerialConfig(name="gps", port=str(link), reconnect_min_s=0.05, reconnect_max_s=0.2), sink)
+    src.start()
+    try:
+        wait_for(lambda: src.errors["open_failed"] >= 1, what="device missing at start, retried")
+        pty = PtyPair(link=link)
+        wait_for(lambda: src.up, what="device opened once it appeared")
+        for i in range(5):
+            pty.write(_gga(i))
+        wait_for(lambda: len(got) >= 5, what="lines before the unplug")
+        pty.close()  # unplugged: the device and its link disappear
+        wait_for(lambda: not src.up, what="loss noticed")
+        pty = PtyPair(link=link)  # plugged back in (a new device node, same stable link)
+        wait_for(lambda: src.up, what="reopened")
+        time.sleep(0.2)
+        for i in range(5, 10):
+            pty.write(_gga(i))
+        wait_for(lambda: len(got) >= 10, what="lines after the replug")
+        pty.write(b"\x00\xff garbage without newline" * 20 + b"\r\n" + _gga(11))
+        wait_for(lambda: len(got) >= 11, what="a good line after garbage")
+        assert src.reconnects >= 1
+        assert src.errors["line_too_long"] >= 1
+        pty.close()
+    finally:
+        src.stop()
+
+
+def test_can_bus_that_fails_to_open_is_retried_and_counted() -> None:
+    batches: list[FrameBatch] = []
+    # A SocketCAN interface that does not exist on this machine: opening it fails for real, every time.
+    cfg = CanBusConfig(name="can9", interface="socketcan", channel="nonexistent9", reconnect_min_s=0.05,
+                       reconnect_max_s=0.1)
+    src = CanSource(cfg, batches.append, seed=1)
+    src.start()
+    try:
+        wait_for(lambda: src.errors["open_failed"] >= 3, what="repeated, counted open failures")
+        assert not src.up and not batches
+    finally:
+        src.stop()
+
+
+def test_can_source_reads_batches_from_a_virtual_bus() -> None:
+    batches: list[FrameBatch] = []
+    src = CanSource(CanBusConfig(name="can0", interface="virtual", channel="src-test"), batches.append)
+    src.start()
+    tx = can.Bus(interface="virtual", channel="src-test")
+    try:
+        wait_for(lambda: src.up, what="bus open")
+        for i in range(500):
+            tx.send(can.Message(arbitration_id=0x18FEEE00 | (i % 3), data=bytes(8), is_extended_id=True))
+        wait_for(lambda: sum(len(b) for b in batches) == 500, what="all frames")
+        assert all(b.bus == "can0" for b in batches)
+    finally:
+        tx.shutdown()
+        src.stop()
+
+
+def test_line_protocol_sensors_csv_and_key_value() -> None:
+    from agent.decode.lines import LineDecoder
+
+    csv = LineDecoder("vib", "csv", ["AccelRms", "", "BearingTemp"], {"AccelRms": "g"})
+    assert csv.decode(b"0.42, 17, 61.5\r") == [("vib.AccelRms", 0.42), ("vib.BearingTemp", 61.5)]
+    assert csv.decode(b"1,nan,3") == [("vib.AccelRms", 1.0), ("vib.BearingTemp", 3.0)]  # skipped column
+    for bad in (b"1,2", b"a,b,c", b"nan,2,3", b"\xff\xfe", b"1,2,inf"):
+        assert csv.decode(bad) == []
+    assert csv.errors == {"field_count": 1, "bad_number": 1, "not_ascii": 1, "not_finite": 2}
+    kv = LineDecoder("hyd", "kv", ["Press", "Flow"], {})
+    assert kv.decode(b"Press=180.5 Flow=42 Other=1") == [("hyd.Press", 180.5), ("hyd.Flow", 42.0)]
+    assert kv.errors["unknown_field"] == 1
+    assert kv.decode(b"Press180") == [] and kv.errors["bad_number"] == 1
+
+
+def test_line_sensor_reaches_the_store_through_the_service_pipeline(tmp_path: Path) -> None:
+    from agent.config import AgentConfig
+    from agent.service import Agent
+
+    link = tmp_path / "ttyVIB"
+    cfg = AgentConfig.model_validate({
+        "serial": [{"name": "vib", "port": str(link), "protocol": "csv", "fields": ["AccelRms", "BearingTemp"],
+                    "units": {"AccelRms": "g"}, "reconnect_min_s": 0.05}],
+        "model": {"path": str(tmp_path / "none.onnx")},
+        "store": {"path": str(tmp_path / "s.sqlite"), "flush_interval_s": 0.1},
+        "mqtt": {"port": 1, "tls": False, "reconnect_min_s": 5},
+    })
+    with PtyPair(link=link) as pty:
+        agent = Agent(cfg)
+        agent.start()
+        try:
+            wait_for(lambda: agent.serial_sources[0].up, what="sensor open")
+            for i in range(20):
+                pty.write(f"{0.1 * i:.1f},{60 + i}\n".encode())
+            wait_for(lambda: agent.store.status()["records_written"]["samples"] == 40, what="40 samples stored")
+        finally:
+            agent.stop(drain_s=0)
+    assert agent.model_status.startswith("refused")  # no model file: data is still collected
