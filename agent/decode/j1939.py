@@ -58,6 +58,43 @@ class _CompiledMessage:
     fast: list[_FastSignal]
     slow: list[str]  # signal names the fast path cannot do
     sids: dict[tuple[str, int], npt.NDArray[np.int32]] = field(default_factory=dict)
+    # The fast signals as columns, so that one 2-D operation extracts them all from a batch of frames.
+    shifts: npt.NDArray[np.uint64] = field(default_factory=lambda: np.zeros(0, np.uint64))
+    masks: npt.NDArray[np.uint64] = field(default_factory=lambda: np.zeros(0, np.uint64))
+    na_lo: npt.NDArray[np.uint64] = field(default_factory=lambda: np.zeros(0, np.uint64))
+    err_lo: npt.NDArray[np.uint64] = field(default_factory=lambda: np.zeros(0, np.uint64))
+    err_hi: npt.NDArray[np.uint64] = field(default_factory=lambda: np.zeros(0, np.uint64))
+    scales: npt.NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
+    offsets: npt.NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
+    signed: npt.NDArray[np.bool_] = field(default_factory=lambda: np.zeros(0, np.bool_))
+    half: npt.NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
+
+    def columns(self) -> None:
+        f = self.fast
+        self.shifts = np.array([x.shift for x in f], np.uint64)
+        self.masks = np.array([x.mask for x in f], np.uint64)
+        na, elo, ehi = [], [], []
+        for x in f:
+            if x.length >= 8:  # top byte 0xFB..0xFF is reserved; 0xFE is "error"
+                k = x.length - 8
+                na.append(0xFB << k)
+                elo.append(0xFE << k)
+                ehi.append((0xFF << k) - 1)
+            elif x.length >= 2:  # the two highest codes: error, not available
+                na.append(x.mask - 1)
+                elo.append(x.mask - 1)
+                ehi.append(x.mask - 1)
+            else:
+                na.append(x.mask + 1)  # a single bit has no reserved code
+                elo.append(x.mask + 1)
+                ehi.append(x.mask + 1)
+        self.na_lo = np.array(na, np.uint64)
+        self.err_lo = np.array(elo, np.uint64)
+        self.err_hi = np.array(ehi, np.uint64)
+        self.scales = np.array([x.scale for x in f])
+        self.offsets = np.array([x.offset for x in f])
+        self.signed = np.array([x.signed for x in f], np.bool_)
+        self.half = np.array([float(1 << (x.length - 1)) for x in f])
 
 
 def _compile(msg: Any) -> _CompiledMessage:
@@ -82,7 +119,9 @@ def _compile(msg: Any) -> _CompiledMessage:
     pgn = (msg.frame_id >> 8) & 0x3FFFF
     if ((pgn >> 8) & 0xFF) < 240:
         pgn &= 0x3FF00
-    return _CompiledMessage(msg.name, pgn, msg, fast, slow)
+    cm = _CompiledMessage(msg.name, pgn, msg, fast, slow)
+    cm.columns()
+    return cm
 
 
 def load_dbcs(paths: Sequence[Path]) -> dict[int, _CompiledMessage]:
@@ -107,18 +146,6 @@ def load_dbcs(paths: Sequence[Path]) -> dict[int, _CompiledMessage]:
 class DecodeResult:
     samples: SampleArrays
     events: list[Event]
-
-
-def _special_mask(raw: npt.NDArray[np.uint64], length: int) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
-    """(missing, error) masks for J1939's reserved codes."""
-    if length >= 8:
-        top = raw >> np.uint64(length - 8)
-        return top >= 0xFB, top == 0xFE
-    if length >= 2:
-        hi = np.uint64((1 << length) - 1)
-        return raw >= hi - np.uint64(1), raw == hi - np.uint64(1)
-    z = np.zeros(raw.shape, np.bool_)
-    return z, z
 
 
 class J1939Decoder:
@@ -183,28 +210,27 @@ class J1939Decoder:
                 raw64 = raw_all[same] if not same.all() else raw_all
                 ts = ts_all[same] if not same.all() else ts_all
                 sids = self._sids(cm, sa)
-                for j, f in enumerate(cm.fast):
-                    raw = (raw64 >> np.uint64(f.shift)) & np.uint64(f.mask)
-                    missing, err = _special_mask(raw, f.length)
-                    if f.signed:
-                        val = raw.astype(np.int64)
-                        val = np.where(val >= (1 << (f.length - 1)), val - (1 << f.length), val)
-                        values = val.astype(np.float64) * f.scale + f.offset
-                    else:
-                        values = raw.astype(np.float64) * f.scale + f.offset
+                if cm.fast:
+                    raw = (raw64[:, None] >> cm.shifts) & cm.masks  # frames x signals
+                    missing = raw >= cm.na_lo
+                    values = raw.astype(np.float64)
+                    if cm.signed.any():
+                        neg = cm.signed & (values >= cm.half)
+                        values = np.where(neg, values - 2 * cm.half, values)
+                    values = values * cm.scales + cm.offsets
                     nmiss = int(missing.sum())
                     if nmiss:
-                        nerr = int(err.sum())
+                        nerr = int(((raw >= cm.err_lo) & (raw <= cm.err_hi)).sum())
                         self.errors["value_error"] += nerr
                         self.errors["value_not_available"] += nmiss - nerr
                         keep = ~missing
-                        values = values[keep]
-                        tsk = ts[keep]
+                        ts_parts.append(np.broadcast_to(ts[:, None], raw.shape)[keep])
+                        sid_parts.append(np.broadcast_to(sids[None, :], raw.shape)[keep])
+                        val_parts.append(values[keep])
                     else:
-                        tsk = ts
-                    ts_parts.append(tsk)
-                    sid_parts.append(np.full(tsk.shape[0], sids[j], np.int32))
-                    val_parts.append(values)
+                        ts_parts.append(np.repeat(ts, raw.shape[1]))
+                        sid_parts.append(np.tile(sids, raw.shape[0]))
+                        val_parts.append(values.reshape(-1))
                 if cm.slow:
                     self._slow(cm, sa, ts, raw64, ts_parts, sid_parts, val_parts)
         if not ts_parts:

@@ -21,7 +21,7 @@ from agent.frames import FrameBatch
 log = logging.getLogger("agent.sources.can")
 
 BATCH_MAX_FRAMES = 2000
-BATCH_MAX_S = 0.05
+BATCH_MAX_S = 0.2
 
 
 def open_bus(cfg: CanBusConfig) -> can.BusABC:
