@@ -4,6 +4,7 @@ the consumer's CPU seconds: process CPU minus the sender thread's own CPU, over 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -17,8 +18,6 @@ import can
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-
-import contextlib
 
 from agent.testing.data import SHARED_DATA  # noqa: E402
 
