@@ -142,3 +142,13 @@ def test_hostile_log_lines_only_raise_value_error(line: bytes) -> None:
     except (ValueError, UnicodeDecodeError, OverflowError):
         return
     assert len(m.data) <= 64
+
+
+def test_mf4_replays_the_same_frames_as_its_candump_conversion() -> None:
+    pytest.importorskip("asammdf", reason="MF4 needs the mf4 extra (asammdf); the dev extra installs it")
+    dbc = shared_file("dbc/j1939_vector_v7.2__osu-cybercan__patched.dbc")
+    mf4 = replay([shared_file("can/css_canedge/11111111_00000012_00000001.MF4")], [dbc], model=None)
+    log = replay([shared_file("can/css_canedge/css_11111111_00000012_00000001_candumpL.log")], [dbc], model=None)
+    assert mf4["frames"] == log["frames"] > 50_000
+    assert mf4["dtc_events"] == log["dtc_events"] > 0
+    assert {k: v["count"] for k, v in mf4["signals"].items()} == {k: v["count"] for k, v in log["signals"].items()}

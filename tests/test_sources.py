@@ -126,3 +126,33 @@ def test_line_sensor_reaches_the_store_through_the_service_pipeline(tmp_path: Pa
         finally:
             agent.stop(drain_s=0)
     assert agent.model_status.startswith("refused")  # no model file: data is still collected
+
+
+def test_several_buses_at_once_each_labelled(tmp_path: Path) -> None:
+    from agent.config import AgentConfig
+    from agent.service import Agent
+    from agent.sim import Harvester, J1939Transmitter
+
+    cfg = AgentConfig.model_validate({
+        "can": [{"name": "engine", "interface": "virtual", "channel": "mb-a"},
+                {"name": "implement", "interface": "virtual", "channel": "mb-b"}],
+        "model": {"path": str(tmp_path / "none.onnx")},
+        "store": {"path": str(tmp_path / "s.sqlite"), "flush_interval_s": 0.1},
+        "mqtt": {"port": 1, "tls": False, "reconnect_min_s": 5},
+    })
+    agent = Agent(cfg)
+    agent.start()
+    buses = [can.Bus(interface="virtual", channel=c) for c in ("mb-a", "mb-b")]
+    try:
+        wait_for(lambda: all(s.up for s in agent.can_sources), what="both buses open")
+        frames = J1939Transmitter(Harvester(seed=1)).frames_until(2.0)
+        for bus in buses:
+            for m in frames:
+                bus.send(m)
+        wait_for(lambda: agent.pipeline.stats.frames == 2 * len(frames), what="frames from both buses")
+    finally:
+        for bus in buses:
+            bus.shutdown()
+        agent.stop(drain_s=0)
+    sources = {agent.registry.key(i)[1].split("/")[0] for i in range(len(agent.registry))}
+    assert sources == {"engine", "implement"}
