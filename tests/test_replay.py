@@ -152,3 +152,17 @@ def test_mf4_replays_the_same_frames_as_its_candump_conversion() -> None:
     assert mf4["frames"] == log["frames"] > 50_000
     assert mf4["dtc_events"] == log["dtc_events"] > 0
     assert {k: v["count"] for k, v in mf4["signals"].items()} == {k: v["count"] for k, v in log["signals"].items()}
+
+
+@pytest.mark.parametrize("ext", [".trc", ".csv"])
+def test_trc_and_csv_written_by_python_can_replay_the_same(tmp_path: Path, ext: str) -> None:
+    import can
+
+    src = shared_file("can/johndeere_5055e/highRPM1_candumpL.log")
+    out = tmp_path / f"trace{ext}"
+    with can.Logger(str(out)) as writer:
+        for m in can.LogReader(str(src)):
+            writer.on_message_received(m)
+    a = replay([src], model=None)
+    b = replay([out], model=None)
+    assert (b["frames"], b["frames_decoded"], b["samples"]) == (a["frames"], a["frames_decoded"], a["samples"])

@@ -156,3 +156,25 @@ def test_several_buses_at_once_each_labelled(tmp_path: Path) -> None:
         agent.stop(drain_s=0)
     sources = {agent.registry.key(i)[1].split("/")[0] for i in range(len(agent.registry))}
     assert sources == {"engine", "implement"}
+
+
+def test_bus_failing_while_running_is_reopened_without_restart() -> None:
+    batches: list[FrameBatch] = []
+    src = CanSource(CanBusConfig(name="can0", interface="virtual", channel="fail-test", reconnect_min_s=0.05),
+                    batches.append)
+    src.start()
+    tx = can.Bus(interface="virtual", channel="fail-test")
+    try:
+        wait_for(lambda: src.up, what="bus open")
+        first = src.bus
+        assert first is not None
+        first.shutdown()  # the adapter goes away under the reader (bus-off, USB unplug)
+        wait_for(lambda: src.errors["bus_error"] >= 1, what="failure counted")
+        wait_for(lambda: src.up and src.bus is not first, what="bus reopened")
+        for _ in range(100):
+            tx.send(can.Message(arbitration_id=0x18FEEE00, data=bytes(8), is_extended_id=True))
+        wait_for(lambda: sum(len(b) for b in batches) == 100, what="frames after the reopen")
+        assert src.reconnects >= 1
+    finally:
+        tx.shutdown()
+        src.stop()

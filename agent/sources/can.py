@@ -39,6 +39,7 @@ class CanSource:
         self.frames = 0
         self.reconnects = 0
         self.up = False
+        self.bus: can.BusABC | None = None
         self._rng = random.Random(seed)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -74,6 +75,7 @@ class CanSource:
                             self.cfg.channel, e, delay)
                 self._stop.wait(self._rng.uniform(delay / 2, delay))
                 continue
+            self.bus = bus  # visible for status and for tests that pull the plug on it
             self.up = True
             if attempt:
                 self.reconnects += 1
