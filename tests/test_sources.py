@@ -178,3 +178,45 @@ def test_bus_failing_while_running_is_reopened_without_restart() -> None:
     finally:
         tx.shutdown()
         src.stop()
+
+
+def test_slcan_adapter_over_serial(tmp_path: Path) -> None:
+    """slcan is ASCII over a serial port: a pty plays the USB adapter (acks every command with CR, streams
+    frames), python-can's real slcan interface reads it, the agent decodes it."""
+    import os
+
+    from agent.decode.j1939 import J1939Decoder
+    from agent.signals import SignalRegistry
+
+    batches: list[FrameBatch] = []
+    with PtyPair(link=tmp_path / "ttyACM0") as pty:
+        stop = threading.Event()
+
+        def adapter() -> None:
+            while not stop.is_set():
+                try:
+                    data = os.read(pty.master, 256)
+                except (BlockingIOError, OSError):
+                    time.sleep(0.01)
+                    continue
+                pty.write(b"\r" * data.count(b"\r"))
+
+        th = threading.Thread(target=adapter, daemon=True)
+        th.start()
+        src = CanSource(CanBusConfig(name="can0", interface="slcan", channel=str(tmp_path / "ttyACM0"),
+                                     bitrate=250000), batches.append)
+        src.start()
+        try:
+            wait_for(lambda: src.up, what="slcan adapter open")
+            time.sleep(0.2)
+            for _ in range(50):  # ET1 from SA 0x00: coolant 100 °C, oil 36 °C
+                pty.write(b"T18FEEE0088C45FFFF20FFFFFF\r")
+            wait_for(lambda: sum(len(b) for b in batches) == 50, what="50 frames over slcan")
+        finally:
+            src.stop()
+            stop.set()
+    reg = SignalRegistry()
+    res = J1939Decoder(reg).decode(batches[0])
+    coolant = [v for s, v in zip(res.samples.sid.tolist(), res.samples.value.tolist(), strict=True)
+               if reg.name(s) == "ET1.EngCoolantTemp"]
+    assert coolant and set(coolant) == {100.0}
