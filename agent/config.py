@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class ConfigError(Exception):
@@ -137,13 +139,18 @@ def parse_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
 
 
-def load_config(path: str | Path) -> AgentConfig:
-    """Read and validate an agent config file; raise ConfigError with a one-line reason."""
+def load_model(path: str | Path, model: type[M]) -> M:
+    """Read a TOML file into `model`; ConfigError with a one-line reason; relative paths resolved."""
     p = Path(path)
     raw = parse_toml(p)
     try:
-        cfg = AgentConfig.model_validate(raw)
+        cfg = model.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(format_validation_error(p, e)) from None
-    resolved: AgentConfig = _resolve_paths(cfg, p.resolve().parent)
+    resolved: M = _resolve_paths(cfg, p.resolve().parent)
     return resolved
+
+
+def load_config(path: str | Path) -> AgentConfig:
+    """Read and validate an agent config file; raise ConfigError with a one-line reason."""
+    return load_model(path, AgentConfig)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import wire
+from agent.seqranges import merge_ranges
 
 log = logging.getLogger("agent.store")
 
@@ -257,7 +258,7 @@ class Store:
                 rec = {
                     "kind": "evicted",
                     "ts": time.time(),
-                    "data": {"ranges": _merge_ranges(evicted), "count": n_samples + n_records,
+                    "data": {"ranges": merge_ranges(evicted), "count": n_samples + n_records,
                              "samples": n_samples, "records": n_records},
                 }
                 now = time.time()
@@ -373,13 +374,3 @@ class Store:
 # MIGRATIONS[v] takes a store from schema version v to v + 1. Append, never edit: vehicles in the field run every
 # step in order the first time a newer agent opens their store.
 MIGRATIONS: list[Callable[[Store], None]] = [Store._create_v1]
-
-
-def _merge_ranges(ranges: list[tuple[int, int]]) -> list[list[int]]:
-    out: list[list[int]] = []
-    for lo, hi in sorted(ranges):
-        if out and lo <= out[-1][1] + 1:
-            out[-1][1] = max(out[-1][1], hi)
-        else:
-            out.append([lo, hi])
-    return out

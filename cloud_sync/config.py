@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from agent.config import ConfigError, _resolve_paths, format_validation_error, parse_toml
+from agent.config import ConfigError, load_model
 
 __all__ = ["CloudConfig", "ConfigError", "load_config"]
 
@@ -52,11 +52,4 @@ class CloudConfig(_Section):
 
 
 def load_config(path: str | Path) -> CloudConfig:
-    p = Path(path)
-    raw = parse_toml(p)
-    try:
-        cfg = CloudConfig.model_validate(raw)
-    except ValidationError as e:
-        raise ConfigError(format_validation_error(p, e)) from None
-    resolved: CloudConfig = _resolve_paths(cfg, p.resolve().parent)
-    return resolved
+    return load_model(path, CloudConfig)

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from agent import wire
+from agent.seqranges import holes, merge_ranges, subtract
 
 SCHEMA_VERSION = 1
 
@@ -76,48 +77,6 @@ class VehicleStats:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def merge_ranges(ranges: list[tuple[int, int]]) -> list[list[int]]:
-    out: list[list[int]] = []
-    for lo, hi in sorted(ranges):
-        if out and lo <= out[-1][1] + 1:
-            out[-1][1] = max(out[-1][1], hi)
-        else:
-            out.append([lo, hi])
-    return out
-
-
-def holes(covered: list[list[int]], upto: int) -> list[list[int]]:
-    """Missing ranges between the first covered number and `upto`. A vehicle's numbering starts where its store
-    started (a time floor, agent/store.py), not at 1."""
-    out: list[list[int]] = []
-    nxt = covered[0][0] if covered else 1
-    for lo, hi in covered:
-        if lo > nxt:
-            out.append([nxt, lo - 1])
-        nxt = max(nxt, hi + 1)
-    if nxt <= upto:
-        out.append([nxt, upto])
-    return out
-
-
-def subtract(a: list[list[int]], b: list[list[int]]) -> list[list[int]]:
-    """Ranges in a not covered by b (both merged and sorted)."""
-    out: list[list[int]] = []
-    for lo, hi in a:
-        cur = lo
-        for blo, bhi in b:
-            if bhi < cur or blo > hi:
-                continue
-            if blo > cur:
-                out.append([cur, blo - 1])
-            cur = max(cur, bhi + 1)
-            if cur > hi:
-                break
-        if cur <= hi:
-            out.append([cur, hi])
-    return out
 
 
 class CloudDB:

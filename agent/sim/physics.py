@@ -19,6 +19,8 @@ import math
 import random
 from dataclasses import dataclass
 
+from agent.decode.j1939_tp import Dtc
+
 FAULTS: tuple[str, ...] = ("coolant_leak", "oil_pump_wear", "hydraulic_overheat", "fan_wear")
 DUTY_CYCLES: tuple[str, ...] = ("harvest", "road", "idle", "mixed")
 
@@ -26,13 +28,6 @@ THERMOSTAT_C = 86.0
 FAN_MAX_RPM = 2400.0
 RATED_RPM = 2200.0
 M_PER_DEG_LAT = 111_320.0
-
-
-@dataclass(frozen=True, slots=True)
-class Dtc:
-    spn: int
-    fmi: int
-    occurrence: int
 
 
 @dataclass(frozen=True, slots=True)
