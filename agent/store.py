@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import sqlite3
 import threading
 import time
@@ -63,6 +64,18 @@ _COUNTERS = (
 
 class StoreError(RuntimeError):
     pass
+
+
+def finite_json(obj: Any) -> Any:
+    """NaN and ±inf become null: the wire is strict JSON, and one record it cannot encode would otherwise sit at
+    the head of the outbox and block everything behind it."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite_json(v) for v in obj]
+    return obj
 
 
 @dataclass(slots=True)
@@ -214,8 +227,9 @@ class Store:
                 rows = []
                 for i, (kind, rec) in enumerate(items):
                     ts = rec.get("ts")
-                    ts_f = float(ts) if isinstance(ts, int | float) else now
-                    rows.append((lo + i, lo + i, kind, PRIO_RECORD, 1, ts_f, ts_f, now, json.dumps(rec), b""))
+                    ts_f = float(ts) if isinstance(ts, int | float) and math.isfinite(ts) else now
+                    body = json.dumps(finite_json(rec), allow_nan=False)
+                    rows.append((lo + i, lo + i, kind, PRIO_RECORD, 1, ts_f, ts_f, now, body, b""))
                 self.db.executemany("INSERT INTO outbox VALUES (?,?,?,?,?,?,?,?,?,?)", rows)
                 self._bump("written_records", len(items))
             self._enforce_bound()

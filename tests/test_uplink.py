@@ -210,3 +210,18 @@ def test_daily_budget_holds_samples_back_but_never_alerts(broker: MosquittoBroke
     finally:
         up.stop()
         acker.close()
+
+
+def test_a_record_with_non_finite_numbers_cannot_stall_the_outbox(broker: MosquittoBroker, store: Store) -> None:
+    acker = Acker(broker)
+    nan = float("nan")
+    store.append_records([("event", {"kind": "note", "ts": 1.0, "data": {"x": nan, "y": [float("inf"), 2.0]}})])
+    store.append_samples(_cols(100))
+    up = _uplink(broker, store)
+    try:
+        wait_for(lambda: store.status()["backlog_records"] == 0, what="everything behind the odd record delivered")
+        rec = next(b for leaf, b in acker.batches if leaf == "events").segments[0].record
+        assert rec is not None and rec["data"] == {"x": None, "y": [None, 2.0]}  # stated as missing, not dropped
+    finally:
+        up.stop()
+        acker.close()
