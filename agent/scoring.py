@@ -41,8 +41,11 @@ def session_options(threads: int) -> ort.SessionOptions:
 
 
 class Scorer:
-    def __init__(self, session: ort.InferenceSession, contract: Contract, path: Path | None = None) -> None:
+    def __init__(
+        self, session: ort.InferenceSession, contract: Contract, path: Path | None = None, batch: int = 16
+    ) -> None:
         self.session = session
+        self.batch = batch  # most windows per onnxruntime call: bounds the memory and latency of one call
         self.contract = contract
         self.path = path
         inputs = {i.name: i for i in session.get_inputs()}
@@ -63,7 +66,7 @@ class Scorer:
         self.invalid_outputs = 0
 
     @classmethod
-    def load(cls, path: Path, threads: int = 1) -> Scorer:
+    def load(cls, path: Path, threads: int = 1, batch: int = 16) -> Scorer:
         if not Path(path).is_file():
             raise ModelLoadError(f"{path}: no such model file")
         try:
@@ -71,7 +74,7 @@ class Scorer:
         except Exception as e:  # onnxruntime raises its own exception types for corrupt files
             raise ModelLoadError(f"{path}: onnxruntime cannot load it: {str(e).splitlines()[0][:300]}") from None
         meta = sess.get_modelmeta().custom_metadata_map
-        return cls(sess, parse_contract(meta), path)
+        return cls(sess, parse_contract(meta), path, batch)
 
     def check_signals(self, available: set[str]) -> None:
         """Refuse a model that needs signals this vehicle cannot produce."""
@@ -87,8 +90,11 @@ class Scorer:
         return z.astype(np.float32), missing
 
     def _run(self, z: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
-        out = self.session.run([self.contract.output_name], {self.contract.input_name: z})[0]
-        return np.asarray(out, np.float64).reshape(len(z), -1)
+        parts = []
+        for i in range(0, len(z), self.batch):
+            out = self.session.run([self.contract.output_name], {self.contract.input_name: z[i : i + self.batch]})[0]
+            parts.append(np.asarray(out, np.float64).reshape(len(z[i : i + self.batch]), -1))
+        return np.concatenate(parts) if parts else np.zeros((0, len(self.contract.classes)))
 
     def score(self, x: npt.NDArray[np.float64]) -> ScoreBatch:
         n = len(x)

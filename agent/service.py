@@ -55,7 +55,7 @@ class Progress:
 def load_scorer(cfg: AgentConfig, decoders: dict[str, J1939Decoder]) -> tuple[Scorer | None, str]:
     """Load the model and check its contract against what this vehicle can decode. Never raises."""
     try:
-        scorer = Scorer.load(cfg.model.path, cfg.model.threads)
+        scorer = Scorer.load(cfg.model.path, cfg.model.threads, cfg.model.batch_windows)
         available = set(NMEA_SIGNALS) if any(s.protocol == "nmea" for s in cfg.serial) else set()
         available.update(f"{s.name}.{f}" for s in cfg.serial if s.protocol != "nmea" for f in s.fields if f)
         for d in decoders.values():

@@ -103,3 +103,10 @@ def test_corrupt_model_files_are_refused(tmp_path: Path, content: bytes) -> None
 def test_missing_model_file(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="no such model"):
         Scorer.load(tmp_path / "nope.onnx")
+
+
+def test_batched_scoring_equals_scoring_at_once(tmp_path: Path) -> None:
+    x = np.random.default_rng(0).normal(size=(40, 2))
+    whole = Scorer.load(_model(tmp_path), batch=4096).score(x).scores
+    chunked = Scorer.load(_model(tmp_path), batch=7).score(x).scores
+    np.testing.assert_allclose(chunked, whole, rtol=1e-6)
