@@ -24,6 +24,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent import __version__, wire
+from agent.backoff import backoff_delay
 from agent.config import MqttConfig, VehicleConfig
 from agent.store import OutboxRow, Store
 
@@ -54,12 +55,6 @@ class UplinkStats:
     bad_downlink: dict[str, int] = field(default_factory=dict)
     rejected_batches: int = 0
     budget_held: bool = False
-
-
-def backoff_delay(attempt: int, lo: float, hi: float, rng: random.Random) -> float:
-    """Full-jitter exponential backoff: uniform in [lo, min(hi, lo * 2**attempt)]."""
-    cap = min(hi, lo * (2 ** min(attempt, 30)))
-    return rng.uniform(lo, max(lo, cap))
 
 
 class Uplink:

@@ -15,10 +15,11 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent import wire
+from agent.backoff import backoff_delay
 from agent.config import MqttConfig, VehicleConfig
 from agent.store import Store
 from agent.testing.broker import MosquittoBroker
-from agent.uplink import Uplink, backoff_delay
+from agent.uplink import Uplink
 
 VEHICLE = VehicleConfig(fleet="f1", id="v1")
 

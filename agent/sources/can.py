@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import can
 
+from agent.backoff import backoff_delay
 from agent.config import CanBusConfig
 from agent.frames import FrameBatch
 
@@ -69,11 +70,11 @@ class CanSource:
                 bus = open_bus(self.cfg)
             except Exception as e:  # python-can raises CanError, OSError, ImportError... per interface
                 self.errors["open_failed"] += 1
-                delay = min(self.cfg.reconnect_max_s, self.cfg.reconnect_min_s * 2**attempt)
+                delay = backoff_delay(attempt, self.cfg.reconnect_min_s, self.cfg.reconnect_max_s, self._rng)
                 attempt += 1
                 log.warning("%s: cannot open %s %s: %s (retry in %.1fs)", self.cfg.name, self.cfg.interface,
                             self.cfg.channel, e, delay)
-                self._stop.wait(self._rng.uniform(delay / 2, delay))
+                self._stop.wait(delay)
                 continue
             self.bus = bus  # visible for status and for tests that pull the plug on it
             self.up = True

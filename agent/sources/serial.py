@@ -7,6 +7,7 @@ maximum are cut off and counted, never allowed to grow memory.
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections import Counter
@@ -14,13 +15,17 @@ from collections.abc import Callable
 
 import serial
 
+from agent.backoff import backoff_delay
 from agent.config import SerialConfig
 
 log = logging.getLogger("agent.sources.serial")
 
 
 class SerialSource:
-    def __init__(self, cfg: SerialConfig, sink: Callable[[str, list[tuple[float, bytes]]], None]) -> None:
+    def __init__(
+        self, cfg: SerialConfig, sink: Callable[[str, list[tuple[float, bytes]]], None], seed: int | None = None
+    ) -> None:
+        self._rng = random.Random(seed)
         self.cfg = cfg
         self.sink = sink
         self.errors: Counter[str] = Counter()
@@ -64,7 +69,7 @@ class SerialSource:
                 port = serial.Serial(self.cfg.port, self.cfg.baudrate, timeout=0.2)
             except (serial.SerialException, OSError, ValueError) as e:
                 self.errors["open_failed"] += 1
-                delay = min(self.cfg.reconnect_max_s, self.cfg.reconnect_min_s * 2**attempt)
+                delay = backoff_delay(attempt, self.cfg.reconnect_min_s, self.cfg.reconnect_max_s, self._rng)
                 attempt += 1
                 if attempt <= 3 or attempt % 20 == 0:
                     log.warning("%s: cannot open %s: %s (retrying)", self.cfg.name, self.cfg.port, e)
