@@ -7,6 +7,7 @@ A score that is not a finite number in [0, 1] never counts towards either: it is
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import uuid
 from dataclasses import dataclass, field
@@ -70,17 +71,7 @@ class AlertTracker:
             self.closed += 1
             opened = self.open
             self.open = None
-            return Alert(
-                alert_id=opened.alert_id,
-                state="closed",
-                model=self.model,
-                model_version=self.model_version,
-                score=float(score),
-                threshold=p.threshold,
-                window_start=opened.window_start,
-                window_end=ctx.window_end,
-                ts=ctx.window_end,
-                label=opened.label,
-                snapshot=ctx.snapshot,
-            )
+            # The closing record is the same alert: same id, label and start; a new score, end and snapshot.
+            return dataclasses.replace(opened, state="closed", score=float(score), window_end=ctx.window_end,
+                                       ts=ctx.window_end, top_features=[], snapshot=ctx.snapshot)
         return None
