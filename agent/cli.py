@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from agent import __version__
+from agent.clirun import run_cli
 from agent.config import ConfigError, load_config
-
-EXIT_USAGE = 2
 
 
 class CliError(Exception):
@@ -209,17 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args))
-    except (ConfigError, CliError) as e:
-        print(f"harvester-agent: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:  # `... | head`: the reader left, nothing more to say
-        sys.stderr.close()
-        return 0
+    return run_cli(build_parser(), argv, (ConfigError, CliError))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+from agent.clirun import run_cli
 from cloud_sync import __version__
 from cloud_sync.config import ConfigError, load_config
 from cloud_sync.db import CloudDB, CloudDBError
@@ -92,17 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args))
-    except (ConfigError, CloudDBError) as e:
-        print(f"cloud-sync: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:  # `... | head`: the reader left, nothing more to say
-        sys.stderr.close()
-        return 0
+    return run_cli(build_parser(), argv, (ConfigError, CloudDBError))
 
 
 if __name__ == "__main__":
