@@ -111,6 +111,8 @@ class Receiver:
         return m.topic, b
 
     def _handle_status(self, m: _Msg) -> None:
+        if len(m.payload) > self.cfg.mqtt.max_message_bytes:
+            raise Reject("oversized", f"status of {len(m.payload)} bytes")
         parts = wire.parse_vehicle_topic(m.topic)
         try:
             status = json.loads(m.payload) if m.payload else {"state": "offline"}
@@ -124,10 +126,10 @@ class Receiver:
     def _process(self, msgs: list[_Msg]) -> None:
         good: list[tuple[_Msg, wire.Batch]] = []
         for m in msgs:
-            if m.topic.endswith("/status"):
-                self._handle_status(m)
-                continue
             try:
+                if m.topic.endswith("/status"):
+                    self._handle_status(m)
+                    continue
                 _, b = self._validate(m)
                 good.append((m, b))
             except Reject as e:

@@ -245,3 +245,15 @@ def test_gap_below_a_quarantine_floor_is_explained(broker: MosquittoBroker, rece
     s = receiver.db.stats()[0]
     assert s.gaps == [] and s.quarantined == [[1010, 4999]]
     v.close()
+
+
+def test_oversized_status_is_rejected_like_any_message(broker: MosquittoBroker, receiver: Receiver) -> None:
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="big-status", protocol=mqtt.MQTTv5)
+    c.connect(broker.host, broker.port)
+    c.loop_start()
+    body = json.dumps({"state": "online", "pad": "x" * 300_000})
+    c.publish(wire.vehicle_topic("f1", "v8", "status"), body, qos=1).wait_for_publish(10)
+    wait_for(lambda: receiver.db.rejected().get("oversized", 0) == 1, what="oversized status counted")
+    assert not any(s.vehicle == "v8" for s in receiver.db.stats())
+    c.loop_stop()
+    c.disconnect()
