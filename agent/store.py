@@ -304,17 +304,22 @@ class Store:
             cur.close()
         return out
 
-    def pending_samples(self, exclude: set[int]) -> tuple[int, float | None]:
-        """(bytes, creation time of the oldest) of sample segments not in flight: when to close a batch."""
+    def pending_samples(self, exclude: set[int], enough: int | None = None) -> tuple[int, float | None]:
+        """(bytes, creation time of the oldest) of sample segments not in flight: when to close a batch. Stops
+        counting at `enough` bytes: the uplink asks this every tick, and a long outage's backlog is large."""
         total = 0
         oldest: float | None = None
         with self._lock:
-            for lo, size, created in self.db.execute(
+            cur = self.db.execute(
                 "SELECT seq_lo, LENGTH(body)+LENGTH(head), created FROM outbox WHERE prio>0 ORDER BY seq_lo"
-            ):
+            )
+            for lo, size, created in cur:
                 if lo not in exclude:
                     total += int(size)
                     oldest = float(created) if oldest is None else oldest
+                    if enough is not None and total >= enough:
+                        break
+            cur.close()
         return total, oldest
 
     def ack(self, ranges: Iterable[tuple[int, int]]) -> int:

@@ -239,7 +239,7 @@ class Uplink:
                 self.stats.budget_held = True  # samples wait for tomorrow's budget; records above still go
                 break
             self.stats.budget_held = False
-            size, oldest = self.store.pending_samples(busy)
+            size, oldest = self.store.pending_samples(busy, self.cfg.batch_max_bytes)
             if oldest is None:
                 break
             due = (
