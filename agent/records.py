@@ -11,24 +11,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
-@dataclass(frozen=True, slots=True)
-class SignalKey:
-    """A signal as the store and the wire know it: `Message.Signal` plus where it came from."""
-
-    name: str
-    source: str = ""
-    unit: str = ""
-
-
-@dataclass(slots=True)
-class Reading:
-    """One decoded value. Used at the edges (serial lines, tests); the CAN path batches instead."""
-
-    ts: float
-    key: SignalKey
-    value: float
-
-
 @dataclass(slots=True)
 class Alert:
     """A model alert. `state` is "open" when raised and "closed" when the condition clears; both are records."""

@@ -172,7 +172,7 @@ def quantize(fp32: Path, int8: Path, contract: Contract) -> None:
     onnx.save(m, str(int8))
 
 
-def run_scores(model: Path, runs: Sequence[RunWindows], norm: Normaliser) -> list[npt.NDArray[np.float64]]:
+def run_scores(model: Path, runs: Sequence[RunWindows]) -> list[npt.NDArray[np.float64]]:
     from agent.scoring import Scorer
 
     sc = Scorer.load(model)
@@ -287,8 +287,8 @@ def build(out: Path, seed: int, quick: bool, jobs: int) -> dict[str, Any]:
     fp32, int8 = out / f"{MODEL_NAME}.onnx", out / f"{MODEL_NAME}.int8.onnx"
     export_onnx(clf, len(names), contract, fp32)
     quantize(fp32, int8, contract)
-    s32 = run_scores(fp32, test_runs, norm)
-    s8 = run_scores(int8, test_runs, norm)
+    s32 = run_scores(fp32, test_runs)
+    s8 = run_scores(int8, test_runs)
     e32 = evaluate(test_runs, s32, POLICY)
     e8 = evaluate(test_runs, s8, POLICY)
     diffs = np.concatenate([np.abs(a - b) for a, b in zip(s32, s8, strict=True)])
