@@ -12,6 +12,8 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from agent.drift import DriftPolicy
+
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -56,6 +58,14 @@ class ModelConfig(_Section):
     path: Path = Path("models/harvester-anomaly.int8.onnx")
     threads: int = Field(1, ge=1, le=16)
     batch_windows: int = Field(16, ge=1, le=4096)
+    drift_interval_s: float = Field(3600.0, ge=10, le=7 * 86400)
+    drift_z_max: float = Field(3.0, gt=0)
+    drift_std_ratio_max: float = Field(3.0, gt=1)
+    drift_missing_max: float = Field(0.2, gt=0, le=1)
+    drift_min_windows: int = Field(60, ge=1)
+
+    def drift_policy(self) -> DriftPolicy:
+        return DriftPolicy(self.drift_z_max, self.drift_std_ratio_max, self.drift_missing_max, self.drift_min_windows)
 
 
 class StoreConfig(_Section):

@@ -23,6 +23,7 @@ from agent.decode.j1939 import J1939Decoder
 from agent.decode.lines import LineDecoder
 from agent.decode.nmea import SIGNALS as NMEA_SIGNALS
 from agent.decode.nmea import NmeaDecoder
+from agent.drift import DriftMonitor, DriftPolicy
 from agent.features import FeatureEngine, FeatureRow
 from agent.frames import FrameBatch
 from agent.records import Alert, Event, SampleArrays
@@ -105,6 +106,8 @@ class Pipeline:
         memory_max_samples: int = 500_000,
         memory_max_records: int = 10_000,
         tap: Callable[[SampleArrays], None] | None = None,
+        drift_policy: DriftPolicy | None = None,
+        drift_interval_s: float = 3600.0,
     ) -> None:
         self.tap = tap  # sees every decoded sample batch (replay statistics)
         self.memory_max_samples = memory_max_samples
@@ -126,6 +129,17 @@ class Pipeline:
             c = scorer.contract
             self.engine = FeatureEngine(c.features, c.hop_s)
             self.tracker = AlertTracker(c.alert, c.model_name, c.model_version)
+        self.drift: DriftMonitor | None = None
+        self.drift_interval_s = drift_interval_s
+        self._drift_next = math.nan  # data time of the next periodic drift report
+        self._drift_flag = False
+        if scorer is not None and isinstance(scorer.contract.training.get("feature_stats"), dict):
+            c = scorer.contract
+            self.drift = DriftMonitor([f.name for f in c.features], c.training["feature_stats"], drift_policy)
+            self._drift_key = f"drift/{c.model_name}/{c.model_version}"
+            saved = store.get_state(self._drift_key) if store is not None else None
+            if isinstance(saved, dict) and self.drift.restore(saved):
+                self._drift_flag = bool(self.drift.drifted())
 
     # --- inputs ----------------------------------------------------------------------------------------------
 
@@ -187,6 +201,8 @@ class Pipeline:
         self.stats.windows += len(rows)
         x = np.stack([r.x for r in rows])
         res = self.scorer.score(x)
+        if self.drift is not None:
+            self._check_drift(x, rows[-1].end)
         self.stats.windows_scored += int(res.scored.sum())
         for i, row in enumerate(rows):
             score = float(res.scores[i])
@@ -206,6 +222,37 @@ class Pipeline:
                 self.stats.alerts_closed += 1
                 log.info("alert %s closed", alert.alert_id[:8])
             self._record("alert", alert)
+
+    def _check_drift(self, x: npt.NDArray[np.float64], now: float) -> None:
+        """Running statistics per window; a report every `drift_interval_s` of data time and whenever the flag
+        changes, as a `drift` event (stored, synced). The state is saved with each report."""
+        assert self.drift is not None
+        self.drift.update(x)
+        if math.isnan(self._drift_next):
+            self._drift_next = now + self.drift_interval_s
+        flag = bool(self.drift.drifted())
+        if flag == self._drift_flag and now < self._drift_next:
+            return
+        report = self.drift.report()
+        if flag != self._drift_flag:
+            log.warning("feature drift %s: %s", "detected" if flag else "cleared",
+                        "; ".join(f"{k}: {v}" for k, v in report["drifted"].items()) or "all features in range")
+        self._drift_flag = flag
+        self._drift_next = now + self.drift_interval_s
+        self._record("event", Event("drift", now, report))
+        if self.store is not None:
+            try:
+                self.store.set_state(self._drift_key, self.drift.state())
+            except Exception as e:  # the statistics live on in memory; the next report tries again
+                self.stats.errors["drift_state_not_saved"] += 1
+                log.debug("drift state not saved: %s", e)
+
+    def drift_status(self) -> dict[str, Any]:
+        """For the status message: the flag and the drifted features' names (the reasons travel in events)."""
+        if self.drift is None:
+            return {"enabled": False}
+        return {"enabled": True, "drift": self._drift_flag, "windows": self.drift.rows,
+                "features": sorted(self.drift.drifted())}
 
     def _events(self, events: list[Event]) -> None:
         for e in events:

@@ -80,7 +80,8 @@ class Agent:
                       cfg.model.path, self.model_status)
         self.store = Store(cfg.store.path, cfg.store.max_bytes)
         self.pipeline = Pipeline(self.registry, self.decoders, self.scorer, self.store,
-                                 cfg.store.memory_max_samples, cfg.store.memory_max_records)
+                                 cfg.store.memory_max_samples, cfg.store.memory_max_records,
+                                 drift_policy=cfg.model.drift_policy(), drift_interval_s=cfg.model.drift_interval_s)
         for s in cfg.serial:
             if s.protocol != "nmea":
                 self.pipeline.line_decoders[s.name] = LineDecoder(s.name, s.protocol, s.fields, s.units)
@@ -101,6 +102,7 @@ class Agent:
         return {
             "model_version": self.scorer.contract.model_version if self.scorer else "",
             "model_status": self.model_status,
+            "drift": self.pipeline.drift_status(),
             "backlog": {"samples": st["backlog"].get("samples", {}).get("records", 0),
                         "records": st["backlog_records"] - st["backlog"].get("samples", {}).get("records", 0)},
             "evicted": st["evicted"],

@@ -27,7 +27,7 @@ from agent.seqranges import merge_ranges
 
 log = logging.getLogger("agent.store")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 PRIO_NOTICE = -1  # eviction notices: sent first, never evicted (they explain the gaps evictions leave)
 PRIO_RECORD = 0  # alerts, DTC and other events: sent before samples, evicted last
 PRIO_SAMPLES = 1
@@ -341,6 +341,24 @@ class Store:
 
     # --- small persistent settings (data budget...) ------------------------------------------------------------
 
+    def _create_v2(self) -> None:
+        # Component state that must outlive a restart (drift statistics) and is not a counter.
+        self.db.execute("CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+
+    def get_state(self, key: str) -> Any:
+        """A JSON value saved with `set_state`, or None (also when what was saved cannot be parsed)."""
+        with self._lock:
+            row = self.db.execute("SELECT value FROM state WHERE key=?", (key,)).fetchone()
+        try:
+            return json.loads(row[0]) if row else None
+        except ValueError:
+            return None
+
+    def set_state(self, key: str, value: Any) -> None:
+        text = json.dumps(value, allow_nan=False)
+        with self._lock, self._tx():
+            self.db.execute("INSERT OR REPLACE INTO state VALUES (?, ?)", (key, text))
+
     def get_meta(self, key: str, default: int = 0) -> int:
         with self._lock:
             row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
@@ -392,4 +410,4 @@ class Store:
 
 # MIGRATIONS[v] takes a store from schema version v to v + 1. Append, never edit: vehicles in the field run every
 # step in order the first time a newer agent opens their store.
-MIGRATIONS: list[Callable[[Store], None]] = [Store._create_v1]
+MIGRATIONS: list[Callable[[Store], None]] = [Store._create_v1, Store._create_v2]
