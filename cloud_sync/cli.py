@@ -8,13 +8,14 @@ import logging
 import signal
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
 from agent.clirun import run_cli
 from cloud_sync import __version__
-from cloud_sync.config import ConfigError, load_config
-from cloud_sync.db import CloudDB, CloudDBError
+from cloud_sync.config import CloudConfig, ConfigError, load_config
+from cloud_sync.db import CloudDBError, FleetDB, open_db
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -26,7 +27,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    db = CloudDB(cfg.db.path)
+    db = open_db(cfg.db.url, cfg.db.path)
     stop = threading.Event()
 
     def handler(signum: int, frame: Any) -> None:
@@ -43,11 +44,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def existing_db(cfg: CloudConfig) -> FleetDB:
+    """The database a report reads: it must exist already (a report never creates an empty one)."""
+    if not cfg.db.url and not cfg.db.path.exists():
+        raise CloudDBError(f"{cfg.db.path}: no database yet (cloud-sync serve has not run with this config)")
+    return open_db(cfg.db.url, cfg.db.path)
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
-    if not cfg.db.path.exists():
-        raise CloudDBError(f"{cfg.db.path}: no database yet (cloud-sync serve has not run with this config)")
-    db = CloudDB(cfg.db.path)
+    db = existing_db(cfg)
     try:
         vehicles = db.stats()
         rejected = db.rejected()
@@ -73,6 +79,71 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ago(s: float) -> str:
+    if s < 120:
+        return f"{s:.0f} s ago"
+    if s < 7200:
+        return f"{s / 60:.0f} min ago"
+    if s < 172800:
+        return f"{s / 3600:.0f} h ago"
+    return f"{s / 86400:.0f} d ago"
+
+
+def _mib(n: int) -> str:
+    return f"{n / 1048576:.1f}"
+
+
+def cmd_fleet(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    db = existing_db(cfg)
+    try:
+        rows = db.fleet()
+    finally:
+        db.close()
+    if args.json:
+        print(json.dumps({"vehicles": rows}, indent=2))
+        return 0
+    print(f"{'vehicle':24s} {'state':7s} {'last seen':>12s} {'backlog':>10s} {'model':>8s} {'open alerts':>11s} "
+          f"{'evicted':>8s} {'budget MiB':>13s}  drift")
+    for r in rows:
+        budget = r["budget"]
+        used = _mib(budget["used_today"]) + ("/" + _mib(budget["daily_bytes"]) if budget["daily_bytes"] else "")
+        evicted = sum(r["evicted"]["reported_by_vehicle"].values()) or r["evicted"]["ranges_received"]
+        print(f"{r['fleet'] + '/' + r['vehicle']:24s} {'online' if r['online'] else 'offline':7s} "
+              f"{_ago(r['last_seen_ago_s']):>12s} {r['backlog']['samples'] + r['backlog']['records']:10d} "
+              f"{r['model_version'] or '-':>8s} {r['open_alerts']:11d} {evicted:8d} {used:>13s}  "
+              f"{'yes' if r['drift'] else 'no'}")
+    if not rows:
+        print("(no vehicle has reported yet)")
+    return 0
+
+
+def cmd_alerts(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    since = None
+    if args.since is not None:
+        since = args.since if args.since >= 1e9 else time.time() - args.since * 3600  # an epoch or hours back
+    db = existing_db(cfg)
+    try:
+        rows = db.alerts(args.vehicle, args.state, since)
+    finally:
+        db.close()
+    if args.json:
+        print(json.dumps({"alerts": rows}, indent=2))
+        return 0
+    print(f"{'time (UTC)':19s} {'vehicle':16s} {'state':6s} {'label':20s} {'score':>5s}  {'model':24s} top features")
+    for a in rows:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(float(a.get("ts", 0))))
+        top = ", ".join(str(f[0]) for f in a.get("top_features", [])[:3] if isinstance(f, list) and f)
+        score = a.get("score")
+        print(f"{when:19s} {a['vehicle']:16s} {a.get('state', ''):6s} {a.get('label', ''):20s} "
+              f"{score if isinstance(score, float | int) else float('nan'):5.2f}  "
+              f"{a.get('model', '') + ' ' + a.get('model_version', ''):24s} {top}")
+    if not rows:
+        print("(no alerts match)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="cloud-sync",
@@ -89,6 +160,20 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--config", required=True, help="cloud_sync TOML config")
     st.add_argument("--json", action="store_true", help="print one JSON object")
     st.set_defaults(func=cmd_stats)
+    fl = sub.add_parser("fleet", help="every vehicle: online, last seen, backlog, model, open alerts, evictions, "
+                        "data budget, drift")
+    fl.add_argument("--config", required=True, help="cloud_sync TOML config")
+    fl.add_argument("--json", action="store_true", help="print one JSON object")
+    fl.set_defaults(func=cmd_fleet)
+    al = sub.add_parser("alerts", help="alerts, oldest first, with filters")
+    al.add_argument("--config", required=True, help="cloud_sync TOML config")
+    al.add_argument("--vehicle", help="only this vehicle")
+    al.add_argument("--state", choices=("open", "closed"),
+                    help="open: alerts still open now; closed: alerts that have closed")
+    al.add_argument("--since", type=float, metavar="HOURS_OR_EPOCH",
+                    help="only alerts at or after this time: hours back (e.g. 24), or a Unix time")
+    al.add_argument("--json", action="store_true", help="print one JSON object")
+    al.set_defaults(func=cmd_alerts)
     return p
 
 

@@ -33,6 +33,9 @@ class CloudMqttConfig(_Section):
 
 class DbConfig(_Section):
     path: Path = Path("cloud.sqlite")
+    # PostgreSQL for a fleet: "postgresql://user:password@host:5432/dbname" (libpq URL or key=value string).
+    # Empty: the SQLite file at `path`.
+    url: str = Field("", pattern=r"^(|postgres(ql)?://.*|.*dbname=.*)$")
 
 
 class ReceiverConfig(_Section):

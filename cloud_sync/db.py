@@ -1,27 +1,35 @@
-"""The cloud's database (SQLite): samples, alerts and events stored once per (vehicle, seq).
+"""The cloud's database: samples, alerts and events stored once per (vehicle, seq).
 
-`ingest` writes a whole batch in one transaction with INSERT OR IGNORE on the (vehicle, seq) primary keys, so a
-resent batch stores nothing twice and the difference is counted as duplicates. `synchronous=FULL`: an
-acknowledged batch must survive a power cut, because the vehicle deletes it on our word.
+`FleetDB` holds everything both backends share: how a batch is stored, how gaps are explained, the fleet
+queries. `CloudDB` is SQLite (the zero-configuration default); `cloud_sync.db_postgres.PostgresDB` is PostgreSQL
+for a fleet, with the same schema, the same SQL where the dialects agree, and COPY for samples.
+
+`ingest` writes a whole group of batches in one transaction; inserts skip rows whose (vehicle, seq) key is already
+stored, so a resent batch stores nothing twice and the difference is counted as duplicates. Commits are durable
+(SQLite `synchronous=FULL`, PostgreSQL's default `synchronous_commit`): the vehicle deletes a record on our ack.
 Received sequence ranges are kept per segment, so gaps are computed from ranges, not by scanning samples.
 """
 
 from __future__ import annotations
 
+import abc
+import contextlib
 import json
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
+import numpy.typing as npt
 
 from agent import wire
 from agent.seqranges import holes, merge_ranges, subtract
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = [
     """CREATE TABLE IF NOT EXISTS vehicles (
@@ -48,6 +56,12 @@ _SCHEMA = [
     "CREATE INDEX IF NOT EXISTS ranges_by_vehicle ON ranges (vehicle, seq_lo)",
     """CREATE TABLE IF NOT EXISTS counters (
         vehicle TEXT NOT NULL, name TEXT NOT NULL, value INTEGER NOT NULL, PRIMARY KEY (vehicle, name))""",
+]
+
+# Schema steps after version 1, for both backends (plain SQL both dialects accept): indexes for the fleet queries.
+_SCHEMA_V2 = [
+    "CREATE INDEX IF NOT EXISTS alerts_by_vehicle ON alerts (vehicle, alert_id, seq)",
+    "CREATE INDEX IF NOT EXISTS events_by_vehicle_kind ON events (vehicle, kind)",
 ]
 
 
@@ -79,82 +93,96 @@ class VehicleStats:
         return asdict(self)
 
 
-class CloudDB:
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self.db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False, timeout=30)
-            self.db.execute("PRAGMA journal_mode=WAL")
-        except sqlite3.DatabaseError as e:
-            raise CloudDBError(f"{self.path}: not a usable database: {e}") from None
-        self.db.execute("PRAGMA synchronous=FULL")
-        self._lock = threading.RLock()
-        self._signal_ids: dict[tuple[str, str, str], int] = {}
-        self._migrate()
+class Cursor(Protocol):
+    """What both drivers' cursors offer (DB-API 2)."""
 
-    def _migrate(self) -> None:
-        with self._lock:
-            v = int(self.db.execute("PRAGMA user_version").fetchone()[0])
-            if v > SCHEMA_VERSION:
-                raise CloudDBError(f"{self.path}: schema version {v} is newer than this cloud_sync ({SCHEMA_VERSION})")
-            if v < 1:
-                self.db.execute("BEGIN IMMEDIATE")
-                for stmt in _SCHEMA:
-                    self.db.execute(stmt)
-                self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-                self.db.execute("COMMIT")
+    @property
+    def rowcount(self) -> int: ...
+
+    def execute(self, sql: Any, params: Any = ..., /) -> Any: ...
+    def executemany(self, sql: Any, params: Any, /) -> Any: ...
+    def fetchone(self) -> Any: ...
+    def fetchall(self) -> list[Any]: ...
+
+
+class FleetDB(abc.ABC):
+    """The storage logic, written once; a backend supplies transactions, reads and the bulk sample insert.
+    SQL is written with `?` placeholders; a backend that wants `%s` rewrites them (`_sql`)."""
+
+    where: str  # for messages: the file or the server
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()  # one connection per object, shared by the worker and readers
+        self._signal_ids: dict[tuple[str, str, str], int] = {}
+
+    # --- what a backend provides -----------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def _transaction(self) -> contextlib.AbstractContextManager[Cursor]:
+        """A write transaction: commits when the block ends, rolls back on an exception."""
+
+    @abc.abstractmethod
+    def _read(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]: ...
+
+    @abc.abstractmethod
+    def _insert_samples(
+        self,
+        cur: Cursor,
+        vehicle: str,
+        seq_lo: int,
+        ts: npt.NDArray[np.float64],
+        sid: npt.NDArray[np.int64],
+        value: npt.NDArray[np.float64],
+    ) -> int:
+        """Insert one segment's samples, skipping stored (vehicle, seq) keys; returns how many were new."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    def _sql(self, sql: str) -> str:
+        return sql
 
     # --- writing ---------------------------------------------------------------------------------------------
 
-    def _signal_id(self, key: tuple[str, str, str]) -> int:
+    def _signal_id(self, cur: Cursor, key: tuple[str, str, str]) -> int:
         sid = self._signal_ids.get(key)
         if sid is None:
-            self.db.execute("INSERT OR IGNORE INTO signals (name, source, unit) VALUES (?,?,?)", key)
-            row = self.db.execute("SELECT id FROM signals WHERE name=? AND source=? AND unit=?", key).fetchone()
-            sid = int(row[0])
+            cur.execute(self._sql("INSERT INTO signals (name, source, unit) VALUES (?,?,?) ON CONFLICT DO NOTHING"),
+                        key)
+            cur.execute(self._sql("SELECT id FROM signals WHERE name=? AND source=? AND unit=?"), key)
+            sid = int(cur.fetchone()[0])
             self._signal_ids[key] = sid
         return sid
 
-    def _count(self, vehicle: str, name: str, by: int) -> None:
+    def _count(self, cur: Cursor, vehicle: str, name: str, by: int) -> None:
         if by:
-            self.db.execute(
-                "INSERT INTO counters VALUES (?,?,?) "
-                "ON CONFLICT (vehicle, name) DO UPDATE SET value=value+excluded.value",
+            cur.execute(
+                self._sql("INSERT INTO counters VALUES (?,?,?) "
+                          "ON CONFLICT (vehicle, name) DO UPDATE SET value=counters.value+excluded.value"),
                 (vehicle, name, by),
             )
 
-    def _touch(self, fleet: str, vehicle: str, now: float) -> None:
-        self.db.execute(
-            "INSERT INTO vehicles (vehicle, fleet, first_seen, last_seen) VALUES (?,?,?,?) "
-            "ON CONFLICT (vehicle) DO UPDATE SET last_seen=excluded.last_seen, fleet=excluded.fleet",
+    def _touch(self, cur: Cursor, fleet: str, vehicle: str, now: float) -> None:
+        cur.execute(
+            self._sql("INSERT INTO vehicles (vehicle, fleet, first_seen, last_seen) VALUES (?,?,?,?) "
+                      "ON CONFLICT (vehicle) DO UPDATE SET last_seen=excluded.last_seen, fleet=excluded.fleet"),
             (vehicle, fleet, now, now),
         )
 
-    def _ingest_one(self, b: wire.Batch, now: float) -> IngestResult:
+    def _ingest_one(self, cur: Cursor, b: wire.Batch, now: float) -> IngestResult:
         res = IngestResult()
         v = b.vehicle
-        self._touch(b.fleet, v, now)
+        self._touch(cur, b.fleet, v, now)
         for seg in b.segments:
             c = seg.columns
-            ids = np.array([self._signal_id(k) for k in c.signals], np.int64) if c is not None else None
-            before = self.db.total_changes  # counted after the signal rows, so only records count
-            if c is not None and ids is not None:
-                n = len(c)
-                rows = zip(
-                    [v] * n,
-                    range(seg.seq_lo, seg.seq_lo + n),
-                    (c.ts_us / 1e6).tolist(),
-                    ids[c.sig].tolist(),
-                    c.value.tolist(),
-                    strict=True,
-                )
-                self.db.executemany("INSERT OR IGNORE INTO samples VALUES (?,?,?,?,?)", rows)
-                attempted = n
+            if c is not None:
+                ids = np.array([self._signal_id(cur, k) for k in c.signals], np.int64)
+                inserted = self._insert_samples(cur, v, seg.seq_lo, c.ts_us / 1e6, ids[c.sig], c.value)
+                attempted = len(c)
             elif seg.kind == "alert":
                 r = seg.record or {}
-                self.db.execute(
-                    "INSERT OR IGNORE INTO alerts VALUES (?,?,?,?,?,?,?,?,?,?)",
+                cur.execute(
+                    self._sql("INSERT INTO alerts VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING"),
                     (
                         v,
                         seg.seq_lo,
@@ -168,109 +196,98 @@ class CloudDB:
                         json.dumps(r),
                     ),
                 )
-                attempted = 1
+                inserted, attempted = max(0, cur.rowcount), 1
             else:
                 r = seg.record or {}
-                self.db.execute(
-                    "INSERT OR IGNORE INTO events VALUES (?,?,?,?,?)",
+                cur.execute(
+                    self._sql("INSERT INTO events VALUES (?,?,?,?,?) ON CONFLICT DO NOTHING"),
                     (v, seg.seq_lo, str(r.get("kind", seg.kind)), _num(r.get("ts"), now), json.dumps(r)),
                 )
-                attempted = 1
-            inserted = self.db.total_changes - before
+                inserted, attempted = max(0, cur.rowcount), 1
             res.new += inserted
             res.duplicates += attempted - inserted
             if inserted:
-                self.db.execute("INSERT INTO ranges VALUES (?,?,?,?)", (v, seg.seq_lo, seg.seq_hi, seg.kind))
-        self._count(v, "duplicates", res.duplicates)
-        self._count(v, "batches", 1)
+                cur.execute(self._sql("INSERT INTO ranges VALUES (?,?,?,?)"), (v, seg.seq_lo, seg.seq_hi, seg.kind))
+        self._count(cur, v, "duplicates", res.duplicates)
+        self._count(cur, v, "batches", 1)
         return res
 
     def ingest(self, batches: list[wire.Batch]) -> list[IngestResult]:
         """Store batches in ONE transaction; when this returns, they are durable and may be acknowledged."""
         now = time.time()
-        with self._lock:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                out = [self._ingest_one(b, now) for b in batches]
-                self.db.execute("COMMIT")
-            except BaseException:
-                if self.db.in_transaction:  # SQLite may have rolled back already (SQLITE_FULL, I/O error)
-                    self.db.execute("ROLLBACK")
-                raise
+        # Rows are locked vehicle by vehicle in one order, so receivers sharing a database cannot deadlock.
+        order = sorted(range(len(batches)), key=lambda i: (batches[i].vehicle, i))
+        out: list[IngestResult] = [IngestResult()] * len(batches)
+        with self._lock, self._transaction() as cur:
+            for i in order:
+                out[i] = self._ingest_one(cur, batches[i], now)
         return out
 
     def set_status(self, fleet: str, vehicle: str, status: dict[str, Any]) -> None:
         now = time.time()
-        with self._lock:
-            self.db.execute("BEGIN IMMEDIATE")
-            self._touch(fleet, vehicle, now)
-            self.db.execute(
-                "UPDATE vehicles SET online=?, status=? WHERE vehicle=?",
+        with self._lock, self._transaction() as cur:
+            self._touch(cur, fleet, vehicle, now)
+            cur.execute(
+                self._sql("UPDATE vehicles SET online=?, status=? WHERE vehicle=?"),
                 (1 if status.get("state") == "online" else 0, json.dumps(status), vehicle),
             )
-            self.db.execute("COMMIT")
 
     def count_rejected(self, reason: str, n: int = 1) -> None:
-        with self._lock:
-            self._count("", f"rejected:{reason}", n)
+        with self._lock, self._transaction() as cur:
+            self._count(cur, "", f"rejected:{reason}", n)
 
     # --- reading ---------------------------------------------------------------------------------------------
 
     def rejected(self) -> dict[str, int]:
-        with self._lock:
-            rows = self.db.execute("SELECT name, value FROM counters WHERE vehicle='' AND name LIKE 'rejected:%'")
-            return {name.split(":", 1)[1]: int(value) for name, value in rows}
+        rows = self._read("SELECT name, value FROM counters WHERE vehicle='' AND name LIKE ?", ("rejected:%",))
+        return {name.split(":", 1)[1]: int(value) for name, value in rows}
+
+    def _event_data(self, vehicle: str, kind: str) -> list[dict[str, Any]]:
+        out = []
+        for (rec,) in self._read("SELECT record FROM events WHERE vehicle=? AND kind=? ORDER BY seq", (vehicle, kind)):
+            data = json.loads(rec).get("data", {})
+            if isinstance(data, dict):
+                out.append(data)
+        return out
 
     def stats(self) -> list[VehicleStats]:
         out: list[VehicleStats] = []
         with self._lock:
-            vehicles = self.db.execute(
-                "SELECT vehicle, fleet, online, last_seen, status FROM vehicles ORDER BY fleet, vehicle"
-            ).fetchall()
+            vehicles = self._read(
+                "SELECT vehicle, fleet, online, last_seen, status FROM vehicles ORDER BY fleet, vehicle")
             for vehicle, fleet, online, last_seen, status in vehicles:
                 counts = {
-                    k: int(self.db.execute(f"SELECT COUNT(*) FROM {k} WHERE vehicle=?", (vehicle,)).fetchone()[0])
+                    k: int(self._read(f"SELECT COUNT(*) FROM {k} WHERE vehicle=?", (vehicle,))[0][0])
                     for k in ("samples", "alerts", "events")
                 }
-                ranges = [
-                    (int(a), int(b))
-                    for a, b in self.db.execute("SELECT seq_lo, seq_hi FROM ranges WHERE vehicle=?", (vehicle,))
-                ]
+                ranges = [(int(a), int(b))
+                          for a, b in self._read("SELECT seq_lo, seq_hi FROM ranges WHERE vehicle=?", (vehicle,))]
                 covered = merge_ranges(ranges)
                 highest = covered[-1][1] if covered else 0
                 evicted: list[tuple[int, int]] = []
-                for (rec,) in self.db.execute(
-                    "SELECT record FROM events WHERE vehicle=? AND kind='evicted'", (vehicle,)
-                ):
-                    for r in json.loads(rec).get("data", {}).get("ranges", []):
+                for data in self._event_data(vehicle, "evicted"):
+                    for r in data.get("ranges", []):
                         if isinstance(r, list) and len(r) == 2:
                             evicted.append((int(r[0]), int(r[1])))
                 ev = merge_ranges(evicted)
                 missing = subtract(holes(covered, highest), ev)
                 # A store the vehicle had to quarantine took its unsent records with it; the new store starts at
                 # `seq_floor`, so the gap that ends just below a floor is explained, and reported as such.
-                floors = set()
-                for (rec,) in self.db.execute(
-                    "SELECT record FROM events WHERE vehicle=? AND kind='store_quarantined'", (vehicle,)
-                ):
-                    f = json.loads(rec).get("data", {}).get("seq_floor")
-                    if isinstance(f, int):
-                        floors.add(f)
+                floors = {d["seq_floor"] for d in self._event_data(vehicle, "store_quarantined")
+                          if isinstance(d.get("seq_floor"), int)}
                 quarantined = [g for g in missing if g[1] + 1 in floors]
                 missing = [g for g in missing if g[1] + 1 not in floors]
-                dup = self.db.execute(
-                    "SELECT value FROM counters WHERE vehicle=? AND name='duplicates'", (vehicle,)
-                ).fetchone()
+                dup = self._read("SELECT value FROM counters WHERE vehicle=? AND name='duplicates'", (vehicle,))
                 out.append(
                     VehicleStats(
                         vehicle=vehicle,
                         fleet=fleet,
                         records=counts,
                         highest_seq=highest,
-                        duplicates=int(dup[0]) if dup else 0,
-                        gaps=missing,
-                        quarantined=quarantined,
-                        evicted=[r for r in ev if r[0] <= highest],
+                        duplicates=int(dup[0][0]) if dup else 0,
+                        gaps=[list(g) for g in missing],
+                        quarantined=[list(g) for g in quarantined],
+                        evicted=[list(r) for r in ev if r[0] <= highest],
                         online=bool(online),
                         last_seen=float(last_seen),
                         status=json.loads(status) if status else {},
@@ -278,27 +295,162 @@ class CloudDB:
                 )
         return out
 
+    def fleet(self, now: float | None = None) -> list[dict[str, Any]]:
+        """One row per vehicle for people: what `cloud-sync fleet` and the web page show (docs/cloud_sync.md)."""
+        now = time.time() if now is None else now
+        open_alerts: dict[str, int] = {}
+        for vehicle, n in self._read(
+            "SELECT a.vehicle, COUNT(*) FROM alerts a WHERE a.seq = (SELECT MAX(b.seq) FROM alerts b "
+            "WHERE b.vehicle=a.vehicle AND b.alert_id=a.alert_id) AND a.state='open' GROUP BY a.vehicle"
+        ):
+            open_alerts[vehicle] = int(n)
+        rows = []
+        for v in self.stats():
+            st = v.status
+            backlog, budget, drift, evicted_vehicle = (
+                _obj(st.get(k)) for k in ("backlog", "budget", "drift", "evicted"))
+            rows.append({
+                "vehicle": v.vehicle,
+                "fleet": v.fleet,
+                "online": v.online,
+                "last_seen": v.last_seen,
+                "last_seen_ago_s": round(max(0.0, now - v.last_seen), 1),
+                "backlog": {"samples": _int(backlog.get("samples")), "records": _int(backlog.get("records"))},
+                "model_version": str(st.get("model_version", "")),
+                "model_status": str(st.get("model_status", "")),
+                "open_alerts": open_alerts.get(v.vehicle, 0),
+                "evicted": {
+                    "reported_by_vehicle": {k: _int(x) for k, x in evicted_vehicle.items()},
+                    "ranges_received": sum(hi - lo + 1 for lo, hi in v.evicted),
+                },
+                "budget": {"used_today": _int(budget.get("used_today")),
+                           "daily_bytes": _int(budget.get("daily_bytes"))},
+                "drift": bool(drift.get("drift", False)),
+                "records": v.records,
+                "gaps": len(v.gaps),
+            })
+        return rows
+
     def alerts(
         self, vehicle: str | None = None, state: str | None = None, since: float | None = None
     ) -> list[dict[str, Any]]:
-        q = "SELECT vehicle, seq, record FROM alerts WHERE 1=1"
+        """Alert records, oldest first. `state="open"` means alerts still open now (their latest record is the
+        opening one); `"closed"`, those whose closing record has arrived (that record is listed)."""
+        q = "SELECT a.vehicle, a.seq, a.record FROM alerts a WHERE 1=1"
         args: list[Any] = []
         if vehicle:
-            q += " AND vehicle=?"
+            q += " AND a.vehicle=?"
             args.append(vehicle)
         if state:
-            q += " AND state=?"
+            q += (" AND a.state=? AND a.seq = (SELECT MAX(b.seq) FROM alerts b "
+                  "WHERE b.vehicle=a.vehicle AND b.alert_id=a.alert_id)")
             args.append(state)
         if since is not None:
-            q += " AND ts>=?"
+            q += " AND a.ts>=?"
             args.append(since)
+        rows = self._read(q + " ORDER BY a.ts, a.seq", args)
+        return [{"vehicle": v, "seq": int(s), **json.loads(r)} for v, s, r in rows]
+
+    def alert(self, vehicle: str, seq: int) -> dict[str, Any] | None:
+        rows = self._read("SELECT record FROM alerts WHERE vehicle=? AND seq=?", (vehicle, seq))
+        return {"vehicle": vehicle, "seq": seq, **json.loads(rows[0][0])} if rows else None
+
+    def signal_series(
+        self, vehicle: str, t0: float, t1: float, names: Sequence[str] | None = None, max_points: int = 20_000
+    ) -> dict[str, list[tuple[float, float]]]:
+        """`Message.Signal` → [(ts, value)] of one vehicle between t0 and t1 (the plot around an alert)."""
+        q = ("SELECT g.name, s.ts, s.value FROM samples s JOIN signals g ON g.id = s.signal_id "
+             "WHERE s.vehicle=? AND s.ts BETWEEN ? AND ?")
+        args: list[Any] = [vehicle, t0, t1]
+        if names:
+            q += " AND g.name IN (" + ",".join("?" * len(names)) + ")"
+            args += list(names)
+        out: dict[str, list[tuple[float, float]]] = {}
+        for name, ts, value in self._read(q + " ORDER BY g.name, s.ts LIMIT " + str(int(max_points)), args):
+            out.setdefault(name, []).append((float(ts), float(value)))
+        return out
+
+
+class CloudDB(FleetDB):
+    """SQLite: one file, WAL, `synchronous=FULL`."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = Path(path)
+        self.where = str(self.path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False, timeout=30)
+            self.db.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.DatabaseError as e:
+            raise CloudDBError(f"{self.path}: not a usable database: {e}") from None
+        self.db.execute("PRAGMA synchronous=FULL")
+        self._migrate()
+
+    def _migrate(self) -> None:
         with self._lock:
-            rows = self.db.execute(q + " ORDER BY ts, seq", args).fetchall()
-        return [{"vehicle": v, "seq": s, **json.loads(r)} for v, s, r in rows]
+            v = int(self.db.execute("PRAGMA user_version").fetchone()[0])
+            if v > SCHEMA_VERSION:
+                raise CloudDBError(f"{self.path}: schema version {v} is newer than this cloud_sync ({SCHEMA_VERSION})")
+            steps = {1: _SCHEMA, 2: _SCHEMA_V2}
+            for step in range(v + 1, SCHEMA_VERSION + 1):
+                with self._transaction() as cur:
+                    for stmt in steps[step]:
+                        cur.execute(stmt)
+                    cur.execute(f"PRAGMA user_version={step}")
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[Cursor]:
+        cur = self.db.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            yield cur
+            cur.execute("COMMIT")
+        except BaseException:
+            if self.db.in_transaction:  # SQLite may have rolled back already (SQLITE_FULL, I/O error)
+                self.db.execute("ROLLBACK")
+            raise
+        finally:
+            cur.close()
+
+    def _read(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return self.db.execute(sql, tuple(args)).fetchall()
+
+    def _insert_samples(
+        self,
+        cur: Cursor,
+        vehicle: str,
+        seq_lo: int,
+        ts: npt.NDArray[np.float64],
+        sid: npt.NDArray[np.int64],
+        value: npt.NDArray[np.float64],
+    ) -> int:
+        n = len(ts)
+        rows = zip([vehicle] * n, range(seq_lo, seq_lo + n), ts.tolist(), sid.tolist(), value.tolist(), strict=True)
+        cur.executemany("INSERT INTO samples VALUES (?,?,?,?,?) ON CONFLICT DO NOTHING", rows)
+        return max(0, cur.rowcount)
 
     def close(self) -> None:
         with self._lock:
             self.db.close()
+
+
+def open_db(url: str, path: Path) -> FleetDB:
+    """PostgreSQL when `url` is set (`postgresql://...`), else the SQLite file at `path`."""
+    if url:
+        from cloud_sync.db_postgres import PostgresDB
+
+        return PostgresDB(url)
+    return CloudDB(path)
+
+
+def _obj(v: Any) -> dict[str, Any]:
+    return v if isinstance(v, dict) else {}
+
+
+def _int(v: Any) -> int:
+    return int(v) if isinstance(v, int) and not isinstance(v, bool) else 0
 
 
 def _num(v: Any, default: float | None) -> float | None:

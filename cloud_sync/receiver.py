@@ -25,7 +25,7 @@ from paho.mqtt.properties import Properties
 
 from agent import wire
 from cloud_sync.config import CloudConfig
-from cloud_sync.db import CloudDB
+from cloud_sync.db import FleetDB
 
 log = logging.getLogger("cloud_sync.receiver")
 
@@ -47,7 +47,7 @@ class Reject(Exception):
 
 
 class Receiver:
-    def __init__(self, cfg: CloudConfig, db: CloudDB) -> None:
+    def __init__(self, cfg: CloudConfig, db: FleetDB) -> None:
         self.cfg = cfg
         self.db = db
         self.queue: queue.Queue[_Msg] = queue.Queue(cfg.receiver.queue_max)

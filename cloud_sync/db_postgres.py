@@ -1,0 +1,176 @@
+"""PostgreSQL backend for a fleet (psycopg 3): the schema of `cloud_sync.db` in PostgreSQL types, and samples
+through binary COPY.
+
+Samples go COPY → a temporary table → `INSERT ... SELECT ... ON CONFLICT DO NOTHING`, one segment at a time: COPY
+is the fastest way into PostgreSQL, and the INSERT still skips stored (vehicle, seq) keys and says how many rows
+were new. The COPY stream is built with numpy in PostgreSQL's binary format (fixed-width big-endian columns), so
+no Python object is made per sample.
+
+Several receivers may share one database: migrations take an advisory lock, and `FleetDB.ingest` locks vehicles in
+one order. A lost connection fails the transaction in hand (the receiver does not ack it; it is delivered again)
+and the next call reconnects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import psycopg
+
+from cloud_sync.db import SCHEMA_VERSION, CloudDBError, Cursor, FleetDB
+
+_SCHEMA_V1 = [
+    """CREATE TABLE IF NOT EXISTS vehicles (
+        vehicle TEXT PRIMARY KEY, fleet TEXT NOT NULL, first_seen DOUBLE PRECISION NOT NULL,
+        last_seen DOUBLE PRECISION NOT NULL, online INTEGER NOT NULL DEFAULT 0, status TEXT)""",
+    """CREATE TABLE IF NOT EXISTS signals (
+        id SERIAL PRIMARY KEY, name TEXT NOT NULL, source TEXT NOT NULL, unit TEXT NOT NULL,
+        UNIQUE (name, source, unit))""",
+    """CREATE TABLE IF NOT EXISTS samples (
+        vehicle TEXT NOT NULL, seq BIGINT NOT NULL, ts DOUBLE PRECISION NOT NULL, signal_id INTEGER NOT NULL,
+        value DOUBLE PRECISION NOT NULL, PRIMARY KEY (vehicle, seq))""",
+    "CREATE INDEX IF NOT EXISTS samples_by_signal_time ON samples (vehicle, signal_id, ts)",
+    """CREATE TABLE IF NOT EXISTS alerts (
+        vehicle TEXT NOT NULL, seq BIGINT NOT NULL, alert_id TEXT NOT NULL, state TEXT NOT NULL,
+        ts DOUBLE PRECISION NOT NULL, score DOUBLE PRECISION, model TEXT, model_version TEXT, label TEXT,
+        record TEXT NOT NULL, PRIMARY KEY (vehicle, seq))""",
+    "CREATE INDEX IF NOT EXISTS alerts_by_id ON alerts (alert_id)",
+    "CREATE INDEX IF NOT EXISTS alerts_by_time ON alerts (ts)",
+    """CREATE TABLE IF NOT EXISTS events (
+        vehicle TEXT NOT NULL, seq BIGINT NOT NULL, kind TEXT NOT NULL, ts DOUBLE PRECISION NOT NULL,
+        record TEXT NOT NULL, PRIMARY KEY (vehicle, seq))""",
+    """CREATE TABLE IF NOT EXISTS ranges (
+        vehicle TEXT NOT NULL, seq_lo BIGINT NOT NULL, seq_hi BIGINT NOT NULL, kind TEXT NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS ranges_by_vehicle ON ranges (vehicle, seq_lo)",
+    """CREATE TABLE IF NOT EXISTS counters (
+        vehicle TEXT NOT NULL, name TEXT NOT NULL, value BIGINT NOT NULL, PRIMARY KEY (vehicle, name))""",
+    "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)",
+]
+_SCHEMA_V2 = [
+    "CREATE INDEX IF NOT EXISTS alerts_by_vehicle ON alerts (vehicle, alert_id, seq)",
+    "CREATE INDEX IF NOT EXISTS events_by_vehicle_kind ON events (vehicle, kind)",
+]
+_MIGRATION_LOCK = 0x68617276  # "harv": one receiver migrates, the others wait
+
+# One COPY row in PostgreSQL's binary format: field count, then (length, value) per column, big-endian.
+_ROW = np.dtype([("nf", ">i2"), ("l_seq", ">i4"), ("seq", ">i8"), ("l_ts", ">i4"), ("ts", ">f8"),
+                 ("l_sid", ">i4"), ("sid", ">i4"), ("l_val", ">i4"), ("val", ">f8")])
+_COPY_HEAD = b"PGCOPY\n\xff\r\n\x00" + (0).to_bytes(4, "big") + (0).to_bytes(4, "big")
+_COPY_TAIL = (-1).to_bytes(2, "big", signed=True)
+
+
+def copy_rows(seq_lo: int, ts: npt.NDArray[np.float64], sid: npt.NDArray[np.int64],
+              value: npt.NDArray[np.float64]) -> bytes:
+    """A binary COPY stream of (seq, ts, signal_id, value) rows."""
+    rows = np.empty(len(ts), _ROW)
+    rows["nf"] = 4
+    rows["l_seq"], rows["l_ts"], rows["l_sid"], rows["l_val"] = 8, 8, 4, 8
+    rows["seq"] = np.arange(seq_lo, seq_lo + len(ts), dtype=np.int64)
+    rows["ts"], rows["sid"], rows["val"] = ts, sid, value
+    return _COPY_HEAD + rows.tobytes() + _COPY_TAIL
+
+
+class PostgresDB(FleetDB):
+    def __init__(self, url: str, connect_timeout_s: int = 10) -> None:
+        super().__init__()
+        self.url = url
+        self.where = _redact(url)
+        self.connect_timeout_s = connect_timeout_s
+        self._conn: psycopg.Connection[Any] | None = None
+        self._migrate()
+
+    def _connection(self) -> psycopg.Connection[Any]:
+        if self._conn is None or self._conn.closed:
+            try:
+                self._conn = psycopg.connect(self.url, autocommit=True, connect_timeout=self.connect_timeout_s)
+            except psycopg.Error as e:
+                raise CloudDBError(f"{self.where}: cannot connect: {str(e).strip().splitlines()[0]}") from None
+            self._conn.execute("CREATE TEMP TABLE IF NOT EXISTS samples_in (seq BIGINT, ts DOUBLE PRECISION, "
+                               "signal_id INTEGER, value DOUBLE PRECISION) ON COMMIT DELETE ROWS")
+        return self._conn
+
+    def _drop_broken(self, e: BaseException) -> None:
+        # After a connection-level failure the connection is useless: the next call opens a new one.
+        if isinstance(e, psycopg.OperationalError) and self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.close()
+            self._conn = None
+
+    def _migrate(self) -> None:
+        steps = {1: _SCHEMA_V1, 2: _SCHEMA_V2}
+        with self._lock, self._transaction() as cur:
+            cur.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+            cur.execute("SELECT to_regclass('schema_version')")
+            v = 0
+            if cur.fetchone()[0] is not None:
+                cur.execute("SELECT max(version) FROM schema_version")
+                v = int(cur.fetchone()[0] or 0)
+            if v > SCHEMA_VERSION:
+                raise CloudDBError(f"{self.where}: schema version {v} is newer than this cloud_sync ({SCHEMA_VERSION})")
+            for step in range(v + 1, SCHEMA_VERSION + 1):
+                for stmt in steps[step]:
+                    cur.execute(stmt)
+                cur.execute("DELETE FROM schema_version")
+                cur.execute("INSERT INTO schema_version VALUES (%s)", (step,))
+
+    def _sql(self, sql: str) -> str:
+        return sql.replace("?", "%s")
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[Cursor]:
+        conn = self._connection()
+        try:
+            with conn.transaction(), conn.cursor() as cur:
+                yield cur
+        except BaseException as e:
+            self._drop_broken(e)
+            raise
+
+    def _read(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            conn = self._connection()
+            try:
+                with conn.cursor() as cur:
+                    cur.execute(self._sql(sql), tuple(args))
+                    return cur.fetchall()
+            except BaseException as e:
+                self._drop_broken(e)
+                raise
+
+    def _insert_samples(
+        self,
+        cur: Cursor,
+        vehicle: str,
+        seq_lo: int,
+        ts: npt.NDArray[np.float64],
+        sid: npt.NDArray[np.int64],
+        value: npt.NDArray[np.float64],
+    ) -> int:
+        assert isinstance(cur, psycopg.Cursor)
+        cur.execute("TRUNCATE samples_in")
+        with cur.copy("COPY samples_in (seq, ts, signal_id, value) FROM STDIN (FORMAT BINARY)") as cp:
+            cp.write(copy_rows(seq_lo, ts, sid, value))
+        cur.execute("INSERT INTO samples SELECT %s, seq, ts, signal_id, value FROM samples_in "
+                    "ON CONFLICT DO NOTHING", (vehicle,))
+        return max(0, cur.rowcount)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+
+def _redact(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    try:
+        from psycopg.conninfo import conninfo_to_dict
+
+        d = conninfo_to_dict(url)
+    except psycopg.Error:
+        return "postgresql (unparsable URL)"
+    return f"postgresql://{d.get('user', '')}@{d.get('host', '')}:{d.get('port', '')}/{d.get('dbname', '')}"

@@ -1,0 +1,166 @@
+"""The cloud database on both backends — SQLite (a temp file) and PostgreSQL (a real server the fixture starts with
+initdb in a temp dir): the same batches give the same stored records, duplicates, gaps, fleet rows and alert
+queries. Also the `cloud-sync fleet` and `cloud-sync alerts` commands over a seeded database."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from agent import wire
+from agent.testing import postgres
+from cloud_sync.cli import main as cloud_main
+from cloud_sync.db import CloudDB, FleetDB, open_db
+
+T0 = 1_790_000_000.0
+
+
+@pytest.fixture(scope="module")
+def pg_server() -> Iterator[postgres.TempPostgres]:
+    why = postgres.unavailable()
+    if why:
+        pytest.skip(f"PostgreSQL tests need a server: {why}")
+    with postgres.TempPostgres() as pg:
+        yield pg
+
+
+_db_counter = 0
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[FleetDB]:
+    global _db_counter
+    if request.param == "sqlite":
+        d: FleetDB = CloudDB(tmp_path / "cloud.sqlite")
+    else:
+        import psycopg
+
+        pg = request.getfixturevalue("pg_server")
+        _db_counter += 1
+        name = f"t{_db_counter}"
+        with psycopg.connect(pg.url, autocommit=True) as c:
+            c.execute(f"CREATE DATABASE {name}")
+        d = open_db(pg.url.rsplit("/", 1)[0] + "/" + name, tmp_path / "unused.sqlite")
+    yield d
+    d.close()
+
+
+def samples(lo: int, n: int, t0: float = T0) -> wire.Segment:
+    cols = wire.SampleColumns(
+        [("EEC1.EngSpeed", "can0/00", "rpm"), ("ET1.EngCoolantTemp", "can0/00", "degC")],
+        (np.arange(n) % 2).astype(np.uint16),
+        int(t0 * 1e6) + np.arange(n, dtype=np.int64) * 100_000,
+        np.where(np.arange(n) % 2 == 0, 1500.0, 90.0) + np.arange(n) * 0.01,
+    )
+    return wire.Segment("samples", lo, lo + n - 1, columns=cols)
+
+
+def alert(seq: int, alert_id: str, state: str, ts: float, **extra: Any) -> wire.Segment:
+    rec = {"alert_id": alert_id, "state": state, "ts": ts, "score": 0.93, "model": "harvester-anomaly",
+           "model_version": "1.0.0", "label": "coolant_leak", "window_start": ts - 30, "window_end": ts,
+           "top_features": [["ET1.EngCoolantTemp:mean:30s", 0.4]], "snapshot": {"ET1.EngCoolantTemp": 104.0}, **extra}
+    return wire.Segment("alert", seq, seq, record=rec)
+
+
+def event(seq: int, kind: str, data: dict[str, Any]) -> wire.Segment:
+    return wire.Segment("event", seq, seq, record={"kind": kind, "ts": T0, "data": data})
+
+
+def seed_fleet(db: FleetDB) -> None:
+    """Three vehicles: v1 online with an open alert, v2 offline with a closed alert and an eviction, v3 silent."""
+    db.ingest([wire.Batch("f1", "v1", 1, [samples(1, 1000), alert(1001, "a1", "open", T0 + 50)])])
+    db.ingest([wire.Batch("f1", "v2", 1, [samples(1, 100), alert(101, "a2", "open", T0 + 10),
+                                          alert(102, "a2", "closed", T0 + 90),
+                                          event(103, "evicted", {"ranges": [[104, 199]]}), samples(200, 10)])])
+    db.set_status("f1", "v1", {"state": "online", "model_version": "1.0.0", "backlog": {"samples": 500, "records": 1},
+                               "evicted": {"samples": 0, "records": 0},
+                               "budget": {"used_today": 3 * 1048576, "daily_bytes": 50 * 1048576},
+                               "drift": {"enabled": True, "drift": True, "features": ["AMB.AmbientAirTemp:mean:30s"]}})
+    db.set_status("f1", "v2", {"state": "offline"})
+    db.set_status("f2", "v3", {"state": "online", "model_version": "0.9.0", "budget": "not an object"})
+
+
+def test_the_same_batches_give_the_same_records_duplicates_and_gaps(db: FleetDB) -> None:
+    b1 = wire.Batch("f1", "v1", 1, [samples(1, 500), alert(501, "a1", "open", T0)])
+    b2 = wire.Batch("f1", "v1", 2, [samples(700, 100)])  # 502..699 missing: a gap
+    assert [(r.new, r.duplicates) for r in db.ingest([b1, b2])] == [(501, 0), (100, 0)]
+    assert [(r.new, r.duplicates) for r in db.ingest([b1])] == [(0, 501)]  # a resend stores nothing twice
+    v = db.stats()[0]
+    assert v.records == {"samples": 600, "alerts": 1, "events": 0}
+    assert v.duplicates == 501 and v.highest_seq == 799 and v.gaps == [[502, 699]]
+    db.ingest([wire.Batch("f1", "v1", 3, [event(800, "evicted", {"ranges": [[502, 699]]})])])
+    v = db.stats()[0]
+    assert v.gaps == [] and v.evicted == [[502, 699]]  # explained by the vehicle's eviction report
+
+
+def test_fleet_rows_and_alert_filters(db: FleetDB) -> None:
+    seed_fleet(db)
+    rows = {r["vehicle"]: r for r in db.fleet(now=T0 + 100)}
+    assert set(rows) == {"v1", "v2", "v3"}
+    v1, v2, v3 = rows["v1"], rows["v2"], rows["v3"]
+    assert v1["online"] and not v2["online"] and v3["online"]
+    assert v1["open_alerts"] == 1 and v2["open_alerts"] == 0  # a2 closed
+    assert v1["backlog"] == {"samples": 500, "records": 1} and v1["model_version"] == "1.0.0"
+    assert v1["budget"] == {"used_today": 3 * 1048576, "daily_bytes": 50 * 1048576} and v1["drift"] is True
+    assert v2["evicted"]["ranges_received"] == 96 and v2["gaps"] == 0
+    assert v3["budget"] == {"used_today": 0, "daily_bytes": 0}  # a malformed status field is not trusted
+    assert [a["alert_id"] for a in db.alerts(state="open")] == ["a1"]
+    assert [(a["alert_id"], a["state"]) for a in db.alerts(state="closed")] == [("a2", "closed")]
+    assert [a["seq"] for a in db.alerts(vehicle="v2")] == [101, 102]
+    assert [a["seq"] for a in db.alerts(since=T0 + 40)] == [1001, 102]
+    a = db.alert("v1", 1001)
+    assert a is not None and a["label"] == "coolant_leak"
+    series = db.signal_series("v1", T0, T0 + 20, ["ET1.EngCoolantTemp"])
+    assert list(series) == ["ET1.EngCoolantTemp"] and len(series["ET1.EngCoolantTemp"]) == 100
+    assert series["ET1.EngCoolantTemp"][0] == pytest.approx((T0 + 0.1, 90.01))
+
+
+def test_schema_is_versioned_and_a_newer_database_is_refused(tmp_path: Path) -> None:
+    db = CloudDB(tmp_path / "c.sqlite")
+    db.db.execute("PRAGMA user_version=99")
+    db.close()
+    from cloud_sync.db import CloudDBError
+
+    with pytest.raises(CloudDBError, match="newer than this cloud_sync"):
+        CloudDB(tmp_path / "c.sqlite")
+
+
+def _cfg(tmp_path: Path) -> Path:
+    p = tmp_path / "cloud.toml"
+    p.write_text('[db]\npath = "cloud.sqlite"\n')
+    return p
+
+
+def test_fleet_and_alerts_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = _cfg(tmp_path)
+    assert cloud_main(["fleet", "--config", str(cfg)]) == 2  # no database yet: a clear error, not an empty one
+    assert "no database yet" in capsys.readouterr().err
+    db = CloudDB(tmp_path / "cloud.sqlite")
+    seed_fleet(db)
+    db.close()
+    assert cloud_main(["fleet", "--config", str(cfg), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [v["vehicle"] for v in out["vehicles"]] == ["v1", "v2", "v3"]
+    assert cloud_main(["fleet", "--config", str(cfg)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:3] == ["vehicle", "state", "last"]
+    assert table[1].split()[:2] == ["f1/v1", "online"] and table[1].split()[-1] == "yes"  # drift flagged
+    assert "3.0/50.0" in table[1] and table[2].split()[:2] == ["f1/v2", "offline"]
+
+    assert cloud_main(["alerts", "--config", str(cfg), "--state", "open", "--json"]) == 0
+    assert [a["alert_id"] for a in json.loads(capsys.readouterr().out)["alerts"]] == ["a1"]
+    assert cloud_main(["alerts", "--config", str(cfg), "--vehicle", "v2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and "closed" in lines[2] and "coolant_leak" in lines[2]
+    since_now = str(time.time())
+    assert cloud_main(["alerts", "--config", str(cfg), "--since", since_now]) == 0
+    assert "(no alerts match)" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        cloud_main(["alerts", "--config", str(cfg), "--state", "maybe"])
+    assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
