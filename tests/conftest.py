@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.testing import postgres
 from agent.testing.broker import MosquittoBroker, find_mosquitto
 from agent.testing.data import SHARED_DATA, shared_file
 from agent.testing.pty import PtyPair
@@ -33,3 +34,13 @@ def pty_pair() -> Iterator[PtyPair]:
         yield p
     finally:
         p.close()
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[postgres.TempPostgres]:
+    """A real PostgreSQL server in a temp dir for the whole run (initdb takes a second); tests make databases."""
+    why = postgres.unavailable()
+    if why:
+        pytest.skip(f"PostgreSQL tests need a server: {why}")
+    with postgres.TempPostgres() as pg:
+        yield pg

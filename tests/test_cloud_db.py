@@ -21,15 +21,6 @@ from cloud_sync.db import CloudDB, FleetDB, open_db
 T0 = 1_790_000_000.0
 
 
-@pytest.fixture(scope="module")
-def pg_server() -> Iterator[postgres.TempPostgres]:
-    why = postgres.unavailable()
-    if why:
-        pytest.skip(f"PostgreSQL tests need a server: {why}")
-    with postgres.TempPostgres() as pg:
-        yield pg
-
-
 _db_counter = 0
 
 
@@ -39,14 +30,9 @@ def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[FleetDB]:
     if request.param == "sqlite":
         d: FleetDB = CloudDB(tmp_path / "cloud.sqlite")
     else:
-        import psycopg
-
-        pg = request.getfixturevalue("pg_server")
+        pg: postgres.TempPostgres = request.getfixturevalue("pg_server")
         _db_counter += 1
-        name = f"t{_db_counter}"
-        with psycopg.connect(pg.url, autocommit=True) as c:
-            c.execute(f"CREATE DATABASE {name}")
-        d = open_db(pg.url.rsplit("/", 1)[0] + "/" + name, tmp_path / "unused.sqlite")
+        d = open_db(pg.new_database(f"t{_db_counter}"), tmp_path / "unused.sqlite")
     yield d
     d.close()
 
