@@ -323,6 +323,155 @@ def drain_samples_per_s() -> Figure:
                   "baseline JSON-per-sample QoS 1, broker PUBACK only")
 
 
+def _bench_batches(n_batches: int, n_vehicles: int, samples_per_batch: int) -> list[tuple[str, bytes]]:
+    """Encoded telemetry batches as vehicles send them: (topic, payload), vehicles interleaved."""
+    from agent import wire
+
+    out, seq = [], {v: 1 for v in range(n_vehicles)}
+    for i in range(n_batches):
+        v = i % n_vehicles
+        c = _synthetic_cols(samples_per_batch, 1_700_000_000_000_000 + i * 10**9)
+        seg = wire.Segment("samples", seq[v], seq[v] + len(c) - 1, columns=c)
+        seq[v] += len(c)
+        out.append((wire.vehicle_topic("bench", f"v{v}", "telemetry"),
+                    wire.encode_batch(wire.Batch("bench", f"v{v}", i, [seg]))))
+    return out
+
+
+def _receivers_ingest(n_receivers: int, batches: list[tuple[str, bytes]], samples: int, folder: Path,
+                      db_url: str = "") -> float:
+    """Samples/s through `n_receivers` cloud-sync processes sharing one subscription: from the first publish to
+    the last end-to-end ack (each sent after the receiver's commit)."""
+    import threading
+
+    from agent.testing.broker import MosquittoBroker
+    from agent.testing.cloudproc import start_receiver, stop_receiver, write_config
+
+    broker = MosquittoBroker(workdir=folder / f"mosq{n_receivers}")
+    broker.start()
+    procs = [start_receiver(write_config(folder / f"rx{n_receivers}-{i}.toml", broker, f"rx-{i}", db_url=db_url,
+                                         db_path=str(folder / f"cloud{n_receivers}.sqlite")))
+             for i in range(n_receivers)]
+    acks = 0
+    done = threading.Event()
+
+    def on_ack(*_: Any) -> None:
+        nonlocal acks
+        acks += 1
+        if acks >= len(batches):
+            done.set()
+
+    c = _mqtt_client(broker, "bench-fleet")
+    c.on_message = on_ack
+    c.subscribe("fleet/bench/vehicle/+/ack", qos=1)
+    time.sleep(0.5)  # the subscription is in place before the first ack can come
+    t0 = time.perf_counter()
+    for topic, payload in batches:
+        c.publish(topic, payload, qos=1)
+    if not done.wait(600):
+        raise RuntimeError(f"only {acks}/{len(batches)} batches acknowledged")
+    rate = samples / (time.perf_counter() - t0)
+    c.loop_stop()
+    c.disconnect()
+    for p in procs:
+        stop_receiver(p)
+    broker.close()
+    return rate
+
+
+def _insert_rows_baseline(batches: list[tuple[str, bytes]], insert: Callable[[list[tuple[Any, ...]]], None]) -> float:
+    """The plain way: decode, then one parameterised INSERT per sample (executemany), a transaction per batch."""
+    from agent import wire
+
+    n = 0
+    t0 = time.perf_counter()
+    for _, payload in batches:
+        b = wire.decode_batch(payload)
+        for seg in b.segments:
+            c = seg.columns
+            assert c is not None
+            rows = list(zip([b.vehicle] * len(c), range(seg.seq_lo, seg.seq_hi + 1), (c.ts_us / 1e6).tolist(),
+                            c.sig.tolist(), c.value.tolist(), strict=True))
+            insert(rows)
+            n += len(rows)
+    return n / (time.perf_counter() - t0)
+
+
+@figure("cloud_ingest_samples_per_s_sqlite")
+def cloud_ingest_samples_per_s_sqlite() -> Figure:
+    """One cloud-sync receiver into SQLite, end to end (broker, decode, dedup insert, commit, ack); baseline: the
+    same rows inserted with executemany, one transaction per batch, no broker, no decode."""
+    import sqlite3
+
+    batches = _bench_batches(40, 8, 20_000)
+    with tempfile.TemporaryDirectory() as d:
+        ours = _receivers_ingest(1, batches, 40 * 20_000, Path(d))
+        db = sqlite3.connect(Path(d) / "b.sqlite", isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("CREATE TABLE samples (vehicle TEXT, seq INTEGER, ts REAL, signal_id INTEGER, value REAL, "
+                   "PRIMARY KEY (vehicle, seq)) WITHOUT ROWID")
+
+        def insert(rows: list[tuple[Any, ...]]) -> None:
+            db.execute("BEGIN")
+            db.executemany("INSERT OR IGNORE INTO samples VALUES (?,?,?,?,?)", rows)
+            db.execute("COMMIT")
+
+        base = _insert_rows_baseline(batches[:10], insert)
+        db.close()
+    return Figure(ours, "samples/s", base, ours / base,
+                  "800,000 samples in 40 batches from 8 vehicles, end to end; baseline executemany rows, no broker")
+
+
+@figure("cloud_ingest_samples_per_s_postgres")
+def cloud_ingest_samples_per_s_postgres() -> Figure:
+    """One receiver into PostgreSQL (binary COPY into a temp table, INSERT ... ON CONFLICT DO NOTHING), end to
+    end; baseline: psycopg executemany of one INSERT per sample, a transaction per batch, no broker."""
+    import psycopg
+
+    from agent.testing.postgres import TempPostgres, unavailable
+
+    why = unavailable()
+    if why:
+        raise RuntimeError(f"needs PostgreSQL: {why}")
+    batches = _bench_batches(40, 8, 20_000)
+    with tempfile.TemporaryDirectory() as d, TempPostgres() as pg:
+        ours = _receivers_ingest(1, batches, 40 * 20_000, Path(d), pg.new_database("ours"))
+        with psycopg.connect(pg.new_database("base"), autocommit=True) as conn:
+            conn.execute("CREATE TABLE samples (vehicle TEXT, seq BIGINT, ts DOUBLE PRECISION, signal_id INTEGER, "
+                         "value DOUBLE PRECISION, PRIMARY KEY (vehicle, seq))")
+
+            def insert(rows: list[tuple[Any, ...]]) -> None:
+                with conn.transaction(), conn.cursor() as cur:
+                    cur.executemany("INSERT INTO samples VALUES (%s,%s,%s,%s,%s) ON CONFLICT DO NOTHING", rows)
+
+            base = _insert_rows_baseline(batches[:4], insert)
+    return Figure(ours, "samples/s", base, ours / base,
+                  "800,000 samples in 40 batches from 8 vehicles, end to end; baseline executemany rows, no broker")
+
+
+@figure("cloud_scaleout_ratio_2")
+def cloud_scaleout_ratio_2() -> Figure:
+    """Two receiver processes sharing the subscription vs one, into PostgreSQL, end to end; on this 2-core machine
+    the broker, PostgreSQL and the publisher share the cores with the receivers."""
+    from agent.testing.postgres import TempPostgres, unavailable
+
+    why = unavailable()
+    if why:
+        raise RuntimeError(f"needs PostgreSQL: {why}")
+    batches = _bench_batches(60, 16, 20_000)
+    n = 60 * 20_000
+    runs: dict[int, list[float]] = {1: [], 2: []}
+    # A fresh server for every run: a run right after another competes with that one's checkpoint and
+    # autovacuum. Interleaved and best of two, as the machine is shared and noisy.
+    for receivers in (1, 2, 1, 2):
+        with tempfile.TemporaryDirectory() as d, TempPostgres() as pg:
+            runs[receivers].append(_receivers_ingest(receivers, batches, n, Path(d), pg.new_database("x")))
+    one, two = max(runs[1]), max(runs[2])
+    return Figure(two / one, "x", 1.0, two / one,
+                  f"1,200,000 samples from 16 vehicles: one receiver {one:,.0f}/s, two {two:,.0f}/s (PostgreSQL)")
+
+
 @figure("alert_latency_p99_ms")
 def alert_latency_p99_ms() -> Figure:
     """From an alert written to the vehicle's store (the window's close) to cloud_sync's acknowledgement, which it

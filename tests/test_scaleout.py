@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from agent import wire
 from agent.config import MqttConfig, VehicleConfig
 from agent.store import Store
 from agent.testing.broker import MosquittoBroker
+from agent.testing.cloudproc import start_receiver, stop_receiver, write_config
 from agent.testing.postgres import TempPostgres
 from agent.uplink import Uplink
 from tests.test_uplink import wait_for
@@ -35,19 +35,7 @@ def _cols(n: int, t0_us: int) -> wire.SampleColumns:
 
 
 def _receiver(i: int, broker: MosquittoBroker, url: str, tmp: Path) -> subprocess.Popen[str]:
-    cfg = tmp / f"rx{i}.toml"
-    cfg.write_text(f'[mqtt]\nhost = "{broker.host}"\nport = {broker.port}\nclient_id = "rx-{i}"\n'
-                   f'share_group = "cloud"\n[db]\nurl = "{url}"\n[receiver]\ncommit_max_messages = 20\n')
-    p = subprocess.Popen([sys.executable, "-m", "cloud_sync", "serve", "--config", str(cfg), "--report-every-s", "1"],
-                         stderr=subprocess.PIPE, text=True)
-    assert p.stderr is not None
-    for line in p.stderr:  # wait until it has subscribed, so the group has all three members
-        if "subscribed" in line:
-            break
-    else:
-        raise AssertionError(f"receiver {i} exited: {p.wait()}")
-    threading.Thread(target=lambda: [None for _ in p.stderr or ()], daemon=True).start()  # keep draining its log
-    return p
+    return start_receiver(write_config(tmp / f"rx{i}.toml", broker, f"rx-{i}", db_url=url, commit_max_messages=20))
 
 
 def test_three_receivers_one_killed_mid_stream_nothing_lost_nothing_twice(
@@ -120,6 +108,4 @@ def test_three_receivers_one_killed_mid_stream_nothing_lost_nothing_twice(
         for s in stores:
             s.close()
         for p in receivers:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                p.wait(30)
+            stop_receiver(p)
