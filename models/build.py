@@ -30,6 +30,66 @@ MODEL_NAME = "harvester-anomaly"
 MODEL_VERSION = "1.0.0"
 POLICY = AlertPolicy(threshold=0.8, clear_threshold=0.5, min_windows=3, clear_windows=6)
 MODELS_DIR = Path(__file__).resolve().parent
+PUBLIC_DATA = MODELS_DIR.parent.parent / "shared" / "data" / "pdm"
+
+# What a model must achieve on held-out runs to ship; stated in the card, checked by the build (which fails
+# without writing a passing card) and by tests/test_model_quality.py on fresh runs. Set below the shipped
+# model's figures with room for sampling noise on the smaller test sets, never above what it measured.
+FLOORS: dict[str, Any] = {
+    "roc_auc_min": 0.93,
+    "false_alarms_per_hour_max": 1.5,
+    "detection_rate_min": {"coolant_leak": 0.9, "oil_pump_wear": 0.9, "fan_wear": 0.9, "hydraulic_overheat": 0.5},
+}
+# How closely the int8 model must follow the fp32 one on the same windows.
+INT8_TOLERANCE: dict[str, float] = {
+    "roc_auc_loss_max": 0.005,
+    "size_ratio_max": 0.35,
+    "p99_abs_score_diff_max": 0.10,
+    "alert_decision_agreement_min": 0.99,  # share of windows on the same side of the alert threshold
+}
+
+
+def check_floors(evaluation: dict[str, Any], floors: dict[str, Any] = FLOORS) -> list[str]:
+    """The floors an evaluation misses, each as a sentence (empty: all met)."""
+    out = []
+    if not evaluation["roc_auc"] >= floors["roc_auc_min"]:
+        out.append(f"ROC-AUC {evaluation['roc_auc']:.4f} < {floors['roc_auc_min']}")
+    fah = evaluation["false_alarms_per_hour"]
+    if fah is None or not fah <= floors["false_alarms_per_hour_max"]:
+        out.append(f"false alarms per hour {fah} > {floors['false_alarms_per_hour_max']}")
+    for fault, lo in floors["detection_rate_min"].items():
+        pf = evaluation["per_fault"].get(fault)
+        if pf is None or not pf["detection_rate"] >= lo:
+            out.append(f"{fault} detection rate {pf and pf['detection_rate']} < {lo}")
+    return out
+
+
+def int8_agreement(
+    s32: Sequence[npt.NDArray[np.float64]], s8: Sequence[npt.NDArray[np.float64]], threshold: float
+) -> dict[str, float]:
+    a, b = np.concatenate(list(s32)), np.concatenate(list(s8))
+    ok = np.isfinite(a) & np.isfinite(b)
+    d = np.abs(a[ok] - b[ok])
+    return {
+        "windows": int(ok.sum()),
+        "max_abs_score_diff": float(d.max()) if d.size else 0.0,
+        "p99_abs_score_diff": float(np.percentile(d, 99)) if d.size else 0.0,
+        "alert_decision_agreement": float(np.mean((a[ok] >= threshold) == (b[ok] >= threshold))) if d.size else 1.0,
+    }
+
+
+def check_int8(q: dict[str, Any], tol: dict[str, float] = INT8_TOLERANCE) -> list[str]:
+    out = []
+    if not q["roc_auc_loss"] <= tol["roc_auc_loss_max"]:
+        out.append(f"int8 ROC-AUC loss {q['roc_auc_loss']:.4f} > {tol['roc_auc_loss_max']}")
+    if not q["size_ratio"] <= tol["size_ratio_max"]:
+        out.append(f"int8 size ratio {q['size_ratio']:.3f} > {tol['size_ratio_max']}")
+    if not q["p99_abs_score_diff"] <= tol["p99_abs_score_diff_max"]:
+        out.append(f"int8 p99 score difference {q['p99_abs_score_diff']:.4f} > {tol['p99_abs_score_diff_max']}")
+    if not q["alert_decision_agreement"] >= tol["alert_decision_agreement_min"]:
+        out.append(f"int8 alert decisions agree on {q['alert_decision_agreement']:.4f} of windows "
+                   f"< {tol['alert_decision_agreement_min']}")
+    return out
 
 
 def progress(label: str, done: int, total: int, started: float) -> None:
@@ -165,8 +225,9 @@ def quantize(fp32: Path, int8: Path, contract: Contract) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     # Dynamic quantization: int8 weights, activations quantized per batch at run time, so no calibration set is
-    # needed; MatMul dominates this network, which is exactly what it quantizes.
-    quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8)
+    # needed; MatMul dominates this network, which is exactly what it quantizes. Per-channel weight scales cost
+    # 1 % of size and cut the p99 score difference to fp32 by a third (0.084 -> 0.059 on 2,380 windows).
+    quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8, per_channel=True)
     m = onnx.load(str(int8))
     set_contract(m, contract)  # keep the contract whatever the quantizer does with metadata
     onnx.save(m, str(int8))
@@ -247,7 +308,28 @@ def feature_stats(x: npt.NDArray[np.float64], names: Sequence[str]) -> dict[str,
     return out
 
 
-def build(out: Path, seed: int, quick: bool, jobs: int) -> dict[str, Any]:
+def measure_latency(fp32: Path, int8: Path, runs: Sequence[RunWindows]) -> dict[str, Any]:
+    """Per-window latency (one window per call, as on the vehicle) and batched throughput, fp32 vs int8; the
+    card's figures are from the build machine, bench/run compares them in one run."""
+    from agent.scoring import Scorer
+
+    x = np.vstack([r.x for r in runs if len(r.x)])[:512]
+    out: dict[str, Any] = {"windows": len(x)}
+    for name, path in (("fp32", fp32), ("int8", int8)):
+        sc = Scorer.load(path, batch=64)
+        sc.score(x[:8])  # warm-up: first run allocates
+        t0 = time.perf_counter()
+        for row in x[:128]:
+            sc.score(row[None, :])
+        single = (time.perf_counter() - t0) / min(128, len(x))
+        t0 = time.perf_counter()
+        sc.score(x)
+        batched = (time.perf_counter() - t0) / len(x)
+        out[name] = {"us_per_window": round(single * 1e6, 1), "us_per_window_batched_64": round(batched * 1e6, 2)}
+    return out
+
+
+def build(out: Path, seed: int, quick: bool, jobs: int, public_data: Path | None = None) -> dict[str, Any]:
     from agent.sim import FAULTS
 
     t0 = time.monotonic()
@@ -291,8 +373,6 @@ def build(out: Path, seed: int, quick: bool, jobs: int) -> dict[str, Any]:
     s8 = run_scores(int8, test_runs)
     e32 = evaluate(test_runs, s32, POLICY)
     e8 = evaluate(test_runs, s8, POLICY)
-    diffs = np.concatenate([np.abs(a - b) for a, b in zip(s32, s8, strict=True)])
-    diffs = diffs[np.isfinite(diffs)]
     card = {
         "model": {"name": MODEL_NAME, "version": MODEL_VERSION, "classes": classes},
         "build": {
@@ -309,17 +389,27 @@ def build(out: Path, seed: int, quick: bool, jobs: int) -> dict[str, Any]:
             "size_bytes": {"fp32": fp32.stat().st_size, "int8": int8.stat().st_size},
             "size_ratio": int8.stat().st_size / fp32.stat().st_size,
             "roc_auc_loss": e32["roc_auc"] - e8["roc_auc"],
-            "max_abs_score_diff": float(diffs.max()) if diffs.size else 0.0,
-            "p99_abs_score_diff": float(np.percentile(diffs, 99)) if diffs.size else 0.0,
+            **int8_agreement(s32, s8, POLICY.threshold),
         },
+        "floors": FLOORS,
+        "int8_tolerance": INT8_TOLERANCE,
         "feature_stats": stats,
     }
+    card["int8_vs_fp32"]["latency"] = measure_latency(fp32, int8, test_runs)
+    if public_data is not None:
+        from models.public import evaluate_public
+
+        card["public_data"] = evaluate_public(public_data, seed, quick)
+    missed = check_floors(e8) + check_int8(card["int8_vs_fp32"])
+    card["floors_missed"] = missed
     (out / f"{MODEL_NAME}.card.json").write_text(json.dumps(card, indent=2) + "\n")
     (out / f"{MODEL_NAME}.card.md").write_text(render_card(card))
     print(
         f"built {int8} in {time.monotonic() - t0:.0f}s: ROC-AUC fp32 {e32['roc_auc']:.4f} int8 {e8['roc_auc']:.4f}",
         file=sys.stderr,
     )
+    for m in missed:
+        print(f"FLOOR MISSED: {m}", file=sys.stderr)
     return card
 
 
@@ -358,12 +448,40 @@ def render_card(card: dict[str, Any]) -> str:
             f"| detection rate: {f} (median delay) | {v['detection_rate']:.2f} ({v['median_delay_s']} s) | "
             f"{v8['detection_rate']:.2f} ({v8['median_delay_s']} s) |"
         )
+    tol, fl = card["int8_tolerance"], card["floors"]
+    lat = q.get("latency", {})
     lines += [
         "",
+        "## Floors",
+        "What a model must reach on held-out runs to ship (the build fails a full build that misses one;",
+        "tests/test_model_quality.py checks the shipped int8 model on fresh runs):",
+        f"ROC-AUC >= {fl['roc_auc_min']}; false alarms per hour of healthy operation <= "
+        f"{fl['false_alarms_per_hour_max']}; detection rate "
+        + ", ".join(f"{k} >= {v}" for k, v in fl["detection_rate_min"].items()) + ".",
+        "",
+        "**Missed: " + "; ".join(card["floors_missed"]) + "**" if card["floors_missed"] else "All floors met.",
+        "",
         "## int8 vs fp32",
-        f"- size: {q['size_bytes']['fp32']} → {q['size_bytes']['int8']} bytes (ratio {q['size_ratio']:.3f})",
-        f"- ROC-AUC loss: {q['roc_auc_loss']:+.5f}",
-        f"- score difference on the same windows: max {q['max_abs_score_diff']:.4f}, p99 {q['p99_abs_score_diff']:.4f}",
+        f"- size: {q['size_bytes']['fp32']} → {q['size_bytes']['int8']} bytes (ratio {q['size_ratio']:.3f}; "
+        f"tolerance <= {tol['size_ratio_max']})",
+        f"- ROC-AUC loss: {q['roc_auc_loss']:+.5f} (tolerance <= {tol['roc_auc_loss_max']})",
+        f"- score difference on the same {q['windows']} windows: max {q['max_abs_score_diff']:.4f}, "
+        f"p99 {q['p99_abs_score_diff']:.4f} (tolerance <= {tol['p99_abs_score_diff_max']})",
+        f"- windows on the same side of the alert threshold: {q['alert_decision_agreement']:.4f} "
+        f"(tolerance >= {tol['alert_decision_agreement_min']})",
+    ]
+    if lat:
+        lines.append(
+            f"- latency on the build machine, one window per call: fp32 {lat['fp32']['us_per_window']} µs, "
+            f"int8 {lat['int8']['us_per_window']} µs; batched by 64: fp32 "
+            f"{lat['fp32']['us_per_window_batched_64']} µs, int8 {lat['int8']['us_per_window_batched_64']} µs "
+            "per window (bench/run compares them in one run)"
+        )
+    if "public_data" in card:
+        from models.public import render_public
+
+        lines += ["", *render_public(card["public_data"])]
+    lines += [
         "",
         "## Features",
         "",
@@ -384,9 +502,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="few short runs: a smoke build, not a model to ship")
     p.add_argument("--jobs", type=int, default=min(2, multiprocessing.cpu_count()))
+    p.add_argument("--public-data", type=Path, default=PUBLIC_DATA,
+                   help="folder of the public PdM data sets to run the same method on (default: ../shared/data/pdm;"
+                   " absent sets are reported as skipped)")
+    p.add_argument("--no-public-data", action="store_true", help="leave the public data sets out of the card")
     a = p.parse_args(argv)
-    build(a.out, a.seed, a.quick, a.jobs)
-    return 0
+    card = build(a.out, a.seed, a.quick, a.jobs, None if a.no_public_data else a.public_data)
+    # A quick build is a smoke test, not a candidate: only a full build is held to the floors.
+    return 1 if card["floors_missed"] and not a.quick else 0
 
 
 if __name__ == "__main__":
