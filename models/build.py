@@ -373,7 +373,7 @@ def build(out: Path, seed: int, quick: bool, jobs: int, public_data: Path | None
     s8 = run_scores(int8, test_runs)
     e32 = evaluate(test_runs, s32, POLICY)
     e8 = evaluate(test_runs, s8, POLICY)
-    card = {
+    card: dict[str, Any] = {
         "model": {"name": MODEL_NAME, "version": MODEL_VERSION, "classes": classes},
         "build": {
             "seed": seed,
