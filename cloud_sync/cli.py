@@ -144,6 +144,31 @@ def cmd_alerts(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_web(args: argparse.Namespace) -> int:
+    from cloud_sync.web import make_server
+
+    cfg = load_config(args.config)
+    logging.basicConfig(level=getattr(logging, cfg.log.level), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    db = existing_db(cfg)
+    try:
+        server = make_server(db, args.host, args.port)
+    except OSError as e:
+        db.close()
+        raise CloudDBError(f"cannot listen on {args.host}:{args.port}: {e.strerror}") from None
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
+    host, port = str(server.server_address[0]), int(server.server_address[1])
+    print(f"fleet page on http://{host}:{port}/ (database {db.where}); Ctrl-C stops it", file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        db.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="cloud-sync",
@@ -174,6 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="only alerts at or after this time: hours back (e.g. 24), or a Unix time")
     al.add_argument("--json", action="store_true", help="print one JSON object")
     al.set_defaults(func=cmd_alerts)
+    w = sub.add_parser("web", help="serve the fleet page: vehicles, alerts, and the signals around an alert")
+    w.add_argument("--config", required=True, help="cloud_sync TOML config")
+    w.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: put a reverse "
+                   "proxy with authentication in front before exposing it)")
+    w.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
+    w.set_defaults(func=cmd_web)
     return p
 
 
