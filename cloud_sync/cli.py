@@ -9,24 +9,29 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from agent.clirun import run_cli
 from cloud_sync import __version__
 from cloud_sync.config import CloudConfig, ConfigError, load_config
 from cloud_sync.db import CloudDBError, FleetDB, open_db
 
+T = TypeVar("T")
+
+
+def _config_with_logging(args: argparse.Namespace) -> CloudConfig:
+    """For the long-running commands: the config, and logs to stderr (journald) at its level."""
+    cfg = load_config(args.config)
+    logging.basicConfig(level=getattr(logging, cfg.log.level), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return cfg
+
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from cloud_sync.receiver import Receiver
 
-    cfg = load_config(args.config)
-    logging.basicConfig(
-        level=getattr(logging, cfg.log.level),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    cfg = _config_with_logging(args)
     db = open_db(cfg.db.url, cfg.db.path)
     stop = threading.Event()
 
@@ -51,14 +56,17 @@ def existing_db(cfg: CloudConfig) -> FleetDB:
     return open_db(cfg.db.url, cfg.db.path)
 
 
-def cmd_stats(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config)
-    db = existing_db(cfg)
+def read_db(args: argparse.Namespace, query: Callable[[FleetDB], T]) -> T:
+    """Run one query against the config's existing database and close it."""
+    db = existing_db(load_config(args.config))
     try:
-        vehicles = db.stats()
-        rejected = db.rejected()
+        return query(db)
     finally:
         db.close()
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    vehicles, rejected = read_db(args, lambda db: (db.stats(), db.rejected()))
     if args.json:
         out = [{k: v for k, v in s.to_dict().items() if k != "status"} for s in vehicles]
         print(json.dumps({"vehicles": out, "rejected": rejected}, indent=2))
@@ -94,12 +102,7 @@ def _mib(n: int) -> str:
 
 
 def cmd_fleet(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config)
-    db = existing_db(cfg)
-    try:
-        rows = db.fleet()
-    finally:
-        db.close()
+    rows = read_db(args, lambda db: db.fleet())
     if args.json:
         print(json.dumps({"vehicles": rows}, indent=2))
         return 0
@@ -119,15 +122,10 @@ def cmd_fleet(args: argparse.Namespace) -> int:
 
 
 def cmd_alerts(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config)
     since = None
     if args.since is not None:
         since = args.since if args.since >= 1e9 else time.time() - args.since * 3600  # an epoch or hours back
-    db = existing_db(cfg)
-    try:
-        rows = db.alerts(args.vehicle, args.state, since)
-    finally:
-        db.close()
+    rows = read_db(args, lambda db: db.alerts(args.vehicle, args.state, since))
     if args.json:
         print(json.dumps({"alerts": rows}, indent=2))
         return 0
@@ -147,9 +145,7 @@ def cmd_alerts(args: argparse.Namespace) -> int:
 def cmd_web(args: argparse.Namespace) -> int:
     from cloud_sync.web import make_server
 
-    cfg = load_config(args.config)
-    logging.basicConfig(level=getattr(logging, cfg.log.level), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = _config_with_logging(args)
     db = existing_db(cfg)
     try:
         server = make_server(db, args.host, args.port)
