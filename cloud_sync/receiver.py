@@ -25,7 +25,7 @@ from paho.mqtt.properties import Properties
 
 from agent import wire
 from cloud_sync.config import CloudConfig
-from cloud_sync.db import FleetDB
+from cloud_sync.db import CloudDBError, FleetDB
 
 log = logging.getLogger("cloud_sync.receiver")
 
@@ -163,10 +163,13 @@ class Receiver:
                     break
             try:
                 self._process(batch)
-            except Exception:
+            except Exception as e:
                 # Not acked, so the broker and the vehicles will deliver these again; keep serving.
-                log.exception("failed to store %d messages; they will be redelivered", len(batch))
                 self.stats["store_failures"] += 1
+                if isinstance(e, CloudDBError):  # the database is away: say so in one line, not a traceback each time
+                    log.error("failed to store %d messages (they will be delivered again): %s", len(batch), e)
+                else:
+                    log.exception("failed to store %d messages; they will be delivered again", len(batch))
                 time.sleep(1.0)
 
     # --- lifecycle -------------------------------------------------------------------------------------------

@@ -109,3 +109,45 @@ def test_three_receivers_one_killed_mid_stream_nothing_lost_nothing_twice(
             s.close()
         for p in receivers:
             stop_receiver(p)
+
+
+def test_database_outage_delays_but_loses_nothing(
+    broker: MosquittoBroker, pg_server: TempPostgres, tmp_path: Path
+) -> None:
+    """PostgreSQL stopped mid-stream and started again: the receiver acks nothing it could not commit, reconnects
+    by itself, and the vehicle's resends fill the cloud exactly once."""
+    from cloud_sync.config import CloudConfig
+    from cloud_sync.db_postgres import PostgresDB
+    from cloud_sync.receiver import Receiver
+
+    url = pg_server.new_database("outage")
+    cfg = CloudConfig.model_validate({"mqtt": {"host": broker.host, "port": broker.port, "client_id": "rx-outage"},
+                                      "db": {"url": url}})
+    db = PostgresDB(url)
+    rx = Receiver(cfg, db)
+    rx.start()
+    store = Store(tmp_path / "v.sqlite")
+    up = Uplink(MqttConfig(host=broker.host, port=broker.port, tls=False, batch_max_age_s=0.1, batch_max_bytes=8192,
+                           ack_timeout_s=1.0, reconnect_min_s=0.1, reconnect_max_s=0.5),
+                VehicleConfig(fleet="f1", id="v1"), store, seed=1)
+    up.start()
+    try:
+        assert rx.connected.wait(10)
+        for k in range(10):
+            store.append_samples(_cols(1000, k * 1000 * 10_000))
+        wait_for(lambda: store.status()["backlog_records"] == 0, timeout=30, what="first part drained")
+        pg_server.stop()
+        for k in range(10, 20):
+            store.append_samples(_cols(1000, k * 1000 * 10_000))
+        wait_for(lambda: rx.stats["store_failures"] > 0, timeout=30, what="the receiver to hit the outage")
+        assert store.status()["backlog_records"] > 0  # nothing acked while the database was down
+        pg_server.start()
+        wait_for(lambda: store.status()["backlog_records"] == 0, timeout=60, what="drain after the outage")
+        v = db.stats()[0]
+        assert v.records["samples"] == 20_000 == store.status()["records_written"]["samples"]
+        assert v.gaps == []
+    finally:
+        up.stop()
+        rx.stop()
+        store.close()
+        db.close()

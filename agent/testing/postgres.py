@@ -113,8 +113,10 @@ class TempPostgres:
                 time.sleep(0.1)
 
     def stop(self) -> None:
+        """A fast shutdown through pg_ctl, which waits for the server to be gone (signalling our child would
+        signal `runuser`, which kills the server instead of stopping it)."""
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()  # SIGTERM: smart shutdown
+            self._as(["pg_ctl", "stop", "-D", str(self.data), "-m", "fast", "-w", "-t", "30"], check=False)
             try:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
