@@ -1,10 +1,21 @@
 """Broker security as committed: a real Mosquitto runs docs/deploy/mosquitto.conf (only paths and the port swapped
 for the test's) with docs/deploy/mosquitto.acl, TLS and certificates from a test CA. Vehicle A can neither publish
-as vehicle B nor read B's acks and commands; strangers cannot connect at all."""
+as vehicle B (live, retained or as its last will) nor read B's acks and commands; strangers cannot connect at all.
+
+How Mosquitto 2.0 applies an `acl_file` (which is what these tests pin down):
+- PUBLISH: checked against the topic when it arrives; a denied QoS 1 publish is dropped and, to an MQTT 5 client,
+  answered with PUBACK 0x87 "Not authorized".
+- SUBSCRIBE: not checked at all (the acl_file check returns success for subscribe requests), so every SUBACK says
+  "granted", whatever the filter, `$share/...` included.
+- Delivery: every message is checked, for each subscriber, against the message's real topic with `read` access
+  (shared subscriptions too: the `$share/<group>/` prefix plays no part). A denied subscriber is skipped.
+"""
 
 from __future__ import annotations
 
+import socket
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,13 +23,16 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent.testing.broker import MosquittoBroker, free_port
+from agent.testing.broker import MosquittoBroker, find_mosquitto, free_port
 from agent.testing.tls import CertFiles, Pki
 
 DEPLOY = Path(__file__).resolve().parents[1] / "docs" / "deploy"
 WAIT_S = 5.0
+NOT_AUTHORIZED = 0x87
+UPLINK_LEAVES = ("telemetry", "alerts", "events", "status")
 
 
 def committed_conf(port: int, pki: Pki, server: CertFiles, workdir: Path) -> str:
@@ -49,13 +63,17 @@ class Client:
     c: mqtt.Client
     got: list[tuple[str, bytes]] = field(default_factory=list)
     arrived: threading.Event = field(default_factory=threading.Event)
+    acks: dict[int, ReasonCode] = field(default_factory=dict)  # PUBACK reason code by message id
     subacks: list[list[ReasonCode]] = field(default_factory=list)
     subscribed: threading.Event = field(default_factory=threading.Event)
+    unsubscribed: threading.Event = field(default_factory=threading.Event)
 
-    def publish(self, topic: str, payload: bytes) -> mqtt.MQTTMessageInfo:
-        info = self.c.publish(topic, payload, qos=1)
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> ReasonCode:
+        """QoS 1; returns the broker's PUBACK reason code."""
+        info = self.c.publish(topic, payload, qos=1, retain=retain)
         info.wait_for_publish(WAIT_S)
-        return info
+        assert info.is_published(), f"no PUBACK for {topic}"
+        return self.acks[info.mid]
 
     def subscribe(self, *filters: str) -> list[ReasonCode]:
         self.subscribed.clear()
@@ -63,17 +81,35 @@ class Client:
         assert self.subscribed.wait(WAIT_S)
         return self.subacks[-1]
 
+    def unsubscribe(self, *filters: str) -> None:
+        self.unsubscribed.clear()
+        self.c.unsubscribe(list(filters))
+        assert self.unsubscribed.wait(WAIT_S)
+
+    def payloads(self) -> set[bytes]:
+        return {p for _, p in self.got}
+
     def wait_for(self, payload: bytes) -> None:
-        deadline = threading.Event()
-        for _ in range(int(WAIT_S / 0.05)):
-            if any(p == payload for _, p in self.got):
+        deadline = time.monotonic() + WAIT_S
+        while True:
+            self.arrived.clear()  # cleared before looking: a message landing after the look sets it again
+            if payload in self.payloads():
                 return
-            deadline.wait(0.05)
-        raise AssertionError(f"{payload!r} never arrived; got {self.got}")
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.arrived.wait(left):
+                if payload in self.payloads():
+                    return
+                raise AssertionError(f"{payload!r} never arrived; got {self.got}")
+
+    def close(self) -> None:
+        self.c.disconnect()  # wakes the network thread, which then ends
+        self.c.loop_stop()
 
 
 @pytest.fixture
 def fleet(tmp_path: Path) -> Iterator[tuple[MosquittoBroker, Pki]]:
+    if find_mosquitto() is None:
+        pytest.fail("mosquitto is not installed: the test command installs it (see README Quickstart)")
     pki = Pki(tmp_path / "pki")
     port = free_port()
     b = MosquittoBroker(port=port, workdir=tmp_path / "mosq",
@@ -83,38 +119,59 @@ def fleet(tmp_path: Path) -> Iterator[tuple[MosquittoBroker, Pki]]:
     b.close()
 
 
-def connect(broker: MosquittoBroker, certs: CertFiles | None, ca: Path, cid: str) -> Client | str:
-    """A connected client, or the reason it could not connect."""
+def connect(broker: MosquittoBroker, certs: CertFiles | None, ca: Path, cid: str,
+            will: tuple[str, bytes] | None = None, thread: bool = True) -> Client | str:
+    """A connected client (its network thread started unless `thread` is False), or why it could not connect."""
     c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cid, protocol=mqtt.MQTTv5)
     c.tls_set(ca_certs=str(ca), certfile=str(certs.cert) if certs else None, keyfile=str(certs.key) if certs else None)
+    if will:
+        c.will_set(will[0], will[1], qos=1, retain=True)
     cl = Client(c)
-    ok, ended = threading.Event(), threading.Event()
-    c.on_connect = lambda *a: ok.set() if not a[3].is_failure else ended.set()
-    c.on_disconnect = lambda *a: ended.set()  # a stranger is cut off during or right after the handshake
+    connack: list[ReasonCode] = []
+
+    def on_connect(_c: mqtt.Client, _u: object, _f: object, rc: ReasonCode, _p: object) -> None:
+        connack.append(rc)
 
     def on_message(_c: mqtt.Client, _u: object, m: mqtt.MQTTMessage) -> None:
         cl.got.append((m.topic, bytes(m.payload)))
         cl.arrived.set()
 
+    def on_publish(_c: mqtt.Client, _u: object, mid: int, rc: ReasonCode, _p: Properties) -> None:
+        cl.acks[mid] = rc
+
     def on_subscribe(_c: mqtt.Client, _u: object, _mid: int, codes: list[ReasonCode], _p: object) -> None:
         cl.subacks.append(codes)
         cl.subscribed.set()
 
-    c.on_message = on_message
-    c.on_subscribe = on_subscribe
+    def on_unsubscribe(_c: mqtt.Client, _u: object, _mid: int, _codes: object, _p: object) -> None:
+        cl.unsubscribed.set()
+
+    c.on_connect, c.on_message, c.on_publish = on_connect, on_message, on_publish
+    c.on_subscribe, c.on_unsubscribe = on_subscribe, on_unsubscribe
     try:
         c.connect("localhost", broker.port)
-    except OSError as e:  # the TLS handshake itself failed
+    except OSError as e:  # the TLS handshake itself failed (ssl.SSLError is an OSError)
         return f"refused: {e}"
-    c.loop_start()
-    for _ in range(int(WAIT_S / 0.02)):
-        if ok.is_set() or ended.is_set():
-            break
-        ended.wait(0.02)
-    if not ok.is_set():
-        c.loop_stop()
-        return "refused: no CONNACK"
+    # Drive the connection by hand until CONNACK: a refused client then leaves no thread behind to reconnect.
+    deadline = time.monotonic() + WAIT_S
+    while not connack and time.monotonic() < deadline:
+        rc = c.loop(timeout=0.05)
+        if rc != mqtt.MQTT_ERR_SUCCESS:
+            return f"refused: {rc!r}"  # cut off during or right after the handshake (bad or missing certificate)
+    if not connack or connack[0].is_failure:
+        c.disconnect()
+        return f"refused: CONNACK {connack}"
+    if thread:
+        c.loop_start()
     return cl
+
+
+def drop(cl: Client) -> None:
+    """Cut the connection without a DISCONNECT packet, as a vehicle losing power would: the broker sends its will."""
+    sock = cl.c.socket()
+    assert isinstance(sock, socket.socket)  # an ssl.SSLSocket
+    sock.shutdown(socket.SHUT_RDWR)
+    sock.close()
 
 
 def test_a_vehicle_is_confined_to_its_own_subtree(fleet: tuple[MosquittoBroker, Pki]) -> None:
@@ -124,48 +181,108 @@ def test_a_vehicle_is_confined_to_its_own_subtree(fleet: tuple[MosquittoBroker, 
     b = connect(broker, pki.issue("veh-b"), pki.ca, "veh-b")
     assert isinstance(cloud, Client) and isinstance(a, Client) and isinstance(b, Client)
     try:
-        codes = cloud.subscribe(*(f"$share/cloud/fleet/+/vehicle/+/{leaf}" for leaf in
-                                  ("telemetry", "alerts", "events", "status")))
+        # The cloud's filters, as cloud_sync's receiver subscribes them (a shared subscription per uplink leaf).
+        codes = cloud.subscribe(*(f"$share/cloud/fleet/+/vehicle/+/{leaf}" for leaf in UPLINK_LEAVES))
         assert all(not c.is_failure for c in codes)
 
         # A's own uplink arrives at the cloud through the shared subscription.
-        a.publish("fleet/f1/vehicle/veh-a/telemetry", b"a-own-1")
+        assert not a.publish("fleet/f1/vehicle/veh-a/telemetry", b"a-own-1").is_failure
         cloud.wait_for(b"a-own-1")
 
-        # A publishing as B, on every leaf and in another fleet's tree: the broker drops it and the cloud receives
-        # none of it. The control message after them proves delivery was still flowing.
-        forged = [f"fleet/{fl}/vehicle/veh-b/{leaf}" for fl in ("f1", "f2")
-                  for leaf in ("telemetry", "alerts", "events", "status")]
-        for i, topic in enumerate(forged):
-            a.publish(topic, f"forged-{i}".encode())
-        a.publish("fleet/f1/vehicle/veh-a/alerts", b"a-own-2")
+        # A publishing as B, on every leaf and in another fleet's tree: the broker refuses each one (PUBACK 0x87)
+        # and the cloud receives none of it. The control message after them proves delivery was still flowing:
+        # the broker routes one client's messages in order, so a forged one would have arrived before it.
+        forged = [f"fleet/{fl}/vehicle/veh-b/{leaf}" for fl in ("f1", "f2") for leaf in UPLINK_LEAVES]
+        refused = {topic: a.publish(topic, f"forged-{i}".encode()).value for i, topic in enumerate(forged)}
+        assert refused == dict.fromkeys(forged, NOT_AUTHORIZED)
+        assert not a.publish("fleet/f1/vehicle/veh-a/alerts", b"a-own-2").is_failure
         cloud.wait_for(b"a-own-2")
-        assert not [p for _, p in cloud.got if p.startswith(b"forged")]
+        assert not [p for p in cloud.payloads() if p.startswith(b"forged")]
 
         # A cannot write the cloud's side either: acks and commands to B, or to itself.
-        for topic in ("fleet/f1/vehicle/veh-b/ack", "fleet/f1/vehicle/veh-b/cmd/model", "fleet/f1/vehicle/veh-a/ack"):
-            a.publish(topic, b"fake-ack")
+        fake = ("fleet/f1/vehicle/veh-b/ack", "fleet/f1/vehicle/veh-b/cmd/model", "fleet/f1/vehicle/veh-a/ack")
+        assert {a.publish(topic, b"fake-ack").value for topic in fake} == {NOT_AUTHORIZED}
 
-        # A subscribing to B's acks and commands, or to everything: whatever the SUBACK says, nothing of B's reaches
-        # A, while B gets its own (positive control) and A gets its own.
-        # (Mosquitto 2.0.11 grants these SUBACKs and filters at delivery, which is what is checked below.)
-        a.subscribe("fleet/f1/vehicle/veh-b/ack", "fleet/f1/vehicle/veh-b/cmd/#", "fleet/#", "#")
+        # B's retained status (its own, allowed) is there for a reader the ACL lets in (the cloud, subscribed without
+        # $share: shared subscriptions get no retained messages)...
+        assert not b.publish("fleet/f1/vehicle/veh-b/status", b"b-online", retain=True).is_failure
+        cloud.subscribe("fleet/f1/vehicle/veh-b/status")
+        cloud.wait_for(b"b-online")
+
+        # ...but not for A. A subscribing to B's acks and commands, or to everything: Mosquitto 2.0 grants every
+        # SUBACK (its acl_file does not check subscriptions) and filters at delivery, live and retained, so what
+        # is checked is what arrives: nothing of B's reaches A, while B gets its own (positive control) and A its own.
+        a_codes = a.subscribe("fleet/f1/vehicle/veh-b/ack", "fleet/f1/vehicle/veh-b/cmd/#", "fleet/#", "#")
+        assert all(c.value in (1, NOT_AUTHORIZED) for c in a_codes), a_codes  # granted-and-filtered, or refused
         b.subscribe("fleet/f1/vehicle/veh-b/ack", "fleet/f1/vehicle/veh-b/cmd/#")
         assert all(not c.is_failure for c in a.subscribe("fleet/f1/vehicle/veh-a/ack"))
-        assert not [p for _, p in b.got if p == b"fake-ack"]  # A's fake acks never reached B
-        cloud.publish("fleet/f1/vehicle/veh-b/ack", b"ack-for-b")
-        cloud.publish("fleet/f1/vehicle/veh-b/cmd/model", b"cmd-for-b")
-        cloud.publish("fleet/f1/vehicle/veh-a/ack", b"ack-for-a")
+        assert b"fake-ack" not in b.payloads()  # A's fake acks never reached B
+        assert not cloud.publish("fleet/f1/vehicle/veh-b/ack", b"ack-for-b").is_failure
+        assert not cloud.publish("fleet/f1/vehicle/veh-b/cmd/model", b"cmd-for-b").is_failure
+        assert not cloud.publish("fleet/f1/vehicle/veh-a/ack", b"ack-for-a").is_failure
         b.wait_for(b"ack-for-b")
         b.wait_for(b"cmd-for-b")
         a.wait_for(b"ack-for-a")
-        assert {p for _, p in a.got} == {b"ack-for-a"}, a.got  # once per matching filter, nothing else
-        # Nor can B read the cloud's uplink from A.
-        assert not [p for _, p in b.got if p.startswith(b"a-own")]
+        assert a.payloads() == {b"ack-for-a"}, a.got  # no retained status, no ack or command of B's, no uplink
+        # Nor can B read the uplink (A's messages, its own status).
+        assert b.payloads() == {b"ack-for-b", b"cmd-for-b"}, b.got
     finally:
         for cl in (cloud, a, b):
-            cl.c.loop_stop()
-            cl.c.disconnect()
+            cl.close()
+
+
+def test_a_vehicle_cannot_leave_a_will_as_another(fleet: tuple[MosquittoBroker, Pki]) -> None:
+    broker, pki = fleet
+    cloud = connect(broker, pki.issue("cloud-sync"), pki.ca, "rx-1")
+    assert isinstance(cloud, Client)
+    a_cert = pki.issue("veh-a")
+    try:
+        cloud.subscribe("$share/cloud/fleet/+/vehicle/+/status")
+        forger = connect(broker, a_cert, pki.ca, "veh-a", will=("fleet/f1/vehicle/veh-b/status", b"b-forged-will"),
+                         thread=False)
+        assert isinstance(forger, Client)
+        drop(forger)
+        # Control: A again, same client id, its own status as its will. Its CONNACK means the broker has finished
+        # with the first connection (dropped, or taken over), forged will included; then its own will must arrive.
+        honest = connect(broker, a_cert, pki.ca, "veh-a", will=("fleet/f1/vehicle/veh-a/status", b"a-will"),
+                         thread=False)
+        assert isinstance(honest, Client)
+        drop(honest)
+        cloud.wait_for(b"a-will")
+        assert b"b-forged-will" not in cloud.payloads(), cloud.got
+    finally:
+        cloud.close()
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "Known gap of Mosquitto 2.0's acl_file, which does not check SUBSCRIBE: a vehicle that subscribes with the cloud's "
+    "exact shared filter joins its group; the broker gives it its turn, the delivery ACL check denies it, and that "
+    "message is dropped, not passed on. Vehicles resend after ack_timeout_s, so it delays rather than loses. "
+    "Mitigations: docs/deploy.md, 'Broker security'. Strict: this fails the run once the gap is closed."))
+def test_a_vehicle_cannot_take_a_share_of_the_clouds_messages(fleet: tuple[MosquittoBroker, Pki]) -> None:
+    broker, pki = fleet
+    cloud = connect(broker, pki.issue("cloud-sync"), pki.ca, "rx-1")
+    a = connect(broker, pki.issue("veh-a"), pki.ca, "veh-a")
+    rogue = connect(broker, pki.issue("veh-r"), pki.ca, "veh-r")
+    assert isinstance(cloud, Client) and isinstance(a, Client) and isinstance(rogue, Client)
+    shared = "$share/cloud_sync/fleet/f1/vehicle/+/telemetry"  # cloud_sync's default share_group, fleet f1
+    try:
+        cloud.subscribe(shared)
+        rogue.subscribe(shared)
+        sent = [f"m{i}".encode() for i in range(10)]
+        for p in sent:
+            a.publish("fleet/f1/vehicle/veh-a/telemetry", p)
+        # Every message above was routed before its PUBACK; the rogue then leaves, and a control message can only go
+        # to the cloud: once it is there, whatever the cloud lacks of the ten is not coming.
+        rogue.unsubscribe(shared)
+        a.publish("fleet/f1/vehicle/veh-a/telemetry", b"control")
+        cloud.wait_for(b"control")
+        assert not rogue.got  # the read ACL holds: the rogue sees nothing...
+        missing = [p for p in sent if p not in cloud.payloads()]
+        assert not missing, f"dropped by the broker on the rogue's turns: {missing}"  # ...but the cloud lost these
+    finally:
+        for cl in (cloud, a, rogue):
+            cl.close()
 
 
 def test_strangers_cannot_connect(fleet: tuple[MosquittoBroker, Pki], tmp_path: Path) -> None:
@@ -175,5 +292,4 @@ def test_strangers_cannot_connect(fleet: tuple[MosquittoBroker, Pki], tmp_path: 
     assert isinstance(connect(broker, other.issue("veh-a"), pki.ca, "wrong-ca"), str)
     good = connect(broker, pki.issue("veh-c"), pki.ca, "veh-c")  # control: the same code path connects
     assert isinstance(good, Client)
-    good.c.loop_stop()
-    good.c.disconnect()
+    good.close()
