@@ -1,6 +1,11 @@
 """Child process for `ingest_cpu_percent_at_1500fps`: a live virtual bus at a given frame rate, consumed either by
 the whole agent (`agent`) or by the naive gateway (`naive`: recv + cantools decode per frame). Prints JSON with
-the consumer's CPU seconds: process CPU minus the sender thread's own CPU, over the measured interval."""
+the consumer's CPU seconds (process CPU minus the sender thread's own CPU, over the measured interval) and, for
+the agent, the windows it formed and scored.
+
+The traffic is the simulator's (the model is built for it, so the agent really scores), sped up to the asked
+frame rate (the simulator sends ~100 frames/s); frames keep the simulated clock (`preserve_timestamps`), so 30 s
+windows close at the data's pace, as they would on a busy real bus."""
 
 from __future__ import annotations
 
@@ -29,8 +34,12 @@ def _proc_cpu() -> float:
 
 def main() -> None:
     mode, fps, seconds = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
-    frames = list(can.LogReader(str(SHARED_DATA / "can" / "johndeere_5055e" / "maniLog_candumpL.log")))
-    frames += list(can.LogReader(str(SHARED_DATA / "can" / "johndeere_5055e" / "highRPM1_candumpL.log")))
+    from agent.sim.j1939_tx import J1939Transmitter
+    from agent.sim.physics import Harvester
+
+    probe = sum(1 for _ in J1939Transmitter(Harvester(seed=7)).frames_until(60.0)) / 60.0
+    speed = fps / probe  # simulated seconds per wall second
+    frames = list(J1939Transmitter(Harvester(seed=7)).frames_until((seconds + 5.0) * speed))
     channel = f"live-{os.getpid()}"
     stop = threading.Event()
     sender_cpu = [0.0]
@@ -74,7 +83,7 @@ def main() -> None:
 
         consumer = threading.Thread(target=naive, daemon=True)
         consumer.start()
-    tx = can.Bus(interface="virtual", channel=channel)
+    tx = can.Bus(interface="virtual", channel=channel, preserve_timestamps=True)
     time.sleep(1.0)  # let start-up finish before measuring
 
     def sender() -> None:
@@ -84,10 +93,13 @@ def main() -> None:
         t_next = time.monotonic()
         i = 0.0
         k = 0
+        wall0 = time.time()
         while not stop.is_set():
             i += per_tick
-            while k < int(i):
-                tx.send(frames[k % len(frames)])
+            while k < int(i) and k < len(frames):
+                m = frames[k]
+                m.timestamp += wall0  # the simulated clock, started now
+                tx.send(m)
                 k += 1
             t_next += period
             time.sleep(max(0.0, t_next - time.monotonic()))
@@ -103,8 +115,13 @@ def main() -> None:
     th.join()
     wall = time.monotonic() - w0
     consumer_cpu = _proc_cpu() - p0 - sender_cpu[0]
-    print(json.dumps({"mode": mode, "cpu_s": consumer_cpu, "wall_s": wall, "sent": sent[0],
-                      "cpu_percent": 100 * consumer_cpu / wall}), flush=True)
+    out: dict[str, Any] = {"mode": mode, "cpu_s": consumer_cpu, "wall_s": wall, "sent": sent[0],
+                           "cpu_percent": 100 * consumer_cpu / wall, "speed": speed}
+    if mode == "agent":
+        time.sleep(0.5)  # the last batch through the pipeline before reading its counters
+        st = consumer.pipeline.stats
+        out.update(frames=st.frames, windows=st.windows, windows_scored=st.windows_scored)
+    print(json.dumps(out), flush=True)
     os._exit(0)  # no orderly shutdown: the measurement is over
 
 
