@@ -1,6 +1,13 @@
-"""Broker security as committed: a real Mosquitto runs docs/deploy/mosquitto.conf (only paths and the port swapped
-for the test's) with docs/deploy/mosquitto.acl, TLS and certificates from a test CA. Vehicle A can neither publish
-as vehicle B (live, retained or as its last will) nor read B's acks and commands; strangers cannot connect at all.
+"""Broker security as committed: a real Mosquitto runs each committed set-up (only paths and the port swapped for the
+test's), TLS and certificates from a test CA:
+
+- `dynsec` (the set-up docs/deploy.md installs): docs/deploy/mosquitto.conf with the dynamic-security plugin, its
+  file written by docs/deploy/dynsec_provision.py, run as a separate process as an admin would;
+- `acl_file` (the documented fallback): docs/deploy/mosquitto-acl_file.conf with docs/deploy/mosquitto.acl.
+
+On both, vehicle A can neither publish as vehicle B (live, retained or as its last will) nor read B's acks and
+commands; strangers cannot connect at all. Only dynsec also refuses a vehicle's SUBSCRIBE outside its own downlink,
+which is what keeps a vehicle out of the receivers' shared subscription.
 
 How Mosquitto 2.0 applies an `acl_file` (which is what these tests pin down):
 - PUBLISH: checked against the topic when it arrives; a denied QoS 1 publish is dropped and, to an MQTT 5 client,
@@ -9,11 +16,18 @@ How Mosquitto 2.0 applies an `acl_file` (which is what these tests pin down):
   "granted", whatever the filter, `$share/...` included.
 - Delivery: every message is checked, for each subscriber, against the message's real topic with `read` access
   (shared subscriptions too: the `$share/<group>/` prefix plays no part). A denied subscriber is skipped.
+
+And the dynamic-security plugin (Mosquitto 2.0.11): PUBLISH and delivery as above (publishClientSend,
+publishClientReceive), and SUBSCRIBE checked against the filter as sent (subscribePattern), `$share/<group>/`
+included: a refused filter gets SUBACK 0x87 and is never added.
 """
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -30,31 +44,64 @@ from agent.testing.broker import MosquittoBroker, find_mosquitto, free_port
 from agent.testing.tls import CertFiles, Pki
 
 DEPLOY = Path(__file__).resolve().parents[1] / "docs" / "deploy"
+PROVISION = DEPLOY / "dynsec_provision.py"
 WAIT_S = 5.0
+GRANTED_QOS1 = 1
 NOT_AUTHORIZED = 0x87
 UPLINK_LEAVES = ("telemetry", "alerts", "events", "status")
+SETUPS = ("dynsec", "acl_file")
+# Provisioned in the dynsec set-up, as docs/deploy.md's vehicles.txt would list them.
+VEHICLES = "# fleet vehicle\nf1 veh-a\nf1 veh-b\nf1 veh-c\nf1 veh-r\n"
+DYNSEC_PLUGIN_PATHS = ("/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so",
+                       "/usr/lib/aarch64-linux-gnu/mosquitto_dynamic_security.so",
+                       "/usr/lib/mosquitto_dynamic_security.so", "/usr/local/lib/mosquitto_dynamic_security.so")
 
 
-def committed_conf(port: int, pki: Pki, server: CertFiles, workdir: Path) -> str:
-    """docs/deploy/mosquitto.conf with the test's port, certificates, ACL path and folders."""
+def dynsec_plugin() -> str:
+    for cand in DYNSEC_PLUGIN_PATHS:
+        if os.path.exists(cand):
+            return cand
+    pytest.fail("mosquitto_dynamic_security.so not found (Debian's mosquitto package ships it; "
+                "`dpkg -L mosquitto | grep dynamic`)")
+
+
+def provision(*args: str) -> str:
+    """docs/deploy/dynsec_provision.py as an admin runs it: its own process, standard library only."""
+    out = subprocess.run([sys.executable, str(PROVISION), *args], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def committed_conf(setup: str, port: int, pki: Pki, server: CertFiles, workdir: Path) -> str:
+    """The set-up's committed config with the test's port, certificates, ACL or plugin paths and folders."""
     swap = {
         "listener": f"listener {port} 127.0.0.1",
         "cafile": f"cafile {pki.ca}",
         "certfile": f"certfile {server.cert}",
         "keyfile": f"keyfile {server.key}",
-        "acl_file": f"acl_file {DEPLOY / 'mosquitto.acl'}",
         "persistence_location": f"persistence_location {workdir}/",
         "log_dest": "log_dest stderr",
     }
+    if setup == "dynsec":
+        name = "mosquitto.conf"
+        swap["plugin"] = f"plugin {dynsec_plugin()}"
+        swap["plugin_opt_config_file"] = f"plugin_opt_config_file {workdir / 'dynamic-security.json'}"
+    else:
+        name = "mosquitto-acl_file.conf"
+        swap["acl_file"] = f"acl_file {DEPLOY / 'mosquitto.acl'}"
     out, seen = [], set()
-    for line in (DEPLOY / "mosquitto.conf").read_text().splitlines():
+    for line in (DEPLOY / name).read_text().splitlines():
         key = line.split(" ", 1)[0]
         if key in swap:
             seen.add(key)
             out.append(swap[key])
         elif line and not line.startswith("#"):
             out.append(line)
-    assert seen == set(swap), f"docs/deploy/mosquitto.conf lacks {set(swap) - seen}"
+    assert seen == set(swap), f"docs/deploy/{name} lacks {set(swap) - seen}"
+    if setup == "dynsec":
+        # The plugin's file, from the provisioning script as committed; the plugin rewrites it on every change.
+        (workdir / "vehicles.txt").write_text(VEHICLES)
+        (workdir / "dynamic-security.json").write_text(provision("init", "--vehicles", str(workdir / "vehicles.txt")))
     return "\n".join(out)  # MosquittoBroker puts its own lines first (the user to run as, log to stderr)
 
 
@@ -106,16 +153,27 @@ class Client:
         self.c.loop_stop()
 
 
-@pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[tuple[MosquittoBroker, Pki]]:
+@dataclass
+class Fleet:
+    broker: MosquittoBroker
+    pki: Pki
+    setup: str  # one of SETUPS
+    workdir: Path
+
+
+@pytest.fixture(params=SETUPS)
+def fleet(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Fleet]:
     if find_mosquitto() is None:
         pytest.fail("mosquitto is not installed: the test command installs it (see README Quickstart)")
+    setup: str = request.param
     pki = Pki(tmp_path / "pki")
     port = free_port()
-    b = MosquittoBroker(port=port, workdir=tmp_path / "mosq",
-                        extra_conf=committed_conf(port, pki, pki.issue("localhost", server=True), tmp_path / "mosq"))
+    workdir = tmp_path / "mosq"
+    workdir.mkdir()
+    b = MosquittoBroker(port=port, workdir=workdir,
+                        extra_conf=committed_conf(setup, port, pki, pki.issue("localhost", server=True), workdir))
     b.start()
-    yield b, pki
+    yield Fleet(b, pki, setup, workdir)
     b.close()
 
 
@@ -174,8 +232,8 @@ def drop(cl: Client) -> None:
     sock.close()
 
 
-def test_a_vehicle_is_confined_to_its_own_subtree(fleet: tuple[MosquittoBroker, Pki]) -> None:
-    broker, pki = fleet
+def test_a_vehicle_is_confined_to_its_own_subtree(fleet: Fleet) -> None:
+    broker, pki = fleet.broker, fleet.pki
     cloud = connect(broker, pki.issue("cloud-sync"), pki.ca, "rx-1")
     a = connect(broker, pki.issue("veh-a"), pki.ca, "veh-a")
     b = connect(broker, pki.issue("veh-b"), pki.ca, "veh-b")
@@ -209,11 +267,13 @@ def test_a_vehicle_is_confined_to_its_own_subtree(fleet: tuple[MosquittoBroker, 
         cloud.subscribe("fleet/f1/vehicle/veh-b/status")
         cloud.wait_for(b"b-online")
 
-        # ...but not for A. A subscribing to B's acks and commands, or to everything: Mosquitto 2.0 grants every
-        # SUBACK (its acl_file does not check subscriptions) and filters at delivery, live and retained, so what
-        # is checked is what arrives: nothing of B's reaches A, while B gets its own (positive control) and A its own.
+        # ...but not for A. A subscribing to B's acks and commands, or to everything: dynsec refuses each filter
+        # (SUBACK 0x87); the acl_file set-up grants every SUBACK (it does not check subscriptions) and filters at
+        # delivery, live and retained. Either way what is checked is what arrives: nothing of B's reaches A, while
+        # B gets its own (positive control) and A its own.
         a_codes = a.subscribe("fleet/f1/vehicle/veh-b/ack", "fleet/f1/vehicle/veh-b/cmd/#", "fleet/#", "#")
-        assert all(c.value in (1, NOT_AUTHORIZED) for c in a_codes), a_codes  # granted-and-filtered, or refused
+        expected = NOT_AUTHORIZED if fleet.setup == "dynsec" else GRANTED_QOS1
+        assert [c.value for c in a_codes] == [expected] * 4, a_codes
         b.subscribe("fleet/f1/vehicle/veh-b/ack", "fleet/f1/vehicle/veh-b/cmd/#")
         assert all(not c.is_failure for c in a.subscribe("fleet/f1/vehicle/veh-a/ack"))
         assert b"fake-ack" not in b.payloads()  # A's fake acks never reached B
@@ -231,8 +291,8 @@ def test_a_vehicle_is_confined_to_its_own_subtree(fleet: tuple[MosquittoBroker, 
             cl.close()
 
 
-def test_a_vehicle_cannot_leave_a_will_as_another(fleet: tuple[MosquittoBroker, Pki]) -> None:
-    broker, pki = fleet
+def test_a_vehicle_cannot_leave_a_will_as_another(fleet: Fleet) -> None:
+    broker, pki = fleet.broker, fleet.pki
     cloud = connect(broker, pki.issue("cloud-sync"), pki.ca, "rx-1")
     assert isinstance(cloud, Client)
     a_cert = pki.issue("veh-a")
@@ -254,24 +314,26 @@ def test_a_vehicle_cannot_leave_a_will_as_another(fleet: tuple[MosquittoBroker, 
         cloud.close()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "Known gap of Mosquitto 2.0's acl_file, which does not check SUBSCRIBE: a vehicle that subscribes with the cloud's "
-    "exact shared filter joins its group; the broker gives it its turn, the delivery ACL check denies it, and that "
-    "message is dropped, not passed on. Vehicles resend after ack_timeout_s, so it delays rather than loses. "
-    "Mitigations: docs/deploy.md, 'Broker security'. Strict: this fails the run once the gap is closed."))
-def test_a_vehicle_cannot_take_a_share_of_the_clouds_messages(fleet: tuple[MosquittoBroker, Pki]) -> None:
-    broker, pki = fleet
+@pytest.mark.parametrize("fleet", ["dynsec", pytest.param("acl_file", marks=pytest.mark.xfail(
+    strict=True, raises=AssertionError, reason=(
+        "Known gap of Mosquitto 2.0's acl_file (the fallback set-up), which does not check SUBSCRIBE: a vehicle that "
+        "subscribes with the cloud's exact shared filter joins its group; the broker gives it its turn, the delivery "
+        "ACL check denies it, and that message is dropped, not passed on. Vehicles resend after ack_timeout_s, so it "
+        "delays rather than loses. The dynsec set-up closes it; docs/deploy.md, 'Broker security'.")))],
+    indirect=True)
+def test_a_vehicle_cannot_take_a_share_of_the_clouds_messages(fleet: Fleet) -> None:
+    broker, pki = fleet.broker, fleet.pki
     cloud = connect(broker, pki.issue("cloud-sync"), pki.ca, "rx-1")
     a = connect(broker, pki.issue("veh-a"), pki.ca, "veh-a")
     rogue = connect(broker, pki.issue("veh-r"), pki.ca, "veh-r")
     assert isinstance(cloud, Client) and isinstance(a, Client) and isinstance(rogue, Client)
     shared = "$share/cloud_sync/fleet/f1/vehicle/+/telemetry"  # cloud_sync's default share_group, fleet f1
     try:
-        cloud.subscribe(shared)
-        rogue.subscribe(shared)
+        assert [c.value for c in cloud.subscribe(shared)] == [GRANTED_QOS1]
+        rogue_codes = rogue.subscribe(shared)
         sent = [f"m{i}".encode() for i in range(10)]
         for p in sent:
-            a.publish("fleet/f1/vehicle/veh-a/telemetry", p)
+            assert not a.publish("fleet/f1/vehicle/veh-a/telemetry", p).is_failure
         # Every message above was routed before its PUBACK; the rogue then leaves, and a control message can only go
         # to the cloud: once it is there, whatever the cloud lacks of the ten is not coming.
         rogue.unsubscribe(shared)
@@ -280,13 +342,14 @@ def test_a_vehicle_cannot_take_a_share_of_the_clouds_messages(fleet: tuple[Mosqu
         assert not rogue.got  # the read ACL holds: the rogue sees nothing...
         missing = [p for p in sent if p not in cloud.payloads()]
         assert not missing, f"dropped by the broker on the rogue's turns: {missing}"  # ...but the cloud lost these
+        assert [c.value for c in rogue_codes] == [NOT_AUTHORIZED]  # refused at SUBSCRIBE, so it never joined
     finally:
         for cl in (cloud, a, rogue):
             cl.close()
 
 
-def test_strangers_cannot_connect(fleet: tuple[MosquittoBroker, Pki], tmp_path: Path) -> None:
-    broker, pki = fleet
+def test_strangers_cannot_connect(fleet: Fleet, tmp_path: Path) -> None:
+    broker, pki = fleet.broker, fleet.pki
     assert isinstance(connect(broker, None, pki.ca, "no-cert"), str)
     other = Pki(tmp_path / "other-ca")
     assert isinstance(connect(broker, other.issue("veh-a"), pki.ca, "wrong-ca"), str)
