@@ -356,3 +356,130 @@ def test_strangers_cannot_connect(fleet: Fleet, tmp_path: Path) -> None:
     good = connect(broker, pki.issue("veh-c"), pki.ca, "veh-c")  # control: the same code path connects
     assert isinstance(good, Client)
     good.close()
+
+
+# ---- The dynsec set-up only: what the acl_file fallback cannot express. ----
+
+DYNSEC_ONLY = pytest.mark.parametrize("fleet", ["dynsec"], indirect=True)
+CONTROL = "$CONTROL/dynamic-security/v1"
+
+
+@DYNSEC_ONLY
+def test_dynsec_a_vehicle_may_subscribe_only_to_its_own_downlink(fleet: Fleet) -> None:
+    broker, pki = fleet.broker, fleet.pki
+    cloud = connect(broker, pki.issue("cloud-sync"), pki.ca, "rx-1")
+    a = connect(broker, pki.issue("veh-a"), pki.ca, "veh-a")
+    assert isinstance(cloud, Client) and isinstance(a, Client)
+    own = "fleet/f1/vehicle/veh-a"
+    allowed = [f"{own}/ack", f"{own}/cmd/#", f"{own}/cmd/model", "fleet/f1/cmd/#", "fleet/f1/cmd/reboot"]
+    refused = [
+        # The receivers' shared filters, under their default group and any other, and narrowed to A's own uplink.
+        *(f"$share/cloud_sync/fleet/f1/vehicle/+/{leaf}" for leaf in UPLINK_LEAVES),
+        "$share/cloud_sync/fleet/+/vehicle/+/telemetry", "$share/cloud-9f2c/fleet/f1/vehicle/+/alerts",
+        f"$share/cloud_sync/{own}/telemetry", f"$share/x/{own}/ack",
+        # Another vehicle's downlink, every vehicle's, a wider slice of its own, its own uplink, another fleet's tree.
+        "fleet/f1/vehicle/veh-b/ack", "fleet/f1/vehicle/veh-b/cmd/#", "fleet/f1/vehicle/+/ack",
+        "fleet/+/vehicle/+/cmd/#", f"{own}/#", f"{own}/+", f"{own}/telemetry", "fleet/f2/vehicle/veh-a/ack",
+        "fleet/f2/cmd/#", "fleet/+/cmd/#",
+        # Everything, and the broker's own trees.
+        "fleet/#", "#", "+/+/+/+/+", f"{CONTROL}/response", "$CONTROL/#", "$SYS/#",
+    ]
+    try:
+        codes = a.subscribe(*allowed, *refused)
+        got = dict(zip([*allowed, *refused], [c.value for c in codes], strict=True))
+        assert got == {**dict.fromkeys(allowed, GRANTED_QOS1), **dict.fromkeys(refused, NOT_AUTHORIZED)}
+
+        # A cannot rewrite its own rights either: a command giving it the receivers' role is refused at PUBLISH.
+        grab = b'{"commands":[{"command":"addClientRole","username":"veh-a","rolename":"cloud-receiver"}]}'
+        assert a.publish(CONTROL, grab).value == NOT_AUTHORIZED
+        assert [c.value for c in a.subscribe("$share/cloud_sync/fleet/f1/vehicle/+/telemetry")] == [NOT_AUTHORIZED]
+
+        # What A may subscribe to, it receives: its own command and its fleet's, and nothing of B's.
+        for topic, payload in (("fleet/f1/vehicle/veh-b/ack", b"ack-for-b"), (f"{own}/cmd/model", b"cmd-for-a"),
+                               ("fleet/f1/cmd/reboot", b"fleet-cmd")):
+            assert not cloud.publish(topic, payload).is_failure
+        a.wait_for(b"cmd-for-a")
+        a.wait_for(b"fleet-cmd")
+        assert a.payloads() == {b"cmd-for-a", b"fleet-cmd"}, a.got
+    finally:
+        for cl in (cloud, a):
+            cl.close()
+
+
+@DYNSEC_ONLY
+def test_dynsec_a_certificate_alone_gives_no_rights(fleet: Fleet) -> None:
+    """The CA signed it, but no dynsec client has its CN: it connects (the certificate is valid) and may do nothing.
+    Under the acl_file fallback the same certificate would get a vehicle's rights from the `pattern` lines."""
+    broker, pki = fleet.broker, fleet.pki
+    x = connect(broker, pki.issue("veh-x"), pki.ca, "veh-x")
+    a = connect(broker, pki.issue("veh-a"), pki.ca, "veh-a")  # control: a provisioned vehicle, same calls
+    assert isinstance(x, Client) and isinstance(a, Client)
+    try:
+        assert x.publish("fleet/f1/vehicle/veh-x/telemetry", b"x").value == NOT_AUTHORIZED
+        assert [c.value for c in x.subscribe("fleet/f1/vehicle/veh-x/ack")] == [NOT_AUTHORIZED]
+        assert not a.publish("fleet/f1/vehicle/veh-a/telemetry", b"a").is_failure
+        assert [c.value for c in a.subscribe("fleet/f1/vehicle/veh-a/ack")] == [GRANTED_QOS1]
+    finally:
+        for cl in (x, a):
+            cl.close()
+
+
+def rr(fleet: Fleet, admin: CertFiles, payload: str) -> str:
+    """Send one $CONTROL command with mosquitto_rr (mosquitto-clients) as the admin; return the plugin's answer."""
+    exe = "/usr/bin/mosquitto_rr" if os.path.exists("/usr/bin/mosquitto_rr") else "mosquitto_rr"
+    out = subprocess.run([exe, "-h", "localhost", "-p", str(fleet.broker.port), "--cafile", str(fleet.pki.ca),
+                          "--cert", str(admin.cert), "--key", str(admin.key), "-t", CONTROL,
+                          "-e", f"{CONTROL}/response", "-m", payload, "-W", "10"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+@DYNSEC_ONLY
+def test_dynsec_a_vehicle_added_and_removed_on_a_running_broker(fleet: Fleet) -> None:
+    broker, pki = fleet.broker, fleet.pki
+    admin = pki.issue("fleet-admin")
+    n_cert = pki.issue("veh-n")
+    cloud = connect(broker, pki.issue("cloud-sync"), pki.ca, "rx-1")
+    n = connect(broker, n_cert, pki.ca, "veh-n")
+    assert isinstance(cloud, Client) and isinstance(n, Client)
+    own = "fleet/f1/vehicle/veh-n"
+    try:
+        shared = [f"$share/cloud_sync/fleet/f1/vehicle/+/{leaf}" for leaf in UPLINK_LEAVES]
+        assert [c.value for c in cloud.subscribe(*shared)] == [GRANTED_QOS1] * 4
+        assert n.publish(f"{own}/telemetry", b"before").value == NOT_AUTHORIZED  # not provisioned yet
+
+        answer = rr(fleet, admin, provision("add", "f1", "veh-n"))
+        assert '"createRole"' in answer and '"createClient"' in answer and "error" not in answer, answer
+        # The same connection now has its rights: dynsec decides on each check, from its current state.
+        assert not n.publish(f"{own}/telemetry", b"after-add").is_failure
+        cloud.wait_for(b"after-add")
+        assert [c.value for c in n.subscribe(f"{own}/ack", "$share/cloud_sync/fleet/f1/vehicle/+/telemetry")] \
+            == [GRANTED_QOS1, NOT_AUTHORIZED]
+        n.close()
+
+        # The plugin wrote the change to its file: a broker restart keeps it.
+        assert '"veh-n"' in (fleet.workdir / "dynamic-security.json").read_text()
+        cloud.close()
+        broker.restart()
+        cloud = connect(broker, pki.issue("cloud-sync"), pki.ca, "rx-2")
+        n = connect(broker, n_cert, pki.ca, "veh-n")
+        assert isinstance(cloud, Client) and isinstance(n, Client)
+        cloud.subscribe("$share/cloud_sync/fleet/f1/vehicle/+/telemetry")
+        assert not n.publish(f"{own}/telemetry", b"after-restart").is_failure
+        cloud.wait_for(b"after-restart")
+
+        # Removed: the broker drops its connection, and its certificate, still valid, gets it nothing back.
+        gone = threading.Event()
+        n.c.on_disconnect = lambda *_args: gone.set()
+        answer = rr(fleet, admin, provision("remove", "veh-n"))
+        assert '"deleteClient"' in answer and '"deleteRole"' in answer and "error" not in answer, answer
+        assert gone.wait(WAIT_S), "the removed vehicle's connection was not dropped"
+        n.close()
+        n = connect(broker, n_cert, pki.ca, "veh-n")
+        assert isinstance(n, Client)
+        assert n.publish(f"{own}/telemetry", b"after-remove").value == NOT_AUTHORIZED
+        assert [c.value for c in n.subscribe(f"{own}/ack")] == [NOT_AUTHORIZED]
+    finally:
+        for cl in (cloud, n):
+            cl.close()
