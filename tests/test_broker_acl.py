@@ -451,6 +451,8 @@ def test_dynsec_a_vehicle_added_and_removed_on_a_running_broker(fleet: Fleet) ->
         shared = [f"$share/cloud_sync/fleet/f1/vehicle/+/{leaf}" for leaf in UPLINK_LEAVES]
         assert [c.value for c in cloud.subscribe(*shared)] == [GRANTED_QOS1] * 4
         assert n.publish(f"{own}/telemetry", b"before").value == NOT_AUTHORIZED  # not provisioned yet
+        dropped = threading.Event()
+        n.c.on_disconnect = lambda *_args: dropped.set()
 
         assert rr(fleet, admin, provision("add", "f1", "veh-n")) == [{"command": "createRole"},
                                                                     {"command": "createClient"}]
@@ -460,6 +462,7 @@ def test_dynsec_a_vehicle_added_and_removed_on_a_running_broker(fleet: Fleet) ->
         # The same connection now has its rights: dynsec decides on each check, from its current state.
         assert not n.publish(f"{own}/telemetry", b"after-add").is_failure
         cloud.wait_for(b"after-add")
+        assert not dropped.is_set()
         assert [c.value for c in n.subscribe(f"{own}/ack", "$share/cloud_sync/fleet/f1/vehicle/+/telemetry")] \
             == [GRANTED_QOS1, NOT_AUTHORIZED]
         n.close()
@@ -490,3 +493,29 @@ def test_dynsec_a_vehicle_added_and_removed_on_a_running_broker(fleet: Fleet) ->
         for cl in (cloud, n):
             if isinstance(cl, Client):  # a reconnect above may have failed
                 cl.close()
+
+
+@DYNSEC_ONLY
+def test_dynsec_disabling_does_not_stop_a_certificate_client(fleet: Fleet) -> None:
+    """Pins why `dynsec_provision.py remove` deletes the client: the plugin checks `disabled` only in its password
+    check, which Mosquitto skips for certificate identities, so a disabled vehicle is disconnected once and then
+    reconnects with all its rights."""
+    broker, pki = fleet.broker, fleet.pki
+    a_cert = pki.issue("veh-a")
+    a = connect(broker, a_cert, pki.ca, "veh-a", thread=False)
+    assert isinstance(a, Client)
+    a.c.loop_start()
+    dropped = threading.Event()
+    a.c.on_disconnect = lambda *_args: dropped.set()
+    try:
+        assert rr(fleet, pki.issue("fleet-admin"), json.dumps(
+            {"commands": [{"command": "disableClient", "username": "veh-a"}]})) == [{"command": "disableClient"}]
+        assert dropped.wait(WAIT_S)
+    finally:
+        a.close()
+    again = connect(broker, a_cert, pki.ca, "veh-a")
+    assert isinstance(again, Client), again
+    try:
+        assert not again.publish("fleet/f1/vehicle/veh-a/telemetry", b"still-here").is_failure
+    finally:
+        again.close()
