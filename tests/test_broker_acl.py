@@ -102,7 +102,7 @@ def committed_conf(setup: str, port: int, pki: Pki, server: CertFiles, workdir: 
     if setup == "dynsec":
         # The plugin's file, from the provisioning script as committed; the plugin rewrites it on every change.
         (workdir / "vehicles.txt").write_text(VEHICLES)
-        (workdir / "dynamic-security.json").write_text(provision("init", "--vehicles", str(workdir / "vehicles.txt")))
+        provision("init", "--vehicles", str(workdir / "vehicles.txt"), "--out", str(workdir / "dynamic-security.json"))
     return "\n".join(out)  # MosquittoBroker puts its own lines first (the user to run as, log to stderr)
 
 

@@ -152,3 +152,29 @@ def test_the_command_line(tmp_path: Path) -> None:
         out = run(*args)
         assert out.returncode == 2 and out.stdout == "", out
         assert out.stderr.startswith("dynsec_provision: ") and msg in out.stderr and out.stderr.count("\n") == 1
+
+
+def test_init_out_creates_the_file_once_and_never_overwrites_it(tmp_path: Path) -> None:
+    """Once the broker runs, the plugin owns the file: a second `init` over it would drop every vehicle added
+    since, so it is refused and the file keeps every byte; a refused list leaves no file at all."""
+    vehicles = tmp_path / "vehicles.txt"
+    vehicles.write_text("f1 veh-a\n")
+    target = tmp_path / "dynamic-security.json"
+    out = run("init", "--vehicles", str(vehicles), "--out", str(target))
+    assert out.returncode == 0 and out.stdout == "", out
+    assert target.stat().st_mode & 0o777 == 0o600
+    first = target.read_bytes()
+    assert [c["username"] for c in json.loads(first)["clients"]] == ["cloud-sync", "fleet-admin", "veh-a"]
+
+    vehicles.write_text("f1 veh-b\n")
+    out = run("init", "--vehicles", str(vehicles), "--out", str(target))
+    assert out.returncode == 2 and "exists" in out.stderr, out
+    assert target.read_bytes() == first
+
+    vehicles.write_text("f1 veh-a\nf1 veh-a\n")
+    other = tmp_path / "other.json"
+    assert run("init", "--vehicles", str(vehicles), "--out", str(other)).returncode == 2
+    vehicles.write_bytes(b"f1 veh-\xff\n")
+    out = run("init", "--vehicles", str(vehicles), "--out", str(other))
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dynamic-security.json", "vehicles.txt"]  # no leftovers

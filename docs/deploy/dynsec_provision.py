@@ -4,11 +4,13 @@
 Standard library only: copy it to the broker host or an admin's machine. Tested as committed by
 tests/test_broker_acl.py (a real Mosquitto 2.0.11 loads what `init` writes and applies what `add`/`remove` print).
 
-    dynsec_provision.py init --vehicles vehicles.txt > /var/lib/mosquitto/dynamic-security.json
+    dynsec_provision.py init --vehicles vehicles.txt --out /var/lib/mosquitto/dynamic-security.json
     dynsec_provision.py add FLEET VEHICLE_ID      # JSON for $CONTROL/dynamic-security/v1, to send with mosquitto_rr
     dynsec_provision.py remove VEHICLE_ID         # likewise
 
-`vehicles.txt`: one `FLEET VEHICLE_ID` per line; blank lines and `#` comments are skipped.
+`vehicles.txt`: one `FLEET VEHICLE_ID` per line; blank lines and `#` comments are skipped. `init --out` never
+overwrites: once the broker runs, the plugin owns that file (it rewrites it on every `add` and `remove`), so a second
+`init` over it would silently drop every vehicle added since. Without `--out`, `init` prints the file.
 
 Identities are certificate CNs (`use_identity_as_username true`): Mosquitto skips the password check for them, so
 no client here has a password and none can log in on a password listener. The dynsec client whose username is the
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from collections.abc import Iterable, Sequence
@@ -171,11 +174,28 @@ def remove_commands(vehicle_id: str) -> dict[str, Any]:
     ]}
 
 
+def write_new(path: str, text: str) -> None:
+    """Create `path` (mode 0600: it lists the fleet) with `text`, all or nothing; refuse if it exists."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, path)  # unlike rename, fails if `path` appeared meanwhile
+    except FileExistsError:
+        raise ProvisionError(f"{path} exists: the plugin keeps it up to date; change it with add/remove") from None
+    finally:
+        os.unlink(tmp)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     sub = p.add_subparsers(dest="cmd", required=True)
-    init = sub.add_parser("init", help="print the plugin's config file for these vehicles")
+    init = sub.add_parser("init", help="write (or print) the plugin's config file for these vehicles")
     init.add_argument("--vehicles", metavar="FILE", help="'FLEET VEHICLE_ID' per line (default: none)")
+    init.add_argument("--out", metavar="PATH", help="create this file (never overwritten) instead of printing")
     add = sub.add_parser("add", help=f"print the {CONTROL_TOPIC} command that provisions one vehicle")
     add.add_argument("fleet")
     add.add_argument("vehicle_id")
@@ -188,16 +208,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             if a.vehicles:
                 with open(a.vehicles, encoding="utf-8") as f:
                     vs = parse_vehicles(f)
-            out = initial_config(vs)
+            text = json.dumps(initial_config(vs), indent=1) + "\n"
+            if a.out:
+                write_new(a.out, text)
+                print(f"dynsec_provision: wrote {a.out} ({len(vs)} vehicles)", file=sys.stderr)
+                return 0
         elif a.cmd == "add":
-            out = add_commands(vehicle(a.fleet, a.vehicle_id))
+            text = json.dumps(add_commands(vehicle(a.fleet, a.vehicle_id))) + "\n"
         else:
-            out = remove_commands(a.vehicle_id)
-    except (ProvisionError, OSError) as e:
+            text = json.dumps(remove_commands(a.vehicle_id)) + "\n"
+    except (ProvisionError, OSError, UnicodeDecodeError) as e:
         print(f"dynsec_provision: {e}", file=sys.stderr)
         return 2
-    json.dump(out, sys.stdout, indent=1 if a.cmd == "init" else None)
-    sys.stdout.write("\n")
+    sys.stdout.write(text)
     return 0
 
 
