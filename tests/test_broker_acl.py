@@ -35,14 +35,22 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from agent.config import MqttConfig, VehicleConfig
+from agent.store import Store
 from agent.testing.broker import MosquittoBroker, find_mosquitto, free_port
 from agent.testing.tls import CertFiles, Pki
+from agent.uplink import Uplink
+from agent.wire import SampleColumns
+from cloud_sync.config import CloudConfig
+from cloud_sync.db import CloudDB
+from cloud_sync.receiver import Receiver
 
 DEPLOY = Path(__file__).resolve().parents[1] / "docs" / "deploy"
 PROVISION = DEPLOY / "dynsec_provision.py"
@@ -357,6 +365,46 @@ def test_strangers_cannot_connect(fleet: Fleet, tmp_path: Path) -> None:
     good = connect(broker, pki.issue("veh-c"), pki.ca, "veh-c")  # control: the same code path connects
     assert isinstance(good, Client)
     good.close()
+
+
+def test_the_agent_and_the_receiver_work_through_it(fleet: Fleet, tmp_path: Path) -> None:
+    """The rules allow everything the product does: a real agent uplink (samples, an alert, an event, its retained
+    status) and a real cloud_sync receiver (shared subscription, acks) drain a vehicle completely."""
+    broker, pki = fleet.broker, fleet.pki
+    cloud_cert, veh = pki.issue("cloud-sync"), pki.issue("veh-a")
+    cloud = CloudConfig.model_validate({
+        "mqtt": {"host": "localhost", "port": broker.port, "tls": True, "ca_file": str(pki.ca),
+                 "cert_file": str(cloud_cert.cert), "key_file": str(cloud_cert.key), "client_id": "rx-e2e"},
+        "db": {"path": str(tmp_path / "cloud.sqlite")}})
+    db = CloudDB(cloud.db.path)
+    rx = Receiver(cloud, db)
+    store = Store(tmp_path / "v.sqlite")
+    store.append_samples(SampleColumns([("EEC1.EngSpeed", "can0/00", "rpm")], np.zeros(500, np.uint16),
+                                       np.arange(500, dtype=np.int64) * 20_000, np.full(500, 1500.0)))
+    store.append_records([
+        ("alert", {"alert_id": "a1", "state": "open", "score": 0.93, "ts": 5.0, "model": "m", "model_version": "1",
+                   "label": "coolant_leak"}),
+        ("event", {"kind": "note", "ts": 6.0})])
+    up = Uplink(MqttConfig(host="localhost", port=broker.port, tls=True, ca_file=pki.ca, cert_file=veh.cert,
+                           key_file=veh.key, batch_max_age_s=0.1), VehicleConfig(fleet="f1", id="veh-a"), store)
+    rx.start()
+    try:
+        assert rx.connected.wait(10)
+        up.start()
+        deadline = time.monotonic() + 30
+        while store.status()["backlog_records"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert store.status()["backlog_records"] == 0, store.status()  # every record acked end to end
+        stats = db.stats()[0]
+        assert (stats.vehicle, stats.records) == ("veh-a", {"samples": 500, "alerts": 1, "events": 1})
+        while not db.stats()[0].online and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert db.stats()[0].online  # its "online" status reached the receiver
+    finally:
+        up.stop()
+        rx.stop()
+        store.close()
+        db.close()
 
 
 # ---- The dynsec set-up only: what the acl_file fallback cannot express. ----
