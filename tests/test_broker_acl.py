@@ -438,6 +438,13 @@ def test_dynsec_a_vehicle_may_subscribe_only_to_its_own_downlink(fleet: Fleet) -
         got = dict(zip([*allowed, *refused], [c.value for c in codes], strict=True))
         assert got == {**dict.fromkeys(allowed, GRANTED_QOS1), **dict.fromkeys(refused, NOT_AUTHORIZED)}
 
+        # Publishing too is bound to its own fleet's tree (the fallback's `fleet/+/vehicle/%u/...` is not): its own
+        # leaves under another fleet are refused, and nothing but the four uplink leaves is accepted under its own.
+        for topic in ("fleet/f2/vehicle/veh-a/telemetry", "fleet/f2/vehicle/veh-a/status", f"{own}/model/status",
+                      f"{own}/telemetry/x", f"{own}/cmd/model", "fleet/f1/cmd/reboot"):
+            assert a.publish(topic, b"stray").value == NOT_AUTHORIZED, topic
+        assert not a.publish(f"{own}/events", b"own-event").is_failure  # control
+
         # A cannot rewrite its own rights either: a command giving it the receivers' role is refused at PUBLISH.
         grab = b'{"commands":[{"command":"addClientRole","username":"veh-a","rolename":"cloud-receiver"}]}'
         assert a.publish(CONTROL, grab).value == NOT_AUTHORIZED
