@@ -13,9 +13,9 @@ overwrites: once the broker runs, the plugin owns that file (it rewrites it on e
 `init` over it would silently drop every vehicle added since. Without `--out`, `init` prints the file.
 
 Identities are certificate CNs (`use_identity_as_username true`): Mosquitto skips the password check for them, so
-no client here has a password and none can log in on a password listener. The dynsec client whose username is the
-CN carries that connection's rights; a CN with no client here gets none (every ACL check defers, which Mosquitto
-treats as a denial), so a certificate alone gives a vehicle nothing until it is provisioned.
+no client here has a password, and none can log in with one (the plugin defers, Mosquitto refuses). The client
+named by the CN carries that connection's rights; a CN with no client here gets none (every ACL check defers, which
+Mosquitto treats as a denial), so a certificate alone gives a vehicle nothing until it is provisioned.
 
 Why one role per vehicle: dynsec in Mosquitto 2.0 matches ACL topics as written, with no `%u`/`%c` substitution
 (plugins/dynamic-security/acl.c at v2.0.11), so a rule naming "the vehicle's own subtree" must name the vehicle.
