@@ -1,6 +1,13 @@
-"""Broker security as committed: a real Mosquitto runs docs/deploy/mosquitto.conf (only paths and the port swapped
-for the test's) with docs/deploy/mosquitto.acl, TLS and certificates from a test CA. Vehicle A can neither publish
-as vehicle B (live, retained or as its last will) nor read B's acks and commands; strangers cannot connect at all.
+"""Broker security as committed: a real Mosquitto runs each committed set-up (only paths and the port swapped for the
+test's), TLS and certificates from a test CA:
+
+- `dynsec` (the set-up docs/deploy.md installs): docs/deploy/mosquitto.conf with the dynamic-security plugin, its
+  file written by docs/deploy/dynsec_provision.py, run as a separate process as an admin would;
+- `acl_file` (the documented fallback): docs/deploy/mosquitto-acl_file.conf with docs/deploy/mosquitto.acl.
+
+On both, vehicle A can neither publish as vehicle B (live, retained or as its last will) nor read B's acks and
+commands; strangers cannot connect at all. Only dynsec also refuses a vehicle's SUBSCRIBE outside its own downlink,
+which is what keeps a vehicle out of the receivers' shared subscription.
 
 How Mosquitto 2.0 applies an `acl_file` (which is what these tests pin down):
 - PUBLISH: checked against the topic when it arrives; a denied QoS 1 publish is dropped and, to an MQTT 5 client,
@@ -9,52 +16,101 @@ How Mosquitto 2.0 applies an `acl_file` (which is what these tests pin down):
   "granted", whatever the filter, `$share/...` included.
 - Delivery: every message is checked, for each subscriber, against the message's real topic with `read` access
   (shared subscriptions too: the `$share/<group>/` prefix plays no part). A denied subscriber is skipped.
+
+And the dynamic-security plugin (Mosquitto 2.0.11): PUBLISH and delivery as above (publishClientSend,
+publishClientReceive), and SUBSCRIBE checked against the filter as sent (subscribePattern), `$share/<group>/`
+included: a refused filter gets SUBACK 0x87 and is never added.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from agent.config import MqttConfig, VehicleConfig
+from agent.store import Store
 from agent.testing.broker import MosquittoBroker, find_mosquitto, free_port
 from agent.testing.tls import CertFiles, Pki
+from agent.uplink import Uplink
+from agent.wire import SampleColumns
+from cloud_sync.config import CloudConfig
+from cloud_sync.db import CloudDB
+from cloud_sync.receiver import Receiver
 
 DEPLOY = Path(__file__).resolve().parents[1] / "docs" / "deploy"
+PROVISION = DEPLOY / "dynsec_provision.py"
 WAIT_S = 5.0
+GRANTED_QOS1 = 1
 NOT_AUTHORIZED = 0x87
 UPLINK_LEAVES = ("telemetry", "alerts", "events", "status")
+SETUPS = ("dynsec", "acl_file")
+# Provisioned in the dynsec set-up, as docs/deploy.md's vehicles.txt would list them.
+VEHICLES = "# fleet vehicle\nf1 veh-a\nf1 veh-b\nf1 veh-c\nf1 veh-r\n"
+DYNSEC_PLUGIN_PATHS = ("/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so",
+                       "/usr/lib/aarch64-linux-gnu/mosquitto_dynamic_security.so",
+                       "/usr/lib/mosquitto_dynamic_security.so", "/usr/local/lib/mosquitto_dynamic_security.so")
 
 
-def committed_conf(port: int, pki: Pki, server: CertFiles, workdir: Path) -> str:
-    """docs/deploy/mosquitto.conf with the test's port, certificates, ACL path and folders."""
+def dynsec_plugin() -> str:
+    for cand in DYNSEC_PLUGIN_PATHS:
+        if os.path.exists(cand):
+            return cand
+    pytest.fail("mosquitto_dynamic_security.so not found (Debian's mosquitto package ships it; "
+                "`dpkg -L mosquitto | grep dynamic`)")
+
+
+def provision(*args: str) -> str:
+    """docs/deploy/dynsec_provision.py as an admin runs it: its own process, standard library only."""
+    out = subprocess.run([sys.executable, str(PROVISION), *args], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def committed_conf(setup: str, port: int, pki: Pki, server: CertFiles, workdir: Path) -> str:
+    """The set-up's committed config with the test's port, certificates, ACL or plugin paths and folders."""
     swap = {
         "listener": f"listener {port} 127.0.0.1",
         "cafile": f"cafile {pki.ca}",
         "certfile": f"certfile {server.cert}",
         "keyfile": f"keyfile {server.key}",
-        "acl_file": f"acl_file {DEPLOY / 'mosquitto.acl'}",
         "persistence_location": f"persistence_location {workdir}/",
         "log_dest": "log_dest stderr",
     }
+    if setup == "dynsec":
+        name = "mosquitto.conf"
+        swap["plugin"] = f"plugin {dynsec_plugin()}"
+        swap["plugin_opt_config_file"] = f"plugin_opt_config_file {workdir / 'dynamic-security.json'}"
+    else:
+        name = "mosquitto-acl_file.conf"
+        swap["acl_file"] = f"acl_file {DEPLOY / 'mosquitto.acl'}"
     out, seen = [], set()
-    for line in (DEPLOY / "mosquitto.conf").read_text().splitlines():
+    for line in (DEPLOY / name).read_text().splitlines():
         key = line.split(" ", 1)[0]
         if key in swap:
             seen.add(key)
             out.append(swap[key])
         elif line and not line.startswith("#"):
             out.append(line)
-    assert seen == set(swap), f"docs/deploy/mosquitto.conf lacks {set(swap) - seen}"
+    assert seen == set(swap), f"docs/deploy/{name} lacks {set(swap) - seen}"
+    if setup == "dynsec":
+        # The plugin's file, from the provisioning script as committed; the plugin rewrites it on every change.
+        (workdir / "vehicles.txt").write_text(VEHICLES)
+        provision("init", "--vehicles", str(workdir / "vehicles.txt"), "--out", str(workdir / "dynamic-security.json"))
     return "\n".join(out)  # MosquittoBroker puts its own lines first (the user to run as, log to stderr)
 
 
@@ -106,16 +162,27 @@ class Client:
         self.c.loop_stop()
 
 
-@pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[tuple[MosquittoBroker, Pki]]:
+@dataclass
+class Fleet:
+    broker: MosquittoBroker
+    pki: Pki
+    setup: str  # one of SETUPS
+    workdir: Path
+
+
+@pytest.fixture(params=SETUPS)
+def fleet(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Fleet]:
     if find_mosquitto() is None:
         pytest.fail("mosquitto is not installed: the test command installs it (see README Quickstart)")
+    setup: str = request.param
     pki = Pki(tmp_path / "pki")
     port = free_port()
-    b = MosquittoBroker(port=port, workdir=tmp_path / "mosq",
-                        extra_conf=committed_conf(port, pki, pki.issue("localhost", server=True), tmp_path / "mosq"))
+    workdir = tmp_path / "mosq"
+    workdir.mkdir()
+    b = MosquittoBroker(port=port, workdir=workdir,
+                        extra_conf=committed_conf(setup, port, pki, pki.issue("localhost", server=True), workdir))
     b.start()
-    yield b, pki
+    yield Fleet(b, pki, setup, workdir)
     b.close()
 
 
@@ -174,8 +241,8 @@ def drop(cl: Client) -> None:
     sock.close()
 
 
-def test_a_vehicle_is_confined_to_its_own_subtree(fleet: tuple[MosquittoBroker, Pki]) -> None:
-    broker, pki = fleet
+def test_a_vehicle_is_confined_to_its_own_subtree(fleet: Fleet) -> None:
+    broker, pki = fleet.broker, fleet.pki
     cloud = connect(broker, pki.issue("cloud-sync"), pki.ca, "rx-1")
     a = connect(broker, pki.issue("veh-a"), pki.ca, "veh-a")
     b = connect(broker, pki.issue("veh-b"), pki.ca, "veh-b")
@@ -209,11 +276,13 @@ def test_a_vehicle_is_confined_to_its_own_subtree(fleet: tuple[MosquittoBroker, 
         cloud.subscribe("fleet/f1/vehicle/veh-b/status")
         cloud.wait_for(b"b-online")
 
-        # ...but not for A. A subscribing to B's acks and commands, or to everything: Mosquitto 2.0 grants every
-        # SUBACK (its acl_file does not check subscriptions) and filters at delivery, live and retained, so what
-        # is checked is what arrives: nothing of B's reaches A, while B gets its own (positive control) and A its own.
+        # ...but not for A. A subscribing to B's acks and commands, or to everything: dynsec refuses each filter
+        # (SUBACK 0x87); the acl_file set-up grants every SUBACK (it does not check subscriptions) and filters at
+        # delivery, live and retained. Either way what is checked is what arrives: nothing of B's reaches A, while
+        # B gets its own (positive control) and A its own.
         a_codes = a.subscribe("fleet/f1/vehicle/veh-b/ack", "fleet/f1/vehicle/veh-b/cmd/#", "fleet/#", "#")
-        assert all(c.value in (1, NOT_AUTHORIZED) for c in a_codes), a_codes  # granted-and-filtered, or refused
+        expected = NOT_AUTHORIZED if fleet.setup == "dynsec" else GRANTED_QOS1
+        assert [c.value for c in a_codes] == [expected] * 4, a_codes
         b.subscribe("fleet/f1/vehicle/veh-b/ack", "fleet/f1/vehicle/veh-b/cmd/#")
         assert all(not c.is_failure for c in a.subscribe("fleet/f1/vehicle/veh-a/ack"))
         assert b"fake-ack" not in b.payloads()  # A's fake acks never reached B
@@ -231,8 +300,8 @@ def test_a_vehicle_is_confined_to_its_own_subtree(fleet: tuple[MosquittoBroker, 
             cl.close()
 
 
-def test_a_vehicle_cannot_leave_a_will_as_another(fleet: tuple[MosquittoBroker, Pki]) -> None:
-    broker, pki = fleet
+def test_a_vehicle_cannot_leave_a_will_as_another(fleet: Fleet) -> None:
+    broker, pki = fleet.broker, fleet.pki
     cloud = connect(broker, pki.issue("cloud-sync"), pki.ca, "rx-1")
     assert isinstance(cloud, Client)
     a_cert = pki.issue("veh-a")
@@ -254,24 +323,26 @@ def test_a_vehicle_cannot_leave_a_will_as_another(fleet: tuple[MosquittoBroker, 
         cloud.close()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "Known gap of Mosquitto 2.0's acl_file, which does not check SUBSCRIBE: a vehicle that subscribes with the cloud's "
-    "exact shared filter joins its group; the broker gives it its turn, the delivery ACL check denies it, and that "
-    "message is dropped, not passed on. Vehicles resend after ack_timeout_s, so it delays rather than loses. "
-    "Mitigations: docs/deploy.md, 'Broker security'. Strict: this fails the run once the gap is closed."))
-def test_a_vehicle_cannot_take_a_share_of_the_clouds_messages(fleet: tuple[MosquittoBroker, Pki]) -> None:
-    broker, pki = fleet
+@pytest.mark.parametrize("fleet", ["dynsec", pytest.param("acl_file", marks=pytest.mark.xfail(
+    strict=True, raises=AssertionError, reason=(
+        "Known gap of Mosquitto 2.0's acl_file (the fallback set-up), which does not check SUBSCRIBE: a vehicle that "
+        "subscribes with the cloud's exact shared filter joins its group; the broker gives it its turn, the delivery "
+        "ACL check denies it, and that message is dropped, not passed on. Vehicles resend after ack_timeout_s, so it "
+        "delays rather than loses. The dynsec set-up closes it; docs/deploy.md, 'Broker security'.")))],
+    indirect=True)
+def test_a_vehicle_cannot_take_a_share_of_the_clouds_messages(fleet: Fleet) -> None:
+    broker, pki = fleet.broker, fleet.pki
     cloud = connect(broker, pki.issue("cloud-sync"), pki.ca, "rx-1")
     a = connect(broker, pki.issue("veh-a"), pki.ca, "veh-a")
     rogue = connect(broker, pki.issue("veh-r"), pki.ca, "veh-r")
     assert isinstance(cloud, Client) and isinstance(a, Client) and isinstance(rogue, Client)
     shared = "$share/cloud_sync/fleet/f1/vehicle/+/telemetry"  # cloud_sync's default share_group, fleet f1
     try:
-        cloud.subscribe(shared)
-        rogue.subscribe(shared)
+        assert [c.value for c in cloud.subscribe(shared)] == [GRANTED_QOS1]
+        rogue_codes = rogue.subscribe(shared)
         sent = [f"m{i}".encode() for i in range(10)]
         for p in sent:
-            a.publish("fleet/f1/vehicle/veh-a/telemetry", p)
+            assert not a.publish("fleet/f1/vehicle/veh-a/telemetry", p).is_failure
         # Every message above was routed before its PUBACK; the rogue then leaves, and a control message can only go
         # to the cloud: once it is there, whatever the cloud lacks of the ten is not coming.
         rogue.unsubscribe(shared)
@@ -280,16 +351,226 @@ def test_a_vehicle_cannot_take_a_share_of_the_clouds_messages(fleet: tuple[Mosqu
         assert not rogue.got  # the read ACL holds: the rogue sees nothing...
         missing = [p for p in sent if p not in cloud.payloads()]
         assert not missing, f"dropped by the broker on the rogue's turns: {missing}"  # ...but the cloud lost these
+        assert [c.value for c in rogue_codes] == [NOT_AUTHORIZED]  # refused at SUBSCRIBE, so it never joined
     finally:
         for cl in (cloud, a, rogue):
             cl.close()
 
 
-def test_strangers_cannot_connect(fleet: tuple[MosquittoBroker, Pki], tmp_path: Path) -> None:
-    broker, pki = fleet
+def test_strangers_cannot_connect(fleet: Fleet, tmp_path: Path) -> None:
+    broker, pki = fleet.broker, fleet.pki
     assert isinstance(connect(broker, None, pki.ca, "no-cert"), str)
     other = Pki(tmp_path / "other-ca")
     assert isinstance(connect(broker, other.issue("veh-a"), pki.ca, "wrong-ca"), str)
     good = connect(broker, pki.issue("veh-c"), pki.ca, "veh-c")  # control: the same code path connects
     assert isinstance(good, Client)
     good.close()
+
+
+def test_the_agent_and_the_receiver_work_through_it(fleet: Fleet, tmp_path: Path) -> None:
+    """The rules allow everything the product does: a real agent uplink (samples, an alert, an event, its retained
+    status) and a real cloud_sync receiver (shared subscription, acks) drain a vehicle completely."""
+    broker, pki = fleet.broker, fleet.pki
+    cloud_cert, veh = pki.issue("cloud-sync"), pki.issue("veh-a")
+    cloud = CloudConfig.model_validate({
+        "mqtt": {"host": "localhost", "port": broker.port, "tls": True, "ca_file": str(pki.ca),
+                 "cert_file": str(cloud_cert.cert), "key_file": str(cloud_cert.key), "client_id": "rx-e2e"},
+        "db": {"path": str(tmp_path / "cloud.sqlite")}})
+    db = CloudDB(cloud.db.path)
+    rx = Receiver(cloud, db)
+    store = Store(tmp_path / "v.sqlite")
+    store.append_samples(SampleColumns([("EEC1.EngSpeed", "can0/00", "rpm")], np.zeros(500, np.uint16),
+                                       np.arange(500, dtype=np.int64) * 20_000, np.full(500, 1500.0)))
+    store.append_records([
+        ("alert", {"alert_id": "a1", "state": "open", "score": 0.93, "ts": 5.0, "model": "m", "model_version": "1",
+                   "label": "coolant_leak"}),
+        ("event", {"kind": "note", "ts": 6.0})])
+    up = Uplink(MqttConfig(host="localhost", port=broker.port, tls=True, ca_file=pki.ca, cert_file=veh.cert,
+                           key_file=veh.key, batch_max_age_s=0.1), VehicleConfig(fleet="f1", id="veh-a"), store)
+    rx.start()
+    try:
+        assert rx.connected.wait(10)
+        up.start()
+        deadline = time.monotonic() + 30
+        while store.status()["backlog_records"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert store.status()["backlog_records"] == 0, store.status()  # every record acked end to end
+        stats = db.stats()[0]
+        assert (stats.vehicle, stats.records) == ("veh-a", {"samples": 500, "alerts": 1, "events": 1})
+        while not db.stats()[0].online and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert db.stats()[0].online  # its "online" status reached the receiver
+    finally:
+        up.stop()
+        rx.stop()
+        store.close()
+        db.close()
+
+
+# ---- The dynsec set-up only: what the acl_file fallback cannot express. ----
+
+DYNSEC_ONLY = pytest.mark.parametrize("fleet", ["dynsec"], indirect=True)
+CONTROL = "$CONTROL/dynamic-security/v1"
+
+
+@DYNSEC_ONLY
+def test_dynsec_a_vehicle_may_subscribe_only_to_its_own_downlink(fleet: Fleet) -> None:
+    broker, pki = fleet.broker, fleet.pki
+    cloud = connect(broker, pki.issue("cloud-sync"), pki.ca, "rx-1")
+    a = connect(broker, pki.issue("veh-a"), pki.ca, "veh-a")
+    assert isinstance(cloud, Client) and isinstance(a, Client)
+    own = "fleet/f1/vehicle/veh-a"
+    allowed = [f"{own}/ack", f"{own}/cmd/#", f"{own}/cmd/model", "fleet/f1/cmd/#", "fleet/f1/cmd/reboot"]
+    refused = [
+        # The receivers' shared filters, under their default group and any other, and narrowed to A's own uplink.
+        *(f"$share/cloud_sync/fleet/f1/vehicle/+/{leaf}" for leaf in UPLINK_LEAVES),
+        "$share/cloud_sync/fleet/+/vehicle/+/telemetry", "$share/cloud-9f2c/fleet/f1/vehicle/+/alerts",
+        f"$share/cloud_sync/{own}/telemetry", f"$share/x/{own}/ack",
+        # Another vehicle's downlink, every vehicle's, a wider slice of its own, its own uplink, another fleet's tree.
+        "fleet/f1/vehicle/veh-b/ack", "fleet/f1/vehicle/veh-b/cmd/#", "fleet/f1/vehicle/+/ack",
+        "fleet/+/vehicle/+/cmd/#", f"{own}/#", f"{own}/+", f"{own}/telemetry", "fleet/f2/vehicle/veh-a/ack",
+        "fleet/f2/cmd/#", "fleet/+/cmd/#",
+        # Everything, and the broker's own trees.
+        "fleet/#", "#", "+/+/+/+/+", f"{CONTROL}/response", "$CONTROL/#", "$SYS/#",
+    ]
+    try:
+        codes = a.subscribe(*allowed, *refused)
+        got = dict(zip([*allowed, *refused], [c.value for c in codes], strict=True))
+        assert got == {**dict.fromkeys(allowed, GRANTED_QOS1), **dict.fromkeys(refused, NOT_AUTHORIZED)}
+
+        # Publishing too is bound to its own fleet's tree (the fallback's `fleet/+/vehicle/%u/...` is not): its own
+        # leaves under another fleet are refused, and nothing but the four uplink leaves is accepted under its own.
+        for topic in ("fleet/f2/vehicle/veh-a/telemetry", "fleet/f2/vehicle/veh-a/status", f"{own}/model/status",
+                      f"{own}/telemetry/x", f"{own}/cmd/model", "fleet/f1/cmd/reboot"):
+            assert a.publish(topic, b"stray").value == NOT_AUTHORIZED, topic
+        assert not a.publish(f"{own}/events", b"own-event").is_failure  # control
+
+        # A cannot rewrite its own rights either: a command giving it the receivers' role is refused at PUBLISH.
+        grab = b'{"commands":[{"command":"addClientRole","username":"veh-a","rolename":"cloud-receiver"}]}'
+        assert a.publish(CONTROL, grab).value == NOT_AUTHORIZED
+        assert [c.value for c in a.subscribe("$share/cloud_sync/fleet/f1/vehicle/+/telemetry")] == [NOT_AUTHORIZED]
+
+        # What A may subscribe to, it receives: its own command and its fleet's, and nothing of B's.
+        for topic, payload in (("fleet/f1/vehicle/veh-b/ack", b"ack-for-b"), (f"{own}/cmd/model", b"cmd-for-a"),
+                               ("fleet/f1/cmd/reboot", b"fleet-cmd")):
+            assert not cloud.publish(topic, payload).is_failure
+        a.wait_for(b"cmd-for-a")
+        a.wait_for(b"fleet-cmd")
+        assert a.payloads() == {b"cmd-for-a", b"fleet-cmd"}, a.got
+    finally:
+        for cl in (cloud, a):
+            cl.close()
+
+
+@DYNSEC_ONLY
+def test_dynsec_a_certificate_alone_gives_no_rights(fleet: Fleet) -> None:
+    """The CA signed it, but no dynsec client has its CN: it connects (the certificate is valid) and may do nothing.
+    Under the acl_file fallback the same certificate would get a vehicle's rights from the `pattern` lines."""
+    broker, pki = fleet.broker, fleet.pki
+    x = connect(broker, pki.issue("veh-x"), pki.ca, "veh-x")
+    a = connect(broker, pki.issue("veh-a"), pki.ca, "veh-a")  # control: a provisioned vehicle, same calls
+    assert isinstance(x, Client) and isinstance(a, Client)
+    try:
+        assert x.publish("fleet/f1/vehicle/veh-x/telemetry", b"x").value == NOT_AUTHORIZED
+        assert [c.value for c in x.subscribe("fleet/f1/vehicle/veh-x/ack")] == [NOT_AUTHORIZED]
+        assert not a.publish("fleet/f1/vehicle/veh-a/telemetry", b"a").is_failure
+        assert [c.value for c in a.subscribe("fleet/f1/vehicle/veh-a/ack")] == [GRANTED_QOS1]
+    finally:
+        for cl in (x, a):
+            cl.close()
+
+
+def rr(fleet: Fleet, admin: CertFiles, payload: str) -> list[dict[str, str]]:
+    """Send one $CONTROL request with mosquitto_rr (mosquitto-clients) as the admin; the plugin's answer to each
+    command, in order (`{"command": ...}`, plus `"error"` when it refused it)."""
+    exe = "/usr/bin/mosquitto_rr" if os.path.exists("/usr/bin/mosquitto_rr") else "mosquitto_rr"
+    out = subprocess.run([exe, "-h", "localhost", "-p", str(fleet.broker.port), "--cafile", str(fleet.pki.ca),
+                          "--cert", str(admin.cert), "--key", str(admin.key), "-t", CONTROL,
+                          "-e", f"{CONTROL}/response", "-m", payload, "-W", "10"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    responses: list[dict[str, str]] = json.loads(out.stdout)["responses"]
+    return responses
+
+
+@DYNSEC_ONLY
+def test_dynsec_a_vehicle_added_and_removed_on_a_running_broker(fleet: Fleet) -> None:
+    broker, pki = fleet.broker, fleet.pki
+    admin = pki.issue("fleet-admin")
+    n_cert = pki.issue("veh-n")
+    cloud = connect(broker, pki.issue("cloud-sync"), pki.ca, "rx-1")
+    n = connect(broker, n_cert, pki.ca, "veh-n")
+    assert isinstance(cloud, Client) and isinstance(n, Client)
+    own = "fleet/f1/vehicle/veh-n"
+    try:
+        shared = [f"$share/cloud_sync/fleet/f1/vehicle/+/{leaf}" for leaf in UPLINK_LEAVES]
+        assert [c.value for c in cloud.subscribe(*shared)] == [GRANTED_QOS1] * 4
+        assert n.publish(f"{own}/telemetry", b"before").value == NOT_AUTHORIZED  # not provisioned yet
+        dropped = threading.Event()
+        n.c.on_disconnect = lambda *_args: dropped.set()
+
+        assert rr(fleet, admin, provision("add", "f1", "veh-n")) == [{"command": "createRole"},
+                                                                    {"command": "createClient"}]
+        # Provisioning twice is refused, not merged: the plugin answers each command with an error.
+        assert [r.get("error") for r in rr(fleet, admin, provision("add", "f1", "veh-n"))] \
+            == ["Role already exists", "Client already exists"]
+        # The same connection now has its rights: dynsec decides on each check, from its current state.
+        assert not n.publish(f"{own}/telemetry", b"after-add").is_failure
+        cloud.wait_for(b"after-add")
+        assert not dropped.is_set()
+        assert [c.value for c in n.subscribe(f"{own}/ack", "$share/cloud_sync/fleet/f1/vehicle/+/telemetry")] \
+            == [GRANTED_QOS1, NOT_AUTHORIZED]
+        n.close()
+
+        # The plugin wrote the change to its file: a broker restart keeps it.
+        assert '"veh-n"' in (fleet.workdir / "dynamic-security.json").read_text()
+        cloud.close()
+        broker.restart()
+        cloud = connect(broker, pki.issue("cloud-sync"), pki.ca, "rx-2")
+        n = connect(broker, n_cert, pki.ca, "veh-n")
+        assert isinstance(cloud, Client) and isinstance(n, Client)
+        cloud.subscribe("$share/cloud_sync/fleet/f1/vehicle/+/telemetry")
+        assert not n.publish(f"{own}/telemetry", b"after-restart").is_failure
+        cloud.wait_for(b"after-restart")
+
+        # Removed: the broker drops its connection, and its certificate, still valid, gets it nothing back.
+        gone = threading.Event()
+        n.c.on_disconnect = lambda *_args: gone.set()
+        assert rr(fleet, admin, provision("remove", "veh-n")) == [{"command": "deleteClient"},
+                                                                 {"command": "deleteRole"}]
+        assert gone.wait(WAIT_S), "the removed vehicle's connection was not dropped"
+        n.close()
+        n = connect(broker, n_cert, pki.ca, "veh-n")
+        assert isinstance(n, Client)
+        assert n.publish(f"{own}/telemetry", b"after-remove").value == NOT_AUTHORIZED
+        assert [c.value for c in n.subscribe(f"{own}/ack")] == [NOT_AUTHORIZED]
+    finally:
+        for cl in (cloud, n):
+            if isinstance(cl, Client):  # a reconnect above may have failed
+                cl.close()
+
+
+@DYNSEC_ONLY
+def test_dynsec_disabling_does_not_stop_a_certificate_client(fleet: Fleet) -> None:
+    """Pins why `dynsec_provision.py remove` deletes the client: the plugin checks `disabled` only in its password
+    check, which Mosquitto skips for certificate identities, so a disabled vehicle is disconnected once and then
+    reconnects with all its rights."""
+    broker, pki = fleet.broker, fleet.pki
+    a_cert = pki.issue("veh-a")
+    a = connect(broker, a_cert, pki.ca, "veh-a", thread=False)
+    assert isinstance(a, Client)
+    a.c.loop_start()
+    dropped = threading.Event()
+    a.c.on_disconnect = lambda *_args: dropped.set()
+    try:
+        assert rr(fleet, pki.issue("fleet-admin"), json.dumps(
+            {"commands": [{"command": "disableClient", "username": "veh-a"}]})) == [{"command": "disableClient"}]
+        assert dropped.wait(WAIT_S)
+    finally:
+        a.close()
+    again = connect(broker, a_cert, pki.ca, "veh-a")
+    assert isinstance(again, Client), again
+    try:
+        assert not again.publish("fleet/f1/vehicle/veh-a/telemetry", b"still-here").is_failure
+    finally:
+        again.close()
