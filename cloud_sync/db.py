@@ -113,7 +113,11 @@ class FleetDB(abc.ABC):
 
     def __init__(self) -> None:
         self._lock = threading.RLock()  # one connection per object, shared by the worker and readers
+        # Signal ids known to be COMMITTED. Ids taken inside the transaction in hand wait in `_new_signal_ids`
+        # until its commit: a rolled-back id may be handed to another signal later (SQLite reuses it; a
+        # PostgreSQL sequence skips it), and caching it would file later samples under the wrong signal.
         self._signal_ids: dict[tuple[str, str, str], int] = {}
+        self._new_signal_ids: dict[tuple[str, str, str], int] = {}
 
     # --- what a backend provides -----------------------------------------------------------------------------
 
@@ -145,13 +149,13 @@ class FleetDB(abc.ABC):
     # --- writing ---------------------------------------------------------------------------------------------
 
     def _signal_id(self, cur: Cursor, key: tuple[str, str, str]) -> int:
-        sid = self._signal_ids.get(key)
+        sid = self._signal_ids.get(key) or self._new_signal_ids.get(key)
         if sid is None:
             cur.execute(self._sql("INSERT INTO signals (name, source, unit) VALUES (?,?,?) ON CONFLICT DO NOTHING"),
                         key)
             cur.execute(self._sql("SELECT id FROM signals WHERE name=? AND source=? AND unit=?"), key)
             sid = int(cur.fetchone()[0])
-            self._signal_ids[key] = sid
+            self._new_signal_ids[key] = sid
         return sid
 
     def _count(self, cur: Cursor, vehicle: str, name: str, by: int) -> None:
@@ -218,9 +222,15 @@ class FleetDB(abc.ABC):
         # Rows are locked vehicle by vehicle in one order, so receivers sharing a database cannot deadlock.
         order = sorted(range(len(batches)), key=lambda i: (batches[i].vehicle, i))
         out: list[IngestResult] = [IngestResult()] * len(batches)
-        with self._lock, self._transaction() as cur:
-            for i in order:
-                out[i] = self._ingest_one(cur, batches[i], now)
+        with self._lock:
+            self._new_signal_ids.clear()
+            try:
+                with self._transaction() as cur:
+                    for i in order:
+                        out[i] = self._ingest_one(cur, batches[i], now)
+                self._signal_ids.update(self._new_signal_ids)  # committed: now they are for keeps
+            finally:
+                self._new_signal_ids.clear()
         return out
 
     def set_status(self, fleet: str, vehicle: str, status: dict[str, Any]) -> None:
