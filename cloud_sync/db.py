@@ -66,7 +66,12 @@ _SCHEMA_V2 = [
 
 
 class CloudDBError(RuntimeError):
-    pass
+    """The database cannot be used (unreachable, locked, full, I/O error): nothing was stored; try again later."""
+
+
+class UnstorableError(ValueError):
+    """A batch the database refused because of what it holds (a value out of range, a constraint): storing it again
+    fails again. The transaction rolled back; the database itself is fine."""
 
 
 @dataclass(slots=True)
@@ -145,6 +150,10 @@ class FleetDB(abc.ABC):
 
     def _sql(self, sql: str) -> str:
         return sql
+
+    def _is_outage(self, e: BaseException) -> bool:
+        """Whether a failed write failed because of the database (else: because of the data)."""
+        return isinstance(e, CloudDBError)
 
     # --- writing ---------------------------------------------------------------------------------------------
 
@@ -229,13 +238,19 @@ class FleetDB(abc.ABC):
                     for i in order:
                         out[i] = self._ingest_one(cur, batches[i], now)
                 self._signal_ids.update(self._new_signal_ids)  # committed: now they are for keeps
+            except Exception as e:
+                if self._is_outage(e):
+                    if isinstance(e, CloudDBError):
+                        raise
+                    raise CloudDBError(f"{self.where}: {type(e).__name__}: {str(e).strip()[:200]}") from e
+                raise UnstorableError(f"{type(e).__name__}: {str(e).strip()[:200]}") from e
             finally:
                 self._new_signal_ids.clear()
         return out
 
     def set_status(self, fleet: str, vehicle: str, status: dict[str, Any]) -> None:
         now = time.time()
-        with self._lock, self._transaction() as cur:
+        with self._lock, self._write_errors(), self._transaction() as cur:
             self._touch(cur, fleet, vehicle, now)
             cur.execute(
                 self._sql("UPDATE vehicles SET online=?, status=? WHERE vehicle=?"),
@@ -243,8 +258,20 @@ class FleetDB(abc.ABC):
             )
 
     def count_rejected(self, reason: str, n: int = 1) -> None:
-        with self._lock, self._transaction() as cur:
+        with self._lock, self._write_errors(), self._transaction() as cur:
             self._count(cur, "", f"rejected:{reason}", n)
+
+    @contextlib.contextmanager
+    def _write_errors(self) -> Iterator[None]:
+        """A write's failure as CloudDBError (outage) or UnstorableError (content), like `ingest`."""
+        try:
+            yield
+        except (CloudDBError, UnstorableError):
+            raise
+        except Exception as e:
+            if self._is_outage(e):
+                raise CloudDBError(f"{self.where}: {type(e).__name__}: {str(e).strip()[:200]}") from e
+            raise UnstorableError(f"{type(e).__name__}: {str(e).strip()[:200]}") from e
 
     # --- reading ---------------------------------------------------------------------------------------------
 
@@ -426,6 +453,10 @@ class CloudDB(FleetDB):
     def _read(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
             return self.db.execute(sql, tuple(args)).fetchall()
+
+    def _is_outage(self, e: BaseException) -> bool:
+        # OperationalError: locked, busy, disk full, I/O error, read-only file: the database, not the data.
+        return isinstance(e, CloudDBError | sqlite3.OperationalError)
 
     def _insert_samples(
         self,

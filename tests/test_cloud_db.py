@@ -16,7 +16,7 @@ import pytest
 from agent import wire
 from agent.testing import postgres
 from cloud_sync.cli import main as cloud_main
-from cloud_sync.db import CloudDB, FleetDB, open_db
+from cloud_sync.db import CloudDB, FleetDB, UnstorableError, open_db
 
 T0 = 1_790_000_000.0
 
@@ -170,7 +170,7 @@ def test_every_sample_keeps_its_signal_through_a_failed_transaction(db: FleetDB)
     first = wire.Batch("f1", "v1", 1, [_one_signal(1, 10, ("FIRST.Sig", "can0/00", "u"), 1.0)])
     # Its group-mate cannot be stored (a sequence number past BIGINT): the whole transaction rolls back.
     poison = wire.Batch("f1", "v2", 2, [alert(2**63, "p", "open", T0)])
-    with pytest.raises(Exception):  # noqa: B017 - the backend's own overflow error, whichever it is
+    with pytest.raises(UnstorableError):  # the backend refused the data; the database is fine
         db.ingest([first, poison])
     assert db.stats() == []  # nothing of the failed group is stored
     second = wire.Batch("f1", "v1", 3, [_one_signal(100, 10, ("SECOND.Sig", "can0/00", "u"), 2.0)])

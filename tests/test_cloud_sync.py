@@ -75,7 +75,7 @@ def batch(bid: int, *segs: wire.Segment, vid: str = "v1") -> wire.Batch:
 def cfg_for(broker: MosquittoBroker, tmp_path: Path, client_id: str = "cs-test") -> CloudConfig:
     return CloudConfig.model_validate(
         {
-            "mqtt": {"host": broker.host, "port": broker.port, "client_id": client_id, "max_message_bytes": 200_000},
+            "mqtt": {"host": broker.host, "port": broker.port, "client_id": client_id},
             "db": {"path": str(tmp_path / "cloud.sqlite")},
         }
     )
@@ -160,13 +160,15 @@ def test_hostile_messages_rejected_counted_and_service_continues(broker: Mosquit
     v.send(batch(0), payload=b"garbage")
     v.send(batch(0), payload=good[: len(good) // 2])
     v.send(batch(0), payload=b"HV\x01\x00" + b"\x00" * 3)
-    v.send(batch(0), payload=b"x" * 300_000)
+    v.send(batch(0), payload=b"x" * (wire.MAX_MESSAGE_BYTES + 1))
     v.send(batch(1, samples(1, 5), vid="v2"), topic_vehicle="v1")  # claims another vehicle than its topic
     v.send(batch(5, samples(1, 5)))
-    wait_for(lambda: len(v.acks) == 1, what="the good batch's ack")
+    wait_for(lambda: len(v.acks) == 2, what="the good batch's ack and the mismatch's rejection")
     wait_for(lambda: sum(receiver.db.rejected().values()) == 5, what="rejections counted")
     assert receiver.db.rejected() == {"malformed": 3, "oversized": 1, "vehicle_mismatch": 1}
-    assert [a.batch for a in v.acks] == [5]
+    # Nothing decodable names a batch in the first four; the mismatched one does, and is told it is refused.
+    assert sorted((a.batch, a.status) for a in v.acks) == [(1, "rejected"), (5, "ok")]
+    assert next(a for a in v.acks if a.batch == 1).reason.startswith("vehicle_mismatch")
     v.close()
 
 
