@@ -259,3 +259,74 @@ def test_oversized_status_is_rejected_like_any_message(broker: MosquittoBroker, 
     assert not any(s.vehicle == "v8" for s in receiver.db.stats())
     c.loop_stop()
     c.disconnect()
+
+
+def _poison(i: int) -> tuple[str, bytes]:
+    """(leaf, payload) of the i-th poison message: content no receiver can store, of every kind we know."""
+    deep = b"HV\x01\x00" + b"[" * 5000 + b"]" * 5000
+    big = 2**64
+    hj = json.dumps({"schema": 1, "fleet": "f1", "vehicle": "v1", "batch": 2, "seq_lo": big, "seq_hi": big,
+                     "segments": [{"kind": "alert", "seq_lo": big, "seq_hi": big, "record": {"alert_id": "x"}}]},
+                    separators=(",", ":")).encode()
+    huge_seq = b"HV\x01\x00" + len(hj).to_bytes(4, "little") + hj
+    kinds: list[tuple[str, bytes]] = [
+        ("telemetry", deep[:4] + (10_000).to_bytes(4, "little") + deep[4:]),  # json.loads -> RecursionError
+        ("alerts", huge_seq),  # passed the old decoder, OverflowError at the INSERT
+        ("status", b"[1, 2, 3]"),  # not an object
+        ("status", b'{"state": "online", "backlog": ' + b"[" * 3000 + b"]" * 3000 + b"}"),  # nested junk
+        ("status", b"\xff\xfe{not utf8"),
+        ("status", b'{"state": "online", "budget": {"used_today": 1' + b"0" * 400 + b"}}"),  # huge number
+        ("status", b'{"state": ["online"]}'),  # wrong type in a field set_status reads
+        ("events", wire.encode_batch(batch(3, wire.Segment("event", 7, 7, record={
+            "kind": "evicted", "ts": 1.0, "data": {"ranges": [["a", "b"]]}})), compress=False)),  # breaks reports
+    ]
+    return kinds[i % len(kinds)]
+
+
+def test_poison_from_many_vehicles_never_stalls_the_fleet(broker: MosquittoBroker, tmp_path: Path) -> None:
+    """120 poison messages (more than the broker's in-flight window of 100) from 40 vehicles, then a good alert:
+    every poison is rejected, counted and PUBACKed, the alert is stored and acked; after a restart, still flowing."""
+    cfg = cfg_for(broker, tmp_path, "cs-poison")
+    db = CloudDB(cfg.db.path)
+    rx = Receiver(cfg, db)
+    rx.start()
+    assert rx.connected.wait(10)
+    pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="poisoner", protocol=mqtt.MQTTv5)
+    pub.connect(broker.host, broker.port)
+    pub.loop_start()
+    good = Vehicle(broker, vid="good")
+    try:
+        for i in range(120):
+            leaf, payload = _poison(i)
+            vid = f"v{i % 40:03d}"
+            # the vehicle in the payload matches its topic (a header's length changes with it: same-length ids)
+            body = payload.replace(b'"vehicle":"v1"', f'"vehicle":"{vid}"'.encode())
+            if body != payload:
+                hlen = int.from_bytes(body[4:8], "little") + len(vid) - 2
+                body = body[:4] + hlen.to_bytes(4, "little") + body[8:]
+            pub.publish(wire.vehicle_topic("f1", vid, leaf), body, qos=1).wait_for_publish(10)
+        alert = wire.Segment("alert", 10, 10, record={"alert_id": "a1", "state": "open", "ts": 1.0, "label": "leak"})
+        good.send(batch(77, alert, vid="good"), leaf="alerts")
+        wait_for(lambda: any(a.batch == 77 and a.status == "ok" for a in good.acks), what="the good alert's ack")
+        assert [a["alert_id"] for a in db.alerts(vehicle="good")] == ["a1"]
+        wait_for(lambda: sum(db.rejected().values()) == 120, what="every poison message counted")
+        assert sum(v for k, v in rx.stats.items() if k.startswith("rejected:")) == 120
+        # the batches whose header names a batch id (the huge seq, the bad eviction event) got a rejected ack
+        assert rx.stats["rejected_acks"] == 30
+        rx.stop()
+        rx = Receiver(cfg, db)  # the same persistent session: nothing left over to choke on
+        rx.start()
+        assert rx.connected.wait(10)
+        good.send(batch(78, wire.Segment("alert", 11, 11, record={"alert_id": "a1", "state": "closed", "ts": 2.0}),
+                        vid="good"), leaf="alerts")
+        wait_for(lambda: any(a.batch == 78 and a.status == "ok" for a in good.acks), what="an ack after restart")
+        assert [a["state"] for a in db.alerts(vehicle="good")] == ["open", "closed"]
+        assert sum(db.rejected().values()) == 120  # PUBACKed: none came back after the restart
+        s = {v.vehicle: v for v in db.stats()}
+        assert set(s) == {"good"} and s["good"].records["alerts"] == 2  # cloud-sync stats still reads the fleet
+    finally:
+        rx.stop()
+        pub.loop_stop()
+        pub.disconnect()
+        good.close()
+        db.close()

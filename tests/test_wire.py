@@ -244,3 +244,5 @@ def test_mutated_messages_raise_only_wire_error(noise: bytes, pos: int, compress
     raw[p : p + len(noise)] = noise
     with contextlib.suppress(wire.WireError):
         wire.decode_batch(bytes(raw))
+    peek = wire.peek_batch_id(bytes(raw))  # what the receiver reads from a refused message: never raises
+    assert peek is None or 0 <= peek[0] <= wire.MAX_BATCH_ID
