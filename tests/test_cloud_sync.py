@@ -330,3 +330,47 @@ def test_poison_from_many_vehicles_never_stalls_the_fleet(broker: MosquittoBroke
         pub.disconnect()
         good.close()
         db.close()
+
+
+def test_a_group_the_database_refuses_is_stored_message_by_message(
+    broker: MosquittoBroker, receiver: Receiver, tmp_path: Path
+) -> None:
+    """The database itself refuses one batch of a commit group (a real constraint, here a trigger): its group-mates
+    are stored and acked; it alone is rejected (`unstorable`), counted, and answered with a rejected ack."""
+    con = sqlite3.connect(tmp_path / "cloud.sqlite")
+    con.execute("CREATE TRIGGER refuse BEFORE INSERT ON alerts WHEN NEW.alert_id = 'refuse-me' "
+                "BEGIN SELECT RAISE(ABORT, 'refused by a constraint'); END")
+    con.commit()
+    con.close()
+    v = Vehicle(broker)
+
+    def msg(bid: int, seq: int, alert_id: str) -> _Msg:
+        b = batch(bid, wire.Segment("alert", seq, seq, record={"alert_id": alert_id, "state": "open", "ts": 1.0}))
+        return _Msg(wire.vehicle_topic("f1", "v1", "alerts"), wire.encode_batch(b), 0, 0)
+
+    held = receiver._process([msg(1, 1, "a"), msg(2, 2, "refuse-me"), msg(3, 3, "c")])
+    assert held == []
+    wait_for(lambda: len(v.acks) == 3, what="three acks")
+    assert sorted((a.batch, a.status) for a in v.acks) == [(1, "ok"), (2, "rejected"), (3, "ok")]
+    assert [a["alert_id"] for a in receiver.db.alerts()] == ["a", "c"]
+    assert receiver.db.rejected() == {"unstorable": 1} and receiver.stats["groups_split"] == 1
+    v.close()
+
+
+def test_only_a_database_outage_holds_messages(broker: MosquittoBroker, receiver: Receiver, tmp_path: Path) -> None:
+    """While another connection holds the database's write lock (SQLite's "database is locked": an outage, not the
+    data's fault) nothing is settled, poison included; once it is released, the same messages settle."""
+    v = Vehicle(broker)
+    receiver.db.db.execute("PRAGMA busy_timeout=200")  # type: ignore[attr-defined]  # fail fast while locked
+    good = _Msg(wire.vehicle_topic("f1", "v1", "telemetry"), wire.encode_batch(batch(1, samples(1, 5))), 0, 0)
+    poison = _Msg(wire.vehicle_topic("f1", "v1", "telemetry"), b"HV\x01\x00garbage", 0, 0)
+    locker = sqlite3.connect(tmp_path / "cloud.sqlite", isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    held = receiver._process([poison, good])
+    assert held == [poison, good] and v.acks == []
+    locker.execute("ROLLBACK")
+    locker.close()
+    assert receiver._process(held) == []
+    wait_for(lambda: len(v.acks) == 1, what="the ack once the database is back")
+    assert v.acks[0].status == "ok" and receiver.db.rejected() == {"malformed": 1}
+    v.close()
