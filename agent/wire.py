@@ -272,7 +272,8 @@ def decode_columns(head: dict[str, Any], blob: bytes) -> SampleColumns:
 
 def split_columns(cols: SampleColumns) -> list[SampleColumns]:
     """Cut columns into pieces within MAX_SEGMENT_SAMPLES and MAX_SIGNALS_PER_SEGMENT, in order, each with only
-    the signals it uses: what a vehicle's store writes, so every segment it sends fits the receiver's caps."""
+    the signals it uses, named as the receiver accepts (`conform_signal`): what a vehicle's store writes, so every
+    segment it sends fits the receiver's caps."""
     n = len(cols)
     out: list[SampleColumns] = []
     start = 0
@@ -290,7 +291,7 @@ def split_columns(cols: SampleColumns) -> list[SampleColumns]:
             used = np.unique(cols.sig[start:end])
         remap = np.zeros(len(cols.signals), np.uint16)
         remap[used] = np.arange(len(used), dtype=np.uint16)
-        out.append(SampleColumns([cols.signals[int(k)] for k in used], remap[cols.sig[start:end]],
+        out.append(SampleColumns([conform_signal(cols.signals[int(k)]) for k in used], remap[cols.sig[start:end]],
                                  cols.ts_us[start:end].copy(), cols.value[start:end].copy()))
         start = end
     return out
@@ -308,6 +309,8 @@ def encode_batch(batch: Batch, compress: bool = True) -> bytes:
             blobs.append(blob)
             offset += len(blob)
         else:
+            if len(json.dumps(s.record, separators=(",", ":"))) > MAX_RECORD_BYTES:
+                raise LimitError(f"{s.kind} record {s.seq_lo} larger than {MAX_RECORD_BYTES} bytes")
             entry["record"] = s.record
         segs.append(entry)
     header = {
