@@ -10,7 +10,11 @@ reconnect with its persistent session), and the vehicle resends on its own timeo
 from __future__ import annotations
 
 import logging
+import math
 import queue
+import socket
+import ssl
+import sys
 import threading
 import time
 from collections import Counter
@@ -67,7 +71,9 @@ class Receiver:
         c.reconnect_delay_set(1, 30)
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
+        c.on_connect_fail = self._on_connect_fail
         c.on_message = self._on_message
+        self._last_unreachable_report = -math.inf
         self.client = c
 
     # --- MQTT callbacks (paho's thread) ----------------------------------------------------------------------
@@ -81,7 +87,20 @@ class Receiver:
         subs.append((f"fleet/{m.fleet}/vehicle/+/status", 1))
         client.subscribe(subs)
         self.connected.set()
+        self._last_unreachable_report = -math.inf  # a later outage is reported at once again
         log.info("connected to %s:%d, subscribed (group %s)", m.host, m.port, m.share_group)
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        # paho calls this from inside its `except OSError:` (refused, DNS, TLS handshake): the error is at hand.
+        err = sys.exc_info()[1]
+        self.stats["connect_failures"] += 1
+        now = time.monotonic()
+        if now - self._last_unreachable_report >= self.cfg.mqtt.unreachable_report_s:
+            self._last_unreachable_report = now
+            m = self.cfg.mqtt
+            log.error("cannot reach the broker at %s:%d: %s (%d attempts so far; retrying, said again every %gs "
+                      "until connected)", m.host, m.port, _why(err), self.stats["connect_failures"],
+                      m.unreachable_report_s)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
         self.connected.clear()
@@ -300,3 +319,18 @@ def _record_problem(kind: str, r: dict[str, Any]) -> str:
         if fl is not None and (isinstance(fl, bool) or not isinstance(fl, int)):
             return "data.seq_floor must be an integer"
     return ""
+
+
+def _why(err: BaseException | None) -> str:
+    """A connection failure in words an operator acts on."""
+    if isinstance(err, socket.gaierror):
+        return f"the name does not resolve ({err.strerror or err})"
+    if isinstance(err, ssl.SSLError | ssl.CertificateError):
+        return f"TLS handshake failed ({getattr(err, 'reason', None) or err})"
+    if isinstance(err, ConnectionRefusedError):
+        return "connection refused (nothing listens there?)"
+    if isinstance(err, TimeoutError | socket.timeout):
+        return "timed out"
+    if isinstance(err, OSError):
+        return err.strerror or str(err) or type(err).__name__
+    return "unknown error"
