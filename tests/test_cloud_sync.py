@@ -374,3 +374,41 @@ def test_only_a_database_outage_holds_messages(broker: MosquittoBroker, receiver
     wait_for(lambda: len(v.acks) == 1, what="the ack once the database is back")
     assert v.acks[0].status == "ok" and receiver.db.rejected() == {"malformed": 1}
     v.close()
+
+
+def test_ids_names_and_labels_are_checked_at_the_receiver(broker: MosquittoBroker, receiver: Receiver) -> None:
+    """Vehicle ids, fleet names, signal names/sources/units and alert/event texts must match the patterns in
+    docs/protocol.md: what does not is rejected with a reason, counted, and (a batch) answered `rejected`."""
+    v = Vehicle(broker)
+    odd = Vehicle(broker, vid="v é")  # not a vehicle id the agent's config would accept
+
+    def alert(bid: int, seq: int, **rec: object) -> wire.Batch:
+        return batch(bid, wire.Segment("alert", seq, seq, record={"alert_id": "a", "state": "open", **rec}))
+
+    bad_signal = wire.SampleColumns([("ET1.Temp\x1b[2J", "can0/00", "degC")], np.zeros(3, np.uint16),
+                                    np.arange(3, dtype=np.int64), np.ones(3))
+    v.send(batch(1, wire.Segment("samples", 1, 3, columns=bad_signal)))
+    v.send(alert(2, 4, label="\x1b[2Jall clear"), leaf="alerts")
+    v.send(alert(3, 5, model={"not": "text"}), leaf="alerts")
+    v.send(batch(4, wire.Segment("event", 6, 6, record={"kind": "evicted", "data": {"ranges": [["a", 1]]}})),
+           leaf="events")
+    v.send(alert(5, 7, label="x" * 257), leaf="alerts")
+    odd.send(wire.Batch("f1", "v é", 6, [wire.Segment("alert", 1, 1, record={"alert_id": "a"})]), leaf="alerts")
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="st-bad", protocol=mqtt.MQTTv5)
+    c.connect(broker.host, broker.port)
+    c.loop_start()
+    c.publish(wire.vehicle_topic("f" * 65, "v1", "status"), b'{"state": "online"}', qos=1).wait_for_publish(10)
+    c.publish(wire.vehicle_topic("f1", "v1", "status"), b'{"state": 5}', qos=1).wait_for_publish(10)
+    v.send(alert(7, 8, label="coolant_leak", model="harvester-anomaly", model_version="1.0.0"), leaf="alerts")
+    wait_for(lambda: sum(receiver.db.rejected().values()) == 8, what="eight rejections")
+    assert receiver.db.rejected() == {"bad_signal": 1, "bad_record": 4, "bad_id": 2, "bad_status": 1}
+    wait_for(lambda: len(v.acks) == 6, what="five rejected acks and one ok")
+    assert sorted((a.batch, a.status) for a in v.acks) == [(1, "rejected"), (2, "rejected"), (3, "rejected"),
+                                                            (4, "rejected"), (5, "rejected"), (7, "ok")]
+    assert odd.acks == []  # a topic the receiver cannot trust gets no answer
+    assert [a["label"] for a in receiver.db.alerts()] == ["coolant_leak"]
+    assert {s.vehicle for s in receiver.db.stats()} == {"v1"}
+    c.loop_stop()
+    c.disconnect()
+    v.close()
+    odd.close()
