@@ -207,9 +207,11 @@ class Receiver:
                 try:
                     self._reject(m, e)
                 except CloudDBError:
-                    return msgs[i:]  # the rest wait for the database (good ones included: re-validated, cheap)
+                    # This one and the rest wait for the database, with the valid ones before it (re-validated
+                    # then: cheap).
+                    return [g for g, _ in good] + msgs[i:]
             except CloudDBError:
-                return msgs[i:]
+                return [g for g, _ in good] + msgs[i:]
         if not good:
             return []
         try:
