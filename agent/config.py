@@ -12,6 +12,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from agent import wire
 from agent.drift import DriftPolicy
 
 M = TypeVar("M", bound=BaseModel)
@@ -26,8 +27,9 @@ class _Section(BaseModel):
 
 
 class VehicleConfig(_Section):
-    fleet: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    id: str = Field("vehicle-0001", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    # The receiver checks the same pattern (agent/wire.py Limits): a vehicle it would refuse cannot be configured.
+    fleet: str = Field("default", pattern=wire.ID_PATTERN)
+    id: str = Field("vehicle-0001", pattern=wire.ID_PATTERN)
 
 
 class CanBusConfig(_Section):
@@ -72,7 +74,8 @@ class StoreConfig(_Section):
     path: Path = Path("/var/lib/harvester-agent/buffer.sqlite")
     max_bytes: int = Field(512 * 1024 * 1024, ge=1024 * 1024)
     flush_interval_s: float = Field(1.0, gt=0, le=60)
-    flush_max_samples: int = Field(20_000, ge=1)
+    # At most one wire segment's worth (agent/wire.py MAX_SEGMENT_SAMPLES); the store splits anything larger anyway.
+    flush_max_samples: int = Field(20_000, ge=1, le=wire.MAX_SEGMENT_SAMPLES)
     memory_max_samples: int = Field(500_000, ge=1000)
     memory_max_records: int = Field(10_000, ge=10)
 
@@ -86,7 +89,8 @@ class MqttConfig(_Section):
     ca_file: Path | None = None
     cert_file: Path | None = None
     key_file: Path | None = None
-    batch_max_bytes: int = Field(256 * 1024, ge=1024, le=64 * 1024 * 1024)
+    # Bounded by agent/wire.py MAX_BATCH_BYTES so that every batch fits the receiver's caps (docs/protocol.md).
+    batch_max_bytes: int = Field(256 * 1024, ge=1024, le=wire.MAX_BATCH_BYTES)
     batch_max_age_s: float = Field(5.0, gt=0, le=600)
     max_inflight_batches: int = Field(4, ge=1, le=1000)
     ack_timeout_s: float = Field(30.0, gt=0)

@@ -62,6 +62,10 @@ _COUNTERS = (
 )
 
 
+# An `evicted` notice's ranges are at most 2 x 20 digits each: 4,000 of them stay well inside wire.MAX_RECORD_BYTES.
+EVICTED_RANGES_PER_EVENT = 4000
+
+
 class StoreError(RuntimeError):
     pass
 
@@ -197,20 +201,25 @@ class Store:
         self.db.execute("UPDATE meta SET value=value+? WHERE key=?", (by, key))
 
     def append_samples(self, cols: wire.SampleColumns) -> tuple[int, int]:
-        """Write one segment of samples; returns its sequence range. Durable when this returns."""
+        """Write samples; returns their sequence range. Durable when this returns. Written as one or more
+        segments, each within the wire's caps (samples, signals, signal names: `wire.split_columns`), so the
+        cloud never refuses one."""
         n = len(cols)
         if n == 0:
             raise ValueError("empty segment")
-        head, body = wire.encode_columns(cols)
-        ts_lo = float(cols.ts_us.min()) / 1e6
-        ts_hi = float(cols.ts_us.max()) / 1e6
+        pieces = [(p, wire.encode_columns(p)) for p in wire.split_columns(cols)]
         with self._lock:
             with self._tx():
                 lo = self._take_seq(n)
-                self.db.execute(
-                    "INSERT INTO outbox VALUES (?,?,?,?,?,?,?,?,?,?)",
-                    (lo, lo + n - 1, "samples", PRIO_SAMPLES, n, ts_lo, ts_hi, time.time(), json.dumps(head), body),
-                )
+                at = lo
+                for piece, (head, body) in pieces:
+                    k = len(piece)
+                    self.db.execute(
+                        "INSERT INTO outbox VALUES (?,?,?,?,?,?,?,?,?,?)",
+                        (at, at + k - 1, "samples", PRIO_SAMPLES, k, float(piece.ts_us.min()) / 1e6,
+                         float(piece.ts_us.max()) / 1e6, time.time(), json.dumps(head), body),
+                    )
+                    at += k
                 self._bump("written_samples", n)
             self._enforce_bound()
         return lo, lo + n - 1
@@ -268,19 +277,25 @@ class Store:
                 self._bump("evicted_samples", n_samples)
                 self._bump("evicted_records", n_records)
                 self._bump("evictions", 1)
-                seq = self._take_seq(1)
-                rec = {
-                    "kind": "evicted",
-                    "ts": time.time(),
-                    "data": {"ranges": merge_ranges(evicted), "count": n_samples + n_records,
-                             "samples": n_samples, "records": n_records},
-                }
-                now = time.time()
-                self.db.execute(
-                    "INSERT INTO outbox VALUES (?,?,?,?,?,?,?,?,?,?)",
-                    (seq, seq, "event", PRIO_NOTICE, 1, now, now, now, json.dumps(rec), b""),
-                )
-                self._bump("written_records", 1)
+                merged = merge_ranges(evicted)
+                # One notice per EVICTED_RANGES_PER_EVENT ranges, so each stays within wire.MAX_RECORD_BYTES; the
+                # counts ride on the first.
+                for i in range(0, len(merged), EVICTED_RANGES_PER_EVENT):
+                    first = i == 0
+                    seq = self._take_seq(1)
+                    rec = {
+                        "kind": "evicted",
+                        "ts": time.time(),
+                        "data": {"ranges": merged[i : i + EVICTED_RANGES_PER_EVENT],
+                                 "count": n_samples + n_records if first else 0,
+                                 "samples": n_samples if first else 0, "records": n_records if first else 0},
+                    }
+                    now = time.time()
+                    self.db.execute(
+                        "INSERT INTO outbox VALUES (?,?,?,?,?,?,?,?,?,?)",
+                        (seq, seq, "event", PRIO_NOTICE, 1, now, now, now, json.dumps(rec), b""),
+                    )
+                    self._bump("written_records", 1)
 
     # --- reading for the uplink ------------------------------------------------------------------------------
 

@@ -54,6 +54,7 @@ class UplinkStats:
     ack_timeouts: int = 0
     bad_downlink: dict[str, int] = field(default_factory=dict)
     rejected_batches: int = 0
+    oversized_rows: int = 0  # outbox rows no batch within the wire's limits can carry: kept, not sent
     budget_held: bool = False
 
 
@@ -197,12 +198,34 @@ class Uplink:
         b = self.cfg.daily_budget_bytes
         return b > 0 and self.budget_used() >= b
 
+    def _encode(self, rows: list[OutboxRow]) -> tuple[wire.Batch, bytes, list[OutboxRow]] | None:
+        """The batch of the longest prefix of `rows` within the wire's limits (halving until it fits); None when
+        not even the first row fits alone. Config validation and the store's segment splitting make that
+        impossible for what the agent writes itself; it is a backstop, not a path."""
+        while rows:
+            b = wire.Batch(self.vehicle.fleet, self.vehicle.id, self._next_batch, [r.segment() for r in rows],
+                           time.time())
+            try:
+                return b, wire.encode_batch(b), rows
+            except wire.LimitError as e:
+                if len(rows) == 1:
+                    # Kept in the store (nothing is deleted without an ack), never sent: the cloud would refuse it.
+                    self._parked.add(rows[0].seq_lo)
+                    self.stats.oversized_rows += 1
+                    log.error("outbox row %d cannot be sent within the wire's limits (%s); kept, not sent",
+                              rows[0].seq_lo, e)
+                    return None
+                rows = rows[: len(rows) // 2]
+        return None
+
     def _publish(self, leaf: str, rows: list[OutboxRow]) -> bool:
         """Queue one batch with paho; False when it could not (connection just lost, paho's queue full)."""
-        batch_id = self._next_batch
+        enc = self._encode(rows)
+        if enc is None:
+            return True  # the row is parked; carry on with the rest
+        b, payload, rows = enc
+        batch_id = b.batch
         self._next_batch += 1
-        b = wire.Batch(self.vehicle.fleet, self.vehicle.id, batch_id, [r.segment() for r in rows], time.time())
-        payload = wire.encode_batch(b)
         info = self._client.publish(self.topic(leaf), payload, qos=1)
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             log.debug("publish not queued: %s", mqtt.error_string(info.rc))

@@ -18,6 +18,7 @@ Everything here is pure: bytes in, typed objects out, `WireError` with a reason 
 from __future__ import annotations
 
 import json
+import re
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,11 +32,34 @@ WIRE_VERSION = 1
 SCHEMA_VERSION = 1
 CODEC_NONE = 0
 CODEC_ZSTD = 1
-# A cap on what a decoder will inflate, so a small malicious message cannot become a memory bomb.
-MAX_DECOMPRESSED_BYTES = 64 * 1024 * 1024
-MAX_HEADER_BYTES = 8 * 1024 * 1024
-MAX_SIGNALS_PER_SEGMENT = 65535
 ZSTD_LEVEL = 3
+
+# --- Limits: the ONE place for every cap on a batch (docs/protocol.md "Limits"). The decoder refuses anything past
+# them; the encoder refuses to produce it (LimitError); the vehicle's config is validated against them and its store
+# splits sample segments to fit; cloud_sync's `max_message_bytes` may only raise MAX_MESSAGE_BYTES. So a correctly
+# configured vehicle cannot produce a batch the cloud refuses.
+INT64_MAX = 2**63 - 1  # both backends store integers as signed 64-bit (SQLite INTEGER, PostgreSQL BIGINT)
+MAX_SEQ = INT64_MAX  # sequence numbers are 1..MAX_SEQ
+MAX_BATCH_ID = INT64_MAX  # batch ids are 0..MAX_BATCH_ID
+MAX_TS_US = 2**62  # |timestamp| in µs (±146,000 years): a sum of in-range deltas then cannot overflow int64
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # one batch as published (compressed)
+MAX_DECOMPRESSED_BYTES = 64 * 1024 * 1024  # what a decoder will inflate: no memory bomb from a small message
+MAX_HEADER_BYTES = 8 * 1024 * 1024
+MAX_SEGMENTS_PER_BATCH = 4096
+MAX_SEGMENT_SAMPLES = 200_000  # samples in one segment (18 bytes each in the blob)
+MAX_SIGNALS_PER_SEGMENT = 8192  # entries in one segment's signal table
+MAX_RECORD_BYTES = 256 * 1024  # one alert/event record, as JSON
+MAX_JSON_DEPTH = 32  # nesting of the header (and so of a record); deeper JSON is refused before it is parsed
+MAX_BATCH_BYTES = 4 * 1024 * 1024  # the highest `mqtt.batch_max_bytes` a vehicle may configure
+MAX_STATUS_BYTES = 64 * 1024  # one retained status message (JSON)
+# Identifiers. Fleet and vehicle ids as agent/config.py requires them; signal names as our DBC (`ET1.EngCoolantTemp`),
+# NMEA (`GPS.Latitude`) and serial (`vib.AccelRms`) decoders make them; sources like `can0/00`, `gps`; units are
+# free text (DBC units such as `°C`, `km/h`) without control characters.
+ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+SIGNAL_NAME_PATTERN = r"^[!-~]{1,128}$"  # printable ASCII, no spaces
+SOURCE_PATTERN = r"^[A-Za-z0-9_./:-]{0,64}$"
+UNIT_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]{0,32}$"
+LABEL_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]{0,256}$"  # alert ids, states, model names and versions, labels, kinds
 
 _PREFIX = struct.Struct("<2sBB")
 _U32 = struct.Struct("<I")
@@ -43,6 +67,93 @@ _U32 = struct.Struct("<I")
 
 class WireError(ValueError):
     """A message that cannot be decoded; the text says why."""
+
+
+class LimitError(WireError):
+    """A batch the encoder will not produce because the receiver would refuse it (a cap in Limits)."""
+
+
+_ID = re.compile(ID_PATTERN)
+_SIGNAL_NAME = re.compile(SIGNAL_NAME_PATTERN)
+_SOURCE = re.compile(SOURCE_PATTERN)
+_UNIT = re.compile(UNIT_PATTERN)
+_LABEL = re.compile(LABEL_PATTERN)
+
+
+def valid_id(s: object) -> bool:
+    return isinstance(s, str) and _ID.fullmatch(s) is not None
+
+
+def valid_signal(key: tuple[str, str, str]) -> bool:
+    name, source, unit = key
+    return bool(_SIGNAL_NAME.fullmatch(name) and _SOURCE.fullmatch(source) and _UNIT.fullmatch(unit))
+
+
+def valid_label(s: object) -> bool:
+    return isinstance(s, str) and _LABEL.fullmatch(s) is not None
+
+
+def conform_signal(key: tuple[str, str, str]) -> tuple[str, str, str]:
+    """A signal key the cloud accepts: unchanged when it is valid already; otherwise each disallowed character
+    becomes `_` and each part is cut to its length cap (a vehicle never sends what the receiver refuses)."""
+    if valid_signal(key):
+        return key
+    name, source, unit = key
+    name = re.sub(r"[^!-~]", "_", name)[:128] or "_"
+    source = re.sub(r"[^A-Za-z0-9_./:-]", "_", source)[:64]
+    unit = re.sub(r"[\x00-\x1f\x7f-\x9f]", "_", unit)[:32]
+    return name, source, unit
+
+
+def _is_int(v: object, lo: int, hi: int) -> bool:
+    """An integer (not a bool) within [lo, hi]."""
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def _reject_constant(name: str) -> Any:
+    raise WireError(f"JSON constant {name} is not allowed")
+
+
+def _check_json(value: Any, what: str) -> None:
+    """Nesting at most MAX_JSON_DEPTH, every integer a signed 64-bit one (what both backends store), every string
+    free of lone surrogates (PostgreSQL and UTF-8 files refuse them). Iterative: a hostile value cannot recurse."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, dict):
+            if depth > MAX_JSON_DEPTH:
+                raise WireError(f"{what} nests deeper than {MAX_JSON_DEPTH}")
+            stack.extend((k, depth) for k in v)
+            stack.extend((x, depth + 1) for x in v.values())
+        elif isinstance(v, list):
+            if depth > MAX_JSON_DEPTH:
+                raise WireError(f"{what} nests deeper than {MAX_JSON_DEPTH}")
+            stack.extend((x, depth + 1) for x in v)
+        elif isinstance(v, int) and not isinstance(v, bool):
+            if not -INT64_MAX - 1 <= v <= INT64_MAX:
+                raise WireError(f"{what} holds an integer outside signed 64 bits")
+        elif isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                raise WireError(f"{what} holds a string that is not valid Unicode") from None
+
+
+def loads_json(text: bytes | str, what: str) -> Any:
+    """Strict JSON for anything read off the wire (headers, acks, status): WireError for any defect, never another
+    exception: not JSON, nesting that would exhaust the parser's recursion, NaN/Infinity, out-of-range integers."""
+    try:
+        v = json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise WireError(f"{what} nests too deeply") from None
+    except WireError:
+        raise
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WireError(f"{what} is not JSON: {e}") from None
+    except ValueError as e:  # int() of a number with too many digits (sys.int_info.default_max_str_digits)
+        raise WireError(f"{what} is not acceptable JSON: {e}") from None
+    _check_json(v, what)
+    return v
 
 
 @dataclass(slots=True)
@@ -127,10 +238,14 @@ def decode_columns(head: dict[str, Any], blob: bytes) -> SampleColumns:
     n = head.get("n")
     t0 = head.get("t0_us")
     signals = head.get("signals")
-    if not isinstance(n, int) or n < 0 or not isinstance(t0, int) or not isinstance(signals, list):
+    if not isinstance(n, int) or not isinstance(t0, int) or not isinstance(signals, list):
         raise WireError("sample segment header needs n, t0_us and signals")
+    if not _is_int(n, 0, MAX_SEGMENT_SAMPLES):
+        raise WireError(f"sample segment n={n} outside 0..{MAX_SEGMENT_SAMPLES}")
+    if not _is_int(t0, -MAX_TS_US, MAX_TS_US):
+        raise WireError(f"t0_us outside ±{MAX_TS_US}")
     if len(signals) > MAX_SIGNALS_PER_SEGMENT:
-        raise WireError("too many signals in one segment")
+        raise WireError(f"more than {MAX_SIGNALS_PER_SEGMENT} signals in one segment")
     sigs: list[tuple[str, str, str]] = []
     for s in signals:
         if not (isinstance(s, list) and len(s) == 3 and all(isinstance(x, str) for x in s)):
@@ -144,9 +259,42 @@ def decode_columns(head: dict[str, Any], blob: bytes) -> SampleColumns:
     value = np.bitwise_xor.accumulate(xored).view("<f8").astype(np.float64) if n else np.zeros(0)
     if n and int(sig.max()) >= len(sigs):
         raise WireError("signal index out of range of the segment's signal table")
-    # deltas[0] is relative to t0, every other delta to the previous timestamp.
+    # deltas[0] is relative to t0, every other delta to the previous timestamp. Checked in float64 first (exact
+    # enough at this scale) so that the int64 sum below cannot wrap around silently.
+    if n and (np.abs(deltas).max() > MAX_TS_US
+              or np.abs(np.cumsum(deltas.astype(np.float64)) + float(t0)).max() > MAX_TS_US):
+        raise WireError(f"sample timestamps outside ±{MAX_TS_US} µs")
     ts = np.cumsum(deltas, dtype=np.int64) + np.int64(t0)
+    if n and not np.isfinite(value).all():
+        raise WireError("sample values must be finite")
     return SampleColumns(sigs, sig, ts, value)
+
+
+def split_columns(cols: SampleColumns) -> list[SampleColumns]:
+    """Cut columns into pieces within MAX_SEGMENT_SAMPLES and MAX_SIGNALS_PER_SEGMENT, in order, each with only
+    the signals it uses, named as the receiver accepts (`conform_signal`): what a vehicle's store writes, so every
+    segment it sends fits the receiver's caps."""
+    n = len(cols)
+    out: list[SampleColumns] = []
+    start = 0
+    while start < n:
+        end = min(n, start + MAX_SEGMENT_SAMPLES)
+        used = np.unique(cols.sig[start:end])
+        if len(used) > MAX_SIGNALS_PER_SEGMENT:
+            # Too many distinct signals in this stretch: end it where the signal count reaches the cap.
+            seen: set[int] = set()
+            for i in range(start, end):
+                seen.add(int(cols.sig[i]))
+                if len(seen) > MAX_SIGNALS_PER_SEGMENT:
+                    end = i
+                    break
+            used = np.unique(cols.sig[start:end])
+        remap = np.zeros(len(cols.signals), np.uint16)
+        remap[used] = np.arange(len(used), dtype=np.uint16)
+        out.append(SampleColumns([conform_signal(cols.signals[int(k)]) for k in used], remap[cols.sig[start:end]],
+                                 cols.ts_us[start:end].copy(), cols.value[start:end].copy()))
+        start = end
+    return out
 
 
 def encode_batch(batch: Batch, compress: bool = True) -> bytes:
@@ -161,6 +309,8 @@ def encode_batch(batch: Batch, compress: bool = True) -> bytes:
             blobs.append(blob)
             offset += len(blob)
         else:
+            if len(json.dumps(s.record, separators=(",", ":"))) > MAX_RECORD_BYTES:
+                raise LimitError(f"{s.kind} record {s.seq_lo} larger than {MAX_RECORD_BYTES} bytes")
             entry["record"] = s.record
         segs.append(entry)
     header = {
@@ -174,14 +324,26 @@ def encode_batch(batch: Batch, compress: bool = True) -> bytes:
         "segments": segs,
         **({"extra": batch.extra} if batch.extra else {}),
     }
+    if len(segs) > MAX_SEGMENTS_PER_BATCH:
+        raise LimitError(f"{len(segs)} segments, more than {MAX_SEGMENTS_PER_BATCH}")
     hj = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+    if len(hj) > MAX_HEADER_BYTES:
+        raise LimitError(f"header of {len(hj)} bytes, more than {MAX_HEADER_BYTES}")
     body = _U32.pack(len(hj)) + hj + b"".join(blobs)
+    if len(body) > MAX_DECOMPRESSED_BYTES:
+        raise LimitError(f"body of {len(body)} bytes, more than {MAX_DECOMPRESSED_BYTES}")
     if compress:
-        return _PREFIX.pack(MAGIC, WIRE_VERSION, CODEC_ZSTD) + zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(body)
-    return _PREFIX.pack(MAGIC, WIRE_VERSION, CODEC_NONE) + body
+        out = _PREFIX.pack(MAGIC, WIRE_VERSION, CODEC_ZSTD) + zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(body)
+    else:
+        out = _PREFIX.pack(MAGIC, WIRE_VERSION, CODEC_NONE) + body
+    if len(out) > MAX_MESSAGE_BYTES:
+        raise LimitError(f"message of {len(out)} bytes, more than {MAX_MESSAGE_BYTES}")
+    return out
 
 
-def _inflate(payload: bytes, max_bytes: int) -> bytes:
+def _inflate(payload: bytes, max_bytes: int, truncate: bool = False) -> bytes:
+    """The body of a message, at most `max_bytes` of it (past that: WireError, or with `truncate` the first
+    `max_bytes`, enough to read a header)."""
     if len(payload) < _PREFIX.size:
         raise WireError("message too short")
     magic, version, codec = _PREFIX.unpack_from(payload)
@@ -191,6 +353,10 @@ def _inflate(payload: bytes, max_bytes: int) -> bytes:
         raise WireError(f"unsupported wire version {version}")
     data = payload[_PREFIX.size :]
     if codec == CODEC_NONE:
+        if len(data) > max_bytes:
+            if truncate:
+                return data[:max_bytes]
+            raise WireError(f"message body past {max_bytes} bytes")
         return data
     if codec != CODEC_ZSTD:
         raise WireError(f"unknown codec {codec}")
@@ -205,6 +371,9 @@ def _inflate(payload: bytes, max_bytes: int) -> bytes:
                 break
             total += len(chunk)
             if total > max_bytes:
+                if truncate:
+                    chunks.append(chunk)
+                    break
                 raise WireError(f"message inflates past {max_bytes} bytes")
             chunks.append(chunk)
         return b"".join(chunks)
@@ -213,27 +382,29 @@ def _inflate(payload: bytes, max_bytes: int) -> bytes:
 
 
 def decode_batch(payload: bytes, max_bytes: int = MAX_DECOMPRESSED_BYTES) -> Batch:
-    """Decode and validate a message; raise WireError with the reason for anything malformed."""
+    """Decode and validate a message; raise WireError with the reason for anything malformed or past a limit.
+    Never raises anything else, whatever the bytes (tests/test_wire.py fuzzes it)."""
     body = _inflate(payload, max_bytes)
     if len(body) < 4:
         raise WireError("body too short for a header")
     (hlen,) = _U32.unpack_from(body)
     if hlen > MAX_HEADER_BYTES or 4 + hlen > len(body):
         raise WireError("header length out of range")
-    try:
-        header = json.loads(body[4 : 4 + hlen])
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise WireError(f"header is not JSON: {e}") from None
+    header = loads_json(body[4 : 4 + hlen], "header")
     if not isinstance(header, dict):
         raise WireError("header is not an object")
     if header.get("schema") != SCHEMA_VERSION:
-        raise WireError(f"unsupported schema version {header.get('schema')!r}")
+        raise WireError(f"unsupported schema version {str(header.get('schema'))[:20]}")
     fleet, vehicle, batch_id = header.get("fleet"), header.get("vehicle"), header.get("batch")
     if not isinstance(fleet, str) or not isinstance(vehicle, str) or not isinstance(batch_id, int):
         raise WireError("header needs fleet, vehicle (strings) and batch (integer)")
+    if not _is_int(batch_id, 0, MAX_BATCH_ID):
+        raise WireError(f"batch id outside 0..{MAX_BATCH_ID}")
     raw_segs = header.get("segments")
     if not isinstance(raw_segs, list) or not raw_segs:
         raise WireError("header needs a non-empty segments list")
+    if len(raw_segs) > MAX_SEGMENTS_PER_BATCH:
+        raise WireError(f"more than {MAX_SEGMENTS_PER_BATCH} segments")
     blob = body[4 + hlen :]
     segments: list[Segment] = []
     for rs in raw_segs:
@@ -245,12 +416,40 @@ def decode_batch(payload: bytes, max_bytes: int = MAX_DECOMPRESSED_BYTES) -> Bat
         vehicle,
         batch_id,
         segments,
-        float(sent_at) if isinstance(sent_at, int | float) else 0.0,
+        float(sent_at) if isinstance(sent_at, float) or _is_int(sent_at, -MAX_TS_US, MAX_TS_US) else 0.0,
         extra=extra if isinstance(extra, dict) else {},
     )
     if header.get("seq_lo") != b.seq_lo or header.get("seq_hi") != b.seq_hi:
         raise WireError("header sequence range does not match its segments")
     return b
+
+
+SEGMENT_KINDS = ("samples", "alert", "event")
+
+
+def peek_batch_id(payload: bytes) -> tuple[int, list[tuple[int, int]]] | None:
+    """The batch id and segment ranges of a message `decode_batch` refused, when its header still names them, so
+    the receiver can answer a `rejected` ack the vehicle can match. None when it cannot tell. Never raises."""
+    try:
+        body = _inflate(payload, 4 + MAX_HEADER_BYTES, truncate=True)
+        (hlen,) = _U32.unpack_from(body)
+        if hlen > MAX_HEADER_BYTES:
+            return None
+        # Lenient on purpose (the message is refused already): only the batch id must be sound.
+        header = json.loads(body[4 : 4 + hlen])
+        bid = header.get("batch") if isinstance(header, dict) else None
+        if not isinstance(bid, int) or not _is_int(bid, 0, MAX_BATCH_ID):
+            return None
+        ranges: list[tuple[int, int]] = []
+        segs = header.get("segments")
+        for rs in segs if isinstance(segs, list) else []:
+            lo, hi = (rs.get("seq_lo"), rs.get("seq_hi")) if isinstance(rs, dict) else (None, None)
+            if (isinstance(lo, int) and isinstance(hi, int) and _is_int(lo, 1, MAX_SEQ) and _is_int(hi, lo, MAX_SEQ)
+                    and len(ranges) < MAX_SEGMENTS_PER_BATCH):
+                ranges.append((lo, hi))
+        return bid, ranges
+    except (WireError, struct.error, RecursionError, ValueError):  # JSONDecodeError, UnicodeDecodeError are these
+        return None
 
 
 def _decode_segment(rs: Any, blob: bytes) -> Segment:
@@ -259,14 +458,19 @@ def _decode_segment(rs: Any, blob: bytes) -> Segment:
     kind, lo, hi = rs.get("kind"), rs.get("seq_lo"), rs.get("seq_hi")
     if not isinstance(kind, str) or not isinstance(lo, int) or not isinstance(hi, int):
         raise WireError("segment needs kind, seq_lo, seq_hi")
-    if lo < 1 or hi < lo:
-        raise WireError(f"bad sequence range {lo}..{hi}")
+    if kind not in SEGMENT_KINDS:
+        raise WireError(f"unknown segment kind {kind[:32]!r}")
+    if not _is_int(lo, 1, MAX_SEQ) or not _is_int(hi, lo, MAX_SEQ):
+        raise WireError(f"bad sequence range {lo}..{hi} (1 <= seq_lo <= seq_hi <= {MAX_SEQ})")
     if kind == "samples":
         off, length = rs.get("offset"), rs.get("length")
-        if not isinstance(off, int) or not isinstance(length, int) or off < 0 or length < 0:
-            raise WireError("sample segment needs offset and length")
+        if (not isinstance(off, int) or not isinstance(length, int) or not _is_int(off, 0, MAX_DECOMPRESSED_BYTES)
+                or not _is_int(length, 0, MAX_DECOMPRESSED_BYTES)):
+            raise WireError("sample segment needs offset and length within the message")
         if off + length > len(blob):
             raise WireError("sample segment points past the end of the message")
+        if hi - lo + 1 > MAX_SEGMENT_SAMPLES:
+            raise WireError(f"sample segment of more than {MAX_SEGMENT_SAMPLES} samples")
         cols = decode_columns(rs, blob[off : off + length])
         if len(cols) != hi - lo + 1:
             raise WireError(f"sample segment has {len(cols)} samples for range {lo}..{hi}")
@@ -276,6 +480,8 @@ def _decode_segment(rs: Any, blob: bytes) -> Segment:
         raise WireError(f"{kind} segment needs a record object")
     if hi != lo:
         raise WireError("a record segment holds exactly one sequence number")
+    if len(json.dumps(record, separators=(",", ":"))) > MAX_RECORD_BYTES:
+        raise WireError(f"{kind} record larger than {MAX_RECORD_BYTES} bytes")
     return Segment(kind, lo, hi, record=record)
 
 
@@ -309,10 +515,7 @@ def encode_ack(ack: Ack) -> bytes:
 def decode_ack(payload: bytes, max_bytes: int = 1024 * 1024) -> Ack:
     if len(payload) > max_bytes:
         raise WireError("ack too large")
-    try:
-        d = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise WireError(f"ack is not JSON: {e}") from None
+    d = loads_json(payload, "ack")
     if not isinstance(d, dict) or d.get("schema") != SCHEMA_VERSION:
         raise WireError("ack has no supported schema version")
     vehicle, batch, ranges, status = d.get("vehicle"), d.get("batch"), d.get("ranges"), d.get("status", "ok")
@@ -322,7 +525,7 @@ def decode_ack(payload: bytes, max_bytes: int = 1024 * 1024) -> Ack:
         raise WireError(f"unknown ack status {status!r}")
     out: list[tuple[int, int]] = []
     for r in ranges:
-        if not (isinstance(r, list) and len(r) == 2 and all(isinstance(x, int) for x in r) and 1 <= r[0] <= r[1]):
+        if not (isinstance(r, list) and len(r) == 2 and _is_int(r[0], 1, MAX_SEQ) and _is_int(r[1], r[0], MAX_SEQ)):
             raise WireError("ack ranges must be [lo, hi] integer pairs with 1 <= lo <= hi")
         out.append((r[0], r[1]))
     reason = d.get("reason", "")

@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from agent import wire
 from agent.config import ConfigError, load_model
 
 __all__ = ["CloudConfig", "ConfigError", "load_config"]
@@ -28,7 +29,11 @@ class CloudMqttConfig(_Section):
     cert_file: Path | None = None
     key_file: Path | None = None
     session_expiry_s: int = Field(86400, ge=0)
-    max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    # While the broker cannot be reached, `serve` says so at once and then again at most this often.
+    unreachable_report_s: float = Field(30.0, ge=1, le=3600)
+    # Payloads above this are rejected before decoding. It may not go below agent.wire.MAX_MESSAGE_BYTES, the most a
+    # correctly configured vehicle can send (docs/protocol.md "Limits").
+    max_message_bytes: int = Field(wire.MAX_MESSAGE_BYTES, ge=wire.MAX_MESSAGE_BYTES)
 
 
 class DbConfig(_Section):

@@ -66,7 +66,12 @@ _SCHEMA_V2 = [
 
 
 class CloudDBError(RuntimeError):
-    pass
+    """The database cannot be used (unreachable, locked, full, I/O error): nothing was stored; try again later."""
+
+
+class UnstorableError(ValueError):
+    """A batch the database refused because of what it holds (a value out of range, a constraint): storing it again
+    fails again. The transaction rolled back; the database itself is fine."""
 
 
 @dataclass(slots=True)
@@ -113,7 +118,11 @@ class FleetDB(abc.ABC):
 
     def __init__(self) -> None:
         self._lock = threading.RLock()  # one connection per object, shared by the worker and readers
+        # Signal ids known to be COMMITTED. Ids taken inside the transaction in hand wait in `_new_signal_ids`
+        # until its commit: a rolled-back id may be handed to another signal later (SQLite reuses it; a
+        # PostgreSQL sequence skips it), and caching it would file later samples under the wrong signal.
         self._signal_ids: dict[tuple[str, str, str], int] = {}
+        self._new_signal_ids: dict[tuple[str, str, str], int] = {}
 
     # --- what a backend provides -----------------------------------------------------------------------------
 
@@ -142,16 +151,20 @@ class FleetDB(abc.ABC):
     def _sql(self, sql: str) -> str:
         return sql
 
+    def _is_outage(self, e: BaseException) -> bool:
+        """Whether a failed write failed because of the database (else: because of the data)."""
+        return isinstance(e, CloudDBError)
+
     # --- writing ---------------------------------------------------------------------------------------------
 
     def _signal_id(self, cur: Cursor, key: tuple[str, str, str]) -> int:
-        sid = self._signal_ids.get(key)
+        sid = self._signal_ids.get(key) or self._new_signal_ids.get(key)
         if sid is None:
             cur.execute(self._sql("INSERT INTO signals (name, source, unit) VALUES (?,?,?) ON CONFLICT DO NOTHING"),
                         key)
             cur.execute(self._sql("SELECT id FROM signals WHERE name=? AND source=? AND unit=?"), key)
             sid = int(cur.fetchone()[0])
-            self._signal_ids[key] = sid
+            self._new_signal_ids[key] = sid
         return sid
 
     def _count(self, cur: Cursor, vehicle: str, name: str, by: int) -> None:
@@ -218,14 +231,26 @@ class FleetDB(abc.ABC):
         # Rows are locked vehicle by vehicle in one order, so receivers sharing a database cannot deadlock.
         order = sorted(range(len(batches)), key=lambda i: (batches[i].vehicle, i))
         out: list[IngestResult] = [IngestResult()] * len(batches)
-        with self._lock, self._transaction() as cur:
-            for i in order:
-                out[i] = self._ingest_one(cur, batches[i], now)
+        with self._lock:
+            self._new_signal_ids.clear()
+            try:
+                with self._transaction() as cur:
+                    for i in order:
+                        out[i] = self._ingest_one(cur, batches[i], now)
+                self._signal_ids.update(self._new_signal_ids)  # committed: now they are for keeps
+            except Exception as e:
+                if self._is_outage(e):
+                    if isinstance(e, CloudDBError):
+                        raise
+                    raise CloudDBError(f"{self.where}: {type(e).__name__}: {str(e).strip()[:200]}") from e
+                raise UnstorableError(f"{type(e).__name__}: {str(e).strip()[:200]}") from e
+            finally:
+                self._new_signal_ids.clear()
         return out
 
     def set_status(self, fleet: str, vehicle: str, status: dict[str, Any]) -> None:
         now = time.time()
-        with self._lock, self._transaction() as cur:
+        with self._lock, self._write_errors(), self._transaction() as cur:
             self._touch(cur, fleet, vehicle, now)
             cur.execute(
                 self._sql("UPDATE vehicles SET online=?, status=? WHERE vehicle=?"),
@@ -233,8 +258,20 @@ class FleetDB(abc.ABC):
             )
 
     def count_rejected(self, reason: str, n: int = 1) -> None:
-        with self._lock, self._transaction() as cur:
+        with self._lock, self._write_errors(), self._transaction() as cur:
             self._count(cur, "", f"rejected:{reason}", n)
+
+    @contextlib.contextmanager
+    def _write_errors(self) -> Iterator[None]:
+        """A write's failure as CloudDBError (outage) or UnstorableError (content), like `ingest`."""
+        try:
+            yield
+        except (CloudDBError, UnstorableError):
+            raise
+        except Exception as e:
+            if self._is_outage(e):
+                raise CloudDBError(f"{self.where}: {type(e).__name__}: {str(e).strip()[:200]}") from e
+            raise UnstorableError(f"{type(e).__name__}: {str(e).strip()[:200]}") from e
 
     # --- reading ---------------------------------------------------------------------------------------------
 
@@ -416,6 +453,10 @@ class CloudDB(FleetDB):
     def _read(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
             return self.db.execute(sql, tuple(args)).fetchall()
+
+    def _is_outage(self, e: BaseException) -> bool:
+        # OperationalError: locked, busy, disk full, I/O error, read-only file: the database, not the data.
+        return isinstance(e, CloudDBError | sqlite3.OperationalError)
 
     def _insert_samples(
         self,

@@ -120,6 +120,11 @@ class PostgresDB(FleetDB):
     def _sql(self, sql: str) -> str:
         return sql.replace("?", "%s")
 
+    def _is_outage(self, e: BaseException) -> bool:
+        # OperationalError: connection lost, server shutting down, disk full, too many connections. A DataError or
+        # IntegrityError (and Python's own OverflowError) is about the data.
+        return isinstance(e, CloudDBError | psycopg.OperationalError | psycopg.InterfaceError)
+
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[Cursor]:
         conn = self._connection()

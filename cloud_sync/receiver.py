@@ -9,9 +9,12 @@ reconnect with its persistent session), and the vehicle resends on its own timeo
 
 from __future__ import annotations
 
-import json
 import logging
+import math
 import queue
+import socket
+import ssl
+import sys
 import threading
 import time
 from collections import Counter
@@ -25,7 +28,7 @@ from paho.mqtt.properties import Properties
 
 from agent import wire
 from cloud_sync.config import CloudConfig
-from cloud_sync.db import CloudDBError, FleetDB
+from cloud_sync.db import CloudDBError, FleetDB, IngestResult, UnstorableError
 
 log = logging.getLogger("cloud_sync.receiver")
 
@@ -68,7 +71,9 @@ class Receiver:
         c.reconnect_delay_set(1, 30)
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
+        c.on_connect_fail = self._on_connect_fail
         c.on_message = self._on_message
+        self._last_unreachable_report = -math.inf
         self.client = c
 
     # --- MQTT callbacks (paho's thread) ----------------------------------------------------------------------
@@ -82,7 +87,20 @@ class Receiver:
         subs.append((f"fleet/{m.fleet}/vehicle/+/status", 1))
         client.subscribe(subs)
         self.connected.set()
+        self._last_unreachable_report = -math.inf  # a later outage is reported at once again
         log.info("connected to %s:%d, subscribed (group %s)", m.host, m.port, m.share_group)
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        # paho calls this from inside its `except OSError:` (refused, DNS, TLS handshake): the error is at hand.
+        err = sys.exc_info()[1]
+        self.stats["connect_failures"] += 1
+        now = time.monotonic()
+        if now - self._last_unreachable_report >= self.cfg.mqtt.unreachable_report_s:
+            self._last_unreachable_report = now
+            m = self.cfg.mqtt
+            log.error("cannot reach the broker at %s:%d: %s (%d attempts so far; retrying, said again every %gs "
+                      "until connected)", m.host, m.port, _why(err), self.stats["connect_failures"],
+                      m.unreachable_report_s)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
         self.connected.clear()
@@ -94,83 +112,157 @@ class Receiver:
         self.queue.put(_Msg(msg.topic, bytes(msg.payload), msg.mid, msg.qos))
 
     # --- worker ----------------------------------------------------------------------------------------------
+    #
+    # Every message ends one of three ways. Stored: committed, `ok` ack, PUBACK. Rejected because of its content
+    # (it cannot be decoded, breaks a limit or a pattern, or the database refuses what it holds): counted by reason
+    # (receiver stats and the database's `rejected` counters), a `rejected` ack when it is a batch whose id can be
+    # read, PUBACK, so it never comes back. Held: only while the database is away (CloudDBError); the worker retries
+    # the same messages until it is back. A group that fails is retried message by message, so one bad message
+    # never holds up another.
 
-    def _validate(self, m: _Msg) -> tuple[str, wire.Batch]:
+    def _validate(self, m: _Msg) -> wire.Batch:
         parts = wire.parse_vehicle_topic(m.topic)
         if parts is None or parts[2] not in UPLINK_LEAVES:
-            raise Reject("bad_topic", m.topic)
+            raise Reject("bad_topic", m.topic[:200])
         fleet, vehicle, _ = parts
+        if not wire.valid_id(fleet) or not wire.valid_id(vehicle):
+            raise Reject("bad_id", f"fleet/vehicle in topic {m.topic[:200]!r}")
         if len(m.payload) > self.cfg.mqtt.max_message_bytes:
             raise Reject("oversized", f"{len(m.payload)} bytes")
         try:
             b = wire.decode_batch(m.payload)
         except wire.WireError as e:
-            raise Reject("malformed", str(e)) from None
+            raise Reject("malformed", str(e)[:300]) from None
         if b.fleet != fleet or b.vehicle != vehicle:
-            raise Reject("vehicle_mismatch", f"topic {fleet}/{vehicle}, payload {b.fleet}/{b.vehicle}")
-        return m.topic, b
+            raise Reject("vehicle_mismatch", f"topic {fleet}/{vehicle}, payload {b.fleet[:64]!r}/{b.vehicle[:64]!r}")
+        for seg in b.segments:
+            if seg.columns is not None:
+                bad = next((k for k in seg.columns.signals if not wire.valid_signal(k)), None)
+                if bad is not None:
+                    raise Reject("bad_signal", repr(bad)[:300])
+            elif seg.record is not None:
+                why = _record_problem(seg.kind, seg.record)
+                if why:
+                    raise Reject("bad_record", f"seq {seg.seq_lo}: {why}")
+        return b
 
     def _handle_status(self, m: _Msg) -> None:
-        if len(m.payload) > self.cfg.mqtt.max_message_bytes:
-            raise Reject("oversized", f"status of {len(m.payload)} bytes")
         parts = wire.parse_vehicle_topic(m.topic)
+        if parts is None or not wire.valid_id(parts[0]) or not wire.valid_id(parts[1]):
+            raise Reject("bad_id", f"fleet/vehicle in topic {m.topic[:200]!r}")
+        if len(m.payload) > wire.MAX_STATUS_BYTES:
+            raise Reject("oversized", f"status of {len(m.payload)} bytes")
         try:
-            status = json.loads(m.payload) if m.payload else {"state": "offline"}
-            if not isinstance(status, dict) or parts is None:
-                raise ValueError("not an object")
-        except ValueError:
-            self.db.count_rejected("bad_status")
-            return
-        self.db.set_status(parts[0], parts[1], status)
+            status = wire.loads_json(m.payload, "status") if m.payload else {"state": "offline"}
+        except wire.WireError as e:
+            raise Reject("bad_status", str(e)[:300]) from None
+        if not isinstance(status, dict):
+            raise Reject("bad_status", "not a JSON object")
+        if not wire.valid_label(status.get("state", "")):
+            raise Reject("bad_status", "state is not a short text")
+        try:
+            self.db.set_status(parts[0], parts[1], status)
+        except UnstorableError as e:
+            raise Reject("unstorable", str(e)) from None
 
-    def _process(self, msgs: list[_Msg]) -> None:
+    def _reject(self, m: _Msg, e: Reject, batch: wire.Batch | None = None) -> None:
+        """Count a message refused for its content, tell its vehicle when it was a batch, and let it go."""
+        self.db.count_rejected(e.reason)  # a CloudDBError here propagates: the message is held, not lost
+        self.stats[f"rejected:{e.reason}"] += 1
+        log.warning("rejected a message on %s: %s", m.topic[:200], e)
+        parts = wire.parse_vehicle_topic(m.topic)
+        if parts is not None and parts[2] in UPLINK_LEAVES and wire.valid_id(parts[0]) and wire.valid_id(parts[1]):
+            peek = ((batch.batch, [(s.seq_lo, s.seq_hi) for s in batch.segments]) if batch is not None
+                    else wire.peek_batch_id(m.payload))
+            if peek is not None:
+                ack = wire.Ack(parts[1], peek[0], peek[1], status="rejected", reason=f"{e.reason}: {e}"[:500])
+                self.client.publish(wire.vehicle_topic(parts[0], parts[1], "ack"), wire.encode_ack(ack), qos=1)
+                self.stats["rejected_acks"] += 1
+        self._puback(m)
+
+    def _puback(self, m: _Msg) -> None:
+        if m.qos > 0:
+            self.client.ack(m.mid, m.qos)
+
+    def _stored(self, m: _Msg, b: wire.Batch, r: IngestResult) -> None:
+        ack = wire.Ack(b.vehicle, b.batch, [(s.seq_lo, s.seq_hi) for s in b.segments])
+        self.client.publish(wire.vehicle_topic(b.fleet, b.vehicle, "ack"), wire.encode_ack(ack), qos=1)
+        self.stats["batches"] += 1
+        self.stats["records_new"] += r.new
+        self.stats["duplicates"] += r.duplicates
+        self._puback(m)
+
+    def _process(self, msgs: list[_Msg]) -> list[_Msg]:
+        """Settle what can be settled; return the messages held because the database is away (none when it is
+        up). Raises CloudDBError only after settling nothing more can be done."""
         good: list[tuple[_Msg, wire.Batch]] = []
-        for m in msgs:
+        for i, m in enumerate(msgs):
             try:
                 if m.topic.endswith("/status"):
                     self._handle_status(m)
-                    continue
-                _, b = self._validate(m)
-                good.append((m, b))
+                    self._puback(m)
+                else:
+                    good.append((m, self._validate(m)))
             except Reject as e:
-                self.stats[f"rejected:{e.reason}"] += 1
-                self.db.count_rejected(e.reason)
-                log.warning("rejected a message on %s: %s", m.topic, e)
-        if good:
+                try:
+                    self._reject(m, e)
+                except CloudDBError:
+                    # This one and the rest wait for the database, with the valid ones before it (re-validated
+                    # then: cheap).
+                    return [g for g, _ in good] + msgs[i:]
+            except CloudDBError:
+                return [g for g, _ in good] + msgs[i:]
+        if not good:
+            return []
+        try:
             results = self.db.ingest([b for _, b in good])  # committed when this returns
-            for (_, b), r in zip(good, results, strict=True):
-                ack = wire.Ack(b.vehicle, b.batch, [(s.seq_lo, s.seq_hi) for s in b.segments])
-                self.client.publish(wire.vehicle_topic(b.fleet, b.vehicle, "ack"), wire.encode_ack(ack), qos=1)
-                self.stats["batches"] += 1
-                self.stats["records_new"] += r.new
-                self.stats["duplicates"] += r.duplicates
-        for m in msgs:
-            if m.qos > 0:
-                self.client.ack(m.mid, m.qos)
+            for (m, b), r in zip(good, results, strict=True):
+                self._stored(m, b, r)
+            return []
+        except UnstorableError as e:
+            log.warning("a group of %d batches could not be stored (%s); storing them one by one", len(good), e)
+            self.stats["groups_split"] += 1
+        except CloudDBError:
+            return [m for m, _ in good]
+        for j, (m, b) in enumerate(good):
+            try:
+                try:
+                    (r,) = self.db.ingest([b])
+                except UnstorableError as e:
+                    self._reject(m, Reject("unstorable", str(e)), b)
+                else:
+                    self._stored(m, b, r)
+            except CloudDBError:
+                return [m for m, _ in good[j:]]
+        return []
 
     def _work(self) -> None:
         limit = self.cfg.receiver.commit_max_messages
-        while not self._stop.is_set() or not self.queue.empty():
-            try:
-                first = self.queue.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            batch = [first]
+        held: list[_Msg] = []
+        while not self._stop.is_set() or not self.queue.empty() or held:
+            batch = held
+            if not batch:
+                try:
+                    batch = [self.queue.get(timeout=0.2)]
+                except queue.Empty:
+                    continue
             while len(batch) < limit:
                 try:
                     batch.append(self.queue.get_nowait())
                 except queue.Empty:
                     break
             try:
-                self._process(batch)
-            except Exception as e:
-                # Not acked, so the broker and the vehicles will deliver these again; keep serving.
+                held = self._process(batch)
+            except Exception:
+                # A defect of ours, not the data's nor the database's: say so loudly, keep the messages.
+                log.exception("failed to process %d messages; retrying", len(batch))
+                held = batch
+            if held:
+                # Not acked: they stay ours and are retried when the database is back (the vehicles resend too).
                 self.stats["store_failures"] += 1
-                if isinstance(e, CloudDBError):  # the database is away: say so in one line, not a traceback each time
-                    log.error("failed to store %d messages (they will be delivered again): %s", len(batch), e)
-                else:
-                    log.exception("failed to store %d messages; they will be delivered again", len(batch))
-                time.sleep(1.0)
+                log.error("database unavailable (%s); holding %d messages", self.db.where, len(held))
+                if self._stop.wait(1.0):
+                    return  # stopping: unacked, so the broker delivers them again to whoever reconnects
 
     # --- lifecycle -------------------------------------------------------------------------------------------
 
@@ -204,3 +296,43 @@ class Receiver:
                     sum(v for k, v in self.stats.items() if k.startswith("rejected:")),
                 )
         self.stop()
+
+
+def _record_problem(kind: str, r: dict[str, Any]) -> str:
+    """What in an alert/event record the database columns or the fleet reports could not take, or ''."""
+    fields = ("alert_id", "state", "model", "model_version", "label") if kind == "alert" else ("kind",)
+    for f in fields:
+        if f in r and not wire.valid_label(r[f]):
+            return f"{f} must be text of at most 256 characters without control characters"
+    for f in ("ts", "score"):
+        v = r.get(f)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)):
+            return f"{f} must be a number"
+    data = r.get("data")
+    if kind == "event" and data is not None:
+        if not isinstance(data, dict):
+            return "data must be an object"
+        rg = data.get("ranges")
+        if rg is not None and not (isinstance(rg, list) and all(
+                isinstance(x, list) and len(x) == 2 and all(isinstance(y, int) and not isinstance(y, bool)
+                                                            for y in x) for x in rg)):
+            return "data.ranges must be [lo, hi] integer pairs"
+        fl = data.get("seq_floor")
+        if fl is not None and (isinstance(fl, bool) or not isinstance(fl, int)):
+            return "data.seq_floor must be an integer"
+    return ""
+
+
+def _why(err: BaseException | None) -> str:
+    """A connection failure in words an operator acts on."""
+    if isinstance(err, socket.gaierror):
+        return f"the name does not resolve ({err.strerror or err})"
+    if isinstance(err, ssl.SSLError | ssl.CertificateError):
+        return f"TLS handshake failed ({getattr(err, 'reason', None) or err})"
+    if isinstance(err, ConnectionRefusedError):
+        return "connection refused (nothing listens there?)"
+    if isinstance(err, TimeoutError | socket.timeout):
+        return "timed out"
+    if isinstance(err, OSError):
+        return err.strerror or str(err) or type(err).__name__
+    return "unknown error"

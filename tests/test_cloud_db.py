@@ -16,7 +16,7 @@ import pytest
 from agent import wire
 from agent.testing import postgres
 from cloud_sync.cli import main as cloud_main
-from cloud_sync.db import CloudDB, FleetDB, open_db
+from cloud_sync.db import CloudDB, FleetDB, UnstorableError, open_db
 
 T0 = 1_790_000_000.0
 
@@ -150,3 +150,31 @@ def test_fleet_and_alerts_commands(tmp_path: Path, capsys: pytest.CaptureFixture
     with pytest.raises(SystemExit) as e:
         cloud_main(["alerts", "--config", str(cfg), "--state", "maybe"])
     assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def _one_signal(lo: int, n: int, sig: tuple[str, str, str], value: float) -> wire.Segment:
+    cols = wire.SampleColumns([sig], np.zeros(n, np.uint16),
+                              int(T0 * 1e6) + np.arange(n, dtype=np.int64) * 100_000, np.full(n, value))
+    return wire.Segment("samples", lo, lo + n - 1, columns=cols)
+
+
+def _signal_of_each_sample(db: FleetDB, vehicle: str) -> dict[int, str | None]:
+    rows = db._read("SELECT s.seq, g.name FROM samples s LEFT JOIN signals g ON g.id = s.signal_id "
+                    "WHERE s.vehicle=? ORDER BY s.seq", (vehicle,))
+    return {int(seq): name for seq, name in rows}
+
+
+def test_every_sample_keeps_its_signal_through_a_failed_transaction(db: FleetDB) -> None:
+    """A group that fails mid-transaction rolls back the signals it added; the id cache must not keep them, or a
+    later batch's new signal takes the same id (SQLite) or the redelivered samples point at nothing (PostgreSQL)."""
+    first = wire.Batch("f1", "v1", 1, [_one_signal(1, 10, ("FIRST.Sig", "can0/00", "u"), 1.0)])
+    # Its group-mate cannot be stored (a sequence number past BIGINT): the whole transaction rolls back.
+    poison = wire.Batch("f1", "v2", 2, [alert(2**63, "p", "open", T0)])
+    with pytest.raises(UnstorableError):  # the backend refused the data; the database is fine
+        db.ingest([first, poison])
+    assert db.stats() == []  # nothing of the failed group is stored
+    second = wire.Batch("f1", "v1", 3, [_one_signal(100, 10, ("SECOND.Sig", "can0/00", "u"), 2.0)])
+    db.ingest([second])
+    db.ingest([first])  # the redelivery, alone, after the failure
+    got = _signal_of_each_sample(db, "v1")
+    assert got == {**{s: "FIRST.Sig" for s in range(1, 11)}, **{s: "SECOND.Sig" for s in range(100, 110)}}

@@ -216,3 +216,23 @@ def test_real_canedge_trace_dm1_reassembly() -> None:
     assert opened, "this trace carries DM1 over BAM with active DTCs"
     for e in opened:
         assert 0 < e.data["spn"] < 2**19 and 0 <= e.data["fmi"] < 32
+
+
+def test_an_ieee_float_signal_that_is_nan_is_counted_not_a_sample(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A user DBC with a float signal: NaN/inf is no reading, and the wire (agent/wire.py) refuses non-finite
+    values, so the decoder counts it (`value_not_finite`) instead of emitting a sample."""
+    import struct
+
+    dbc = tmp_path / "float.dbc"
+    dbc.write_text(
+        'VERSION ""\n\nNS_ :\n\nBS_:\n\nBU_:\n\n'
+        "BO_ 2566848766 FLT: 8 Vector__XXX\n"
+        ' SG_ Reading : 0|32@1- (1,0) [0|0] "bar" Vector__XXX\n\n'
+        "SIG_VALTYPE_ 2566848766 Reading : 1;\n"
+    )
+    frames = [can.Message(arbitration_id=0x18FF00FE, is_extended_id=True, timestamp=float(i),
+                          data=struct.pack("<f", v) + b"\xff" * 4)
+              for i, v in enumerate([1.5, float("nan"), float("inf"), 2.5])]
+    dec, got = _decode(frames, (str(dbc),))
+    assert got["FLT.Reading"] == [1.5, 2.5]
+    assert dec.errors["value_not_finite"] == 2

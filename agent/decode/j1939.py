@@ -13,6 +13,7 @@ values, counted by reason, never samples.
 from __future__ import annotations
 
 import importlib.resources
+import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -258,6 +259,10 @@ class J1939Decoder:
                 continue
             for sname in cm.slow:
                 v = decoded.get(sname)
+                if isinstance(v, float) and not math.isfinite(v):
+                    # An IEEE float signal's NaN/inf is no reading (and the wire refuses it): counted, not sent.
+                    self.errors["value_not_finite"] += 1
+                    continue
                 if isinstance(v, int | float):
                     sig = cm.message.get_signal_by_name(sname)
                     sid = self.registry.intern(f"{cm.name}.{sname}", src, sig.unit or "")
