@@ -110,6 +110,9 @@ class Agent:
             "budget": {"used_today": self.uplink.budget_used(), "daily_bytes": self.cfg.mqtt.daily_budget_bytes,
                        "samples_held": self.uplink.stats.budget_held},
             "dropped": dict(self.pipeline.stats.errors) | {f"queue_full_{k}": v for k, v in self.dropped.items()},
+            "acks_rejected": dict(self.uplink.stats.acks_rejected),
+            "acks_replayed": self.uplink.stats.acks_replayed,
+            "acks_trimmed": self.uplink.stats.acks_trimmed,
         }
 
     # --- source callbacks (source threads) -------------------------------------------------------------------

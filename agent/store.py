@@ -10,6 +10,7 @@ in `meta` and announced upstream by an `evicted` event naming the ranges, so the
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import json
 import logging
@@ -31,6 +32,7 @@ SCHEMA_VERSION = 2
 PRIO_NOTICE = -1  # eviction notices: sent first, never evicted (they explain the gaps evictions leave)
 PRIO_RECORD = 0  # alerts, DTC and other events: sent before samples, evicted last
 PRIO_SAMPLES = 1
+SEQ_MAX = 2**63 - 1  # SQLite's INTEGER
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -322,21 +324,35 @@ class Store:
             cur.close()
         return total, oldest
 
-    def ack(self, ranges: Iterable[tuple[int, int]]) -> int:
-        """Delete rows wholly inside the acknowledged ranges. Returns how many rows went. Idempotent."""
+    def ack(self, ranges: Iterable[tuple[int, int]] | Iterable[list[int]], only: Iterable[int] | None = None) -> int:
+        """Delete rows wholly inside the acknowledged ranges; with `only`, just the rows whose `seq_lo` is listed
+        (the rows of the batch being acknowledged), so that an ack can never reach beyond what it answers.
+        Returns how many rows went. Idempotent. `last_acked_seq` moves to the highest row actually deleted."""
+        merged = merge_ranges((int(lo), int(hi)) for lo, hi in ranges)
+        los = [r[0] for r in merged]
         gone = 0
+        top = 0
         with self._lock, self._tx():
-            for lo, hi in ranges:
-                rows = self.db.execute(
-                    "SELECT seq_lo, prio, n FROM outbox WHERE seq_lo>=? AND seq_hi<=?", (lo, hi)
-                ).fetchall()
-                for seq_lo, prio, n in rows:
-                    self.db.execute("DELETE FROM outbox WHERE seq_lo=?", (seq_lo,))
-                    self._bump("acked_samples" if prio == PRIO_SAMPLES else "acked_records", n)
-                    gone += 1
-                self.db.execute(
-                    "UPDATE meta SET value=MAX(value, ?) WHERE key='last_acked_seq'", (hi,)
-                )
+            if only is None:
+                found = [r for lo, hi in merged if lo <= SEQ_MAX for r in self.db.execute(
+                    "SELECT seq_lo, seq_hi, prio, n, kind FROM outbox WHERE seq_lo>=? AND seq_hi<=?",
+                    (lo, min(hi, SEQ_MAX))).fetchall()]
+            else:
+                found = []
+                for seq_lo in sorted(set(only)):
+                    row = self.db.execute(
+                        "SELECT seq_lo, seq_hi, prio, n, kind FROM outbox WHERE seq_lo=?", (seq_lo,)
+                    ).fetchone() if 0 < seq_lo <= SEQ_MAX else None
+                    i = bisect.bisect_right(los, seq_lo) - 1
+                    if row is not None and i >= 0 and merged[i][1] >= row[1]:
+                        found.append(row)
+            for seq_lo, seq_hi, prio, n, _kind in found:
+                self.db.execute("DELETE FROM outbox WHERE seq_lo=?", (seq_lo,))
+                self._bump("acked_samples" if prio == PRIO_SAMPLES else "acked_records", n)
+                gone += 1
+                top = max(top, int(seq_hi))
+            if gone:
+                self.db.execute("UPDATE meta SET value=MAX(value, ?) WHERE key='last_acked_seq'", (top,))
         return gone
 
     # --- small persistent settings (data budget...) ------------------------------------------------------------
