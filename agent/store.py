@@ -249,14 +249,26 @@ class Store:
             self._enforce_bound()
         return lo, lo + n - 1
 
-    def append_records(self, records: Iterable[tuple[str, dict[str, Any]]]) -> list[int]:
-        """Write alert/event records (kind, JSON object) in one transaction; returns their sequence numbers."""
+    def append_records(
+        self, records: Iterable[tuple[str, dict[str, Any]]], state: dict[str, Any] | None = None
+    ) -> list[int]:
+        """Write alert/event records (kind, JSON object) in one transaction; returns their sequence numbers.
+        `state` (key → JSON value, None deletes) is saved in the same transaction, so that component state that
+        says what the records announced (an open alert, the active DTCs) can never disagree with them."""
         items = list(records)
-        if not items:
+        if not items and not state:
             return []
         now = time.time()
         with self._lock:
             with self._tx():
+                for key, value in (state or {}).items():
+                    if value is None:
+                        self.db.execute("DELETE FROM state WHERE key=?", (key,))
+                    else:
+                        self.db.execute("INSERT OR REPLACE INTO state VALUES (?, ?)",
+                                        (key, json.dumps(finite_json(value), allow_nan=False)))
+                if not items:
+                    return []
                 lo = self._take_seq(len(items))
                 rows = []
                 for i, (kind, rec) in enumerate(items):
