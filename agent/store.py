@@ -6,6 +6,10 @@ next per-vehicle sequence number inside the transaction that writes it. Samples 
 one row each. Rows leave the table only when the cloud acknowledges their range, or when the size bound evicts
 them: oldest samples first, records (alerts, DTC events) only when no sample is left. Every eviction is counted
 in `meta` and announced upstream by an `evicted` event naming the ranges, so the cloud can tell it from a gap.
+Alerts and events are also counted apart (written, acked, evicted), so each kind reconciles with the cloud.
+
+Only a file whose content is damaged is quarantined (moved aside); a locked or unreachable one is an error, never
+a reason to move a live store. `Store.open_readonly` reads a store another process may be writing (`status`).
 """
 
 from __future__ import annotations

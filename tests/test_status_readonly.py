@@ -89,7 +89,7 @@ def test_status_during_an_exclusive_lock_reports_it_and_touches_nothing(tmp_path
         assert holder.stdout.readline().strip() == "locked"
         before = _digest(db)
         r = _status(_config(tmp_path, db), "--wait-s", "1")
-        assert r.returncode != 0
+        assert r.returncode == 2
         assert "locked" in r.stderr and "Traceback" not in r.stderr
         _untouched(db, before)  # not checkpointed, not migrated, not written
         assert not [p for p in tmp_path.iterdir() if ".corrupt-" in p.name]  # never moved aside
