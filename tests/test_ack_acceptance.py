@@ -122,27 +122,39 @@ _json_leaf = st.one_of(st.none(), st.booleans(), st.integers(min_value=-(2**70),
 _json = st.recursive(_json_leaf, lambda kids: st.one_of(st.lists(kids, max_size=4),
                                                          st.dictionaries(st.text(max_size=8), kids, max_size=4)),
                      max_leaves=20)
-_int = st.one_of(st.integers(min_value=-5, max_value=2**64), st.sampled_from([0, 1, 100, 101, 150, 199, 200, BIG]))
-_range = st.one_of(st.tuples(_int, _int).map(list), _json)
+
+
+_pos = st.one_of(st.integers(min_value=1, max_value=260), st.sampled_from([50, 51, 100, 101, 150, 151, BIG, 2**64]))
+_valid_ranges = st.lists(st.tuples(_pos, _pos).map(sorted), min_size=1, max_size=4)
 
 
 @st.composite
 def _ack_payloads(draw: st.DrawFn) -> bytes:
-    kind = draw(st.sampled_from(["bytes", "json", "ack"]))
+    kind = draw(st.sampled_from(["bytes", "json", "mutated", "mutated", "well_formed", "well_formed", "well_formed"]))
     if kind == "bytes":
         return draw(st.binary(max_size=300))
     if kind == "json":
         return json.dumps(draw(_json)).encode()
-    d: dict[str, object] = {
-        "schema": draw(st.sampled_from([1, 1, 1, 2, "1", None])),
-        "vehicle": draw(st.sampled_from(["v1", "v1", "v2", "", 7])),
-        "batch": draw(st.one_of(st.sampled_from([7, 7, 8, 6]), _int, _json)),
-        "ranges": draw(st.one_of(st.lists(_range, max_size=5), _json)),
-        "status": draw(st.sampled_from(["ok", "ok", "rejected", "nope", None])),
-    }
-    if draw(st.booleans()):
-        del d[draw(st.sampled_from(sorted(d)))]
+    # Well formed: right vehicle and schema, batch 7 (in flight) or another, any ranges; the decoder accepts it.
+    d: dict[str, object] = {"schema": 1, "vehicle": "v1", "batch": draw(st.sampled_from([7, 7, 7, 8, 2**70])),
+                            "ranges": draw(_valid_ranges), "status": draw(st.sampled_from(["ok", "ok", "rejected"]))}
+    if kind == "mutated":  # one field made wrong, or dropped
+        key = draw(st.sampled_from(sorted(d)))
+        if draw(st.booleans()):
+            del d[key]
+        else:
+            d[key] = draw(st.one_of(_json, st.sampled_from(["v2", "", 0, -1, [[0, 5]], [[5, 1]], "nope"])))
     return json.dumps(d).encode()
+
+
+def _covered(payload: bytes, lo: int, hi: int) -> bool:
+    """Did this payload name [lo, hi] whole, in ranges that are well-formed pairs? (the test's own oracle)"""
+    d = json.loads(payload)
+    pairs = [r for r in d["ranges"] if isinstance(r, list) and len(r) == 2 and all(type(x) is int for x in r)]
+    covered = set()
+    for a, b in pairs:
+        covered.update(range(max(a, lo), min(b, hi) + 1))
+    return covered == set(range(lo, hi + 1))
 
 
 def test_fuzzed_acks_never_delete_outside_the_batch_in_flight() -> None:
@@ -151,15 +163,17 @@ def test_fuzzed_acks_never_delete_outside_the_batch_in_flight() -> None:
         for _ in range(4):
             store.append_samples(_cols(50))  # 1..50, 51..100, 101..150, 151..200
         outside = {(1, 50), (151, 200)}
+        original = store.db.execute("SELECT * FROM outbox WHERE seq_lo IN (51, 101)").fetchall()
         up = Uplink(MqttConfig(host="127.0.0.1", port=1, tls=False), VEHICLE, store, seed=1)  # never started
         topic = up.topic("ack")
+        applied: list[int] = []
 
-        @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+        @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
         @given(_ack_payloads())
         def one(payload: bytes) -> None:
-            # Batch 7 carries rows 51..100 and 101..150 (those still stored); nothing else is in flight.
-            left = sorted(lo for lo, _ in _rows(store.path) - outside)
-            up._inflight = {7: _InFlight(7, left, time.monotonic(), 0)} if left else {}
+            # Batch 7 carries rows 51..100 and 101..150, put back if an earlier example's ack deleted them.
+            store.db.executemany("INSERT OR IGNORE INTO outbox VALUES (?,?,?,?,?,?,?,?,?,?)", original)
+            up._inflight = {7: _InFlight(7, [51, 101], time.monotonic(), 100, [(51, 100), (101, 150)])}
             msg = mqtt.MQTTMessage(topic=topic.encode())
             msg.payload = payload
             s = up.stats
@@ -168,8 +182,14 @@ def test_fuzzed_acks_never_delete_outside_the_batch_in_flight() -> None:
             after = s.acks + s.rejected_batches + s.acks_replayed + sum(s.acks_rejected.values())
             assert after == before + 1  # every message is accounted for exactly once
             rows = _rows(store.path)
-            assert outside <= rows
+            assert outside <= rows  # never a row the batch in flight did not carry
+            gone = {(51, 100), (101, 150)} - rows
+            for lo, hi in gone:  # and only rows the ack named whole
+                assert _covered(payload, lo, hi)
+            if gone:
+                applied.append(len(gone))
             assert store.status()["last_acked_seq"] <= 150
 
         one()
         store.close()
+        assert len(applied) >= 20  # the fuzz reached the deleting path often, not only the rejections
