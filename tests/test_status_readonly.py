@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from agent.store import Store
 from tests.test_uplink import _cols
 
@@ -128,3 +130,32 @@ def test_status_never_migrates_or_creates(tmp_path: Path) -> None:
     r = _status(_config(tmp_path, garbage))
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert garbage.exists() and not [p for p in tmp_path.iterdir() if ".corrupt-" in p.name]
+
+
+def test_a_lock_is_never_taken_for_damage(tmp_path: Path) -> None:
+    """The agent's own open quarantines only a damaged file: real SQLite errors, classified."""
+    import sqlite3
+
+    from agent.store import _damaged
+
+    db = tmp_path / "live.sqlite"
+    Store(db, first_seq=1).close()
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("PRAGMA locking_mode=EXCLUSIVE")
+    holder.execute("BEGIN EXCLUSIVE")
+    holder.execute("INSERT INTO meta VALUES ('x', 1)")
+    other = sqlite3.connect(db, isolation_level=None, timeout=0)
+    with pytest.raises(sqlite3.OperationalError) as busy:
+        other.execute("PRAGMA journal_mode=WAL")  # what Store._open does first
+    assert not _damaged(busy.value)
+    other.close()
+    holder.execute("ROLLBACK")
+    holder.close()
+    junk = tmp_path / "junk.sqlite"
+    junk.write_bytes(b"not a database at all " * 400)
+    con = sqlite3.connect(junk)
+    with pytest.raises(sqlite3.DatabaseError) as notadb:
+        con.execute("PRAGMA journal_mode=WAL")
+    con.close()
+    assert _damaged(notadb.value)
+    assert _damaged(sqlite3.DatabaseError("quick_check: *** in database main *** Page 3 is never used"))
