@@ -132,11 +132,9 @@ def _alerts(records: list[tuple[int, str, dict[str, Any]]]) -> dict[str, list[di
     return by_id
 
 
-@pytest.mark.parametrize("kills", [4])
-def test_quick_restarts_carry_the_alert_on_and_never_reannounce_dtcs(
-    broker: MosquittoBroker, tmp_path: Path, kills: int
-) -> None:
-    records = _run_restarts(tmp_path, _config(tmp_path, broker, resume_s=600), kills)
+@pytest.mark.slow
+def test_quick_restarts_carry_the_alert_on_and_never_reannounce_dtcs(broker: MosquittoBroker, tmp_path: Path) -> None:
+    records = _run_restarts(tmp_path, _config(tmp_path, broker, resume_s=600), kills=4)
     _check_dtcs(records)
     by_id = _alerts(records)
     assert len(by_id) == 1  # the same alert all along
@@ -144,6 +142,7 @@ def test_quick_restarts_carry_the_alert_on_and_never_reannounce_dtcs(
     assert recs[1]["reason"] == "agent_stop"
 
 
+@pytest.mark.slow
 def test_a_restart_after_the_resume_limit_closes_the_alert_with_a_reason(
     broker: MosquittoBroker, tmp_path: Path
 ) -> None:
