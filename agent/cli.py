@@ -80,16 +80,18 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from agent.store import Store
+    from agent.store import StoreError, StoreLocked, read_status
 
     cfg = load_config(args.config)
     if not cfg.store.path.exists():
         raise CliError(f"{cfg.store.path}: no store yet (the agent has not run with this config)")
-    store = Store(cfg.store.path, cfg.store.max_bytes)
+    # Read-only: the agent may be running on this file. Never migrate, checkpoint or move it aside from here.
     try:
-        st = store.status()
-    finally:
-        store.close()
+        st = read_status(cfg.store.path, cfg.store.max_bytes, args.wait_s)
+    except StoreLocked as e:
+        raise CliError(f"{e} (still locked after waiting {args.wait_s:g} s; try again)") from None
+    except StoreError as e:
+        raise CliError(str(e)) from None
     st["vehicle"] = cfg.vehicle.id
     st["fleet"] = cfg.vehicle.fleet
     if args.json:
@@ -99,6 +101,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"store            {st['path']} ({st['used_bytes'] / 1e6:.1f} of {st['max_bytes'] / 1e6:.0f} MB)")
     w = st["records_written"]
     print(f"records written  {w['samples']} samples, {w['records']} alerts/events")
+    for kind in ("alerts", "events"):
+        if st[f"{kind}_written"] is None:
+            print(f"{kind:17s}not counted apart by this store's schema ({st['schema_version']})")
+        else:
+            print(f"{kind:17s}{st[f'{kind}_written']} written, {st[f'{kind}_acked']} acked, "
+                  f"{st[f'{kind}_evicted']} evicted (since seq {st['kind_counts_from_seq']})")
     print(f"highest seq      {st['highest_seq']}")
     print(f"last acked seq   {st['last_acked_seq']}")
     ev = st["evicted"]
@@ -178,9 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_simulate)
 
     st = sub.add_parser("status", help="report what the store holds",
-                        description="Records written, highest sequence number, backlog by kind, last acknowledged.")
+                        description="Records written and acknowledged (alerts and events apart), highest sequence "
+                        "number, backlog by kind, last acknowledged. Reads the store read-only, beside a running agent."
+                        )
     st.add_argument("--config", required=True, help="agent TOML config")
     st.add_argument("--json", action="store_true", help="print one JSON object")
+    st.add_argument("--wait-s", type=float, default=5.0,
+                    help="while the running agent holds the store locked, retry this long (default 5)")
     st.set_defaults(func=cmd_status)
 
     rp = sub.add_parser("replay", help="run recorded CAN logs through the on-vehicle pipeline, as fast as it goes",

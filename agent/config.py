@@ -65,6 +65,7 @@ class ModelConfig(_Section):
     drift_std_ratio_max: float = Field(3.0, gt=1)
     drift_missing_max: float = Field(0.2, gt=0, le=1)
     drift_min_windows: int = Field(60, ge=1)
+    alert_resume_s: float = Field(120.0, ge=0, le=86400)
 
     def drift_policy(self) -> DriftPolicy:
         return DriftPolicy(self.drift_z_max, self.drift_std_ratio_max, self.drift_missing_max, self.drift_min_windows)

@@ -2,6 +2,12 @@
 
 The live service (agent/service.py) and log replay both drive this same object, so what a fleet engineer replays
 is exactly what runs on the vehicle.
+
+What is open survives a restart. The open alert and each bus's DM1 active set are saved in the store (state keys
+`alerts/open`, `dtc_active/<bus>`) in the same transaction as the records that changed them, the alert also every
+`ALERT_HEARTBEAT_S` while open (so that a restart knows how long its owner was gone). At start the pipeline
+continues from them: DTCs still active are not announced again, and the open alert is carried on or closed with a
+reason (agent/alerts.py).
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent import wire
-from agent.alerts import AlertContext, AlertTracker
+from agent.alerts import AlertContext, AlertTracker, closed_for
 from agent.decode.j1939 import J1939Decoder
 from agent.decode.lines import LineDecoder
 from agent.decode.nmea import SIGNALS as NMEA_SIGNALS
@@ -33,6 +39,10 @@ from agent.store import Store
 
 log = logging.getLogger("agent.pipeline")
 
+ALERT_STATE_KEY = "alerts/open"
+DTC_STATE_KEY = "dtc_active/{bus}"
+ALERT_HEARTBEAT_S = 10.0  # wall-clock seconds between saves of an open alert's "owner alive" time
+
 
 @dataclass(slots=True)
 class PipelineStats:
@@ -42,6 +52,7 @@ class PipelineStats:
     windows_scored: int = 0
     alerts_opened: int = 0
     alerts_closed: int = 0
+    alerts_carried: int = 0  # open alerts taken over from the previous run
     dtc_events: int = 0
     serial_lines: int = 0
     last_score: float = math.nan
@@ -108,6 +119,7 @@ class Pipeline:
         tap: Callable[[SampleArrays], None] | None = None,
         drift_policy: DriftPolicy | None = None,
         drift_interval_s: float = 3600.0,
+        alert_resume_s: float = 120.0,
     ) -> None:
         self.tap = tap  # sees every decoded sample batch (replay statistics)
         self.memory_max_samples = memory_max_samples
@@ -122,6 +134,8 @@ class Pipeline:
         self.stats = PipelineStats()
         self.buffer = SampleBuffer(registry)
         self.pending_records: list[tuple[str, dict[str, Any]]] = []
+        self.pending_state: dict[str, Any] = {}  # saved with the next records (same transaction)
+        self._alert_saved_at = 0.0
         self.engine: FeatureEngine | None = None
         self.tracker: AlertTracker | None = None
         self._sid_map = np.zeros(0, np.int32)
@@ -140,6 +154,60 @@ class Pipeline:
             saved = store.get_state(self._drift_key) if store is not None else None
             if isinstance(saved, dict) and self.drift.restore(saved):
                 self._drift_flag = bool(self.drift.drifted())
+        if store is not None:
+            self._resume(store, alert_resume_s)
+
+    def _resume(self, store: Store, resume_s: float) -> None:
+        """Continue what the previous run left open: each bus's active DTCs, and the open alert."""
+        for bus, dec in self.decoders.items():
+            saved_dtcs = store.get_state(DTC_STATE_KEY.format(bus=bus))
+            if saved_dtcs is not None and not dec.restore_dtcs(saved_dtcs):
+                self.stats.errors["dtc_state_unreadable"] += 1
+        saved = store.get_state(ALERT_STATE_KEY)
+        if saved is None:
+            return
+        now = time.time()
+        try:
+            if not isinstance(saved, dict):
+                raise ValueError("not an object")
+            if self.tracker is not None:
+                closing = self.tracker.resume(saved, now, resume_s)
+            else:  # no model scores now: nobody can close it later
+                closing = closed_for(saved, "model_changed", now)
+        except (KeyError, TypeError, ValueError) as e:
+            self.stats.errors["alert_state_unreadable"] += 1
+            log.error("saved open alert unreadable, dropped: %s", e)
+            self.pending_state[ALERT_STATE_KEY] = None
+            self.flush_records()
+            return
+        if closing is None:
+            assert self.tracker is not None and self.tracker.open is not None
+            self.stats.alerts_carried += 1
+            log.warning("alert %s still open from before the restart: carried on", self.tracker.open.alert_id[:8])
+            self._save_alert()
+            self.flush_records()
+            return
+        log.warning("alert %s left open by the previous run: closed (%s)", closing.alert_id[:8], closing.reason)
+        self.stats.alerts_closed += 1
+        self.pending_state[ALERT_STATE_KEY] = None
+        self._record("alert", closing)
+
+    def _save_alert(self) -> None:
+        assert self.tracker is not None
+        self._alert_saved_at = time.time()
+        self.pending_state[ALERT_STATE_KEY] = self.tracker.saved(self._alert_saved_at)
+
+    def shutdown(self, reason: str = "agent_stop") -> None:
+        """A clean stop: close the open alert (its owner is going away), and write everything held."""
+        if self.tracker is not None:
+            closing = self.tracker.close_now(reason, time.time())
+            if closing is not None:
+                log.info("alert %s closed (%s)", closing.alert_id[:8], reason)
+                self.stats.alerts_closed += 1
+                self.pending_state[ALERT_STATE_KEY] = None
+                self.pending_records.append(("alert", closing.to_dict()))
+        self.flush_samples()
+        self.flush_records()
 
     # --- inputs ----------------------------------------------------------------------------------------------
 
@@ -151,6 +219,9 @@ class Pipeline:
         self.stats.frames += len(fb)
         res = dec.decode(fb)
         self._samples(res.samples)
+        if any(e.kind.startswith("dtc_") for e in res.events):
+            # Saved with the events, in their transaction: a restart continues from exactly what was announced.
+            self.pending_state[DTC_STATE_KEY.format(bus=fb.bus)] = dec.dtc_state()
         self._events(res.events)
 
     def on_lines(self, device: str, lines: list[tuple[float, bytes]]) -> None:
@@ -221,6 +292,7 @@ class Pipeline:
             else:
                 self.stats.alerts_closed += 1
                 log.info("alert %s closed", alert.alert_id[:8])
+            self._save_alert()  # the open alert, or None once closed: in the record's transaction
             self._record("alert", alert)
 
     def _check_drift(self, x: npt.NDArray[np.float64], now: float) -> None:
@@ -255,19 +327,27 @@ class Pipeline:
                 "features": sorted(self.drift.drifted())}
 
     def _events(self, events: list[Event]) -> None:
+        if not events:
+            return
         for e in events:
             if e.kind.startswith("dtc_"):
                 self.stats.dtc_events += 1
                 log.info("%s %s", e.kind, e.data)
-            self._record("event", e)
+            self._record("event", e, flush=False)
+        self._record_flush()  # one transaction for the batch's events and the DTC state they leave
 
-    def _record(self, kind: str, rec: Alert | Event) -> None:
+    def _record(self, kind: str, rec: Alert | Event, flush: bool = True) -> None:
         self.pending_records.append((kind, rec.to_dict()))
+        if flush:
+            self._record_flush()
+
+    def _record_flush(self) -> None:
         if self.store_error is None:
             self.flush_records()
         elif len(self.pending_records) > self.memory_max_records:
-            del self.pending_records[0]
-            self.stats.errors["records_dropped_store_unavailable"] += 1
+            over = len(self.pending_records) - self.memory_max_records
+            del self.pending_records[:over]
+            self.stats.errors["records_dropped_store_unavailable"] += over
 
     # --- output ----------------------------------------------------------------------------------------------
 
@@ -285,11 +365,12 @@ class Pipeline:
 
     def flush_records(self) -> None:
         """Alerts and events are written at once: they are what must never wait in memory."""
-        if self.store is None or not self.pending_records:
+        if self.store is None or not (self.pending_records or self.pending_state):
             return
         try:
-            self.store.append_records(self.pending_records)
+            self.store.append_records(self.pending_records, self.pending_state)
             self.pending_records = []
+            self.pending_state = {}
             self._store_ok()
         except Exception as e:
             self._store_failed("alerts/events", e)
@@ -320,7 +401,10 @@ class Pipeline:
         due = self.buffer.n >= max_samples or (self.buffer.n and now - self.buffer.since >= interval_s)
         if due:
             self.flush_samples()
-        if self.pending_records:
+        if self.tracker is not None and self.tracker.open is not None \
+                and time.time() - self._alert_saved_at >= ALERT_HEARTBEAT_S:
+            self._save_alert()  # the owner is alive: a restart within `alert_resume_s` of this carries it on
+        if self.pending_records or self.pending_state:
             self.flush_records()
         if self.store_error is not None:
             self._retry_at = now + interval_s

@@ -27,6 +27,8 @@ class Alert:
     label: str = ""
     top_features: list[tuple[str, float]] = field(default_factory=list)
     snapshot: dict[str, float] = field(default_factory=dict)
+    # Why a close was not the model's own: "agent_stop", "agent_restart", "model_changed"; empty otherwise.
+    reason: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

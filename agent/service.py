@@ -81,7 +81,8 @@ class Agent:
         self.store = Store(cfg.store.path, cfg.store.max_bytes)
         self.pipeline = Pipeline(self.registry, self.decoders, self.scorer, self.store,
                                  cfg.store.memory_max_samples, cfg.store.memory_max_records,
-                                 drift_policy=cfg.model.drift_policy(), drift_interval_s=cfg.model.drift_interval_s)
+                                 drift_policy=cfg.model.drift_policy(), drift_interval_s=cfg.model.drift_interval_s,
+                                 alert_resume_s=cfg.model.alert_resume_s)
         for s in cfg.serial:
             if s.protocol != "nmea":
                 self.pipeline.line_decoders[s.name] = LineDecoder(s.name, s.protocol, s.fields, s.units)
@@ -110,6 +111,9 @@ class Agent:
             "budget": {"used_today": self.uplink.budget_used(), "daily_bytes": self.cfg.mqtt.daily_budget_bytes,
                        "samples_held": self.uplink.stats.budget_held},
             "dropped": dict(self.pipeline.stats.errors) | {f"queue_full_{k}": v for k, v in self.dropped.items()},
+            "acks_rejected": dict(self.uplink.stats.acks_rejected),
+            "acks_replayed": self.uplink.stats.acks_replayed,
+            "acks_trimmed": self.uplink.stats.acks_trimmed,
         }
 
     # --- source callbacks (source threads) -------------------------------------------------------------------
@@ -160,8 +164,7 @@ class Agent:
                 self._process(self.queue.get_nowait())
             except queue.Empty:
                 break
-        self.pipeline.flush_samples()
-        self.pipeline.flush_records()
+        self.pipeline.shutdown("agent_stop")  # closes the open alert: its owner is going away
 
     # --- lifecycle -------------------------------------------------------------------------------------------
 

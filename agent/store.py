@@ -6,10 +6,15 @@ next per-vehicle sequence number inside the transaction that writes it. Samples 
 one row each. Rows leave the table only when the cloud acknowledges their range, or when the size bound evicts
 them: oldest samples first, records (alerts, DTC events) only when no sample is left. Every eviction is counted
 in `meta` and announced upstream by an `evicted` event naming the ranges, so the cloud can tell it from a gap.
+Alerts and events are also counted apart (written, acked, evicted), so each kind reconciles with the cloud.
+
+Only a file whose content is damaged is quarantined (moved aside); a locked or unreachable one is an error, never
+a reason to move a live store. `Store.open_readonly` reads a store another process may be writing (`status`).
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import json
 import logging
@@ -17,6 +22,7 @@ import math
 import sqlite3
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +33,11 @@ from agent.seqranges import merge_ranges
 
 log = logging.getLogger("agent.store")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 PRIO_NOTICE = -1  # eviction notices: sent first, never evicted (they explain the gaps evictions leave)
 PRIO_RECORD = 0  # alerts, DTC and other events: sent before samples, evicted last
 PRIO_SAMPLES = 1
+SEQ_MAX = 2**63 - 1  # SQLite's INTEGER
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -60,6 +67,10 @@ _COUNTERS = (
     "evicted_records",
     "evictions",
 )
+# Per kind of record (schema 3 on): a user reconciles alerts and events with the cloud separately. Counted from
+# `kind_counts_from_seq` on (a store that predates them starts with the rows it still holds as written).
+_KIND_COUNTERS = tuple(f"{what}_{kind}" for kind in ("alerts", "events") for what in ("written", "acked", "evicted"))
+BUSY_CODES = ("SQLITE_BUSY", "SQLITE_LOCKED")
 
 
 # An `evicted` notice's ranges are at most 2 x 20 digits each: 4,000 of them stay well inside wire.MAX_RECORD_BYTES.
@@ -68,6 +79,29 @@ EVICTED_RANGES_PER_EVENT = 4000
 
 class StoreError(RuntimeError):
     pass
+
+
+class StoreLocked(StoreError):
+    """Another connection holds a lock that keeps this one out (the agent in a long write): not damage."""
+
+
+def _kind_key(kind: str) -> str:
+    return "alerts" if kind == "alert" else "events"
+
+
+def _busy(e: sqlite3.Error) -> bool:
+    return getattr(e, "sqlite_errorname", "") in BUSY_CODES or "locked" in str(e) or "busy" in str(e)
+
+
+def _damaged(e: sqlite3.DatabaseError) -> bool:
+    """Does this error mean the file's content is unreadable (quarantine it), rather than that it cannot be
+    reached right now (a lock, permissions, I/O: leave it where it is and fail)?"""
+    if isinstance(e, StoreError):
+        return False
+    name = getattr(e, "sqlite_errorname", None)
+    if name is None:  # raised by us (quick_check) or without a code: judge by the message
+        return not _busy(e)
+    return str(name).startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB"))
 
 
 def finite_json(obj: Any) -> Any:
@@ -120,9 +154,13 @@ class Store:
         self._lock = threading.RLock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.quarantined: Path | None = None
+        self.readonly = False
         try:
             self.db = self._open()
         except sqlite3.DatabaseError as e:
+            if not _damaged(e):
+                # Locked, unreachable or unwritable is not damage: moving the file aside would lose a live store.
+                raise StoreError(f"{self.path}: cannot open the store: {e}") from e
             # Corrupt or not a database: keep it for forensics (never delete data), start afresh, and say so.
             self.quarantined = self._quarantine()
             self.db = self._open()
@@ -224,14 +262,26 @@ class Store:
             self._enforce_bound()
         return lo, lo + n - 1
 
-    def append_records(self, records: Iterable[tuple[str, dict[str, Any]]]) -> list[int]:
-        """Write alert/event records (kind, JSON object) in one transaction; returns their sequence numbers."""
+    def append_records(
+        self, records: Iterable[tuple[str, dict[str, Any]]], state: dict[str, Any] | None = None
+    ) -> list[int]:
+        """Write alert/event records (kind, JSON object) in one transaction; returns their sequence numbers.
+        `state` (key → JSON value, None deletes) is saved in the same transaction, so that component state that
+        says what the records announced (an open alert, the active DTCs) can never disagree with them."""
         items = list(records)
-        if not items:
+        if not items and not state:
             return []
         now = time.time()
         with self._lock:
             with self._tx():
+                for key, value in (state or {}).items():
+                    if value is None:
+                        self.db.execute("DELETE FROM state WHERE key=?", (key,))
+                    else:
+                        self.db.execute("INSERT OR REPLACE INTO state VALUES (?, ?)",
+                                        (key, json.dumps(finite_json(value), allow_nan=False)))
+                if not items:
+                    return []
                 lo = self._take_seq(len(items))
                 rows = []
                 for i, (kind, rec) in enumerate(items):
@@ -241,6 +291,8 @@ class Store:
                     rows.append((lo + i, lo + i, kind, PRIO_RECORD, 1, ts_f, ts_f, now, body, b""))
                 self.db.executemany("INSERT INTO outbox VALUES (?,?,?,?,?,?,?,?,?,?)", rows)
                 self._bump("written_records", len(items))
+                for k in ("alerts", "events"):
+                    self._bump(f"written_{k}", sum(1 for kind, _ in items if _kind_key(kind) == k))
             self._enforce_bound()
         return list(range(lo, lo + len(items)))
 
@@ -262,17 +314,19 @@ class Store:
             while self.used_bytes() > self.max_bytes * 0.9:
                 # Oldest samples first; records only once no samples remain; notices never.
                 row = self.db.execute(
-                    "SELECT seq_lo, seq_hi, prio, n FROM outbox WHERE prio >= 0 ORDER BY prio DESC, seq_lo LIMIT 1"
+                    "SELECT seq_lo, seq_hi, prio, n, kind FROM outbox WHERE prio >= 0 ORDER BY prio DESC, seq_lo "
+                    "LIMIT 1"
                 ).fetchone()
                 if row is None:
                     break
-                lo, hi, prio, n = row
+                lo, hi, prio, n, kind = row
                 self.db.execute("DELETE FROM outbox WHERE seq_lo=?", (lo,))
                 evicted.append((lo, hi))
                 if prio == PRIO_SAMPLES:
                     n_samples += n
                 else:
                     n_records += n
+                    self._bump(f"evicted_{_kind_key(kind)}", n)
             if evicted:
                 self._bump("evicted_samples", n_samples)
                 self._bump("evicted_records", n_records)
@@ -296,6 +350,7 @@ class Store:
                         (seq, seq, "event", PRIO_NOTICE, 1, now, now, now, json.dumps(rec), b""),
                     )
                     self._bump("written_records", 1)
+                    self._bump("written_events", 1)
 
     # --- reading for the uplink ------------------------------------------------------------------------------
 
@@ -337,21 +392,37 @@ class Store:
             cur.close()
         return total, oldest
 
-    def ack(self, ranges: Iterable[tuple[int, int]]) -> int:
-        """Delete rows wholly inside the acknowledged ranges. Returns how many rows went. Idempotent."""
+    def ack(self, ranges: Iterable[tuple[int, int]] | Iterable[list[int]], only: Iterable[int] | None = None) -> int:
+        """Delete rows wholly inside the acknowledged ranges; with `only`, just the rows whose `seq_lo` is listed
+        (the rows of the batch being acknowledged), so that an ack can never reach beyond what it answers.
+        Returns how many rows went. Idempotent. `last_acked_seq` moves to the highest row actually deleted."""
+        merged = merge_ranges((int(lo), int(hi)) for lo, hi in ranges)
+        los = [r[0] for r in merged]
         gone = 0
+        top = 0
         with self._lock, self._tx():
-            for lo, hi in ranges:
-                rows = self.db.execute(
-                    "SELECT seq_lo, prio, n FROM outbox WHERE seq_lo>=? AND seq_hi<=?", (lo, hi)
-                ).fetchall()
-                for seq_lo, prio, n in rows:
-                    self.db.execute("DELETE FROM outbox WHERE seq_lo=?", (seq_lo,))
-                    self._bump("acked_samples" if prio == PRIO_SAMPLES else "acked_records", n)
-                    gone += 1
-                self.db.execute(
-                    "UPDATE meta SET value=MAX(value, ?) WHERE key='last_acked_seq'", (hi,)
-                )
+            if only is None:
+                found = [r for lo, hi in merged if lo <= SEQ_MAX for r in self.db.execute(
+                    "SELECT seq_lo, seq_hi, prio, n, kind FROM outbox WHERE seq_lo>=? AND seq_hi<=?",
+                    (lo, min(hi, SEQ_MAX))).fetchall()]
+            else:
+                found = []
+                for seq_lo in sorted(set(only)):
+                    row = self.db.execute(
+                        "SELECT seq_lo, seq_hi, prio, n, kind FROM outbox WHERE seq_lo=?", (seq_lo,)
+                    ).fetchone() if 0 < seq_lo <= SEQ_MAX else None
+                    i = bisect.bisect_right(los, seq_lo) - 1
+                    if row is not None and i >= 0 and merged[i][1] >= row[1]:
+                        found.append(row)
+            for seq_lo, seq_hi, prio, n, kind in found:
+                self.db.execute("DELETE FROM outbox WHERE seq_lo=?", (seq_lo,))
+                self._bump("acked_samples" if prio == PRIO_SAMPLES else "acked_records", n)
+                if prio != PRIO_SAMPLES:
+                    self._bump(f"acked_{_kind_key(kind)}", n)
+                gone += 1
+                top = max(top, int(seq_hi))
+            if gone:
+                self.db.execute("UPDATE meta SET value=MAX(value, ?) WHERE key='last_acked_seq'", (top,))
         return gone
 
     # --- small persistent settings (data budget...) ------------------------------------------------------------
@@ -359,6 +430,17 @@ class Store:
     def _create_v2(self) -> None:
         # Component state that must outlive a restart (drift statistics) and is not a counter.
         self.db.execute("CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+
+    def _create_v3(self) -> None:
+        # Alerts and events counted apart. Rows still held count as written, so that from here on each kind
+        # reconciles: written = acked + evicted + backlog.
+        nxt = int(self.db.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone()[0])
+        self.db.execute("INSERT OR IGNORE INTO meta VALUES ('kind_counts_from_seq', ?)", (nxt,))
+        held = dict(self.db.execute("SELECT kind, COALESCE(SUM(n), 0) FROM outbox WHERE kind != 'samples' "
+                                    "GROUP BY kind").fetchall())
+        for k in _KIND_COUNTERS:
+            start = int(held.get(k.split("_")[1][:-1], 0)) if k.startswith("written_") else 0
+            self.db.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (k, start))
 
     def get_state(self, key: str) -> Any:
         """A JSON value saved with `set_state`, or None (also when what was saved cannot be parsed)."""
@@ -401,9 +483,16 @@ class Store:
     def status(self) -> dict[str, Any]:
         c = self.counters()
         backlog = self.backlog()
+        version = self.file_version()
+        # Per-kind counts exist from schema 3; a file an older agent wrote (read-only here, never migrated) has
+        # none, and says so with nulls rather than zeros.
+        kinds: dict[str, int | None] = {
+            f"{kind}_{what}": (c.get(f"{what}_{kind}", 0) if version >= 3 else None)
+            for kind in ("alerts", "events") for what in ("written", "acked", "evicted")
+        }
         return {
             "path": str(self.path),
-            "schema_version": SCHEMA_VERSION,
+            "schema_version": version,
             "records_written": {"samples": c["written_samples"], "records": c["written_records"]},
             "first_seq": c.get("first_seq", 1),
             "highest_seq": c["next_seq"] - 1,
@@ -414,15 +503,79 @@ class Store:
             "backlog_records": sum(v["records"] for v in backlog.values()),
             "used_bytes": self.used_bytes(),
             "max_bytes": self.max_bytes,
+            **kinds,
+            "kind_counts_from_seq": c.get("kind_counts_from_seq") if version >= 3 else None,
         }
+
+    def file_version(self) -> int:
+        with self._lock:
+            return int(self.db.execute("PRAGMA user_version").fetchone()[0])
 
     def close(self) -> None:
         with self._lock:
-            with contextlib.suppress(sqlite3.Error):
-                self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            if not self.readonly:
+                with contextlib.suppress(sqlite3.Error):
+                    self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self.db.close()
+
+    # --- reading someone else's live store ---------------------------------------------------------------------
+
+    @classmethod
+    def open_readonly(cls, path: Path, max_bytes: int = 512 * 1024 * 1024) -> Store:
+        """Open for reading only (`mode=ro`): no WAL set-up, no migration, no quarantine, no checkpoint on close.
+        For `harvester-agent status` beside a running agent. Raises StoreLocked or StoreError, never moves or
+        writes the file."""
+        self = cls.__new__(cls)
+        self.path = Path(path)
+        self.max_bytes = max_bytes
+        self._first_seq = None
+        self._lock = threading.RLock()
+        self.quarantined = None
+        self.readonly = True
+        uri = "file:" + urllib.parse.quote(str(self.path.resolve())) + "?mode=ro"
+        try:
+            db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False, timeout=0.5)
+        except sqlite3.Error as e:
+            raise StoreError(f"{self.path}: cannot open: {e}") from None
+        try:
+            version = int(db.execute("PRAGMA user_version").fetchone()[0])
+            if version == 0 or db.execute("SELECT 1 FROM sqlite_master WHERE name='meta'").fetchone() is None:
+                raise StoreError(f"{self.path}: not an agent store")
+            if version > SCHEMA_VERSION:
+                raise StoreError(f"{self.path}: schema version {version} is newer than this agent ({SCHEMA_VERSION})")
+            self._page_size = int(db.execute("PRAGMA page_size").fetchone()[0])
+        except sqlite3.Error as e:
+            db.close()
+            if _busy(e):
+                raise StoreLocked(f"{self.path}: locked by another process") from None
+            raise StoreError(f"{self.path}: unreadable: {e}") from None
+        except StoreError:
+            db.close()
+            raise
+        self.db = db
+        return self
+
+
+def read_status(path: Path, max_bytes: int, wait_s: float = 5.0) -> dict[str, Any]:
+    """`Store.status()` of a store that may be live, read-only, retrying for up to `wait_s` while it is locked."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            store = Store.open_readonly(path, max_bytes)
+            try:
+                return store.status()
+            except sqlite3.Error as e:
+                if not _busy(e):
+                    raise StoreError(f"{path}: unreadable: {e}") from None
+                raise StoreLocked(f"{path}: locked by another process") from None
+            finally:
+                store.close()
+        except StoreLocked:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.2)
 
 
 # MIGRATIONS[v] takes a store from schema version v to v + 1. Append, never edit: vehicles in the field run every
 # step in order the first time a newer agent opens their store.
-MIGRATIONS: list[Callable[[Store], None]] = [Store._create_v1, Store._create_v2]
+MIGRATIONS: list[Callable[[Store], None]] = [Store._create_v1, Store._create_v2, Store._create_v3]

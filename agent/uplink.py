@@ -5,6 +5,11 @@ exponential backoff and full jitter (so a fleet coming back into coverage does n
 Records (alerts, events) go before samples. A batch stays "in flight" until cloud_sync acks its ranges, which it
 does after its database commit; an unacknowledged batch is resent after `ack_timeout_s`, and on every reconnect.
 The broker's PUBACK means nothing to the store: only the cloud's ack deletes.
+
+An ack is believed only for a batch this process has in flight (its batch id, this vehicle), and only for the rows
+that batch carried: a row is deleted when it belongs to the batch and the ack's ranges cover it whole; whatever
+else an ack names is ignored. Anything else on the ack topic is dropped and counted by reason (`acks_rejected`):
+the broker ACL is the first line against forged acks, this is the second.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import logging
 import random
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,11 +32,14 @@ from paho.mqtt.properties import Properties
 from agent import __version__, wire
 from agent.backoff import backoff_delay
 from agent.config import MqttConfig, VehicleConfig
+from agent.seqranges import merge_ranges, subtract
 from agent.store import OutboxRow, Store
 
 log = logging.getLogger("agent.uplink")
 
 MAX_ACK_BYTES = 64 * 1024
+RECENT_BATCHES = 1024  # batch ids remembered after their ack, to tell a replayed ack from a forged one
+LOG_EVERY_S = 60.0  # at most one warning per reason this often: a flood of bad acks must not flood the log
 
 
 @dataclass(slots=True)
@@ -39,6 +48,7 @@ class _InFlight:
     seq_los: list[int]
     sent_at: float
     n_samples: int
+    ranges: list[tuple[int, int]] = field(default_factory=list)  # [seq_lo, seq_hi] of each row carried
 
 
 @dataclass(slots=True)
@@ -50,9 +60,11 @@ class UplinkStats:
     bytes_sent: int = 0
     samples_sent: int = 0
     records_sent: int = 0
-    acks: int = 0
+    acks: int = 0  # `ok` acks applied (each for a batch in flight)
     ack_timeouts: int = 0
-    bad_downlink: dict[str, int] = field(default_factory=dict)
+    acks_rejected: dict[str, int] = field(default_factory=dict)  # dropped, by reason; nothing deleted
+    acks_replayed: int = 0  # a second ack for a batch already acked or rejected: harmless
+    acks_trimmed: int = 0  # applied acks that also named numbers their batch did not carry (those ignored)
     rejected_batches: int = 0
     oversized_rows: int = 0  # outbox rows no batch within the wire's limits can carry: kept, not sent
     budget_held: bool = False
@@ -77,6 +89,9 @@ class Uplink:
         self._rng = random.Random(seed)
         self._inflight: dict[int, _InFlight] = {}
         self._parked: set[int] = set()  # seq_lo of rows the cloud rejected for good: kept, not resent
+        self._done: OrderedDict[int, None] = OrderedDict()  # recently acked/rejected batch ids
+        self._logged_at: dict[str, float] = {}
+        self._logged_n: dict[str, int] = {}
         self._next_batch = int(time.time() * 1000)
         self._stop = threading.Event()
         self._flush = threading.Event()
@@ -141,37 +156,75 @@ class Uplink:
         self.stats.connected = False
         self._inflight.clear()
 
-    def _bad(self, reason: str) -> None:
-        self.stats.bad_downlink[reason] = self.stats.bad_downlink.get(reason, 0) + 1
+    def _warn(self, reason: str, text: str) -> None:
+        """Log at most once per `LOG_EVERY_S` per reason, saying how many were not logged in between."""
+        now = time.monotonic()
+        self._logged_n[reason] = self._logged_n.get(reason, 0) + 1
+        if now - self._logged_at.get(reason, -LOG_EVERY_S) >= LOG_EVERY_S:
+            n = self._logged_n.pop(reason)
+            log.warning("%s%s", text, f" ({n - 1} more like it since the last report)" if n > 1 else "")
+            self._logged_at[reason] = now
+
+    def _reject(self, reason: str, text: str) -> None:
+        self.stats.acks_rejected[reason] = self.stats.acks_rejected.get(reason, 0) + 1
+        self._warn(reason, f"dropped an ack ({reason}): {text}")
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        # paho lets a callback's exception out of loop(), which would end the uplink thread: one bad message must
+        # never do that, so anything unexpected is counted and logged, and the loop goes on.
+        try:
+            self._handle_ack(msg)
+        except Exception as e:
+            self.stats.acks_rejected["handler_error"] = self.stats.acks_rejected.get("handler_error", 0) + 1
+            log.exception("ack handling failed (the batch stays in flight and is resent after its timeout): %s", e)
+
+    def _handle_ack(self, msg: mqtt.MQTTMessage) -> None:
         if msg.topic != self.topic("ack"):
-            self._bad("unexpected_topic")
+            self._reject("unexpected_topic", msg.topic[:200])
             return
         if len(msg.payload) > MAX_ACK_BYTES:
-            self._bad("oversized")
-            log.warning("dropped an oversized ack (%d bytes)", len(msg.payload))
+            self._reject("oversized", f"{len(msg.payload)} bytes")
             return
         try:
             ack = wire.decode_ack(bytes(msg.payload))
-        except wire.WireError as e:
-            self._bad("malformed")
-            log.warning("dropped a malformed ack: %s", e)
+        except (wire.WireError, RecursionError) as e:  # json.loads raises RecursionError on deep nesting
+            self._reject("malformed", str(e)[:200] if isinstance(e, wire.WireError) else "nested too deeply")
             return
         if ack.vehicle != self.vehicle.id:
-            self._bad("wrong_vehicle")
+            self._reject("wrong_vehicle", f"for vehicle {ack.vehicle[:64]!r}")
+            return
+        inf = self._inflight.get(ack.batch)
+        if inf is None:
+            if ack.batch in self._done:
+                self.stats.acks_replayed += 1
+                log.debug("ack for batch %d again (already applied)", ack.batch)
+            else:
+                # Never sent, or no longer in flight (timed out or sent before a reconnect: resent under a new
+                # id, which its own ack will cover).
+                self._reject("not_in_flight", f"batch {ack.batch} is not in flight")
             return
         if ack.status == "rejected":
             # The cloud will never take these: keep them (nothing is deleted without a commit) but stop resending.
             self.stats.rejected_batches += 1
-            inf = self._inflight.pop(ack.batch, None)
-            if inf is not None:
-                self._parked.update(inf.seq_los)
-            log.error("cloud rejected batch %d: %s", ack.batch, ack.reason)
+            del self._inflight[ack.batch]
+            self._remember(ack.batch)
+            self._parked.update(inf.seq_los)
+            log.error("cloud rejected batch %d: %s", ack.batch, ack.reason[:500])
             return
-        self.store.ack(ack.ranges)
+        named = merge_ranges(ack.ranges)
+        if inf.ranges and subtract(named, merge_ranges(inf.ranges)):
+            self.stats.acks_trimmed += 1
+            self._warn("trimmed", f"ack for batch {ack.batch} named numbers the batch did not carry; ignored those")
+        # Only this batch's rows, and only those the ack covers whole: nothing outside what was sent goes.
+        self.store.ack(named, only=inf.seq_los)
+        del self._inflight[ack.batch]
+        self._remember(ack.batch)
         self.stats.acks += 1
-        self._inflight.pop(ack.batch, None)
+
+    def _remember(self, batch: int) -> None:
+        self._done[batch] = None
+        while len(self._done) > RECENT_BATCHES:
+            self._done.popitem(last=False)
 
     # --- sending ---------------------------------------------------------------------------------------------
 
@@ -231,7 +284,8 @@ class Uplink:
             log.debug("publish not queued: %s", mqtt.error_string(info.rc))
             return False
         n_samples = sum(r.n for r in rows if r.kind == "samples")
-        self._inflight[batch_id] = _InFlight(batch_id, [r.seq_lo for r in rows], time.monotonic(), n_samples)
+        self._inflight[batch_id] = _InFlight(batch_id, [r.seq_lo for r in rows], time.monotonic(), n_samples,
+                                             [(r.seq_lo, r.seq_hi) for r in rows])
         self.stats.batches_sent += 1
         self.stats.bytes_sent += len(payload)
         if self.cfg.daily_budget_bytes:

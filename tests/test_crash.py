@@ -78,6 +78,12 @@ def test_power_cut_snapshot_mid_write(tmp_path: Path) -> None:
     pending = bytearray()
     reported: list[tuple[int, int]] = []
     try:
+        # Snapshots only once the writer has committed something: on a loaded machine its start-up (imports,
+        # schema) can outlast the first snapshot, which then holds no store at all.
+        end = time.monotonic() + 60
+        while not reported and time.monotonic() < end:
+            reported += _read_reported(proc, 0.1, pending)
+        assert reported, "the writer committed nothing within 60 s"
         for i in range(5):
             reported += _read_reported(proc, 0.3 + 0.1 * i, pending)
             # Freeze the writer wherever it is (maybe mid-transaction) and copy its files: the state a power

@@ -154,8 +154,8 @@ def test_malformed_and_foreign_acks_are_counted_not_applied(broker: MosquittoBro
         for payload in (b"garbage", b"{}", b"x" * 100_000,
                         wire.encode_ack(wire.Ack("other-vehicle", 1, [(1, 10)]))):
             acker.c.publish(topic, payload, qos=1)
-        wait_for(lambda: sum(up.stats.bad_downlink.values()) >= 4, what="bad acks counted")
-        assert up.stats.bad_downlink == {"malformed": 2, "oversized": 1, "wrong_vehicle": 1}
+        wait_for(lambda: sum(up.stats.acks_rejected.values()) >= 4, what="bad acks counted")
+        assert up.stats.acks_rejected == {"malformed": 2, "oversized": 1, "wrong_vehicle": 1}
         assert store.status()["backlog_records"] == 10
     finally:
         up.stop()

@@ -320,3 +320,31 @@ class J1939Decoder:
 
     def active_dtcs(self) -> dict[str, list[tuple[int, int]]]:
         return {f"{self.bus}/{sa:02X}": sorted(v) for sa, v in self._active_dtcs.items() if v}
+
+    def dtc_state(self) -> dict[str, list[list[int]]]:
+        """The DM1 active set per source address, to persist: a restart continues from it instead of announcing
+        every active DTC again as new."""
+        return {f"{sa:02X}": [list(k) for k in sorted(v)] for sa, v in sorted(self._active_dtcs.items())}
+
+    def restore_dtcs(self, state: object) -> bool:
+        """Take back a `dtc_state()`; False (nothing changed) if it is damaged. The first DM1 after the restart
+        then closes what cleared meanwhile and opens only what is new."""
+        out: dict[int, set[tuple[int, int]]] = {}
+        if not isinstance(state, dict):
+            return False
+        for sa_hex, dtcs in state.items():
+            try:
+                sa = int(sa_hex, 16)
+            except (TypeError, ValueError):
+                return False
+            if not (0 <= sa <= 0xFF and isinstance(dtcs, list)):
+                return False
+            keys: set[tuple[int, int]] = set()
+            for d in dtcs:
+                if not (isinstance(d, list) and len(d) == 2 and all(type(x) is int for x in d)
+                        and 0 <= d[0] < 1 << 19 and 0 <= d[1] < 32):
+                    return False
+                keys.add((d[0], d[1]))
+            out[sa] = keys
+        self._active_dtcs = out
+        return True
