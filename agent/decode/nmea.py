@@ -3,13 +3,20 @@
 Signals: GPS.Latitude, GPS.Longitude (degrees, south/west negative), GPS.Altitude (m), GPS.FixQuality (GGA
 quality 0-8), GPS.Satellites, GPS.HDOP, GPS.SpeedKmh, GPS.Course (degrees true). A sentence without a fix gives
 its fix quality and nothing else.
+
+One value per signal and fix: a receiver reports one fix in several sentences (GGA and RMC both carry the position,
+RMC and VTG both carry speed and course), so within one fix epoch, named by the UTC time field of GGA/RMC, a signal
+is yielded by the first sentence that carries it and skipped (counted in `repeated`) in the others. VTG has no time
+field and belongs to the epoch of the GGA/RMC before it. A GGA/RMC without a time, and anything before the first
+timed sentence, has no epoch to go by and is yielded as it is: nothing a receiver reports is dropped for lack of a
+time.
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 SIGNALS = {
     "GPS.Latitude": "deg",
@@ -93,16 +100,32 @@ def _num(s: str) -> float | None:
     return v
 
 
+def _fix_time(s: str) -> float | None:
+    """hhmmss(.ss) as a number, only to tell fixes apart; an empty or odd field is no time (not an error: the
+    sentence's values stand)."""
+    try:
+        v = float(s)
+    except ValueError:
+        return None
+    return v if math.isfinite(v) else None
+
+
 @dataclass(slots=True)
 class NmeaDecoder:
     errors: Counter[str]
     sentences: int = 0
     ignored: int = 0
+    repeated: int = 0  # values skipped because an earlier sentence of the same fix gave them
+    _epoch: float | None = None  # UTC time field of the last GGA/RMC (None: no time to go by)
+    _emitted: dict[str, float] = field(default_factory=dict)  # signal → epoch it was last yielded in
 
     def __init__(self) -> None:
         self.errors = Counter()
         self.sentences = 0
         self.ignored = 0
+        self.repeated = 0
+        self._epoch = None
+        self._emitted = {}
 
     def decode(self, line: bytes) -> list[tuple[str, float]]:
         """One line → [(signal, value)]. Bad lines count by reason and yield nothing; they never raise."""
@@ -111,8 +134,10 @@ class NmeaDecoder:
             kind = fields[0][-3:]
             if kind == "GGA":
                 out = self._gga(fields)
+                self._epoch = _fix_time(fields[1])
             elif kind == "RMC":
                 out = self._rmc(fields)
+                self._epoch = _fix_time(fields[1])
             elif kind == "VTG":
                 out = self._vtg(fields)
             else:
@@ -125,7 +150,20 @@ class NmeaDecoder:
             self.errors["malformed"] += 1
             return []
         self.sentences += 1
-        return out
+        return self._once_per_fix(out)
+
+    def _once_per_fix(self, out: list[tuple[str, float]]) -> list[tuple[str, float]]:
+        epoch, emitted = self._epoch, self._emitted
+        if epoch is None:
+            return out
+        kept: list[tuple[str, float]] = []
+        for name, v in out:
+            if emitted.get(name) == epoch:
+                self.repeated += 1
+                continue
+            emitted[name] = epoch
+            kept.append((name, v))
+        return kept
 
     def _gga(self, f: list[str]) -> list[tuple[str, float]]:
         if len(f) < 10:
