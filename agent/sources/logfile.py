@@ -1,0 +1,230 @@
+"""Recorded CAN logs → can.Message, for replay: a file that cannot be read is one error, bad records are read around.
+
+Formats: candump -L (`.log` whose first line looks like one; agent/sources/candump.py), and what python-can reads:
+ASC, TRC, python-can CSV, python-can's canutils `.log` (text); BLF, MF4 (with asammdf), SQLite `.db` (binary);
+`.gz` of any of them.
+
+Contract of `open_log`:
+- It reads up to the first frame before returning, so a file with no frame to give fails at once, before a replay
+  does any work: a missing or empty file, one no reader accepts (random bytes, another format under the name), or
+  one whose every record is bad. `LogUnreadable` says which and why in one line.
+- Text formats are read line by line: a line that is not UTF-8, too long (> MAX_LINE bytes) or that the reader
+  cannot parse is counted (`log_bad_line`) and skipped, and reading goes on after it (python-can's readers stop at
+  the first bad line; here the reader is restarted after it, fed the header lines it saw before its first frame).
+- Binary formats have no lines to resynchronise on: a record that cannot be read mid-file (truncated, corrupt)
+  ends that file; the frames before it are kept and the cut is counted (`log_unreadable`).
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import sys
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+import can
+
+from agent.sources.candump import looks_like_candump, read_candump
+
+MAX_LINE = 1 << 16  # no CAN log line comes near this; a longer one is garbage, not a reason to fill memory
+HEADER_MAX = 1000  # lines kept to replay into a restarted reader (real headers are a handful)
+
+
+class LogUnreadable(ValueError):
+    """A log with no frame to give; the text names the file and says why, on one line."""
+
+
+def _why(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:160]}" if text else type(e).__name__
+
+
+class _StrictTRCReader(can.TRCReader):
+    """python-can's TRC reader logs a warning and goes on for a line with too few columns; here that line is bad
+    like any other (counted, and nothing printed past the one-line-error convention)."""
+
+    def _parse_line(self, line: str) -> can.Message | None:
+        try:
+            cols = tuple(line.split(maxsplit=self._num_columns))
+            return self._parse_cols(cols)
+        except IndexError:
+            raise ValueError("TRC line with too few columns") from None
+
+
+TEXT_READERS: dict[str, Callable[[Any], can.io.generic.MessageReader]] = {
+    ".asc": can.ASCReader,
+    ".trc": _StrictTRCReader,
+    ".csv": can.CSVReader,
+    ".log": can.CanutilsLogReader,
+}
+
+
+class _LineFeed:
+    """The file object a python-can text reader iterates: first the header lines replayed on a restart, then the
+    file's next lines. Lines that are not UTF-8 or too long are counted here and never reach the reader."""
+
+    def __init__(self, f: IO[bytes], errors: Counter[str]) -> None:
+        self._f = f
+        self._errors = errors
+        self._pre: deque[str] = deque()
+        self.handed: list[str] = []  # what this attempt handed out, while still looking for the header
+        self.recording = True
+        self.fresh = 0  # lines taken from the file in this attempt
+
+    def restart(self, prefix: list[str]) -> None:
+        self._pre = deque(prefix)
+        self.handed = []
+        self.fresh = 0
+
+    def _from_file(self) -> str:
+        while True:
+            raw = self._f.readline(MAX_LINE)
+            if not raw:
+                raise StopIteration
+            if len(raw) == MAX_LINE and not raw.endswith(b"\n"):
+                while (rest := self._f.readline(MAX_LINE)) and not rest.endswith(b"\n"):
+                    pass
+                self._errors["log_bad_line"] += 1
+                continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                self._errors["log_bad_line"] += 1
+                continue
+            return line[:-2] + "\n" if line.endswith("\r\n") else line
+
+    def __iter__(self) -> _LineFeed:
+        return self
+
+    def __next__(self) -> str:
+        if self._pre:
+            line = self._pre.popleft()
+        else:
+            line = self._from_file()
+            self.fresh += 1
+        if self.recording and len(self.handed) <= HEADER_MAX:
+            self.handed.append(line)
+        return line
+
+    def readline(self) -> str:
+        try:
+            return next(self)
+        except StopIteration:
+            return ""
+
+    def close(self) -> None:
+        """Readers close their file when they finish; the file outlives a restarted reader, so not here."""
+
+
+def _header(feed: _LineFeed) -> list[str]:
+    """The lines before the one the reader just acted on (its first frame, or the line it failed on)."""
+    return feed.handed[:-1] if len(feed.handed) <= HEADER_MAX else feed.handed[:HEADER_MAX]
+
+
+def _read_text(path: Path, make: Callable[[Any], can.io.generic.MessageReader],
+               errors: Counter[str]) -> Iterator[can.Message]:
+    with path.open("rb") as f:
+        feed = _LineFeed(f, errors)
+        header: list[str] = []
+        produced = False
+        while True:
+            feed.restart(header)
+            try:
+                for msg in make(feed):
+                    if not produced:
+                        produced, feed.recording = True, False
+                        header = _header(feed)
+                    yield msg
+                return
+            except Exception as e:  # the line the reader could not parse: skip it, restart after it
+                if feed.fresh == 0:  # failed on the header alone: nothing after it will read either
+                    if not produced:
+                        raise LogUnreadable(_why(e)) from None
+                    errors["log_unreadable"] += 1
+                    return
+                errors["log_bad_line"] += 1
+                if not produced:
+                    header = _header(feed)
+
+
+@contextmanager
+def _no_cleanup_noise() -> Iterator[None]:
+    """asammdf's MDF4.__del__ fails on an object whose __init__ failed and prints that as "Exception ignored ...
+    Traceback": the file's failure is already reported (LogUnreadable), its half-built reader's is not news."""
+    old = sys.unraisablehook
+    sys.unraisablehook = lambda _: None
+    try:
+        yield
+    finally:
+        gc.collect()
+        sys.unraisablehook = old
+
+
+def _read_binary(path: Path, errors: Counter[str]) -> Iterator[can.Message]:
+    why = None
+    with _no_cleanup_noise():
+        try:
+            reader = can.LogReader(str(path))
+        except Exception as e:  # whatever a reader raises on content it cannot take (struct.error, MdfException...)
+            why = _why(e)
+    if why is not None:  # raised here, not in the except: the failed reader is gone, not kept as __context__
+        raise LogUnreadable(why)
+
+    def frames() -> Iterator[can.Message]:
+        with reader:
+            it = iter(reader)
+            first = True
+            while True:
+                why = None
+                try:
+                    msg = next(it)
+                except StopIteration:
+                    return
+                except Exception as e:  # a truncated or corrupt record: keep what came before
+                    why = _why(e)
+                if why is not None:
+                    if first:
+                        raise LogUnreadable(why)
+                    errors["log_unreadable"] += 1
+                    return
+                first = False
+                yield msg
+
+    return frames()
+
+
+def open_log(path: Path, errors: Counter[str]) -> Iterator[can.Message]:
+    """Every frame of one log; `LogUnreadable` (raised here, not later) if it has none to give."""
+    if not path.is_file():
+        raise LogUnreadable(f"{path}: no such file")
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise LogUnreadable(f"{path}: {_why(e)}") from None
+    if size == 0:
+        raise LogUnreadable(f"{path}: empty file, no log in it")
+    suffix = path.suffix.lower()
+    if suffix not in (*TEXT_READERS, ".blf", ".mf4", ".db", ".gz"):
+        raise LogUnreadable(f"{path}: unknown log format {suffix!r} (candump -L .log, .asc, .blf, .trc, .csv, "
+                            ".mf4, .db, or one of them .gz)")
+    bad_before = errors["log_bad_line"]
+    try:
+        if suffix == ".log" and looks_like_candump(path):
+            it = read_candump(path, errors)
+        elif suffix in TEXT_READERS:
+            it = _read_text(path, TEXT_READERS[suffix], errors)
+        else:
+            it = _read_binary(path, errors)
+        first = next(it)
+    except StopIteration:
+        bad = errors["log_bad_line"] - bad_before
+        raise LogUnreadable(f"{path}: no CAN frames in it" + (f" ({bad} unreadable lines)" if bad else "")) from None
+    except LogUnreadable as e:
+        raise LogUnreadable(f"{path}: not a readable {suffix} log ({e})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise LogUnreadable(f"{path}: not a readable {suffix} log ({_why(e)})") from None
+    return itertools.chain([first], it)
