@@ -285,3 +285,37 @@ def test_fuzzed_files_are_an_error_or_a_summary(ext: str, data: bytes) -> None:
             assert p.name in str(e) and "\n" not in str(e)
             return
         assert out["frames"] > 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from([".asc", ".trc", ".csv"]),
+       st.lists(st.tuples(st.floats(0, 1),
+                          st.binary(min_size=1, max_size=60).map(lambda b: b"\xff" + b.replace(b"\n", b""))
+                          | st.text("abcdefxyzRTd <>;:-_.", min_size=1, max_size=60).map(str.encode)),
+                max_size=6))
+def test_fuzzed_lines_inside_a_text_log_lose_no_frame(ext: str, junk: list[tuple[float, bytes]]) -> None:
+    """Hostile lines anywhere after the header (not UTF-8, or text that is no frame: no digits, no commas): every
+    real frame still comes out, identical and in order; each line a reader failed on is counted."""
+    from collections import Counter
+
+    from agent.sources.logfile import open_log
+
+    with tempfile.TemporaryDirectory() as d:
+        src = _real_log(ext, Path(d))
+        lines = src.read_bytes().splitlines(keepends=True)[:400]
+        head = 6  # past each format's header
+        clean = Path(d) / f"clean{ext}"
+        clean.write_bytes(b"".join(lines))
+        for where, b in sorted(junk, reverse=True):
+            lines.insert(head + int(where * (len(lines) - head)), b + b"\n")
+        dirty = Path(d) / f"dirty{ext}"
+        dirty.write_bytes(b"".join(lines))
+
+        def frames(p: Path) -> list[tuple[float, int, bytes]]:
+            errs: Counter[str] = Counter()
+            out = [(m.timestamp, m.arbitration_id, bytes(m.data)) for m in open_log(p, errs)]
+            not_text = sum(1 for _, b in junk if b.startswith(b"\xff"))
+            assert (not_text, 0)[p == clean] <= errs["log_bad_line"] <= (len(junk), 0)[p == clean]
+            return out
+
+        assert frames(dirty) == frames(clean)
