@@ -30,7 +30,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _wait(cond: Callable[[], bool], what: str, deadline_s: float = 60.0) -> None:
+def _wait(cond: Callable[[], bool], what: str, deadline_s: float = 120.0) -> None:
     end = time.monotonic() + deadline_s
     while not cond():
         if time.monotonic() > end:
@@ -241,20 +241,20 @@ def test_simulate_and_run_in_two_processes_over_socketcand_survive_restarts(tmp_
     sim = _cli("simulate", "--config", str(cfg), "--socketcand", str(port), log=sim_log)
     agent = _cli("run", "--config", str(cfg), log=agent_log)
     try:
-        _wait(lambda: _samples(db) > 500, "samples from the simulator in the agent's store")
+        _wait(lambda: _samples(db) > 300, "samples from the simulator in the agent's store")
         # The simulator dies (SIGKILL) and comes back on the same port: the agent's CAN source reconnects.
         _kill(sim)
         time.sleep(1.0)  # the agent notices the closed connection and starts retrying
         before = _samples(db)
         sim = _cli("simulate", "--config", str(cfg), "--socketcand", str(port), log=sim_log)
-        _wait(lambda: _samples(db) > before + 500, "samples again after the simulator restarted")
+        _wait(lambda: _samples(db) > before + 300, "samples again after the simulator restarted")
         text = agent_log.read_text()
         assert "closed the connection" in text, text[-2000:]
         # The agent dies (SIGKILL) and comes back: the simulator serves the new connection.
         _kill(agent)
         before = _samples(db)
         agent = _cli("run", "--config", str(cfg), log=agent_log)
-        _wait(lambda: _samples(db) > before + 500, "samples again after the agent restarted")
+        _wait(lambda: _samples(db) > before + 300, "samples again after the agent restarted")
         assert sim.poll() is None, sim_log.read_text()[-2000:]
     finally:
         _kill(agent)
@@ -291,3 +291,44 @@ def test_simulate_socketcand_port_in_use_is_a_one_line_error(tmp_path: Path) -> 
     assert r.returncode == 2 and "Traceback" not in r.stderr
     last = r.stderr.strip().splitlines()[-1]
     assert "cannot serve" in last and str(port) in last, r.stderr
+
+
+def test_connections_beyond_the_limit_are_refused_not_threaded(server: SocketcandServer) -> None:
+    from agent.sim.socketcand_server import MAX_CLIENTS
+
+    held = [_raw(server) for _ in range(MAX_CLIENTS)]
+    try:
+        extra = socket.create_connection(server.address, timeout=10)
+        assert extra.recv(64).startswith(b"< error too many clients")
+        _wait(lambda: _closed_by_server(extra), "the extra connection to close")
+        extra.close()
+        assert server.stats["clients_refused"] == 1 and server.clients == MAX_CLIENTS
+    finally:
+        for s in held:
+            s.close()
+    _wait(lambda: server.clients == 0, "clients gone")
+    _raw(server).close()  # room again
+
+
+def test_agent_side_bus_reports_a_closed_server_and_a_refused_open() -> None:
+    """python-can 4.6 reads a closed connection as "no frame" for ever; the agent's bus raises, so the CAN source
+    reopens it. A server that is not there fails the open at once (ConnectionRefusedError), for the backoff."""
+    from agent.config import CanBusConfig
+    from agent.sources.can import open_bus
+
+    srv = SocketcandServer(0, "can0")
+    cfg = CanBusConfig(interface="socketcand", channel="can0", options={"host": "127.0.0.1", "port": srv.address[1]})
+    bus = open_bus(cfg)
+    try:
+        _wait(lambda: srv.clients == 1, "the agent's connection")
+        srv.shutdown()
+        with pytest.raises(can.CanError, match="closed the connection"):
+            end = time.monotonic() + 60
+            while time.monotonic() < end:
+                bus.recv(0.1)
+    finally:
+        bus.shutdown()
+    with pytest.raises(ConnectionRefusedError):
+        open_bus(cfg)
+    with pytest.raises(ValueError, match="needs options"):
+        open_bus(CanBusConfig(interface="socketcand", channel="can0"))

@@ -17,7 +17,8 @@ Only classic data frames are served: error, remote and CAN FD frames are counted
 sent, as python-can's client parses none of them. A client that reads too slowly has its oldest frames dropped
 beyond QUEUE_MAX (counted, `frames_dropped_slow_client`); one that stops reading altogether for SEND_TIMEOUT_S is
 disconnected. A client that disconnects mid-line, sends garbage or an element longer than LINE_MAX costs only its
-own connection. The server binds 127.0.0.1 unless told otherwise.
+own connection. At most MAX_CLIENTS at a time; more are refused with an error. The server binds 127.0.0.1 unless
+told otherwise.
 
 python-can's client reads each handshake reply with a single recv() and wants it exact, so frames to a client
 start RAWMODE_SETTLE_S after its `< ok >` to rawmode: sent at once they could arrive in the same read as the ok.
@@ -37,6 +38,7 @@ import can
 
 log = logging.getLogger("agent.sim.socketcand")
 
+MAX_CLIENTS = 16  # each client costs two threads; more are refused with `< error too many clients >`
 QUEUE_MAX = 20_000  # frames waiting per client (~10 s of the simulator's traffic)
 LINE_MAX = 4096  # longest element accepted from a client
 SEND_TIMEOUT_S = 5.0
@@ -138,7 +140,15 @@ class SocketcandServer:
             sock.settimeout(SEND_TIMEOUT_S)
             c = _Client(sock, f"{addr[0]}:{addr[1]}")
             with self._lock:
-                self._clients.append(c)
+                full = len(self._clients) >= MAX_CLIENTS
+                if not full:
+                    self._clients.append(c)
+            if full:
+                self.stats["clients_refused"] += 1
+                with contextlib.suppress(OSError):
+                    sock.sendall(b"< error too many clients >")
+                sock.close()
+                continue
             self.stats["connections"] += 1
             log.info("socketcand client %s connected", c.peer)
             threading.Thread(target=self._serve, args=(c,), name=f"socketcand-{c.peer}", daemon=True).start()

@@ -31,6 +31,10 @@ class SocketcandBus(SocketCanDaemonBus):
         return s
 
     def _recv_internal(self, timeout: float | None) -> tuple[can.Message | None, bool]:
+        # Checked before python-can reads too: a reset connection there is logged with a traceback, not raised.
+        buffered = bool(self._SocketCanDaemonBus__message_buffer)  # type: ignore[attr-defined]
+        if not buffered and self._peer_closed():
+            raise can.CanError(f"socketcand server {self.channel_info} closed the connection")
         msg, filtered = super()._recv_internal(timeout)  # type: ignore[no-untyped-call]
         if msg is None and self._peer_closed():
             raise can.CanError(f"socketcand server {self.channel_info} closed the connection")
