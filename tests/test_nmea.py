@@ -195,3 +195,17 @@ def test_pipeline_one_sample_per_signal_and_time() -> None:
     ts = np.concatenate([s.ts for s in seen])
     pairs = list(zip(sid.tolist(), ts.tolist(), strict=True))
     assert len(pairs) == len(set(pairs)) == 16
+
+
+def test_a_repeated_sentence_is_a_new_fix_even_with_a_stuck_clock() -> None:
+    """Each sentence appears once per fix: a second GGA with the same time (a receiver whose clock is not running
+    yet) is the next fix, not a duplicate; two constellations' GGA of one fix (GP, GL) are one."""
+    d = NmeaDecoder()
+    for _ in range(3):
+        assert d.decode(_line("GPGGA,000000.00,,,,,0,00,,,M,,M,,")) == [("GPS.FixQuality", 0.0)]
+    d = NmeaDecoder()
+    gp = d.decode(_line("GPGGA,123519.00,4807.038,N,01131.000,E,1,08,0.9,545.4,M,46.9,M,,"))
+    gl = d.decode(_line("GLGGA,123519.00,4807.038,N,01131.000,E,1,05,0.9,545.4,M,46.9,M,,"))
+    assert len(gp) == 6 and gl == [] and d.repeated == 6
+    vtg = _line("GPVTG,054.7,T,034.4,M,005.5,N,010.2,K")
+    assert len(d.decode(vtg)) == 2 and len(d.decode(vtg)) == 2  # VTG twice after one GGA: two readings

@@ -5,11 +5,11 @@ quality 0-8), GPS.Satellites, GPS.HDOP, GPS.SpeedKmh, GPS.Course (degrees true).
 its fix quality and nothing else.
 
 One value per signal and fix: a receiver reports one fix in several sentences (GGA and RMC both carry the position,
-RMC and VTG both carry speed and course), so within one fix epoch, named by the UTC time field of GGA/RMC, a signal
-is yielded by the first sentence that carries it and skipped (counted in `repeated`) in the others. VTG has no time
-field and belongs to the epoch of the GGA/RMC before it. A GGA/RMC without a time, and anything before the first
-timed sentence, has no epoch to go by and is yielded as it is: nothing a receiver reports is dropped for lack of a
-time.
+RMC and VTG both carry speed and course), so within one fix a signal is yielded by the first sentence that carries
+it and skipped (counted in `repeated`) in the others. A fix is the run of sentences with the same UTC time field
+(GGA/RMC); VTG has no time and belongs to the fix before it. A sentence id (talker + type, e.g. GNGGA) seen again
+starts the next fix even at the same time, so a receiver whose clock is not running yet loses nothing. A GGA/RMC
+without a time, and anything before the first timed sentence, has no fix to go by and is yielded as it is.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def _num(s: str) -> float | None:
     return v
 
 
-def _fix_time(s: str) -> float | None:
+def _time_field(s: str) -> float | None:
     """hhmmss(.ss) as a number, only to tell fixes apart; an empty or odd field is no time (not an error: the
     sentence's values stand)."""
     try:
@@ -116,16 +116,18 @@ class NmeaDecoder:
     sentences: int = 0
     ignored: int = 0
     repeated: int = 0  # values skipped because an earlier sentence of the same fix gave them
-    _epoch: float | None = None  # UTC time field of the last GGA/RMC (None: no time to go by)
-    _emitted: dict[str, float] = field(default_factory=dict)  # signal → epoch it was last yielded in
+    _fix_time: float | None = None  # UTC time field of the current fix (None: no time to go by)
+    _fix_ids: set[str] = field(default_factory=set)  # sentence ids seen in the current fix
+    _fix_signals: set[str] = field(default_factory=set)  # signals yielded in the current fix
 
     def __init__(self) -> None:
         self.errors = Counter()
         self.sentences = 0
         self.ignored = 0
         self.repeated = 0
-        self._epoch = None
-        self._emitted = {}
+        self._fix_time = None
+        self._fix_ids = set()
+        self._fix_signals = set()
 
     def decode(self, line: bytes) -> list[tuple[str, float]]:
         """One line → [(signal, value)]. Bad lines count by reason and yield nothing; they never raise."""
@@ -134,10 +136,8 @@ class NmeaDecoder:
             kind = fields[0][-3:]
             if kind == "GGA":
                 out = self._gga(fields)
-                self._epoch = _fix_time(fields[1])
             elif kind == "RMC":
                 out = self._rmc(fields)
-                self._epoch = _fix_time(fields[1])
             elif kind == "VTG":
                 out = self._vtg(fields)
             else:
@@ -150,18 +150,23 @@ class NmeaDecoder:
             self.errors["malformed"] += 1
             return []
         self.sentences += 1
-        return self._once_per_fix(out)
+        timed = kind != "VTG"
+        return self._once_per_fix(fields[0], _time_field(fields[1]) if timed else self._fix_time, timed, out)
 
-    def _once_per_fix(self, out: list[tuple[str, float]]) -> list[tuple[str, float]]:
-        epoch, emitted = self._epoch, self._emitted
-        if epoch is None:
+    def _once_per_fix(self, sid: str, t: float | None, timed: bool,
+                      out: list[tuple[str, float]]) -> list[tuple[str, float]]:
+        if t is None:  # no time to go by: everything stands, and no later sentence joins this one
+            self._fix_time, self._fix_ids, self._fix_signals = None, set(), set()
             return out
+        if (timed and t != self._fix_time) or sid in self._fix_ids:
+            self._fix_time, self._fix_ids, self._fix_signals = t, set(), set()
+        self._fix_ids.add(sid)
         kept: list[tuple[str, float]] = []
         for name, v in out:
-            if emitted.get(name) == epoch:
+            if name in self._fix_signals:
                 self.repeated += 1
                 continue
-            emitted[name] = epoch
+            self._fix_signals.add(name)
             kept.append((name, v))
         return kept
 
