@@ -12,7 +12,9 @@ Contract of `open_log`:
   cannot parse is counted (`log_bad_line`) and skipped, and reading goes on after it (python-can's readers stop at
   the first bad line; here the reader is restarted after it, fed the header lines it saw before its first frame).
 - Binary formats have no lines to resynchronise on: a record that cannot be read mid-file (truncated, corrupt)
-  ends that file; the frames before it are kept and the cut is counted (`log_unreadable`).
+  ends that file; the frames before it are kept and the cut is counted (`log_unreadable`) when the reader raises,
+  or for BLF when the file is shorter than its header says. asammdf reads a cut MF4 up to the cut without saying
+  so: fewer frames, nothing counted. SQLite cut short is a malformed database, unreadable as a whole.
 """
 
 from __future__ import annotations
@@ -39,8 +41,11 @@ class LogUnreadable(ValueError):
 
 
 def _why(e: BaseException) -> str:
+    name = type(e).__name__
+    if name == "error":  # struct.error, zlib.error: say whose
+        name = f"{type(e).__module__}.error"
     text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text[:160]}" if text else type(e).__name__
+    return f"{name}: {text[:160]}" if text else name
 
 
 class _StrictTRCReader(can.TRCReader):
@@ -183,6 +188,9 @@ def _read_binary(path: Path, errors: Counter[str]) -> Iterator[can.Message]:
                 try:
                     msg = next(it)
                 except StopIteration:
+                    declared = getattr(reader, "file_size", 0) if isinstance(reader, can.BLFReader) else 0
+                    if isinstance(declared, int) and declared > path.stat().st_size:
+                        errors["log_unreadable"] += 1  # python-can ends a cut BLF quietly; its header tells
                     return
                 except Exception as e:  # a truncated or corrupt record: keep what came before
                     why = _why(e)
@@ -222,7 +230,8 @@ def open_log(path: Path, errors: Counter[str]) -> Iterator[can.Message]:
         first = next(it)
     except StopIteration:
         bad = errors["log_bad_line"] - bad_before
-        raise LogUnreadable(f"{path}: no CAN frames in it" + (f" ({bad} unreadable lines)" if bad else "")) from None
+        lines = f" ({bad} unreadable line{'s' if bad != 1 else ''})" if bad else ""
+        raise LogUnreadable(f"{path}: no CAN frames in it{lines}") from None
     except LogUnreadable as e:
         raise LogUnreadable(f"{path}: not a readable {suffix} log ({e})") from None
     except (OSError, UnicodeDecodeError) as e:
