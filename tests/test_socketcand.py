@@ -332,3 +332,29 @@ def test_agent_side_bus_reports_a_closed_server_and_a_refused_open() -> None:
         open_bus(cfg)
     with pytest.raises(ValueError, match="needs options"):
         open_bus(CanBusConfig(interface="socketcand", channel="can0"))
+
+
+def test_tcp_segments_splitting_frames_are_not_logged_as_warnings(caplog: pytest.LogCaptureFixture) -> None:
+    """TCP delivers the stream in arbitrary pieces; python-can warns "Got incomplete message" for each piece that
+    ends inside a frame, which at real rates would flood the agent's journal. Every frame arrives, nothing warns."""
+    from agent.config import CanBusConfig
+    from agent.sources.can import open_bus
+
+    srv = SocketcandServer(0, "can0")
+    bus = open_bus(CanBusConfig(interface="socketcand", channel="can0",
+                                options={"host": "127.0.0.1", "port": srv.address[1]}))
+    try:
+        msg = _frames()[0]
+        _wait(lambda: (srv.send(msg), srv.stats["frames_delivered"] > 0)[1], "the first frame delivered")
+        while bus.recv(0.5) is not None:
+            pass
+        n = 5000
+        with caplog.at_level("DEBUG"):
+            for _ in range(n):
+                srv.send(msg)
+            got = _recv_all(bus, n, deadline_s=120)
+        assert len(got) == n and srv.stats["frames_dropped_slow_client"] == 0
+        assert not [r for r in caplog.records if r.levelname == "WARNING" and "incomplete" in r.getMessage()]
+    finally:
+        bus.shutdown()
+        srv.shutdown()

@@ -2,6 +2,8 @@
 
 - The server closing the connection (a simulator restarted, socketcand stopped) reads, in python-can 4.6, as "no
   frame" for ever; here it is a `can.CanError`, so the CAN source counts it and reopens with backoff.
+- It warns "Got incomplete message" each time a TCP read ends inside a frame, which is how TCP works and at real
+  frame rates would flood the journal; that record is demoted to DEBUG.
 - Its connect loop retries for 10 s without pausing and logs a warning per attempt; here one connection attempt
   is made first and a refusal fails the open at once (the CAN source's backoff does the retrying).
 
@@ -10,6 +12,7 @@ Everything else (handshake `< hi >` / `< open BUS >` / `< rawmode >`, frame pars
 
 from __future__ import annotations
 
+import logging
 import select
 import socket
 from typing import Any
@@ -18,6 +21,16 @@ import can
 from can.interfaces.socketcand import SocketCanDaemonBus
 
 CONNECT_TIMEOUT_S = 5.0
+
+
+class _TcpFramingIsNormal(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.WARNING and str(record.msg).startswith("Got incomplete message"):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
+logging.getLogger("can.interfaces.socketcand.socketcand").addFilter(_TcpFramingIsNormal())
 
 
 class SocketcandBus(SocketCanDaemonBus):
