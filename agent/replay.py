@@ -3,8 +3,9 @@
 Any format python-can reads (candump -L, ASC, BLF, TRC, python-can CSV, SQLite; MF4 with asammdf installed). Frames
 of multi-channel logs keep their channel as the bus label. A log with no frame to give (missing, empty, not that
 format, every record bad) is an error before any work, as is a `db` in a folder that does not exist; bad lines of
-a text log are skipped and counted (`errors.log_bad_line`), a binary log cut or corrupt part-way gives what came
-before and is counted (`errors.log_unreadable`). See agent/sources/logfile.py.
+a text log are skipped and counted (`errors.log_bad_line`), as are damaged BLF containers (`errors.log_bad_record`);
+a binary log cut or corrupt part-way gives what came before and is counted (`errors.log_unreadable`) where the
+format tells. See agent/sources/logfile.py.
 """
 
 from __future__ import annotations

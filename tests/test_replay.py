@@ -322,3 +322,49 @@ def test_fuzzed_lines_inside_a_text_log_lose_no_frame(ext: str, junk: list[tuple
             return out
 
         assert frames(dirty) == frames(clean)
+
+
+@pytest.mark.parametrize("where", [0.3, 0.6, -1.0])
+def test_corrupt_bytes_inside_a_blf_are_read_around_and_counted(tmp_path: Path, where: float) -> None:
+    """A damaged stretch mid-file (a bad disk sector, a bit flip in a compressed container) costs the container it
+    hits, not the rest of the file: reading resumes at the next object and the damage is counted."""
+    src = shared_file("can/formats/jd5055e_highRPM1.blf")
+    raw = bytearray(src.read_bytes())
+    whole = replay([src], model=None)["frames"]  # 7,736 frames in 3 zlib containers of about 2,700
+    if where >= 0:
+        at = int(len(raw) * where)
+        raw[at : at + 200] = bytes(random.Random(at).randrange(256) for _ in range(200))
+    else:  # the second container's header claims 4 GB: the size lies, the signature does not
+        second = raw.find(b"LOBJ", raw.find(b"LOBJ") + 1)
+        raw[second + 8 : second + 12] = (0xFFFFFFF0).to_bytes(4, "little")
+    bad = tmp_path / "bad.blf"
+    bad.write_bytes(raw)
+    r = _cli(str(bad))
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    out = json.loads(r.stdout)
+    assert whole - 3000 < out["frames"] < whole  # the damaged container is lost (zlib cannot resume), no more
+    assert out["errors"]["log_bad_record"] >= 1
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 1), st.binary(min_size=1, max_size=64)), min_size=1, max_size=5))
+def test_fuzzed_blf_never_raises_past_the_reader(patches: list[tuple[float, bytes]]) -> None:
+    """Random damage anywhere in a real BLF: a one-line LogUnreadable, or frames with the damage counted."""
+    from collections import Counter
+
+    from agent.sources.logfile import LogUnreadable, open_log
+
+    raw = bytearray(shared_file("can/formats/jd5055e_highRPM1.blf").read_bytes())
+    for where, b in patches:
+        at = int(where * (len(raw) - 1))
+        raw[at : at + len(b)] = b
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "fuzz.blf"
+        p.write_bytes(bytes(raw[: len(raw)]))
+        errs: Counter[str] = Counter()
+        try:
+            n = sum(1 for _ in open_log(p, errs))
+        except LogUnreadable as e:
+            assert "\n" not in str(e)
+            return
+        assert n > 0 and n <= 7736 + 64 * len(patches)

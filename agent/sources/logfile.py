@@ -11,9 +11,11 @@ Contract of `open_log`:
 - Text formats are read line by line: a line that is not UTF-8, too long (> MAX_LINE bytes) or that the reader
   cannot parse is counted (`log_bad_line`) and skipped, and reading goes on after it (python-can's readers stop at
   the first bad line; here the reader is restarted after it, fed the header lines it saw before its first frame).
-- Binary formats have no lines to resynchronise on: a record that cannot be read mid-file (truncated, corrupt)
-  ends that file; the frames before it are kept and the cut is counted (`log_unreadable`) when the reader raises,
-  or for BLF when the file is shorter than its header says. asammdf reads a cut MF4 up to the cut without saying
+- BLF is read object by object: a damaged container (it does not decompress or parse) or object header is
+  skipped, counted (`log_bad_record`), and reading resumes at the next object.
+- Other binary formats have no records to resynchronise on: a record that cannot be read mid-file (truncated,
+  corrupt) ends that file; the frames before it are kept and the cut is counted (`log_unreadable`) when the reader
+  raises, or for BLF when the file is shorter than its header says. asammdf reads a cut MF4 up to the cut without saying
   so: fewer frames, nothing counted. SQLite cut short is a malformed database, unreadable as a whole.
 """
 
@@ -21,14 +23,18 @@ from __future__ import annotations
 
 import gc
 import itertools
+import os
+import struct
 import sys
+import zlib
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
 import can
+from can.io import blf
 
 from agent.sources.candump import looks_like_candump, read_candump
 
@@ -58,6 +64,81 @@ class _StrictTRCReader(can.TRCReader):
             return self._parse_cols(cols)
         except IndexError:
             raise ValueError("TRC line with too few columns") from None
+
+
+class _ResyncBLFReader(can.BLFReader):
+    """python-can's BLF reader ends the file at the first damaged object. This one skips it: a container that does
+    not decompress or parse is lost alone (counted `log_bad_record`), a damaged object header is skipped by
+    scanning for the next `LOBJ` signature; a file cut short ends where the cut is."""
+
+    def __init__(self, file: str, errors: Counter[str]) -> None:
+        super().__init__(file)
+        self._errors = errors
+        self._after_loss = False
+        self._size = os.fstat(self.file.fileno()).st_size
+
+    def _resync(self) -> bool:
+        """Move the file to the next object signature after the current position; False at end of file."""
+        while True:
+            pos = self.file.tell()
+            chunk = self.file.read(1 << 16)
+            if len(chunk) < 4:
+                return False
+            i = chunk.find(b"LOBJ", 1)
+            if i > 0:
+                self.file.seek(pos + i)
+                return True
+            self.file.seek(pos + len(chunk) - 3)  # a signature split across chunks is found next time
+
+    def __iter__(self) -> Generator[can.Message, None, None]:
+        head = blf.OBJ_HEADER_BASE_STRUCT
+        while True:
+            start = self.file.tell()
+            data = self.file.read(head.size)
+            if len(data) < head.size:
+                break
+            signature, _, _, obj_size, obj_type = head.unpack(data)
+            if signature != b"LOBJ" or obj_size < head.size:
+                self._lost()
+                self.file.seek(start)
+                if not self._resync():
+                    break
+                continue
+            if start + obj_size > self._size:
+                self.file.seek(start)
+                if self._resync():  # another object follows: this header's size is wrong, not the file short
+                    self._lost()
+                    continue
+                self.file.seek(start + head.size)
+            obj_data = self.file.read(obj_size - head.size)  # short if the file is cut: what is there is read
+            self.file.read(obj_size % 4)
+            if obj_type != blf.LOG_CONTAINER:
+                continue
+            try:
+                method, _ = blf.LOG_CONTAINER_STRUCT.unpack_from(obj_data)
+                body = obj_data[blf.LOG_CONTAINER_STRUCT.size :]
+                if method == blf.ZLIB_DEFLATE:
+                    body = zlib.decompressobj().decompress(body)
+                elif method != blf.NO_COMPRESSION:
+                    raise ValueError(f"unknown compression method {method}")
+            except (struct.error, zlib.error, ValueError):
+                self._lost()
+                continue
+            if self._after_loss:  # the container may start with the rest of an object that was lost: skip to
+                i = body.find(b"LOBJ")  # the first whole one
+                if i < 0:
+                    continue
+                body, self._after_loss = body[i:], False
+            try:
+                yield from self._parse_container(body)
+            except (blf.BLFParseError, struct.error, ValueError):
+                self._lost()
+        self.stop()
+
+    def _lost(self) -> None:
+        self._errors["log_bad_record"] += 1
+        self._tail = b""  # an object split across the lost container is lost with it
+        self._after_loss = True
 
 
 TEXT_READERS: dict[str, Callable[[Any], can.io.generic.MessageReader]] = {
@@ -173,7 +254,8 @@ def _read_binary(path: Path, errors: Counter[str]) -> Iterator[can.Message]:
     why = None
     with _no_cleanup_noise():
         try:
-            reader = can.LogReader(str(path))
+            reader = (_ResyncBLFReader(str(path), errors) if path.suffix.lower() == ".blf"
+                      else can.LogReader(str(path)))
         except Exception as e:  # whatever a reader raises on content it cannot take (struct.error, MdfException...)
             why = _why(e)
     if why is not None:  # raised here, not in the except: the failed reader is gone, not kept as __context__
