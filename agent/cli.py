@@ -45,9 +45,13 @@ def _stop_on_signals() -> threading.Event:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from agent.service import Agent
+    from agent.sources.can import virtual_bus_warning
 
     cfg = load_config(args.config)
     setup_logging(cfg.log.level)
+    warning = virtual_bus_warning(cfg.can)
+    if warning:
+        logging.getLogger("agent").warning("%s", warning)
     agent = Agent(cfg)
     stop = _stop_on_signals()
     agent.start()
@@ -71,7 +75,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     setup_logging(cfg.log.level)
     stop = _stop_on_signals()
     try:
-        stats = run_simulator_from_config(cfg, args.duration, args.fault, args.speed, stop)
+        stats = run_simulator_from_config(cfg, args.duration, args.fault, args.speed, stop, args.socketcand)
     except SimulateError as e:
         raise CliError(str(e)) from None
     print(json.dumps(stats, indent=2) if args.json else
@@ -159,6 +163,16 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 < port < 65536:
+        raise argparse.ArgumentTypeError(f"port out of range 1..65535: {port}")
+    return port
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="harvester-agent",
@@ -176,12 +190,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_run)
 
     s = sub.add_parser("simulate", help="run the harvester simulator alone on the configured bus and serial pty",
-                       description="Put simulated J1939 traffic on the config's first CAN bus and NMEA on a pty "
-                       "linked at [sim] serial_link (default: the config's first serial port).")
+                       description="Put simulated J1939 traffic on the config's first CAN bus (or serve it over "
+                       "socketcand on 127.0.0.1 with --socketcand) and NMEA on a pty linked at [sim] serial_link "
+                       "(default: the config's first serial port).")
     s.add_argument("--config", required=True, help="agent TOML config; its [sim] table sets the scenario")
     s.add_argument("--duration", type=float, default=None, help="seconds to run (default: until stopped)")
     s.add_argument("--fault", default=None, help="switch a fault on (overrides [sim] fault)")
     s.add_argument("--speed", type=float, default=1.0, help="time factor, 2 = twice real time (default 1)")
+    s.add_argument("--socketcand", type=_port, default=None, metavar="PORT",
+                   help="serve the bus over the socketcand protocol on 127.0.0.1:PORT instead of opening the "
+                   "config's bus (for an agent in another process: interface = \"socketcand\")")
     s.add_argument("--json", action="store_true", help="print the summary as JSON")
     s.set_defaults(func=cmd_simulate)
 

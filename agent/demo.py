@@ -1,9 +1,9 @@
 """`harvester-agent demo`: the whole system on one machine for a minute.
 
 A Mosquitto broker and cloud_sync run as child processes; the simulator and the agent share this process because
-python-can's `virtual` bus is in-process (on a bench with vcan0 or a real adapter, `simulate` and `run` are
-separate processes). Progress shows live; the summary reads the cloud's database, and the exit status says
-whether an alert made it all the way there.
+python-can's `virtual` bus is in-process (as separate processes: `simulate --socketcand PORT` and `run` with a
+`socketcand` bus on 127.0.0.1; on a bench with vcan0 or a real adapter, `socketcan`). Progress shows live; the
+summary reads the cloud's database, and the exit status says whether an alert made it all the way there.
 """
 
 from __future__ import annotations

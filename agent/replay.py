@@ -1,8 +1,11 @@
 """`harvester-agent replay`: recorded CAN logs through the exact on-vehicle pipeline, as fast as it will go.
 
-Any format python-can reads (candump -L, ASC, BLF, TRC, python-can CSV; MF4 with asammdf installed). Frames of
-multi-channel logs keep their channel as the bus label. A log that cannot be opened is an error; a log that turns
-out truncated or corrupt part-way is counted (`errors.log_unreadable`) and replay goes on with the next.
+Any format python-can reads (candump -L, ASC, BLF, TRC, python-can CSV, SQLite; MF4 with asammdf installed). Frames
+of multi-channel logs keep their channel as the bus label. A log with no frame to give (missing, empty, not that
+format, every record bad) is an error before any work, as is a `db` in a folder that does not exist; bad lines of
+a text log are skipped and counted (`errors.log_bad_line`), as are damaged BLF containers (`errors.log_bad_record`);
+a binary log cut or corrupt part-way gives what came before and is counted (`errors.log_unreadable`) where the
+format tells. See agent/sources/logfile.py.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from agent.pipeline import Pipeline
 from agent.records import SampleArrays
 from agent.scoring import Scorer
 from agent.signals import SignalRegistry
-from agent.sources.candump import looks_like_candump, read_candump
+from agent.sources.logfile import LogUnreadable, open_log
 from agent.store import Store
 
 BATCH = 5000
@@ -67,15 +70,10 @@ class _SignalStats:
 
 
 def _open(path: Path, errors: Counter[str]) -> Iterator[can.Message]:
-    if not path.is_file():
-        raise ReplayError(f"{path}: no such file")
-    if path.suffix.lower() == ".log" and looks_like_candump(path):
-        return read_candump(path, errors)
     try:
-        reader = can.LogReader(str(path))
-    except (ValueError, ImportError, OSError) as e:
-        raise ReplayError(f"{path}: cannot read this log: {e}") from None
-    return iter(reader)
+        return open_log(path, errors)
+    except LogUnreadable as e:
+        raise ReplayError(str(e)) from None
 
 
 def _bus_label(msg: can.Message) -> str:
@@ -93,6 +91,8 @@ def replay(
     progress: bool = False,
 ) -> dict[str, Any]:
     errors: Counter[str] = Counter()
+    if db is not None and not db.parent.is_dir():
+        raise ReplayError(f"{db.parent}: no such folder (--db names a file in a folder that exists)")
     readers = [(p, _open(p, errors)) for p in logs]  # every file opens before any work: fail fast, fail whole
     registry = SignalRegistry()
     decoders: dict[str, J1939Decoder] = {}

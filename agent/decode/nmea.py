@@ -3,13 +3,20 @@
 Signals: GPS.Latitude, GPS.Longitude (degrees, south/west negative), GPS.Altitude (m), GPS.FixQuality (GGA
 quality 0-8), GPS.Satellites, GPS.HDOP, GPS.SpeedKmh, GPS.Course (degrees true). A sentence without a fix gives
 its fix quality and nothing else.
+
+One value per signal and fix: a receiver reports one fix in several sentences (GGA and RMC both carry the position,
+RMC and VTG both carry speed and course), so within one fix a signal is yielded by the first sentence that carries
+it and skipped (counted in `repeated`) in the others. A fix is the run of sentences with the same UTC time field
+(GGA/RMC); VTG has no time and belongs to the fix before it. A sentence id (talker + type, e.g. GNGGA) seen again
+starts the next fix even at the same time, so a receiver whose clock is not running yet loses nothing. A GGA/RMC
+without a time, and anything before the first timed sentence, has no fix to go by and is yielded as it is.
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 SIGNALS = {
     "GPS.Latitude": "deg",
@@ -93,16 +100,34 @@ def _num(s: str) -> float | None:
     return v
 
 
+def _time_field(s: str) -> float | None:
+    """hhmmss(.ss) as a number, only to tell fixes apart; an empty or odd field is no time (not an error: the
+    sentence's values stand)."""
+    try:
+        v = float(s)
+    except ValueError:
+        return None
+    return v if math.isfinite(v) else None
+
+
 @dataclass(slots=True)
 class NmeaDecoder:
     errors: Counter[str]
     sentences: int = 0
     ignored: int = 0
+    repeated: int = 0  # values skipped because an earlier sentence of the same fix gave them
+    _fix_time: float | None = None  # UTC time field of the current fix (None: no time to go by)
+    _fix_ids: set[str] = field(default_factory=set)  # sentence ids seen in the current fix
+    _fix_signals: set[str] = field(default_factory=set)  # signals yielded in the current fix
 
     def __init__(self) -> None:
         self.errors = Counter()
         self.sentences = 0
         self.ignored = 0
+        self.repeated = 0
+        self._fix_time = None
+        self._fix_ids = set()
+        self._fix_signals = set()
 
     def decode(self, line: bytes) -> list[tuple[str, float]]:
         """One line → [(signal, value)]. Bad lines count by reason and yield nothing; they never raise."""
@@ -125,7 +150,25 @@ class NmeaDecoder:
             self.errors["malformed"] += 1
             return []
         self.sentences += 1
-        return out
+        timed = kind != "VTG"
+        return self._once_per_fix(fields[0], _time_field(fields[1]) if timed else self._fix_time, timed, out)
+
+    def _once_per_fix(self, sid: str, t: float | None, timed: bool,
+                      out: list[tuple[str, float]]) -> list[tuple[str, float]]:
+        if t is None:  # no time to go by: everything stands, and no later sentence joins this one
+            self._fix_time, self._fix_ids, self._fix_signals = None, set(), set()
+            return out
+        if (timed and t != self._fix_time) or sid in self._fix_ids:
+            self._fix_time, self._fix_ids, self._fix_signals = t, set(), set()
+        self._fix_ids.add(sid)
+        kept: list[tuple[str, float]] = []
+        for name, v in out:
+            if name in self._fix_signals:
+                self.repeated += 1
+                continue
+            self._fix_signals.add(name)
+            kept.append((name, v))
+        return kept
 
     def _gga(self, f: list[str]) -> list[tuple[str, float]]:
         if len(f) < 10:

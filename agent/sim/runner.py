@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import can
 
@@ -25,6 +25,12 @@ class SimStats:
     send_errors: int = 0
     nmea_sentences: int = 0
     dtcs_active_at_end: int = 0
+
+
+class FrameSink(Protocol):
+    """Where the simulator sends frames: a python-can bus, or the socketcand server (agent/sim/socketcand_server)."""
+
+    def send(self, msg: can.Message, timeout: float | None = None) -> None: ...
 
 
 def sim_from_config(cfg: dict[str, Any]) -> Harvester:
@@ -54,7 +60,7 @@ class Simulator:
     def __init__(
         self,
         harvester: Harvester,
-        bus: can.BusABC | None,
+        bus: FrameSink | None,
         serial_write: Callable[[bytes], None] | None,
         speed: float = 1.0,
         nmea_period_s: float = 1.0,

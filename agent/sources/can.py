@@ -29,7 +29,27 @@ def open_bus(cfg: CanBusConfig) -> can.BusABC:
     kwargs = dict(cfg.options)
     if cfg.bitrate is not None:
         kwargs["bitrate"] = cfg.bitrate
+    if cfg.interface == "socketcand":
+        from agent.sources.socketcand import SocketcandBus
+
+        missing = [k for k in ("host", "port") if k not in kwargs]
+        if missing:
+            raise ValueError(f"interface socketcand needs options {{host = ..., port = ...}} (missing {missing})")
+        bus: can.BusABC = SocketcandBus(cfg.channel, **kwargs)
+        return bus
     return can.Bus(interface=cfg.interface, channel=cfg.channel, **kwargs)
+
+
+def virtual_bus_warning(buses: list[CanBusConfig]) -> str | None:
+    """python-can's `virtual` bus lives inside one process: `simulate` and `run` started apart never meet on it,
+    and nothing says so. The line to log at start when a config uses it."""
+    names = [b.name for b in buses if b.interface == "virtual"]
+    if not names:
+        return None
+    return (f"CAN bus {', '.join(names)}: interface \"virtual\" only reaches buses in this same process; "
+            "a simulator or agent in another process sees nothing. Across processes on one host use "
+            "`harvester-agent simulate --socketcand PORT` and interface = \"socketcand\" with "
+            "options = {host = \"127.0.0.1\", port = PORT} (docs/configuration.md)")
 
 
 class CanSource:
