@@ -349,11 +349,12 @@ class FleetDB(abc.ABC):
             q += " AND a.ts>=?"
             args.append(since)
         rows = self._read(q + " ORDER BY a.ts, a.seq", args)
-        return [{"vehicle": v, "seq": int(s), **json.loads(r)} for v, s, r in rows]
+        # The row's key last: a record's own "vehicle" or "seq" (the vehicle's text) never renames it.
+        return [{**json.loads(r), "vehicle": v, "seq": int(s)} for v, s, r in rows]
 
     def alert(self, vehicle: str, seq: int) -> dict[str, Any] | None:
         rows = self._read("SELECT record FROM alerts WHERE vehicle=? AND seq=?", (vehicle, seq))
-        return {"vehicle": vehicle, "seq": seq, **json.loads(rows[0][0])} if rows else None
+        return {**json.loads(rows[0][0]), "vehicle": vehicle, "seq": seq} if rows else None
 
     def signal_series(
         self, vehicle: str, t0: float, t1: float, names: Sequence[str] | None = None, max_points: int = 20_000

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -26,7 +27,11 @@ from cloud_sync.db import FleetDB
 log = logging.getLogger("cloud_sync.web")
 
 CONTEXT_S = 120.0  # signal history shown either side of the window the model saw
-MAX_POINTS = 20_000
+MAX_SIGNALS = 8  # plots per alert: the page stays readable and the response small
+MAX_POINTS = 20_000  # per signal: 270 s of a 10 Hz signal is ~2,700
+MAX_DEPTH = 32  # nesting kept from a vehicle's record; the page reads two levels
+_SEQ = re.compile(r"[0-9]{1,19}")  # ASCII digits only (int() would take "\u0663"); then bounded to 64 bits
+SEQ_MAX = 2**63 - 1  # what both databases store
 
 
 class BadRequest(Exception):
@@ -42,11 +47,43 @@ def _alert_signals(alert: dict[str, Any]) -> list[str]:
     snap = alert.get("snapshot")
     if isinstance(snap, dict):
         names += [k for k in snap if isinstance(k, str)]
-    return list(dict.fromkeys(names))[:8]
+    return list(dict.fromkeys(names))[:MAX_SIGNALS]
 
 
 def _finite(v: Any) -> float | None:
     return float(v) if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def _plain(v: Any, depth: int = 0) -> Any:
+    """JSON without NaN/Infinity (a browser's JSON.parse rejects them and the whole page would fail), and nesting
+    past MAX_DEPTH cut to null (a deep record would otherwise end the request in a RecursionError)."""
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict | list | tuple) and depth >= MAX_DEPTH:
+        return None
+    if isinstance(v, dict):
+        return {str(k): _plain(x, depth + 1) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_plain(x, depth + 1) for x in v]
+    return v
+
+
+def _clean_alert(a: dict[str, Any]) -> dict[str, Any]:
+    """An alert record as the page expects its fields typed. The record is the vehicle's JSON, stored as sent: one
+    malformed field (a string `ts`, `top_features` not a list) must not break the table for the whole fleet."""
+    out: dict[str, Any] = _plain(a)
+    seq = out.get("seq")
+    out["seq"] = seq if isinstance(seq, int) and not isinstance(seq, bool) else None
+    for k in ("vehicle", "alert_id", "state", "model", "model_version", "label"):
+        out[k] = out[k] if isinstance(out.get(k), str) else ""
+    for k in ("ts", "score", "window_start", "window_end"):
+        out[k] = _finite(out.get(k))
+    feats = out.get("top_features")
+    out["top_features"] = [[f[0], _finite(f[1]) if len(f) > 1 else None] for f in feats
+                           if isinstance(f, list) and f and isinstance(f[0], str)] if isinstance(feats, list) else []
+    if not isinstance(out.get("snapshot"), dict):
+        out["snapshot"] = {}
+    return out
 
 
 class Api:
@@ -70,23 +107,31 @@ class Api:
             since = float(since_s) if since_s else None
         except ValueError:
             raise BadRequest("since must be a Unix time") from None
+        if since is not None and not math.isfinite(since):
+            raise BadRequest("since must be a Unix time")
         with self._lock:
             rows = self.db.alerts(vehicle, state, since)
-        return {"alerts": rows[::-1]}
+        return {"alerts": [_clean_alert(a) for a in reversed(rows)]}
 
     def alert(self, vehicle: str, seq_s: str) -> dict[str, Any] | None:
-        try:
-            seq = int(seq_s)
-        except ValueError:
-            raise BadRequest("seq must be an integer") from None
+        if not _SEQ.fullmatch(seq_s) or int(seq_s) > SEQ_MAX:
+            raise BadRequest("seq must be a non-negative integer")
+        seq = int(seq_s)
         with self._lock:
-            a = self.db.alert(vehicle, seq)
-            if a is None:
+            raw = self.db.alert(vehicle, seq)
+            if raw is None:
                 return None
-            w0 = _finite(a.get("window_start")) or _finite(a.get("ts")) or 0.0
-            w1 = _finite(a.get("window_end")) or w0
+            a = _clean_alert(raw)
+            w0 = a["window_start"] if a["window_start"] is not None else a["ts"]
+            w1 = a["window_end"] if a["window_end"] is not None else w0
+            if w0 is None or w1 is None or w1 < w0:
+                return {"alert": a, "series": {}, "span": None}
             span = [w0 - CONTEXT_S, w1 + CONTEXT_S]
-            series = self.db.signal_series(vehicle, span[0], span[1], _alert_signals(a), MAX_POINTS)
+            # One query per signal so a fast signal cannot use up the point budget of the others, and an alert
+            # naming no signal plots nothing (names=None would mean every signal the vehicle has).
+            series: dict[str, list[tuple[float, float]]] = {}
+            for name in _alert_signals(a):
+                series.update(self.db.signal_series(vehicle, span[0], span[1], [name], MAX_POINTS))
         return {"alert": a, "series": series, "span": span}
 
 
@@ -108,7 +153,11 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def _json(self, status: int, obj: Any) -> None:
-        self._send(status, json.dumps(obj, default=str).encode(), "application/json")
+        # Markup characters escaped even inside JSON strings: a vehicle id like "<script>" never appears raw in a
+        # response, whatever a browser or proxy decides to sniff it as.
+        text = json.dumps(obj, default=str, allow_nan=False)
+        text = text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+        self._send(status, text.encode(), "application/json")
 
     def do_GET(self) -> None:
         url = urlsplit(self.path)
@@ -181,7 +230,8 @@ function cell(tr, text, cls) { const td = document.createElement("td"); td.textC
 function ago(s) { return s < 120 ? Math.round(s) + " s ago" : s < 7200 ? Math.round(s / 60) + " min ago"
   : s < 172800 ? Math.round(s / 3600) + " h ago" : Math.round(s / 86400) + " d ago"; }
 function mib(n) { return (n / 1048576).toFixed(1); }
-function when(t) { return new Date(t * 1000).toISOString().replace("T", " ").slice(0, 19); }
+function when(t) { return Number.isFinite(t) ? new Date(t * 1000).toISOString().replace("T", " ").slice(0, 19)
+  : "?"; }
 async function get(url) { const r = await fetch(url); const j = await r.json();
   if (!r.ok) throw new Error(j.error || r.status); return j; }
 
@@ -257,7 +307,7 @@ async function showAlert(vehicle, seq) {
     (typeof d.alert.score === "number" ? d.alert.score.toFixed(2) : "?");
   box.appendChild(h);
   const win = [d.alert.window_start ?? d.alert.ts, d.alert.window_end ?? d.alert.ts];
-  const names = Object.keys(d.series);
+  const names = d.span ? Object.keys(d.series) : [];
   if (!names.length) { const p = document.createElement("p"); p.className = "empty";
     p.textContent = "No samples stored around this alert."; box.appendChild(p); }
   for (const n of names) box.appendChild(plot(n, d.series[n], d.span, win));
