@@ -23,13 +23,13 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from cloud_sync.db import FleetDB
+from cloud_sync.present import clean_alert, plain
 
 log = logging.getLogger("cloud_sync.web")
 
 CONTEXT_S = 120.0  # signal history shown either side of the window the model saw
 MAX_SIGNALS = 8  # plots per alert: the page stays readable and the response small
 MAX_POINTS = 20_000  # per signal: 270 s of a 10 Hz signal is ~2,700
-MAX_DEPTH = 32  # nesting kept from a vehicle's record; the page reads two levels
 _SEQ = re.compile(r"[0-9]{1,19}")  # ASCII digits only (int() would take "\u0663"); then bounded to 64 bits
 SEQ_MAX = 2**63 - 1  # what both databases store
 
@@ -48,42 +48,6 @@ def _alert_signals(alert: dict[str, Any]) -> list[str]:
     if isinstance(snap, dict):
         names += [k for k in snap if isinstance(k, str)]
     return list(dict.fromkeys(names))[:MAX_SIGNALS]
-
-
-def _finite(v: Any) -> float | None:
-    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) else None
-
-
-def _plain(v: Any, depth: int = 0) -> Any:
-    """JSON without NaN/Infinity (a browser's JSON.parse rejects them and the whole page would fail), and nesting
-    past MAX_DEPTH cut to null (a deep record would otherwise end the request in a RecursionError)."""
-    if isinstance(v, float):
-        return v if math.isfinite(v) else None
-    if isinstance(v, dict | list | tuple) and depth >= MAX_DEPTH:
-        return None
-    if isinstance(v, dict):
-        return {str(k): _plain(x, depth + 1) for k, x in v.items()}
-    if isinstance(v, list | tuple):
-        return [_plain(x, depth + 1) for x in v]
-    return v
-
-
-def _clean_alert(a: dict[str, Any]) -> dict[str, Any]:
-    """An alert record as the page expects its fields typed. The record is the vehicle's JSON, stored as sent: one
-    malformed field (a string `ts`, `top_features` not a list) must not break the table for the whole fleet."""
-    out: dict[str, Any] = _plain(a)
-    seq = out.get("seq")
-    out["seq"] = seq if isinstance(seq, int) and not isinstance(seq, bool) else None
-    for k in ("vehicle", "alert_id", "state", "model", "model_version", "label"):
-        out[k] = out[k] if isinstance(out.get(k), str) else ""
-    for k in ("ts", "score", "window_start", "window_end"):
-        out[k] = _finite(out.get(k))
-    feats = out.get("top_features")
-    out["top_features"] = [[f[0], _finite(f[1]) if len(f) > 1 else None] for f in feats
-                           if isinstance(f, list) and f and isinstance(f[0], str)] if isinstance(feats, list) else []
-    if not isinstance(out.get("snapshot"), dict):
-        out["snapshot"] = {}
-    return out
 
 
 class Api:
@@ -111,7 +75,7 @@ class Api:
             raise BadRequest("since must be a Unix time")
         with self._lock:
             rows = self.db.alerts(vehicle, state, since)
-        return {"alerts": [_clean_alert(a) for a in reversed(rows)]}
+        return {"alerts": [clean_alert(a) for a in reversed(rows)]}
 
     def alert(self, vehicle: str, seq_s: str) -> dict[str, Any] | None:
         if not _SEQ.fullmatch(seq_s) or int(seq_s) > SEQ_MAX:
@@ -121,7 +85,7 @@ class Api:
             raw = self.db.alert(vehicle, seq)
             if raw is None:
                 return None
-            a = _clean_alert(raw)
+            a = clean_alert(raw)
             w0 = a["window_start"] if a["window_start"] is not None else a["ts"]
             w1 = a["window_end"] if a["window_end"] is not None else w0
             if w0 is None or w1 is None or w1 < w0:
@@ -155,7 +119,7 @@ class Handler(BaseHTTPRequestHandler):
     def _json(self, status: int, obj: Any) -> None:
         # Markup characters escaped even inside JSON strings: a vehicle id like "<script>" never appears raw in a
         # response, whatever a browser or proxy decides to sniff it as.
-        text = json.dumps(obj, default=str, allow_nan=False)
+        text = json.dumps(plain(obj), default=str, allow_nan=False)  # a stored NaN sample is null, not a 500
         text = text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
         self._send(status, text.encode(), "application/json")
 
