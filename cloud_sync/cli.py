@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import io
 import logging
+import re
 import signal
 import sys
 import threading
@@ -164,13 +165,22 @@ def cmd_alerts(args: argparse.Namespace) -> int:
     return 0
 
 
+_HOST_VALUE = re.compile(r"([a-z0-9.-]{1,253}|\[[0-9a-f:.]{2,45}\])(:[0-9]{1,5})?", re.IGNORECASE)
+
+
+def _host_value(s: str) -> str:
+    if not _HOST_VALUE.fullmatch(s):
+        raise argparse.ArgumentTypeError(f"not a Host header value (name or [IPv6], optional :port): {s!r}")
+    return s
+
+
 def cmd_web(args: argparse.Namespace) -> int:
     from cloud_sync.web import make_server
 
     cfg = _config_with_logging(args)
     db = existing_db(cfg)
     try:
-        server = make_server(db, args.host, args.port)
+        server = make_server(db, args.host, args.port, args.allow_host)
     except OSError as e:
         db.close()
         raise CloudDBError(f"cannot listen on {args.host}:{args.port}: {e.strerror}") from None
@@ -222,6 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: put a reverse "
                    "proxy with authentication in front before exposing it)")
     w.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
+    w.add_argument("--allow-host", action="append", default=[], type=_host_value, metavar="HOST[:PORT]",
+                   help="also answer requests whose Host header is exactly this (the name a reverse proxy "
+                   "forwards); repeatable. Without it only 127.0.0.1, localhost, [::1] and --host, with the port, "
+                   "are answered: a check against DNS rebinding")
     w.set_defaults(func=cmd_web)
     return p
 
