@@ -29,7 +29,7 @@ import numpy.typing as npt
 from agent import wire
 from agent.seqranges import holes, merge_ranges, subtract
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = [
     """CREATE TABLE IF NOT EXISTS vehicles (
@@ -62,6 +62,15 @@ _SCHEMA = [
 _SCHEMA_V2 = [
     "CREATE INDEX IF NOT EXISTS alerts_by_vehicle ON alerts (vehicle, alert_id, seq)",
     "CREATE INDEX IF NOT EXISTS events_by_vehicle_kind ON events (vehicle, kind)",
+]
+
+# Version 3: records stored per vehicle and kind, kept in `counters` ("stored:samples", "stored:alerts",
+# "stored:events") by the ingest transaction itself, so the fleet reports read one row instead of COUNT(*) over the
+# whole history. A database from before starts from one full count here (once).
+STORED_KINDS = ("samples", "alerts", "events")
+_SCHEMA_V3 = [
+    f"INSERT INTO counters (vehicle, name, value) SELECT vehicle, 'stored:{k}', COUNT(*) FROM {k} GROUP BY vehicle"
+    for k in STORED_KINDS
 ]
 
 
@@ -171,6 +180,7 @@ class FleetDB(abc.ABC):
 
     def _ingest_one(self, cur: Cursor, b: wire.Batch, now: float) -> IngestResult:
         res = IngestResult()
+        stored = dict.fromkeys(STORED_KINDS, 0)  # new rows only: what a skipped duplicate adds is nothing
         v = b.vehicle
         self._touch(cur, b.fleet, v, now)
         for seg in b.segments:
@@ -206,10 +216,13 @@ class FleetDB(abc.ABC):
                 inserted, attempted = max(0, cur.rowcount), 1
             res.new += inserted
             res.duplicates += attempted - inserted
+            stored["samples" if c is not None else "alerts" if seg.kind == "alert" else "events"] += inserted
             if inserted:
                 cur.execute(self._sql("INSERT INTO ranges VALUES (?,?,?,?)"), (v, seg.seq_lo, seg.seq_hi, seg.kind))
         self._count(cur, v, "duplicates", res.duplicates)
         self._count(cur, v, "batches", 1)
+        for kind, n in stored.items():
+            self._count(cur, v, f"stored:{kind}", n)
         return res
 
     def ingest(self, batches: list[wire.Batch]) -> list[IngestResult]:
@@ -255,11 +268,12 @@ class FleetDB(abc.ABC):
         with self._lock:
             vehicles = self._read(
                 "SELECT vehicle, fleet, online, last_seen, status FROM vehicles ORDER BY fleet, vehicle")
+            stored: dict[str, dict[str, int]] = {}
+            for vehicle, name, value in self._read(
+                    "SELECT vehicle, name, value FROM counters WHERE name LIKE ?", ("stored:%",)):
+                stored.setdefault(vehicle, {})[name.split(":", 1)[1]] = int(value)
             for vehicle, fleet, online, last_seen, status in vehicles:
-                counts = {
-                    k: int(self._read(f"SELECT COUNT(*) FROM {k} WHERE vehicle=?", (vehicle,))[0][0])
-                    for k in ("samples", "alerts", "events")
-                }
+                counts = {k: stored.get(vehicle, {}).get(k, 0) for k in STORED_KINDS}  # kept at ingest
                 ranges = [(int(a), int(b))
                           for a, b in self._read("SELECT seq_lo, seq_hi FROM ranges WHERE vehicle=?", (vehicle,))]
                 covered = merge_ranges(ranges)
@@ -393,7 +407,7 @@ class CloudDB(FleetDB):
             v = int(self.db.execute("PRAGMA user_version").fetchone()[0])
             if v > SCHEMA_VERSION:
                 raise CloudDBError(f"{self.path}: schema version {v} is newer than this cloud_sync ({SCHEMA_VERSION})")
-            steps = {1: _SCHEMA, 2: _SCHEMA_V2}
+            steps = {1: _SCHEMA, 2: _SCHEMA_V2, 3: _SCHEMA_V3}
             for step in range(v + 1, SCHEMA_VERSION + 1):
                 with self._transaction() as cur:
                     for stmt in steps[step]:
