@@ -71,6 +71,20 @@ STORED_KINDS = ("samples", "alerts", "events")
 _SCHEMA_V3 = [
     f"INSERT INTO counters (vehicle, name, value) SELECT vehicle, 'stored:{k}', COUNT(*) FROM {k} GROUP BY vehicle"
     for k in STORED_KINDS
+] + [
+    # And received ranges merged into one row per stretch without a hole (ingest keeps them so from now on): a
+    # range starts a new stretch unless it overlaps or touches the ranges before it.
+    """INSERT INTO ranges (vehicle, seq_lo, seq_hi, kind)
+       SELECT vehicle, MIN(seq_lo), MAX(seq_hi), 'merged' FROM (
+         SELECT vehicle, seq_lo, seq_hi,
+                SUM(fresh) OVER (PARTITION BY vehicle ORDER BY seq_lo, seq_hi ROWS UNBOUNDED PRECEDING) AS stretch
+         FROM (SELECT vehicle, seq_lo, seq_hi,
+                      CASE WHEN seq_lo <= MAX(seq_hi) OVER (PARTITION BY vehicle ORDER BY seq_lo, seq_hi
+                                                           ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) + 1
+                           THEN 0 ELSE 1 END AS fresh
+               FROM ranges) a) b
+       GROUP BY vehicle, stretch""",
+    "DELETE FROM ranges WHERE kind <> 'merged'",
 ]
 
 
@@ -178,6 +192,19 @@ class FleetDB(abc.ABC):
             (vehicle, fleet, now, now),
         )
 
+    def _add_range(self, cur: Cursor, vehicle: str, lo: int, hi: int, kind: str) -> None:
+        """Record [lo, hi] as received, merged with the ranges it overlaps or touches: a vehicle keeps one row per
+        stretch without a hole, so the gap report reads a handful of rows whatever the history. (The vehicle's
+        row is locked by this transaction already, so receivers sharing PostgreSQL cannot interleave here.)"""
+        touching = self._sql("FROM ranges WHERE vehicle=? AND seq_lo<=? AND seq_hi>=?")
+        args = (vehicle, hi + 1, lo - 1)
+        cur.execute("SELECT MIN(seq_lo), MAX(seq_hi), COUNT(*) " + touching, args)
+        mlo, mhi, n = cur.fetchone()
+        if n:
+            cur.execute("DELETE " + touching, args)
+            lo, hi, kind = min(lo, int(mlo)), max(hi, int(mhi)), "merged"
+        cur.execute(self._sql("INSERT INTO ranges VALUES (?,?,?,?)"), (vehicle, lo, hi, kind))
+
     def _ingest_one(self, cur: Cursor, b: wire.Batch, now: float) -> IngestResult:
         res = IngestResult()
         stored = dict.fromkeys(STORED_KINDS, 0)  # new rows only: what a skipped duplicate adds is nothing
@@ -218,7 +245,7 @@ class FleetDB(abc.ABC):
             res.duplicates += attempted - inserted
             stored["samples" if c is not None else "alerts" if seg.kind == "alert" else "events"] += inserted
             if inserted:
-                cur.execute(self._sql("INSERT INTO ranges VALUES (?,?,?,?)"), (v, seg.seq_lo, seg.seq_hi, seg.kind))
+                self._add_range(cur, v, seg.seq_lo, seg.seq_hi, seg.kind)
         self._count(cur, v, "duplicates", res.duplicates)
         self._count(cur, v, "batches", 1)
         for kind, n in stored.items():
@@ -272,11 +299,12 @@ class FleetDB(abc.ABC):
             for vehicle, name, value in self._read(
                     "SELECT vehicle, name, value FROM counters WHERE name LIKE ?", ("stored:%",)):
                 stored.setdefault(vehicle, {})[name.split(":", 1)[1]] = int(value)
+            received: dict[str, list[tuple[int, int]]] = {}
+            for vehicle, lo, hi in self._read("SELECT vehicle, seq_lo, seq_hi FROM ranges"):  # merged at ingest
+                received.setdefault(vehicle, []).append((int(lo), int(hi)))
             for vehicle, fleet, online, last_seen, status in vehicles:
                 counts = {k: stored.get(vehicle, {}).get(k, 0) for k in STORED_KINDS}  # kept at ingest
-                ranges = [(int(a), int(b))
-                          for a, b in self._read("SELECT seq_lo, seq_hi FROM ranges WHERE vehicle=?", (vehicle,))]
-                covered = merge_ranges(ranges)
+                covered = merge_ranges(received.get(vehicle, []))
                 highest = covered[-1][1] if covered else 0
                 evicted: list[tuple[int, int]] = []
                 for data in self._event_data(vehicle, "evicted"):

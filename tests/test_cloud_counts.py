@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from agent import wire
+from agent.seqranges import holes, merge_ranges
 from agent.testing import postgres
 from cloud_sync.db import CloudDB, FleetDB, open_db
 from tests.test_cloud_db import T0, alert, event, samples
@@ -56,6 +57,23 @@ def counted_by_scan(db: FleetDB) -> dict[str, dict[str, int]]:
     return out
 
 
+def gaps(db: FleetDB) -> dict[str, tuple[int, list[list[int]]]]:
+    return {v.vehicle: (v.highest_seq, v.gaps) for v in db.stats()}
+
+
+def gaps_by_merge(sent: list[wire.Batch]) -> dict[str, tuple[int, list[list[int]]]]:
+    """Highest seq and gaps the long way: every segment sent merged in Python (no evictions sent here)."""
+    by: dict[str, list[tuple[int, int]]] = {}
+    for b in sent:
+        by.setdefault(b.vehicle, []).extend((s.seq_lo, s.seq_hi) for s in b.segments)
+    out = {}
+    for v, rs in by.items():
+        covered = merge_ranges(rs)
+        highest = covered[-1][1] if covered else 0
+        out[v] = (highest, holes(covered, highest))
+    return out
+
+
 def _random_batch(rng: random.Random, vehicle: str, bid: int) -> wire.Batch:
     """Segments drawn from a small seq space, so resends and overlaps are the rule."""
     segs: list[wire.Segment] = []
@@ -90,8 +108,13 @@ def test_counts_equal_count_star_through_duplicates_redeliveries_and_overlaps(db
         results = db.ingest(group)
         sent += group
         assert counted(db) == counted_by_scan(db), f"after group {i}"
+        assert gaps(db) == gaps_by_merge(sent), f"after group {i}"
+        # Received ranges are merged as they arrive: one row per stretch without a hole, not one per segment.
+        rows = {v: int(n) for v, n in db._read("SELECT vehicle, COUNT(*) FROM ranges GROUP BY vehicle")}
+        assert rows == {v: len(g) + 1 for v, (_, g) in gaps(db).items()}, f"after group {i}"
         stored = sum(sum(r.values()) for r in counted(db).values())
         assert stored > 0 and sum(r.new for r in results) <= stored
+    assert any(g for _, g in gaps(db).values())  # the draw left holes to find
     totals = counted(db)
     assert all(totals[v]["samples"] > 0 for v in ("v1", "v2", "v3"))
     assert sum(r.duplicates for r in db.ingest(sent[:5])) > 0 and counted(db) == totals  # resends add nothing
@@ -126,9 +149,13 @@ def test_migration_backfills_counts_of_a_schema_2_database(url_and_path: tuple[s
     db.ingest([wire.Batch("f1", "v1", 1, [samples(1, 300), alert(301, "a1", "open", T0), event(302, "x", {})]),
                wire.Batch("f1", "v2", 1, [samples(1, 20)])])
     expected = counted_by_scan(db)
-    # Back to what schema 2 had: no stored counts (its other tables are the same).
+    # Back to what schema 2 had: no stored counts, one range row per segment received (its tables are the same).
     with db._transaction() as cur:
         cur.execute("DELETE FROM counters WHERE name LIKE 'stored:%'")
+        cur.execute("DELETE FROM ranges")
+        for v, lo, hi in [("v1", 1, 100), ("v1", 101, 300), ("v1", 50, 60), ("v1", 301, 301), ("v1", 302, 302),
+                          ("v1", 310, 320), ("v1", 321, 330), ("v2", 1, 20), ("v2", 1, 20)]:
+            cur.execute(db._sql("INSERT INTO ranges VALUES (?,?,?,'samples')"), (v, lo, hi))
         if isinstance(db, CloudDB):
             cur.execute("PRAGMA user_version=2")
         else:
@@ -138,6 +165,10 @@ def test_migration_backfills_counts_of_a_schema_2_database(url_and_path: tuple[s
     try:
         assert counted(db) == expected == {"v1": {"samples": 300, "alerts": 1, "events": 1},
                                            "v2": {"samples": 20, "alerts": 0, "events": 0}}
+        # Ranges merged by the migration: the same gaps, from one row per stretch.
+        assert sorted(tuple(map(str, r)) for r in db._read("SELECT vehicle, seq_lo, seq_hi FROM ranges")) == [
+            ("v1", "1", "302"), ("v1", "310", "330"), ("v2", "1", "20")]
+        assert gaps(db) == {"v1": (330, [[303, 309]]), "v2": (20, [])}
         db.ingest([wire.Batch("f1", "v2", 2, [samples(1, 40)])])  # 20 resent, 20 new
         assert counted(db)["v2"]["samples"] == 40 == counted_by_scan(db)["v2"]["samples"]
     finally:
