@@ -679,17 +679,20 @@ def ingest_cpu_percent_at_1500fps() -> Figure:
 
 
 FLEET_VEHICLES = 10
-FLEET_SEGMENT = 10_000  # samples per received segment (one `ranges` row each), a few seconds of a busy bus
+FLEET_SEGMENT = 10_000  # samples per received segment, a few seconds of a busy bus
+FLEET_GAP_EVERY = 100  # one segment in 100 never arrived (its samples are stored; its range is not)
 
 
 def _fleet_db(path: Path, n_samples: int) -> float:
     """A cloud database as `cloud-sync serve` would have left it after storing `n_samples` samples from 10
     vehicles, filled straight into SQLite (generated rows, not through the wire): the current schema and its
-    indexes, one `ranges` row per FLEET_SEGMENT samples, the per-vehicle counts ingest keeps, 20 alerts and 5
+    indexes, received ranges as ingest merges them (with a gap every FLEET_GAP_EVERY segments), the per-vehicle
+    counts ingest keeps, 20 alerts and 5
     events per vehicle, a status each. Returns the seconds the fill took."""
     import sqlite3
 
     from agent import wire
+    from agent.seqranges import merge_ranges
     from cloud_sync.db import CloudDB
 
     t0 = time.perf_counter()
@@ -722,8 +725,11 @@ def _fleet_db(path: Path, n_samples: int) -> float:
             "INSERT INTO samples SELECT ?, x, 1.79e9 + x * 0.01, x % 64 + 1, (x % 1000) * 0.1 FROM "
             "(WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < ?) SELECT x FROM c)",
             (v, per))
-        con.executemany("INSERT INTO ranges VALUES (?,?,?,'samples')",
-                        [(v, lo, min(lo + FLEET_SEGMENT - 1, per)) for lo in range(1, per + 1, FLEET_SEGMENT)])
+        # The received segments, merged as ingest merges them (one row per stretch without a hole): a gap every
+        # FLEET_GAP_EVERY segments, so the gap report has something to find.
+        segs = [(lo, min(lo + FLEET_SEGMENT - 1, per)) for lo in range(1, per + 1, FLEET_SEGMENT)]
+        kept = [r for k, r in enumerate(segs) if k % FLEET_GAP_EVERY != FLEET_GAP_EVERY - 1] or segs
+        con.executemany("INSERT INTO ranges VALUES (?,?,?,'merged')", [(v, lo, hi) for lo, hi in merge_ranges(kept)])
         con.execute("INSERT INTO counters VALUES (?, 'stored:samples', ?)", (v, per))
     con.execute("CREATE INDEX samples_by_signal_time ON samples (vehicle, signal_id, ts)")
     con.execute("COMMIT")
@@ -789,10 +795,11 @@ def fleet_api_ms_100m() -> Figure:
         fill_s = _fleet_db(big, n)
         ours, body = _fleet_api_ms(big)
         assert sum(v["records"]["samples"] for v in body["vehicles"]) == n  # the page reports what is stored
+        gaps = sum(v["gaps"] for v in body["vehicles"])
         old_ms = _count_star_ms(big)
         size_gb = big.stat().st_size / 1e9
     return Figure(ours, "ms", base, ours / base,
-                  f"{n:,} samples from {FLEET_VEHICLES} vehicles ({n // FLEET_SEGMENT:,} received segments, "
+                  f"{n:,} samples from {FLEET_VEHICLES} vehicles ({n // FLEET_SEGMENT:,} segments, {gaps} gaps, "
                   f"{size_gb:.1f} GB, filled in {fill_s:.0f} s) vs 1,000; COUNT(*) per vehicle as before: "
                   f"{old_ms:,.0f} ms a request")
 
