@@ -783,6 +783,137 @@ def _finite_or_none(obj: Any) -> Any:
     return obj
 
 
+FLEET_VEHICLES = 10
+FLEET_SEGMENT = 10_000  # samples per received segment, a few seconds of a busy bus
+FLEET_GAP_EVERY = 100  # one segment in 100 never arrived (its samples are stored; its range is not)
+
+
+def _fleet_db(path: Path, n_samples: int) -> float:
+    """A cloud database as `cloud-sync serve` would have left it after storing `n_samples` samples from 10
+    vehicles, filled straight into SQLite (generated rows, not through the wire): the current schema and its
+    indexes, received ranges as ingest merges them (with a gap every FLEET_GAP_EVERY segments), the per-vehicle
+    counts ingest keeps, 20 alerts and 5
+    events per vehicle, a status each. Returns the seconds the fill took."""
+    import sqlite3
+
+    from agent import wire
+    from agent.seqranges import merge_ranges
+    from cloud_sync.db import CloudDB
+
+    t0 = time.perf_counter()
+    db = CloudDB(path)  # the schema, at the current version
+    per = n_samples // FLEET_VEHICLES
+    for i in range(FLEET_VEHICLES):
+        v = f"harvester-{i:02d}"
+        alerts = [wire.Segment("alert", per + 1 + k, per + 1 + k, record={
+            "alert_id": f"a{k // 2}", "state": "open" if k % 2 == 0 else "closed", "ts": 1.79e9 + k * 600,
+            "score": 0.9, "model": "harvester-anomaly", "model_version": "1.0.0", "label": "coolant_leak"})
+            for k in range(20)]
+        events = [wire.Segment("event", per + 21 + k, per + 21 + k, record={"kind": "dtc_open", "ts": 1.79e9,
+                                                                           "data": {"spn": k}}) for k in range(5)]
+        db.ingest([wire.Batch("f1", v, 1, alerts + events)])
+        db.set_status("f1", v, {"state": "online", "model_version": "1.0.0", "backlog": {"samples": 0, "records": 0},
+                                "budget": {"used_today": 1048576, "daily_bytes": 50 * 1048576}})
+    db.close()
+    con = sqlite3.connect(path, isolation_level=None)
+    # Bulk load as a restore would: no journal, the plot index built once at the end (same schema as ingest makes).
+    con.execute("PRAGMA journal_mode=DELETE")
+    con.execute("PRAGMA synchronous=OFF")
+    con.execute("PRAGMA cache_size=-1000000")
+    con.execute("BEGIN")
+    con.execute("DROP INDEX samples_by_signal_time")
+    con.executemany("INSERT INTO signals (id, name, source, unit) VALUES (?,?,?,?)",
+                    [(k, f"MSG{k}.Signal{k}", "can0/00", "") for k in range(1, 65)])
+    for i in range(FLEET_VEHICLES):
+        v = f"harvester-{i:02d}"
+        con.execute(
+            "INSERT INTO samples SELECT ?, x, 1.79e9 + x * 0.01, x % 64 + 1, (x % 1000) * 0.1 FROM "
+            "(WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < ?) SELECT x FROM c)",
+            (v, per))
+        # The received segments, merged as ingest merges them (one row per stretch without a hole): a gap every
+        # FLEET_GAP_EVERY segments, so the gap report has something to find.
+        segs = [(lo, min(lo + FLEET_SEGMENT - 1, per)) for lo in range(1, per + 1, FLEET_SEGMENT)]
+        kept = [r for k, r in enumerate(segs) if k % FLEET_GAP_EVERY != FLEET_GAP_EVERY - 1] or segs
+        con.executemany("INSERT INTO ranges VALUES (?,?,?,'merged')", [(v, lo, hi) for lo, hi in merge_ranges(kept)])
+        con.execute("INSERT INTO counters VALUES (?, 'stored:samples', ?)", (v, per))
+    con.execute("CREATE INDEX samples_by_signal_time ON samples (vehicle, signal_id, ts)")
+    con.execute("COMMIT")
+    con.execute("PRAGMA journal_mode=WAL")
+    con.close()
+    return time.perf_counter() - t0
+
+
+def _fleet_api_ms(paths: list[Path], rounds: int = 200) -> tuple[list[float], list[Any]]:
+    """Median ms of GET /api/fleet over HTTP from `cloud-sync web`'s server, one server per database in `paths`,
+    requests alternating between them (so drift in the machine's load falls on all alike), after a warm-up; and
+    each server's response."""
+    import statistics
+    import threading
+    import urllib.request
+
+    from cloud_sync.db import CloudDB
+    from cloud_sync.web import make_server
+
+    dbs = [CloudDB(p) for p in paths]
+    servers = [make_server(db, "127.0.0.1", 0) for db in dbs]
+    for server in servers:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    urls = [f"http://127.0.0.1:{server.server_address[1]}/api/fleet" for server in servers]
+    times: list[list[float]] = [[] for _ in urls]
+    try:
+        bodies = []
+        for url in urls:
+            with urllib.request.urlopen(url, timeout=600) as r:
+                bodies.append(json.loads(r.read()))
+        for _ in range(rounds):
+            for url, ts in zip(urls, times, strict=True):
+                t0 = time.perf_counter()
+                with urllib.request.urlopen(url, timeout=600) as r:
+                    r.read()
+                ts.append((time.perf_counter() - t0) * 1000)
+    finally:
+        for server, db in zip(servers, dbs, strict=True):
+            server.shutdown()
+            server.server_close()
+            db.close()
+    return [statistics.median(ts) for ts in times], bodies
+
+
+def _count_star_ms(path: Path) -> float:
+    """What /api/fleet ran per request before the counts were kept: COUNT(*) of each vehicle's samples."""
+    import sqlite3
+
+    con = sqlite3.connect(path)
+    t0 = time.perf_counter()
+    for (v,) in con.execute("SELECT vehicle FROM vehicles").fetchall():
+        con.execute("SELECT COUNT(*) FROM samples WHERE vehicle=?", (v,)).fetchone()
+    ms = (time.perf_counter() - t0) * 1000
+    con.close()
+    return ms
+
+
+@figure("fleet_api_ms_100m")
+def fleet_api_ms_100m() -> Figure:
+    """GET /api/fleet (median of 200, HTTP, `cloud-sync web`'s server) with 100,000,000 samples stored in SQLite
+    from 10 vehicles; baseline: the same call with 1,000 samples stored, requests alternating between the two. The
+    ratio is what the stored history costs a page load (1 = nothing). Note: the COUNT(*) per vehicle the endpoint
+    ran before counts were kept, timed once on the same 100 M database."""
+    n = int(os.environ.get("FLEET_BENCH_SAMPLES", 100_000_000))  # smaller for a trial run; the figure is at 100 M
+    with tempfile.TemporaryDirectory() as d:
+        small, big = Path(d) / "small.sqlite", Path(d) / "big.sqlite"
+        _fleet_db(small, 1_000)
+        fill_s = _fleet_db(big, n)
+        (base, ours), (_, body) = _fleet_api_ms([small, big])
+        assert sum(v["records"]["samples"] for v in body["vehicles"]) == n  # the page reports what is stored
+        gaps = sum(v["gaps"] for v in body["vehicles"])
+        old_ms = _count_star_ms(big)
+        size_gb = big.stat().st_size / 1e9
+    return Figure(ours, "ms", base, ours / base,
+                  f"{n:,} samples from {FLEET_VEHICLES} vehicles ({n // FLEET_SEGMENT:,} segments, {gaps} gaps, "
+                  f"{size_gb:.1f} GB, filled in {fill_s:.0f} s) vs 1,000; COUNT(*) per vehicle as before: "
+                  f"{old_ms:,.0f} ms a request")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="bench/run", description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
+import io
 import logging
+import re
 import signal
 import sys
 import threading
@@ -16,15 +17,31 @@ from agent.clirun import run_cli
 from cloud_sync import __version__
 from cloud_sync.config import CloudConfig, ConfigError, load_config
 from cloud_sync.db import CloudDBError, FleetDB, open_db
+from cloud_sync.present import clean_alert, dumps, terminal
 
 T = TypeVar("T")
+
+
+class TerminalSafeFormatter(logging.Formatter):
+    """Log lines quote vehicle-supplied text (topics, ids, decode errors): escaped as the reports escape it, so a
+    line can neither drive the terminal nor forge another line. A traceback keeps its line breaks."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return terminal(super().formatMessage(record))
+
+    def formatException(self, ei: Any) -> str:
+        return "\n".join(terminal(line) for line in super().formatException(ei).split("\n"))
+
+    def formatStack(self, stack_info: str) -> str:
+        return "\n".join(terminal(line) for line in super().formatStack(stack_info).split("\n"))
 
 
 def _config_with_logging(args: argparse.Namespace) -> CloudConfig:
     """For the long-running commands: the config, and logs to stderr (journald) at its level."""
     cfg = load_config(args.config)
-    logging.basicConfig(level=getattr(logging, cfg.log.level), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(TerminalSafeFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, cfg.log.level), handlers=[handler])
     return cfg
 
 
@@ -69,7 +86,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     vehicles, rejected = read_db(args, lambda db: (db.stats(), db.rejected()))
     if args.json:
         out = [{k: v for k, v in s.to_dict().items() if k != "status"} for s in vehicles]
-        print(json.dumps({"vehicles": out, "rejected": rejected}, indent=2))
+        print(dumps({"vehicles": out, "rejected": rejected}))
         return 0
     print(
         f"{'vehicle':24s} {'samples':>10s} {'alerts':>7s} {'events':>7s} {'highest seq':>12s} {'dups':>6s} "
@@ -78,12 +95,12 @@ def cmd_stats(args: argparse.Namespace) -> int:
     for s in vehicles:
         ev = sum(hi - lo + 1 for lo, hi in s.evicted)
         print(
-            f"{s.fleet + '/' + s.vehicle:24s} {s.records['samples']:10d} {s.records['alerts']:7d} "
+            f"{terminal(s.fleet + '/' + s.vehicle):24s} {s.records['samples']:10d} {s.records['alerts']:7d} "
             f"{s.records['events']:7d} {s.highest_seq:12d} {s.duplicates:6d} {len(s.gaps):5d} {ev:8d}  "
             f"{'yes' if s.online else 'no'}"
         )
     if rejected:
-        print("rejected messages: " + ", ".join(f"{k} {v}" for k, v in sorted(rejected.items())))
+        print("rejected messages: " + ", ".join(f"{terminal(k)} {v}" for k, v in sorted(rejected.items())))
     return 0
 
 
@@ -104,7 +121,7 @@ def _mib(n: int) -> str:
 def cmd_fleet(args: argparse.Namespace) -> int:
     rows = read_db(args, lambda db: db.fleet())
     if args.json:
-        print(json.dumps({"vehicles": rows}, indent=2))
+        print(dumps({"vehicles": rows}))
         return 0
     print(f"{'vehicle':24s} {'state':7s} {'last seen':>12s} {'backlog':>10s} {'model':>8s} {'open alerts':>11s} "
           f"{'evicted':>8s} {'budget MiB':>13s}  drift")
@@ -112,13 +129,20 @@ def cmd_fleet(args: argparse.Namespace) -> int:
         budget = r["budget"]
         used = _mib(budget["used_today"]) + ("/" + _mib(budget["daily_bytes"]) if budget["daily_bytes"] else "")
         evicted = sum(r["evicted"]["reported_by_vehicle"].values()) or r["evicted"]["ranges_received"]
-        print(f"{r['fleet'] + '/' + r['vehicle']:24s} {'online' if r['online'] else 'offline':7s} "
+        print(f"{terminal(r['fleet'] + '/' + r['vehicle']):24s} {'online' if r['online'] else 'offline':7s} "
               f"{_ago(r['last_seen_ago_s']):>12s} {r['backlog']['samples'] + r['backlog']['records']:10d} "
-              f"{r['model_version'] or '-':>8s} {r['open_alerts']:11d} {evicted:8d} {used:>13s}  "
+              f"{terminal(r['model_version'] or '-'):>8s} {r['open_alerts']:11d} {evicted:8d} {used:>13s}  "
               f"{'yes' if r['drift'] else 'no'}")
     if not rows:
         print("(no vehicle has reported yet)")
     return 0
+
+
+def _when(ts: float | None) -> str:
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts)) if ts is not None else "?"
+    except (OverflowError, OSError, ValueError):  # a time far outside what the platform's gmtime takes
+        return "?"
 
 
 def cmd_alerts(args: argparse.Namespace) -> int:
@@ -127,19 +151,27 @@ def cmd_alerts(args: argparse.Namespace) -> int:
         since = args.since if args.since >= 1e9 else time.time() - args.since * 3600  # an epoch or hours back
     rows = read_db(args, lambda db: db.alerts(args.vehicle, args.state, since))
     if args.json:
-        print(json.dumps({"alerts": rows}, indent=2))
+        print(dumps({"alerts": rows}))
         return 0
     print(f"{'time (UTC)':19s} {'vehicle':16s} {'state':6s} {'label':20s} {'score':>5s}  {'model':24s} top features")
-    for a in rows:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(float(a.get("ts", 0))))
-        top = ", ".join(str(f[0]) for f in a.get("top_features", [])[:3] if isinstance(f, list) and f)
-        score = a.get("score")
-        print(f"{when:19s} {a['vehicle']:16s} {a.get('state', ''):6s} {a.get('label', ''):20s} "
-              f"{score if isinstance(score, float | int) else float('nan'):5.2f}  "
-              f"{a.get('model', '') + ' ' + a.get('model_version', ''):24s} {top}")
+    for a in map(clean_alert, rows):  # fields typed: one malformed record does not end the report
+        top = ", ".join(f[0] for f in a["top_features"][:3])
+        score = "?" if a["score"] is None else f"{a['score']:.2f}"
+        print(f"{_when(a['ts']):19s} {terminal(a['vehicle']):16s} {terminal(a['state']):6s} "
+              f"{terminal(a['label']):20s} {score:>5s}  {terminal(a['model'] + ' ' + a['model_version']):24s} "
+              f"{terminal(top)}")
     if not rows:
         print("(no alerts match)")
     return 0
+
+
+_HOST_VALUE = re.compile(r"([a-z0-9.-]{1,253}|\[[0-9a-f:.]{2,45}\])(:[0-9]{1,5})?", re.IGNORECASE)
+
+
+def _host_value(s: str) -> str:
+    if not _HOST_VALUE.fullmatch(s):
+        raise argparse.ArgumentTypeError(f"not a Host header value (name or [IPv6], optional :port): {s!r}")
+    return s
 
 
 def cmd_web(args: argparse.Namespace) -> int:
@@ -148,7 +180,7 @@ def cmd_web(args: argparse.Namespace) -> int:
     cfg = _config_with_logging(args)
     db = existing_db(cfg)
     try:
-        server = make_server(db, args.host, args.port)
+        server = make_server(db, args.host, args.port, args.allow_host)
     except OSError as e:
         db.close()
         raise CloudDBError(f"cannot listen on {args.host}:{args.port}: {e.strerror}") from None
@@ -200,11 +232,19 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: put a reverse "
                    "proxy with authentication in front before exposing it)")
     w.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
+    w.add_argument("--allow-host", action="append", default=[], type=_host_value, metavar="HOST[:PORT]",
+                   help="also answer requests whose Host header is exactly this (the name a reverse proxy "
+                   "forwards); repeatable. Without it only 127.0.0.1, localhost, [::1] and --host, with the port, "
+                   "are answered: a check against DNS rebinding")
     w.set_defaults(func=cmd_web)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # A terminal whose encoding cannot show a vehicle's (printable) text gets escapes, not a traceback.
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
     return run_cli(build_parser(), argv, (ConfigError, CloudDBError))
 
 

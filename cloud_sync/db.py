@@ -7,7 +7,9 @@ for a fleet, with the same schema, the same SQL where the dialects agree, and CO
 `ingest` writes a whole group of batches in one transaction; inserts skip rows whose (vehicle, seq) key is already
 stored, so a resent batch stores nothing twice and the difference is counted as duplicates. Commits are durable
 (SQLite `synchronous=FULL`, PostgreSQL's default `synchronous_commit`): the vehicle deletes a record on our ack.
-Received sequence ranges are kept per segment, so gaps are computed from ranges, not by scanning samples.
+Received sequence ranges are kept merged (one row per stretch without a hole), so gaps are computed from a few
+rows, not by scanning samples; and the records stored per vehicle are counted in the same transaction, so the
+reports never COUNT(*) the history.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import numpy.typing as npt
 from agent import wire
 from agent.seqranges import holes, merge_ranges, subtract
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = [
     """CREATE TABLE IF NOT EXISTS vehicles (
@@ -62,6 +64,29 @@ _SCHEMA = [
 _SCHEMA_V2 = [
     "CREATE INDEX IF NOT EXISTS alerts_by_vehicle ON alerts (vehicle, alert_id, seq)",
     "CREATE INDEX IF NOT EXISTS events_by_vehicle_kind ON events (vehicle, kind)",
+]
+
+# Version 3: records stored per vehicle and kind, kept in `counters` ("stored:samples", "stored:alerts",
+# "stored:events") by the ingest transaction itself, so the fleet reports read one row instead of COUNT(*) over the
+# whole history. A database from before starts from one full count here (once).
+STORED_KINDS = ("samples", "alerts", "events")
+_SCHEMA_V3 = [
+    f"INSERT INTO counters (vehicle, name, value) SELECT vehicle, 'stored:{k}', COUNT(*) FROM {k} GROUP BY vehicle"
+    for k in STORED_KINDS
+] + [
+    # And received ranges merged into one row per stretch without a hole (ingest keeps them so from now on): a
+    # range starts a new stretch unless it overlaps or touches the ranges before it.
+    """INSERT INTO ranges (vehicle, seq_lo, seq_hi, kind)
+       SELECT vehicle, MIN(seq_lo), MAX(seq_hi), 'merged' FROM (
+         SELECT vehicle, seq_lo, seq_hi,
+                SUM(fresh) OVER (PARTITION BY vehicle ORDER BY seq_lo, seq_hi ROWS UNBOUNDED PRECEDING) AS stretch
+         FROM (SELECT vehicle, seq_lo, seq_hi,
+                      CASE WHEN seq_lo <= MAX(seq_hi) OVER (PARTITION BY vehicle ORDER BY seq_lo, seq_hi
+                                                           ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) + 1
+                           THEN 0 ELSE 1 END AS fresh
+               FROM ranges) a) b
+       GROUP BY vehicle, stretch""",
+    "DELETE FROM ranges WHERE kind <> 'merged'",
 ]
 
 
@@ -182,8 +207,22 @@ class FleetDB(abc.ABC):
             (vehicle, fleet, now, now),
         )
 
+    def _add_range(self, cur: Cursor, vehicle: str, lo: int, hi: int, kind: str) -> None:
+        """Record [lo, hi] as received, merged with the ranges it overlaps or touches: a vehicle keeps one row per
+        stretch without a hole, so the gap report reads a handful of rows whatever the history. (The vehicle's
+        row is locked by this transaction already, so receivers sharing PostgreSQL cannot interleave here.)"""
+        touching = self._sql("FROM ranges WHERE vehicle=? AND seq_lo<=? AND seq_hi>=?")
+        args = (vehicle, hi + 1, lo - 1)
+        cur.execute("SELECT MIN(seq_lo), MAX(seq_hi), COUNT(*) " + touching, args)
+        mlo, mhi, n = cur.fetchone()
+        if n:
+            cur.execute("DELETE " + touching, args)
+            lo, hi, kind = min(lo, int(mlo)), max(hi, int(mhi)), "merged"
+        cur.execute(self._sql("INSERT INTO ranges VALUES (?,?,?,?)"), (vehicle, lo, hi, kind))
+
     def _ingest_one(self, cur: Cursor, b: wire.Batch, now: float) -> IngestResult:
         res = IngestResult()
+        stored = dict.fromkeys(STORED_KINDS, 0)  # new rows only: what a skipped duplicate adds is nothing
         v = b.vehicle
         self._touch(cur, b.fleet, v, now)
         for seg in b.segments:
@@ -219,10 +258,13 @@ class FleetDB(abc.ABC):
                 inserted, attempted = max(0, cur.rowcount), 1
             res.new += inserted
             res.duplicates += attempted - inserted
+            stored["samples" if c is not None else "alerts" if seg.kind == "alert" else "events"] += inserted
             if inserted:
-                cur.execute(self._sql("INSERT INTO ranges VALUES (?,?,?,?)"), (v, seg.seq_lo, seg.seq_hi, seg.kind))
+                self._add_range(cur, v, seg.seq_lo, seg.seq_hi, seg.kind)
         self._count(cur, v, "duplicates", res.duplicates)
         self._count(cur, v, "batches", 1)
+        for kind, n in stored.items():
+            self._count(cur, v, f"stored:{kind}", n)
         return res
 
     def ingest(self, batches: list[wire.Batch]) -> list[IngestResult]:
@@ -292,14 +334,16 @@ class FleetDB(abc.ABC):
         with self._lock:
             vehicles = self._read(
                 "SELECT vehicle, fleet, online, last_seen, status FROM vehicles ORDER BY fleet, vehicle")
+            stored: dict[str, dict[str, int]] = {}
+            for vehicle, name, value in self._read(
+                    "SELECT vehicle, name, value FROM counters WHERE name LIKE ?", ("stored:%",)):
+                stored.setdefault(vehicle, {})[name.split(":", 1)[1]] = int(value)
+            received: dict[str, list[tuple[int, int]]] = {}
+            for vehicle, lo, hi in self._read("SELECT vehicle, seq_lo, seq_hi FROM ranges"):  # merged at ingest
+                received.setdefault(vehicle, []).append((int(lo), int(hi)))
             for vehicle, fleet, online, last_seen, status in vehicles:
-                counts = {
-                    k: int(self._read(f"SELECT COUNT(*) FROM {k} WHERE vehicle=?", (vehicle,))[0][0])
-                    for k in ("samples", "alerts", "events")
-                }
-                ranges = [(int(a), int(b))
-                          for a, b in self._read("SELECT seq_lo, seq_hi FROM ranges WHERE vehicle=?", (vehicle,))]
-                covered = merge_ranges(ranges)
+                counts = {k: stored.get(vehicle, {}).get(k, 0) for k in STORED_KINDS}  # kept at ingest
+                covered = merge_ranges(received.get(vehicle, []))
                 highest = covered[-1][1] if covered else 0
                 evicted: list[tuple[int, int]] = []
                 for data in self._event_data(vehicle, "evicted"):
@@ -386,11 +430,12 @@ class FleetDB(abc.ABC):
             q += " AND a.ts>=?"
             args.append(since)
         rows = self._read(q + " ORDER BY a.ts, a.seq", args)
-        return [{"vehicle": v, "seq": int(s), **json.loads(r)} for v, s, r in rows]
+        # The row's key last: a record's own "vehicle" or "seq" (the vehicle's text) never renames it.
+        return [{**json.loads(r), "vehicle": v, "seq": int(s)} for v, s, r in rows]
 
     def alert(self, vehicle: str, seq: int) -> dict[str, Any] | None:
         rows = self._read("SELECT record FROM alerts WHERE vehicle=? AND seq=?", (vehicle, seq))
-        return {"vehicle": vehicle, "seq": seq, **json.loads(rows[0][0])} if rows else None
+        return {**json.loads(rows[0][0]), "vehicle": vehicle, "seq": seq} if rows else None
 
     def signal_series(
         self, vehicle: str, t0: float, t1: float, names: Sequence[str] | None = None, max_points: int = 20_000
@@ -429,7 +474,7 @@ class CloudDB(FleetDB):
             v = int(self.db.execute("PRAGMA user_version").fetchone()[0])
             if v > SCHEMA_VERSION:
                 raise CloudDBError(f"{self.path}: schema version {v} is newer than this cloud_sync ({SCHEMA_VERSION})")
-            steps = {1: _SCHEMA, 2: _SCHEMA_V2}
+            steps = {1: _SCHEMA, 2: _SCHEMA_V2, 3: _SCHEMA_V3}
             for step in range(v + 1, SCHEMA_VERSION + 1):
                 with self._transaction() as cur:
                     for stmt in steps[step]:

@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 import psycopg
 
-from cloud_sync.db import SCHEMA_VERSION, CloudDBError, Cursor, FleetDB
+from cloud_sync.db import _SCHEMA_V3, SCHEMA_VERSION, CloudDBError, Cursor, FleetDB
 
 _SCHEMA_V1 = [
     """CREATE TABLE IF NOT EXISTS vehicles (
@@ -101,7 +101,7 @@ class PostgresDB(FleetDB):
             self._conn = None
 
     def _migrate(self) -> None:
-        steps = {1: _SCHEMA_V1, 2: _SCHEMA_V2}
+        steps = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3}  # version 3 is plain SQL both dialects take
         with self._lock, self._transaction() as cur:
             cur.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
             cur.execute("SELECT to_regclass('schema_version')")

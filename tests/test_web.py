@@ -4,10 +4,17 @@ seeded vehicles and alerts, and clicking an alert draws the signals around it.""
 
 from __future__ import annotations
 
+import http.client
 import json
+import math
+import re
 import shutil
+import socket
+import subprocess
+import sys
 import threading
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +37,17 @@ def site(tmp_path: Path) -> Iterator[str]:
     seed_fleet(db)
     # A vehicle whose id is markup: it must show as text, never run.
     db.ingest([wire.Batch("f1", HOSTILE, 1, [samples(1, 10), alert(11, "a9", "open", T0 + 5)])])
-    server: WebServer = make_server(db, "127.0.0.1", 0)
+    # And a malformed alert record (stored as the vehicle sent it): it must not break the page for the fleet.
+    # Its own "vehicle"/"seq" keys name another vehicle's alert: the row's key wins. Nesting past what the page
+    # reads is cut, not a RecursionError for the whole list.
+    deep: Any = 1
+    for _ in range(600):
+        deep = [deep]
+    junk = {"alert_id": "a10", "state": "open", "ts": "yesterday", "score": math.nan, "top_features": "x",
+            "label": {"x": 1}, "snapshot": [1], "vehicle": "v1", "seq": 1001, "extra": deep}
+    db.ingest([wire.Batch("f1", HOSTILE, 2, [wire.Segment("alert", 12, 12, record=junk)])])
+    # A name a reverse proxy forwards, allowed as `cloud-sync web --allow-host` allows it.
+    server: WebServer = make_server(db, "127.0.0.1", 0, allowed_hosts=["Fleet.example"])
     t = threading.Thread(target=server.serve_forever, daemon=True)
     t.start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
@@ -39,19 +56,26 @@ def site(tmp_path: Path) -> Iterator[str]:
     db.close()
 
 
-def get(url: str) -> tuple[int, Any]:
+def raw(url: str) -> tuple[int, bytes]:
     try:
         with urllib.request.urlopen(url, timeout=10) as r:
-            return r.status, json.loads(r.read())
+            return r.status, r.read()
     except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+        return e.code, e.read()
+
+
+def get(url: str) -> tuple[int, Any]:
+    status, body = raw(url)
+    return status, json.loads(body)
 
 
 def test_json_endpoints_and_their_errors(site: str) -> None:
-    status, fleet = get(site + "/api/fleet")
-    assert status == 200 and [v["vehicle"] for v in fleet["vehicles"]] == [HOSTILE, "v1", "v2", "v3"]
+    status, body = raw(site + "/api/fleet")
+    assert status == 200 and b"<" not in body and b"\\u003cscript\\u003e" in body  # markup never served raw
+    assert [v["vehicle"] for v in json.loads(body)["vehicles"]] == [HOSTILE, "v1", "v2", "v3"]
     status, alerts = get(site + "/api/alerts?state=open")
-    assert status == 200 and {a["alert_id"] for a in alerts["alerts"]} == {"a1", "a9"}
+    assert status == 200 and {a["alert_id"] for a in alerts["alerts"]} == {"a1", "a9", "a10"}
+    assert {(a["vehicle"], a["seq"]) for a in alerts["alerts"]} == {("v1", 1001), (HOSTILE, 11), (HOSTILE, 12)}
     status, alerts = get(site + "/api/alerts?vehicle=v2")
     assert [a["seq"] for a in alerts["alerts"]] == [102, 101]  # newest first
     status, one = get(site + "/api/alert/v1/1001")
@@ -59,26 +83,134 @@ def test_json_endpoints_and_their_errors(site: str) -> None:
     # The window is T0+20..T0+50 with 120 s either side; v1's samples cover T0..T0+100: both signals, all of it.
     assert set(one["series"]) == {"ET1.EngCoolantTemp"} and len(one["series"]["ET1.EngCoolantTemp"]) == 500
     assert one["span"] == [T0 + 20 - 120, T0 + 50 + 120]
-    hostile = urllib.request.quote(HOSTILE, safe="")
-    assert get(f"{site}/api/alert/{hostile}/11")[0] == 200
+    hostile = urllib.parse.quote(HOSTILE, safe="")
+    status, one = get(f"{site}/api/alert/{hostile}/11")
+    assert status == 200 and one["alert"]["vehicle"] == HOSTILE and len(one["series"]["ET1.EngCoolantTemp"]) == 5
+    # The malformed record comes back typed (valid JSON, no NaN), with nothing to plot.
+    status, body = raw(f"{site}/api/alert/{hostile}/12")
+    one = json.loads(body, parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    assert status == 200 and one["series"] == {} and one["span"] is None
+    assert {k: one["alert"][k] for k in ("ts", "score", "label", "top_features", "snapshot")} == {
+        "ts": None, "score": None, "label": "", "top_features": [], "snapshot": {}}
     assert get(site + "/api/alert/v1/999") == (404, {"error": "no such alert"})
-    assert get(site + "/api/alert/v1/x")[0] == 400
+    assert get(f"{site}/api/alert/{hostile}/1001")[0] == 404  # another vehicle's seq
+    assert get(f"{site}/api/alert/v1/{2**63 - 1}")[0] == 404  # the largest seq the database holds: just not there
+    for bad in ("x", "-1", "1e3", " 1", "\u0663", str(2**63), "9" * 26, "9" * 40):
+        status, err = get(f"{site}/api/alert/v1/{urllib.parse.quote(bad)}")
+        assert (status, err) == (400, {"error": "seq must be a non-negative integer"}), bad
     assert get(site + "/api/alerts?state=maybe") == (400, {"error": "state must be open or closed"})
-    assert get(site + "/api/alerts?since=yesterday")[0] == 400
+    for bad in ("yesterday", "nan"):
+        assert get(site + "/api/alerts?since=" + bad) == (400, {"error": "since must be a Unix time"})
+    assert get(site + "/api/alerts?vehicle=nobody")[1] == {"alerts": []}
     assert get(site + "/nope")[0] == 404
     with urllib.request.urlopen(site + "/", timeout=10) as r:
         page = r.read().decode()
-        assert r.headers["Content-Type"].startswith("text/html") and "Content-Security-Policy" in r.headers
+        assert r.headers["Content-Type"].startswith("text/html")
     assert "<table id=\"fleet\">" in page and "http://" not in page.replace("http://www.w3.org/2000/svg", "")
+    # No inline code for the CSP to allow: the script and style are files of their own.
+    assert "<style" not in page and re.findall(r"<script[^>]*>", page) == ['<script src="/static/page.js">']
+    for path, ctype in (("/static/page.js", "text/javascript"), ("/static/page.css", "text/css")):
+        with urllib.request.urlopen(site + path, timeout=10) as r:
+            assert r.headers["Content-Type"].startswith(ctype) and len(r.read()) > 500
+
+
+CSP = {"default-src": "'none'", "script-src": "'self'", "style-src": "'self'", "connect-src": "'self'",
+       "img-src": "'self' data:", "base-uri": "'none'", "form-action": "'none'", "frame-ancestors": "'none'"}
+
+
+def test_every_response_has_a_strict_csp(site: str) -> None:
+    for path in ("/", "/static/page.js", "/static/page.css", "/api/fleet", "/api/alert/v1/x", "/nope"):
+        try:
+            r = urllib.request.urlopen(site + path, timeout=10)
+        except urllib.error.HTTPError as e:
+            r = e
+        with r:
+            csp = r.headers["Content-Security-Policy"]
+            assert "unsafe" not in csp, (path, csp)
+            assert dict(d.strip().split(" ", 1) for d in csp.split(";")) == CSP, (path, csp)
+            assert r.headers["X-Content-Type-Options"] == "nosniff" and r.headers["X-Frame-Options"] == "DENY"
+
+
+def http_raw(site: str, head: str) -> tuple[int, bytes]:
+    """One request written byte for byte (urllib would set Host itself): the status and the body."""
+    host, port = urllib.parse.urlsplit(site).hostname, urllib.parse.urlsplit(site).port
+    assert host and port
+    with socket.create_connection((host, port), timeout=10) as s:
+        s.sendall(head.encode("latin-1") + b"\r\n")
+        resp = http.client.HTTPResponse(s)
+        resp.begin()
+        return resp.status, resp.read()
+
+
+def test_host_header_check_stops_dns_rebinding(site: str) -> None:
+    """A page on evil.example whose name was re-pointed at 127.0.0.1 reaches this server with `Host: evil.example`:
+    refused (421) before anything is read. Only the bound address, the loopback names with the port, and names
+    allowed by --allow-host are served."""
+    port = urllib.parse.urlsplit(site).port
+
+    def status(*hosts: str, path: str = "/api/fleet", version: str = "HTTP/1.1") -> int:
+        lines = [f"GET {path} {version}"] + [f"Host: {h}" for h in hosts] + ["Connection: close", ""]
+        return http_raw(site, "\r\n".join(lines))[0]
+
+    for ok in (f"127.0.0.1:{port}", f"localhost:{port}", f"LOCALHOST:{port}", f"[::1]:{port}", "fleet.example"):
+        assert status(ok) == 200, ok
+    for forged in ("evil.example", f"evil.example:{port}", f"127.0.0.1.evil.example:{port}", f"localhost:{port + 1}",
+                   "localhost", "127.0.0.1", f"fleet.example:{port}", f"127.0.0.1:{port}@evil.example", "",
+                   f"[::1]:{port}:1", "\u00e9vil:80"):
+        for path in ("/", "/api/fleet", "/api/alert/v1/1001", "/static/page.js", "/nope"):
+            assert status(forged, path=path) == 421, (forged, path)
+    code, body = http_raw(site, f"GET / HTTP/1.1\r\nHost: evil.example:{port}\r\nConnection: close\r\n")
+    assert code == 421 and b"harvester" not in body.lower() and b"v1" not in body  # nothing of the fleet
+    assert status(version="HTTP/1.0") == 400  # no Host at all
+    assert status(f"127.0.0.1:{port}", "evil.example") == 400  # two: which one would a proxy have checked?
+
+
+def test_cli_web_checks_host_with_allow_host(tmp_path: Path) -> None:
+    """`cloud-sync web --allow-host` as run from a shell: the name a proxy forwards is served, another is not."""
+    db = CloudDB(tmp_path / "cloud.sqlite")
+    seed_fleet(db)
+    db.close()
+    (tmp_path / "cloud.toml").write_text('[db]\npath = "cloud.sqlite"\n')
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parent.parent), "PATH": "/usr/bin:/bin"}
+    p = subprocess.Popen([sys.executable, "-m", "cloud_sync", "web", "--config", str(tmp_path / "cloud.toml"),
+                          "--port", "0", "--allow-host", "fleet.example", "--allow-host", "fleet.example:8443"],
+                         stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert p.stderr is not None
+        line = p.stderr.readline()
+        m = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+        assert m, line
+        site = f"http://127.0.0.1:{m.group(1)}"
+
+        def status(host: str) -> int:
+            return http_raw(site, f"GET /api/fleet HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n")[0]
+
+        assert [status(h) for h in ("fleet.example", "fleet.example:8443", f"127.0.0.1:{m.group(1)}")] == [200] * 3
+        assert [status(h) for h in ("fleet.example:80", "evil.example", "other.example:8443")] == [421] * 3
+    finally:
+        p.terminate()
+        p.communicate(timeout=30)
+    assert p.returncode == 0
 
 
 @pytest.fixture
-def browser(tmp_path: Path) -> Iterator[Any]:
+def browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists() and shutil.which(CHROMEDRIVER)):
         pytest.skip("headless browser test needs Debian's chromium and chromium-driver "
                     "(apt-get install chromium chromium-driver; the test command installs them)")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.selenium_manager import SeleniumManager
+
+    # Selenium Manager is what would download a driver or browser: with both paths given it must never run.
+    manager_calls: list[Any] = []
+
+    def no_manager(self: Any, args: list[str]) -> dict[str, str]:
+        manager_calls.append(args)
+        raise AssertionError(f"Selenium Manager invoked: {args}")
+
+    monkeypatch.setattr(SeleniumManager, "binary_paths", no_manager)
+    monkeypatch.setenv("SE_OFFLINE", "true")  # and if it ran anyway, offline
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
@@ -89,6 +221,7 @@ def browser(tmp_path: Path) -> Iterator[Any]:
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     # An explicit driver path: Selenium Manager would otherwise try to download one.
     d = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
+    assert manager_calls == []
     try:
         yield d
     finally:
@@ -97,7 +230,7 @@ def browser(tmp_path: Path) -> Iterator[Any]:
 
 def test_page_shows_fleet_and_alerts_and_plots_an_alert(site: str, browser: Any, tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
+    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     wait = WebDriverWait(browser, 15)
     browser.get(site + "/")
@@ -106,29 +239,55 @@ def test_page_shows_fleet_and_alerts_and_plots_an_alert(site: str, browser: Any,
     texts = [r.text for r in rows]
     assert [t.split()[0] for t in texts] == [f"f1/{HOSTILE}", "f1/v1", "f1/v2", "f2/v3"]
     assert "online" in texts[1] and "offline" in texts[2] and "3.0 / 50.0 MiB" in texts[1]
-    assert browser.execute_script("return window.pwned === undefined")  # the markup id stayed text
+    # The markup id stayed text: shown verbatim, no element made of it, nothing ran.
+    assert browser.execute_script("return window.pwned === undefined && document.scripts.length === 1")
+    assert not browser.find_elements(By.CSS_SELECTOR, "table#fleet script")
     alerts = browser.find_elements(By.CSS_SELECTOR, "table#alerts tbody tr")
-    assert len(alerts) == 4 and "coolant_leak" in alerts[0].text
+    by_id = {(r.get_attribute("data-vehicle"), r.get_attribute("data-seq")): r.text for r in alerts}
+    assert set(by_id) == {("v1", "1001"), ("v2", "101"), ("v2", "102"), (HOSTILE, "11"), (HOSTILE, "12")}
+    assert "coolant_leak" in by_id[("v1", "1001")] and "closed" in by_id[("v2", "102")]
+    assert by_id[(HOSTILE, "12")].startswith("?")  # the malformed record's row is there, its time unknown
 
-    v1_alert = next(r for r in alerts if r.get_attribute("data-vehicle") == "v1")
-    v1_alert.click()
+    next(r for r in alerts if r.get_attribute("data-vehicle") == "v1").click()
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#detail svg.plot polyline"))
     plot = browser.find_element(By.CSS_SELECTOR, "#detail svg.plot")
     assert plot.get_attribute("data-signal") == "ET1.EngCoolantTemp"
     points = browser.find_element(By.CSS_SELECTOR, "#detail svg.plot polyline").get_attribute("points").split()
     assert len(points) == 500
     xs = [float(p.split(",")[0]) for p in points]
-    assert xs == sorted(xs) and xs[-1] - xs[0] > 100  # a real line across the plot, in time order
+    ys = {float(p.split(",")[1]) for p in points}
+    assert xs == sorted(xs) and xs[-1] - xs[0] > 100 and len(ys) > 50  # a real line across the plot, in time order
     shade = browser.find_element(By.CSS_SELECTOR, "#detail svg.plot rect.window")
     assert float(shade.get_attribute("width")) > 10
     assert plot.size["width"] > 500 and plot.size["height"] > 100  # rendered, not just in the DOM
-
-    # Filtering by state goes back to the server and redraws.
-    from selenium.webdriver.support.ui import Select
-
-    Select(browser.find_element(By.ID, "f-state")).select_by_visible_text("closed")
-    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "table#alerts tbody tr")) == 1)
     browser.save_screenshot(str(tmp_path / "fleet.png"))
     assert (tmp_path / "fleet.png").stat().st_size > 10_000
-    errors = [e for e in browser.get_log("browser") if e.get("level") == "SEVERE"]
-    assert errors == [], errors
+
+    # The malformed alert opens too, with a message instead of plots.
+    next(r for r in browser.find_elements(By.CSS_SELECTOR, "table#alerts tbody tr")
+         if r.get_attribute("data-seq") == "12").click()
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#detail p.empty"))
+    assert not browser.find_elements(By.CSS_SELECTOR, "#detail svg.plot")
+
+    # Filtering goes back to the server and redraws.
+    Select(browser.find_element(By.ID, "f-state")).select_by_visible_text("closed")
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "table#alerts tbody tr")) == 1)
+    Select(browser.find_element(By.ID, "f-state")).select_by_visible_text("all")
+    Select(browser.find_element(By.ID, "f-vehicle")).select_by_value("v2")
+    alert_rows = (By.CSS_SELECTOR, "table#alerts tbody tr")
+    wait.until(lambda d: [r.get_attribute("data-seq") for r in d.find_elements(*alert_rows)] == ["102", "101"])
+
+    # Nothing fetched from anywhere but this server (no CDN), and no error on the console.
+    urls = browser.execute_script("return performance.getEntriesByType('resource').map((e) => e.name)")
+    assert urls and all(u.startswith(site + "/") for u in urls), urls
+    assert browser.find_element(By.ID, "error").text == ""
+    errors = [e for e in browser.get_log("browser") if e.get("level") in ("SEVERE", "WARNING")]
+    assert errors == [], errors  # no CSP violation either: the page needs nothing the policy forbids
+
+    # The policy is enforced, and a violation is what the log above would have shown: markup that got into the
+    # page as HTML could not run an inline script.
+    browser.execute_script("const s = document.createElement('script'); s.textContent = 'window.inlineRan = 1';"
+                           "document.head.appendChild(s);")
+    assert browser.execute_script("return window.inlineRan === undefined")
+    logs = [e["message"] for e in browser.get_log("browser")]
+    assert any("Content Security Policy" in m for m in logs), logs

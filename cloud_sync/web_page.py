@@ -1,0 +1,129 @@
+"""The fleet page's three files, served by `cloud_sync.web`: HTML, CSS and JavaScript apart, so the page runs under a
+Content-Security-Policy with no 'unsafe-inline' (an injected inline script or style would not run). The script
+inserts everything from the API with `textContent` or `setAttribute`, never as HTML."""
+
+HTML = r"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Harvester fleet</title>
+<meta name="viewport" content="width=device-width, initial-scale=1"><link rel="icon" href="data:,">
+<link rel="stylesheet" href="/static/page.css"></head>
+<body>
+<h1>Harvester fleet</h1>
+<p id="error"></p>
+<h2>Vehicles</h2>
+<table id="fleet"><thead><tr><th>vehicle</th><th>state</th><th>last seen</th><th>backlog</th><th>model</th>
+<th>open alerts</th><th>evicted</th><th>budget used</th><th>drift</th></tr></thead><tbody></tbody></table>
+<h2>Alerts</h2>
+<p>vehicle <select id="f-vehicle"><option value="">all</option></select>
+state <select id="f-state"><option value="">all</option><option>open</option><option>closed</option></select></p>
+<table id="alerts"><thead><tr><th>time (UTC)</th><th>vehicle</th><th>state</th><th>label</th><th>score</th>
+<th>model</th><th>top features</th></tr></thead><tbody></tbody></table>
+<div id="detail"></div>
+<script src="/static/page.js"></script>
+</body></html>
+"""
+
+CSS = r"""body { font: 14px system-ui, sans-serif; margin: 1.5em; color: #222; }
+h1 { font-size: 1.3em; } h2 { font-size: 1.1em; margin-top: 1.5em; }
+table { border-collapse: collapse; } th, td { padding: 3px 10px; border-bottom: 1px solid #ddd; text-align: left; }
+th { background: #f3f3f3; } td.num { text-align: right; }
+tr.offline td { color: #888; } tr.clickable { cursor: pointer; } tr.clickable:hover { background: #eef5ff; }
+.open { color: #b00; font-weight: 600; } .yes { color: #b60; font-weight: 600; }
+svg.plot { border: 1px solid #ccc; margin: 4px 0 10px 0; background: #fff; }
+#error { color: #b00; }
+"""
+
+JS = r""""use strict";
+const $ = (id) => document.getElementById(id);
+function cell(tr, text, cls) { const td = document.createElement("td"); td.textContent = text;
+  if (cls) td.className = cls; tr.appendChild(td); return td; }
+function ago(s) { return s < 120 ? Math.round(s) + " s ago" : s < 7200 ? Math.round(s / 60) + " min ago"
+  : s < 172800 ? Math.round(s / 3600) + " h ago" : Math.round(s / 86400) + " d ago"; }
+function mib(n) { return (n / 1048576).toFixed(1); }
+function when(t) { return Number.isFinite(t) ? new Date(t * 1000).toISOString().replace("T", " ").slice(0, 19)
+  : "?"; }
+async function get(url) { const r = await fetch(url); const j = await r.json();
+  if (!r.ok) throw new Error(j.error || r.status); return j; }
+
+async function loadFleet() {
+  const { vehicles } = await get("/api/fleet");
+  const body = $("fleet").tBodies[0]; body.replaceChildren();
+  const sel = $("f-vehicle"), keep = sel.value;
+  sel.replaceChildren(new Option("all", ""));
+  for (const v of vehicles) {
+    const tr = document.createElement("tr"); tr.className = v.online ? "online" : "offline";
+    tr.dataset.vehicle = v.vehicle;
+    cell(tr, v.fleet + "/" + v.vehicle); cell(tr, v.online ? "online" : "offline");
+    cell(tr, ago(v.last_seen_ago_s)); cell(tr, String(v.backlog.samples + v.backlog.records), "num");
+    cell(tr, v.model_version || "-"); cell(tr, String(v.open_alerts), "num" + (v.open_alerts ? " open" : ""));
+    const ev = Object.values(v.evicted.reported_by_vehicle).reduce((a, b) => a + b, 0) || v.evicted.ranges_received;
+    cell(tr, String(ev), "num");
+    cell(tr, mib(v.budget.used_today) + (v.budget.daily_bytes ? " / " + mib(v.budget.daily_bytes) : "") + " MiB");
+    cell(tr, v.drift ? "yes" : "no", v.drift ? "yes" : "");
+    body.appendChild(tr);
+    sel.appendChild(new Option(v.vehicle, v.vehicle));
+  }
+  sel.value = keep;
+}
+
+async function loadAlerts() {
+  const q = new URLSearchParams();
+  if ($("f-vehicle").value) q.set("vehicle", $("f-vehicle").value);
+  if ($("f-state").value) q.set("state", $("f-state").value);
+  const { alerts } = await get("/api/alerts?" + q);
+  const body = $("alerts").tBodies[0]; body.replaceChildren();
+  for (const a of alerts) {
+    const tr = document.createElement("tr"); tr.className = "clickable";
+    tr.dataset.vehicle = a.vehicle; tr.dataset.seq = a.seq;
+    cell(tr, when(a.ts)); cell(tr, a.vehicle); cell(tr, a.state, a.state === "open" ? "open" : "");
+    cell(tr, a.label || ""); cell(tr, typeof a.score === "number" ? a.score.toFixed(2) : "", "num");
+    cell(tr, (a.model || "") + " " + (a.model_version || ""));
+    cell(tr, (a.top_features || []).map((f) => f[0]).join(", "));
+    tr.addEventListener("click", () => showAlert(a.vehicle, a.seq).catch(fail));
+    body.appendChild(tr);
+  }
+}
+
+const NS = "http://www.w3.org/2000/svg";
+function svgEl(name, attrs) { const e = document.createElementNS(NS, name);
+  for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, String(v)); return e; }
+
+function plot(name, pts, span, win) {
+  const W = 760, H = 150, L = 60, R = 10, T = 20, B = 22;
+  const svg = svgEl("svg", { class: "plot", width: W, height: H, viewBox: `0 0 ${W} ${H}` });
+  svg.dataset.signal = name;
+  const vs = pts.map((p) => p[1]);
+  let lo = Math.min(...vs), hi = Math.max(...vs); if (hi - lo < 1e-9) { lo -= 1; hi += 1; }
+  const x = (t) => L + (t - span[0]) / (span[1] - span[0]) * (W - L - R);
+  const y = (v) => T + (hi - v) / (hi - lo) * (H - T - B);
+  svg.appendChild(svgEl("rect", { x: x(win[0]), y: T, width: Math.max(1, x(win[1]) - x(win[0])),
+    height: H - T - B, fill: "#ffe5cc", class: "window" }));
+  svg.appendChild(svgEl("polyline", { points: pts.map((p) => x(p[0]).toFixed(1) + "," + y(p[1]).toFixed(1)).join(" "),
+    fill: "none", stroke: "#1f5fbf", "stroke-width": 1.2 }));
+  const label = svgEl("text", { x: L, y: 14, "font-size": 12 }); label.textContent = name; svg.appendChild(label);
+  for (const [v, yy] of [[hi, T + 4], [lo, H - B]]) {
+    const t = svgEl("text", { x: 4, y: yy, "font-size": 10 }); t.textContent = v.toPrecision(4); svg.appendChild(t); }
+  const axis = svgEl("text", { x: L, y: H - 6, "font-size": 10 });
+  axis.textContent = when(span[0]) + "  …  " + when(span[1]) + " UTC (shaded: the window the model saw)";
+  svg.appendChild(axis);
+  return svg;
+}
+
+async function showAlert(vehicle, seq) {
+  const d = await get("/api/alert/" + encodeURIComponent(vehicle) + "/" + seq);
+  const box = $("detail"); box.replaceChildren();
+  const h = document.createElement("h2");
+  h.textContent = `Alert on ${vehicle}: ${d.alert.label || "fault"} (${d.alert.state}), score ` +
+    (typeof d.alert.score === "number" ? d.alert.score.toFixed(2) : "?");
+  box.appendChild(h);
+  const win = [d.alert.window_start ?? d.alert.ts, d.alert.window_end ?? d.alert.ts];
+  const names = d.span ? Object.keys(d.series) : [];
+  if (!names.length) { const p = document.createElement("p"); p.className = "empty";
+    p.textContent = "No samples stored around this alert."; box.appendChild(p); }
+  for (const n of names) box.appendChild(plot(n, d.series[n], d.span, win));
+}
+
+function fail(e) { $("error").textContent = "Could not load: " + e.message; }
+$("f-vehicle").addEventListener("change", () => loadAlerts().catch(fail));
+$("f-state").addEventListener("change", () => loadAlerts().catch(fail));
+Promise.all([loadFleet(), loadAlerts()]).then(() => document.body.dataset.loaded = "1").catch(fail);
+"""
