@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from agent.testing.broker import MosquittoBroker, free_port
+from agent.testing.cloudproc import stop_receiver
 from agent.testing.tls import Pki
 
 
@@ -41,15 +42,6 @@ def _said(lines: list[str], text: str, times: int, deadline_s: float = 60.0) -> 
     return False
 
 
-def _stop(p: subprocess.Popen[str]) -> None:
-    p.terminate()
-    try:
-        p.wait(30)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.wait()
-
-
 @pytest.mark.parametrize("case", ["refused", "dns"])
 def test_serve_says_when_it_cannot_reach_the_broker_and_keeps_saying_it(tmp_path: Path, case: str) -> None:
     host, port = ("127.0.0.1", free_port()) if case == "refused" else ("no-such-broker.invalid", 1883)
@@ -60,7 +52,7 @@ def test_serve_says_when_it_cannot_reach_the_broker_and_keeps_saying_it(tmp_path
         assert ("refused" in line) if case == "refused" else ("resolve" in line or "name" in line.lower())
         assert p.poll() is None  # it keeps trying
     finally:
-        _stop(p)
+        stop_receiver(p)
 
 
 def test_serve_says_when_tls_fails_and_when_it_connects_at_last(tmp_path: Path) -> None:
@@ -75,7 +67,7 @@ def test_serve_says_when_tls_fails_and_when_it_connects_at_last(tmp_path: Path) 
         assert _said(lines, f"cannot reach the broker at 127.0.0.1:{port}", 2), "".join(lines)[-2000:]
         assert any("TLS handshake failed" in ln for ln in lines if "cannot reach" in ln)
     finally:
-        _stop(p)
+        stop_receiver(p)
         tls.close()
     # Nothing listens yet; once a broker starts there, the receiver connects and says so.
     port = free_port()
@@ -89,4 +81,4 @@ def test_serve_says_when_tls_fails_and_when_it_connects_at_last(tmp_path: Path) 
         finally:
             b.close()
     finally:
-        _stop(p)
+        stop_receiver(p)
