@@ -138,3 +138,24 @@ def test_pipeline_reports_drift_as_events_and_keeps_statistics_across_restart(tm
     p2 = Pipeline(SignalRegistry(), {}, Scorer.load(MODEL), again, drift_policy=DriftPolicy(min_windows=12))
     assert p2.drift is not None and p2.drift.rows > 0 and p2.drift.rows <= seen
     assert p2.drift_status()["drift"] is True
+
+
+def test_windows_outside_the_training_envelope_feed_drift_with_the_features_responsible() -> None:
+    rng = np.random.default_rng(2)
+    m = DriftMonitor(["a", "b"], TRAIN, DriftPolicy(min_windows=50, unfamiliar_max=0.05))
+    x = _rows(rng, 100, (10, 2), (-5, 1))
+    outside = np.zeros((100, 2), bool)
+    outside[:4, 1] = True  # 4 % of windows: below the policy's share
+    m.update(x, outside)
+    assert m.drifted() == {} and m.report()["unfamiliar"] == {"windows": 4, "share": 0.04}
+    outside[:, 1] = False
+    outside[:20, 1] = True
+    m.update(x, outside)
+    assert list(m.drifted()) == ["b"] and "outside the training range in 12%" in m.drifted()["b"]
+    rep = m.report()
+    assert rep["features"]["b"]["outside"] == 24 and rep["features"]["a"]["outside"] == 0
+    back = DriftMonitor(["a", "b"], TRAIN, DriftPolicy(min_windows=50, unfamiliar_max=0.05))
+    assert back.restore(json.loads(json.dumps(m.state())))
+    assert back.report() == rep
+    old = {k: v for k, v in m.state().items() if k not in ("outside", "unfamiliar")}  # a state saved before
+    assert DriftMonitor(["a", "b"], TRAIN).restore(old)
