@@ -27,6 +27,8 @@ class Alert:
     label: str = ""
     top_features: list[tuple[str, float]] = field(default_factory=list)
     snapshot: dict[str, float] = field(default_factory=dict)
+    # The model's features this window had (a machine may not send them all): what the score was based on.
+    features_present: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
