@@ -69,8 +69,8 @@ class Scorer:
             raise ContractError(f"model has no output named {contract.output_name!r} (has {sorted(outputs)})")
         shape = inputs[contract.input_name].shape
         if len(shape) != 2 or (isinstance(shape[1], int) and shape[1] != contract.input_width):
-            raise ContractError(f"model input shape {shape} does not take {len(contract.features)} features"
-                                + (" and their missing flags" if contract.input_width != len(contract.features) else ""))
+            flags = " and their missing flags" if contract.input_width != len(contract.features) else ""
+            raise ContractError(f"model input shape {shape} does not take {len(contract.features)} features{flags}")
         self._mean = np.asarray(contract.mean, np.float64)
         self._std = np.asarray(contract.std, np.float64)
         self._healthy = contract.classes.index(contract.healthy_class)
