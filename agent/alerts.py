@@ -31,6 +31,7 @@ class AlertContext:
     label: str = ""
     top_features: list[tuple[str, float]] = field(default_factory=list)
     snapshot: dict[str, float] = field(default_factory=dict)
+    features_present: list[str] = field(default_factory=list)  # what the model had to go on
 
 
 class AlertTracker:
@@ -72,6 +73,7 @@ class AlertTracker:
                     label=ctx.label,
                     top_features=ctx.top_features,
                     snapshot=ctx.snapshot,
+                    features_present=ctx.features_present,
                 )
                 self._last = (float(score), ctx.window_end, ctx.snapshot)
                 return self.open

@@ -154,6 +154,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     print(f"decoded {out['frames_decoded']}, unknown {out['frames_unknown']}, samples {out['samples']}, "
           f"DTC events {out['dtc_events']}, windows {out['windows']} (scored {out['windows_scored']}), "
           f"alerts {out['alerts']}")
+    _print_not_scored(out)
     if out["errors"]:
         print("counted: " + ", ".join(f"{k} {v}" for k, v in out["errors"].items()))
     for name, st in list(out["signals"].items())[:40]:
@@ -171,6 +172,23 @@ def _port(text: str) -> int:
     if not 0 < port < 65536:
         raise argparse.ArgumentTypeError(f"port out of range 1..65535: {port}")
     return port
+
+
+def _print_not_scored(out: dict[str, Any]) -> None:
+    """Why windows were not scored (features missing) or not turned into alerts (unfamiliar)."""
+    ns = out["windows_not_scored"]
+    if not out["model"] or out["windows"] == out["windows_scored"]:
+        return
+    print(f"windows not scored, features missing: {ns['missing_features']}; unfamiliar (outside what the model "
+          f"was trained on, never alerted on): {ns['unfamiliar']}")
+    req = set(out["required_features"])
+    missing = sorted(out["missing_features"].items(), key=lambda kv: (kv[0] not in req, -kv[1], kv[0]))
+    if missing:
+        print("  missing in windows: " + ", ".join(
+            f"{k}{' (required)' if k in req else ''} {v}" for k, v in missing))
+    if out["unfamiliar_features"]:
+        print("  outside the training range in windows: " + ", ".join(
+            f"{k} {v}" for k, v in out["unfamiliar_features"].items()))
 
 
 def build_parser() -> argparse.ArgumentParser:

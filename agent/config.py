@@ -66,9 +66,11 @@ class ModelConfig(_Section):
     drift_missing_max: float = Field(0.2, gt=0, le=1)
     drift_min_windows: int = Field(60, ge=1)
     alert_resume_s: float = Field(120.0, ge=0, le=86400)
+    drift_unfamiliar_max: float = Field(0.05, gt=0, le=1)
 
     def drift_policy(self) -> DriftPolicy:
-        return DriftPolicy(self.drift_z_max, self.drift_std_ratio_max, self.drift_missing_max, self.drift_min_windows)
+        return DriftPolicy(self.drift_z_max, self.drift_std_ratio_max, self.drift_missing_max, self.drift_min_windows,
+                           self.drift_unfamiliar_max)
 
 
 class StoreConfig(_Section):

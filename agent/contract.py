@@ -36,6 +36,21 @@ class AlertPolicy:
     clear_windows: int
 
 
+INPUT_LAYOUTS = ("features", "features+missing_mask")
+
+
+@dataclass(frozen=True, slots=True)
+class Familiarity:
+    """The out-of-distribution guard: per feature, the range of standardised values (z) seen in training.
+
+    A window is unfamiliar when a present feature lies more than `margin` training standard deviations outside
+    `[z_lo, z_hi]`: the model has never seen such a value, so its answer says nothing."""
+
+    z_lo: tuple[float, ...]
+    z_hi: tuple[float, ...]
+    margin: float
+
+
 @dataclass(frozen=True, slots=True)
 class Contract:
     model_name: str
@@ -51,6 +66,15 @@ class Contract:
     alert: AlertPolicy
     max_missing_fraction: float
     training: dict[str, Any] = field(default_factory=dict)
+    # "features": the model takes the standardised features (missing imputed with 0, the training mean);
+    # "features+missing_mask": then one flag per feature, 1.0 where it was missing (width 2 x features).
+    input_layout: str = "features"
+    required_features: tuple[str, ...] = ()  # a window missing one of these is not scored
+    familiarity: Familiarity | None = None
+
+    @property
+    def input_width(self) -> int:
+        return len(self.features) * (2 if self.input_layout == "features+missing_mask" else 1)
 
     @property
     def signals(self) -> tuple[str, ...]:
@@ -85,6 +109,11 @@ def contract_to_dict(c: Contract) -> dict[str, Any]:
             "clear_windows": c.alert.clear_windows,
         },
         "max_missing_fraction": c.max_missing_fraction,
+        "input_layout": c.input_layout,
+        "required_features": list(c.required_features),
+        **({"familiarity": {"kind": "training_envelope", "z_lo": list(c.familiarity.z_lo),
+                            "z_hi": list(c.familiarity.z_hi), "margin": c.familiarity.margin}}
+           if c.familiarity is not None else {}),
         "training": c.training,
     }
 
@@ -162,6 +191,13 @@ def parse_contract(meta: dict[str, str]) -> Contract:
     mmf = d.get("max_missing_fraction", 0.25)
     if not isinstance(mmf, int | float) or not 0 <= mmf < 1:
         raise ContractError("contract: max_missing_fraction must be in [0, 1)")
+    layout = d.get("input_layout", "features")
+    if layout not in INPUT_LAYOUTS:
+        raise ContractError(f"contract: input_layout must be one of {', '.join(INPUT_LAYOUTS)}")
+    names = [f.name for f in feats]
+    req = d.get("required_features", [])
+    if not isinstance(req, list) or not all(isinstance(r, str) and r in names for r in req):
+        raise ContractError("contract: required_features must be a list of feature names")
     return Contract(
         model_name=_req(model, "name", str, "model."),
         model_version=_req(model, "version", str, "model."),
@@ -176,4 +212,24 @@ def parse_contract(meta: dict[str, str]) -> Contract:
         alert=policy,
         max_missing_fraction=float(mmf),
         training=d.get("training", {}) if isinstance(d.get("training"), dict) else {},
+        input_layout=layout,
+        required_features=tuple(req),
+        familiarity=_familiarity(d.get("familiarity"), len(feats)),
     )
+
+
+def _familiarity(f: Any, n: int) -> Familiarity | None:
+    if f is None:
+        return None
+    if not isinstance(f, dict) or f.get("kind") != "training_envelope":
+        raise ContractError("contract: familiarity must be an object of kind 'training_envelope'")
+    lo = _finite(_req(f, "z_lo", list, "familiarity."), "familiarity.z_lo")
+    hi = _finite(_req(f, "z_hi", list, "familiarity."), "familiarity.z_hi")
+    if len(lo) != n or len(hi) != n:
+        raise ContractError(f"contract: familiarity has {len(lo)}/{len(hi)} bounds for {n} features")
+    if any(a > b for a, b in zip(lo, hi, strict=True)):
+        raise ContractError("contract: familiarity needs z_lo <= z_hi for every feature")
+    margin = _req(f, "margin", (int, float), "familiarity.")
+    if not (math.isfinite(margin) and margin >= 0):
+        raise ContractError("contract: familiarity.margin must be a finite number >= 0")
+    return Familiarity(lo, hi, float(margin))

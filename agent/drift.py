@@ -9,7 +9,9 @@ A feature has drifted when, with enough windows seen,
 - its mean has moved more than `z_max` training standard deviations from the training mean, or
 - its spread is more than `std_ratio_max` times training's (an erratic sensor; a *narrower* spread is normal: one
   vehicle in one field varies less than the whole simulated fleet the model was trained on), or
-- it is missing far more often than in training (`missing_max` above the training share).
+- it is missing far more often than in training (`missing_max` above the training share), or
+- it lies outside the range the model was trained on (the contract's familiarity guard, agent/scoring.py) in more
+  than `unfamiliar_max` of windows: those windows were not turned into alerts, and people should know how often.
 
 Drift is a flag for people (retrain? sensor fault? new crop?), not an alert: the model keeps scoring. The state
 is persisted by the caller (`state()`/`restore()`), so a restart does not forget a week of statistics.
@@ -32,6 +34,7 @@ class DriftPolicy:
     std_ratio_max: float = 3.0
     missing_max: float = 0.2
     min_windows: int = 60  # five minutes of 5 s hops before any verdict
+    unfamiliar_max: float = 0.05  # share of windows a feature may spend outside the training envelope
 
 
 class DriftMonitor:
@@ -53,12 +56,19 @@ class DriftMonitor:
         self.m2 = np.zeros(f)  # sum of squared deviations from the mean
         self.min = np.full(f, np.inf)
         self.max = np.full(f, -np.inf)
+        self.outside = np.zeros(f, np.int64)  # windows in which each feature was outside the training envelope
+        self.unfamiliar = 0  # windows with any feature outside it
 
-    def update(self, x: npt.NDArray[np.float64]) -> None:
-        """Fold a batch of feature rows (rows by features, NaN = missing) into the running statistics."""
+    def update(self, x: npt.NDArray[np.float64], outside: npt.NDArray[np.bool_] | None = None) -> None:
+        """Fold a batch of feature rows (rows by features, NaN = missing) into the running statistics; `outside`
+        (same shape) marks the features the familiarity guard found outside the training envelope."""
         x = np.asarray(x, np.float64).reshape(-1, len(self.features))
         if not len(x):
             return
+        if outside is not None:
+            out = np.asarray(outside, bool).reshape(x.shape)
+            self.outside += out.sum(axis=0)
+            self.unfamiliar += int(out.any(axis=1).sum())
         ok = np.isfinite(x)
         nb = ok.sum(axis=0)
         self.rows += len(x)
@@ -100,6 +110,10 @@ class DriftMonitor:
             if missing[j] > self.train_missing[j] + p.missing_max:
                 out[name] = f"missing {missing[j]:.0%} (training {self.train_missing[j]:.0%})"
                 continue
+            share = self.outside[j] / self.rows
+            if share > p.unfamiliar_max:
+                out[name] = f"outside the training range in {share:.0%} of windows"
+                continue
             if self.count[j] < p.min_windows or not (math.isfinite(tm) and math.isfinite(ts)):
                 continue
             scale = ts if ts > 1e-9 else 1e-9
@@ -127,13 +141,17 @@ class DriftMonitor:
                 "max": _num(self.max[j]) if seen else None,
                 "missing": round(float(missing[j]), 4),
                 "z_mean": _num((self.mean[j] - self.train_mean[j]) / ts) if seen and ts > 1e-9 else None,
+                "outside": int(self.outside[j]),
             }
-        return {"drift": bool(drifted), "windows": self.rows, "drifted": drifted, "features": feats}
+        unfamiliar = {"windows": self.unfamiliar, "share": round(self.unfamiliar / max(self.rows, 1), 4)}
+        return {"drift": bool(drifted), "windows": self.rows, "drifted": drifted, "unfamiliar": unfamiliar,
+                "features": feats}
 
     def state(self) -> dict[str, Any]:
         return {"features": self.features, "rows": self.rows, "count": self.count.tolist(),
                 "mean": self.mean.tolist(), "m2": self.m2.tolist(),
-                "min": [_num(v) for v in self.min], "max": [_num(v) for v in self.max]}
+                "min": [_num(v) for v in self.min], "max": [_num(v) for v in self.max],
+                "outside": self.outside.tolist(), "unfamiliar": self.unfamiliar}
 
     def restore(self, st: Mapping[str, Any]) -> bool:
         """Take back a saved state; False (and nothing changed) if it was for other features or is damaged."""
@@ -147,14 +165,19 @@ class DriftMonitor:
             lo = np.array([np.inf if v is None else v for v in st["min"]], np.float64)
             hi = np.array([-np.inf if v is None else v for v in st["max"]], np.float64)
             rows = int(st["rows"])
+            # States saved before the familiarity guard existed have no outside counts: start those at zero.
+            outside = np.array(st.get("outside", [0] * f), np.int64)
+            unfamiliar = int(st.get("unfamiliar", 0))
         except (KeyError, TypeError, ValueError):
             return False
-        if any(a.shape != (f,) for a in (count, mean, m2, lo, hi)) or rows < 0 or (count > rows).any() \
-                or (count < 0).any() or not (np.isfinite(mean).all() and np.isfinite(m2).all()):
+        if any(a.shape != (f,) for a in (count, mean, m2, lo, hi, outside)) or rows < 0 or (count > rows).any() \
+                or (count < 0).any() or not (np.isfinite(mean).all() and np.isfinite(m2).all()) \
+                or (outside < 0).any() or (outside > rows).any() or not 0 <= unfamiliar <= rows:
             return False
         self.rows = rows
         self.count, self.mean, self.m2 = count, mean, m2
         self.min, self.max = lo, hi
+        self.outside, self.unfamiliar = outside, unfamiliar
         return True
 
 

@@ -49,7 +49,12 @@ class PipelineStats:
     frames: int = 0
     samples: int = 0
     windows: int = 0
-    windows_scored: int = 0
+    windows_scored: int = 0  # scores the alert logic acted on
+    windows_unfamiliar: int = 0  # outside what the model was trained on: not turned into alerts
+    windows_missing: int = 0  # not scored: a required feature (or too many) missing
+    windows_with_required: int = 0  # windows that had every required feature
+    missing_features: Counter[str] = field(default_factory=Counter)  # feature -> windows it was missing in
+    unfamiliar_features: Counter[str] = field(default_factory=Counter)  # feature -> unfamiliar windows it caused
     alerts_opened: int = 0
     alerts_closed: int = 0
     alerts_carried: int = 0  # open alerts taken over from the previous run
@@ -57,6 +62,16 @@ class PipelineStats:
     serial_lines: int = 0
     last_score: float = math.nan
     errors: Counter[str] = field(default_factory=Counter)
+
+
+def _copy(c: Counter[str]) -> dict[str, int]:
+    """A counter the pipeline thread may be adding a key to while the uplink thread reads it for a status."""
+    for _ in range(5):
+        try:
+            return dict(c.most_common())
+        except RuntimeError:  # dictionary changed size during iteration: read again
+            continue
+    return {}
 
 
 class SampleBuffer:
@@ -273,14 +288,24 @@ class Pipeline:
         x = np.stack([r.x for r in rows])
         res = self.scorer.score(x)
         if self.drift is not None:
-            self._check_drift(x, rows[-1].end)
-        self.stats.windows_scored += int(res.scored.sum())
+            self._check_drift(x, rows[-1].end, res.outside)
+        st = self.stats
+        st.windows_scored += int(res.scored.sum())
+        st.windows_unfamiliar += int(res.unfamiliar.sum())
+        st.windows_missing += int(res.missing_required.sum())
+        st.windows_with_required += int((~res.missing_required).sum())
+        names = [f.name for f in self.scorer.contract.features]
+        for j in np.flatnonzero((~res.present).any(axis=0)).tolist():
+            st.missing_features[names[j]] += int((~res.present[:, j]).sum())
+        for j in np.flatnonzero(res.outside.any(axis=0)).tolist():
+            st.unfamiliar_features[names[j]] += int(res.outside[:, j].sum())
         for i, row in enumerate(rows):
             score = float(res.scores[i])
             if not res.scored[i]:
-                continue
+                continue  # unfamiliar or lacking: no evidence either way, the alert state holds
             self.stats.last_score = score
-            ctx = AlertContext(row.start, row.end, res.labels[i], snapshot=row.snapshot)
+            present = [names[j] for j in np.flatnonzero(res.present[i]).tolist()]
+            ctx = AlertContext(row.start, row.end, res.labels[i], snapshot=row.snapshot, features_present=present)
             was_open = self.tracker.open is not None
             alert = self.tracker.update(score, ctx)
             if alert is None:
@@ -295,11 +320,11 @@ class Pipeline:
             self._save_alert()  # the open alert, or None once closed: in the record's transaction
             self._record("alert", alert)
 
-    def _check_drift(self, x: npt.NDArray[np.float64], now: float) -> None:
+    def _check_drift(self, x: npt.NDArray[np.float64], now: float, outside: npt.NDArray[np.bool_]) -> None:
         """Running statistics per window; a report every `drift_interval_s` of data time and whenever the flag
         changes, as a `drift` event (stored, synced). The state is saved with each report."""
         assert self.drift is not None
-        self.drift.update(x)
+        self.drift.update(x, outside)
         if math.isnan(self._drift_next):
             self._drift_next = now + self.drift_interval_s
         flag = bool(self.drift.drifted())
@@ -318,6 +343,19 @@ class Pipeline:
             except Exception as e:  # the statistics live on in memory; the next report tries again
                 self.stats.errors["drift_state_not_saved"] += 1
                 log.debug("drift state not saved: %s", e)
+
+    def scoring_status(self) -> dict[str, Any]:
+        """For the status message and replay: what was scored, and why the rest was not."""
+        st = self.stats
+        return {
+            "windows": st.windows,
+            "windows_scored": st.windows_scored,
+            "windows_unfamiliar": st.windows_unfamiliar,
+            "windows_with_required": st.windows_with_required,
+            "windows_not_scored": {"missing_features": st.windows_missing, "unfamiliar": st.windows_unfamiliar},
+            "missing_features": _copy(st.missing_features),
+            "unfamiliar_features": _copy(st.unfamiliar_features),
+        }
 
     def drift_status(self) -> dict[str, Any]:
         """For the status message: the flag and the drifted features' names (the reasons travel in events)."""

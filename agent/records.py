@@ -29,6 +29,8 @@ class Alert:
     snapshot: dict[str, float] = field(default_factory=dict)
     # Why a close was not the model's own: "agent_stop", "agent_restart", "model_changed"; empty otherwise.
     reason: str = ""
+    # The model's features this window had (a machine may not send them all): what the score was based on.
+    features_present: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -153,8 +153,8 @@ def replay(
         "errors": dict(sorted(errors.items())),
         "samples": pipe.stats.samples,
         "dtc_events": pipe.stats.dtc_events,
-        "windows": pipe.stats.windows,
-        "windows_scored": pipe.stats.windows_scored,
+        **pipe.scoring_status(),  # windows, scored, unfamiliar, and why the rest were not scored
+        "required_features": list(scorer.contract.required_features) if scorer else [],
         "alerts": pipe.stats.alerts_opened,
         "seconds": round(seconds, 3),
         "frames_per_s": round(frames / seconds, 1) if seconds > 0 else 0.0,

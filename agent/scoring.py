@@ -1,13 +1,21 @@
 """Feature rows → scores through one onnxruntime session, tuned for a small CPU.
 
-Missing features (a sensor that went quiet) are imputed with the training mean — zero after normalisation — and
-the row is marked degraded, as long as no more than the contract's `max_missing_fraction` of features is missing;
-beyond that the window is not scored at all (counted), never scored on silent zeros. A non-finite model output
-is never a score.
+Missing features (a sensor that went quiet, a machine that never sends it) are imputed with the training mean —
+zero after normalisation — and the row is marked degraded. A model whose contract says
+`input_layout = "features+missing_mask"` is also told which ones were missing (one flag per feature), so it can
+tell "missing" from "at the mean". A window is not scored at all (counted) when it lacks one of the contract's
+`required_features` or more than its `max_missing_fraction` of features: never scored on silent zeros.
+
+The familiarity guard (the contract's `familiarity`): a window whose present features lie more than `margin`
+training standard deviations outside the range the training set covered is *unfamiliar*: the model never saw
+anything like it, so its answer is not a score (an MLP's softmax is confident far from its data). Computed here
+from the contract, not by the network, so the fp32 and int8 models of one build agree on it exactly.
+A non-finite model output is never a score.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +35,12 @@ class ScoreBatch:
     scores: npt.NDArray[np.float64]  # NaN where not scored
     labels: list[str]  # most likely non-healthy class per row
     missing: npt.NDArray[np.float64]  # fraction of features missing per row
-    scored: npt.NDArray[np.bool_]
+    scored: npt.NDArray[np.bool_]  # a score to act on: required features present, familiar, finite output
+    present: npt.NDArray[np.bool_]  # (rows, features): which features the window had
+    missing_required: npt.NDArray[np.bool_]  # not scored: a required feature (or too many) missing
+    unfamiliar: npt.NDArray[np.bool_]  # not scored: outside the training envelope
+    outside: npt.NDArray[np.bool_]  # (rows, features): the features responsible
+    distance: npt.NDArray[np.float64]  # how far outside the envelope, in training std (0 inside; NaN: not checked)
 
 
 def session_options(threads: int) -> ort.SessionOptions:
@@ -55,14 +68,23 @@ class Scorer:
         if contract.output_name not in outputs:
             raise ContractError(f"model has no output named {contract.output_name!r} (has {sorted(outputs)})")
         shape = inputs[contract.input_name].shape
-        if len(shape) != 2 or (isinstance(shape[1], int) and shape[1] != len(contract.features)):
-            raise ContractError(f"model input shape {shape} does not take {len(contract.features)} features")
+        if len(shape) != 2 or (isinstance(shape[1], int) and shape[1] != contract.input_width):
+            flags = " and their missing flags" if contract.input_width != len(contract.features) else ""
+            raise ContractError(f"model input shape {shape} does not take {len(contract.features)} features{flags}")
         self._mean = np.asarray(contract.mean, np.float64)
         self._std = np.asarray(contract.std, np.float64)
         self._healthy = contract.classes.index(contract.healthy_class)
+        self._mask = contract.input_layout == "features+missing_mask"
+        names = [f.name for f in contract.features]
+        self._required = np.array([n in contract.required_features for n in names], bool)
+        fam = contract.familiarity
+        self._lo = np.asarray(fam.z_lo, np.float64) if fam is not None else None
+        self._hi = np.asarray(fam.z_hi, np.float64) if fam is not None else None
+        self._margin = fam.margin if fam is not None else math.inf
         self.windows_scored = 0
         self.windows_skipped = 0
         self.windows_degraded = 0
+        self.windows_unfamiliar = 0
         self.invalid_outputs = 0
 
     @classmethod
@@ -83,11 +105,30 @@ class Scorer:
             raise ContractError(f"model needs signals this agent cannot decode: {', '.join(missing)}")
 
     def normalise(self, x: npt.NDArray[np.float64]) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float64]]:
+        """The model's input rows (standardised, missing at 0, then the missing flags if the layout has them) and
+        the share of features missing per row."""
         z = (x - self._mean) / self._std
         bad = ~np.isfinite(z)
         missing = bad.mean(axis=1) if z.size else np.zeros(len(x))
         z[bad] = 0.0
+        if self._mask:
+            z = np.hstack([z, bad.astype(np.float64)])
         return z.astype(np.float32), missing
+
+    def familiar(self, x: npt.NDArray[np.float64]) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.bool_]]:
+        """Per row, the guard's measure — how far (training std) its present features lie outside the training
+        envelope, the largest over features — and which features lie beyond the margin."""
+        x = np.asarray(x, np.float64).reshape(len(x), -1)
+        if self._lo is None or self._hi is None:
+            return np.zeros(len(x)), np.zeros(x.shape, bool)
+        with np.errstate(invalid="ignore"):
+            z = (x - self._mean) / self._std
+            excess = np.maximum(self._lo - z, z - self._hi)
+        excess = np.where(np.isfinite(z), np.maximum(excess, 0.0), 0.0)
+        return excess.max(axis=1) if excess.size else np.zeros(len(x)), excess > self._margin
+
+    def unfamiliar_features(self, outside: npt.NDArray[np.bool_]) -> list[str]:
+        return [self.contract.features[j].name for j in np.flatnonzero(outside).tolist()]
 
     def _run(self, z: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
         parts = []
@@ -98,11 +139,19 @@ class Scorer:
 
     def score(self, x: npt.NDArray[np.float64]) -> ScoreBatch:
         n = len(x)
-        z, missing = self.normalise(np.array(x, np.float64, copy=True).reshape(n, -1))
+        x = np.array(x, np.float64, copy=True).reshape(n, -1)
+        z, missing = self.normalise(x)
+        present = np.isfinite(x) if x.size else np.zeros(x.shape, bool)
         scores = np.full(n, np.nan)
         labels = [""] * n
-        ok = missing <= self.contract.max_missing_fraction
-        self.windows_skipped += int((~ok).sum())
+        lacking = (missing > self.contract.max_missing_fraction) | (~present[:, self._required]).any(axis=1)
+        self.windows_skipped += int(lacking.sum())
+        distance, outside = self.familiar(x)
+        unfamiliar = ~lacking & outside.any(axis=1)
+        outside[~unfamiliar] = False
+        distance[lacking] = np.nan
+        self.windows_unfamiliar += int(unfamiliar.sum())
+        ok = ~lacking & ~unfamiliar
         if ok.any():
             probs = self._run(z[ok])
             s = 1.0 - probs[:, self._healthy]
@@ -118,15 +167,19 @@ class Scorer:
         scored = np.isfinite(scores)
         self.windows_scored += int(scored.sum())
         self.windows_degraded += int((scored & (missing > 0)).sum())
-        return ScoreBatch(scores, labels, missing, scored)
+        return ScoreBatch(scores, labels, missing, scored, present, lacking, unfamiliar, outside, distance)
 
     def explain(self, x: npt.NDArray[np.float64], top: int = 3) -> list[tuple[str, float]]:
-        """Occlusion: how much the score drops when each feature is set to its training mean (one batched run)."""
-        z, _ = self.normalise(np.array(x, np.float64, copy=True).reshape(1, -1))
-        f = z.shape[1]
-        batch = np.repeat(z, f + 1, axis=0)
-        batch[np.arange(1, f + 1), np.arange(f)] = 0.0
-        s = 1.0 - self._run(batch)[:, self._healthy]
-        contrib = s[0] - s[1:]
-        order = np.argsort(-contrib)[:top]
-        return [(self.contract.features[i].name, round(float(contrib[i]), 4)) for i in order if np.isfinite(contrib[i])]
+        """Occlusion: how much the score drops when each present feature is taken away — set to its training mean,
+        and flagged missing if the model reads flags (one batched run). Features the window lacked are not named."""
+        x = np.array(x, np.float64, copy=True).reshape(1, -1)
+        f = x.shape[1]
+        feats = np.flatnonzero(np.isfinite(x[0]))
+        batch_x = np.repeat(x, len(feats) + 1, axis=0)
+        batch_x[np.arange(1, len(feats) + 1), feats] = np.nan
+        z, _ = self.normalise(batch_x)
+        s = 1.0 - self._run(z)[:, self._healthy]
+        contrib = np.full(f, np.nan)
+        contrib[feats] = s[0] - s[1:]
+        order = [int(i) for i in np.argsort(-np.nan_to_num(contrib, nan=-np.inf)) if np.isfinite(contrib[i])][:top]
+        return [(self.contract.features[i].name, round(float(contrib[i]), 4)) for i in order]

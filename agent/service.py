@@ -43,6 +43,7 @@ class Progress:
     frames_per_s: float
     samples: int
     windows_scored: int
+    windows_unfamiliar: int
     alerts_opened: int
     dtc_events: int
     backlog: int
@@ -104,6 +105,7 @@ class Agent:
             "model_version": self.scorer.contract.model_version if self.scorer else "",
             "model_status": self.model_status,
             "drift": self.pipeline.drift_status(),
+            "scoring": self.pipeline.scoring_status(),
             "backlog": {"samples": st["backlog"].get("samples", {}).get("records", 0),
                         "records": st["backlog_records"] - st["backlog"].get("samples", {}).get("records", 0)},
             "evicted": st["evicted"],
@@ -212,6 +214,7 @@ class Agent:
             frames_per_s=self._fps,
             samples=st.samples,
             windows_scored=st.windows_scored,
+            windows_unfamiliar=st.windows_unfamiliar,
             alerts_opened=st.alerts_opened,
             dtc_events=st.dtc_events,
             backlog=backlog,

@@ -3,7 +3,8 @@
 Each run drives the simulator's J1939 transmitter, decodes its frames with `agent.decode.j1939` and windows them
 with `agent.features`: the model is trained on exactly what the vehicle will compute. A window is labelled with the
 run's fault once the fault's severity at the window's end reaches `LABEL_SEVERITY`; before onset it is healthy;
-in between it is ambiguous and left out of training (kept for detection-delay measurement).
+in between it is ambiguous and left out of training (kept for detection-delay measurement). So is a fault run's
+window with the engine stopped (a worn pump pumps nothing at standstill: nothing there to learn from).
 """
 
 from __future__ import annotations
@@ -42,10 +43,31 @@ SIGNAL_STATS: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 
+# The core engine signals nearly every engine controller sends (speed, load, coolant, oil pressure and
+# temperature): the model must score on these alone. Of them, a window must have speed, load and coolant
+# temperature to be scored at all (the real John Deere tractor sends no oil temperature, a truck in the CSS
+# traces no oil pressure); every other feature may be missing, and the model is told which are.
+CORE_SIGNALS = ("EEC1.EngSpeed", "EEC2.EngPercentLoadAtCurrentSpeed", "ET1.EngCoolantTemp", "EFL_P1.EngOilPress",
+                "ET1.EngOilTemp1")
+REQUIRED = ("EEC1.EngSpeed:mean", "EEC2.EngPercentLoadAtCurrentSpeed:mean", "ET1.EngCoolantTemp:mean")
+# A fault can only be learned from a window that has at least one of the signals it shows in.
+SIGNATURES: dict[str, tuple[str, ...]] = {
+    "coolant_leak": ("EFL_P1.EngCoolantLevel", "EFL_P1.EngCoolantPress", "ET1.EngCoolantTemp"),
+    "oil_pump_wear": ("EFL_P1.EngOilPress",),
+    "hydraulic_overheat": ("VF.HydTemp", "FD.EstPercentFanSpeed"),
+    "fan_wear": ("FD.FanSpeed",),
+}
+RUNNING_RPM = 400.0
+
+
 def feature_specs(window_s: float = WINDOW_S) -> list[FeatureSpec]:
     return [
         FeatureSpec(f"{sig}:{stat}:{window_s:g}s", sig, stat, window_s) for sig, stats in SIGNAL_STATS for stat in stats
     ]
+
+
+def required_features(specs: list[FeatureSpec]) -> tuple[str, ...]:
+    return tuple(f.name for f in specs if f"{f.signal}:{f.stat}" in REQUIRED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +79,10 @@ class RunSpec:
     duration_s: float
     onset_s: float
     ramp_s: float
+    start: str = "warm"
+    vary_fit: bool = False
+    absent: tuple[str, ...] = ()  # messages this machine does not send
+    intermittent: tuple[str, ...] = ()  # messages that drop out now and then
 
 
 @dataclass(slots=True)
@@ -65,13 +91,16 @@ class RunWindows:
     x: npt.NDArray[np.float64]  # (windows, features)
     end: npt.NDArray[np.float64]  # window end times (s since run start)
     severity: npt.NDArray[np.float64]  # fault severity at each window end
+    running: npt.NDArray[np.bool_]  # the engine ran in the window
 
     def labels(self) -> list[str | None]:
-        """Class per window; None for the ambiguous onset of a fault."""
+        """Class per window; None for the ambiguous onset of a fault and a fault run's engine standing still."""
         out: list[str | None] = []
-        for s in self.severity.tolist():
+        for s, run in zip(self.severity.tolist(), self.running.tolist(), strict=True):
             if self.spec.fault is None or s <= 0.0:
                 out.append(HEALTHY)
+            elif not run:
+                out.append(None)
             elif s >= LABEL_SEVERITY:
                 out.append(self.spec.fault)
             else:
@@ -89,8 +118,11 @@ def simulate_run(spec: RunSpec, window_s: float = WINDOW_S, hop_s: float = HOP_S
         fault_ramp_s=spec.ramp_s,
         duty=spec.duty,
         ambient_c=spec.ambient_c,
+        start=spec.start,
+        vary_fit=spec.vary_fit,
     )
-    tx = J1939Transmitter(h, seed=spec.seed)
+    tx = J1939Transmitter(h, seed=spec.seed, absent=frozenset(spec.absent),
+                          intermittent=frozenset(spec.intermittent))
     reg = SignalRegistry()
     dec = J1939Decoder(reg)
     specs = feature_specs(window_s)
@@ -115,4 +147,5 @@ def simulate_run(spec: RunSpec, window_s: float = WINDOW_S, hop_s: float = HOP_S
     x = np.stack([r.x for r in rows]) if rows else np.zeros((0, len(specs)))
     end = np.array([r.end for r in rows])
     sev = np.zeros(len(rows)) if spec.fault is None else np.clip((end - spec.onset_s) / spec.ramp_s, 0.0, 1.0)
-    return RunWindows(spec, x, end, sev)
+    rpm = x[:, [f.name for f in specs].index(f"EEC1.EngSpeed:mean:{window_s:g}s")]
+    return RunWindows(spec, x, end, sev, np.nan_to_num(rpm) >= RUNNING_RPM)

@@ -171,10 +171,10 @@ def _fit_and_score(x_tr: Array, y_tr: Labels, x_te: Array, seed: int, folder: Pa
     from skl2onnx.common.data_types import FloatTensorType
 
     from agent.scoring import session_options
-    from models.build import Normaliser, train
+    from models.build import Normaliser, train_plain
 
     norm = Normaliser.fit(x_tr)
-    clf = train(norm(x_tr), y_tr, seed)
+    clf = train_plain(norm.plain(x_tr), y_tr, seed)
     model = convert_sklearn(clf, initial_types=[("features", FloatTensorType([None, x_tr.shape[1]]))],
                             options={id(clf): {"zipmap": False}}, target_opset=17)
     fp32, int8 = folder / "m.onnx", folder / "m.int8.onnx"
@@ -182,7 +182,7 @@ def _fit_and_score(x_tr: Array, y_tr: Labels, x_te: Array, seed: int, folder: Pa
     with _quiet_root_logger():
         # As models.build.quantize, without the harvester contract these sets have no use for.
         quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8, per_channel=True)
-    z = norm(x_te)
+    z = norm.plain(x_te)
     scores = []
     for path in (fp32, int8):
         sess = ort.InferenceSession(str(path), session_options(1), providers=["CPUExecutionProvider"])

@@ -90,3 +90,49 @@ def test_sample_buffer_round_trip(n: int) -> None:
         return
     assert cols is not None and len(cols) == n
     assert b.put_back(cols, limit=n) == 0 and b.n == n
+
+
+def _alarming_scorer_with_guard(tmp_path: Path, z_hi: float) -> Scorer:
+    from agent.contract import Familiarity
+
+    feats = [FeatureSpec("t", "ET1.EngCoolantTemp", "mean", 10), FeatureSpec("fan", "FD.FanSpeed", "mean", 10),
+             FeatureSpec("gone", "LFE.NoSuchSignal", "mean", 10)]
+    c = make_contract(feats, mean=(0.0, 0.0, 0.0), std=(1.0, 1e4, 1.0), max_missing_fraction=0.9,
+                      input_layout="features+missing_mask", required_features=("t",),
+                      familiarity=Familiarity((-z_hi, -z_hi, -z_hi), (z_hi, z_hi, z_hi), 0.0))
+    w = np.zeros((6, 2))
+    w[0, 1] = 5.0  # P(fault) ~ 1 on a ~90 °C coolant temperature
+    return Scorer.load(linear_softmax_model(tmp_path / "g.onnx", c, w, np.zeros(2)))
+
+
+def _feed(p: Pipeline, seconds: float) -> None:
+    frames = list(generate_frames(Harvester(seed=1), seconds))
+    for i in range(0, len(frames), 500):
+        p.on_frames(FrameBatch.from_messages(frames[i : i + 500]))
+
+
+def test_unfamiliar_windows_never_alert_and_are_counted_with_the_features_responsible(tmp_path: Path) -> None:
+    reg = SignalRegistry()
+    # Coolant at ~90 °C is 90 training std from a training mean of 0: far outside an envelope of +-10.
+    p = Pipeline(reg, {"can0": J1939Decoder(reg)}, _alarming_scorer_with_guard(tmp_path, 10.0), None)
+    _feed(p, 120)
+    assert p.stats.windows > 10 and p.stats.alerts_opened == 0 and p.stats.windows_scored == 0
+    assert p.stats.windows_unfamiliar == p.stats.windows
+    assert p.stats.unfamiliar_features == {"t": p.stats.windows}
+    assert p.stats.missing_features["gone"] == p.stats.windows  # a feature never sent is counted as missing
+    st = p.scoring_status()
+    assert st["windows_unfamiliar"] == p.stats.windows and st["unfamiliar_features"] == {"t": p.stats.windows}
+
+
+def test_alert_says_which_features_the_model_had(tmp_path: Path) -> None:
+    reg = SignalRegistry()
+    store = Store(tmp_path / "s.sqlite", first_seq=1)
+    p = Pipeline(reg, {"can0": J1939Decoder(reg)}, _alarming_scorer_with_guard(tmp_path, 1000.0), store)
+    _feed(p, 60)
+    assert p.stats.alerts_opened == 1 and p.stats.windows_unfamiliar == 0
+    rows = store.pending(records=True, exclude=set(), max_bytes=1 << 30)
+    import json
+
+    alert = next(json.loads(r.head) for r in rows if r.kind == "alert")
+    assert alert["features_present"] == ["t", "fan"]
+    store.close()

@@ -368,3 +368,21 @@ def test_fuzzed_blf_never_raises_past_the_reader(patches: list[tuple[float, byte
             assert "\n" not in str(e)
             return
         assert n > 0 and n <= 7736 + 64 * len(patches)
+
+
+def test_replay_says_why_windows_were_not_scored(tmp_path: Path) -> None:
+    # A truck that sends no coolant temperature: no window can be scored, and replay names what was missing.
+    log = shared_file("can/css_canedge/css_asammdf-basics_00000001_candumpL.log")
+    r = subprocess.run([sys.executable, "-m", "agent", "replay", str(log), "--json"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert set(out) >= KEYS | {"windows_scored", "windows_unfamiliar", "windows_not_scored", "windows_with_required",
+                               "missing_features", "unfamiliar_features", "required_features"}
+    assert out["windows_scored"] == 0 and out["windows_not_scored"]["missing_features"] == out["windows"] > 0
+    assert out["missing_features"]["ET1.EngCoolantTemp:mean:30s"] == out["windows"]
+    human = subprocess.run([sys.executable, "-m", "agent", "replay", str(log)], capture_output=True, text=True,
+                           timeout=120)
+    assert human.returncode == 0, human.stderr
+    assert f"not scored, features missing: {out['windows']}" in human.stdout
+    assert "ET1.EngCoolantTemp:mean:30s (required)" in human.stdout

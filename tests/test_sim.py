@@ -129,8 +129,10 @@ def test_nmea_sentences_verify_and_decode() -> None:
 
 def test_sim_from_config_validates() -> None:
     assert sim_from_config({"seed": 3, "fault": "fan_wear", "duty": "road"}).fault == "fan_wear"
+    assert sim_from_config({"start": "cold", "ambient_c": 2.0}).coolant == 2.0
     for bad, needle in (({"fault": "flat_tyre"}, "known: coolant_leak"), ({"color": 1}, "unknown key 'color'"),
-                        ({"seed": "x"}, "seed"), ({"duty": "sleep"}, "duty"), ({"fault_ramp_s": 0}, "positive")):
+                        ({"seed": "x"}, "seed"), ({"duty": "sleep"}, "duty"), ({"fault_ramp_s": 0}, "positive"),
+                        ({"start": "lukewarm"}, "known: warm, cold")):
         with pytest.raises(ValueError, match=needle):
             sim_from_config(bad)
     assert set(FAULTS) == {"coolant_leak", "oil_pump_wear", "hydraulic_overheat", "fan_wear"}
@@ -154,3 +156,63 @@ def test_runner_on_a_virtual_bus_and_a_pty() -> None:
     reference = len(list(J1939Transmitter(Harvester(seed=1)).frames_until(2.0)))
     assert stats.frames_sent == got == reference
     assert stats.nmea_sentences >= 3 and data.count(b"\r\n") == stats.nmea_sentences
+
+
+# --- real operation: cold starts, engine off, key on, machines with other fits, sensors that are not there -----
+
+def _series(h: Harvester, seconds: float, step: float = 1.0) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {}
+    t = 0.0
+    while t < seconds:
+        h.step(step)
+        t += step
+        for k, v in h.values().items():
+            out.setdefault(k, []).append(v)
+    return out
+
+
+def test_a_cold_start_warms_up_slowly_from_the_ambient_temperature() -> None:
+    h = Harvester(seed=3, duty="idle", ambient_c=-5.0, start="cold")
+    first = h.values()
+    assert first["ET1.EngCoolantTemp"] <= 0 and first["VF.HydTemp"] <= 0  # everything at ambient
+    s = _series(h, 1200)
+    coolant = np.array(s["ET1.EngCoolantTemp"])
+    assert coolant[60] < 15  # a minute in, still cold: an engine warms in tens of minutes, not seconds
+    assert coolant[-1] > coolant[300] > coolant[60]  # warming all along
+    assert min(s["EEC1.EngSpeed"]) < 300  # it was cranked: the start is in the data
+
+
+def test_engine_off_with_the_key_on_sends_zero_speed_and_pressure_and_cools_down() -> None:
+    h = Harvester(seed=4, duty="parked", ambient_c=20.0)
+    s = _series(h, 1800)
+    rpm = np.array(s["EEC1.EngSpeed"])
+    off = rpm < 50
+    assert off.mean() > 0.3 and (~off).mean() > 0.1  # parked: mostly off, started now and then
+    assert np.array(s["EFL_P1.EngOilPress"])[off].max() < 20
+    assert np.percentile(np.array(s["FD.FanSpeed"])[off], 90) < 50  # the fan spins down in seconds
+    assert np.array(s["EEC2.EngPercentLoadAtCurrentSpeed"])[off].max() == 0
+
+
+def test_machines_differ_in_idle_speed_and_fan_and_hydraulic_fits() -> None:
+    idles = set()
+    fans = set()
+    for seed in range(8):
+        h = Harvester(seed=seed, duty="idle", vary_fit=True)
+        idles.add(round(h.idle_rpm, -1))
+        fans.add(round(h.fan_max_rpm, -1))
+    assert min(idles) < 700 and max(idles) > 850 and len(fans) > 4
+    assert Harvester(seed=1).fan_max_rpm == 2400.0  # the default machine is the one the demo always drove
+
+
+def test_absent_and_intermittent_messages() -> None:
+    h = Harvester(seed=5)
+    tx = J1939Transmitter(h, absent=frozenset({"FD", "VF"}), intermittent=frozenset({"EFL_P1"}), seed=5)
+    frames = tx.frames_until(900.0)
+    pgns = Counter((m.arbitration_id >> 8) & 0x3FFFF for m in frames)
+    assert DB.get_message_by_name("FD").frame_id >> 8 & 0x3FFFF not in pgns
+    assert DB.get_message_by_name("VF").frame_id >> 8 & 0x3FFFF not in pgns
+    efl = DB.get_message_by_name("EFL_P1").frame_id & 0x1FFFFFFF
+    ts = np.array([m.timestamp for m in frames if m.arbitration_id == efl])
+    period = DB.get_message_by_name("EFL_P1").cycle_time / 1000
+    assert 0.2 * 900 / period < ts.size < 0.98 * 900 / period  # some sent, some not...
+    assert np.diff(ts).max() > 5  # ...in outages of seconds, as a loose connector does

@@ -79,12 +79,26 @@ def bam_frames(pgn: int, payload: bytes, sa: int, t0: float) -> list[can.Message
 
 
 class J1939Transmitter:
+    """`absent`: messages this machine does not send at all (no such sensor or controller); `intermittent`:
+    messages that drop out now and then (a loose connector, a controller that resets): sent for spells of
+    ~2 minutes, silent for ~20 s, both drawn from exponential distributions."""
+
     def __init__(
-        self, harvester: Harvester, dbc_path: Path | None = None, jitter_s: float = 0.0, seed: int = 0
+        self,
+        harvester: Harvester,
+        dbc_path: Path | None = None,
+        jitter_s: float = 0.0,
+        seed: int = 0,
+        absent: frozenset[str] = frozenset(),
+        intermittent: frozenset[str] = frozenset(),
     ) -> None:
         self.h = harvester
         self.jitter_s = jitter_s
         self.rng = random.Random(seed)
+        self.absent = absent
+        self._outage_rng = random.Random(seed + 1)
+        # Per intermittent message: (silent from, silent until) of its next outage.
+        self._outage = {m: self._next_outage(m, 0.0) for m in intermittent}
         self.messages = list(load_dbcs([dbc_path or default_dbc()]).values())
         self._ids = {}
         self._heap: list[tuple[float, int, str]] = []
@@ -98,6 +112,18 @@ class J1939Transmitter:
         self._sim_t = 0.0
         self._values = harvester.values()
         self.frames_sent = 0
+
+    def _next_outage(self, name: str, after: float) -> tuple[float, float]:
+        start = after + self._outage_rng.expovariate(1 / 120.0)
+        return start, start + 2.0 + self._outage_rng.expovariate(1 / 20.0)
+
+    def _silent(self, name: str, t: float) -> bool:
+        span = self._outage.get(name)
+        if span is None:
+            return False
+        while t >= span[1]:
+            span = self._outage[name] = self._next_outage(name, span[1])
+        return t >= span[0]
 
     def _advance(self, t: float) -> None:
         while self._sim_t + STEP_S <= t:
@@ -129,8 +155,9 @@ class J1939Transmitter:
                 heapq.heappush(self._heap, (due + DM1_PERIOD_S, idx, name))
                 continue
             cid, period, _ = self._ids[name]
-            data = encode_signals(self._by_name[name], self._values)
-            out.append(can.Message(arbitration_id=cid, data=data, is_extended_id=True, timestamp=due))
+            if name not in self.absent and not self._silent(name, due):
+                data = encode_signals(self._by_name[name], self._values)
+                out.append(can.Message(arbitration_id=cid, data=data, is_extended_id=True, timestamp=due))
             nxt = due + period + (self.rng.uniform(-self.jitter_s, self.jitter_s) if self.jitter_s else 0.0)
             heapq.heappush(self._heap, (max(due + 1e-4, nxt), idx, name))
         self._advance(t_end)

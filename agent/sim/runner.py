@@ -13,9 +13,9 @@ import can
 
 from agent.sim.j1939_tx import J1939Transmitter
 from agent.sim.nmea_tx import nmea_sentences
-from agent.sim.physics import DUTY_CYCLES, FAULTS, Harvester
+from agent.sim.physics import DUTY_CYCLES, FAULTS, STARTS, Harvester
 
-SIM_KEYS = ("seed", "fault", "fault_onset_s", "fault_ramp_s", "duty", "ambient_c")
+SIM_KEYS = ("seed", "fault", "fault_onset_s", "fault_ramp_s", "duty", "ambient_c", "start")
 
 
 @dataclass(slots=True)
@@ -45,6 +45,10 @@ def sim_from_config(cfg: dict[str, Any]) -> Harvester:
     if duty not in DUTY_CYCLES:
         raise ValueError(f"duty: unknown duty cycle {duty!r} (known: {', '.join(DUTY_CYCLES)})")
     kw: dict[str, Any] = {}
+    if "start" in cfg:
+        if cfg["start"] not in STARTS:
+            raise ValueError(f"start: unknown start {cfg['start']!r} (known: {', '.join(STARTS)})")
+        kw["start"] = cfg["start"]
     for key, typ in (("seed", int), ("fault_onset_s", float), ("fault_ramp_s", float), ("ambient_c", float)):
         if key in cfg:
             v = cfg[key]
