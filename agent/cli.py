@@ -11,13 +11,14 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
 from agent import __version__
-from agent.clirun import run_cli
 from agent.config import ConfigError, load_config
+from harvester_common.clirun import run_cli
 
 
 class CliError(Exception):
@@ -32,7 +33,7 @@ def setup_logging(level: str) -> None:
     )
 
 
-def _stop_on_signals() -> threading.Event:
+def stop_on_signals() -> threading.Event:
     stop = threading.Event()
 
     def handler(signum: int, frame: Any) -> None:
@@ -53,7 +54,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if warning:
         logging.getLogger("agent").warning("%s", warning)
     agent = Agent(cfg)
-    stop = _stop_on_signals()
+    stop = stop_on_signals()
     agent.start()
     try:
         while not stop.wait(60):
@@ -65,21 +66,6 @@ def cmd_run(args: argparse.Namespace) -> int:
             )
     finally:
         agent.stop(drain_s=args.drain_s)
-    return 0
-
-
-def cmd_simulate(args: argparse.Namespace) -> int:
-    from agent.simulate import SimulateError, run_simulator_from_config
-
-    cfg = load_config(args.config)
-    setup_logging(cfg.log.level)
-    stop = _stop_on_signals()
-    try:
-        stats = run_simulator_from_config(cfg, args.duration, args.fault, args.speed, stop, args.socketcand)
-    except SimulateError as e:
-        raise CliError(str(e)) from None
-    print(json.dumps(stats, indent=2) if args.json else
-          ", ".join(f"{k} {v}" for k, v in stats.items()))
     return 0
 
 
@@ -120,20 +106,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from agent.demo import DemoError, run_demo
-
-    try:
-        return run_demo(
-            config=Path(args.config) if args.config else None,
-            duration_s=args.duration,
-            fault=args.fault,
-            workdir=Path(args.workdir),
-        )
-    except DemoError as e:
-        raise CliError(str(e)) from None
-
-
 def cmd_replay(args: argparse.Namespace) -> int:
     from agent.contract import ContractError
     from agent.decode.j1939 import DbcError
@@ -164,7 +136,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
-def _port(text: str) -> int:
+def port_number(text: str) -> int:
     try:
         port = int(text)
     except ValueError:
@@ -191,6 +163,37 @@ def _print_not_scored(out: dict[str, Any]) -> None:
             f"{k} {v}" for k, v in out["unfamiliar_features"].items()))
 
 
+# Commands that other packages add to `harvester-agent` when they are installed, through this entry-point group: the
+# simulator's `simulate` (harvester-sim) and the demo's `demo` (harvester-demo). A vehicle's install ships neither,
+# and the agent never imports them (import contracts in pyproject.toml); where one is missing its name still
+# parses and says where it comes from, instead of argparse's "invalid choice".
+COMMAND_GROUP = "harvester_agent.commands"
+OPTIONAL_COMMANDS = {"simulate": "harvester-sim", "demo": "harvester-demo"}
+
+def add_plugin_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    found: set[str] = set()
+    for ep in sorted(entry_points(group=COMMAND_GROUP), key=lambda e: e.name):
+        try:
+            register: Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None] = ep.load()
+            register(sub)
+        except Exception as e:  # a broken plugin must not take `run` or `status` down with it
+            _unavailable(sub, ep.name, f"cannot be loaded ({ep.value}: {type(e).__name__}: {e})")
+        found.add(ep.name)
+    for name, dist in OPTIONAL_COMMANDS.items():
+        if name not in found:
+            _unavailable(sub, name, f"comes with the {dist} package, which is not installed here (a vehicle's "
+                         "install does not ship it; `.ci/quickstart demo` sets up a machine that has it)")
+
+
+def _unavailable(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, why: str) -> None:
+    def fail(args: argparse.Namespace) -> int:
+        raise CliError(f"`{name}` {why}")
+
+    p = sub.add_parser(name, help=f"(not available here: {why.split(' (')[0]})", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=fail)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="harvester-agent",
@@ -206,20 +209,6 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--drain-s", type=float, default=5.0,
                    help="at stop, how long to keep sending the backlog before closing (default 5)")
     r.set_defaults(func=cmd_run)
-
-    s = sub.add_parser("simulate", help="run the harvester simulator alone on the configured bus and serial pty",
-                       description="Put simulated J1939 traffic on the config's first CAN bus (or serve it over "
-                       "socketcand on 127.0.0.1 with --socketcand) and NMEA on a pty linked at [sim] serial_link "
-                       "(default: the config's first serial port).")
-    s.add_argument("--config", required=True, help="agent TOML config; its [sim] table sets the scenario")
-    s.add_argument("--duration", type=float, default=None, help="seconds to run (default: until stopped)")
-    s.add_argument("--fault", default=None, help="switch a fault on (overrides [sim] fault)")
-    s.add_argument("--speed", type=float, default=1.0, help="time factor, 2 = twice real time (default 1)")
-    s.add_argument("--socketcand", type=_port, default=None, metavar="PORT",
-                   help="serve the bus over the socketcand protocol on 127.0.0.1:PORT instead of opening the "
-                   "config's bus (for an agent in another process: interface = \"socketcand\")")
-    s.add_argument("--json", action="store_true", help="print the summary as JSON")
-    s.set_defaults(func=cmd_simulate)
 
     st = sub.add_parser("status", help="report what the store holds",
                         description="Records written and acknowledged (alerts and events apart), highest sequence "
@@ -244,14 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--json", action="store_true", help="print one JSON object")
     rp.set_defaults(func=cmd_replay)
 
-    d = sub.add_parser("demo", help="run the whole system locally for a minute: broker, cloud, simulator, agent",
-                       description="Start Mosquitto, cloud_sync, the simulator with a fault and the agent; show "
-                       "progress; print what reached the cloud database. Exits 1 if no alert reached it.")
-    d.add_argument("--duration", type=float, default=60.0, help="seconds of simulated driving (default 60)")
-    d.add_argument("--fault", default=None, help="fault scenario (default: the demo config's, coolant_leak)")
-    d.add_argument("--config", default=None, help="agent config to start from (default docs/examples/demo-agent.toml)")
-    d.add_argument("--workdir", default="demo-run", help="folder for the demo's databases, logs and configs")
-    d.set_defaults(func=cmd_demo)
+    add_plugin_commands(sub)
     return p
 
 

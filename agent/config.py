@@ -6,20 +6,17 @@ silently falls back to a default. Relative paths are resolved against the config
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from agent import wire
 from agent.drift import DriftPolicy
+from harvester_common import wire
 
-M = TypeVar("M", bound=BaseModel)
-
-
-class ConfigError(Exception):
-    """A configuration file that cannot be used. The message names the file, the key and the reason."""
+# Re-exported: the agent's code and users say agent.config.ConfigError.
+from harvester_common.configfile import ConfigError as ConfigError
+from harvester_common.configfile import load_model as load_model
 
 
 class _Section(BaseModel):
@@ -27,7 +24,7 @@ class _Section(BaseModel):
 
 
 class VehicleConfig(_Section):
-    # The receiver checks the same pattern (agent/wire.py Limits): a vehicle it would refuse cannot be configured.
+    # The receiver checks the same pattern (wire.ID_PATTERN): a vehicle it would refuse cannot be configured.
     fleet: str = Field("default", pattern=wire.ID_PATTERN)
     id: str = Field("vehicle-0001", pattern=wire.ID_PATTERN)
 
@@ -77,7 +74,7 @@ class StoreConfig(_Section):
     path: Path = Path("/var/lib/harvester-agent/buffer.sqlite")
     max_bytes: int = Field(512 * 1024 * 1024, ge=1024 * 1024)
     flush_interval_s: float = Field(1.0, gt=0, le=60)
-    # At most one wire segment's worth (agent/wire.py MAX_SEGMENT_SAMPLES); the store splits anything larger anyway.
+    # At most one wire segment's worth (wire.MAX_SEGMENT_SAMPLES); the store splits anything larger anyway.
     flush_max_samples: int = Field(20_000, ge=1, le=wire.MAX_SEGMENT_SAMPLES)
     memory_max_samples: int = Field(500_000, ge=1000)
     memory_max_records: int = Field(10_000, ge=10)
@@ -92,7 +89,7 @@ class MqttConfig(_Section):
     ca_file: Path | None = None
     cert_file: Path | None = None
     key_file: Path | None = None
-    # Bounded by agent/wire.py MAX_BATCH_BYTES so that every batch fits the receiver's caps (docs/protocol.md).
+    # Bounded by wire.MAX_BATCH_BYTES so that every batch fits the receiver's caps (docs/protocol.md).
     batch_max_bytes: int = Field(256 * 1024, ge=1024, le=wire.MAX_BATCH_BYTES)
     batch_max_age_s: float = Field(5.0, gt=0, le=600)
     max_inflight_batches: int = Field(4, ge=1, le=1000)
@@ -121,51 +118,6 @@ class AgentConfig(_Section):
     log: LogConfig = LogConfig()
     # The simulator's own settings live in the same file so that the demo is one file; the agent ignores them.
     sim: dict[str, Any] = Field(default_factory=dict)
-
-
-def _resolve_paths(obj: Any, base: Path) -> Any:
-    """Make every Path in a validated config absolute, relative to the config file's folder."""
-    if isinstance(obj, Path):
-        return obj if obj.is_absolute() else (base / obj).resolve()
-    if isinstance(obj, list):
-        return [_resolve_paths(v, base) for v in obj]
-    if isinstance(obj, BaseModel):
-        updates = {name: _resolve_paths(getattr(obj, name), base) for name in type(obj).model_fields}
-        return obj.model_copy(update=updates)
-    return obj
-
-
-def format_validation_error(path: Path, err: ValidationError) -> str:
-    first = err.errors()[0]
-    key = ".".join(str(p) for p in first["loc"]) or "(top level)"
-    extra = f" ({len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
-    got = first.get("input")
-    got_s = f" (got {got!r})" if got is not None and not isinstance(got, dict | list) else ""
-    return f"{path}: {key}: {first['msg']}{got_s}{extra}"
-
-
-def parse_toml(path: Path) -> dict[str, Any]:
-    try:
-        with path.open("rb") as f:
-            return tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from None
-
-
-def load_model(path: str | Path, model: type[M]) -> M:
-    """Read a TOML file into `model`; ConfigError with a one-line reason; relative paths resolved."""
-    p = Path(path)
-    raw = parse_toml(p)
-    try:
-        cfg = model.model_validate(raw)
-    except ValidationError as e:
-        raise ConfigError(format_validation_error(p, e)) from None
-    resolved: M = _resolve_paths(cfg, p.resolve().parent)
-    return resolved
 
 
 def load_config(path: str | Path) -> AgentConfig:

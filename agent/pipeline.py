@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from agent import wire
 from agent.alerts import AlertContext, AlertTracker, closed_for
 from agent.decode.j1939 import J1939Decoder
 from agent.decode.lines import LineDecoder
@@ -36,6 +35,7 @@ from agent.records import Alert, Event, SampleArrays
 from agent.scoring import Scorer
 from agent.signals import SignalRegistry
 from agent.store import Store
+from harvester_common import wire
 
 log = logging.getLogger("agent.pipeline")
 

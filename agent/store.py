@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent import wire
-from agent.seqranges import merge_ranges
+from harvester_common import wire
+from harvester_common.seqranges import merge_ranges
 
 log = logging.getLogger("agent.store")
 

@@ -29,11 +29,12 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent import __version__, wire
+from agent import __version__
 from agent.backoff import backoff_delay
 from agent.config import MqttConfig, VehicleConfig
-from agent.seqranges import merge_ranges, subtract
 from agent.store import OutboxRow, Store
+from harvester_common import wire
+from harvester_common.seqranges import merge_ranges, subtract
 
 log = logging.getLogger("agent.uplink")
 

@@ -25,7 +25,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from agent.testing.data import SHARED_DATA  # noqa: E402
+from harvester_testing.data import SHARED_DATA  # noqa: E402
 
 
 @dataclass(slots=True)
@@ -135,8 +135,8 @@ SIM_EPOCH = 1_700_000_000.0
 def _sim_frames(sim_seconds: float, seed: int = 7) -> list[Any]:
     """The simulator's J1939 traffic (a healthy harvester at harvest duty), timestamps on a wall-clock epoch: the
     traffic the shipped model is built for, so a pipeline figure measured on it really scores windows."""
-    from agent.sim.j1939_tx import J1939Transmitter
-    from agent.sim.physics import Harvester
+    from harvester_sim.j1939_tx import J1939Transmitter
+    from harvester_sim.physics import Harvester
 
     frames = list(J1939Transmitter(Harvester(seed=seed)).frames_until(sim_seconds))
     for m in frames:
@@ -237,15 +237,15 @@ def _parquet_zstd(cols: Any) -> bytes:
 
 @figure("wire_bytes_per_sample")
 def wire_bytes_per_sample() -> Figure:
-    """Real traces, decoded, cut into batches of 10 s (the age bound), encoded by agent.wire as the uplink
+    """Real traces, decoded, cut into batches of 10 s (the age bound), encoded by harvester_common.wire as the uplink
     sends them; baseline: what a user would pick instead for the same batches, zstd-compressed JSON lines (same
     zstd level as ours); Parquet with zstd (pyarrow) beside it."""
     import numpy as np
     import zstandard
 
-    from agent import wire
     from agent.pipeline import SampleBuffer
     from agent.records import SampleArrays
+    from harvester_common import wire
 
     zc = zstandard.ZstdCompressor(level=wire.ZSTD_LEVEL)
     ours = jsonl_zstd = jsonl_raw = parquet = n = batches = 0
@@ -283,7 +283,7 @@ def _synthetic_cols(n: int, t0_us: int = 1_700_000_000_000_000) -> Any:
     """A segment shaped like a real flush: 8 signals at their J1939 periods, smooth values."""
     import numpy as np
 
-    from agent import wire
+    from harvester_common import wire
 
     sig = (np.arange(n) % 8).astype(np.uint16)
     ts = t0_us + (np.arange(n) // 8).astype(np.int64) * 20_000
@@ -332,10 +332,10 @@ class _Cloud:
     """Mosquitto + the real cloud_sync receiver, for delivery benchmarks."""
 
     def __init__(self, folder: Path) -> None:
-        from agent.testing.broker import MosquittoBroker
         from cloud_sync.config import CloudConfig
         from cloud_sync.db import CloudDB
         from cloud_sync.receiver import Receiver
+        from harvester_testing.broker import MosquittoBroker
 
         self.broker = MosquittoBroker(workdir=folder / "mosq")
         self.broker.start()
@@ -411,7 +411,7 @@ def drain_samples_per_s() -> Figure:
 
 def _bench_batches(n_batches: int, n_vehicles: int, samples_per_batch: int) -> list[tuple[str, bytes]]:
     """Encoded telemetry batches as vehicles send them: (topic, payload), vehicles interleaved."""
-    from agent import wire
+    from harvester_common import wire
 
     out, seq = [], {v: 1 for v in range(n_vehicles)}
     for i in range(n_batches):
@@ -430,8 +430,8 @@ def _receivers_ingest(n_receivers: int, batches: list[tuple[str, bytes]], sample
     the last end-to-end ack (each sent after the receiver's commit)."""
     import threading
 
-    from agent.testing.broker import MosquittoBroker
-    from agent.testing.cloudproc import start_receiver, stop_receiver, write_config
+    from harvester_testing.broker import MosquittoBroker
+    from harvester_testing.cloudproc import start_receiver, stop_receiver, write_config
 
     broker = MosquittoBroker(workdir=folder / f"mosq{n_receivers}")
     broker.start()
@@ -467,7 +467,7 @@ def _receivers_ingest(n_receivers: int, batches: list[tuple[str, bytes]], sample
 
 def _insert_rows_baseline(batches: list[tuple[str, bytes]], insert: Callable[[list[tuple[Any, ...]]], None]) -> float:
     """The plain way: decode, then one parameterised INSERT per sample (executemany), a transaction per batch."""
-    from agent import wire
+    from harvester_common import wire
 
     n = 0
     t0 = time.perf_counter()
@@ -515,7 +515,7 @@ def cloud_ingest_samples_per_s_postgres() -> Figure:
     end; baseline: psycopg executemany of one INSERT per sample, a transaction per batch, no broker."""
     import psycopg
 
-    from agent.testing.postgres import TempPostgres, unavailable
+    from harvester_testing.postgres import TempPostgres, unavailable
 
     why = unavailable()
     if why:
@@ -540,7 +540,7 @@ def cloud_ingest_samples_per_s_postgres() -> Figure:
 def cloud_scaleout_ratio_2() -> Figure:
     """Two receiver processes sharing the subscription vs one, into PostgreSQL, end to end; on this 2-core machine
     the broker, PostgreSQL and the publisher share the cores with the receivers."""
-    from agent.testing.postgres import TempPostgres, unavailable
+    from harvester_testing.postgres import TempPostgres, unavailable
 
     why = unavailable()
     if why:
@@ -564,7 +564,7 @@ _MODEL_RUNS: list[Any] = []
 def _model_runs() -> list[Any]:
     """Held-out simulator runs (seeds the build never used): every fault and healthy, 20 minutes each."""
     if not _MODEL_RUNS:
-        from agent.sim import DUTY_CYCLES, FAULTS
+        from harvester_sim import DUTY_CYCLES, FAULTS
         from models.dataset import RunSpec, simulate_run
 
         for i in range(25):
@@ -683,10 +683,10 @@ def alert_latency_p99_ms() -> Figure:
 
     import numpy as np
 
-    from agent import wire
     from agent.config import MqttConfig, VehicleConfig
     from agent.store import Store
     from agent.uplink import Uplink
+    from harvester_common import wire
 
     with tempfile.TemporaryDirectory() as d:
         cloud = _Cloud(Path(d))
@@ -796,9 +796,9 @@ def _fleet_db(path: Path, n_samples: int) -> float:
     events per vehicle, a status each. Returns the seconds the fill took."""
     import sqlite3
 
-    from agent import wire
-    from agent.seqranges import merge_ranges
     from cloud_sync.db import CloudDB
+    from harvester_common import wire
+    from harvester_common.seqranges import merge_ranges
 
     t0 = time.perf_counter()
     db = CloudDB(path)  # the schema, at the current version

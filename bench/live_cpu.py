@@ -24,7 +24,7 @@ import can
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from agent.testing.data import SHARED_DATA  # noqa: E402
+from harvester_testing.data import SHARED_DATA  # noqa: E402
 
 
 def _proc_cpu() -> float:
@@ -34,8 +34,8 @@ def _proc_cpu() -> float:
 
 def main() -> None:
     mode, fps, seconds = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
-    from agent.sim.j1939_tx import J1939Transmitter
-    from agent.sim.physics import Harvester
+    from harvester_sim.j1939_tx import J1939Transmitter
+    from harvester_sim.physics import Harvester
 
     probe = sum(1 for _ in J1939Transmitter(Harvester(seed=7)).frames_until(60.0)) / 60.0
     speed = fps / probe  # simulated seconds per wall second

@@ -13,11 +13,12 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from agent.clirun import run_cli
 from cloud_sync import __version__
 from cloud_sync.config import CloudConfig, ConfigError, load_config
-from cloud_sync.db import CloudDBError, FleetDB, open_db
+from cloud_sync.database import open_db
+from cloud_sync.db import CloudDBError, FleetDB
 from cloud_sync.present import clean_alert, dumps, terminal
+from harvester_common.clirun import run_cli
 
 T = TypeVar("T")
 

@@ -7,8 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from agent import wire
-from agent.config import ConfigError, load_model
+from harvester_common import wire
+from harvester_common.configfile import ConfigError, load_model
 
 __all__ = ["CloudConfig", "ConfigError", "load_config"]
 
@@ -31,7 +31,7 @@ class CloudMqttConfig(_Section):
     session_expiry_s: int = Field(86400, ge=0)
     # While the broker cannot be reached, `serve` says so at once and then again at most this often.
     unreachable_report_s: float = Field(30.0, ge=1, le=3600)
-    # Payloads above this are rejected before decoding. It may not go below agent.wire.MAX_MESSAGE_BYTES, the most a
+    # Payloads above this are rejected before decoding. It may not go below wire.MAX_MESSAGE_BYTES, the most a
     # correctly configured vehicle can send (docs/protocol.md "Limits").
     max_message_bytes: int = Field(wire.MAX_MESSAGE_BYTES, ge=wire.MAX_MESSAGE_BYTES)
 

@@ -28,8 +28,8 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from agent import wire
-from agent.seqranges import holes, merge_ranges, subtract
+from harvester_common import wire
+from harvester_common.seqranges import holes, merge_ranges, subtract
 
 SCHEMA_VERSION = 3
 
@@ -520,15 +520,6 @@ class CloudDB(FleetDB):
     def close(self) -> None:
         with self._lock:
             self.db.close()
-
-
-def open_db(url: str, path: Path) -> FleetDB:
-    """PostgreSQL when `url` is set (`postgresql://...`), else the SQLite file at `path`."""
-    if url:
-        from cloud_sync.db_postgres import PostgresDB
-
-        return PostgresDB(url)
-    return CloudDB(path)
 
 
 def _obj(v: Any) -> dict[str, Any]:

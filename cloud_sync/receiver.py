@@ -26,9 +26,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent import wire
 from cloud_sync.config import CloudConfig
 from cloud_sync.db import CloudDBError, FleetDB, IngestResult, UnstorableError
+from harvester_common import wire
 
 log = logging.getLogger("cloud_sync.receiver")
 

@@ -15,7 +15,7 @@ import random
 import sys
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +36,13 @@ from models.dataset import (
     required_features,
     simulate_run,
 )
+from models.public import PUBLIC_DATA
+from models.training import Normaliser, mlp
 
 MODEL_NAME = "harvester-anomaly"
 MODEL_VERSION = "2.0.0"
 POLICY = AlertPolicy(threshold=0.8, clear_threshold=0.5, min_windows=3, clear_windows=6)
 MODELS_DIR = Path(__file__).resolve().parent
-PUBLIC_DATA = MODELS_DIR.parent.parent / "shared" / "data" / "pdm"
 REAL_TRACES = MODELS_DIR.parent.parent / "shared" / "data" / "can"
 # The familiarity guard's margin (training std beyond the training envelope) is the 99.9th percentile of how far
 # windows of runs left out of the envelope lie outside it (k-fold over training runs), never below this.
@@ -128,7 +129,7 @@ def progress(label: str, done: int, total: int, started: float) -> None:
 def plan_runs(seed: int, quick: bool) -> tuple[list[RunSpec], list[RunSpec], list[RunSpec]]:
     """Training runs, held-out standard runs (the floors' test set: warm, every signal, the standard machine, as
     the floors were first set on) and held-out coverage runs (real operation)."""
-    from agent.sim import DUTY_CYCLES, FAULTS
+    from harvester_sim import DUTY_CYCLES, FAULTS
 
     rng = random.Random(seed)
     per_class = 2 if quick else 20
@@ -242,37 +243,6 @@ def stack(runs: Iterable[RunWindows], classes: list[str]) -> tuple[npt.NDArray[n
     return np.array(xs), np.array(ys, np.int64)
 
 
-@dataclass(slots=True)
-class Normaliser:
-    mean: npt.NDArray[np.float64]
-    std: npt.NDArray[np.float64]
-
-    @classmethod
-    def fit(cls, x: npt.NDArray[np.float64]) -> Normaliser:
-        mean = np.nanmean(x, axis=0)
-        std = np.nanstd(x, axis=0)
-        std[~(std > 1e-6)] = 1.0
-        return cls(np.nan_to_num(mean), std)
-
-    def plain(self, x: npt.NDArray[np.float64]) -> npt.NDArray[np.float32]:
-        """Standardised features with missing ones at 0 and no flags (the public data sets: nothing is missing)."""
-        z = self.z(x)
-        z[~np.isfinite(z)] = 0.0
-        return z.astype(np.float32)
-
-    def z(self, x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-        with np.errstate(invalid="ignore"):
-            return (x - self.mean) / self.std
-
-    def __call__(self, x: npt.NDArray[np.float64]) -> npt.NDArray[np.float32]:
-        """The model's input, exactly as agent/scoring.py builds it: standardised features with missing ones at 0
-        (the training mean), then one flag per feature, 1 where it was missing."""
-        z = self.z(x)
-        bad = ~np.isfinite(z)
-        z[bad] = 0.0
-        return np.hstack([z, bad.astype(np.float64)]).astype(np.float32)
-
-
 def mask_signals(
     x: npt.NDArray[np.float64], specs: Sequence[FeatureSpec], rng: np.random.Generator
 ) -> npt.NDArray[np.float64]:
@@ -307,25 +277,6 @@ def learnable(x: npt.NDArray[np.float64], y: npt.NDArray[np.int64], classes: Seq
         seen = np.isfinite(x[:, cols]).any(axis=1)
         ok &= (y != c) | seen
     return ok
-
-
-def mlp(seed: int, max_iter: int = 150, patience: int = 8) -> Any:
-    from sklearn.neural_network import MLPClassifier
-
-    return MLPClassifier(hidden_layer_sizes=(256, 128), alpha=1e-3, max_iter=max_iter, early_stopping=True,
-                         n_iter_no_change=patience, random_state=seed)
-
-
-def train_plain(x: npt.NDArray[np.float32], y: npt.NDArray[np.int64], seed: int) -> Any:
-    """The MLP on standardised rows, with copies of 15 % of rows missing one feature (models/public.py)."""
-    rng = np.random.default_rng(seed)
-    k = len(x) * 15 // 100
-    idx = rng.choice(len(x), k, replace=False)
-    xa = x[idx].copy()
-    xa[np.arange(k), rng.integers(0, x.shape[1], k)] = 0.0
-    clf = mlp(seed, 300, 15)
-    clf.fit(np.vstack([x, xa]), np.concatenate([y, y[idx]]))
-    return clf
 
 
 def train(x_raw: npt.NDArray[np.float64], y: npt.NDArray[np.int64], norm: Normaliser, classes: Sequence[str],
@@ -554,7 +505,7 @@ def check_coverage(card: dict[str, Any], floors: dict[str, float] = COVERAGE_FLO
 
 def build(out: Path, seed: int, quick: bool, jobs: int, public_data: Path | None = None,
           real_traces: Path | None = None, cache: Path | None = None) -> dict[str, Any]:
-    from agent.sim import FAULTS
+    from harvester_sim import FAULTS
 
     t0 = time.monotonic()
     out.mkdir(parents=True, exist_ok=True)
@@ -590,7 +541,7 @@ def build(out: Path, seed: int, quick: bool, jobs: int, public_data: Path | None
         # The required features and the missing flags decide; this only bounds a window with nothing else.
         max_missing_fraction=0.9,
         training={
-            "data": "harvester simulator (agent/sim) fault scenarios, decoded and windowed by the agent's own code",
+            "data": "harvester simulator (harvester_sim) fault scenarios, decoded and windowed by the agent's own code",
             "seed": seed,
             "runs": len(train_specs),
             "windows": len(y),
@@ -827,7 +778,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-real-traces", action="store_true", help="leave the real traces out of the card")
     p.add_argument("--cache", type=Path, default=None,
                    help="keep simulated runs here and reuse them (same spec, same simulator: clear it after changing "
-                   "agent/sim or models/dataset.py)")
+                   "harvester_sim or models/dataset.py)")
     a = p.parse_args(argv)
     card = build(a.out, a.seed, a.quick, a.jobs, None if a.no_public_data else a.public_data,
                  None if a.no_real_traces else a.real_traces, a.cache)

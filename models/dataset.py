@@ -109,7 +109,7 @@ class RunWindows:
 
 
 def simulate_run(spec: RunSpec, window_s: float = WINDOW_S, hop_s: float = HOP_S, chunk_s: float = 10.0) -> RunWindows:
-    from agent.sim import Harvester, J1939Transmitter
+    from harvester_sim import Harvester, J1939Transmitter
 
     h = Harvester(
         seed=spec.seed,

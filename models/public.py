@@ -36,9 +36,12 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.features import window_stat
+from models.training import Normaliser, train_plain
 
 Array = npt.NDArray[np.float64]
 Labels = npt.NDArray[np.int64]
+# The public data sets, beside the repository (never copied into it).
+PUBLIC_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "pdm"
 STATS = ("mean", "std", "min", "max", "last", "slope")
 HYDRAULIC = ("TS1", "TS2", "TS3", "TS4", "FS1", "FS2", "VS1", "CE", "CP", "SE")
 HYDRAULIC_BLOCK = 50  # cycles; longer than the valve (10) and pump (41-51) condition runs, so a block mixes states
@@ -171,7 +174,6 @@ def _fit_and_score(x_tr: Array, y_tr: Labels, x_te: Array, seed: int, folder: Pa
     from skl2onnx.common.data_types import FloatTensorType
 
     from agent.scoring import session_options
-    from models.build import Normaliser, train_plain
 
     norm = Normaliser.fit(x_tr)
     clf = train_plain(norm.plain(x_tr), y_tr, seed)
@@ -263,7 +265,6 @@ def render_public(section: dict[str, Any]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from models.build import PUBLIC_DATA
 
     doc = __doc__ or "public data"
     p = argparse.ArgumentParser(prog="python -m models.public", description=doc.splitlines()[0])

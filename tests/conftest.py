@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.testing import postgres
-from agent.testing.broker import MosquittoBroker, find_mosquitto
-from agent.testing.data import SHARED_DATA, shared_file
-from agent.testing.pty import PtyPair
+from harvester_sim.pty import PtyPair
+from harvester_testing import postgres
+from harvester_testing.broker import MosquittoBroker, find_mosquitto
+from harvester_testing.data import SHARED_DATA, shared_file
 
 __all__ = ["SHARED_DATA", "shared_file"]
 

@@ -14,11 +14,11 @@ import paho.mqtt.client as mqtt
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent import wire
 from agent.config import MqttConfig
 from agent.store import Store
-from agent.testing.broker import MosquittoBroker
 from agent.uplink import Uplink, _InFlight
+from harvester_common import wire
+from harvester_testing.broker import MosquittoBroker
 from tests.test_uplink import VEHICLE, Acker, _cols, wait_for
 
 BIG = 2**63 - 1

@@ -20,8 +20,8 @@ from agent.decode.j1939_tp import Dtc
 from agent.frames import FrameBatch
 from agent.pipeline import ALERT_STATE_KEY, Pipeline
 from agent.signals import SignalRegistry
-from agent.sim import encode_dm1
 from agent.store import Store
+from harvester_sim import encode_dm1
 
 POLICY = AlertPolicy(threshold=0.8, clear_threshold=0.3, min_windows=2, clear_windows=2)
 

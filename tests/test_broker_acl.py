@@ -44,13 +44,13 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.config import MqttConfig, VehicleConfig
 from agent.store import Store
-from agent.testing.broker import MosquittoBroker, find_mosquitto, free_port
-from agent.testing.tls import CertFiles, Pki
 from agent.uplink import Uplink
-from agent.wire import SampleColumns
 from cloud_sync.config import CloudConfig
 from cloud_sync.db import CloudDB
 from cloud_sync.receiver import Receiver
+from harvester_common.wire import SampleColumns
+from harvester_testing.broker import MosquittoBroker, find_mosquitto, free_port
+from harvester_testing.tls import CertFiles, Pki
 
 DEPLOY = Path(__file__).resolve().parents[1] / "docs" / "deploy"
 PROVISION = DEPLOY / "dynsec_provision.py"

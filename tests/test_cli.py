@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent import wire
 from agent.cli import main
 from agent.store import Store
+from harvester_common import wire
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:

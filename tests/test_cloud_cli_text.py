@@ -20,10 +20,10 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent import wire
-from agent.testing.broker import MosquittoBroker
-from agent.testing.cloudproc import write_config
 from cloud_sync.db import CloudDB
+from harvester_common import wire
+from harvester_testing.broker import MosquittoBroker
+from harvester_testing.cloudproc import write_config
 from tests.test_cloud_db import T0, alert, samples
 from tests.test_uplink import wait_for
 

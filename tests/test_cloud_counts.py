@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from agent import wire
-from agent.seqranges import holes, merge_ranges
-from agent.testing import postgres
-from cloud_sync.db import CloudDB, FleetDB, open_db
+from cloud_sync.database import open_db
+from cloud_sync.db import CloudDB, FleetDB
+from harvester_common import wire
+from harvester_common.seqranges import holes, merge_ranges
+from harvester_testing import postgres
 from tests.test_cloud_db import T0, alert, event, samples
 
 _n = 0

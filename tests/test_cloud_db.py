@@ -13,10 +13,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent import wire
-from agent.testing import postgres
 from cloud_sync.cli import main as cloud_main
-from cloud_sync.db import CloudDB, FleetDB, UnstorableError, open_db
+from cloud_sync.database import open_db
+from cloud_sync.db import CloudDB, FleetDB, UnstorableError
+from harvester_common import wire
+from harvester_testing import postgres
 
 T0 = 1_790_000_000.0
 

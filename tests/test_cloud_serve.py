@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.testing.broker import MosquittoBroker, free_port
-from agent.testing.cloudproc import stop_receiver
-from agent.testing.tls import Pki
+from harvester_testing.broker import MosquittoBroker, free_port
+from harvester_testing.cloudproc import stop_receiver
+from harvester_testing.tls import Pki
 
 
 def _serve(tmp_path: Path, mqtt_lines: str) -> tuple[subprocess.Popen[str], list[str]]:

@@ -16,12 +16,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent import wire
-from agent.testing.broker import MosquittoBroker
 from cloud_sync.cli import main as cloud_main
 from cloud_sync.config import CloudConfig, load_config
 from cloud_sync.db import CloudDB
 from cloud_sync.receiver import Receiver, _Msg
+from harvester_common import wire
+from harvester_testing.broker import MosquittoBroker
 from tests.test_uplink import wait_for
 
 

@@ -18,7 +18,7 @@ from agent.store import Store
 
 
 def _start(path: Path) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen([sys.executable, "-m", "agent.testing.crashwriter", str(path)], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "harvester_testing.crashwriter", str(path)], stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL)
     assert proc.stdout is not None
     os.set_blocking(proc.stdout.fileno(), False)

@@ -15,14 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent import wire
 from agent.config import MqttConfig, VehicleConfig
 from agent.store import Store
-from agent.testing.broker import MosquittoBroker
 from agent.uplink import Uplink
 from cloud_sync.config import CloudConfig
 from cloud_sync.db import CloudDB
 from cloud_sync.receiver import Receiver
+from harvester_common import wire
+from harvester_testing.broker import MosquittoBroker
 from tests.test_uplink import wait_for
 
 VEHICLE = VehicleConfig(fleet="f1", id="v1")
@@ -201,14 +201,14 @@ reconnect_max_s = 0.5
     rng = random.Random(9)
     try:
         for _ in range(6):
-            p = subprocess.Popen([sys.executable, "-m", "agent.testing.agentproc", str(conf), "5"],
+            p = subprocess.Popen([sys.executable, "-m", "harvester_testing.agentproc", str(conf), "5"],
                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
             assert p.stdout is not None and p.stdout.readline().strip() == b"ready"
             time.sleep(rng.uniform(0.5, 2.0))
             p.send_signal(signal.SIGKILL)
             p.wait(10)
         # One last clean run drains the backlog every killed run left behind.
-        p = subprocess.Popen([sys.executable, "-m", "agent.testing.agentproc", str(conf), "5"],
+        p = subprocess.Popen([sys.executable, "-m", "harvester_testing.agentproc", str(conf), "5"],
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         assert p.stdout is not None and p.stdout.readline().strip() == b"ready"
         time.sleep(1.0)

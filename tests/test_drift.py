@@ -18,8 +18,8 @@ from agent.frames import FrameBatch
 from agent.pipeline import Pipeline
 from agent.scoring import Scorer
 from agent.signals import SignalRegistry
-from agent.sim import Harvester, generate_frames
 from agent.store import Store
+from harvester_sim import Harvester, generate_frames
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "models" / "harvester-anomaly.int8.onnx"

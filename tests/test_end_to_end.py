@@ -18,10 +18,10 @@ import pytest
 
 from agent.config import AgentConfig
 from agent.service import Agent
-from agent.sim import Harvester, Simulator
-from agent.testing.broker import MosquittoBroker
-from agent.testing.pty import PtyPair
 from cloud_sync.db import CloudDB
+from harvester_sim import Harvester, Simulator
+from harvester_sim.pty import PtyPair
+from harvester_testing.broker import MosquittoBroker
 from tests.test_uplink import wait_for
 
 REPO = Path(__file__).resolve().parents[1]

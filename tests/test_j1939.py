@@ -17,7 +17,7 @@ from agent.decode.j1939_id import make_id, pgn_of, split_ids
 from agent.decode.j1939_tp import TransportReassembler, parse_dm1
 from agent.frames import FrameBatch
 from agent.signals import SignalRegistry
-from agent.testing.data import shared_file
+from harvester_testing.data import shared_file
 
 DB = cantools.database.load_file(str(default_dbc()))
 
@@ -219,7 +219,7 @@ def test_real_canedge_trace_dm1_reassembly() -> None:
 
 
 def test_an_ieee_float_signal_that_is_nan_is_counted_not_a_sample(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """A user DBC with a float signal: NaN/inf is no reading, and the wire (agent/wire.py) refuses non-finite
+    """A user DBC with a float signal: NaN/inf is no reading, and the wire (harvester_common/wire.py) refuses non-finite
     values, so the decoder counts it (`value_not_finite`) instead of emitting a sample."""
     import struct
 

@@ -1,4 +1,4 @@
-"""The vehicle's batch limits against the receiver's caps (agent/wire.py Limits, docs/protocol.md): a vehicle
+"""The vehicle's batch limits against the receiver's caps (harvester_common/wire.py Limits, docs/protocol.md): a vehicle
 configured at the edge of what its config allows sends only batches the real receiver accepts, whatever it is given
 to send: segments past the sample cap, more signals than one segment's table holds, names the receiver's patterns
 refuse, a record past the record cap."""
@@ -10,14 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent import wire
 from agent.config import AgentConfig, ConfigError, MqttConfig, VehicleConfig, load_config
 from agent.store import Store
-from agent.testing.broker import MosquittoBroker
 from agent.uplink import Uplink
 from cloud_sync.config import CloudConfig
 from cloud_sync.db import CloudDB
 from cloud_sync.receiver import Receiver
+from harvester_common import wire
+from harvester_testing.broker import MosquittoBroker
 from tests.test_uplink import wait_for
 
 T0_US = 1_790_000_000_000_000

@@ -16,7 +16,7 @@ import pytest
 
 from agent.contract import Contract
 from agent.scoring import Scorer
-from agent.sim import DUTY_CYCLES, FAULTS
+from harvester_sim import DUTY_CYCLES, FAULTS
 from models.build import (
     FLOORS,
     INT8_TOLERANCE,

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.decode.nmea import NmeaDecoder, checksum
-from agent.testing.data import SHARED_DATA, shared_file
+from harvester_testing.data import SHARED_DATA, shared_file
 
 
 def _line(body: str) -> bytes:

@@ -15,9 +15,9 @@ from agent.pipeline import Pipeline
 from agent.records import SampleArrays
 from agent.scoring import Scorer
 from agent.signals import SignalRegistry
-from agent.sim import Harvester, generate_frames
 from agent.store import Store
-from agent.testing.onnx_models import linear_softmax_model, make_contract
+from harvester_sim import Harvester, generate_frames
+from harvester_testing.onnx_models import linear_softmax_model, make_contract
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.testing.data import shared_file
+from harvester_testing.data import shared_file
 from models.public import SETS, _split, evaluate_public, render_public
 
 # Held-out ROC-AUC floors for the quick run, fp32 and int8 alike. Measured (quick, seed 1 / lowest of seeds 1-5):

@@ -12,7 +12,7 @@ import pytest
 
 from agent.replay import replay
 from agent.scoring import Scorer
-from agent.testing.data import SHARED_DATA
+from harvester_testing.data import SHARED_DATA
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "harvester-anomaly.int8.onnx"
 CAN = SHARED_DATA / "can"

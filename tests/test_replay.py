@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.replay import ReplayError, replay
-from agent.testing.data import shared_file
+from harvester_testing.data import shared_file
 
 KEYS = {
     "frames",

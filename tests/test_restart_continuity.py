@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from agent.testing.broker import MosquittoBroker
+from harvester_testing.broker import MosquittoBroker
 from tests.test_uplink import wait_for
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "harvester-anomaly.int8.onnx"
@@ -76,7 +76,7 @@ def _highest(db: Path) -> int:
 
 def _start(conf: Path) -> subprocess.Popen[bytes]:
     # Speed 5; the leak at full severity after 1 s, so the DTC and the alert hold through every restart.
-    p = subprocess.Popen([sys.executable, "-m", "agent.testing.agentproc", str(conf), "5", "1", "coolant_leak"],
+    p = subprocess.Popen([sys.executable, "-m", "harvester_testing.agentproc", str(conf), "5", "1", "coolant_leak"],
                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     assert p.stdout is not None and p.stdout.readline().strip() == b"ready"
     return p

@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import psycopg
 
-from agent import wire
 from agent.config import MqttConfig, VehicleConfig
 from agent.store import Store
-from agent.testing.broker import MosquittoBroker
-from agent.testing.cloudproc import start_receiver, stop_receiver, write_config
-from agent.testing.postgres import TempPostgres
 from agent.uplink import Uplink
+from harvester_common import wire
+from harvester_testing.broker import MosquittoBroker
+from harvester_testing.cloudproc import start_receiver, stop_receiver, write_config
+from harvester_testing.postgres import TempPostgres
 from tests.test_uplink import wait_for
 
 VEHICLES = 4

@@ -11,7 +11,7 @@ import pytest
 
 from agent.contract import ContractError, Familiarity, FeatureSpec, contract_to_dict, parse_contract
 from agent.scoring import ModelLoadError, Scorer
-from agent.testing.onnx_models import linear_softmax_model, make_contract
+from harvester_testing.onnx_models import linear_softmax_model, make_contract
 
 FEATS = [
     FeatureSpec("t_mean", "ET1.EngCoolantTemp", "mean", 30),

@@ -18,7 +18,7 @@ from agent.decode.j1939_tp import parse_dm1
 from agent.decode.nmea import NmeaDecoder
 from agent.frames import FrameBatch
 from agent.signals import SignalRegistry
-from agent.sim import (
+from harvester_sim import (
     FAULTS,
     Dtc,
     Harvester,
@@ -29,7 +29,7 @@ from agent.sim import (
     nmea_sentences,
     sim_from_config,
 )
-from agent.testing.pty import PtyPair
+from harvester_sim.pty import PtyPair
 
 DB = cantools.database.load_file(str(default_dbc()))
 

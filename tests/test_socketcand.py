@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.sim.socketcand_server import SocketcandServer, frame_element
+from harvester_sim.socketcand_server import SocketcandServer, frame_element
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -294,7 +294,7 @@ def test_simulate_socketcand_port_in_use_is_a_one_line_error(tmp_path: Path) -> 
 
 
 def test_connections_beyond_the_limit_are_refused_not_threaded(server: SocketcandServer) -> None:
-    from agent.sim.socketcand_server import MAX_CLIENTS
+    from harvester_sim.socketcand_server import MAX_CLIENTS
 
     held = [_raw(server) for _ in range(MAX_CLIENTS)]
     try:

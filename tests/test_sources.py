@@ -14,7 +14,7 @@ from agent.decode.nmea import checksum
 from agent.frames import FrameBatch
 from agent.sources.can import CanSource
 from agent.sources.serial import SerialSource
-from agent.testing.pty import PtyPair
+from harvester_sim.pty import PtyPair
 from tests.test_uplink import wait_for
 
 
@@ -131,7 +131,7 @@ def test_line_sensor_reaches_the_store_through_the_service_pipeline(tmp_path: Pa
 def test_several_buses_at_once_each_labelled(tmp_path: Path) -> None:
     from agent.config import AgentConfig
     from agent.service import Agent
-    from agent.sim import Harvester, J1939Transmitter
+    from harvester_sim import Harvester, J1939Transmitter
 
     cfg = AgentConfig.model_validate({
         "can": [{"name": "engine", "interface": "virtual", "channel": "mb-a"},

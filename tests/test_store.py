@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent import wire
 from agent.store import Store, StoreError, time_seq_floor
+from harvester_common import wire
 
 
 def _cols(n: int, t0: float = 1_700_000_000.0) -> wire.SampleColumns:

@@ -11,12 +11,12 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.config import MqttConfig, VehicleConfig
 from agent.store import Store
-from agent.testing.broker import MosquittoBroker, free_port
-from agent.testing.tls import Pki
 from agent.uplink import Uplink
 from cloud_sync.config import CloudConfig
 from cloud_sync.db import CloudDB
 from cloud_sync.receiver import Receiver
+from harvester_testing.broker import MosquittoBroker, free_port
+from harvester_testing.tls import Pki
 from tests.test_uplink import _cols, wait_for
 
 

@@ -14,12 +14,12 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent import wire
 from agent.backoff import backoff_delay
 from agent.config import MqttConfig, VehicleConfig
 from agent.store import Store
-from agent.testing.broker import MosquittoBroker
 from agent.uplink import Uplink
+from harvester_common import wire
+from harvester_testing.broker import MosquittoBroker
 
 VEHICLE = VehicleConfig(fleet="f1", id="v1")
 

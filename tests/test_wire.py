@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent import wire
+from harvester_common import wire
 
 
 def _cols(n: int, seed: int = 0) -> wire.SampleColumns:

@@ -24,9 +24,9 @@ import can
 
 from agent.config import AgentConfig, load_config
 from agent.service import Agent
-from agent.testing.broker import MosquittoBroker
-from agent.testing.pty import PtyPair
-from agent.tomlw import dumps
+from harvester_sim.pty import PtyPair
+from harvester_testing.broker import MosquittoBroker
+from harvester_testing.tomlw import dumps
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "docs" / "examples" / "demo-agent.toml"
@@ -100,7 +100,7 @@ def _cloud_summary(db_path: Path) -> dict[str, Any]:
 
 
 def run_demo(config: Path | None, duration_s: float, fault: str | None, workdir: Path) -> int:
-    from agent.sim import Simulator, sim_from_config
+    from harvester_sim import Simulator, sim_from_config
 
     base = load_config(config or DEFAULT_CONFIG)
     workdir = workdir.resolve()

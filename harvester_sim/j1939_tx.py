@@ -16,7 +16,7 @@ import can
 from agent.decode.j1939 import _CompiledMessage, default_dbc, load_dbcs
 from agent.decode.j1939_id import make_id
 from agent.decode.j1939_tp import PGN_DM1, PGN_TP_CM, PGN_TP_DT, Dtc
-from agent.sim.physics import Harvester
+from harvester_sim.physics import Harvester
 
 STEP_S = 0.05  # physics step; frames in between carry the latest values
 DM1_PERIOD_S = 1.0

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from agent.testing.broker import free_port
+from harvester_testing.broker import free_port
 
 
 def _bindir() -> Path | None:
@@ -47,7 +47,7 @@ def unavailable() -> str | None:
     try:
         import psycopg  # noqa: F401
     except ImportError:
-        return "psycopg is not installed (pip install -e '.[dev]')"
+        return "psycopg is not installed (.ci/quickstart test installs it)"
     return None
 
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import can
 
-log = logging.getLogger("agent.sim.socketcand")
+log = logging.getLogger("harvester_sim.socketcand")
 
 MAX_CLIENTS = 16  # each client costs two threads; more are refused with `< error too many clients >`
 QUEUE_MAX = 20_000  # frames waiting per client (~10 s of the simulator's traffic)

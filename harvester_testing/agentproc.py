@@ -1,5 +1,5 @@
 """A whole agent in a child process, fed by the simulator on an in-process virtual bus, for kill -9 tests.
-Run: python -m agent.testing.agentproc CONFIG SPEED [FAULT_RAMP_S [FAULT]]. Prints "ready" once started; runs until
+Run: python -m harvester_testing.agentproc CONFIG SPEED [FAULT_RAMP_S [FAULT]]. Prints "ready" once started; runs until
 killed, or until SIGTERM/SIGINT, which stops the agent cleanly as `harvester-agent run` does (then "stopped")."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import can
 
 from agent.config import load_config
 from agent.service import Agent
-from agent.sim import Harvester, Simulator
+from harvester_sim import Harvester, Simulator
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from agent.decode.nmea import checksum
-from agent.sim.physics import GpsFix
+from harvester_sim.physics import GpsFix
 
 KMH_PER_KNOT = 1.852
 

@@ -11,9 +11,9 @@ from typing import Any, Protocol
 
 import can
 
-from agent.sim.j1939_tx import J1939Transmitter
-from agent.sim.nmea_tx import nmea_sentences
-from agent.sim.physics import DUTY_CYCLES, FAULTS, STARTS, Harvester
+from harvester_sim.j1939_tx import J1939Transmitter
+from harvester_sim.nmea_tx import nmea_sentences
+from harvester_sim.physics import DUTY_CYCLES, FAULTS, STARTS, Harvester
 
 SIM_KEYS = ("seed", "fault", "fault_onset_s", "fault_ramp_s", "duty", "ambient_c", "start")
 
@@ -28,7 +28,7 @@ class SimStats:
 
 
 class FrameSink(Protocol):
-    """Where the simulator sends frames: a python-can bus, or the socketcand server (agent/sim/socketcand_server)."""
+    """Where the simulator sends frames: a python-can bus, or the socketcand server (socketcand_server)."""
 
     def send(self, msg: can.Message, timeout: float | None = None) -> None: ...
 

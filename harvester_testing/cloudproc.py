@@ -8,7 +8,7 @@ import sys
 import threading
 from pathlib import Path
 
-from agent.testing.broker import MosquittoBroker
+from harvester_testing.broker import MosquittoBroker
 
 
 def write_config(path: Path, broker: MosquittoBroker, client_id: str, db_url: str = "", db_path: str = "",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-_DEFAULT = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+_DEFAULT = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SHARED_DATA = Path(os.environ.get("HARVESTER_SHARED_DATA", _DEFAULT))
 
 

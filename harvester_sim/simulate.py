@@ -13,7 +13,7 @@ import can
 
 from agent.config import AgentConfig
 
-log = logging.getLogger("agent.simulate")
+log = logging.getLogger("harvester_sim.simulate")
 
 
 class SimulateError(ValueError):
@@ -26,10 +26,10 @@ def run_simulator_from_config(
 ) -> dict[str, Any]:
     """`socketcand_port`: serve the bus on 127.0.0.1:PORT instead of opening the config's first bus. The bus name
     served is that bus's channel when it is a socketcand bus (one config for both processes), else "can0"."""
-    from agent.sim import Simulator, sim_from_config
-    from agent.sim.socketcand_server import SocketcandServer
     from agent.sources.can import open_bus, virtual_bus_warning
-    from agent.testing.pty import PtyPair
+    from harvester_sim import Simulator, sim_from_config
+    from harvester_sim.pty import PtyPair
+    from harvester_sim.socketcand_server import SocketcandServer
 
     sim_cfg = dict(cfg.sim)
     link = sim_cfg.pop("serial_link", None) or (cfg.serial[0].port if cfg.serial else None)

@@ -1,5 +1,5 @@
 """A child process for crash tests: writes to a Store as fast as it can and prints each sequence range on stdout
-only after the write returned (i.e. was committed). Run: python -m agent.testing.crashwriter PATH."""
+only after the write returned (i.e. was committed). Run: python -m harvester_testing.crashwriter PATH."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from agent import wire
 from agent.store import Store
+from harvester_common import wire
 
 
 def main() -> None:

@@ -1,10 +1,10 @@
 """The harvester simulator: physics and faults, J1939 transmitter, NMEA GPS, and a real-time runner."""
 
 from agent.decode.j1939_tp import Dtc
-from agent.sim.j1939_tx import J1939Transmitter, bam_frames, encode_dm1, generate_frames
-from agent.sim.nmea_tx import nmea_sentences
-from agent.sim.physics import DUTY_CYCLES, FAULTS, GpsFix, Harvester
-from agent.sim.runner import SimStats, Simulator, sim_from_config
+from harvester_sim.j1939_tx import J1939Transmitter, bam_frames, encode_dm1, generate_frames
+from harvester_sim.nmea_tx import nmea_sentences
+from harvester_sim.physics import DUTY_CYCLES, FAULTS, GpsFix, Harvester
+from harvester_sim.runner import SimStats, Simulator, sim_from_config
 
 __all__ = [
     "DUTY_CYCLES",

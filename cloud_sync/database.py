@@ -1,0 +1,18 @@
+"""Which database backs the cloud: the engine is chosen here, so that the shared logic (cloud_sync/db.py) and each
+engine's backend (SQLite in db.py, PostgreSQL in db_postgres.py) never import each other's callers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cloud_sync.db import CloudDB, FleetDB
+
+
+def open_db(url: str, path: Path) -> FleetDB:
+    """PostgreSQL when `url` is set (`postgresql://...`), else the SQLite file at `path`."""
+    if url:
+        # Imported only here: psycopg is an extra (harvester-cloud-sync[postgres]) that SQLite users do without.
+        from cloud_sync.db_postgres import PostgresDB
+
+        return PostgresDB(url)
+    return CloudDB(path)
