@@ -71,6 +71,7 @@ class Receiver:
         c.reconnect_delay_set(1, 30)
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
+        c.on_subscribe = self._on_subscribe
         c.on_connect_fail = self._on_connect_fail
         c.on_message = self._on_message
         self._last_unreachable_report = -math.inf
@@ -86,9 +87,21 @@ class Receiver:
         subs = [(f"$share/{m.share_group}/fleet/{m.fleet}/vehicle/+/{leaf}", 1) for leaf in UPLINK_LEAVES]
         subs.append((f"fleet/{m.fleet}/vehicle/+/status", 1))
         client.subscribe(subs)
-        self.connected.set()
         self._last_unreachable_report = -math.inf  # a later outage is reported at once again
-        log.info("connected to %s:%d, subscribed (group %s)", m.host, m.port, m.share_group)
+        log.info("connected to %s:%d, subscribing (group %s)", m.host, m.port, m.share_group)
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, codes: list[Any], props: Any) -> None:
+        # `connected` means the broker has granted every filter: before its SUBACK a vehicle's message can reach the
+        # broker with nobody subscribed yet, and a refused filter leaves this receiver deaf to a whole leaf.
+        refused = [str(c) for c in codes if c.is_failure]
+        if refused:
+            self.stats["subscribe_refused"] += 1
+            log.error("the broker refused %d of %d subscriptions (%s): this receiver gets nothing on them; check "
+                      "the broker's rights for this identity (docs/deploy.md, 'The broker')", len(refused),
+                      len(codes), ", ".join(sorted(set(refused))))
+            return
+        self.connected.set()
+        log.info("subscribed to every uplink leaf")
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         # paho calls this from inside its `except OSError:` (refused, DNS, TLS handshake): the error is at hand.

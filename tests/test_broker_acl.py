@@ -25,6 +25,7 @@ included: a refused filter gets SUBACK 0x87 and is never added.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -574,3 +575,32 @@ def test_dynsec_disabling_does_not_stop_a_certificate_client(fleet: Fleet) -> No
         assert not again.publish("fleet/f1/vehicle/veh-a/telemetry", b"still-here").is_failure
     finally:
         again.close()
+
+
+def test_a_receiver_whose_subscriptions_are_refused_says_so_and_never_claims_to_be_connected(
+        fleet: Fleet, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A receiver started with the wrong identity (here a vehicle's certificate) is deaf: it must say so, not log
+    "subscribed" and report itself ready. `connected` is set only once the broker granted every filter."""
+    if fleet.setup == "acl_file":
+        pytest.skip("acl_file does not check SUBSCRIBE at all (the documented gap): nothing is refused there")
+    veh = fleet.pki.issue("veh-r")
+    cfg = CloudConfig.model_validate({
+        "mqtt": {"host": "localhost", "port": fleet.broker.port, "tls": True, "ca_file": str(fleet.pki.ca),
+                 "cert_file": str(veh.cert), "key_file": str(veh.key), "client_id": "rx-wrong-identity"},
+        "db": {"path": str(tmp_path / "cloud.sqlite")}})
+    db = CloudDB(cfg.db.path)
+    rx = Receiver(cfg, db)
+    caplog.set_level(logging.INFO, logger="cloud_sync")
+    rx.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not rx.stats["subscribe_refused"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert rx.stats["subscribe_refused"] >= 1
+        assert not rx.connected.is_set()
+        assert any("refused" in r.getMessage() and "subscriptions" in r.getMessage() for r in caplog.records
+                   if r.levelno == logging.ERROR)
+        assert not any("subscribed to every uplink leaf" in r.getMessage() for r in caplog.records)
+    finally:
+        rx.stop()
+        db.close()
