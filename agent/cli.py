@@ -17,7 +17,7 @@ from typing import Any
 
 from agent import __version__
 from agent.clirun import run_cli
-from agent.config import ConfigError, load_config
+from agent.config import AgentConfig, ConfigError, load_config
 
 
 class CliError(Exception):
@@ -44,15 +44,24 @@ def _stop_on_signals() -> threading.Event:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from agent.decode.j1939 import DbcError
     from agent.service import Agent
     from agent.sources.can import virtual_bus_warning
+    from agent.uplink import TlsError
 
     cfg = load_config(args.config)
+    if args.check_config:
+        return _check_config(cfg, Path(args.config), args.allow_absent)
+    if args.allow_absent:
+        raise CliError("--allow-absent goes with --check-config only")
     setup_logging(cfg.log.level)
     warning = virtual_bus_warning(cfg.can)
     if warning:
         logging.getLogger("agent").warning("%s", warning)
-    agent = Agent(cfg)
+    try:
+        agent = Agent(cfg)
+    except (DbcError, TlsError) as e:
+        raise CliError(str(e)) from None
     stop = _stop_on_signals()
     agent.start()
     try:
@@ -65,6 +74,21 @@ def cmd_run(args: argparse.Namespace) -> int:
             )
     finally:
         agent.stop(drain_s=args.drain_s)
+    return 0
+
+
+def _check_config(cfg: AgentConfig, path: Path, allow_absent: bool) -> int:
+    from agent.preflight import check
+
+    # Loading the model and the DBCs may log (onnxruntime, cantools): at WARNING, so that findings stay readable.
+    setup_logging("WARNING")
+    report = check(cfg, path, allow_absent)
+    for f in report.findings:
+        print(f.line())
+    if report.errors:
+        sys.stdout.flush()
+        raise CliError(report.verdict())
+    print(report.verdict())
     return 0
 
 
@@ -205,6 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--config", required=True, help="agent TOML config (docs/configuration.md)")
     r.add_argument("--drain-s", type=float, default=5.0,
                    help="at stop, how long to keep sending the backlog before closing (default 5)")
+    r.add_argument("--check-config", action="store_true",
+                   help="load and check the config and the files it names (DBCs, model and its contract, TLS) as "
+                   "run would, print one line per finding, and exit: 0 if the agent would run as configured, 2 "
+                   "with the reason otherwise. Starts nothing")
+    r.add_argument("--allow-absent", action="store_true",
+                   help="with --check-config: files the config names that do not exist on this machine are "
+                   "reported as not present and not checked, and do not fail the check (a config checked before "
+                   "it is installed)")
     r.set_defaults(func=cmd_run)
 
     s = sub.add_parser("simulate", help="run the harvester simulator alone on the configured bus and serial pty",
