@@ -11,6 +11,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     stop = _stop_on_signals()
     agent.start()
     try:
-        while not stop.wait(60):
+        # Short waits: the kernel may hand SIGTERM to any thread, and Python runs the handler only when the main
+        # thread wakes; a 60 s wait could outlast systemd's TimeoutStopSec (seen under strace).
+        next_report = time.monotonic() + 60
+        while not stop.wait(0.5):
+            if time.monotonic() < next_report:
+                continue
+            next_report += 60
             p = agent.progress()
             logging.getLogger("agent").info(
                 "frames %d (%.0f/s), windows %d, alerts %d, backlog %d, synced %d, %s",
