@@ -11,13 +11,14 @@ import logging
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
 from agent import __version__
-from agent.config import ConfigError, load_config
+from agent.config import AgentConfig, ConfigError, load_config
 from harvester_common.clirun import run_cli
 
 
@@ -45,19 +46,34 @@ def stop_on_signals() -> threading.Event:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from agent.decode.j1939 import DbcError
     from agent.service import Agent
     from agent.sources.can import virtual_bus_warning
+    from agent.uplink import TlsError
 
     cfg = load_config(args.config)
+    if args.check_config:
+        return _check_config(cfg, Path(args.config), args.allow_absent)
+    if args.allow_absent:
+        raise CliError("--allow-absent goes with --check-config only")
     setup_logging(cfg.log.level)
     warning = virtual_bus_warning(cfg.can)
     if warning:
         logging.getLogger("agent").warning("%s", warning)
-    agent = Agent(cfg)
+    try:
+        agent = Agent(cfg)
+    except (DbcError, TlsError) as e:
+        raise CliError(str(e)) from None
     stop = stop_on_signals()
     agent.start()
     try:
-        while not stop.wait(60):
+        # Short waits: the kernel may hand SIGTERM to any thread, and Python runs the handler only when the main
+        # thread wakes; a 60 s wait could outlast systemd's TimeoutStopSec (seen under strace).
+        next_report = time.monotonic() + 60
+        while not stop.wait(0.5):
+            if time.monotonic() < next_report:
+                continue
+            next_report += 60
             p = agent.progress()
             logging.getLogger("agent").info(
                 "frames %d (%.0f/s), windows %d, alerts %d, backlog %d, synced %d, %s",
@@ -66,6 +82,21 @@ def cmd_run(args: argparse.Namespace) -> int:
             )
     finally:
         agent.stop(drain_s=args.drain_s)
+    return 0
+
+
+def _check_config(cfg: AgentConfig, path: Path, allow_absent: bool) -> int:
+    from agent.preflight import check
+
+    # Loading the model and the DBCs may log (onnxruntime, cantools): at WARNING, so that findings stay readable.
+    setup_logging("WARNING")
+    report = check(cfg, path, allow_absent)
+    for f in report.findings:
+        print(f.line())
+    if report.errors:
+        sys.stdout.flush()
+        raise CliError(report.verdict())
+    print(report.verdict())
     return 0
 
 
@@ -189,7 +220,9 @@ def _unavailable(sub: argparse._SubParsersAction[argparse.ArgumentParser], name:
     def fail(args: argparse.Namespace) -> int:
         raise CliError(f"`{name}` {why}")
 
-    p = sub.add_parser(name, help=f"(not available here: {why.split(' (')[0]})", add_help=False)
+    # No option prefix: whatever follows the command (`--config x.toml`...) is taken as words, not refused as
+    # options, so the user sees why the command is missing rather than a usage error.
+    p = sub.add_parser(name, help=f"(not available here: {why.split(' (')[0]})", add_help=False, prefix_chars="\x00")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=fail)
 
@@ -208,6 +241,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--config", required=True, help="agent TOML config (docs/configuration.md)")
     r.add_argument("--drain-s", type=float, default=5.0,
                    help="at stop, how long to keep sending the backlog before closing (default 5)")
+    r.add_argument("--check-config", action="store_true",
+                   help="load and check the config and the files it names (DBCs, model and its contract, TLS) as "
+                   "run would, print one line per finding, and exit: 0 if the agent would run as configured, 2 "
+                   "with the reason otherwise. Starts nothing")
+    r.add_argument("--allow-absent", action="store_true",
+                   help="with --check-config: files the config names that do not exist on this machine are "
+                   "reported as not present and not checked, and do not fail the check (a config checked before "
+                   "it is installed)")
     r.set_defaults(func=cmd_run)
 
     st = sub.add_parser("status", help="report what the store holds",

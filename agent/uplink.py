@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import ssl
 import threading
 import time
 from collections import OrderedDict
@@ -41,6 +42,28 @@ log = logging.getLogger("agent.uplink")
 MAX_ACK_BYTES = 64 * 1024
 RECENT_BATCHES = 1024  # batch ids remembered after their ack, to tell a replayed ack from a forged one
 LOG_EVERY_S = 60.0  # at most one warning per reason this often: a flood of bad acks must not flood the log
+
+
+class TlsError(ValueError):
+    """TLS files that cannot be loaded: one line naming the files and the reason."""
+
+
+def configure_tls(client: mqtt.Client, cfg: MqttConfig) -> None:
+    """Load the configured CA, certificate and key into `client` (the uplink's and `--check-config`'s one way).
+
+    paho reads the files here, not at connect, so a missing or bad file is known before anything starts."""
+    named = [(k, p) for k, p in (("ca_file", cfg.ca_file), ("cert_file", cfg.cert_file), ("key_file", cfg.key_file))
+             if p is not None]
+    try:
+        client.tls_set(
+            ca_certs=str(cfg.ca_file) if cfg.ca_file else None,
+            certfile=str(cfg.cert_file) if cfg.cert_file else None,
+            keyfile=str(cfg.key_file) if cfg.key_file else None,
+        )
+    except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+        files = ", ".join(f"{k} {p}" for k, p in named) or "the system's CA store"
+        reason = e.strerror if isinstance(e, OSError) and not isinstance(e, ssl.SSLError) and e.strerror else str(e)
+        raise TlsError(f"mqtt: TLS files do not load ({files}): {reason}") from None
 
 
 @dataclass(slots=True)
@@ -125,11 +148,7 @@ class Uplink:
         # The Will is fixed at connect time and only has to say "offline".
         c.will_set(self.topic("status"), self._status_payload("offline", extra=False), qos=1, retain=True)
         if self.cfg.tls:
-            c.tls_set(
-                ca_certs=str(self.cfg.ca_file) if self.cfg.ca_file else None,
-                certfile=str(self.cfg.cert_file) if self.cfg.cert_file else None,
-                keyfile=str(self.cfg.key_file) if self.cfg.key_file else None,
-            )
+            configure_tls(c, self.cfg)
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
