@@ -333,7 +333,7 @@ class _Cloud:
 
     def __init__(self, folder: Path) -> None:
         from cloud_sync.config import CloudConfig
-        from cloud_sync.db import CloudDB
+        from cloud_sync.db_sqlite import CloudDB
         from cloud_sync.receiver import Receiver
         from harvester_testing.broker import MosquittoBroker
 
@@ -796,7 +796,7 @@ def _fleet_db(path: Path, n_samples: int) -> float:
     events per vehicle, a status each. Returns the seconds the fill took."""
     import sqlite3
 
-    from cloud_sync.db import CloudDB
+    from cloud_sync.db_sqlite import CloudDB
     from harvester_common import wire
     from harvester_common.seqranges import merge_ranges
 
@@ -851,7 +851,7 @@ def _fleet_api_ms(paths: list[Path], rounds: int = 200) -> tuple[list[float], li
     import threading
     import urllib.request
 
-    from cloud_sync.db import CloudDB
+    from cloud_sync.db_sqlite import CloudDB
     from cloud_sync.web import make_server
 
     dbs = [CloudDB(p) for p in paths]

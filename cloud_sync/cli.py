@@ -18,6 +18,7 @@ from cloud_sync.config import CloudConfig, ConfigError, load_config
 from cloud_sync.database import open_db
 from cloud_sync.db import CloudDBError, FleetDB
 from cloud_sync.present import clean_alert, dumps, terminal
+from cloud_sync.reports import Reports
 from harvester_common.clirun import run_cli
 
 T = TypeVar("T")
@@ -84,7 +85,7 @@ def read_db(args: argparse.Namespace, query: Callable[[FleetDB], T]) -> T:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    vehicles, rejected = read_db(args, lambda db: (db.stats(), db.rejected()))
+    vehicles, rejected = read_db(args, lambda db: (Reports(db).stats(), Reports(db).rejected()))
     if args.json:
         out = [{k: v for k, v in s.to_dict().items() if k != "status"} for s in vehicles]
         print(dumps({"vehicles": out, "rejected": rejected}))
@@ -120,7 +121,7 @@ def _mib(n: int) -> str:
 
 
 def cmd_fleet(args: argparse.Namespace) -> int:
-    rows = read_db(args, lambda db: db.fleet())
+    rows = read_db(args, lambda db: Reports(db).fleet())
     if args.json:
         print(dumps({"vehicles": rows}))
         return 0
@@ -150,7 +151,7 @@ def cmd_alerts(args: argparse.Namespace) -> int:
     since = None
     if args.since is not None:
         since = args.since if args.since >= 1e9 else time.time() - args.since * 3600  # an epoch or hours back
-    rows = read_db(args, lambda db: db.alerts(args.vehicle, args.state, since))
+    rows = read_db(args, lambda db: Reports(db).alerts(args.vehicle, args.state, since))
     if args.json:
         print(dumps({"alerts": rows}))
         return 0

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cloud_sync.db import CloudDB, FleetDB
+from cloud_sync.db import FleetDB
+from cloud_sync.db_sqlite import CloudDB
 
 
 def open_db(url: str, path: Path) -> FleetDB:

@@ -21,39 +21,10 @@ import numpy as np
 import numpy.typing as npt
 import psycopg
 
-from cloud_sync.db import _SCHEMA_V3, SCHEMA_VERSION, CloudDBError, Cursor, FleetDB
+from cloud_sync.db import Cursor, FleetDB
+from cloud_sync.errors import CloudDBError
+from cloud_sync.migrations import Dialect, migrate
 
-_SCHEMA_V1 = [
-    """CREATE TABLE IF NOT EXISTS vehicles (
-        vehicle TEXT PRIMARY KEY, fleet TEXT NOT NULL, first_seen DOUBLE PRECISION NOT NULL,
-        last_seen DOUBLE PRECISION NOT NULL, online INTEGER NOT NULL DEFAULT 0, status TEXT)""",
-    """CREATE TABLE IF NOT EXISTS signals (
-        id SERIAL PRIMARY KEY, name TEXT NOT NULL, source TEXT NOT NULL, unit TEXT NOT NULL,
-        UNIQUE (name, source, unit))""",
-    """CREATE TABLE IF NOT EXISTS samples (
-        vehicle TEXT NOT NULL, seq BIGINT NOT NULL, ts DOUBLE PRECISION NOT NULL, signal_id INTEGER NOT NULL,
-        value DOUBLE PRECISION NOT NULL, PRIMARY KEY (vehicle, seq))""",
-    "CREATE INDEX IF NOT EXISTS samples_by_signal_time ON samples (vehicle, signal_id, ts)",
-    """CREATE TABLE IF NOT EXISTS alerts (
-        vehicle TEXT NOT NULL, seq BIGINT NOT NULL, alert_id TEXT NOT NULL, state TEXT NOT NULL,
-        ts DOUBLE PRECISION NOT NULL, score DOUBLE PRECISION, model TEXT, model_version TEXT, label TEXT,
-        record TEXT NOT NULL, PRIMARY KEY (vehicle, seq))""",
-    "CREATE INDEX IF NOT EXISTS alerts_by_id ON alerts (alert_id)",
-    "CREATE INDEX IF NOT EXISTS alerts_by_time ON alerts (ts)",
-    """CREATE TABLE IF NOT EXISTS events (
-        vehicle TEXT NOT NULL, seq BIGINT NOT NULL, kind TEXT NOT NULL, ts DOUBLE PRECISION NOT NULL,
-        record TEXT NOT NULL, PRIMARY KEY (vehicle, seq))""",
-    """CREATE TABLE IF NOT EXISTS ranges (
-        vehicle TEXT NOT NULL, seq_lo BIGINT NOT NULL, seq_hi BIGINT NOT NULL, kind TEXT NOT NULL)""",
-    "CREATE INDEX IF NOT EXISTS ranges_by_vehicle ON ranges (vehicle, seq_lo)",
-    """CREATE TABLE IF NOT EXISTS counters (
-        vehicle TEXT NOT NULL, name TEXT NOT NULL, value BIGINT NOT NULL, PRIMARY KEY (vehicle, name))""",
-    "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)",
-]
-_SCHEMA_V2 = [
-    "CREATE INDEX IF NOT EXISTS alerts_by_vehicle ON alerts (vehicle, alert_id, seq)",
-    "CREATE INDEX IF NOT EXISTS events_by_vehicle_kind ON events (vehicle, kind)",
-]
 _MIGRATION_LOCK = 0x68617276  # "harv": one receiver migrates, the others wait
 
 # One COPY row in PostgreSQL's binary format: field count, then (length, value) per column, big-endian.
@@ -81,7 +52,7 @@ class PostgresDB(FleetDB):
         self.where = _redact(url)
         self.connect_timeout_s = connect_timeout_s
         self._conn: psycopg.Connection[Any] | None = None
-        self._migrate()
+        migrate(self)
 
     def _connection(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed:
@@ -100,22 +71,22 @@ class PostgresDB(FleetDB):
                 self._conn.close()
             self._conn = None
 
-    def _migrate(self) -> None:
-        steps = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3}  # version 3 is plain SQL both dialects take
+    dialect: Dialect = "postgres"
+
+    @contextlib.contextmanager
+    def _migration(self) -> Iterator[Cursor]:
         with self._lock, self._transaction() as cur:
             cur.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
-            cur.execute("SELECT to_regclass('schema_version')")
-            v = 0
-            if cur.fetchone()[0] is not None:
-                cur.execute("SELECT max(version) FROM schema_version")
-                v = int(cur.fetchone()[0] or 0)
-            if v > SCHEMA_VERSION:
-                raise CloudDBError(f"{self.where}: schema version {v} is newer than this cloud_sync ({SCHEMA_VERSION})")
-            for step in range(v + 1, SCHEMA_VERSION + 1):
-                for stmt in steps[step]:
-                    cur.execute(stmt)
-                cur.execute("DELETE FROM schema_version")
-                cur.execute("INSERT INTO schema_version VALUES (%s)", (step,))
+            yield cur
+
+    def _schema_version(self, cur: Any) -> int:
+        cur.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        cur.execute("SELECT max(version) FROM schema_version")
+        return int(cur.fetchone()[0] or 0)
+
+    def _set_schema_version(self, cur: Any, version: int) -> None:
+        cur.execute("DELETE FROM schema_version")
+        cur.execute("INSERT INTO schema_version VALUES (%s)", (version,))
 
     def _sql(self, sql: str) -> str:
         return sql.replace("?", "%s")
@@ -135,7 +106,7 @@ class PostgresDB(FleetDB):
             self._drop_broken(e)
             raise
 
-    def _read(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    def read(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
             conn = self._connection()
             try:

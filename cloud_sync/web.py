@@ -33,6 +33,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from cloud_sync import web_page
 from cloud_sync.db import FleetDB
 from cloud_sync.present import clean_alert, plain
+from cloud_sync.reports import Reports
 
 log = logging.getLogger("cloud_sync.web")
 
@@ -71,7 +72,7 @@ class Api:
 
     def fleet(self) -> dict[str, Any]:
         with self._lock:
-            return {"vehicles": self.db.fleet()}
+            return {"vehicles": Reports(self.db).fleet()}
 
     def alerts(self, query: dict[str, list[str]]) -> dict[str, Any]:
         vehicle = query.get("vehicle", [""])[0] or None
@@ -86,7 +87,7 @@ class Api:
         if since is not None and not math.isfinite(since):
             raise BadRequest("since must be a Unix time")
         with self._lock:
-            rows = self.db.alerts(vehicle, state, since)
+            rows = Reports(self.db).alerts(vehicle, state, since)
         return {"alerts": [clean_alert(a) for a in reversed(rows)]}
 
     def alert(self, vehicle: str, seq_s: str) -> dict[str, Any] | None:
@@ -94,7 +95,7 @@ class Api:
             raise BadRequest("seq must be a non-negative integer")
         seq = int(seq_s)
         with self._lock:
-            raw = self.db.alert(vehicle, seq)
+            raw = Reports(self.db).alert(vehicle, seq)
             if raw is None:
                 return None
             a = clean_alert(raw)
@@ -107,7 +108,7 @@ class Api:
             # naming no signal plots nothing (names=None would mean every signal the vehicle has).
             series: dict[str, list[tuple[float, float]]] = {}
             for name in _alert_signals(a):
-                series.update(self.db.signal_series(vehicle, span[0], span[1], [name], MAX_POINTS))
+                series.update(Reports(self.db).signal_series(vehicle, span[0], span[1], [name], MAX_POINTS))
         return {"alert": a, "series": series, "span": span}
 
 

@@ -90,11 +90,12 @@ class _Progress:
 
 
 def _cloud_summary(db_path: Path) -> dict[str, Any]:
-    from cloud_sync.db import CloudDB
+    from cloud_sync.db_sqlite import CloudDB
+    from cloud_sync.reports import Reports
 
     db = CloudDB(db_path)
     try:
-        return {"vehicles": [v.to_dict() for v in db.stats()], "alerts": db.alerts()}
+        return {"vehicles": [v.to_dict() for v in Reports(db).stats()], "alerts": Reports(db).alerts()}
     finally:
         db.close()
 

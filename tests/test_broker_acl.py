@@ -47,8 +47,9 @@ from agent.config import MqttConfig, VehicleConfig
 from agent.store import Store
 from agent.uplink import Uplink
 from cloud_sync.config import CloudConfig
-from cloud_sync.db import CloudDB
+from cloud_sync.db_sqlite import CloudDB
 from cloud_sync.receiver import Receiver
+from cloud_sync.reports import Reports
 from harvester_common.wire import SampleColumns
 from harvester_testing.broker import MosquittoBroker, find_mosquitto, free_port
 from harvester_testing.tls import CertFiles, Pki
@@ -396,11 +397,11 @@ def test_the_agent_and_the_receiver_work_through_it(fleet: Fleet, tmp_path: Path
         while store.status()["backlog_records"] and time.monotonic() < deadline:
             time.sleep(0.05)
         assert store.status()["backlog_records"] == 0, store.status()  # every record acked end to end
-        stats = db.stats()[0]
+        stats = Reports(db).stats()[0]
         assert (stats.vehicle, stats.records) == ("veh-a", {"samples": 500, "alerts": 1, "events": 1})
-        while not db.stats()[0].online and time.monotonic() < deadline:
+        while not Reports(db).stats()[0].online and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert db.stats()[0].online  # its "online" status reached the receiver
+        assert Reports(db).stats()[0].online  # its "online" status reached the receiver
     finally:
         up.stop()
         rx.stop()

@@ -20,7 +20,8 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from cloud_sync.db import CloudDB
+from cloud_sync.db_sqlite import CloudDB
+from cloud_sync.reports import Reports
 from harvester_common import wire
 from harvester_testing.broker import MosquittoBroker
 from harvester_testing.cloudproc import write_config
@@ -142,7 +143,7 @@ def test_serve_log_escapes_vehicle_text(broker: MosquittoBroker, tmp_path: Path)
             # Sent until counted: the receiver may not have subscribed yet when the first one goes.
             def rejected() -> bool:
                 c.publish("fleet/f1/vehicle/v\u202eevil\u2066/telemetry", b"junk", qos=1).wait_for_publish(10)
-                return sum(db.rejected().values()) > 0
+                return sum(Reports(db).rejected().values()) > 0
 
             wait_for(rejected, what="the hostile message rejected")
         finally:

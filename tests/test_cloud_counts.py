@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 from cloud_sync.database import open_db
-from cloud_sync.db import CloudDB, FleetDB
+from cloud_sync.db import FleetDB
+from cloud_sync.db_sqlite import CloudDB
+from cloud_sync.reports import Reports
 from harvester_common import wire
 from harvester_common.seqranges import holes, merge_ranges
 from harvester_testing import postgres
@@ -41,25 +43,25 @@ def db(url_and_path: tuple[str, Path]) -> Iterator[FleetDB]:
 def counted(db: FleetDB) -> dict[str, dict[str, int]]:
     """The counts as kept at ingest (table `counters`), checked to be what the reports show."""
     out: dict[str, dict[str, int]] = {v: {"samples": 0, "alerts": 0, "events": 0}
-                                      for (v,) in db._read("SELECT vehicle FROM vehicles")}
-    for v, name, n in db._read("SELECT vehicle, name, value FROM counters WHERE name LIKE ?", ("stored:%",)):
+                                      for (v,) in db.read("SELECT vehicle FROM vehicles")}
+    for v, name, n in db.read("SELECT vehicle, name, value FROM counters WHERE name LIKE ?", ("stored:%",)):
         out[v][name.split(":", 1)[1]] = int(n)
-    assert out == {v.vehicle: v.records for v in db.stats()}
-    assert out == {r["vehicle"]: r["records"] for r in db.fleet()}
+    assert out == {v.vehicle: v.records for v in Reports(db).stats()}
+    assert out == {r["vehicle"]: r["records"] for r in Reports(db).fleet()}
     return out
 
 
 def counted_by_scan(db: FleetDB) -> dict[str, dict[str, int]]:
     out: dict[str, dict[str, int]] = {v: {"samples": 0, "alerts": 0, "events": 0}
-                                      for (v,) in db._read("SELECT vehicle FROM vehicles")}
+                                      for (v,) in db.read("SELECT vehicle FROM vehicles")}
     for kind in ("samples", "alerts", "events"):
-        for v, n in db._read(f"SELECT vehicle, COUNT(*) FROM {kind} GROUP BY vehicle"):
+        for v, n in db.read(f"SELECT vehicle, COUNT(*) FROM {kind} GROUP BY vehicle"):
             out[v][kind] = int(n)
     return out
 
 
 def gaps(db: FleetDB) -> dict[str, tuple[int, list[list[int]]]]:
-    return {v.vehicle: (v.highest_seq, v.gaps) for v in db.stats()}
+    return {v.vehicle: (v.highest_seq, v.gaps) for v in Reports(db).stats()}
 
 
 def gaps_by_merge(sent: list[wire.Batch]) -> dict[str, tuple[int, list[list[int]]]]:
@@ -111,7 +113,7 @@ def test_counts_equal_count_star_through_duplicates_redeliveries_and_overlaps(db
         assert counted(db) == counted_by_scan(db), f"after group {i}"
         assert gaps(db) == gaps_by_merge(sent), f"after group {i}"
         # Received ranges are merged as they arrive: one row per stretch without a hole, not one per segment.
-        rows = {v: int(n) for v, n in db._read("SELECT vehicle, COUNT(*) FROM ranges GROUP BY vehicle")}
+        rows = {v: int(n) for v, n in db.read("SELECT vehicle, COUNT(*) FROM ranges GROUP BY vehicle")}
         assert rows == {v: len(g) + 1 for v, (_, g) in gaps(db).items()}, f"after group {i}"
         stored = sum(sum(r.values()) for r in counted(db).values())
         assert stored > 0 and sum(r.new for r in results) <= stored
@@ -167,7 +169,7 @@ def test_migration_backfills_counts_of_a_schema_2_database(url_and_path: tuple[s
         assert counted(db) == expected == {"v1": {"samples": 300, "alerts": 1, "events": 1},
                                            "v2": {"samples": 20, "alerts": 0, "events": 0}}
         # Ranges merged by the migration: the same gaps, from one row per stretch.
-        assert sorted(tuple(map(str, r)) for r in db._read("SELECT vehicle, seq_lo, seq_hi FROM ranges")) == [
+        assert sorted(tuple(map(str, r)) for r in db.read("SELECT vehicle, seq_lo, seq_hi FROM ranges")) == [
             ("v1", "1", "302"), ("v1", "310", "330"), ("v2", "1", "20")]
         assert gaps(db) == {"v1": (330, [[303, 309]]), "v2": (20, [])}
         db.ingest([wire.Batch("f1", "v2", 2, [samples(1, 40)])])  # 20 resent, 20 new
@@ -184,8 +186,8 @@ def test_the_fleet_query_reads_no_sample(tmp_path: Path) -> None:
                    wire.Batch("f1", "v2", 1, [samples(1, 50), event(51, "evicted", {"ranges": [[60, 70]]})])])
         statements: list[str] = []
         db.db.set_trace_callback(statements.append)
-        rows = db.fleet()
-        stats = db.stats()
+        rows = Reports(db).fleet()
+        stats = Reports(db).stats()
         db.db.set_trace_callback(None)
         assert [r["records"]["samples"] for r in rows] == [v.records["samples"] for v in stats] == [500, 50]
         assert statements and not [q for q in statements if "samples" in q.lower()], statements

@@ -15,7 +15,9 @@ import pytest
 
 from cloud_sync.cli import main as cloud_main
 from cloud_sync.database import open_db
-from cloud_sync.db import CloudDB, FleetDB, UnstorableError
+from cloud_sync.db import FleetDB, UnstorableError
+from cloud_sync.db_sqlite import CloudDB
+from cloud_sync.reports import Reports
 from harvester_common import wire
 from harvester_testing import postgres
 
@@ -78,17 +80,17 @@ def test_the_same_batches_give_the_same_records_duplicates_and_gaps(db: FleetDB)
     b2 = wire.Batch("f1", "v1", 2, [samples(700, 100)])  # 502..699 missing: a gap
     assert [(r.new, r.duplicates) for r in db.ingest([b1, b2])] == [(501, 0), (100, 0)]
     assert [(r.new, r.duplicates) for r in db.ingest([b1])] == [(0, 501)]  # a resend stores nothing twice
-    v = db.stats()[0]
+    v = Reports(db).stats()[0]
     assert v.records == {"samples": 600, "alerts": 1, "events": 0}
     assert v.duplicates == 501 and v.highest_seq == 799 and v.gaps == [[502, 699]]
     db.ingest([wire.Batch("f1", "v1", 3, [event(800, "evicted", {"ranges": [[502, 699]]})])])
-    v = db.stats()[0]
+    v = Reports(db).stats()[0]
     assert v.gaps == [] and v.evicted == [[502, 699]]  # explained by the vehicle's eviction report
 
 
 def test_fleet_rows_and_alert_filters(db: FleetDB) -> None:
     seed_fleet(db)
-    rows = {r["vehicle"]: r for r in db.fleet(now=T0 + 100)}
+    rows = {r["vehicle"]: r for r in Reports(db).fleet(now=T0 + 100)}
     assert set(rows) == {"v1", "v2", "v3"}
     v1, v2, v3 = rows["v1"], rows["v2"], rows["v3"]
     assert v1["online"] and not v2["online"] and v3["online"]
@@ -97,13 +99,13 @@ def test_fleet_rows_and_alert_filters(db: FleetDB) -> None:
     assert v1["budget"] == {"used_today": 3 * 1048576, "daily_bytes": 50 * 1048576} and v1["drift"] is True
     assert v2["evicted"]["ranges_received"] == 96 and v2["gaps"] == 0
     assert v3["budget"] == {"used_today": 0, "daily_bytes": 0}  # a malformed status field is not trusted
-    assert [a["alert_id"] for a in db.alerts(state="open")] == ["a1"]
-    assert [(a["alert_id"], a["state"]) for a in db.alerts(state="closed")] == [("a2", "closed")]
-    assert [a["seq"] for a in db.alerts(vehicle="v2")] == [101, 102]
-    assert [a["seq"] for a in db.alerts(since=T0 + 40)] == [1001, 102]
-    a = db.alert("v1", 1001)
+    assert [a["alert_id"] for a in Reports(db).alerts(state="open")] == ["a1"]
+    assert [(a["alert_id"], a["state"]) for a in Reports(db).alerts(state="closed")] == [("a2", "closed")]
+    assert [a["seq"] for a in Reports(db).alerts(vehicle="v2")] == [101, 102]
+    assert [a["seq"] for a in Reports(db).alerts(since=T0 + 40)] == [1001, 102]
+    a = Reports(db).alert("v1", 1001)
     assert a is not None and a["label"] == "coolant_leak"
-    series = db.signal_series("v1", T0, T0 + 20, ["ET1.EngCoolantTemp"])
+    series = Reports(db).signal_series("v1", T0, T0 + 20, ["ET1.EngCoolantTemp"])
     assert list(series) == ["ET1.EngCoolantTemp"] and len(series["ET1.EngCoolantTemp"]) == 100
     assert series["ET1.EngCoolantTemp"][0] == pytest.approx((T0 + 0.1, 90.01))
 
@@ -160,7 +162,7 @@ def _one_signal(lo: int, n: int, sig: tuple[str, str, str], value: float) -> wir
 
 
 def _signal_of_each_sample(db: FleetDB, vehicle: str) -> dict[int, str | None]:
-    rows = db._read("SELECT s.seq, g.name FROM samples s LEFT JOIN signals g ON g.id = s.signal_id "
+    rows = db.read("SELECT s.seq, g.name FROM samples s LEFT JOIN signals g ON g.id = s.signal_id "
                     "WHERE s.vehicle=? ORDER BY s.seq", (vehicle,))
     return {int(seq): name for seq, name in rows}
 
@@ -173,7 +175,7 @@ def test_every_sample_keeps_its_signal_through_a_failed_transaction(db: FleetDB)
     poison = wire.Batch("f1", "v2", 2, [alert(2**63, "p", "open", T0)])
     with pytest.raises(UnstorableError):  # the backend refused the data; the database is fine
         db.ingest([first, poison])
-    assert db.stats() == []  # nothing of the failed group is stored
+    assert Reports(db).stats() == []  # nothing of the failed group is stored
     second = wire.Batch("f1", "v1", 3, [_one_signal(100, 10, ("SECOND.Sig", "can0/00", "u"), 2.0)])
     db.ingest([second])
     db.ingest([first])  # the redelivery, alone, after the failure

@@ -18,8 +18,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from cloud_sync.cli import main as cloud_main
 from cloud_sync.config import CloudConfig, load_config
-from cloud_sync.db import CloudDB
+from cloud_sync.db_sqlite import CloudDB
 from cloud_sync.receiver import Receiver, _Msg
+from cloud_sync.reports import Reports
 from harvester_common import wire
 from harvester_testing.broker import MosquittoBroker
 from tests.test_uplink import wait_for
@@ -122,9 +123,9 @@ def test_batch_is_stored_then_acked(broker: MosquittoBroker, receiver: Receiver,
     wait_for(lambda: len(v.acks) == 1, what="ack")
     assert v.acks[0].batch == 7 and v.acks[0].ranges == [(1, 100), (101, 101)] and v.acks[0].status == "ok"
     assert seen_at_ack == [100]
-    s = receiver.db.stats()[0]
+    s = Reports(receiver.db).stats()[0]
     assert s.records == {"samples": 100, "alerts": 1, "events": 0} and s.highest_seq == 101 and s.gaps == []
-    assert receiver.db.alerts()[0]["label"] == "coolant_leak"
+    assert Reports(receiver.db).alerts()[0]["label"] == "coolant_leak"
     v.close()
 
 
@@ -135,7 +136,7 @@ def test_duplicates_stored_once_and_acked_again(broker: MosquittoBroker, receive
     v.send(b)
     v.send(batch(2, samples(1, 80)))  # overlaps: 50 old, 30 new... as a different segmentation would
     wait_for(lambda: len(v.acks) == 3, what="three acks")
-    s = receiver.db.stats()[0]
+    s = Reports(receiver.db).stats()[0]
     assert s.records["samples"] == 80 and s.duplicates == 100
     v.close()
 
@@ -149,7 +150,7 @@ def test_gaps_and_evictions(broker: MosquittoBroker, receiver: Receiver) -> None
     )
     v.send(batch(3, ev), leaf="events")
     wait_for(lambda: len(v.acks) == 3, what="acks")
-    s = receiver.db.stats()[0]
+    s = Reports(receiver.db).stats()[0]
     assert s.evicted == [[11, 20]] and s.gaps == [[21, 30]] and s.highest_seq == 41
     v.close()
 
@@ -164,8 +165,8 @@ def test_hostile_messages_rejected_counted_and_service_continues(broker: Mosquit
     v.send(batch(1, samples(1, 5), vid="v2"), topic_vehicle="v1")  # claims another vehicle than its topic
     v.send(batch(5, samples(1, 5)))
     wait_for(lambda: len(v.acks) == 2, what="the good batch's ack and the mismatch's rejection")
-    wait_for(lambda: sum(receiver.db.rejected().values()) == 5, what="rejections counted")
-    assert receiver.db.rejected() == {"malformed": 3, "oversized": 1, "vehicle_mismatch": 1}
+    wait_for(lambda: sum(Reports(receiver.db).rejected().values()) == 5, what="rejections counted")
+    assert Reports(receiver.db).rejected() == {"malformed": 3, "oversized": 1, "vehicle_mismatch": 1}
     # Nothing decodable names a batch in the first four; the mismatched one does, and is told it is refused.
     assert sorted((a.batch, a.status) for a in v.acks) == [(1, "rejected"), (5, "ok")]
     assert next(a for a in v.acks if a.batch == 1).reason.startswith("vehicle_mismatch")
@@ -187,7 +188,7 @@ def test_messages_published_while_receiver_is_down_arrive_after_restart(
     rx.start()
     try:
         wait_for(lambda: len(v.acks) == 1, what="ack after restart")
-        assert db.stats()[0].records["samples"] == 20
+        assert Reports(db).stats()[0].records["samples"] == 20
     finally:
         rx.stop()
         v.close()
@@ -200,9 +201,9 @@ def test_status_marks_vehicle_online_and_offline(broker: MosquittoBroker, receiv
     c.loop_start()
     topic = wire.vehicle_topic("f1", "v9", "status")
     c.publish(topic, json.dumps({"state": "online", "ts": 1.0}), qos=1, retain=True).wait_for_publish(10)
-    wait_for(lambda: any(s.vehicle == "v9" and s.online for s in receiver.db.stats()), what="online")
+    wait_for(lambda: any(s.vehicle == "v9" and s.online for s in Reports(receiver.db).stats()), what="online")
     c.publish(topic, json.dumps({"state": "offline", "ts": 2.0}), qos=1, retain=True).wait_for_publish(10)
-    wait_for(lambda: any(s.vehicle == "v9" and not s.online for s in receiver.db.stats()), what="offline")
+    wait_for(lambda: any(s.vehicle == "v9" and not s.online for s in Reports(receiver.db).stats()), what="offline")
     c.loop_stop()
     c.disconnect()
 
@@ -244,7 +245,7 @@ def test_gap_below_a_quarantine_floor_is_explained(broker: MosquittoBroker, rece
                                                  "data": {"moved_to": "/x", "reason": "corrupt", "seq_floor": 5000}})
     v.send(batch(2, q, samples(5001, 5)), leaf="events")  # the new store starts at its floor
     wait_for(lambda: len(v.acks) == 2, what="acks")
-    s = receiver.db.stats()[0]
+    s = Reports(receiver.db).stats()[0]
     assert s.gaps == [] and s.quarantined == [[1010, 4999]]
     v.close()
 
@@ -255,8 +256,8 @@ def test_oversized_status_is_rejected_like_any_message(broker: MosquittoBroker, 
     c.loop_start()
     body = json.dumps({"state": "online", "pad": "x" * 300_000})
     c.publish(wire.vehicle_topic("f1", "v8", "status"), body, qos=1).wait_for_publish(10)
-    wait_for(lambda: receiver.db.rejected().get("oversized", 0) == 1, what="oversized status counted")
-    assert not any(s.vehicle == "v8" for s in receiver.db.stats())
+    wait_for(lambda: Reports(receiver.db).rejected().get("oversized", 0) == 1, what="oversized status counted")
+    assert not any(s.vehicle == "v8" for s in Reports(receiver.db).stats())
     c.loop_stop()
     c.disconnect()
 
@@ -308,8 +309,8 @@ def test_poison_from_many_vehicles_never_stalls_the_fleet(broker: MosquittoBroke
         alert = wire.Segment("alert", 10, 10, record={"alert_id": "a1", "state": "open", "ts": 1.0, "label": "leak"})
         good.send(batch(77, alert, vid="good"), leaf="alerts")
         wait_for(lambda: any(a.batch == 77 and a.status == "ok" for a in good.acks), what="the good alert's ack")
-        assert [a["alert_id"] for a in db.alerts(vehicle="good")] == ["a1"]
-        wait_for(lambda: sum(db.rejected().values()) == 120, what="every poison message counted")
+        assert [a["alert_id"] for a in Reports(db).alerts(vehicle="good")] == ["a1"]
+        wait_for(lambda: sum(Reports(db).rejected().values()) == 120, what="every poison message counted")
         assert sum(v for k, v in rx.stats.items() if k.startswith("rejected:")) == 120
         # the batches whose header names a batch id (the huge seq, the bad eviction event) got a rejected ack
         assert rx.stats["rejected_acks"] == 30
@@ -320,9 +321,9 @@ def test_poison_from_many_vehicles_never_stalls_the_fleet(broker: MosquittoBroke
         good.send(batch(78, wire.Segment("alert", 11, 11, record={"alert_id": "a1", "state": "closed", "ts": 2.0}),
                         vid="good"), leaf="alerts")
         wait_for(lambda: any(a.batch == 78 and a.status == "ok" for a in good.acks), what="an ack after restart")
-        assert [a["state"] for a in db.alerts(vehicle="good")] == ["open", "closed"]
-        assert sum(db.rejected().values()) == 120  # PUBACKed: none came back after the restart
-        s = {v.vehicle: v for v in db.stats()}
+        assert [a["state"] for a in Reports(db).alerts(vehicle="good")] == ["open", "closed"]
+        assert sum(Reports(db).rejected().values()) == 120  # PUBACKed: none came back after the restart
+        s = {v.vehicle: v for v in Reports(db).stats()}
         assert set(s) == {"good"} and s["good"].records["alerts"] == 2  # cloud-sync stats still reads the fleet
     finally:
         rx.stop()
@@ -352,8 +353,8 @@ def test_a_group_the_database_refuses_is_stored_message_by_message(
     assert held == []
     wait_for(lambda: len(v.acks) == 3, what="three acks")
     assert sorted((a.batch, a.status) for a in v.acks) == [(1, "ok"), (2, "rejected"), (3, "ok")]
-    assert [a["alert_id"] for a in receiver.db.alerts()] == ["a", "c"]
-    assert receiver.db.rejected() == {"unstorable": 1} and receiver.stats["groups_split"] == 1
+    assert [a["alert_id"] for a in Reports(receiver.db).alerts()] == ["a", "c"]
+    assert Reports(receiver.db).rejected() == {"unstorable": 1} and receiver.stats["groups_split"] == 1
     v.close()
 
 
@@ -372,7 +373,7 @@ def test_only_a_database_outage_holds_messages(broker: MosquittoBroker, receiver
     locker.close()
     assert receiver._process(held) == []
     wait_for(lambda: len(v.acks) == 1, what="the ack once the database is back")
-    assert v.acks[0].status == "ok" and receiver.db.rejected() == {"malformed": 1}
+    assert v.acks[0].status == "ok" and Reports(receiver.db).rejected() == {"malformed": 1}
     v.close()
 
 
@@ -400,14 +401,14 @@ def test_ids_names_and_labels_are_checked_at_the_receiver(broker: MosquittoBroke
     c.publish(wire.vehicle_topic("f" * 65, "v1", "status"), b'{"state": "online"}', qos=1).wait_for_publish(10)
     c.publish(wire.vehicle_topic("f1", "v1", "status"), b'{"state": 5}', qos=1).wait_for_publish(10)
     v.send(alert(7, 8, label="coolant_leak", model="harvester-anomaly", model_version="1.0.0"), leaf="alerts")
-    wait_for(lambda: sum(receiver.db.rejected().values()) == 8, what="eight rejections")
-    assert receiver.db.rejected() == {"bad_signal": 1, "bad_record": 4, "bad_id": 2, "bad_status": 1}
+    wait_for(lambda: sum(Reports(receiver.db).rejected().values()) == 8, what="eight rejections")
+    assert Reports(receiver.db).rejected() == {"bad_signal": 1, "bad_record": 4, "bad_id": 2, "bad_status": 1}
     wait_for(lambda: len(v.acks) == 6, what="five rejected acks and one ok")
     assert sorted((a.batch, a.status) for a in v.acks) == [(1, "rejected"), (2, "rejected"), (3, "rejected"),
                                                             (4, "rejected"), (5, "rejected"), (7, "ok")]
     assert odd.acks == []  # a topic the receiver cannot trust gets no answer
-    assert [a["label"] for a in receiver.db.alerts()] == ["coolant_leak"]
-    assert {s.vehicle for s in receiver.db.stats()} == {"v1"}
+    assert [a["label"] for a in Reports(receiver.db).alerts()] == ["coolant_leak"]
+    assert {s.vehicle for s in Reports(receiver.db).stats()} == {"v1"}
     c.loop_stop()
     c.disconnect()
     v.close()

@@ -19,8 +19,9 @@ from agent.config import MqttConfig, VehicleConfig
 from agent.store import Store
 from agent.uplink import Uplink
 from cloud_sync.config import CloudConfig
-from cloud_sync.db import CloudDB
+from cloud_sync.db_sqlite import CloudDB
 from cloud_sync.receiver import Receiver
+from cloud_sync.reports import Reports
 from harvester_common import wire
 from harvester_testing.broker import MosquittoBroker
 from tests.test_uplink import wait_for
@@ -79,7 +80,7 @@ class Rig:
                                  f"cloud connected {rx.connected.is_set() if rx else None}, "
                                  f"cloud stats {dict(rx.stats) if rx else None}") from None
         st = self.store.status()
-        v = self.db.stats()[0]
+        v = Reports(self.db).stats()[0]
         assert v.records["samples"] == st["records_written"]["samples"] - st["evicted"]["samples"]
         assert v.records["alerts"] + v.records["events"] == st["records_written"]["records"] - st["evicted"]["records"]
         assert v.gaps == []
@@ -148,7 +149,7 @@ def test_cloud_down_while_broker_up_data_waits_on_the_vehicle(rig: Rig) -> None:
     assert rig.up.stats.batches_sent > 0 and rig.up.stats.ack_timeouts > 0
     rig.start_cloud()
     rig.check_exactly_once()
-    assert rig.db.stats()[0].duplicates > 0  # resent batches were stored once, counted as duplicates
+    assert Reports(rig.db).stats()[0].duplicates > 0  # resent batches were stored once, counted as duplicates
 
 
 def test_disk_bound_reached_during_outage(broker: MosquittoBroker, tmp_path: Path) -> None:
@@ -162,7 +163,7 @@ def test_disk_bound_reached_during_outage(broker: MosquittoBroker, tmp_path: Pat
         assert st["evicted"]["samples"] > 0 and st["evicted"]["records"] == 0  # alerts kept
         broker.start()
         rig.check_exactly_once()
-        v = rig.db.stats()[0]
+        v = Reports(rig.db).stats()[0]
         assert v.records["alerts"] == 20
         evicted = sum(hi - lo + 1 for lo, hi in v.evicted)
         assert evicted == st["evicted"]["samples"]  # every eviction explained to the cloud, none a gap
@@ -222,7 +223,7 @@ reconnect_max_s = 0.5
         up.stop()
         st = store.status()
         store.close()
-        v = db.stats()[0]
+        v = Reports(db).stats()[0]
         assert v.records["samples"] == st["records_written"]["samples"] > 0
         assert v.gaps == [] and v.highest_seq == st["highest_seq"]
     finally:

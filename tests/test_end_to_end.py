@@ -18,7 +18,8 @@ import pytest
 
 from agent.config import AgentConfig
 from agent.service import Agent
-from cloud_sync.db import CloudDB
+from cloud_sync.db_sqlite import CloudDB
+from cloud_sync.reports import Reports
 from harvester_sim import Harvester, Simulator
 from harvester_sim.pty import PtyPair
 from harvester_testing.broker import MosquittoBroker
@@ -64,10 +65,11 @@ def test_fault_to_cloud_alert_and_every_sample_exactly_once(broker: MosquittoBro
     written = agent.store_status_at_stop["records_written"]
     try:
         db = CloudDB(cloud_db)
-        wait_for(lambda: db.stats() and db.stats()[0].records["samples"] >= written["samples"], timeout=30,
+        reports = Reports(db)
+        wait_for(lambda: reports.stats() and reports.stats()[0].records["samples"] >= written["samples"], timeout=30,
                  what="cloud to hold every sample")
-        v = db.stats()[0]
-        alerts = db.alerts()
+        v = Reports(db).stats()[0]
+        alerts = Reports(db).alerts()
     finally:
         cloud.send_signal(signal.SIGTERM)
         out = cloud.communicate(timeout=30)[0].decode()

@@ -14,8 +14,9 @@ from agent.config import AgentConfig, ConfigError, MqttConfig, VehicleConfig, lo
 from agent.store import Store
 from agent.uplink import Uplink
 from cloud_sync.config import CloudConfig
-from cloud_sync.db import CloudDB
+from cloud_sync.db_sqlite import CloudDB
 from cloud_sync.receiver import Receiver
+from cloud_sync.reports import Reports
 from harvester_common import wire
 from harvester_testing.broker import MosquittoBroker
 from tests.test_uplink import wait_for
@@ -76,13 +77,13 @@ def test_a_vehicle_at_the_edge_sends_only_batches_the_receiver_accepts(
     up.start()
     try:
         wait_for(lambda: store.status()["backlog_records"] == 1, timeout=120, what="all but the oversized row acked")
-        assert db.rejected() == {} and up.stats.rejected_batches == 0 and rx.stats["rejected_acks"] == 0
+        assert Reports(db).rejected() == {} and up.stats.rejected_batches == 0 and rx.stats["rejected_acks"] == 0
         assert up.stats.oversized_rows == 1  # counted, kept in the store, never offered to the cloud
-        v = db.stats()[0]
+        v = Reports(db).stats()[0]
         # the unsendable record is the one gap the cloud reports, as it should: it never arrived
         assert v.records == {"samples": written, "alerts": 1, "events": 1} and v.gaps == [[seqs[1], seqs[1]]]
-        assert db.alerts()[0]["alert_id"] == "big"
-        names = {r[0] for r in db._read("SELECT name FROM signals")}
+        assert Reports(db).alerts()[0]["alert_id"] == "big"
+        names = {r[0] for r in db.read("SELECT name FROM signals")}
         assert "vib.Accel__Rms" in names and len(names) == 2 + len(many) + 1
     finally:
         up.stop()

@@ -95,10 +95,11 @@ def test_three_receivers_one_killed_mid_stream_nothing_lost_nothing_twice(
                             "HAVING count(*) > 1) d").fetchone()
             assert dup is not None and dup[0] == 0
         from cloud_sync.db_postgres import PostgresDB
+        from cloud_sync.reports import Reports
 
         db = PostgresDB(url)
         try:
-            assert all(v.gaps == [] for v in db.stats())
+            assert all(v.gaps == [] for v in Reports(db).stats())
         finally:
             db.close()
     finally:
@@ -119,6 +120,7 @@ def test_database_outage_delays_but_loses_nothing(
     from cloud_sync.config import CloudConfig
     from cloud_sync.db_postgres import PostgresDB
     from cloud_sync.receiver import Receiver
+    from cloud_sync.reports import Reports
 
     url = pg_server.new_database("outage")
     cfg = CloudConfig.model_validate({"mqtt": {"host": broker.host, "port": broker.port, "client_id": "rx-outage"},
@@ -143,7 +145,7 @@ def test_database_outage_delays_but_loses_nothing(
         assert store.status()["backlog_records"] > 0  # nothing acked while the database was down
         pg_server.start()
         wait_for(lambda: store.status()["backlog_records"] == 0, timeout=60, what="drain after the outage")
-        v = db.stats()[0]
+        v = Reports(db).stats()[0]
         assert v.records["samples"] == 20_000 == store.status()["records_written"]["samples"]
         assert v.gaps == []
     finally:

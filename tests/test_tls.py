@@ -13,8 +13,9 @@ from agent.config import MqttConfig, VehicleConfig
 from agent.store import Store
 from agent.uplink import Uplink
 from cloud_sync.config import CloudConfig
-from cloud_sync.db import CloudDB
+from cloud_sync.db_sqlite import CloudDB
 from cloud_sync.receiver import Receiver
+from cloud_sync.reports import Reports
 from harvester_testing.broker import MosquittoBroker, free_port
 from harvester_testing.tls import Pki
 from tests.test_uplink import _cols, wait_for
@@ -52,7 +53,7 @@ def test_vehicle_syncs_over_tls_with_its_certificate(tls_broker: tuple[Mosquitto
     try:
         assert rx.connected.wait(10)
         wait_for(lambda: store.status()["backlog_records"] == 0, what="drain over TLS")
-        assert db.stats()[0].records["samples"] == 1000
+        assert Reports(db).stats()[0].records["samples"] == 1000
     finally:
         up.stop()
         rx.stop()

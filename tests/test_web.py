@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from cloud_sync.db import CloudDB
+from cloud_sync.db_sqlite import CloudDB
 from cloud_sync.web import WebServer, make_server
 from harvester_common import wire
 from tests.test_cloud_db import T0, alert, samples, seed_fleet

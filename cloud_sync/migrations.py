@@ -1,0 +1,156 @@
+"""The cloud database's schema for both engines: one append-only list of steps, applied by one function.
+
+Each step brings the schema from the version before it to its own, in the same transaction as the new version
+number, so a receiver killed mid-upgrade leaves the old schema. A step that has shipped is never edited (a test pins
+each shipped step's text): a change is a new step at the end. Where the dialects differ (column types, how an id is
+generated, `WITHOUT ROWID`) a step gives each engine its statements; where they agree one list serves both.
+
+Where the version number lives is the backend's business, as databases from before this module keep it: SQLite's
+`PRAGMA user_version`, PostgreSQL's `schema_version` table; so is the lock that lets one receiver migrate while
+the others wait (SQLite `BEGIN IMMEDIATE`, a PostgreSQL advisory lock).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from cloud_sync.errors import CloudDBError
+
+Dialect = Literal["sqlite", "postgres"]
+
+
+class _Cursor(Protocol):
+    def execute(self, sql: str, /) -> object: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    version: int
+    why: str
+    sqlite: tuple[str, ...]
+    postgres: tuple[str, ...]
+
+    def statements(self, dialect: Dialect) -> tuple[str, ...]:
+        return self.sqlite if dialect == "sqlite" else self.postgres
+
+
+_SQLITE_V1 = [
+    """CREATE TABLE IF NOT EXISTS vehicles (
+        vehicle TEXT PRIMARY KEY, fleet TEXT NOT NULL, first_seen REAL NOT NULL, last_seen REAL NOT NULL,
+        online INTEGER NOT NULL DEFAULT 0, status TEXT)""",
+    """CREATE TABLE IF NOT EXISTS signals (
+        id INTEGER PRIMARY KEY, name TEXT NOT NULL, source TEXT NOT NULL, unit TEXT NOT NULL,
+        UNIQUE (name, source, unit))""",
+    """CREATE TABLE IF NOT EXISTS samples (
+        vehicle TEXT NOT NULL, seq INTEGER NOT NULL, ts REAL NOT NULL, signal_id INTEGER NOT NULL,
+        value REAL NOT NULL, PRIMARY KEY (vehicle, seq)) WITHOUT ROWID""",
+    "CREATE INDEX IF NOT EXISTS samples_by_signal_time ON samples (vehicle, signal_id, ts)",
+    """CREATE TABLE IF NOT EXISTS alerts (
+        vehicle TEXT NOT NULL, seq INTEGER NOT NULL, alert_id TEXT NOT NULL, state TEXT NOT NULL, ts REAL NOT NULL,
+        score REAL, model TEXT, model_version TEXT, label TEXT, record TEXT NOT NULL,
+        PRIMARY KEY (vehicle, seq))""",
+    "CREATE INDEX IF NOT EXISTS alerts_by_id ON alerts (alert_id)",
+    "CREATE INDEX IF NOT EXISTS alerts_by_time ON alerts (ts)",
+    """CREATE TABLE IF NOT EXISTS events (
+        vehicle TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, ts REAL NOT NULL, record TEXT NOT NULL,
+        PRIMARY KEY (vehicle, seq))""",
+    """CREATE TABLE IF NOT EXISTS ranges (
+        vehicle TEXT NOT NULL, seq_lo INTEGER NOT NULL, seq_hi INTEGER NOT NULL, kind TEXT NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS ranges_by_vehicle ON ranges (vehicle, seq_lo)",
+    """CREATE TABLE IF NOT EXISTS counters (
+        vehicle TEXT NOT NULL, name TEXT NOT NULL, value INTEGER NOT NULL, PRIMARY KEY (vehicle, name))""",
+]
+
+_POSTGRES_V1 = [
+    """CREATE TABLE IF NOT EXISTS vehicles (
+        vehicle TEXT PRIMARY KEY, fleet TEXT NOT NULL, first_seen DOUBLE PRECISION NOT NULL,
+        last_seen DOUBLE PRECISION NOT NULL, online INTEGER NOT NULL DEFAULT 0, status TEXT)""",
+    """CREATE TABLE IF NOT EXISTS signals (
+        id SERIAL PRIMARY KEY, name TEXT NOT NULL, source TEXT NOT NULL, unit TEXT NOT NULL,
+        UNIQUE (name, source, unit))""",
+    """CREATE TABLE IF NOT EXISTS samples (
+        vehicle TEXT NOT NULL, seq BIGINT NOT NULL, ts DOUBLE PRECISION NOT NULL, signal_id INTEGER NOT NULL,
+        value DOUBLE PRECISION NOT NULL, PRIMARY KEY (vehicle, seq))""",
+    "CREATE INDEX IF NOT EXISTS samples_by_signal_time ON samples (vehicle, signal_id, ts)",
+    """CREATE TABLE IF NOT EXISTS alerts (
+        vehicle TEXT NOT NULL, seq BIGINT NOT NULL, alert_id TEXT NOT NULL, state TEXT NOT NULL,
+        ts DOUBLE PRECISION NOT NULL, score DOUBLE PRECISION, model TEXT, model_version TEXT, label TEXT,
+        record TEXT NOT NULL, PRIMARY KEY (vehicle, seq))""",
+    "CREATE INDEX IF NOT EXISTS alerts_by_id ON alerts (alert_id)",
+    "CREATE INDEX IF NOT EXISTS alerts_by_time ON alerts (ts)",
+    """CREATE TABLE IF NOT EXISTS events (
+        vehicle TEXT NOT NULL, seq BIGINT NOT NULL, kind TEXT NOT NULL, ts DOUBLE PRECISION NOT NULL,
+        record TEXT NOT NULL, PRIMARY KEY (vehicle, seq))""",
+    """CREATE TABLE IF NOT EXISTS ranges (
+        vehicle TEXT NOT NULL, seq_lo BIGINT NOT NULL, seq_hi BIGINT NOT NULL, kind TEXT NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS ranges_by_vehicle ON ranges (vehicle, seq_lo)",
+    """CREATE TABLE IF NOT EXISTS counters (
+        vehicle TEXT NOT NULL, name TEXT NOT NULL, value BIGINT NOT NULL, PRIMARY KEY (vehicle, name))""",
+    "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)",
+]
+
+_SCHEMA_V2 = [
+    "CREATE INDEX IF NOT EXISTS alerts_by_vehicle ON alerts (vehicle, alert_id, seq)",
+    "CREATE INDEX IF NOT EXISTS events_by_vehicle_kind ON events (vehicle, kind)",
+]
+
+# Version 3: records stored per vehicle and kind, kept in `counters` ("stored:samples", "stored:alerts",
+# "stored:events") by the ingest transaction itself, so the fleet reports read one row instead of COUNT(*) over the
+# whole history. A database from before starts from one full count here (once).
+STORED_KINDS = ("samples", "alerts", "events")
+_SCHEMA_V3 = [
+    f"INSERT INTO counters (vehicle, name, value) SELECT vehicle, 'stored:{k}', COUNT(*) FROM {k} GROUP BY vehicle"
+    for k in STORED_KINDS
+] + [
+    # And received ranges merged into one row per stretch without a hole (ingest keeps them so from now on): a
+    # range starts a new stretch unless it overlaps or touches the ranges before it.
+    """INSERT INTO ranges (vehicle, seq_lo, seq_hi, kind)
+       SELECT vehicle, MIN(seq_lo), MAX(seq_hi), 'merged' FROM (
+         SELECT vehicle, seq_lo, seq_hi,
+                SUM(fresh) OVER (PARTITION BY vehicle ORDER BY seq_lo, seq_hi ROWS UNBOUNDED PRECEDING) AS stretch
+         FROM (SELECT vehicle, seq_lo, seq_hi,
+                      CASE WHEN seq_lo <= MAX(seq_hi) OVER (PARTITION BY vehicle ORDER BY seq_lo, seq_hi
+                                                           ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) + 1
+                           THEN 0 ELSE 1 END AS fresh
+               FROM ranges) a) b
+       GROUP BY vehicle, stretch""",
+    "DELETE FROM ranges WHERE kind <> 'merged'",
+]
+
+STEPS: tuple[Step, ...] = (
+    Step(1, "tables: vehicles, signals, samples, alerts, events, ranges, counters",
+         tuple(_SQLITE_V1), tuple(_POSTGRES_V1)),
+    Step(2, "indexes for the fleet queries", tuple(_SCHEMA_V2), tuple(_SCHEMA_V2)),
+    Step(3, "stored counts per vehicle and kind; received ranges merged", tuple(_SCHEMA_V3), tuple(_SCHEMA_V3)),
+)
+SCHEMA_VERSION = STEPS[-1].version
+
+
+class Migratable(Protocol):
+    """What a backend gives `migrate`."""
+
+    dialect: Dialect
+    where: str
+
+    def _migration(self) -> contextlib.AbstractContextManager[_Cursor]:
+        """A write transaction holding the lock that keeps other receivers out until it ends."""
+
+    def _schema_version(self, cur: _Cursor) -> int: ...
+
+    def _set_schema_version(self, cur: _Cursor, version: int) -> None: ...
+
+
+def migrate(db: Migratable) -> int:
+    """Bring the database to SCHEMA_VERSION in one transaction; returns the version it had. A database newer than
+    this code is refused (CloudDBError), never written to."""
+    with db._migration() as cur:
+        found = db._schema_version(cur)
+        if found > SCHEMA_VERSION:
+            raise CloudDBError(f"{db.where}: schema version {found} is newer than this cloud_sync ({SCHEMA_VERSION})")
+        for step in STEPS[found:]:
+            for stmt in step.statements(db.dialect):
+                cur.execute(stmt)
+            db._set_schema_version(cur, step.version)
+    return found

@@ -1,0 +1,100 @@
+"""The cloud schema's one migration mechanism (cloud_sync/migrations.py), on both engines: the same steps give the
+same tables and columns, a shipped step is never edited, an upgrade is one transaction, a newer database is refused."""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cloud_sync.database import open_db
+from cloud_sync.db import CloudDBError, FleetDB
+from cloud_sync.db_sqlite import CloudDB
+from cloud_sync.migrations import SCHEMA_VERSION, STEPS
+from harvester_testing import postgres
+
+# The text of every step that has shipped. A step's statements are what databases in the field went through: change
+# the schema with a new step at the end, never by editing one of these (this test then fails, on purpose).
+SHIPPED = {1: "fad59918081d412c", 2: "3352f25b29c283d3", 3: "fe31e400523d78c2"}
+
+
+def fingerprint(version: int) -> str:
+    step = STEPS[version - 1]
+    return hashlib.sha256(repr((step.sqlite, step.postgres)).encode()).hexdigest()[:16]
+
+
+def test_steps_are_numbered_from_one_without_holes_and_shipped_ones_are_unchanged() -> None:
+    assert [s.version for s in STEPS] == list(range(1, len(STEPS) + 1))
+    assert SCHEMA_VERSION == STEPS[-1].version
+    for version, expected in SHIPPED.items():
+        assert fingerprint(version) == expected, f"shipped schema step {version} was edited: add a new step instead"
+
+
+_n = 0
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def fresh(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[FleetDB]:
+    global _n
+    if request.param == "sqlite":
+        d: FleetDB = CloudDB(tmp_path / "cloud.sqlite")
+    else:
+        pg: postgres.TempPostgres = request.getfixturevalue("pg_server")
+        _n += 1
+        d = open_db(pg.new_database(f"mig{_n}"), tmp_path / "unused.sqlite")
+    yield d
+    d.close()
+
+
+def columns(db: FleetDB) -> dict[str, list[str]]:
+    if isinstance(db, CloudDB):
+        tables = [t for (t,) in db.read("SELECT name FROM sqlite_master WHERE type='table' ORDER BY name")]
+        return {t: [c[1] for c in db.read(f"PRAGMA table_info({t})")] for t in tables}
+    out: dict[str, list[str]] = {}
+    for t, c in db.read("SELECT table_name, column_name FROM information_schema.columns "
+                        "WHERE table_schema='public' ORDER BY table_name, ordinal_position"):
+        out.setdefault(t, []).append(c)
+    out.pop("schema_version")  # where PostgreSQL keeps the version (SQLite: PRAGMA user_version)
+    return out
+
+
+def test_both_engines_end_with_the_same_tables_and_columns(fresh: FleetDB, tmp_path: Path) -> None:
+    reference = columns(CloudDB(tmp_path / "reference.sqlite"))
+    assert set(reference) == {"vehicles", "signals", "samples", "alerts", "events", "ranges", "counters"}
+    assert columns(fresh) == reference
+
+
+def test_an_upgrade_is_one_transaction_a_failed_one_leaves_the_old_schema(tmp_path: Path) -> None:
+    path = tmp_path / "cloud.sqlite"
+    CloudDB(path).close()
+    con = sqlite3.connect(path)
+    con.execute("INSERT INTO samples VALUES ('v1', 1, 1.0, 1, 2.0)")  # so that step 3's counting adds a row
+    con.execute("DELETE FROM counters")
+    con.execute("PRAGMA user_version=2")  # as a version-2 receiver left it...
+    con.execute("DROP TABLE ranges")  # ...but damaged, so that step 3's range merge fails
+    con.commit()
+    con.close()
+    with pytest.raises(sqlite3.OperationalError, match="ranges"):
+        CloudDB(path)
+    con = sqlite3.connect(path)
+    assert con.execute("PRAGMA user_version").fetchone()[0] == 2  # step 3 rolled back whole, version with it
+    assert con.execute("SELECT COUNT(*) FROM counters").fetchone()[0] == 0  # its first half too
+    con.close()
+
+
+def test_a_database_newer_than_the_code_is_refused_on_both_engines(fresh: FleetDB, tmp_path: Path) -> None:
+    if isinstance(fresh, CloudDB):
+        fresh.db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+        fresh.close()
+        with pytest.raises(CloudDBError, match="newer than this cloud_sync"):
+            CloudDB(fresh.path)
+        return
+    with fresh._transaction() as cur:
+        cur.execute("UPDATE schema_version SET version=%s", (SCHEMA_VERSION + 1,))
+    url = fresh.url  # type: ignore[attr-defined]
+    fresh.close()
+    with pytest.raises(CloudDBError, match="newer than this cloud_sync"):
+        open_db(url, tmp_path / "unused.sqlite")
