@@ -28,7 +28,7 @@ def fingerprint(version: int) -> str:
 
 def test_steps_are_numbered_from_one_without_holes_and_shipped_ones_are_unchanged() -> None:
     assert [s.version for s in STEPS] == list(range(1, len(STEPS) + 1))
-    assert SCHEMA_VERSION == STEPS[-1].version
+    assert STEPS[-1].version == SCHEMA_VERSION
     for version, expected in SHIPPED.items():
         assert fingerprint(version) == expected, f"shipped schema step {version} was edited: add a new step instead"
 
