@@ -24,6 +24,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+# As agent/__init__.py does, before anything here (or a child process, which inherits it) loads onnxruntime: no
+# usage telemetry from a benchmark either.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 from harvester_testing.data import SHARED_DATA  # noqa: E402
 
