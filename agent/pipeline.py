@@ -248,7 +248,7 @@ class Pipeline:
         val: list[float] = []
         for t, line in lines:
             self.stats.serial_lines += 1
-            for name, v in dec.decode(line):
+            for name, v in dec.decode_line(line):
                 ts.append(t)
                 sid.append(self.registry.intern(name, device, units.get(name, "")))
                 val.append(v)

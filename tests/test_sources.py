@@ -92,15 +92,15 @@ def test_line_protocol_sensors_csv_and_key_value() -> None:
     from agent.decode.lines import LineDecoder
 
     csv = LineDecoder("vib", "csv", ["AccelRms", "", "BearingTemp"], {"AccelRms": "g"})
-    assert csv.decode(b"0.42, 17, 61.5\r") == [("vib.AccelRms", 0.42), ("vib.BearingTemp", 61.5)]
-    assert csv.decode(b"1,nan,3") == [("vib.AccelRms", 1.0), ("vib.BearingTemp", 3.0)]  # skipped column
+    assert csv.decode_line(b"0.42, 17, 61.5\r") == [("vib.AccelRms", 0.42), ("vib.BearingTemp", 61.5)]
+    assert csv.decode_line(b"1,nan,3") == [("vib.AccelRms", 1.0), ("vib.BearingTemp", 3.0)]  # skipped column
     for bad in (b"1,2", b"a,b,c", b"nan,2,3", b"\xff\xfe", b"1,2,inf"):
-        assert csv.decode(bad) == []
+        assert csv.decode_line(bad) == []
     assert csv.errors == {"field_count": 1, "bad_number": 1, "not_ascii": 1, "not_finite": 2}
     kv = LineDecoder("hyd", "kv", ["Press", "Flow"], {})
-    assert kv.decode(b"Press=180.5 Flow=42 Other=1") == [("hyd.Press", 180.5), ("hyd.Flow", 42.0)]
+    assert kv.decode_line(b"Press=180.5 Flow=42 Other=1") == [("hyd.Press", 180.5), ("hyd.Flow", 42.0)]
     assert kv.errors["unknown_field"] == 1
-    assert kv.decode(b"Press180") == [] and kv.errors["bad_number"] == 1
+    assert kv.decode_line(b"Press180") == [] and kv.errors["bad_number"] == 1
 
 
 def test_line_sensor_reaches_the_store_through_the_service_pipeline(tmp_path: Path) -> None:

@@ -28,7 +28,7 @@ class LineDecoder:
     def unit(self, field: str) -> str:
         return self.units.get(field, "")
 
-    def decode(self, line: bytes) -> list[tuple[str, float]]:
+    def decode_line(self, line: bytes) -> list[tuple[str, float]]:
         try:
             text = line.decode("ascii").strip()
         except UnicodeDecodeError:

@@ -129,7 +129,7 @@ class NmeaDecoder:
         self._fix_ids = set()
         self._fix_signals = set()
 
-    def decode(self, line: bytes) -> list[tuple[str, float]]:
+    def decode_line(self, line: bytes) -> list[tuple[str, float]]:
         """One line → [(signal, value)]. Bad lines count by reason and yield nothing; they never raise."""
         try:
             fields = _split(line)
