@@ -16,7 +16,7 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sized
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,10 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.alerts import AlertContext, AlertTracker, closed_for
-from agent.decode.j1939 import J1939Decoder
-from agent.decode.lines import LineDecoder
-from agent.decode.nmea import SIGNALS as NMEA_SIGNALS
-from agent.decode.nmea import NmeaDecoder
+from agent.decode.base import Decoder
 from agent.drift import DriftMonitor, DriftPolicy
 from agent.features import FeatureEngine, FeatureRow
 from agent.frames import FrameBatch
@@ -40,7 +37,6 @@ from harvester_common import wire
 log = logging.getLogger("agent.pipeline")
 
 ALERT_STATE_KEY = "alerts/open"
-DTC_STATE_KEY = "dtc_active/{bus}"
 ALERT_HEARTBEAT_S = 10.0  # wall-clock seconds between saves of an open alert's "owner alive" time
 
 
@@ -126,7 +122,7 @@ class Pipeline:
     def __init__(
         self,
         registry: SignalRegistry,
-        decoders: dict[str, J1939Decoder],
+        decoders: Mapping[str, Decoder[Any]],
         scorer: Scorer | None,
         store: Store | None,
         memory_max_samples: int = 500_000,
@@ -142,8 +138,7 @@ class Pipeline:
         self.store_error: str | None = None  # set while the store cannot be written
         self._retry_at = 0.0
         self.registry = registry
-        self.decoders = decoders
-        self.line_decoders: dict[str, NmeaDecoder | LineDecoder] = {}  # per serial device; NMEA unless configured
+        self.decoders: dict[str, Decoder[Any]] = dict(decoders)  # per source: a CAN bus, a serial device
         self.scorer = scorer
         self.store = store
         self.stats = PipelineStats()
@@ -174,9 +169,11 @@ class Pipeline:
 
     def _resume(self, store: Store, resume_s: float) -> None:
         """Continue what the previous run left open: each bus's active DTCs, and the open alert."""
-        for bus, dec in self.decoders.items():
-            saved_dtcs = store.get_state(DTC_STATE_KEY.format(bus=bus))
-            if saved_dtcs is not None and not dec.restore_dtcs(saved_dtcs):
+        for dec in self.decoders.values():
+            if dec.state_key is None:
+                continue
+            saved_dtcs = store.get_state(dec.state_key)
+            if saved_dtcs is not None and not dec.restore(saved_dtcs):
                 self.stats.errors["dtc_state_unreadable"] += 1
         saved = store.get_state(ALERT_STATE_KEY)
         if saved is None:
@@ -226,34 +223,25 @@ class Pipeline:
 
     # --- inputs ----------------------------------------------------------------------------------------------
 
-    def on_frames(self, fb: FrameBatch) -> None:
-        dec = self.decoders.get(fb.bus)
+    def feed(self, source: str, batch: Sized) -> None:
+        """The one entry point: a batch from a source (a `FrameBatch` from a CAN bus, lines from a serial device)
+        through that source's decoder."""
+        dec = self.decoders.get(source)
         if dec is None:
-            self.stats.errors["frames_from_unknown_bus"] += len(fb)
+            # Every configured source has its decoder from the start: this is a wiring fault, counted.
+            kind = "frames_from_unknown_bus" if isinstance(batch, FrameBatch) else "lines_from_unknown_device"
+            self.stats.errors[kind] += len(batch)
             return
-        self.stats.frames += len(fb)
-        res = dec.decode(fb)
+        if dec.input_kind == "frames":
+            self.stats.frames += len(batch)
+        else:
+            self.stats.serial_lines += len(batch)
+        res = dec.decode(batch)
         self._samples(res.samples)
-        if any(e.kind.startswith("dtc_") for e in res.events):
+        if res.state_changed and dec.state_key is not None:
             # Saved with the events, in their transaction: a restart continues from exactly what was announced.
-            self.pending_state[DTC_STATE_KEY.format(bus=fb.bus)] = dec.dtc_state()
+            self.pending_state[dec.state_key] = dec.state()
         self._events(res.events)
-
-    def on_lines(self, device: str, lines: list[tuple[float, bytes]]) -> None:
-        dec = self.line_decoders.setdefault(device, NmeaDecoder())
-        units: dict[str, str] = NMEA_SIGNALS if isinstance(dec, NmeaDecoder) else {
-            dec.signal(f): u for f, u in dec.units.items()}
-        ts: list[float] = []
-        sid: list[int] = []
-        val: list[float] = []
-        for t, line in lines:
-            self.stats.serial_lines += 1
-            for name, v in dec.decode_line(line):
-                ts.append(t)
-                sid.append(self.registry.intern(name, device, units.get(name, "")))
-                val.append(v)
-        if ts:
-            self._samples(SampleArrays(np.array(ts), np.array(sid, np.int32), np.array(val)))
 
     # --- stages ----------------------------------------------------------------------------------------------
 

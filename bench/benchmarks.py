@@ -115,12 +115,12 @@ def _pipeline_replay(files: list[Path], store_dir: Path) -> tuple[int, float, fl
         for msg in can.LogReader(str(f)):
             batch.append(msg)
             if len(batch) == 2000:
-                p.on_frames(FrameBatch.from_messages(batch, "can0"))
+                p.feed("can0", FrameBatch.from_messages(batch, "can0"))
                 n += len(batch)
                 batch = []
                 p.maybe_flush(1.0, 20_000)
         if batch:
-            p.on_frames(FrameBatch.from_messages(batch, "can0"))
+            p.feed("can0", FrameBatch.from_messages(batch, "can0"))
             n += len(batch)
     p.flush_samples()
     dt = time.perf_counter() - t0

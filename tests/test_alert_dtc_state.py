@@ -135,7 +135,7 @@ def test_dtcs_active_at_a_restart_are_continued_not_reannounced(tmp_path: Path) 
         reg = SignalRegistry()
         p = Pipeline(reg, {"can0": J1939Decoder(reg)}, None, store)
         for fb in frames:
-            p.on_frames(fb)
+            p.feed(fb.bus, fb)
         out = [(r["kind"], r["data"]["source"], r["data"]["spn"]) for _, r in _records(store)[before:]]
         store.db.close()  # as a crash leaves it: no clean close
         return out

@@ -106,7 +106,7 @@ def _run(store: Store, ambient_c: float, seconds: float) -> Pipeline:
                  drift_policy=DriftPolicy(min_windows=24), drift_interval_s=60.0)
     frames = list(generate_frames(Harvester(seed=3, duty="harvest", ambient_c=ambient_c), seconds))
     for i in range(0, len(frames), 2000):
-        p.on_frames(FrameBatch.from_messages(frames[i : i + 2000]))
+        p.feed("can0", FrameBatch.from_messages(frames[i : i + 2000]))
     p.flush_samples()
     return p
 

@@ -185,11 +185,11 @@ def test_pipeline_one_sample_per_signal_and_time() -> None:
 
     seen: list[SampleArrays] = []
     reg = SignalRegistry()
-    p = Pipeline(reg, {}, None, None, tap=seen.append)
-    p.on_lines("gps", [(100.0, _line("GNGGA,123519.00,4807.038,N,01131.000,E,1,08,0.9,545.4,M,46.9,M,,")),
+    p = Pipeline(reg, {"gps": NmeaDecoder(reg, "gps")}, None, None, tap=seen.append)
+    p.feed("gps", [(100.0, _line("GNGGA,123519.00,4807.038,N,01131.000,E,1,08,0.9,545.4,M,46.9,M,,")),
                        (100.0, _line("GNRMC,123519.00,A,4807.038,N,01131.000,E,010.0,084.4,230394,003.1,W")),
                        (100.0, _line("GNVTG,084.4,T,,M,010.0,N,018.5,K"))])
-    p.on_lines("gps", [(101.0, _line("GNGGA,123520.00,4807.039,N,01131.000,E,1,08,0.9,545.5,M,46.9,M,,")),
+    p.feed("gps", [(101.0, _line("GNGGA,123520.00,4807.039,N,01131.000,E,1,08,0.9,545.5,M,46.9,M,,")),
                        (101.0, _line("GNRMC,123520.00,A,4807.039,N,01131.000,E,010.0,084.4,230394,003.1,W"))])
     sid = np.concatenate([s.sid for s in seen])
     ts = np.concatenate([s.ts for s in seen])

@@ -43,7 +43,7 @@ def test_store_full_then_back(tmp_path: Path) -> None:
     _fill_disk(store)
     half = len(frames) // 2
     for i in range(0, half, 500):
-        p.on_frames(FrameBatch.from_messages(frames[i : i + 500]))
+        p.feed("can0", FrameBatch.from_messages(frames[i : i + 500]))
         p.flush_samples()
     assert p.store_error is not None and "full" in p.store_error
     assert p.stats.windows_scored > 0 and p.stats.alerts_opened == 1  # scoring went on
@@ -54,7 +54,7 @@ def test_store_full_then_back(tmp_path: Path) -> None:
     assert store.status()["records_written"] == {"samples": 0, "records": 0}
     store.db.execute("PRAGMA max_page_count=1073741823")  # space returns
     for i in range(half, len(frames), 500):
-        p.on_frames(FrameBatch.from_messages(frames[i : i + 500]))
+        p.feed("can0", FrameBatch.from_messages(frames[i : i + 500]))
     p.flush_samples()
     p.flush_records()
     assert p.store_error is None and not p.pending_records
@@ -108,7 +108,7 @@ def _alarming_scorer_with_guard(tmp_path: Path, z_hi: float) -> Scorer:
 def _feed(p: Pipeline, seconds: float) -> None:
     frames = list(generate_frames(Harvester(seed=1), seconds))
     for i in range(0, len(frames), 500):
-        p.on_frames(FrameBatch.from_messages(frames[i : i + 500]))
+        p.feed("can0", FrameBatch.from_messages(frames[i : i + 500]))
 
 
 def test_unfamiliar_windows_never_alert_and_are_counted_with_the_features_responsible(tmp_path: Path) -> None:
