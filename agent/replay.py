@@ -29,6 +29,7 @@ from agent.scoring import Scorer
 from agent.signals import SignalRegistry
 from agent.sources.logfile import LogUnreadable, open_log
 from agent.store import Store
+from agent.writer import StoreWriter
 
 BATCH = 5000
 
@@ -102,7 +103,9 @@ def replay(
         db = Path(tmp.name) / "replay.sqlite"
     store = Store(db, 1 << 40)
     stats = _SignalStats(registry)
-    pipe = Pipeline(registry, {}, scorer, store, tap=stats)  # a decoder per bus label, as labels appear
+    writer = StoreWriter(store, registry)
+    pipe = Pipeline(registry, {}, scorer, writer, tap=stats)  # a decoder per bus label, as labels appear
+    writer.resume(pipe)
     t0 = time.perf_counter()
     frames = 0
     for i, (path, it) in enumerate(readers):
@@ -124,7 +127,8 @@ def replay(
                 pipe.feed(label, FrameBatch.from_messages(b, label))
                 frames += len(b)
                 b.clear()
-                pipe.maybe_flush(1.0, 50_000)
+                pipe.heartbeat()
+                writer.maybe_flush(1.0, 50_000)
                 if progress:
                     rate = frames / max(1e-9, time.perf_counter() - t0)
                     print(
@@ -137,8 +141,7 @@ def replay(
             if b:
                 pipe.feed(label, FrameBatch.from_messages(b, label))
                 frames += len(b)
-    pipe.flush_samples()
-    pipe.flush_records()
+    writer.flush()
     seconds = time.perf_counter() - t0
     if progress:
         print(file=sys.stderr)
@@ -147,6 +150,7 @@ def replay(
         errors.update(d.errors)
         seen.update(d.counters())
     errors.update(pipe.stats.errors)
+    errors.update(writer.errors)
     summary = {
         "frames": frames,
         "frames_decoded": seen["frames_decoded"],

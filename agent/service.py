@@ -32,6 +32,7 @@ from agent.sources.serial import SerialSource
 from agent.store import Store
 from agent.systemd import notify, watchdog_interval_s
 from agent.uplink import Uplink
+from agent.writer import StoreWriter
 
 log = logging.getLogger("agent.service")
 
@@ -88,10 +89,12 @@ class Agent:
             log.error("model %s %s: the agent runs without scoring (data is still stored and synced)",
                       cfg.model.path, self.model_status)
         self.store = Store(cfg.store.path, cfg.store.max_bytes)
-        self.pipeline = Pipeline(self.registry, self.decoders, self.scorer, self.store,
-                                 cfg.store.memory_max_samples, cfg.store.memory_max_records,
+        self.writer = StoreWriter(self.store, self.registry, cfg.store.memory_max_samples,
+                                  cfg.store.memory_max_records)
+        self.pipeline = Pipeline(self.registry, self.decoders, self.scorer, self.writer,
                                  drift_policy=cfg.model.drift_policy(), drift_interval_s=cfg.model.drift_interval_s,
                                  alert_resume_s=cfg.model.alert_resume_s)
+        self.writer.resume(self.pipeline)
         self.queue: queue.Queue[tuple[str, str, Any]] = queue.Queue(QUEUE_MAX)  # (kind, source, batch)
         self.dropped: Counter[str] = Counter()
         self.can_sources = [CanSource(b, self._on_frames) for b in cfg.can]
@@ -114,10 +117,11 @@ class Agent:
             "backlog": {"samples": st["backlog"].get("samples", {}).get("records", 0),
                         "records": st["backlog_records"] - st["backlog"].get("samples", {}).get("records", 0)},
             "evicted": st["evicted"],
-            "store_error": self.pipeline.store_error,
+            "store_error": self.writer.store_error,
             "budget": {"used_today": self.uplink.budget_used(), "daily_bytes": self.cfg.mqtt.daily_budget_bytes,
                        "samples_held": self.uplink.stats.budget_held},
-            "dropped": dict(self.pipeline.stats.errors) | {f"queue_full_{k}": v for k, v in self.dropped.items()},
+            "dropped": dict(self.pipeline.stats.errors) | dict(self.writer.errors)
+            | {f"queue_full_{k}": v for k, v in self.dropped.items()},
             "acks_rejected": dict(self.uplink.stats.acks_rejected),
             "acks_replayed": self.uplink.stats.acks_replayed,
             "acks_trimmed": self.uplink.stats.acks_trimmed,
@@ -155,7 +159,8 @@ class Agent:
             try:
                 if item is not None:
                     self._process(item)
-                self.pipeline.maybe_flush(s.flush_interval_s, s.flush_max_samples)
+                self.pipeline.heartbeat()
+                self.writer.maybe_flush(s.flush_interval_s, s.flush_max_samples)
             except Exception:
                 # A bug in one batch must not stop the vehicle's agent; it is logged with its traceback.
                 log.exception("pipeline failed on a batch; continuing")
@@ -168,7 +173,10 @@ class Agent:
                 self._process(self.queue.get_nowait())
             except queue.Empty:
                 break
-        self.pipeline.shutdown("agent_stop")  # closes the open alert: its owner is going away
+        # Every sample held, then the open alert closed (its owner is going away), then whatever is still held.
+        self.writer.flush_samples()
+        self.pipeline.shutdown("agent_stop")
+        self.writer.flush_records()
 
     # --- lifecycle -------------------------------------------------------------------------------------------
 
