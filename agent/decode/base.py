@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
@@ -29,6 +29,7 @@ class Decoded:
     state_changed: bool = False
 
 
+@runtime_checkable
 class Decoder(Protocol[Batch]):
     """Decodes the batches of one source. Never raises on bad input: what it cannot decode is counted in `errors`
     by reason and yields nothing."""
