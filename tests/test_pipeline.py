@@ -7,17 +7,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from agent.contract import FeatureSpec
 from agent.decode.j1939 import J1939Decoder
 from agent.frames import FrameBatch
 from agent.pipeline import Pipeline
-from agent.records import SampleArrays
 from agent.scoring import Scorer
 from agent.signals import SignalRegistry
 from agent.store import Store
-from agent.writer import SampleBuffer, StoreWriter
+from agent.writer import StoreWriter
 from harvester_sim import Harvester, generate_frames
 from harvester_testing.onnx_models import linear_softmax_model, make_contract
 
@@ -63,32 +61,6 @@ def test_store_full_then_back(tmp_path: Path) -> None:
     assert st["records_written"]["records"] == 1
     assert st["records_written"]["samples"] + dropped == p.stats.samples  # every sample: written or counted
     store.close()
-
-
-def test_records_beyond_the_memory_bound_are_dropped_oldest_first_and_counted(tmp_path: Path) -> None:
-    reg = SignalRegistry()
-    store = Store(tmp_path / "s.sqlite", first_seq=1)
-    w = StoreWriter(store, reg, memory_max_records=3)
-    _fill_disk(store)
-    w.pending_records = [("event", {"kind": "x", "ts": float(i), "data": {"pad": "y" * 5000}}) for i in range(5)]
-    w.flush_records()
-    assert [r[1]["ts"] for r in w.pending_records] == [2.0, 3.0, 4.0]
-    assert w.errors["records_dropped_store_unavailable"] == 2
-    store.close()
-
-
-@pytest.mark.parametrize("n", [0, 1, 7])
-def test_sample_buffer_round_trip(n: int) -> None:
-    reg = SignalRegistry()
-    b = SampleBuffer(reg)
-    sids = np.array([reg.intern("A"), reg.intern("B")], np.int32)
-    b.add(SampleArrays(np.arange(n, dtype=float), sids[np.arange(n) % 2], np.arange(n, dtype=float)))
-    cols = b.take()
-    if n == 0:
-        assert cols is None
-        return
-    assert cols is not None and len(cols) == n
-    assert b.put_back(cols, limit=n) == 0 and b.n == n
 
 
 def _alarming_scorer_with_guard(tmp_path: Path, z_hi: float) -> Scorer:
