@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import can
+import pytest
 
 from agent.config import CanBusConfig, SerialConfig
 from agent.decode.nmea import checksum
@@ -101,6 +102,25 @@ def test_line_protocol_sensors_csv_and_key_value() -> None:
     assert kv.decode_line(b"Press=180.5 Flow=42 Other=1") == [("hyd.Press", 180.5), ("hyd.Flow", 42.0)]
     assert kv.errors["unknown_field"] == 1
     assert kv.decode_line(b"Press180") == [] and kv.errors["bad_number"] == 1
+
+
+def test_every_source_gets_its_decoder_and_names_do_not_clash() -> None:
+    from agent.config import AgentConfig, ConfigError
+    from agent.decode.j1939 import J1939Decoder
+    from agent.decode.lines import LineDecoder
+    from agent.decode.nmea import NmeaDecoder
+    from agent.service import decoders_for
+    from agent.signals import SignalRegistry
+
+    cfg = AgentConfig.model_validate({"can": [{"name": "can0"}], "serial": [
+        {"name": "gps"}, {"name": "vib", "protocol": "csv", "fields": ["AccelRms"]}]})
+    decs = decoders_for(cfg, SignalRegistry())
+    assert [type(d) for d in decs.values()] == [J1939Decoder, NmeaDecoder, LineDecoder] and list(decs) == [
+        "can0", "gps", "vib"]
+    # Batches are routed by source name: a device named like a bus would be decoded as that bus.
+    clash = AgentConfig.model_validate({"can": [{"name": "gps"}], "serial": [{"name": "gps"}]})
+    with pytest.raises(ConfigError, match="name of a CAN bus"):
+        decoders_for(clash, SignalRegistry())
 
 
 def test_line_sensor_reaches_the_store_through_the_service_pipeline(tmp_path: Path) -> None:
