@@ -1,13 +1,17 @@
-"""The on-vehicle pipeline without threads or sockets: frames and lines in, store writes out.
+"""The on-vehicle pipeline without threads, sockets or files: batches from sources in, samples and records out to
+a `Sink`.
 
-The live service (agent/service.py) and log replay both drive this same object, so what a fleet engineer replays
-is exactly what runs on the vehicle.
+Every source's batches go through its decoder (agent/decode/base.py), the samples through features and scoring to
+alerts; samples, alerts and events go to the sink. The live service (agent/service.py) and log replay both drive
+this same object with the store writer (agent/writer.py) as the sink, so what a fleet engineer replays is exactly
+what runs on the vehicle. When and how the sink writes, and what it does when it cannot, is the writer's.
 
-What is open survives a restart. The open alert and each bus's DM1 active set are saved in the store (state keys
-`alerts/open`, `dtc_active/<bus>`) in the same transaction as the records that changed them, the alert also every
-`ALERT_HEARTBEAT_S` while open (so that a restart knows how long its owner was gone). At start the pipeline
-continues from them: DTCs still active are not announced again, and the open alert is carried on or closed with a
-reason (agent/alerts.py).
+What is open survives a restart. The open alert and each decoder's state (a bus's DM1 active set) go to the sink
+(state keys `alerts/open`, `dtc_active/<bus>`) with the records that changed them, to be saved in the same
+transaction; the alert also every `ALERT_HEARTBEAT_S` while open (so that a restart knows how long its owner was
+gone); the drift statistics with each drift report. At start the writer reads them back and hands them to
+`resume`: DTCs still active are not announced again, and the open alert is carried on or closed with a reason
+(agent/alerts.py).
 """
 
 from __future__ import annotations
@@ -16,32 +20,41 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sized
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from agent.alerts import AlertContext, AlertTracker, closed_for
-from agent.decode.j1939 import J1939Decoder
-from agent.decode.lines import LineDecoder
-from agent.decode.nmea import SIGNALS as NMEA_SIGNALS
-from agent.decode.nmea import NmeaDecoder
+from agent.decode.base import Decoder
 from agent.drift import DriftMonitor, DriftPolicy
 from agent.features import FeatureEngine, FeatureRow
 from agent.frames import FrameBatch
-from agent.records import Alert, Event, SampleArrays
+from agent.records import Event, SampleArrays
 from agent.scoring import Scorer
 from agent.signals import SignalRegistry
-from agent.store import Store
-from harvester_common import wire
 
 log = logging.getLogger("agent.pipeline")
 
 ALERT_STATE_KEY = "alerts/open"
-DTC_STATE_KEY = "dtc_active/{bus}"
 ALERT_HEARTBEAT_S = 10.0  # wall-clock seconds between saves of an open alert's "owner alive" time
+
+
+class Sink(Protocol):
+    """Where the pipeline's output goes (agent/writer.py: the store)."""
+
+    def append_samples(self, samples: SampleArrays) -> None: ...
+
+    def append_records(self, records: list[tuple[str, dict[str, Any]]], state: dict[str, Any]) -> None:
+        """Alerts and events (kind, record), and the state they change (key → JSON value, None deletes): to be
+        saved together."""
+        ...
+
+    def set_state(self, key: str, value: Any) -> bool:
+        """State on its own; False if it was not saved (the pipeline counts that and saves it again later)."""
+        ...
 
 
 @dataclass(slots=True)
@@ -74,82 +87,25 @@ def _copy(c: Counter[str]) -> dict[str, int]:
     return {}
 
 
-class SampleBuffer:
-    """Decoded samples waiting to become one store segment."""
-
-    def __init__(self, registry: SignalRegistry) -> None:
-        self.registry = registry
-        self._parts: list[SampleArrays] = []
-        self.n = 0
-        self.since = time.monotonic()
-
-    def add(self, s: SampleArrays) -> None:
-        if len(s):
-            if not self._parts:
-                self.since = time.monotonic()
-            self._parts.append(s)
-            self.n += len(s)
-
-    def take(self) -> wire.SampleColumns | None:
-        if not self._parts:
-            return None
-        ts = np.concatenate([p.ts for p in self._parts])
-        sid = np.concatenate([p.sid for p in self._parts])
-        value = np.concatenate([p.value for p in self._parts])
-        self._parts, self.n = [], 0
-        # Signal-major order: each signal's run is periodic in time and smooth in value, which is what the wire's
-        # delta and XOR columns compress best (sequence numbers follow this order; any order is valid).
-        order = np.lexsort((ts, sid))
-        ts, sid, value = ts[order], sid[order], value[order]
-        uniq, local = np.unique(sid, return_inverse=True)
-        signals = [self.registry.key(int(u)) for u in uniq.tolist()]
-        ts_us = np.rint(ts * 1e6).astype(np.int64)
-        return wire.SampleColumns(signals, local.astype(np.uint16), ts_us, value)
-
-    def put_back(self, cols: wire.SampleColumns, limit: int) -> int:
-        """Return a segment that could not be written (disk full, I/O error), to retry later. Keeps at most
-        `limit` samples, dropping the oldest; returns how many were dropped."""
-        sid = np.array([self.registry.intern(*k) for k in cols.signals], np.int32)[cols.sig]
-        ts, value = cols.ts_us / 1e6, cols.value
-        dropped = max(0, len(cols) + self.n - limit)
-        if dropped:
-            # Oldest first: the segment is signal-major, so order by time before cutting.
-            keep = np.argsort(ts, kind="stable")[min(dropped, len(cols)):]
-            keep.sort()
-            ts, sid, value = ts[keep], sid[keep], value[keep]
-        self._parts.insert(0, SampleArrays(ts, sid, value))
-        self.n += len(ts)
-        return dropped
-
-
 class Pipeline:
     def __init__(
         self,
         registry: SignalRegistry,
-        decoders: dict[str, J1939Decoder],
+        decoders: Mapping[str, Decoder[Any]],
         scorer: Scorer | None,
-        store: Store | None,
-        memory_max_samples: int = 500_000,
-        memory_max_records: int = 10_000,
+        sink: Sink | None,
         tap: Callable[[SampleArrays], None] | None = None,
         drift_policy: DriftPolicy | None = None,
         drift_interval_s: float = 3600.0,
         alert_resume_s: float = 120.0,
     ) -> None:
         self.tap = tap  # sees every decoded sample batch (replay statistics)
-        self.memory_max_samples = memory_max_samples
-        self.memory_max_records = memory_max_records
-        self.store_error: str | None = None  # set while the store cannot be written
-        self._retry_at = 0.0
         self.registry = registry
-        self.decoders = decoders
-        self.line_decoders: dict[str, NmeaDecoder | LineDecoder] = {}  # per serial device; NMEA unless configured
+        self.decoders: dict[str, Decoder[Any]] = dict(decoders)  # per source: a CAN bus, a serial device
         self.scorer = scorer
-        self.store = store
+        self.sink = sink  # None: nothing is kept (a run for its statistics only)
+        self.alert_resume_s = alert_resume_s
         self.stats = PipelineStats()
-        self.buffer = SampleBuffer(registry)
-        self.pending_records: list[tuple[str, dict[str, Any]]] = []
-        self.pending_state: dict[str, Any] = {}  # saved with the next records (same transaction)
         self._alert_saved_at = 0.0
         self.engine: FeatureEngine | None = None
         self.tracker: AlertTracker | None = None
@@ -162,98 +118,100 @@ class Pipeline:
         self.drift_interval_s = drift_interval_s
         self._drift_next = math.nan  # data time of the next periodic drift report
         self._drift_flag = False
+        self._drift_key = ""
         if scorer is not None and isinstance(scorer.contract.training.get("feature_stats"), dict):
             c = scorer.contract
             self.drift = DriftMonitor([f.name for f in c.features], c.training["feature_stats"], drift_policy)
             self._drift_key = f"drift/{c.model_name}/{c.model_version}"
-            saved = store.get_state(self._drift_key) if store is not None else None
-            if isinstance(saved, dict) and self.drift.restore(saved):
-                self._drift_flag = bool(self.drift.drifted())
-        if store is not None:
-            self._resume(store, alert_resume_s)
 
-    def _resume(self, store: Store, resume_s: float) -> None:
-        """Continue what the previous run left open: each bus's active DTCs, and the open alert."""
-        for bus, dec in self.decoders.items():
-            saved_dtcs = store.get_state(DTC_STATE_KEY.format(bus=bus))
-            if saved_dtcs is not None and not dec.restore_dtcs(saved_dtcs):
+    # --- a restart -------------------------------------------------------------------------------------------
+
+    def state_keys(self) -> list[str]:
+        """The saved state `resume` continues from."""
+        keys = [self._drift_key] if self.drift is not None else []
+        keys += [d.state_key for d in self.decoders.values() if d.state_key is not None]
+        return [*keys, ALERT_STATE_KEY]
+
+    def resume(self, saved: Mapping[str, Any]) -> None:
+        """Continue from what the previous run saved (key → value, as `state_keys` names them; absent or None:
+        nothing saved): the drift statistics, each decoder's state (a bus's active DTCs), and the open alert."""
+        drift = saved.get(self._drift_key)
+        if self.drift is not None and isinstance(drift, dict) and self.drift.restore(drift):
+            self._drift_flag = bool(self.drift.drifted())
+        for dec in self.decoders.values():
+            if dec.state_key is None:
+                continue
+            saved_dec = saved.get(dec.state_key)
+            if saved_dec is not None and not dec.restore(saved_dec):
                 self.stats.errors["dtc_state_unreadable"] += 1
-        saved = store.get_state(ALERT_STATE_KEY)
-        if saved is None:
+        alert = saved.get(ALERT_STATE_KEY)
+        if alert is None:
             return
         now = time.time()
         try:
-            if not isinstance(saved, dict):
+            if not isinstance(alert, dict):
                 raise ValueError("not an object")
             if self.tracker is not None:
-                closing = self.tracker.resume(saved, now, resume_s)
+                closing = self.tracker.resume(alert, now, self.alert_resume_s)
             else:  # no model scores now: nobody can close it later
-                closing = closed_for(saved, "model_changed", now)
+                closing = closed_for(alert, "model_changed", now)
         except (KeyError, TypeError, ValueError) as e:
             self.stats.errors["alert_state_unreadable"] += 1
             log.error("saved open alert unreadable, dropped: %s", e)
-            self.pending_state[ALERT_STATE_KEY] = None
-            self.flush_records()
+            self._emit([], {ALERT_STATE_KEY: None})
             return
         if closing is None:
             assert self.tracker is not None and self.tracker.open is not None
             self.stats.alerts_carried += 1
             log.warning("alert %s still open from before the restart: carried on", self.tracker.open.alert_id[:8])
-            self._save_alert()
-            self.flush_records()
+            self._emit([], self._alert_state())
             return
         log.warning("alert %s left open by the previous run: closed (%s)", closing.alert_id[:8], closing.reason)
         self.stats.alerts_closed += 1
-        self.pending_state[ALERT_STATE_KEY] = None
-        self._record("alert", closing)
+        self._emit([("alert", closing.to_dict())], {ALERT_STATE_KEY: None})
 
-    def _save_alert(self) -> None:
+    def _alert_state(self) -> dict[str, Any]:
+        """The open alert with its owner's "alive" time now (None once closed), to be saved."""
         assert self.tracker is not None
         self._alert_saved_at = time.time()
-        self.pending_state[ALERT_STATE_KEY] = self.tracker.saved(self._alert_saved_at)
+        return {ALERT_STATE_KEY: self.tracker.saved(self._alert_saved_at)}
+
+    def heartbeat(self) -> None:
+        """Called after every batch and when idle: while an alert is open, its owner is alive; saved every
+        `ALERT_HEARTBEAT_S`, so that a restart within `alert_resume_s` of the last save carries it on."""
+        if self.tracker is not None and self.tracker.open is not None \
+                and time.time() - self._alert_saved_at >= ALERT_HEARTBEAT_S:
+            self._emit([], self._alert_state())
 
     def shutdown(self, reason: str = "agent_stop") -> None:
-        """A clean stop: close the open alert (its owner is going away), and write everything held."""
+        """A clean stop: close the open alert (its owner is going away)."""
         if self.tracker is not None:
             closing = self.tracker.close_now(reason, time.time())
             if closing is not None:
                 log.info("alert %s closed (%s)", closing.alert_id[:8], reason)
                 self.stats.alerts_closed += 1
-                self.pending_state[ALERT_STATE_KEY] = None
-                self.pending_records.append(("alert", closing.to_dict()))
-        self.flush_samples()
-        self.flush_records()
+                self._emit([("alert", closing.to_dict())], {ALERT_STATE_KEY: None})
 
     # --- inputs ----------------------------------------------------------------------------------------------
 
-    def on_frames(self, fb: FrameBatch) -> None:
-        dec = self.decoders.get(fb.bus)
+    def feed(self, source: str, batch: Sized) -> None:
+        """The one entry point: a batch from a source (a `FrameBatch` from a CAN bus, lines from a serial device)
+        through that source's decoder."""
+        dec = self.decoders.get(source)
         if dec is None:
-            self.stats.errors["frames_from_unknown_bus"] += len(fb)
+            # Every configured source has its decoder from the start: this is a wiring fault, counted.
+            kind = "frames_from_unknown_bus" if isinstance(batch, FrameBatch) else "lines_from_unknown_device"
+            self.stats.errors[kind] += len(batch)
             return
-        self.stats.frames += len(fb)
-        res = dec.decode(fb)
+        if dec.input_kind == "frames":
+            self.stats.frames += len(batch)
+        else:
+            self.stats.serial_lines += len(batch)
+        res = dec.decode(batch)
         self._samples(res.samples)
-        if any(e.kind.startswith("dtc_") for e in res.events):
-            # Saved with the events, in their transaction: a restart continues from exactly what was announced.
-            self.pending_state[DTC_STATE_KEY.format(bus=fb.bus)] = dec.dtc_state()
-        self._events(res.events)
-
-    def on_lines(self, device: str, lines: list[tuple[float, bytes]]) -> None:
-        dec = self.line_decoders.setdefault(device, NmeaDecoder())
-        units: dict[str, str] = NMEA_SIGNALS if isinstance(dec, NmeaDecoder) else {
-            dec.signal(f): u for f, u in dec.units.items()}
-        ts: list[float] = []
-        sid: list[int] = []
-        val: list[float] = []
-        for t, line in lines:
-            self.stats.serial_lines += 1
-            for name, v in dec.decode(line):
-                ts.append(t)
-                sid.append(self.registry.intern(name, device, units.get(name, "")))
-                val.append(v)
-        if ts:
-            self._samples(SampleArrays(np.array(ts), np.array(sid, np.int32), np.array(val)))
+        # Saved with the events, in their transaction: a restart continues from exactly what was announced.
+        state = {dec.state_key: dec.state()} if res.state_changed and dec.state_key is not None else {}
+        self._events(res.events, state)
 
     # --- stages ----------------------------------------------------------------------------------------------
 
@@ -275,8 +233,8 @@ class Pipeline:
         self.stats.samples += len(s)
         if self.tap is not None:
             self.tap(s)
-        if self.store is not None:
-            self.buffer.add(s)
+        if self.sink is not None:
+            self.sink.append_samples(s)
         if self.engine is not None:
             rows = self.engine.feed(s.ts, self._feature_index(s.sid), s.value)
             if rows:
@@ -317,8 +275,8 @@ class Pipeline:
             else:
                 self.stats.alerts_closed += 1
                 log.info("alert %s closed", alert.alert_id[:8])
-            self._save_alert()  # the open alert, or None once closed: in the record's transaction
-            self._record("alert", alert)
+            # The open alert, or None once closed: in the record's transaction.
+            self._emit([("alert", alert.to_dict())], self._alert_state())
 
     def _check_drift(self, x: npt.NDArray[np.float64], now: float, outside: npt.NDArray[np.bool_]) -> None:
         """Running statistics per window; a report every `drift_interval_s` of data time and whenever the flag
@@ -336,13 +294,9 @@ class Pipeline:
                         "; ".join(f"{k}: {v}" for k, v in report["drifted"].items()) or "all features in range")
         self._drift_flag = flag
         self._drift_next = now + self.drift_interval_s
-        self._record("event", Event("drift", now, report))
-        if self.store is not None:
-            try:
-                self.store.set_state(self._drift_key, self.drift.state())
-            except Exception as e:  # the statistics live on in memory; the next report tries again
-                self.stats.errors["drift_state_not_saved"] += 1
-                log.debug("drift state not saved: %s", e)
+        self._emit([("event", Event("drift", now, report).to_dict())], {})
+        if self.sink is not None and not self.sink.set_state(self._drift_key, self.drift.state()):
+            self.stats.errors["drift_state_not_saved"] += 1  # the statistics live on; the next report saves them
 
     def scoring_status(self) -> dict[str, Any]:
         """For the status message and replay: what was scored, and why the rest was not."""
@@ -364,85 +318,15 @@ class Pipeline:
         return {"enabled": True, "drift": self._drift_flag, "windows": self.drift.rows,
                 "features": sorted(self.drift.drifted())}
 
-    def _events(self, events: list[Event]) -> None:
-        if not events:
-            return
+    def _events(self, events: list[Event], state: dict[str, Any]) -> None:
         for e in events:
             if e.kind.startswith("dtc_"):
                 self.stats.dtc_events += 1
                 log.info("%s %s", e.kind, e.data)
-            self._record("event", e, flush=False)
-        self._record_flush()  # one transaction for the batch's events and the DTC state they leave
+        if events or state:
+            # One transaction for the batch's events and the decoder state they leave.
+            self._emit([("event", e.to_dict()) for e in events], state)
 
-    def _record(self, kind: str, rec: Alert | Event, flush: bool = True) -> None:
-        self.pending_records.append((kind, rec.to_dict()))
-        if flush:
-            self._record_flush()
-
-    def _record_flush(self) -> None:
-        if self.store_error is None:
-            self.flush_records()
-        elif len(self.pending_records) > self.memory_max_records:
-            over = len(self.pending_records) - self.memory_max_records
-            del self.pending_records[:over]
-            self.stats.errors["records_dropped_store_unavailable"] += over
-
-    # --- output ----------------------------------------------------------------------------------------------
-
-    def _store_failed(self, what: str, e: Exception) -> None:
-        self.stats.errors["store_write_failed"] += 1
-        if self.store_error is None:
-            log.error("cannot write %s to the store (held in memory, retrying): %s", what, e)
-        self.store_error = str(e)
-
-    def _store_ok(self) -> None:
-        if self.store_error is not None:
-            log.warning("store writable again; %d records and %d samples held in memory are being written",
-                        len(self.pending_records), self.buffer.n)
-            self.store_error = None
-
-    def flush_records(self) -> None:
-        """Alerts and events are written at once: they are what must never wait in memory."""
-        if self.store is None or not (self.pending_records or self.pending_state):
-            return
-        try:
-            self.store.append_records(self.pending_records, self.pending_state)
-            self.pending_records = []
-            self.pending_state = {}
-            self._store_ok()
-        except Exception as e:
-            self._store_failed("alerts/events", e)
-            over = len(self.pending_records) - self.memory_max_records
-            if over > 0:
-                del self.pending_records[:over]
-                self.stats.errors["records_dropped_store_unavailable"] += over
-
-    def flush_samples(self) -> None:
-        if self.store is None:
-            return
-        cols = self.buffer.take()
-        if cols is None:
-            return
-        try:
-            self.store.append_samples(cols)
-            self._store_ok()
-        except Exception as e:
-            self._store_failed("samples", e)
-            dropped = self.buffer.put_back(cols, self.memory_max_samples)
-            if dropped:
-                self.stats.errors["samples_dropped_store_unavailable"] += dropped
-
-    def maybe_flush(self, interval_s: float, max_samples: int) -> None:
-        now = time.monotonic()
-        if self.store_error is not None and now < self._retry_at:
-            return  # store down: retry once per interval, not on every batch
-        due = self.buffer.n >= max_samples or (self.buffer.n and now - self.buffer.since >= interval_s)
-        if due:
-            self.flush_samples()
-        if self.tracker is not None and self.tracker.open is not None \
-                and time.time() - self._alert_saved_at >= ALERT_HEARTBEAT_S:
-            self._save_alert()  # the owner is alive: a restart within `alert_resume_s` of this carries it on
-        if self.pending_records or self.pending_state:
-            self.flush_records()
-        if self.store_error is not None:
-            self._retry_at = now + interval_s
+    def _emit(self, records: list[tuple[str, dict[str, Any]]], state: dict[str, Any]) -> None:
+        if self.sink is not None:
+            self.sink.append_records(records, state)

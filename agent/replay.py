@@ -29,6 +29,7 @@ from agent.scoring import Scorer
 from agent.signals import SignalRegistry
 from agent.sources.logfile import LogUnreadable, open_log
 from agent.store import Store
+from agent.writer import StoreWriter
 
 BATCH = 5000
 
@@ -95,7 +96,6 @@ def replay(
         raise ReplayError(f"{db.parent}: no such folder (--db names a file in a folder that exists)")
     readers = [(p, _open(p, errors)) for p in logs]  # every file opens before any work: fail fast, fail whole
     registry = SignalRegistry()
-    decoders: dict[str, J1939Decoder] = {}
     scorer = Scorer.load(model) if model is not None else None
     tmp = None
     if db is None:
@@ -103,7 +103,9 @@ def replay(
         db = Path(tmp.name) / "replay.sqlite"
     store = Store(db, 1 << 40)
     stats = _SignalStats(registry)
-    pipe = Pipeline(registry, decoders, scorer, store, tap=stats)
+    writer = StoreWriter(store, registry)
+    pipe = Pipeline(registry, {}, scorer, writer, tap=stats)  # a decoder per bus label, as labels appear
+    writer.resume(pipe)
     t0 = time.perf_counter()
     frames = 0
     for i, (path, it) in enumerate(readers):
@@ -117,15 +119,16 @@ def replay(
                 errors["log_unreadable"] += 1
                 break
             label = _bus_label(msg)
-            if label not in decoders:
-                decoders[label] = J1939Decoder(registry, dbcs, label)
+            if label not in pipe.decoders:
+                pipe.decoders[label] = J1939Decoder(registry, dbcs, label)
             b = batch.setdefault(label, [])
             b.append(msg)
             if len(b) >= BATCH:
-                pipe.on_frames(FrameBatch.from_messages(b, label))
+                pipe.feed(label, FrameBatch.from_messages(b, label))
                 frames += len(b)
                 b.clear()
-                pipe.maybe_flush(1.0, 50_000)
+                pipe.heartbeat()
+                writer.maybe_flush(1.0, 50_000)
                 if progress:
                     rate = frames / max(1e-9, time.perf_counter() - t0)
                     print(
@@ -136,20 +139,22 @@ def replay(
                     )
         for label, b in batch.items():
             if b:
-                pipe.on_frames(FrameBatch.from_messages(b, label))
+                pipe.feed(label, FrameBatch.from_messages(b, label))
                 frames += len(b)
-    pipe.flush_samples()
-    pipe.flush_records()
+    writer.flush()
     seconds = time.perf_counter() - t0
     if progress:
         print(file=sys.stderr)
-    for d in decoders.values():
+    seen: Counter[str] = Counter()
+    for d in pipe.decoders.values():
         errors.update(d.errors)
+        seen.update(d.counters())
     errors.update(pipe.stats.errors)
+    errors.update(writer.errors)
     summary = {
         "frames": frames,
-        "frames_decoded": sum(d.frames_decoded for d in decoders.values()),
-        "frames_unknown": sum(d.frames_unknown for d in decoders.values()),
+        "frames_decoded": seen["frames_decoded"],
+        "frames_unknown": seen["frames_unknown"],
         "errors": dict(sorted(errors.items())),
         "samples": pipe.stats.samples,
         "dtc_events": pipe.stats.dtc_events,
@@ -158,7 +163,7 @@ def replay(
         "alerts": pipe.stats.alerts_opened,
         "seconds": round(seconds, 3),
         "frames_per_s": round(frames / seconds, 1) if seconds > 0 else 0.0,
-        "buses": sorted(decoders),
+        "buses": sorted(pipe.decoders),
         "store": str(db) if tmp is None else None,
         "model": (f"{scorer.contract.model_name} {scorer.contract.model_version}" if scorer else None),
         "signals": stats.by_name(),

@@ -12,15 +12,17 @@ import queue
 import threading
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from agent import __version__
-from agent.config import AgentConfig
+from agent.config import AgentConfig, ConfigError
 from agent.contract import ContractError
+from agent.decode.base import Decoder
 from agent.decode.j1939 import J1939Decoder
 from agent.decode.lines import LineDecoder
-from agent.decode.nmea import SIGNALS as NMEA_SIGNALS
+from agent.decode.nmea import NmeaDecoder
 from agent.frames import FrameBatch
 from agent.pipeline import Pipeline
 from agent.scoring import ModelLoadError, Scorer
@@ -30,6 +32,7 @@ from agent.sources.serial import SerialSource
 from agent.store import Store
 from agent.systemd import notify, watchdog_interval_s
 from agent.uplink import Uplink
+from agent.writer import StoreWriter
 
 log = logging.getLogger("agent.service")
 
@@ -53,17 +56,23 @@ class Progress:
     dropped_batches: int
 
 
-def load_scorer(cfg: AgentConfig, decoders: dict[str, J1939Decoder]) -> tuple[Scorer | None, str]:
+def decoders_for(cfg: AgentConfig, registry: SignalRegistry) -> dict[str, Decoder[Any]]:
+    """One decoder per source: each CAN bus, each serial device (NMEA unless its protocol says otherwise)."""
+    decoders: dict[str, Decoder[Any]] = {b.name: J1939Decoder(registry, b.dbc, b.name) for b in cfg.can}
+    for s in cfg.serial:
+        if s.name in decoders:
+            # Buses and serial devices share one name space: the name says where a batch came from.
+            raise ConfigError(f"serial device {s.name!r} has the name of a CAN bus; names must differ")
+        decoders[s.name] = (NmeaDecoder(registry, s.name) if s.protocol == "nmea"
+                            else LineDecoder(s.name, s.protocol, s.fields, s.units, registry))
+    return decoders
+
+
+def load_scorer(cfg: AgentConfig, decoders: Mapping[str, Decoder[Any]]) -> tuple[Scorer | None, str]:
     """Load the model and check its contract against what this vehicle can decode. Never raises."""
     try:
         scorer = Scorer.load(cfg.model.path, cfg.model.threads, cfg.model.batch_windows)
-        available = set(NMEA_SIGNALS) if any(s.protocol == "nmea" for s in cfg.serial) else set()
-        available.update(f"{s.name}.{f}" for s in cfg.serial if s.protocol != "nmea" for f in s.fields if f)
-        for d in decoders.values():
-            for cm in d.messages.values():
-                available.update(f.name for f in cm.fast)
-                available.update(f"{cm.name}.{s}" for s in cm.slow)
-        scorer.check_signals(available)
+        scorer.check_signals(set().union(*(d.signals() for d in decoders.values())))
     except (ModelLoadError, ContractError) as e:
         return None, f"refused: {e}"
     c = scorer.contract
@@ -74,20 +83,19 @@ class Agent:
     def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
         self.registry = SignalRegistry()
-        self.decoders = {b.name: J1939Decoder(self.registry, b.dbc, b.name) for b in cfg.can}
+        self.decoders = decoders_for(cfg, self.registry)
         self.scorer, self.model_status = load_scorer(cfg, self.decoders)
         if self.scorer is None:
             log.error("model %s %s: the agent runs without scoring (data is still stored and synced)",
                       cfg.model.path, self.model_status)
         self.store = Store(cfg.store.path, cfg.store.max_bytes)
-        self.pipeline = Pipeline(self.registry, self.decoders, self.scorer, self.store,
-                                 cfg.store.memory_max_samples, cfg.store.memory_max_records,
+        self.writer = StoreWriter(self.store, self.registry, cfg.store.memory_max_samples,
+                                  cfg.store.memory_max_records)
+        self.pipeline = Pipeline(self.registry, self.decoders, self.scorer, self.writer,
                                  drift_policy=cfg.model.drift_policy(), drift_interval_s=cfg.model.drift_interval_s,
                                  alert_resume_s=cfg.model.alert_resume_s)
-        for s in cfg.serial:
-            if s.protocol != "nmea":
-                self.pipeline.line_decoders[s.name] = LineDecoder(s.name, s.protocol, s.fields, s.units)
-        self.queue: queue.Queue[tuple[str, Any]] = queue.Queue(QUEUE_MAX)
+        self.writer.resume(self.pipeline)
+        self.queue: queue.Queue[tuple[str, str, Any]] = queue.Queue(QUEUE_MAX)  # (kind, source, batch)
         self.dropped: Counter[str] = Counter()
         self.can_sources = [CanSource(b, self._on_frames) for b in cfg.can]
         self.serial_sources = [SerialSource(s, self._on_lines) for s in cfg.serial]
@@ -109,10 +117,11 @@ class Agent:
             "backlog": {"samples": st["backlog"].get("samples", {}).get("records", 0),
                         "records": st["backlog_records"] - st["backlog"].get("samples", {}).get("records", 0)},
             "evicted": st["evicted"],
-            "store_error": self.pipeline.store_error,
+            "store_error": self.writer.store_error,
             "budget": {"used_today": self.uplink.budget_used(), "daily_bytes": self.cfg.mqtt.daily_budget_bytes,
                        "samples_held": self.uplink.stats.budget_held},
-            "dropped": dict(self.pipeline.stats.errors) | {f"queue_full_{k}": v for k, v in self.dropped.items()},
+            "dropped": dict(self.pipeline.stats.errors) | dict(self.writer.errors)
+            | {f"queue_full_{k}": v for k, v in self.dropped.items()},
             "acks_rejected": dict(self.uplink.stats.acks_rejected),
             "acks_replayed": self.uplink.stats.acks_replayed,
             "acks_trimmed": self.uplink.stats.acks_trimmed,
@@ -120,26 +129,23 @@ class Agent:
 
     # --- source callbacks (source threads) -------------------------------------------------------------------
 
-    def _offer(self, item: tuple[str, Any], n: int) -> None:
+    def _offer(self, item: tuple[str, str, Any], n: int) -> None:
         try:
             self.queue.put_nowait(item)
         except queue.Full:
             self.dropped[item[0]] += n
 
     def _on_frames(self, fb: FrameBatch) -> None:
-        self._offer(("can", fb), len(fb))
+        self._offer(("can", fb.bus, fb), len(fb))
 
     def _on_lines(self, device: str, lines: list[tuple[float, bytes]]) -> None:
-        self._offer(("serial", (device, lines)), len(lines))
+        self._offer(("serial", device, lines), len(lines))
 
     # --- processing thread -----------------------------------------------------------------------------------
 
-    def _process(self, item: tuple[str, Any]) -> None:
-        kind, payload = item
-        if kind == "can":
-            self.pipeline.on_frames(payload)
-        else:
-            self.pipeline.on_lines(*payload)
+    def _process(self, item: tuple[str, str, Any]) -> None:
+        _, source, batch = item
+        self.pipeline.feed(source, batch)
 
     def _run(self) -> None:
         wd = watchdog_interval_s()
@@ -153,7 +159,8 @@ class Agent:
             try:
                 if item is not None:
                     self._process(item)
-                self.pipeline.maybe_flush(s.flush_interval_s, s.flush_max_samples)
+                self.pipeline.heartbeat()
+                self.writer.maybe_flush(s.flush_interval_s, s.flush_max_samples)
             except Exception:
                 # A bug in one batch must not stop the vehicle's agent; it is logged with its traceback.
                 log.exception("pipeline failed on a batch; continuing")
@@ -166,7 +173,10 @@ class Agent:
                 self._process(self.queue.get_nowait())
             except queue.Empty:
                 break
-        self.pipeline.shutdown("agent_stop")  # closes the open alert: its owner is going away
+        # Every sample held, then the open alert closed (its owner is going away), then whatever is still held.
+        self.writer.flush_samples()
+        self.pipeline.shutdown("agent_stop")
+        self.writer.flush_records()
 
     # --- lifecycle -------------------------------------------------------------------------------------------
 

@@ -103,13 +103,16 @@ def _pipeline_replay(files: list[Path], store_dir: Path) -> tuple[int, float, fl
     from agent.scoring import Scorer
     from agent.signals import SignalRegistry
     from agent.store import Store
+    from agent.writer import StoreWriter
 
     reg = SignalRegistry()
     dec = J1939Decoder(reg, [_big_dbc()], "can0")
     model = REPO / "models" / "harvester-anomaly.int8.onnx"
     scorer = Scorer.load(model) if model.exists() else None
     store = Store(store_dir / "bench.sqlite", 1 << 30)
-    p = Pipeline(reg, {"can0": dec}, scorer, store)
+    w = StoreWriter(store, reg)
+    p = Pipeline(reg, {"can0": dec}, scorer, w)
+    w.resume(p)
     n = 0
     c0 = _cpu()
     t0 = time.perf_counter()
@@ -118,14 +121,15 @@ def _pipeline_replay(files: list[Path], store_dir: Path) -> tuple[int, float, fl
         for msg in can.LogReader(str(f)):
             batch.append(msg)
             if len(batch) == 2000:
-                p.on_frames(FrameBatch.from_messages(batch, "can0"))
+                p.feed("can0", FrameBatch.from_messages(batch, "can0"))
                 n += len(batch)
                 batch = []
-                p.maybe_flush(1.0, 20_000)
+                p.heartbeat()
+                w.maybe_flush(1.0, 20_000)
         if batch:
-            p.on_frames(FrameBatch.from_messages(batch, "can0"))
+            p.feed("can0", FrameBatch.from_messages(batch, "can0"))
             n += len(batch)
-    p.flush_samples()
+    w.flush_samples()
     dt = time.perf_counter() - t0
     cpu = _cpu() - c0
     store.close()
@@ -246,8 +250,8 @@ def wire_bytes_per_sample() -> Figure:
     import numpy as np
     import zstandard
 
-    from agent.pipeline import SampleBuffer
     from agent.records import SampleArrays
+    from agent.writer import SampleBuffer
     from harvester_common import wire
 
     zc = zstandard.ZstdCompressor(level=wire.ZSTD_LEVEL)

@@ -15,12 +15,14 @@ from hypothesis import strategies as st
 
 from agent.alerts import AlertContext, AlertTracker
 from agent.contract import AlertPolicy
+from agent.decode.base import Decoder
 from agent.decode.j1939 import J1939Decoder
 from agent.decode.j1939_tp import Dtc
 from agent.frames import FrameBatch
 from agent.pipeline import ALERT_STATE_KEY, Pipeline
 from agent.signals import SignalRegistry
 from agent.store import Store
+from agent.writer import StoreWriter
 from harvester_sim import encode_dm1
 
 POLICY = AlertPolicy(threshold=0.8, clear_threshold=0.3, min_windows=2, clear_windows=2)
@@ -93,15 +95,23 @@ def _records(store: Store) -> list[tuple[str, dict[str, Any]]]:
     return [(k, json.loads(h)) for k, h in rows]
 
 
+def _started(store: Store, reg: SignalRegistry, decoders: dict[str, Decoder[Any]]) -> Pipeline:
+    """A pipeline without a model on the store, as the agent starts one: the writer hands it the saved state."""
+    w = StoreWriter(store, reg)
+    p = Pipeline(reg, decoders, None, w)
+    w.resume(p)
+    return p
+
+
 def test_a_saved_alert_no_model_can_own_is_closed_at_start(tmp_path: Path) -> None:
     store = Store(tmp_path / "s.sqlite", first_seq=1)
     store.set_state(ALERT_STATE_KEY, _open_tracker().saved(alive=1.0))
     reg = SignalRegistry()
-    p = Pipeline(reg, {}, None, store)  # the model was refused this time
+    p = _started(store, reg, {})  # the model was refused this time
     (kind, rec), = _records(store)
     assert kind == "alert" and rec["state"] == "closed" and rec["reason"] == "model_changed"
     assert store.get_state(ALERT_STATE_KEY) is None and p.stats.alerts_closed == 1
-    Pipeline(reg, {}, None, store)  # and only once
+    _started(store, reg, {})  # and only once
     assert len(_records(store)) == 1
     store.close()
 
@@ -111,7 +121,7 @@ def test_damaged_state_is_counted_and_dropped(tmp_path: Path) -> None:
     store.set_state(ALERT_STATE_KEY, {"alert": {"nope": 1}})
     store.set_state("dtc_active/can0", {"zz": [[1, 2]]})
     reg = SignalRegistry()
-    p = Pipeline(reg, {"can0": J1939Decoder(reg)}, None, store)
+    p = _started(store, reg, {"can0": J1939Decoder(reg)})
     assert p.stats.errors["alert_state_unreadable"] == 1 and p.stats.errors["dtc_state_unreadable"] == 1
     assert store.get_state(ALERT_STATE_KEY) is None and _records(store) == []
     store.close()
@@ -133,9 +143,9 @@ def test_dtcs_active_at_a_restart_are_continued_not_reannounced(tmp_path: Path) 
         store = Store(path, first_seq=1)
         before = len(_records(store))
         reg = SignalRegistry()
-        p = Pipeline(reg, {"can0": J1939Decoder(reg)}, None, store)
+        p = _started(store, reg, {"can0": J1939Decoder(reg)})
         for fb in frames:
-            p.on_frames(fb)
+            p.feed(fb.bus, fb)
         out = [(r["kind"], r["data"]["source"], r["data"]["spn"]) for _, r in _records(store)[before:]]
         store.db.close()  # as a crash leaves it: no clean close
         return out

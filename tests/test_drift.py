@@ -19,6 +19,7 @@ from agent.pipeline import Pipeline
 from agent.scoring import Scorer
 from agent.signals import SignalRegistry
 from agent.store import Store
+from agent.writer import StoreWriter
 from harvester_sim import Harvester, generate_frames
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,12 +103,14 @@ def test_state_round_trip_and_damaged_state_is_refused() -> None:
 
 def _run(store: Store, ambient_c: float, seconds: float) -> Pipeline:
     reg = SignalRegistry()
-    p = Pipeline(reg, {"can0": J1939Decoder(reg)}, Scorer.load(MODEL), store,
+    w = StoreWriter(store, reg)
+    p = Pipeline(reg, {"can0": J1939Decoder(reg)}, Scorer.load(MODEL), w,
                  drift_policy=DriftPolicy(min_windows=24), drift_interval_s=60.0)
+    w.resume(p)
     frames = list(generate_frames(Harvester(seed=3, duty="harvest", ambient_c=ambient_c), seconds))
     for i in range(0, len(frames), 2000):
-        p.on_frames(FrameBatch.from_messages(frames[i : i + 2000]))
-    p.flush_samples()
+        p.feed("can0", FrameBatch.from_messages(frames[i : i + 2000]))
+    w.flush_samples()
     return p
 
 
@@ -139,7 +142,10 @@ def test_pipeline_reports_drift_as_events_and_keeps_statistics_across_restart(tm
 
     # A restart takes the saved statistics back: the windows counted before are still counted.
     again = Store(tmp_path / "hot.sqlite")
-    p2 = Pipeline(SignalRegistry(), {}, Scorer.load(MODEL), again, drift_policy=DriftPolicy(min_windows=24))
+    reg = SignalRegistry()
+    w = StoreWriter(again, reg)
+    p2 = Pipeline(reg, {}, Scorer.load(MODEL), w, drift_policy=DriftPolicy(min_windows=24))
+    w.resume(p2)
     assert p2.drift is not None and p2.drift.rows > 0 and p2.drift.rows <= seen
     assert p2.drift_status()["drift"] is True
 

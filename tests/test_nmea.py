@@ -17,21 +17,21 @@ def _line(body: str) -> bytes:
 
 def test_gga_rmc_vtg_any_talker() -> None:
     d = NmeaDecoder()
-    gga = dict(d.decode(_line("GNGGA,123519,4807.038,N,01131.000,W,1,08,0.9,545.4,M,46.9,M,,")))
+    gga = dict(d.decode_line(_line("GNGGA,123519,4807.038,N,01131.000,W,1,08,0.9,545.4,M,46.9,M,,")))
     assert abs(gga["GPS.Latitude"] - 48.1173) < 1e-4 and abs(gga["GPS.Longitude"] + 11.516666) < 1e-4
     assert gga["GPS.FixQuality"] == 1 and gga["GPS.Satellites"] == 8 and gga["GPS.Altitude"] == 545.4
-    rmc = dict(d.decode(_line("GPRMC,123519,A,2803.000,N,08157.000,W,010.0,084.4,230394,003.1,W")))
+    rmc = dict(d.decode_line(_line("GPRMC,123519,A,2803.000,N,08157.000,W,010.0,084.4,230394,003.1,W")))
     assert abs(rmc["GPS.SpeedKmh"] - 18.52) < 1e-9 and rmc["GPS.Course"] == 84.4
     assert d.sentences == 2 and not d.errors
     d = NmeaDecoder()  # on its own: the RMC above already gave speed and course for its fix
-    vtg = dict(d.decode(_line("GLVTG,054.7,T,034.4,M,005.5,N,010.2,K")))
+    vtg = dict(d.decode_line(_line("GLVTG,054.7,T,034.4,M,005.5,N,010.2,K")))
     assert vtg == {"GPS.Course": 54.7, "GPS.SpeedKmh": 10.2}
 
 
 def test_no_fix_gives_quality_only() -> None:
     d = NmeaDecoder()
-    assert d.decode(_line("GPGGA,123519,,,,,0,00,,,M,,M,,")) == [("GPS.FixQuality", 0.0)]
-    assert d.decode(_line("GPRMC,123519,V,,,,,,,230394,,")) == []
+    assert d.decode_line(_line("GPGGA,123519,,,,,0,00,,,M,,M,,")) == [("GPS.FixQuality", 0.0)]
+    assert d.decode_line(_line("GPRMC,123519,V,,,,,,,230394,,")) == []
 
 
 def test_bad_lines_are_counted_by_reason() -> None:
@@ -41,7 +41,7 @@ def test_bad_lines_are_counted_by_reason() -> None:
     cases = [bad_cs, b"GPGGA,no,dollar*00", b"$GPGGA,123519,4807.038,N\r\n", b"\xff\xfe\x00garbage",
              _line("GPGGA,123519,9907.038,N,01131.000,E,1,08,0.9,545.4,M,46.9,M,,"), _line("GPGGA,1")]
     for c in cases:
-        assert d.decode(c) == []
+        assert d.decode_line(c) == []
     assert sum(d.errors.values()) == len(cases)
     assert set(d.errors) <= {"bad_checksum", "no_start", "no_checksum", "not_ascii", "malformed"}
 
@@ -56,7 +56,7 @@ def test_real_receiver_captures() -> None:
             if raw.startswith(b"#") or not raw.strip():
                 continue
             lines += 1
-            lats += [v for k, v in d.decode(raw) if k == "GPS.Latitude"]
+            lats += [v for k, v in d.decode_line(raw) if k == "GPS.Latitude"]
     assert d.sentences > 1000
     assert lats and all(-90 <= x <= 90 for x in lats)
     # Real captures carry many sentence types we do not use; those are ignored, not errors.
@@ -67,7 +67,7 @@ def test_pynmea2_example_with_deliberately_bad_lines() -> None:
     p = shared_file("nmea/pynmea2_examples_data.log")
     d = NmeaDecoder()
     for raw in p.read_bytes().splitlines():
-        d.decode(raw)
+        d.decode_line(raw)
     assert d.sentences + d.ignored + sum(d.errors.values()) == len(p.read_bytes().splitlines())
 
 
@@ -75,7 +75,7 @@ def test_pynmea2_example_with_deliberately_bad_lines() -> None:
 @given(st.binary(max_size=120))
 def test_random_bytes_never_crash(data: bytes) -> None:
     d = NmeaDecoder()
-    out = d.decode(data)
+    out = d.decode_line(data)
     assert isinstance(out, list)
 
 
@@ -84,7 +84,7 @@ def test_random_bytes_never_crash(data: bytes) -> None:
        st.sampled_from(["GPGGA", "GNRMC", "GPVTG"]))
 def test_well_checksummed_garbage_fields_never_crash(fields: list[str], kind: str) -> None:
     d = NmeaDecoder()
-    for name, v in d.decode(_line(",".join([kind, *fields]))):
+    for name, v in d.decode_line(_line(",".join([kind, *fields]))):
         assert name.startswith("GPS.") and math.isfinite(v)
 
 
@@ -108,7 +108,7 @@ def test_one_value_per_signal_and_fix_from_gga_rmc_vtg() -> None:
     epoch = [_line("GNGGA,123519.00,4807.038,N,01131.000,E,1,08,0.9,545.4,M,46.9,M,,"),
              _line("GNRMC,123519.00,A,4807.038,N,01131.000,E,010.0,084.4,230394,003.1,W"),
              _line("GNVTG,084.4,T,,M,010.0,N,018.5,K")]
-    out = [kv for line in epoch for kv in d.decode(line)]
+    out = [kv for line in epoch for kv in d.decode_line(line)]
     names = [k for k, _ in out]
     assert sorted(names) == sorted(set(names))  # each signal once for this fix
     got = dict(out)
@@ -120,29 +120,29 @@ def test_one_value_per_signal_and_fix_from_gga_rmc_vtg() -> None:
     # The next fix yields everything again.
     nxt = [kv for line in (_line("GNGGA,123520.00,4807.039,N,01131.000,E,1,08,0.9,545.5,M,46.9,M,,"),
                            _line("GNRMC,123520.00,A,4807.039,N,01131.000,E,011.0,085.0,230394,003.1,W"))
-           for kv in d.decode(line)]
+           for kv in d.decode_line(line)]
     assert sorted(k for k, _ in nxt) == sorted(set(got))
 
 
 def test_a_fix_only_one_sentence_reports_keeps_its_values() -> None:
     # RMC alone (a receiver configured without GGA): position, speed and course.
     d = NmeaDecoder()
-    rmc = dict(d.decode(_line("GPRMC,010101.00,A,2803.000,N,08157.000,W,010.0,084.4,230394,003.1,W")))
+    rmc = dict(d.decode_line(_line("GPRMC,010101.00,A,2803.000,N,08157.000,W,010.0,084.4,230394,003.1,W")))
     assert set(rmc) == {"GPS.Latitude", "GPS.Longitude", "GPS.SpeedKmh", "GPS.Course"}
     # GGA without a fix, then a valid RMC of the same epoch: the RMC's position is not lost.
     d = NmeaDecoder()
-    assert d.decode(_line("GPGGA,010102.00,,,,,0,00,,,M,,M,,")) == [("GPS.FixQuality", 0.0)]
-    assert {k for k, _ in d.decode(_line("GPRMC,010102.00,A,2803.000,N,08157.000,W,1.0,84.4,230394,,"))} == {
+    assert d.decode_line(_line("GPGGA,010102.00,,,,,0,00,,,M,,M,,")) == [("GPS.FixQuality", 0.0)]
+    assert {k for k, _ in d.decode_line(_line("GPRMC,010102.00,A,2803.000,N,08157.000,W,1.0,84.4,230394,,"))} == {
         "GPS.Latitude", "GPS.Longitude", "GPS.SpeedKmh", "GPS.Course"}
     # GGA + VTG, no RMC: VTG's speed and course after the GGA of its fix.
     d = NmeaDecoder()
-    d.decode(_line("GPGGA,010103.00,4807.038,N,01131.000,E,1,08,0.9,545.4,M,46.9,M,,"))
-    assert dict(d.decode(_line("GPVTG,054.7,T,034.4,M,005.5,N,010.2,K"))) == {"GPS.Course": 54.7,
+    d.decode_line(_line("GPGGA,010103.00,4807.038,N,01131.000,E,1,08,0.9,545.4,M,46.9,M,,"))
+    assert dict(d.decode_line(_line("GPVTG,054.7,T,034.4,M,005.5,N,010.2,K"))) == {"GPS.Course": 54.7,
                                                                             "GPS.SpeedKmh": 10.2}
     # VTG alone, no time anywhere: every sentence is its own reading.
     d = NmeaDecoder()
     for _ in range(3):
-        assert len(d.decode(_line("GPVTG,054.7,T,034.4,M,005.5,N,010.2,K"))) == 2
+        assert len(d.decode_line(_line("GPVTG,054.7,T,034.4,M,005.5,N,010.2,K"))) == 2
 
 
 def test_real_captures_one_value_per_signal_and_fix_and_none_lost() -> None:
@@ -160,11 +160,11 @@ def test_real_captures_one_value_per_signal_and_fix_and_none_lost() -> None:
         # Lines with no fix time to go by are each their own epoch, as the decoder treats them.
         for serial, raw in enumerate(f.read_bytes().splitlines()):
             ref = NmeaDecoder()
-            alone = ref.decode(raw)
+            alone = ref.decode_line(raw)
             if ref.sentences and raw[3:6] in (b"GGA", b"RMC"):
                 epoch = _fix_time(raw)  # a GGA/RMC without a time starts an untimed stretch
             key: object = epoch if epoch is not None else ("untimed", serial)
-            for name, _ in d.decode(raw):
+            for name, _ in d.decode_line(raw):
                 got.append((name, key))
             want.update((name, key) for name, _ in alone)
             if alone and raw[3:6] in (b"GGA", b"RMC"):
@@ -185,11 +185,11 @@ def test_pipeline_one_sample_per_signal_and_time() -> None:
 
     seen: list[SampleArrays] = []
     reg = SignalRegistry()
-    p = Pipeline(reg, {}, None, None, tap=seen.append)
-    p.on_lines("gps", [(100.0, _line("GNGGA,123519.00,4807.038,N,01131.000,E,1,08,0.9,545.4,M,46.9,M,,")),
+    p = Pipeline(reg, {"gps": NmeaDecoder(reg, "gps")}, None, None, tap=seen.append)
+    p.feed("gps", [(100.0, _line("GNGGA,123519.00,4807.038,N,01131.000,E,1,08,0.9,545.4,M,46.9,M,,")),
                        (100.0, _line("GNRMC,123519.00,A,4807.038,N,01131.000,E,010.0,084.4,230394,003.1,W")),
                        (100.0, _line("GNVTG,084.4,T,,M,010.0,N,018.5,K"))])
-    p.on_lines("gps", [(101.0, _line("GNGGA,123520.00,4807.039,N,01131.000,E,1,08,0.9,545.5,M,46.9,M,,")),
+    p.feed("gps", [(101.0, _line("GNGGA,123520.00,4807.039,N,01131.000,E,1,08,0.9,545.5,M,46.9,M,,")),
                        (101.0, _line("GNRMC,123520.00,A,4807.039,N,01131.000,E,010.0,084.4,230394,003.1,W"))])
     sid = np.concatenate([s.sid for s in seen])
     ts = np.concatenate([s.ts for s in seen])
@@ -202,10 +202,10 @@ def test_a_repeated_sentence_is_a_new_fix_even_with_a_stuck_clock() -> None:
     yet) is the next fix, not a duplicate; two constellations' GGA of one fix (GP, GL) are one."""
     d = NmeaDecoder()
     for _ in range(3):
-        assert d.decode(_line("GPGGA,000000.00,,,,,0,00,,,M,,M,,")) == [("GPS.FixQuality", 0.0)]
+        assert d.decode_line(_line("GPGGA,000000.00,,,,,0,00,,,M,,M,,")) == [("GPS.FixQuality", 0.0)]
     d = NmeaDecoder()
-    gp = d.decode(_line("GPGGA,123519.00,4807.038,N,01131.000,E,1,08,0.9,545.4,M,46.9,M,,"))
-    gl = d.decode(_line("GLGGA,123519.00,4807.038,N,01131.000,E,1,05,0.9,545.4,M,46.9,M,,"))
+    gp = d.decode_line(_line("GPGGA,123519.00,4807.038,N,01131.000,E,1,08,0.9,545.4,M,46.9,M,,"))
+    gl = d.decode_line(_line("GLGGA,123519.00,4807.038,N,01131.000,E,1,05,0.9,545.4,M,46.9,M,,"))
     assert len(gp) == 6 and gl == [] and d.repeated == 6
     vtg = _line("GPVTG,054.7,T,034.4,M,005.5,N,010.2,K")
-    assert len(d.decode(vtg)) == 2 and len(d.decode(vtg)) == 2  # VTG twice after one GGA: two readings
+    assert len(d.decode_line(vtg)) == 2 and len(d.decode_line(vtg)) == 2  # VTG twice after one GGA: two readings

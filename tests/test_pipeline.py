@@ -1,21 +1,21 @@
-"""The pipeline with a real store and a real model: scoring goes on while the store cannot be written (a genuine
-SQLITE_FULL), alerts wait in a bounded memory queue, and everything held is written once space returns."""
+"""The pipeline with the store writer on a real store and a real model: scoring goes on while the store cannot be
+written (a genuine SQLITE_FULL), alerts wait in a bounded memory queue, and everything held is written once space
+returns."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from agent.contract import FeatureSpec
 from agent.decode.j1939 import J1939Decoder
 from agent.frames import FrameBatch
 from agent.pipeline import Pipeline
-from agent.records import SampleArrays
 from agent.scoring import Scorer
 from agent.signals import SignalRegistry
 from agent.store import Store
+from agent.writer import StoreWriter
 from harvester_sim import Harvester, generate_frames
 from harvester_testing.onnx_models import linear_softmax_model, make_contract
 
@@ -37,59 +37,30 @@ def _fill_disk(store: Store) -> None:
 def test_store_full_then_back(tmp_path: Path) -> None:
     reg = SignalRegistry()
     store = Store(tmp_path / "s.sqlite", first_seq=1)
-    p = Pipeline(reg, {"can0": J1939Decoder(reg)}, _always_alarming_scorer(tmp_path), store,
-                 memory_max_samples=5000, memory_max_records=3)
+    w = StoreWriter(store, reg, memory_max_samples=5000, memory_max_records=3)
+    p = Pipeline(reg, {"can0": J1939Decoder(reg)}, _always_alarming_scorer(tmp_path), w)
     frames = list(generate_frames(Harvester(seed=1), 120))
     _fill_disk(store)
     half = len(frames) // 2
     for i in range(0, half, 500):
-        p.on_frames(FrameBatch.from_messages(frames[i : i + 500]))
-        p.flush_samples()
-    assert p.store_error is not None and "full" in p.store_error
+        p.feed("can0", FrameBatch.from_messages(frames[i : i + 500]))
+        w.flush_samples()
+    assert w.store_error is not None and "full" in w.store_error
     assert p.stats.windows_scored > 0 and p.stats.alerts_opened == 1  # scoring went on
-    assert len(p.pending_records) == 1  # the alert waits in memory
-    assert p.buffer.n == 5000  # bounded: the oldest samples beyond the bound were dropped and counted
-    dropped = p.stats.errors["samples_dropped_store_unavailable"]
+    assert len(w.pending_records) == 1  # the alert waits in memory
+    assert w.buffer.n == 5000  # bounded: the oldest samples beyond the bound were dropped and counted
+    dropped = w.errors["samples_dropped_store_unavailable"]
     assert dropped > 0
     assert store.status()["records_written"] == {"samples": 0, "records": 0}
     store.db.execute("PRAGMA max_page_count=1073741823")  # space returns
     for i in range(half, len(frames), 500):
-        p.on_frames(FrameBatch.from_messages(frames[i : i + 500]))
-    p.flush_samples()
-    p.flush_records()
-    assert p.store_error is None and not p.pending_records
+        p.feed("can0", FrameBatch.from_messages(frames[i : i + 500]))
+    w.flush()
+    assert w.store_error is None and not w.pending_records
     st = store.status()
     assert st["records_written"]["records"] == 1
     assert st["records_written"]["samples"] + dropped == p.stats.samples  # every sample: written or counted
     store.close()
-
-
-def test_records_beyond_the_memory_bound_are_dropped_oldest_first_and_counted(tmp_path: Path) -> None:
-    reg = SignalRegistry()
-    store = Store(tmp_path / "s.sqlite", first_seq=1)
-    p = Pipeline(reg, {}, None, store, memory_max_records=3)
-    _fill_disk(store)
-    p.pending_records = [("event", {"kind": "x", "ts": float(i), "data": {"pad": "y" * 5000}}) for i in range(5)]
-    p.flush_records()
-    assert [r[1]["ts"] for r in p.pending_records] == [2.0, 3.0, 4.0]
-    assert p.stats.errors["records_dropped_store_unavailable"] == 2
-    store.close()
-
-
-@pytest.mark.parametrize("n", [0, 1, 7])
-def test_sample_buffer_round_trip(n: int) -> None:
-    reg = SignalRegistry()
-    from agent.pipeline import SampleBuffer
-
-    b = SampleBuffer(reg)
-    sids = np.array([reg.intern("A"), reg.intern("B")], np.int32)
-    b.add(SampleArrays(np.arange(n, dtype=float), sids[np.arange(n) % 2], np.arange(n, dtype=float)))
-    cols = b.take()
-    if n == 0:
-        assert cols is None
-        return
-    assert cols is not None and len(cols) == n
-    assert b.put_back(cols, limit=n) == 0 and b.n == n
 
 
 def _alarming_scorer_with_guard(tmp_path: Path, z_hi: float) -> Scorer:
@@ -108,7 +79,7 @@ def _alarming_scorer_with_guard(tmp_path: Path, z_hi: float) -> Scorer:
 def _feed(p: Pipeline, seconds: float) -> None:
     frames = list(generate_frames(Harvester(seed=1), seconds))
     for i in range(0, len(frames), 500):
-        p.on_frames(FrameBatch.from_messages(frames[i : i + 500]))
+        p.feed("can0", FrameBatch.from_messages(frames[i : i + 500]))
 
 
 def test_unfamiliar_windows_never_alert_and_are_counted_with_the_features_responsible(tmp_path: Path) -> None:
@@ -127,7 +98,8 @@ def test_unfamiliar_windows_never_alert_and_are_counted_with_the_features_respon
 def test_alert_says_which_features_the_model_had(tmp_path: Path) -> None:
     reg = SignalRegistry()
     store = Store(tmp_path / "s.sqlite", first_seq=1)
-    p = Pipeline(reg, {"can0": J1939Decoder(reg)}, _alarming_scorer_with_guard(tmp_path, 1000.0), store)
+    p = Pipeline(reg, {"can0": J1939Decoder(reg)}, _alarming_scorer_with_guard(tmp_path, 1000.0),
+                 StoreWriter(store, reg))
     _feed(p, 60)
     assert p.stats.alerts_opened == 1 and p.stats.windows_unfamiliar == 0
     rows = store.pending(records=True, exclude=set(), max_bytes=1 << 30)

@@ -121,7 +121,7 @@ def test_nmea_sentences_verify_and_decode() -> None:
     out: dict[str, float] = {}
     for line in nmea_sentences(fix, datetime(2026, 11, 24, 12, 0, 0, tzinfo=UTC)):
         assert line.endswith("\r\n")
-        out.update(dec.decode(line.encode()))
+        out.update(dec.decode_line(line.encode()))
     assert not dec.errors and dec.sentences == 3
     assert abs(out["GPS.Latitude"] - fix.lat) < 1e-5 and abs(out["GPS.Longitude"] - fix.lon) < 1e-5
     assert abs(out["GPS.SpeedKmh"] - fix.speed_kmh) < 0.02

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import can
+import pytest
 
 from agent.config import CanBusConfig, SerialConfig
 from agent.decode.nmea import checksum
@@ -92,15 +93,34 @@ def test_line_protocol_sensors_csv_and_key_value() -> None:
     from agent.decode.lines import LineDecoder
 
     csv = LineDecoder("vib", "csv", ["AccelRms", "", "BearingTemp"], {"AccelRms": "g"})
-    assert csv.decode(b"0.42, 17, 61.5\r") == [("vib.AccelRms", 0.42), ("vib.BearingTemp", 61.5)]
-    assert csv.decode(b"1,nan,3") == [("vib.AccelRms", 1.0), ("vib.BearingTemp", 3.0)]  # skipped column
+    assert csv.decode_line(b"0.42, 17, 61.5\r") == [("vib.AccelRms", 0.42), ("vib.BearingTemp", 61.5)]
+    assert csv.decode_line(b"1,nan,3") == [("vib.AccelRms", 1.0), ("vib.BearingTemp", 3.0)]  # skipped column
     for bad in (b"1,2", b"a,b,c", b"nan,2,3", b"\xff\xfe", b"1,2,inf"):
-        assert csv.decode(bad) == []
+        assert csv.decode_line(bad) == []
     assert csv.errors == {"field_count": 1, "bad_number": 1, "not_ascii": 1, "not_finite": 2}
     kv = LineDecoder("hyd", "kv", ["Press", "Flow"], {})
-    assert kv.decode(b"Press=180.5 Flow=42 Other=1") == [("hyd.Press", 180.5), ("hyd.Flow", 42.0)]
+    assert kv.decode_line(b"Press=180.5 Flow=42 Other=1") == [("hyd.Press", 180.5), ("hyd.Flow", 42.0)]
     assert kv.errors["unknown_field"] == 1
-    assert kv.decode(b"Press180") == [] and kv.errors["bad_number"] == 1
+    assert kv.decode_line(b"Press180") == [] and kv.errors["bad_number"] == 1
+
+
+def test_every_source_gets_its_decoder_and_names_do_not_clash() -> None:
+    from agent.config import AgentConfig, ConfigError
+    from agent.decode.j1939 import J1939Decoder
+    from agent.decode.lines import LineDecoder
+    from agent.decode.nmea import NmeaDecoder
+    from agent.service import decoders_for
+    from agent.signals import SignalRegistry
+
+    cfg = AgentConfig.model_validate({"can": [{"name": "can0"}], "serial": [
+        {"name": "gps"}, {"name": "vib", "protocol": "csv", "fields": ["AccelRms"]}]})
+    decs = decoders_for(cfg, SignalRegistry())
+    assert [type(d) for d in decs.values()] == [J1939Decoder, NmeaDecoder, LineDecoder] and list(decs) == [
+        "can0", "gps", "vib"]
+    # Batches are routed by source name: a device named like a bus would be decoded as that bus.
+    clash = AgentConfig.model_validate({"can": [{"name": "gps"}], "serial": [{"name": "gps"}]})
+    with pytest.raises(ConfigError, match="name of a CAN bus"):
+        decoders_for(clash, SignalRegistry())
 
 
 def test_line_sensor_reaches_the_store_through_the_service_pipeline(tmp_path: Path) -> None:

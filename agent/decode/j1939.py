@@ -24,11 +24,14 @@ import cantools
 import numpy as np
 import numpy.typing as npt
 
+from agent.decode.base import Decoded
 from agent.decode.j1939_id import split_ids
 from agent.decode.j1939_tp import PGN_DM1, PGN_TP_CM, PGN_TP_DT, TransportReassembler, parse_dm1
 from agent.frames import FrameBatch
 from agent.records import Event, SampleArrays
 from agent.signals import SignalRegistry
+
+DTC_STATE_KEY = "dtc_active/{bus}"
 
 
 class DbcError(ValueError):
@@ -143,18 +146,15 @@ def load_dbcs(paths: Sequence[Path]) -> dict[int, _CompiledMessage]:
     return by_pgn
 
 
-@dataclass(slots=True)
-class DecodeResult:
-    samples: SampleArrays
-    events: list[Event]
-
-
 class J1939Decoder:
     """Decodes batches from one bus. Keeps transport sessions and active DTCs between batches."""
+
+    input_kind = "frames"
 
     def __init__(self, registry: SignalRegistry, dbcs: Sequence[Path] = (), bus: str = "can0") -> None:
         self.registry = registry
         self.bus = bus
+        self.state_key: str | None = DTC_STATE_KEY.format(bus=bus)
         self.messages = load_dbcs([default_dbc(), *dbcs])
         self.errors: Counter[str] = Counter()
         self.frames = 0
@@ -173,13 +173,13 @@ class J1939Decoder:
             cm.sids[key] = sids
         return sids
 
-    def decode(self, fb: FrameBatch) -> DecodeResult:
+    def decode(self, fb: FrameBatch) -> Decoded:
         n = len(fb)
         self.frames += n
         events: list[Event] = []
         empty = SampleArrays(np.zeros(0), np.zeros(0, np.int32), np.zeros(0))
         if n == 0:
-            return DecodeResult(empty, events)
+            return Decoded(empty, events)
         ok = ~fb.bad & fb.extended
         if not ok.all():
             self.errors["error_or_remote_frame"] += int((fb.bad).sum())
@@ -234,10 +234,13 @@ class J1939Decoder:
                         val_parts.append(values.reshape(-1))
                 if cm.slow:
                     self._slow(cm, sa, ts, raw64, ts_parts, sid_parts, val_parts)
+        # The DM1 active set moves exactly when DTCs open or close.
+        changed = any(e.kind.startswith("dtc_") for e in events)
         if not ts_parts:
-            return DecodeResult(empty, events)
-        return DecodeResult(
-            SampleArrays(np.concatenate(ts_parts), np.concatenate(sid_parts), np.concatenate(val_parts)), events
+            return Decoded(empty, events, changed)
+        return Decoded(
+            SampleArrays(np.concatenate(ts_parts), np.concatenate(sid_parts), np.concatenate(val_parts)), events,
+            changed,
         )
 
     def _slow(
@@ -318,21 +321,32 @@ class J1939Decoder:
         self.dtc_events += len(events)
         return events
 
+    def signals(self) -> set[str]:
+        out: set[str] = set()
+        for cm in self.messages.values():
+            out.update(f.name for f in cm.fast)
+            out.update(f"{cm.name}.{s}" for s in cm.slow)
+        return out
+
+    def counters(self) -> dict[str, int]:
+        return {"frames": self.frames, "frames_decoded": self.frames_decoded, "frames_unknown": self.frames_unknown,
+                "dtc_events": self.dtc_events}
+
     def active_dtcs(self) -> dict[str, list[tuple[int, int]]]:
         return {f"{self.bus}/{sa:02X}": sorted(v) for sa, v in self._active_dtcs.items() if v}
 
-    def dtc_state(self) -> dict[str, list[list[int]]]:
+    def state(self) -> dict[str, list[list[int]]]:
         """The DM1 active set per source address, to persist: a restart continues from it instead of announcing
         every active DTC again as new."""
         return {f"{sa:02X}": [list(k) for k in sorted(v)] for sa, v in sorted(self._active_dtcs.items())}
 
-    def restore_dtcs(self, state: object) -> bool:
-        """Take back a `dtc_state()`; False (nothing changed) if it is damaged. The first DM1 after the restart
+    def restore(self, saved: object) -> bool:
+        """Take back a `state()`; False (nothing changed) if it is damaged. The first DM1 after the restart
         then closes what cleared meanwhile and opens only what is new."""
         out: dict[int, set[tuple[int, int]]] = {}
-        if not isinstance(state, dict):
+        if not isinstance(saved, dict):
             return False
-        for sa_hex, dtcs in state.items():
+        for sa_hex, dtcs in saved.items():
             try:
                 sa = int(sa_hex, 16)
             except (TypeError, ValueError):

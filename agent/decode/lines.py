@@ -10,17 +10,37 @@ from __future__ import annotations
 import math
 from collections import Counter
 
+from agent.decode.base import Decoded, Lines, NoState, decode_lines
+from agent.signals import SignalRegistry
 
-class LineDecoder:
-    def __init__(self, device: str, protocol: str, fields: list[str], units: dict[str, str]) -> None:
+
+class LineDecoder(NoState):
+    input_kind = "lines"
+
+    def __init__(self, device: str, protocol: str, fields: list[str], units: dict[str, str],
+                 registry: SignalRegistry | None = None) -> None:
         if protocol not in ("csv", "kv"):
             raise ValueError(f"unknown line protocol {protocol!r}")
         self.device = device
         self.protocol = protocol
         self.fields = fields
         self.units = units
+        self.registry = registry if registry is not None else SignalRegistry()  # its own when it decodes alone
+        self._unit_of = {self.signal(f): u for f, u in units.items()}
         self.errors: Counter[str] = Counter()
         self.sentences = 0
+
+    def decode(self, lines: Lines) -> Decoded:
+        return Decoded(decode_lines(lines, self.decode_line, self._sid))
+
+    def _sid(self, name: str) -> int:
+        return self.registry.intern(name, self.device, self._unit_of.get(name, ""))
+
+    def signals(self) -> set[str]:
+        return {self.signal(f) for f in self.fields if f}
+
+    def counters(self) -> dict[str, int]:
+        return {"sentences": self.sentences}
 
     def signal(self, field: str) -> str:
         return f"{self.device}.{field}"
@@ -28,7 +48,7 @@ class LineDecoder:
     def unit(self, field: str) -> str:
         return self.units.get(field, "")
 
-    def decode(self, line: bytes) -> list[tuple[str, float]]:
+    def decode_line(self, line: bytes) -> list[tuple[str, float]]:
         try:
             text = line.decode("ascii").strip()
         except UnicodeDecodeError:

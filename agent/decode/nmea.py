@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass, field
+
+from agent.decode.base import Decoded, Lines, NoState, decode_lines
+from agent.signals import SignalRegistry
 
 SIGNALS = {
     "GPS.Latitude": "deg",
@@ -110,26 +112,35 @@ def _time_field(s: str) -> float | None:
     return v if math.isfinite(v) else None
 
 
-@dataclass(slots=True)
-class NmeaDecoder:
-    errors: Counter[str]
-    sentences: int = 0
-    ignored: int = 0
-    repeated: int = 0  # values skipped because an earlier sentence of the same fix gave them
-    _fix_time: float | None = None  # UTC time field of the current fix (None: no time to go by)
-    _fix_ids: set[str] = field(default_factory=set)  # sentence ids seen in the current fix
-    _fix_signals: set[str] = field(default_factory=set)  # signals yielded in the current fix
+class NmeaDecoder(NoState):
+    """One GPS receiver's lines; signals are interned with the device as their source."""
 
-    def __init__(self) -> None:
-        self.errors = Counter()
+    input_kind = "lines"
+
+    def __init__(self, registry: SignalRegistry | None = None, device: str = "gps") -> None:
+        self.registry = registry if registry is not None else SignalRegistry()  # its own when it decodes alone
+        self.device = device
+        self.errors: Counter[str] = Counter()
         self.sentences = 0
         self.ignored = 0
-        self.repeated = 0
-        self._fix_time = None
-        self._fix_ids = set()
-        self._fix_signals = set()
+        self.repeated = 0  # values skipped because an earlier sentence of the same fix gave them
+        self._fix_time: float | None = None  # UTC time field of the current fix (None: no time to go by)
+        self._fix_ids: set[str] = set()  # sentence ids seen in the current fix
+        self._fix_signals: set[str] = set()  # signals yielded in the current fix
 
-    def decode(self, line: bytes) -> list[tuple[str, float]]:
+    def decode(self, lines: Lines) -> Decoded:
+        return Decoded(decode_lines(lines, self.decode_line, self._sid))
+
+    def _sid(self, name: str) -> int:
+        return self.registry.intern(name, self.device, SIGNALS.get(name, ""))
+
+    def signals(self) -> set[str]:
+        return set(SIGNALS)
+
+    def counters(self) -> dict[str, int]:
+        return {"sentences": self.sentences, "ignored": self.ignored, "repeated": self.repeated}
+
+    def decode_line(self, line: bytes) -> list[tuple[str, float]]:
         """One line → [(signal, value)]. Bad lines count by reason and yield nothing; they never raise."""
         try:
             fields = _split(line)
