@@ -5,14 +5,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cloud_sync.config import DbConfig
 from cloud_sync.db import CloudDB, FleetDB
 
+_DB = DbConfig()  # the default of `[db] connect_timeout_s`, for callers without a config
 
-def open_db(url: str, path: Path) -> FleetDB:
+
+def open_db(url: str, path: Path, connect_timeout_s: int = _DB.connect_timeout_s) -> FleetDB:
     """PostgreSQL when `url` is set (`postgresql://...`), else the SQLite file at `path`."""
     if url:
         # Imported only here: psycopg is an extra (harvester-cloud-sync[postgres]) that SQLite users do without.
         from cloud_sync.db_postgres import PostgresDB
 
-        return PostgresDB(url)
+        return PostgresDB(url, connect_timeout_s)
     return CloudDB(path)

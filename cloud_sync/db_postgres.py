@@ -21,7 +21,10 @@ import numpy as np
 import numpy.typing as npt
 import psycopg
 
+from cloud_sync.config import DbConfig
 from cloud_sync.db import _SCHEMA_V3, SCHEMA_VERSION, CloudDBError, Cursor, FleetDB
+
+_DB = DbConfig()  # the default of `[db] connect_timeout_s`, for callers without a config
 
 _SCHEMA_V1 = [
     """CREATE TABLE IF NOT EXISTS vehicles (
@@ -75,7 +78,7 @@ def copy_rows(seq_lo: int, ts: npt.NDArray[np.float64], sid: npt.NDArray[np.int6
 
 
 class PostgresDB(FleetDB):
-    def __init__(self, url: str, connect_timeout_s: int = 10) -> None:
+    def __init__(self, url: str, connect_timeout_s: int = _DB.connect_timeout_s) -> None:
         super().__init__()
         self.url = url
         self.where = _redact(url)
