@@ -57,7 +57,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     stop = stop_on_signals()
     agent.start()
     try:
-        while not stop.wait(60):
+        while not stop.wait(cfg.log.report_every_s):
             p = agent.progress()
             logging.getLogger("agent").info(
                 "frames %d (%.0f/s), windows %d, alerts %d, backlog %d, synced %d, %s",
@@ -206,8 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run the agent in the foreground (as systemd does)",
                        description="Run the agent until SIGTERM/SIGINT; then flush the store and stop cleanly.")
     r.add_argument("--config", required=True, help="agent TOML config (docs/configuration.md)")
-    r.add_argument("--drain-s", type=float, default=5.0,
-                   help="at stop, how long to keep sending the backlog before closing (default 5)")
+    r.add_argument("--drain-s", type=float, default=None,
+                   help="at stop, how long to keep sending the backlog before closing (default: the config's "
+                   "[mqtt] stop_drain_s)")
     r.set_defaults(func=cmd_run)
 
     st = sub.add_parser("status", help="report what the store holds",

@@ -5,7 +5,7 @@ is exactly what runs on the vehicle.
 
 What is open survives a restart. The open alert and each bus's DM1 active set are saved in the store (state keys
 `alerts/open`, `dtc_active/<bus>`) in the same transaction as the records that changed them, the alert also every
-`ALERT_HEARTBEAT_S` while open (so that a restart knows how long its owner was gone). At start the pipeline
+`alert_heartbeat_s` while open (so that a restart knows how long its owner was gone). At start the pipeline
 continues from them: DTCs still active are not announced again, and the open alert is carried on or closed with a
 reason (agent/alerts.py).
 """
@@ -24,6 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.alerts import AlertContext, AlertTracker, closed_for
+from agent.config import ModelConfig, StoreConfig
 from agent.decode.j1939 import J1939Decoder
 from agent.decode.lines import LineDecoder
 from agent.decode.nmea import SIGNALS as NMEA_SIGNALS
@@ -41,7 +42,9 @@ log = logging.getLogger("agent.pipeline")
 
 ALERT_STATE_KEY = "alerts/open"
 DTC_STATE_KEY = "dtc_active/{bus}"
-ALERT_HEARTBEAT_S = 10.0  # wall-clock seconds between saves of an open alert's "owner alive" time
+# The defaults of the keys the pipeline takes, for callers without a config (replay, tests, benchmarks).
+_MODEL = ModelConfig()
+_STORE = StoreConfig()
 
 
 @dataclass(slots=True)
@@ -129,16 +132,18 @@ class Pipeline:
         decoders: dict[str, J1939Decoder],
         scorer: Scorer | None,
         store: Store | None,
-        memory_max_samples: int = 500_000,
-        memory_max_records: int = 10_000,
+        memory_max_samples: int = _STORE.memory_max_samples,
+        memory_max_records: int = _STORE.memory_max_records,
         tap: Callable[[SampleArrays], None] | None = None,
         drift_policy: DriftPolicy | None = None,
-        drift_interval_s: float = 3600.0,
-        alert_resume_s: float = 120.0,
+        drift_interval_s: float = _MODEL.drift_interval_s,
+        alert_resume_s: float = _MODEL.alert_resume_s,
+        alert_heartbeat_s: float = _MODEL.alert_heartbeat_s,
     ) -> None:
         self.tap = tap  # sees every decoded sample batch (replay statistics)
         self.memory_max_samples = memory_max_samples
         self.memory_max_records = memory_max_records
+        self.alert_heartbeat_s = alert_heartbeat_s  # wall-clock seconds between saves of an open alert's sign of life
         self.store_error: str | None = None  # set while the store cannot be written
         self._retry_at = 0.0
         self.registry = registry
@@ -164,7 +169,8 @@ class Pipeline:
         self._drift_flag = False
         if scorer is not None and isinstance(scorer.contract.training.get("feature_stats"), dict):
             c = scorer.contract
-            self.drift = DriftMonitor([f.name for f in c.features], c.training["feature_stats"], drift_policy)
+            self.drift = DriftMonitor([f.name for f in c.features], c.training["feature_stats"],
+                                      drift_policy or _MODEL.drift_policy())
             self._drift_key = f"drift/{c.model_name}/{c.model_version}"
             saved = store.get_state(self._drift_key) if store is not None else None
             if isinstance(saved, dict) and self.drift.restore(saved):
@@ -440,7 +446,7 @@ class Pipeline:
         if due:
             self.flush_samples()
         if self.tracker is not None and self.tracker.open is not None \
-                and time.time() - self._alert_saved_at >= ALERT_HEARTBEAT_S:
+                and time.time() - self._alert_saved_at >= self.alert_heartbeat_s:
             self._save_alert()  # the owner is alive: a restart within `alert_resume_s` of this carries it on
         if self.pending_records or self.pending_state:
             self.flush_records()
