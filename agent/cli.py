@@ -68,12 +68,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     agent.start()
     try:
         # Short waits: the kernel may hand SIGTERM to any thread, and Python runs the handler only when the main
-        # thread wakes; a 60 s wait could outlast systemd's TimeoutStopSec (seen under strace).
-        next_report = time.monotonic() + 60
+        # thread wakes; a long wait could outlast systemd's TimeoutStopSec (seen under strace).
+        next_report = time.monotonic() + cfg.log.report_every_s
         while not stop.wait(0.5):
             if time.monotonic() < next_report:
                 continue
-            next_report += 60
+            next_report += cfg.log.report_every_s
             p = agent.progress()
             logging.getLogger("agent").info(
                 "frames %d (%.0f/s), windows %d, alerts %d, backlog %d, synced %d, %s",
@@ -239,8 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run the agent in the foreground (as systemd does)",
                        description="Run the agent until SIGTERM/SIGINT; then flush the store and stop cleanly.")
     r.add_argument("--config", required=True, help="agent TOML config (docs/configuration.md)")
-    r.add_argument("--drain-s", type=float, default=5.0,
-                   help="at stop, how long to keep sending the backlog before closing (default 5)")
+    r.add_argument("--drain-s", type=float, default=None,
+                   help="at stop, how long to keep sending the backlog before closing (default: the config's "
+                   "[mqtt] stop_drain_s)")
     r.add_argument("--check-config", action="store_true",
                    help="load and check the config and the files it names (DBCs, model and its contract, TLS) as "
                    "run would, print one line per finding, and exit: 0 if the agent would run as configured, 2 "

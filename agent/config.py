@@ -1,7 +1,9 @@
 """Agent configuration: one TOML file, validated once at start into typed pydantic models.
 
-Every key has a default (documented in docs/configuration.md); unknown keys are errors so that a typo never
-silently falls back to a default. Relative paths are resolved against the config file's directory.
+Every limit and tunable of the agent is a key here, with its default, its allowed range and its meaning in one
+place: the components read them from the config object they are given, and docs/configuration.md's key tables are
+generated from these models (`python docs/configdoc.py`). Unknown keys are errors so that a typo never silently
+falls back to a default. Relative paths are resolved against the config file's directory.
 """
 
 from __future__ import annotations
@@ -25,45 +27,107 @@ class _Section(BaseModel):
 
 class VehicleConfig(_Section):
     # The receiver checks the same pattern (wire.ID_PATTERN): a vehicle it would refuse cannot be configured.
-    fleet: str = Field("default", pattern=wire.ID_PATTERN)
-    id: str = Field("vehicle-0001", pattern=wire.ID_PATTERN)
+    fleet: str = Field("default", pattern=wire.ID_PATTERN, description=(
+        "fleet name; first level of the MQTT topic tree (`fleet/{fleet}/vehicle/{id}/...`). Letters, digits, "
+        "`_.-`."))
+    id: str = Field("vehicle-0001", pattern=wire.ID_PATTERN, description=(
+        "this vehicle's id; must match its client certificate when the broker enforces ACLs."))
 
 
 class CanBusConfig(_Section):
-    name: str = Field("can0", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
-    interface: str = "socketcan"
-    channel: str = "can0"
-    bitrate: int | None = Field(None, gt=0)
-    dbc: list[Path] = Field(default_factory=list)
-    receive_timeout_s: float = Field(0.2, gt=0, le=10)
-    reconnect_min_s: float = Field(0.5, gt=0)
-    reconnect_max_s: float = Field(30.0, gt=0)
-    options: dict[str, Any] = Field(default_factory=dict)
+    name: str = Field("can0", pattern=r"^[A-Za-z0-9_.-]{1,32}$", description=(
+        "label of the bus; signals from it have source `name/SA` (e.g. `can0/00`)."))
+    interface: str = Field("socketcan", description=(
+        "any python-can interface: `socketcan`, `slcan`, `pcan`, `socketcand`, `virtual`, ... `virtual` reaches "
+        "only buses in the same process (the agent warns at start); for a simulator in another process on the "
+        "same host use `socketcand` (below). `udp_multicast` sends its datagrams out through the network "
+        "interface: not for one host (and needs `pip install msgpack`, which the package no longer pulls in for "
+        "it)."))
+    channel: str = Field("can0", description=(
+        "the interface's channel (`can0`, `/dev/ttyACM0@115200` for slcan, a group for virtual)."))
+    bitrate: int | None = Field(None, gt=0, description=(
+        "bit rate for interfaces that set it (slcan, pcan); SocketCAN's is set with `ip link`."))
+    dbc: list[Path] = Field(default_factory=list, description=(
+        "extra DBC files, merged by PGN over the built-in J1939 definitions (a later file wins)."))
+    receive_timeout_s: float = Field(0.2, gt=0, le=10, description=(
+        "how long one read waits for a frame when none is pending; bounds shutdown latency."))
+    batch_max_frames: int = Field(2000, ge=1, le=100_000, description=(
+        "frames are handed to the pipeline in batches of at most this many ..."))
+    batch_max_s: float = Field(0.2, gt=0, le=10, description=(
+        "... or after this long since a batch's first frame, or as soon as the bus falls quiet for this long. "
+        "One batch is one entry of the pipeline's queue (`[pipeline] queue_max_batches`)."))
+    reconnect_min_s: float = Field(0.5, gt=0, description=(
+        "first delay before reopening a bus that failed (doubles each time)."))
+    reconnect_max_s: float = Field(30.0, gt=0, description="longest delay between attempts.")
+    connect_timeout_s: float = Field(5.0, gt=0, le=300, description=(
+        "`socketcand` only: how long opening the TCP connection to the server may take before the open fails "
+        "(and is retried with the backoff above)."))
+    options: dict[str, Any] = Field(default_factory=dict, description=(
+        "extra keyword arguments passed to `can.Bus(...)` as they are."))
 
 
 class SerialConfig(_Section):
-    name: str = Field("gps", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
-    port: str = "/dev/ttyUSB0"
-    baudrate: int = Field(4800, gt=0)
-    protocol: Literal["nmea", "csv", "kv"] = "nmea"
-    fields: list[str] = Field(default_factory=list)
-    units: dict[str, str] = Field(default_factory=dict)
-    reconnect_min_s: float = Field(0.5, gt=0)
-    reconnect_max_s: float = Field(30.0, gt=0)
-    max_line_bytes: int = Field(256, ge=82, le=65536)
+    name: str = Field("gps", pattern=r"^[A-Za-z0-9_.-]{1,32}$", description=(
+        "label; signals get this as their source. Not the `name` of a CAN bus (the agent refuses to start)."))
+    port: str = Field("/dev/ttyUSB0", description=(
+        "device path (a stable `/dev/serial/by-id/...` link is best on a vehicle)."))
+    baudrate: int = Field(4800, gt=0, description="NMEA's standard; many receivers use 9600 or 115200.")
+    protocol: Literal["nmea", "csv", "kv"] = Field("nmea", description=(
+        "line protocol: `nmea` (GGA, RMC, VTG from any talker; one value per signal and fix, see "
+        "agent/decode/nmea.py), `csv` (comma-separated numbers, named by `fields` in order) or `kv` (`key=value` "
+        "pairs). Signals of `csv`/`kv` are `{name}.{field}`."))
+    fields: list[str] = Field(default_factory=list, description=(
+        "`csv`: the name of each column in order (`\"\"` skips one); `kv`: the keys to keep (empty keeps all)."))
+    units: dict[str, str] = Field(default_factory=dict, description="unit per field, e.g. `{AccelRms = \"g\"}`.")
+    reconnect_min_s: float = Field(0.5, gt=0, description=(
+        "first delay before reopening a missing or lost device (doubles each time)."))
+    reconnect_max_s: float = Field(30.0, gt=0, description="longest delay between attempts.")
+    max_line_bytes: int = Field(256, ge=82, le=65536, description=(
+        "longer lines are dropped and counted (NMEA's limit is 82)."))
+    read_timeout_s: float = Field(0.2, gt=0, le=10, description=(
+        "how long one read of the device waits for bytes; bounds shutdown latency."))
+
+
+class PipelineConfig(_Section):
+    queue_max_batches: int = Field(2000, ge=1, le=1_000_000, description=(
+        "batches (of CAN frames or serial lines) waiting for the processing thread. A source never waits: when "
+        "the queue is full its batch is dropped and counted (`queue_full_can`, `queue_full_serial` in the "
+        "status message's `dropped`, by frame or line)."))
 
 
 class ModelConfig(_Section):
-    path: Path = Path("models/harvester-anomaly.int8.onnx")
-    threads: int = Field(1, ge=1, le=16)
-    batch_windows: int = Field(16, ge=1, le=4096)
-    drift_interval_s: float = Field(3600.0, ge=10, le=7 * 86400)
-    drift_z_max: float = Field(3.0, gt=0)
-    drift_std_ratio_max: float = Field(3.0, gt=1)
-    drift_missing_max: float = Field(0.2, gt=0, le=1)
-    drift_min_windows: int = Field(60, ge=1)
-    alert_resume_s: float = Field(120.0, ge=0, le=86400)
-    drift_unfamiliar_max: float = Field(0.05, gt=0, le=1)
+    path: Path = Field(Path("models/harvester-anomaly.int8.onnx"), description=(
+        "the ONNX model with its contract in `metadata_props` (docs/models.md). A model that cannot be loaded or "
+        "fed is refused with the reason; the agent then runs without scoring and still stores and syncs data."))
+    threads: int = Field(1, ge=1, le=16, description=(
+        "onnxruntime intra-op threads; one keeps a core free for ingest on a small computer."))
+    batch_windows: int = Field(16, ge=1, le=4096, description="most windows scored in one onnxruntime call.")
+    drift_interval_s: float = Field(3600.0, ge=10, le=7 * 86400, description=(
+        "a `drift` event (running per-feature statistics vs the training statistics in the model's contract) is "
+        "stored and synced this often in data time, and at once whenever the drift flag changes (docs/models.md, "
+        "\"Drift\")."))
+    drift_z_max: float = Field(3.0, gt=0, description=(
+        "a feature drifts when its running mean is more than this many training standard deviations from the "
+        "training mean ..."))
+    drift_std_ratio_max: float = Field(3.0, gt=1, description=(
+        "... or its standard deviation is more than this many times training's (a narrower spread is normal for "
+        "one vehicle) ..."))
+    drift_missing_max: float = Field(0.2, gt=0, le=1, description=(
+        "... or it is missing this much more often than in training ..."))
+    drift_min_windows: int = Field(60, ge=1, description=(
+        "no verdict before this many windows (five minutes at a 5 s hop)."))
+    alert_resume_s: float = Field(120.0, ge=0, le=86400, description=(
+        "an alert left open by a run that ended without a clean stop (crash, power cut, SIGKILL) is carried on "
+        "under the same id if the agent starts again within this many seconds of the previous run's last sign of "
+        "life (saved every `alert_heartbeat_s` while the alert is open) with the same model name and version; "
+        "otherwise it is closed at start with `reason` `agent_restart` (or `model_changed`). 0: always close. A "
+        "clean stop closes the open alert (`reason` `agent_stop`). docs/delivery.md, \"Restarts\"."))
+    drift_unfamiliar_max: float = Field(0.05, gt=0, le=1, description=(
+        "... or it lies outside the range the model was trained on (the familiarity guard, docs/models.md) in "
+        "more than this share of windows."))
+    alert_heartbeat_s: float = Field(10.0, gt=0, le=3600, description=(
+        "while an alert is open, its owner's sign of life is saved in the store this often (wall clock): what "
+        "`alert_resume_s` is measured from after an unclean stop. Keep it well below `alert_resume_s`."))
 
     def drift_policy(self) -> DriftPolicy:
         return DriftPolicy(self.drift_z_max, self.drift_std_ratio_max, self.drift_missing_max, self.drift_min_windows,
@@ -71,32 +135,79 @@ class ModelConfig(_Section):
 
 
 class StoreConfig(_Section):
-    path: Path = Path("/var/lib/harvester-agent/buffer.sqlite")
-    max_bytes: int = Field(512 * 1024 * 1024, ge=1024 * 1024)
-    flush_interval_s: float = Field(1.0, gt=0, le=60)
+    path: Path = Field(Path("/var/lib/harvester-agent/buffer.sqlite"), description="the outbox (SQLite, WAL).")
+    max_bytes: int = Field(512 * 1024 * 1024, ge=1024 * 1024, description=(
+        "size bound (512 MiB). Past it the oldest samples are evicted first, alerts and events last; each eviction "
+        "is counted and reported upstream."))
+    evict_watermark: float = Field(0.9, ge=0.1, lt=1, description=(
+        "an eviction frees space down to this share of `max_bytes`, so that a store at its bound does not evict "
+        "on every write."))
+    flush_interval_s: float = Field(1.0, gt=0, le=60, description=(
+        "samples are written as one segment at least this often (alerts and events are written at once)."))
     # At most one wire segment's worth (wire.MAX_SEGMENT_SAMPLES); the store splits anything larger anyway.
-    flush_max_samples: int = Field(20_000, ge=1, le=wire.MAX_SEGMENT_SAMPLES)
-    memory_max_samples: int = Field(500_000, ge=1000)
-    memory_max_records: int = Field(10_000, ge=10)
+    flush_max_samples: int = Field(20_000, ge=1, le=wire.MAX_SEGMENT_SAMPLES, description=(
+        "... or when this many samples wait in memory. At most a wire segment's worth (`harvester_common/wire.py` "
+        "`MAX_SEGMENT_SAMPLES`); the store writes anything larger as several segments within the wire's limits "
+        "(docs/protocol.md, Limits)."))
+    memory_max_samples: int = Field(500_000, ge=1000, description=(
+        "while the store cannot be written (disk full, read-only, I/O error), at most this many samples wait in "
+        "memory; the oldest beyond it are dropped and counted (`samples_dropped_store_unavailable`)."))
+    memory_max_records: int = Field(10_000, ge=10, description=(
+        "the same for alerts and events (`records_dropped_store_unavailable`); scoring goes on meanwhile."))
 
 
 class MqttConfig(_Section):
-    host: str = "localhost"
-    port: int = Field(1883, gt=0, lt=65536)
-    client_id: str = ""
-    keepalive_s: int = Field(30, ge=5, le=3600)
-    tls: bool = True  # plain TCP only when a lab config says so
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
+    host: str = Field("localhost", description="broker host.")
+    port: int = Field(1883, gt=0, lt=65536, description="broker port (8883 for TLS by convention).")
+    client_id: str = Field("", description="MQTT client id; empty means `{fleet}.{id}`.")
+    keepalive_s: int = Field(30, ge=5, le=3600, description=(
+        "MQTT keepalive; the broker publishes the Last Will after 1.5 x this of silence."))
+    tls: bool = Field(True, description=(
+        "TLS with the files below. Plain TCP (`false`) is for a lab: the agent logs a warning when it runs so."))
+    ca_file: Path | None = Field(None, description="CA certificate that signed the broker's certificate.")
+    cert_file: Path | None = Field(None, description="this vehicle's client certificate.")
+    key_file: Path | None = Field(None, description="its private key.")
+    session_expiry_s: int = Field(3600, ge=0, le=wire.MQTT_SESSION_EXPIRY_MAX, description=(
+        "how long the broker keeps this vehicle's session (its subscription to acks, and acks queued for it) "
+        "while the vehicle is away. An ack lost with the session costs only a resend after `ack_timeout_s` (the "
+        "cloud dedups)."))
+    connack_timeout_s: float = Field(30.0, gt=0, le=600, description=(
+        "a connection the broker has not accepted (CONNACK) within this time is dropped and tried again with "
+        "the reconnect backoff."))
     # Bounded by wire.MAX_BATCH_BYTES so that every batch fits the receiver's caps (docs/protocol.md).
-    batch_max_bytes: int = Field(256 * 1024, ge=1024, le=wire.MAX_BATCH_BYTES)
-    batch_max_age_s: float = Field(5.0, gt=0, le=600)
-    max_inflight_batches: int = Field(4, ge=1, le=1000)
-    ack_timeout_s: float = Field(30.0, gt=0)
-    reconnect_min_s: float = Field(1.0, gt=0)
-    reconnect_max_s: float = Field(60.0, gt=0)
-    daily_budget_bytes: int = Field(0, ge=0)
+    batch_max_bytes: int = Field(256 * 1024, ge=1024, le=wire.MAX_BATCH_BYTES, description=(
+        "a sample batch closes at this many (uncompressed) bytes... At most `harvester_common/wire.py` "
+        "`MAX_BATCH_BYTES`, so that every batch fits what the cloud accepts (docs/protocol.md, Limits)."))
+    batch_max_age_s: float = Field(5.0, gt=0, le=600, description=(
+        "... or when its oldest segment is this old. Alerts and events never wait."))
+    max_inflight_batches: int = Field(4, ge=1, le=1000, description=(
+        "batches sent and not yet acknowledged by the cloud."))
+    ack_timeout_s: float = Field(30.0, gt=0, description=(
+        "a batch not acknowledged in this time is sent again (the cloud dedups)."))
+    # An ack names the ranges of one batch; the wire's own cap on an ack (wire.decode_ack) is 1 MiB.
+    max_ack_bytes: int = Field(64 * 1024, ge=1024, le=1024 * 1024, description=(
+        "a message on the ack topic larger than this is dropped unread and counted (`acks_rejected` "
+        "`oversized`)."))
+    recent_batches: int = Field(1024, ge=1, le=1_000_000, description=(
+        "batch ids remembered after their ack, to tell a replayed ack (harmless, counted as `acks_replayed`) from "
+        "one for a batch never sent (`acks_rejected` `not_in_flight`)."))
+    ack_warn_every_s: float = Field(60.0, ge=1, le=86400, description=(
+        "a dropped or trimmed ack is logged at most once per reason this often, with how many were not logged in "
+        "between: a flood of bad acks must not flood the journal."))
+    status_interval_s: float = Field(30.0, ge=1, le=86400, description=(
+        "while connected, the retained `status` message (backlog, drift, model, counters) is published this "
+        "often, besides at each connect."))
+    reconnect_min_s: float = Field(1.0, gt=0, description=(
+        "first reconnect delay; doubles per failure, with full jitter."))
+    reconnect_max_s: float = Field(60.0, gt=0, description="longest reconnect delay.")
+    daily_budget_bytes: int = Field(0, ge=0, description=(
+        "bytes the vehicle may send per UTC day on a metered (cellular) link; 0 means no limit. When the day's "
+        "budget is spent, sample batches are **held back** in the store (nothing is dropped: the size bound still "
+        "applies) until the next UTC day; alerts, events and status always go, and count towards the budget."))
+    stop_drain_s: float = Field(5.0, ge=0, le=300, description=(
+        "at a clean stop (SIGTERM), how long the uplink keeps sending the backlog and waiting for acks before the "
+        "store is closed; `harvester-agent run --drain-s` overrides it. Keep the whole stop inside the unit's "
+        "`TimeoutStopSec` (systemd/harvester-agent.service)."))
 
     @field_validator("ca_file", "cert_file", "key_file")
     @classmethod
@@ -105,13 +216,18 @@ class MqttConfig(_Section):
 
 
 class LogConfig(_Section):
-    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description=(
+        "logs go to stderr (journald on the vehicle)."))
+    report_every_s: float = Field(60.0, ge=1, le=86400, description=(
+        "`harvester-agent run` logs a progress line (frames, windows, alerts, backlog, synced, connected) this "
+        "often."))
 
 
 class AgentConfig(_Section):
     vehicle: VehicleConfig = VehicleConfig()
     can: list[CanBusConfig] = Field(default_factory=list)
     serial: list[SerialConfig] = Field(default_factory=list)
+    pipeline: PipelineConfig = PipelineConfig()
     model: ModelConfig = ModelConfig()
     store: StoreConfig = StoreConfig()
     mqtt: MqttConfig = MqttConfig()

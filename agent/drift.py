@@ -30,19 +30,22 @@ import numpy.typing as npt
 
 @dataclass(frozen=True, slots=True)
 class DriftPolicy:
-    z_max: float = 3.0
-    std_ratio_max: float = 3.0
-    missing_max: float = 0.2
-    min_windows: int = 60  # five minutes of 5 s hops before any verdict
-    unfamiliar_max: float = 0.05  # share of windows a feature may spend outside the training envelope
+    """The thresholds above. No defaults here: they are `[model] drift_*` keys (agent/config.py,
+    `ModelConfig.drift_policy()`), so that they live in one place."""
+
+    z_max: float
+    std_ratio_max: float
+    missing_max: float
+    min_windows: int  # windows before any verdict
+    unfamiliar_max: float  # share of windows a feature may spend outside the training envelope
 
 
 class DriftMonitor:
     def __init__(
-        self, features: Sequence[str], training: Mapping[str, Mapping[str, float]], policy: DriftPolicy | None = None
+        self, features: Sequence[str], training: Mapping[str, Mapping[str, float]], policy: DriftPolicy
     ) -> None:
         self.features = list(features)
-        self.policy = policy or DriftPolicy()
+        self.policy = policy
         f = len(self.features)
 
         def col(key: str) -> npt.NDArray[np.float64]:

@@ -8,7 +8,7 @@ what runs on the vehicle. When and how the sink writes, and what it does when it
 
 What is open survives a restart. The open alert and each decoder's state (a bus's DM1 active set) go to the sink
 (state keys `alerts/open`, `dtc_active/<bus>`) with the records that changed them, to be saved in the same
-transaction; the alert also every `ALERT_HEARTBEAT_S` while open (so that a restart knows how long its owner was
+transaction; the alert also every `alert_heartbeat_s` while open (so that a restart knows how long its owner was
 gone); the drift statistics with each drift report. At start the writer reads them back and hands them to
 `resume`: DTCs still active are not announced again, and the open alert is carried on or closed with a reason
 (agent/alerts.py).
@@ -28,6 +28,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.alerts import AlertContext, AlertTracker, closed_for
+from agent.config import ModelConfig
 from agent.decode.base import Decoder
 from agent.drift import DriftMonitor, DriftPolicy
 from agent.features import FeatureEngine, FeatureRow
@@ -39,7 +40,8 @@ from agent.signals import SignalRegistry
 log = logging.getLogger("agent.pipeline")
 
 ALERT_STATE_KEY = "alerts/open"
-ALERT_HEARTBEAT_S = 10.0  # wall-clock seconds between saves of an open alert's "owner alive" time
+# The defaults of the keys the pipeline takes, for callers without a config (replay, tests, benchmarks).
+_MODEL = ModelConfig()
 
 
 class Sink(Protocol):
@@ -96,8 +98,9 @@ class Pipeline:
         sink: Sink | None,
         tap: Callable[[SampleArrays], None] | None = None,
         drift_policy: DriftPolicy | None = None,
-        drift_interval_s: float = 3600.0,
-        alert_resume_s: float = 120.0,
+        drift_interval_s: float = _MODEL.drift_interval_s,
+        alert_resume_s: float = _MODEL.alert_resume_s,
+        alert_heartbeat_s: float = _MODEL.alert_heartbeat_s,
     ) -> None:
         self.tap = tap  # sees every decoded sample batch (replay statistics)
         self.registry = registry
@@ -105,6 +108,7 @@ class Pipeline:
         self.scorer = scorer
         self.sink = sink  # None: nothing is kept (a run for its statistics only)
         self.alert_resume_s = alert_resume_s
+        self.alert_heartbeat_s = alert_heartbeat_s  # wall-clock seconds between saves of an open alert's sign of life
         self.stats = PipelineStats()
         self._alert_saved_at = 0.0
         self.engine: FeatureEngine | None = None
@@ -121,7 +125,8 @@ class Pipeline:
         self._drift_key = ""
         if scorer is not None and isinstance(scorer.contract.training.get("feature_stats"), dict):
             c = scorer.contract
-            self.drift = DriftMonitor([f.name for f in c.features], c.training["feature_stats"], drift_policy)
+            self.drift = DriftMonitor([f.name for f in c.features], c.training["feature_stats"],
+                                      drift_policy or _MODEL.drift_policy())
             self._drift_key = f"drift/{c.model_name}/{c.model_version}"
 
     # --- a restart -------------------------------------------------------------------------------------------
@@ -178,9 +183,9 @@ class Pipeline:
 
     def heartbeat(self) -> None:
         """Called after every batch and when idle: while an alert is open, its owner is alive; saved every
-        `ALERT_HEARTBEAT_S`, so that a restart within `alert_resume_s` of the last save carries it on."""
+        `alert_heartbeat_s`, so that a restart within `alert_resume_s` of the last save carries it on."""
         if self.tracker is not None and self.tracker.open is not None \
-                and time.time() - self._alert_saved_at >= ALERT_HEARTBEAT_S:
+                and time.time() - self._alert_saved_at >= self.alert_heartbeat_s:
             self._emit([], self._alert_state())
 
     def shutdown(self, reason: str = "agent_stop") -> None:

@@ -23,7 +23,10 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
+from agent.config import ModelConfig
 from agent.contract import Contract, ContractError, parse_contract
+
+_MODEL = ModelConfig()  # the defaults of `[model] threads` and `batch_windows`, for callers without a config
 
 
 class ModelLoadError(ValueError):
@@ -55,7 +58,8 @@ def session_options(threads: int) -> ort.SessionOptions:
 
 class Scorer:
     def __init__(
-        self, session: ort.InferenceSession, contract: Contract, path: Path | None = None, batch: int = 16
+        self, session: ort.InferenceSession, contract: Contract, path: Path | None = None,
+        batch: int = _MODEL.batch_windows,
     ) -> None:
         self.session = session
         self.batch = batch  # most windows per onnxruntime call: bounds the memory and latency of one call
@@ -88,7 +92,7 @@ class Scorer:
         self.invalid_outputs = 0
 
     @classmethod
-    def load(cls, path: Path, threads: int = 1, batch: int = 16) -> Scorer:
+    def load(cls, path: Path, threads: int = _MODEL.threads, batch: int = _MODEL.batch_windows) -> Scorer:
         if not Path(path).is_file():
             raise ModelLoadError(f"{path}: no such model file")
         try:

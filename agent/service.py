@@ -36,8 +36,6 @@ from agent.writer import StoreWriter
 
 log = logging.getLogger("agent.service")
 
-QUEUE_MAX = 2000
-
 
 @dataclass(slots=True)
 class Progress:
@@ -88,14 +86,16 @@ class Agent:
         if self.scorer is None:
             log.error("model %s %s: the agent runs without scoring (data is still stored and synced)",
                       cfg.model.path, self.model_status)
-        self.store = Store(cfg.store.path, cfg.store.max_bytes)
+        self.store = Store(cfg.store.path, cfg.store.max_bytes, evict_watermark=cfg.store.evict_watermark)
         self.writer = StoreWriter(self.store, self.registry, cfg.store.memory_max_samples,
                                   cfg.store.memory_max_records)
         self.pipeline = Pipeline(self.registry, self.decoders, self.scorer, self.writer,
                                  drift_policy=cfg.model.drift_policy(), drift_interval_s=cfg.model.drift_interval_s,
-                                 alert_resume_s=cfg.model.alert_resume_s)
+                                 alert_resume_s=cfg.model.alert_resume_s,
+                                 alert_heartbeat_s=cfg.model.alert_heartbeat_s)
         self.writer.resume(self.pipeline)
-        self.queue: queue.Queue[tuple[str, str, Any]] = queue.Queue(QUEUE_MAX)  # (kind, source, batch)
+        # (kind, source, batch)
+        self.queue: queue.Queue[tuple[str, str, Any]] = queue.Queue(cfg.pipeline.queue_max_batches)
         self.dropped: Counter[str] = Counter()
         self.can_sources = [CanSource(b, self._on_frames) for b in cfg.can]
         self.serial_sources = [SerialSource(s, self._on_lines) for s in cfg.serial]
@@ -195,14 +195,15 @@ class Agent:
                  __version__, self.cfg.vehicle.fleet, self.cfg.vehicle.id, len(self.can_sources),
                  len(self.serial_sources), self.model_status)
 
-    def stop(self, drain_s: float = 5.0) -> None:
+    def stop(self, drain_s: float | None = None) -> None:
+        """Stop cleanly; the uplink sends the backlog for up to `drain_s` first (default: `[mqtt] stop_drain_s`)."""
         notify("STOPPING=1")
         for src in self._sources():
             src.stop()
         self._stop.set()
         if self._thread is not None:
             self._thread.join(30)
-        self.uplink.stop(drain_s=drain_s)
+        self.uplink.stop(drain_s=self.cfg.mqtt.stop_drain_s if drain_s is None else drain_s)
         self.store_status_at_stop = self.store.status()
         self.store.close()
         log.info("agent stopped")

@@ -28,10 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.config import StoreConfig
 from harvester_common import wire
 from harvester_common.seqranges import merge_ranges
 
 log = logging.getLogger("agent.store")
+
+_STORE = StoreConfig()  # the defaults of `[store] max_bytes` and `evict_watermark`, for callers without a config
 
 SCHEMA_VERSION = 3
 PRIO_NOTICE = -1  # eviction notices: sent first, never evicted (they explain the gaps evictions leave)
@@ -147,9 +150,11 @@ def time_seq_floor() -> int:
 
 
 class Store:
-    def __init__(self, path: Path, max_bytes: int = 512 * 1024 * 1024, first_seq: int | None = None) -> None:
+    def __init__(self, path: Path, max_bytes: int = _STORE.max_bytes, first_seq: int | None = None,
+                 evict_watermark: float = _STORE.evict_watermark) -> None:
         self.path = Path(path)
         self.max_bytes = max_bytes
+        self.evict_watermark = evict_watermark
         self._first_seq = first_seq
         self._lock = threading.RLock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -310,8 +315,8 @@ class Store:
         evicted: list[tuple[int, int]] = []
         n_samples = n_records = 0
         with self._tx():
-            # Down to 90 % so that a store at its bound does not evict on every single write.
-            while self.used_bytes() > self.max_bytes * 0.9:
+            # Down to the watermark so that a store at its bound does not evict on every single write.
+            while self.used_bytes() > self.max_bytes * self.evict_watermark:
                 # Oldest samples first; records only once no samples remain; notices never.
                 row = self.db.execute(
                     "SELECT seq_lo, seq_hi, prio, n, kind FROM outbox WHERE prio >= 0 ORDER BY prio DESC, seq_lo "
@@ -521,13 +526,14 @@ class Store:
     # --- reading someone else's live store ---------------------------------------------------------------------
 
     @classmethod
-    def open_readonly(cls, path: Path, max_bytes: int = 512 * 1024 * 1024) -> Store:
+    def open_readonly(cls, path: Path, max_bytes: int) -> Store:
         """Open for reading only (`mode=ro`): no WAL set-up, no migration, no quarantine, no checkpoint on close.
         For `harvester-agent status` beside a running agent. Raises StoreLocked or StoreError, never moves or
         writes the file."""
         self = cls.__new__(cls)
         self.path = Path(path)
         self.max_bytes = max_bytes
+        self.evict_watermark = _STORE.evict_watermark  # never used: a read-only store evicts nothing
         self._first_seq = None
         self._lock = threading.RLock()
         self.quarantined = None
@@ -556,7 +562,7 @@ class Store:
         return self
 
 
-def read_status(path: Path, max_bytes: int, wait_s: float = 5.0) -> dict[str, Any]:
+def read_status(path: Path, max_bytes: int, wait_s: float) -> dict[str, Any]:
     """`Store.status()` of a store that may be live, read-only, retrying for up to `wait_s` while it is locked."""
     deadline = time.monotonic() + wait_s
     while True:

@@ -39,10 +39,6 @@ from harvester_common.seqranges import merge_ranges, subtract
 
 log = logging.getLogger("agent.uplink")
 
-MAX_ACK_BYTES = 64 * 1024
-RECENT_BATCHES = 1024  # batch ids remembered after their ack, to tell a replayed ack from a forged one
-LOG_EVERY_S = 60.0  # at most one warning per reason this often: a flood of bad acks must not flood the log
-
 
 class TlsError(ValueError):
     """TLS files that cannot be loaded: one line naming the files and the reason."""
@@ -113,7 +109,8 @@ class Uplink:
         self._rng = random.Random(seed)
         self._inflight: dict[int, _InFlight] = {}
         self._parked: set[int] = set()  # seq_lo of rows the cloud rejected for good: kept, not resent
-        self._done: OrderedDict[int, None] = OrderedDict()  # recently acked/rejected batch ids
+        # The last `recent_batches` acked/rejected batch ids: a replayed ack is told from a forged one by these.
+        self._done: OrderedDict[int, None] = OrderedDict()
         self._logged_at: dict[str, float] = {}
         self._logged_n: dict[str, int] = {}
         self._next_batch = int(time.time() * 1000)
@@ -177,10 +174,11 @@ class Uplink:
         self._inflight.clear()
 
     def _warn(self, reason: str, text: str) -> None:
-        """Log at most once per `LOG_EVERY_S` per reason, saying how many were not logged in between."""
+        """Log at most once per `ack_warn_every_s` per reason, saying how many were not logged in between."""
         now = time.monotonic()
+        every = self.cfg.ack_warn_every_s
         self._logged_n[reason] = self._logged_n.get(reason, 0) + 1
-        if now - self._logged_at.get(reason, -LOG_EVERY_S) >= LOG_EVERY_S:
+        if now - self._logged_at.get(reason, -every) >= every:
             n = self._logged_n.pop(reason)
             log.warning("%s%s", text, f" ({n - 1} more like it since the last report)" if n > 1 else "")
             self._logged_at[reason] = now
@@ -202,7 +200,7 @@ class Uplink:
         if msg.topic != self.topic("ack"):
             self._reject("unexpected_topic", msg.topic[:200])
             return
-        if len(msg.payload) > MAX_ACK_BYTES:
+        if len(msg.payload) > self.cfg.max_ack_bytes:
             self._reject("oversized", f"{len(msg.payload)} bytes")
             return
         try:
@@ -243,7 +241,7 @@ class Uplink:
 
     def _remember(self, batch: int) -> None:
         self._done[batch] = None
-        while len(self._done) > RECENT_BATCHES:
+        while len(self._done) > self.cfg.recent_batches:
             self._done.popitem(last=False)
 
     # --- sending ---------------------------------------------------------------------------------------------
@@ -320,7 +318,7 @@ class Uplink:
             if now - inf.sent_at > self.cfg.ack_timeout_s:
                 del self._inflight[bid]
                 self.stats.ack_timeouts += 1
-        if now - self._last_status > 30:
+        if now - self._last_status > self.cfg.status_interval_s:
             self._client.publish(self.topic("status"), self._status_payload("online"), qos=1, retain=True)
             self._last_status = now
         while len(self._inflight) < self.cfg.max_inflight_batches:
@@ -355,7 +353,7 @@ class Uplink:
         if not self.cfg.tls and self.stats.connect_failures == 0 and self.stats.connects == 0:
             log.warning("MQTT over plain TCP to %s:%d (mqtt.tls = false): for a lab only", self.cfg.host, self.cfg.port)
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = 3600
+        props.SessionExpiryInterval = self.cfg.session_expiry_s
         try:
             self._client.connect(
                 self.cfg.host, self.cfg.port, self.cfg.keepalive_s, clean_start=False, properties=props
@@ -374,7 +372,7 @@ class Uplink:
                 attempt += 1
                 self._stop.wait(delay)
                 continue
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + self.cfg.connack_timeout_s
             while not self._stop.is_set():
                 rc = self._client.loop(timeout=0.05)
                 if rc != mqtt.MQTT_ERR_SUCCESS:

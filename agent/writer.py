@@ -22,11 +22,14 @@ from typing import Any
 
 import numpy as np
 
+from agent.config import StoreConfig
 from agent.pipeline import Pipeline
 from agent.records import SampleArrays
 from agent.signals import SignalRegistry
 from agent.store import Store
 from harvester_common import wire
+
+_STORE = StoreConfig()  # the defaults of the keys the writer takes, for callers without a config
 
 log = logging.getLogger("agent.writer")
 
@@ -83,8 +86,8 @@ class StoreWriter:
     """The pipeline's `Sink` on a `Store`. One thread (the pipeline's) calls it; `store_error` and `errors` may be
     read from another for a status."""
 
-    def __init__(self, store: Store, registry: SignalRegistry, memory_max_samples: int = 500_000,
-                 memory_max_records: int = 10_000) -> None:
+    def __init__(self, store: Store, registry: SignalRegistry, memory_max_samples: int = _STORE.memory_max_samples,
+                 memory_max_records: int = _STORE.memory_max_records) -> None:
         self.store = store
         self.memory_max_samples = memory_max_samples
         self.memory_max_records = memory_max_records

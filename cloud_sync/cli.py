@@ -51,7 +51,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from cloud_sync.receiver import Receiver
 
     cfg = _config_with_logging(args)
-    db = open_db(cfg.db.url, cfg.db.path)
+    db = open_db(cfg.db.url, cfg.db.path, cfg.db.connect_timeout_s)
     stop = threading.Event()
 
     def handler(signum: int, frame: Any) -> None:
@@ -72,7 +72,7 @@ def existing_db(cfg: CloudConfig) -> FleetDB:
     """The database a report reads: it must exist already (a report never creates an empty one)."""
     if not cfg.db.url and not cfg.db.path.exists():
         raise CloudDBError(f"{cfg.db.path}: no database yet (cloud-sync serve has not run with this config)")
-    return open_db(cfg.db.url, cfg.db.path)
+    return open_db(cfg.db.url, cfg.db.path, cfg.db.connect_timeout_s)
 
 
 def read_db(args: argparse.Namespace, query: Callable[[FleetDB], T]) -> T:
@@ -182,7 +182,7 @@ def cmd_web(args: argparse.Namespace) -> int:
     cfg = _config_with_logging(args)
     db = existing_db(cfg)
     try:
-        server = make_server(db, args.host, args.port, args.allow_host)
+        server = make_server(db, args.host, args.port, args.allow_host, cfg.web)
     except OSError as e:
         db.close()
         raise CloudDBError(f"cannot listen on {args.host}:{args.port}: {e.strerror}") from None
@@ -209,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     s = sub.add_parser("serve", help="run the receiver until SIGTERM/SIGINT")
     s.add_argument("--config", required=True, help="cloud_sync TOML config (docs/cloud_sync.md)")
-    s.add_argument("--report-every-s", type=float, default=60.0, help="progress log period (default 60)")
+    s.add_argument("--report-every-s", type=float, default=None,
+                   help="progress log period (default: the config's [log] report_every_s)")
     s.set_defaults(func=cmd_serve)
     st = sub.add_parser("stats", help="per vehicle: records by kind, highest seq, duplicates dropped, gaps")
     st.add_argument("--config", required=True, help="cloud_sync TOML config")

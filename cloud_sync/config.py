@@ -1,4 +1,8 @@
-"""cloud_sync configuration: a TOML file validated into pydantic models (docs/cloud_sync.md lists every key)."""
+"""cloud_sync configuration: a TOML file validated into pydantic models.
+
+Every limit and tunable of the cloud side is a key here, with its default, its allowed range and its meaning in one
+place; docs/cloud_sync.md's key table is generated from these models (`python docs/configdoc.py`).
+"""
 
 from __future__ import annotations
 
@@ -18,44 +22,75 @@ class _Section(BaseModel):
 
 
 class CloudMqttConfig(_Section):
-    host: str = "localhost"
-    port: int = Field(1883, gt=0, lt=65536)
-    client_id: str = Field("cloud-sync-1", min_length=1, max_length=128)
-    share_group: str = Field("cloud_sync", pattern=r"^[A-Za-z0-9_-]{1,64}$")
-    fleet: str = Field("+", pattern=r"^(\+|[A-Za-z0-9_.-]{1,64})$")
-    keepalive_s: int = Field(30, ge=5, le=3600)
-    tls: bool = False
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
-    session_expiry_s: int = Field(86400, ge=0)
-    # While the broker cannot be reached, `serve` says so at once and then again at most this often.
-    unreachable_report_s: float = Field(30.0, ge=1, le=3600)
-    # Payloads above this are rejected before decoding. It may not go below wire.MAX_MESSAGE_BYTES, the most a
-    # correctly configured vehicle can send (docs/protocol.md "Limits").
-    max_message_bytes: int = Field(wire.MAX_MESSAGE_BYTES, ge=wire.MAX_MESSAGE_BYTES)
+    host: str = Field("localhost", description="broker")
+    port: int = Field(1883, gt=0, lt=65536, description="broker port")
+    client_id: str = Field("cloud-sync-1", min_length=1, max_length=128, description=(
+        "stable per receiver: the broker keeps its session (and queued QoS 1 messages) across restarts"))
+    share_group: str = Field("cloud_sync", pattern=r"^[A-Za-z0-9_-]{1,64}$", description=(
+        "shared-subscription group; receivers in one group split the messages (behind the `acl_file` broker "
+        "fallback, make it a secret random name: docs/deploy.md, \"Broker security\")"))
+    fleet: str = Field("+", pattern=r"^(\+|[A-Za-z0-9_.-]{1,64})$", description="which fleet(s) to receive")
+    keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keepalive")
+    tls: bool = Field(False, description="TLS to the broker, with the three files below")
+    ca_file: Path | None = Field(None, description="CA certificate that signed the broker's certificate")
+    cert_file: Path | None = Field(None, description="this receiver's client certificate")
+    key_file: Path | None = Field(None, description="its private key")
+    session_expiry_s: int = Field(86400, ge=0, le=wire.MQTT_SESSION_EXPIRY_MAX, description=(
+        "how long the broker keeps the session while the receiver is away"))
+    reconnect_min_s: int = Field(1, ge=1, le=3600, description=(
+        "first delay before reconnecting to a broker that went away or cannot be reached; doubles per failure"))
+    reconnect_max_s: int = Field(30, ge=1, le=3600, description="longest delay between reconnect attempts")
+    max_inflight_messages: int = Field(100, ge=1, le=65535, description=(
+        "acks (QoS 1) published to vehicles and not yet confirmed by the broker; more wait in the client's queue"))
+    unreachable_report_s: float = Field(30.0, ge=1, le=3600, description=(
+        "while the broker cannot be reached, `serve` says so at once and then at most this often"))
+    max_message_bytes: int = Field(wire.MAX_MESSAGE_BYTES, ge=wire.MAX_MESSAGE_BYTES, description=(
+        "larger payloads are rejected before decoding; may not be set below `harvester_common/wire.py` "
+        "`MAX_MESSAGE_BYTES` (16 MiB), the most a correctly configured vehicle sends (docs/protocol.md, Limits)"))
 
 
 class DbConfig(_Section):
-    path: Path = Path("cloud.sqlite")
-    # PostgreSQL for a fleet: "postgresql://user:password@host:5432/dbname" (libpq URL or key=value string).
-    # Empty: the SQLite file at `path`.
-    url: str = Field("", pattern=r"^(|postgres(ql)?://.*|.*dbname=.*)$")
+    path: Path = Field(Path("cloud.sqlite"), description=(
+        "the SQLite database (relative to the config file), used when `url` is empty"))
+    url: str = Field("", pattern=r"^(|postgres(ql)?://.*|.*dbname=.*)$", description=(
+        "PostgreSQL for a fleet: `postgresql://user:password@host:5432/dbname` (a libpq URL or key=value "
+        "string; psycopg 3; `pip install './cloud_sync[postgres]'`: the harvester-cloud-sync distribution with its "
+        "`postgres` extra). Several receivers may share it (docs/deploy.md)."))
+    connect_timeout_s: int = Field(10, ge=1, le=600, description=(
+        "PostgreSQL: how long one connection attempt may take before it counts as the database being away"))
 
 
 class ReceiverConfig(_Section):
-    queue_max: int = Field(1000, ge=1)
-    commit_max_messages: int = Field(50, ge=1, le=10_000)
+    queue_max: int = Field(1000, ge=1, description=(
+        "messages waiting for the worker; when full, the broker is slowed down, nothing dropped"))
+    commit_max_messages: int = Field(50, ge=1, le=10_000, description="most messages stored in one transaction")
+    db_retry_s: float = Field(1.0, gt=0, le=300, description=(
+        "while the database is away, the messages held are retried this often"))
+
+
+class WebConfig(_Section):
+    context_s: float = Field(120.0, ge=0, le=86400, description=(
+        "`cloud-sync web`: an alert's plot shows the vehicle's signals this long either side of the window the "
+        "model saw"))
+    max_signals: int = Field(8, ge=1, le=100, description=(
+        "signals plotted for one alert: those of its top features first, then those of its snapshot"))
+    max_points: int = Field(20_000, ge=1, le=1_000_000, description=(
+        "most points of one signal in an alert's plot (270 s of a 10 Hz signal is ~2,700)"))
 
 
 class LogConfig(_Section):
-    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description=(
+        "logs go to stderr"))
+    report_every_s: float = Field(60.0, ge=1, le=86400, description=(
+        "`serve` logs a progress line (batches, new records, duplicates, rejected) this often; "
+        "`serve --report-every-s` overrides it"))
 
 
 class CloudConfig(_Section):
     mqtt: CloudMqttConfig = CloudMqttConfig()
     db: DbConfig = DbConfig()
     receiver: ReceiverConfig = ReceiverConfig()
+    web: WebConfig = WebConfig()
     log: LogConfig = LogConfig()
 
 

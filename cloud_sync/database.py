@@ -1,19 +1,22 @@
 """Which database backs the cloud: the engine is chosen here, so that the shared logic (cloud_sync/db.py) and each
-engine's backend (SQLite in db.py, PostgreSQL in db_postgres.py) never import each other's callers."""
+engine's backend (SQLite in db_sqlite.py, PostgreSQL in db_postgres.py) never import each other's callers."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from cloud_sync.config import DbConfig
 from cloud_sync.db import FleetDB
 from cloud_sync.db_sqlite import CloudDB
 
+_DB = DbConfig()  # the default of `[db] connect_timeout_s`, for callers without a config
 
-def open_db(url: str, path: Path) -> FleetDB:
+
+def open_db(url: str, path: Path, connect_timeout_s: int = _DB.connect_timeout_s) -> FleetDB:
     """PostgreSQL when `url` is set (`postgresql://...`), else the SQLite file at `path`."""
     if url:
         # Imported only here: psycopg is an extra (harvester-cloud-sync[postgres]) that SQLite users do without.
         from cloud_sync.db_postgres import PostgresDB
 
-        return PostgresDB(url)
+        return PostgresDB(url, connect_timeout_s)
     return CloudDB(path)

@@ -21,10 +21,12 @@ import numpy as np
 import numpy.typing as npt
 import psycopg
 
+from cloud_sync.config import DbConfig
 from cloud_sync.db import Cursor, FleetDB
 from cloud_sync.errors import CloudDBError
 from cloud_sync.migrations import Dialect, migrate
 
+_DB = DbConfig()  # the default of `[db] connect_timeout_s`, for callers without a config
 _MIGRATION_LOCK = 0x68617276  # "harv": one receiver migrates, the others wait
 
 # One COPY row in PostgreSQL's binary format: field count, then (length, value) per column, big-endian.
@@ -46,7 +48,7 @@ def copy_rows(seq_lo: int, ts: npt.NDArray[np.float64], sid: npt.NDArray[np.int6
 
 
 class PostgresDB(FleetDB):
-    def __init__(self, url: str, connect_timeout_s: int = 10) -> None:
+    def __init__(self, url: str, connect_timeout_s: int = _DB.connect_timeout_s) -> None:
         super().__init__()
         self.url = url
         self.where = _redact(url)

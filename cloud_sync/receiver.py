@@ -67,8 +67,8 @@ class Receiver:
                 certfile=str(cfg.mqtt.cert_file) if cfg.mqtt.cert_file else None,
                 keyfile=str(cfg.mqtt.key_file) if cfg.mqtt.key_file else None,
             )
-        c.max_inflight_messages_set(100)
-        c.reconnect_delay_set(1, 30)
+        c.max_inflight_messages_set(cfg.mqtt.max_inflight_messages)
+        c.reconnect_delay_set(cfg.mqtt.reconnect_min_s, cfg.mqtt.reconnect_max_s)
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_subscribe = self._on_subscribe
@@ -274,7 +274,7 @@ class Receiver:
                 # Not acked: they stay ours and are retried when the database is back (the vehicles resend too).
                 self.stats["store_failures"] += 1
                 log.error("database unavailable (%s); holding %d messages", self.db.where, len(held))
-                if self._stop.wait(1.0):
+                if self._stop.wait(self.cfg.receiver.db_retry_s):
                     return  # stopping: unacked, so the broker delivers them again to whoever reconnects
 
     # --- lifecycle -------------------------------------------------------------------------------------------
@@ -295,7 +295,11 @@ class Receiver:
         self.client.disconnect()
         self.client.loop_stop()
 
-    def run_forever(self, stop: threading.Event, report_every_s: float = 60.0) -> None:
+    def run_forever(self, stop: threading.Event, report_every_s: float | None = None) -> None:
+        """Receive until `stop` is set, with a progress line every `report_every_s` (default: `[log]
+        report_every_s`)."""
+        if report_every_s is None:
+            report_every_s = self.cfg.log.report_every_s
         self.start()
         last = time.monotonic()
         while not stop.wait(1.0):

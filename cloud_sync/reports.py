@@ -161,7 +161,7 @@ class Reports:
         return {**json.loads(rows[0][0]), "vehicle": vehicle, "seq": seq} if rows else None
 
     def signal_series(
-        self, vehicle: str, t0: float, t1: float, names: Sequence[str] | None = None, max_points: int = 20_000
+        self, vehicle: str, t0: float, t1: float, names: Sequence[str] | None = None, *, max_points: int
     ) -> dict[str, list[tuple[float, float]]]:
         """`Message.Signal` → [(ts, value)] of one vehicle between t0 and t1 (the plot around an alert)."""
         q = ("SELECT g.name, s.ts, s.value FROM samples s JOIN signals g ON g.id = s.signal_id "

@@ -31,15 +31,13 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from cloud_sync import web_page
+from cloud_sync.config import WebConfig
 from cloud_sync.db import FleetDB
 from cloud_sync.present import clean_alert, plain
 from cloud_sync.reports import Reports
 
 log = logging.getLogger("cloud_sync.web")
 
-CONTEXT_S = 120.0  # signal history shown either side of the window the model saw
-MAX_SIGNALS = 8  # plots per alert: the page stays readable and the response small
-MAX_POINTS = 20_000  # per signal: 270 s of a 10 Hz signal is ~2,700
 _SEQ = re.compile(r"[0-9]{1,19}")  # ASCII digits only (int() would take "\u0663"); then bounded to 64 bits
 SEQ_MAX = 2**63 - 1  # what both databases store
 # Our own files only, no inline code (an injected <script> or style= would not run), no framing, no forms.
@@ -51,7 +49,7 @@ class BadRequest(Exception):
     pass
 
 
-def _alert_signals(alert: dict[str, Any]) -> list[str]:
+def _alert_signals(alert: dict[str, Any], max_signals: int) -> list[str]:
     """The signals worth plotting: the top contributing features' signals first, then the snapshot's."""
     names: list[str] = []
     for f in alert.get("top_features") or []:
@@ -60,14 +58,15 @@ def _alert_signals(alert: dict[str, Any]) -> list[str]:
     snap = alert.get("snapshot")
     if isinstance(snap, dict):
         names += [k for k in snap if isinstance(k, str)]
-    return list(dict.fromkeys(names))[:MAX_SIGNALS]
+    return list(dict.fromkeys(names))[:max_signals]
 
 
 class Api:
     """The JSON side, without HTTP: easy to test, and the handler stays a thin shell."""
 
-    def __init__(self, db: FleetDB) -> None:
+    def __init__(self, db: FleetDB, cfg: WebConfig) -> None:
         self.db = db
+        self.cfg = cfg
         self._lock = threading.Lock()  # one database connection behind many server threads
 
     def fleet(self) -> dict[str, Any]:
@@ -103,12 +102,13 @@ class Api:
             w1 = a["window_end"] if a["window_end"] is not None else w0
             if w0 is None or w1 is None or w1 < w0:
                 return {"alert": a, "series": {}, "span": None}
-            span = [w0 - CONTEXT_S, w1 + CONTEXT_S]
+            span = [w0 - self.cfg.context_s, w1 + self.cfg.context_s]
             # One query per signal so a fast signal cannot use up the point budget of the others, and an alert
             # naming no signal plots nothing (names=None would mean every signal the vehicle has).
             series: dict[str, list[tuple[float, float]]] = {}
-            for name in _alert_signals(a):
-                series.update(Reports(self.db).signal_series(vehicle, span[0], span[1], [name], MAX_POINTS))
+            for name in _alert_signals(a, self.cfg.max_signals):
+                series.update(Reports(self.db).signal_series(vehicle, span[0], span[1], [name],
+                                                             max_points=self.cfg.max_points))
         return {"alert": a, "series": series, "span": span}
 
 
@@ -183,7 +183,7 @@ class Handler(BaseHTTPRequestHandler):
 class WebServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, addr: tuple[str, int], api: Api, allowed_hosts: Iterable[str] = ()) -> None:
+    def __init__(self, addr: tuple[str, int], api: Api, allowed_hosts: Iterable[str]) -> None:
         super().__init__(addr, Handler)
         self.api = api
         # The name it was asked to listen on and the address that came of it (the same unless a name was given).
@@ -202,6 +202,8 @@ def accepted_hosts(bound: Iterable[str], port: int, allowed: Iterable[str] = ())
     return frozenset(n.lower() for n in out | set(allowed))
 
 
-def make_server(db: FleetDB, host: str = "127.0.0.1", port: int = 8080,
-                allowed_hosts: Iterable[str] = ()) -> WebServer:
-    return WebServer((host, port), Api(db), allowed_hosts)
+def make_server(db: FleetDB, host: str, port: int, allowed_hosts: Iterable[str] = (),
+                cfg: WebConfig | None = None) -> WebServer:
+    """The fleet page's server on (host, port); `cfg`: the `[web]` section (its defaults when None). The listen
+    address has its defaults in one place, `cloud-sync web`'s options."""
+    return WebServer((host, port), Api(db, cfg if cfg is not None else WebConfig()), allowed_hosts)

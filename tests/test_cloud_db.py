@@ -105,7 +105,7 @@ def test_fleet_rows_and_alert_filters(db: FleetDB) -> None:
     assert [a["seq"] for a in Reports(db).alerts(since=T0 + 40)] == [1001, 102]
     a = Reports(db).alert("v1", 1001)
     assert a is not None and a["label"] == "coolant_leak"
-    series = Reports(db).signal_series("v1", T0, T0 + 20, ["ET1.EngCoolantTemp"])
+    series = Reports(db).signal_series("v1", T0, T0 + 20, ["ET1.EngCoolantTemp"], max_points=1000)
     assert list(series) == ["ET1.EngCoolantTemp"] and len(series["ET1.EngCoolantTemp"]) == 100
     assert series["ET1.EngCoolantTemp"][0] == pytest.approx((T0 + 0.1, 90.01))
 

@@ -9,6 +9,7 @@ import pytest
 from pydantic import BaseModel
 
 from agent.config import AgentConfig, ConfigError, load_config
+from cloud_sync.config import load_config as load_cloud_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,6 +33,19 @@ def test_empty_file_gives_every_default(tmp_path: Path) -> None:
         ('[vehicle]\nid = "has space"\n', "vehicle.id"),
         ("[store]\nmax_bytes = 10\n", "store.max_bytes"),
         ("[[can]]\nbitrate = -1\n", "can.0.bitrate"),
+        # limits that were constants before they were keys: out of range is the same one-line error
+        ("[[can]]\nbatch_max_frames = 0\n", "can.0.batch_max_frames"),
+        ("[[can]]\nbatch_max_s = 0\n", "can.0.batch_max_s"),
+        ("[[can]]\nconnect_timeout_s = -1\n", "can.0.connect_timeout_s"),
+        ("[[serial]]\nread_timeout_s = 11\n", "serial.0.read_timeout_s"),
+        ("[pipeline]\nqueue_max_batches = 0\n", "pipeline.queue_max_batches"),
+        ("[model]\nalert_heartbeat_s = 0\n", "model.alert_heartbeat_s"),
+        ("[store]\nevict_watermark = 1.0\n", "store.evict_watermark"),
+        ("[mqtt]\nsession_expiry_s = 4294967296\n", "mqtt.session_expiry_s"),
+        ("[mqtt]\nmax_ack_bytes = 100\n", "mqtt.max_ack_bytes"),
+        ("[mqtt]\nstatus_interval_s = 0.5\n", "mqtt.status_interval_s"),
+        ("[mqtt]\nstop_drain_s = -1\n", "mqtt.stop_drain_s"),
+        ("[log]\nreport_every_s = 0\n", "log.report_every_s"),
         ("this is = = not toml", "not valid TOML"),
     ],
 )
@@ -40,6 +54,29 @@ def test_invalid_files_name_the_key_and_reason(tmp_path: Path, text: str, needle
     f.write_text(text)
     with pytest.raises(ConfigError) as e:
         load_config(f)
+    msg = str(e.value)
+    assert needle in msg and str(f) in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("[mqtt]\nmax_inflight_messages = 0\n", "mqtt.max_inflight_messages"),
+        ("[mqtt]\nreconnect_max_s = 0\n", "mqtt.reconnect_max_s"),
+        ("[mqtt]\nsession_expiry_s = -1\n", "mqtt.session_expiry_s"),
+        ("[db]\nconnect_timeout_s = 0\n", "db.connect_timeout_s"),
+        ("[receiver]\ndb_retry_s = 0\n", "receiver.db_retry_s"),
+        ("[web]\nmax_signals = 0\n", "web.max_signals"),
+        ("[web]\ncontext_s = -5\n", "web.context_s"),
+        ("[log]\nreport_every_s = 0.1\n", "log.report_every_s"),
+        ("[web]\ncontext = 5\n", "web.context: Extra inputs"),
+    ],
+)
+def test_invalid_cloud_files_name_the_key_and_reason(tmp_path: Path, text: str, needle: str) -> None:
+    f = tmp_path / "bad.toml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_cloud_config(f)
     msg = str(e.value)
     assert needle in msg and str(f) in msg and "\n" not in msg
 

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from agent.config import ModelConfig
 from agent.decode.j1939 import J1939Decoder
 from agent.drift import DriftMonitor, DriftPolicy
 from agent.frames import FrameBatch
@@ -24,7 +25,12 @@ from harvester_sim import Harvester, generate_frames
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "models" / "harvester-anomaly.int8.onnx"
+DEFAULT = ModelConfig().drift_policy()  # the `[model] drift_*` defaults
 TRAIN = {"a": {"mean": 10.0, "std": 2.0, "missing": 0.0}, "b": {"mean": -5.0, "std": 1.0, "missing": 0.1}}
+
+
+def _policy(**keys: float) -> DriftPolicy:
+    return ModelConfig.model_validate(keys).drift_policy()
 
 
 @settings(max_examples=60, deadline=None)
@@ -34,7 +40,7 @@ TRAIN = {"a": {"mean": 10.0, "std": 2.0, "missing": 0.0}, "b": {"mean": -5.0, "s
     st.integers(1, 7),
 )
 def test_running_statistics_equal_statistics_of_everything_seen(x: np.ndarray, pieces: int) -> None:  # type: ignore[type-arg]
-    m = DriftMonitor(["a", "b"], TRAIN)
+    m = DriftMonitor(["a", "b"], TRAIN, DEFAULT)
     for part in np.array_split(x, pieces):
         m.update(part)
     r = m.report()["features"]
@@ -56,7 +62,7 @@ def _rows(rng: np.random.Generator, n: int, a: tuple[float, float], b: tuple[flo
 
 def test_no_verdict_before_min_windows_then_each_kind_of_drift_is_named() -> None:
     rng = np.random.default_rng(0)
-    pol = DriftPolicy(min_windows=50)
+    pol = _policy(drift_min_windows=50)
     same = DriftMonitor(["a", "b"], TRAIN, pol)
     same.update(_rows(rng, 500, (10, 2), (-5, 1)))
     assert same.drifted() == {} and same.report()["drift"] is False
@@ -88,15 +94,15 @@ def test_no_verdict_before_min_windows_then_each_kind_of_drift_is_named() -> Non
 
 def test_state_round_trip_and_damaged_state_is_refused() -> None:
     rng = np.random.default_rng(1)
-    m = DriftMonitor(["a", "b"], TRAIN)
+    m = DriftMonitor(["a", "b"], TRAIN, DEFAULT)
     m.update(_rows(rng, 100, (10, 2), (-5, 1)))
     saved = json.loads(json.dumps(m.state()))
-    back = DriftMonitor(["a", "b"], TRAIN)
+    back = DriftMonitor(["a", "b"], TRAIN, DEFAULT)
     assert back.restore(saved)
     assert back.report() == m.report()
     for bad in ({**saved, "features": ["a", "c"]}, {**saved, "mean": [1.0]}, {**saved, "count": [10**9, 1]},
                 {**saved, "m2": "x"}, {}, {**saved, "rows": -1}):
-        fresh = DriftMonitor(["a", "b"], TRAIN)
+        fresh = DriftMonitor(["a", "b"], TRAIN, DEFAULT)
         assert not fresh.restore(bad)
         assert fresh.rows == 0
 
@@ -105,7 +111,7 @@ def _run(store: Store, ambient_c: float, seconds: float) -> Pipeline:
     reg = SignalRegistry()
     w = StoreWriter(store, reg)
     p = Pipeline(reg, {"can0": J1939Decoder(reg)}, Scorer.load(MODEL), w,
-                 drift_policy=DriftPolicy(min_windows=24), drift_interval_s=60.0)
+                 drift_policy=_policy(drift_min_windows=24), drift_interval_s=60.0)
     w.resume(p)
     frames = list(generate_frames(Harvester(seed=3, duty="harvest", ambient_c=ambient_c), seconds))
     for i in range(0, len(frames), 2000):
@@ -144,7 +150,7 @@ def test_pipeline_reports_drift_as_events_and_keeps_statistics_across_restart(tm
     again = Store(tmp_path / "hot.sqlite")
     reg = SignalRegistry()
     w = StoreWriter(again, reg)
-    p2 = Pipeline(reg, {}, Scorer.load(MODEL), w, drift_policy=DriftPolicy(min_windows=24))
+    p2 = Pipeline(reg, {}, Scorer.load(MODEL), w, drift_policy=_policy(drift_min_windows=24))
     w.resume(p2)
     assert p2.drift is not None and p2.drift.rows > 0 and p2.drift.rows <= seen
     assert p2.drift_status()["drift"] is True
@@ -152,7 +158,7 @@ def test_pipeline_reports_drift_as_events_and_keeps_statistics_across_restart(tm
 
 def test_windows_outside_the_training_envelope_feed_drift_with_the_features_responsible() -> None:
     rng = np.random.default_rng(2)
-    m = DriftMonitor(["a", "b"], TRAIN, DriftPolicy(min_windows=50, unfamiliar_max=0.05))
+    m = DriftMonitor(["a", "b"], TRAIN, _policy(drift_min_windows=50, drift_unfamiliar_max=0.05))
     x = _rows(rng, 100, (10, 2), (-5, 1))
     outside = np.zeros((100, 2), bool)
     outside[:4, 1] = True  # 4 % of windows: below the policy's share
@@ -164,8 +170,8 @@ def test_windows_outside_the_training_envelope_feed_drift_with_the_features_resp
     assert list(m.drifted()) == ["b"] and "outside the training range in 12%" in m.drifted()["b"]
     rep = m.report()
     assert rep["features"]["b"]["outside"] == 24 and rep["features"]["a"]["outside"] == 0
-    back = DriftMonitor(["a", "b"], TRAIN, DriftPolicy(min_windows=50, unfamiliar_max=0.05))
+    back = DriftMonitor(["a", "b"], TRAIN, _policy(drift_min_windows=50, drift_unfamiliar_max=0.05))
     assert back.restore(json.loads(json.dumps(m.state())))
     assert back.report() == rep
     old = {k: v for k, v in m.state().items() if k not in ("outside", "unfamiliar")}  # a state saved before
-    assert DriftMonitor(["a", "b"], TRAIN).restore(old)
+    assert DriftMonitor(["a", "b"], TRAIN, DEFAULT).restore(old)

@@ -10,12 +10,12 @@ from typing import Any
 
 import numpy as np
 
+from agent.config import ModelConfig
 from agent.contract import FeatureSpec
 from agent.decode.base import Decoder
 from agent.decode.j1939 import J1939Decoder
 from agent.decode.lines import LineDecoder
 from agent.decode.nmea import NmeaDecoder, checksum
-from agent.drift import DriftPolicy
 from agent.frames import FrameBatch
 from agent.pipeline import ALERT_STATE_KEY, Pipeline
 from agent.records import SampleArrays
@@ -154,7 +154,7 @@ def test_drift_state_the_sink_refuses_is_counted() -> None:
         reg = SignalRegistry()
         sink = MemorySink(refuse_state=refuse)
         p = Pipeline(reg, {"can0": J1939Decoder(reg)}, Scorer.load(MODEL), sink,
-                     drift_policy=DriftPolicy(min_windows=5), drift_interval_s=10.0)
+                     drift_policy=ModelConfig(drift_min_windows=5).drift_policy(), drift_interval_s=10.0)
         _feed(p, frames)
         reports = [r for k, r in sink.records() if k == "event" and r["kind"] == "drift"]
         assert reports
@@ -163,6 +163,7 @@ def test_drift_state_the_sink_refuses_is_counted() -> None:
             assert p.stats.errors["drift_state_not_saved"] == len(reports) and key not in sink.saved
         else:
             assert "drift_state_not_saved" not in p.stats.errors
-            again = Pipeline(reg, {}, Scorer.load(MODEL), MemorySink(), drift_policy=DriftPolicy(min_windows=5))
+            again = Pipeline(reg, {}, Scorer.load(MODEL), MemorySink(),
+                             drift_policy=ModelConfig(drift_min_windows=5).drift_policy())
             again.resume(sink.saved)
             assert again.drift is not None and again.drift.rows == sink.saved[key]["rows"] > 0

@@ -21,9 +21,6 @@ from agent.frames import FrameBatch
 
 log = logging.getLogger("agent.sources.can")
 
-BATCH_MAX_FRAMES = 2000
-BATCH_MAX_S = 0.2
-
 
 def open_bus(cfg: CanBusConfig) -> can.BusABC:
     kwargs = dict(cfg.options)
@@ -35,7 +32,7 @@ def open_bus(cfg: CanBusConfig) -> can.BusABC:
         missing = [k for k in ("host", "port") if k not in kwargs]
         if missing:
             raise ValueError(f"interface socketcand needs options {{host = ..., port = ...}} (missing {missing})")
-        bus: can.BusABC = SocketcandBus(cfg.channel, **kwargs)
+        bus: can.BusABC = SocketcandBus(cfg.channel, connect_timeout_s=cfg.connect_timeout_s, **kwargs)
         return bus
     return can.Bus(interface=cfg.interface, channel=cfg.channel, **kwargs)
 
@@ -66,13 +63,14 @@ class CanSource:
         self._thread: threading.Thread | None = None
 
     def _read(self, bus: can.BusABC) -> None:
+        max_frames, max_s = self.cfg.batch_max_frames, self.cfg.batch_max_s
         msgs: list[can.Message] = []
         started = time.monotonic()
         while not self._stop.is_set():
-            m = bus.recv(timeout=self.cfg.receive_timeout_s if not msgs else BATCH_MAX_S)
+            m = bus.recv(timeout=self.cfg.receive_timeout_s if not msgs else max_s)
             if m is not None:
                 msgs.append(m)
-            if msgs and (m is None or len(msgs) >= BATCH_MAX_FRAMES or time.monotonic() - started >= BATCH_MAX_S):
+            if msgs and (m is None or len(msgs) >= max_frames or time.monotonic() - started >= max_s):
                 self.frames += len(msgs)
                 self.sink(FrameBatch.from_messages(msgs, self.cfg.name))
                 msgs = []

@@ -66,7 +66,7 @@ class SerialSource:
         attempt = 0
         while not self._stop.is_set():
             try:
-                port = serial.Serial(self.cfg.port, self.cfg.baudrate, timeout=0.2)
+                port = serial.Serial(self.cfg.port, self.cfg.baudrate, timeout=self.cfg.read_timeout_s)
             except (serial.SerialException, OSError, ValueError) as e:
                 self.errors["open_failed"] += 1
                 delay = backoff_delay(attempt, self.cfg.reconnect_min_s, self.cfg.reconnect_max_s, self._rng)

@@ -5,7 +5,8 @@
 - It warns "Got incomplete message" each time a TCP read ends inside a frame, which is how TCP works and at real
   frame rates would flood the journal; that record is demoted to DEBUG.
 - Its connect loop retries for 10 s without pausing and logs a warning per attempt; here one connection attempt
-  is made first and a refusal fails the open at once (the CAN source's backoff does the retrying).
+  is made first, within the bus's `connect_timeout_s`, and a refusal fails the open at once (the CAN source's
+  backoff does the retrying).
 
 Everything else (handshake `< hi >` / `< open BUS >` / `< rawmode >`, frame parsing) is python-can's own.
 """
@@ -20,8 +21,6 @@ from typing import Any
 import can
 from can.interfaces.socketcand import SocketCanDaemonBus
 
-CONNECT_TIMEOUT_S = 5.0
-
 
 class _TcpFramingIsNormal(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
@@ -34,8 +33,8 @@ logging.getLogger("can.interfaces.socketcand.socketcand").addFilter(_TcpFramingI
 
 
 class SocketcandBus(SocketCanDaemonBus):
-    def __init__(self, channel: str, host: str, port: int, **kwargs: Any) -> None:
-        with socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S):
+    def __init__(self, channel: str, host: str, port: int, connect_timeout_s: float, **kwargs: Any) -> None:
+        with socket.create_connection((host, int(port)), timeout=connect_timeout_s):
             pass  # refused or unreachable: OSError here, not 10 s of python-can retrying
         super().__init__(channel, host, int(port), **kwargs)  # type: ignore[no-untyped-call]
 
