@@ -184,10 +184,12 @@ class MqttConfig(_Section):
         "batches sent and not yet acknowledged by the cloud."))
     ack_timeout_s: float = Field(30.0, gt=0, description=(
         "a batch not acknowledged in this time is sent again (the cloud dedups)."))
-    # An ack names the ranges of one batch; the wire's own cap on an ack (wire.decode_ack) is 1 MiB.
-    max_ack_bytes: int = Field(64 * 1024, ge=1024, le=1024 * 1024, description=(
+    # An ack names the ranges of one batch; the wire's own cap on an ack (wire.decode_ack) is 1 MiB. Never below
+    # what the ack of the largest legal batch takes (wire.MAX_ACK_BYTES), or that batch would be resent for ever.
+    max_ack_bytes: int = Field(256 * 1024, ge=wire.MAX_ACK_BYTES, le=1024 * 1024, description=(
         "a message on the ack topic larger than this is dropped unread and counted (`acks_rejected` "
-        "`oversized`)."))
+        "`oversized`). At least the ack of the largest batch the wire allows (harvester_common/wire.py "
+        "MAX_ACK_BYTES)."))
     recent_batches: int = Field(1024, ge=1, le=1_000_000, description=(
         "batch ids remembered after their ack, to tell a replayed ack (harmless, counted as `acks_replayed`) from "
         "one for a batch never sent (`acks_rejected` `not_in_flight`)."))

@@ -52,6 +52,11 @@ MAX_RECORD_BYTES = 256 * 1024  # one alert/event record, as JSON
 MAX_JSON_DEPTH = 32  # nesting of the header (and so of a record); deeper JSON is refused before it is parsed
 MAX_BATCH_BYTES = 4 * 1024 * 1024  # the highest `mqtt.batch_max_bytes` a vehicle may configure
 MAX_STATUS_BYTES = 64 * 1024  # one retained status message (JSON)
+# An ack names one range per segment of its batch: "[seq,seq]," is at most 42 bytes with 19-digit numbers, plus the
+# vehicle id, the batch id and a reason of up to 500 characters (6 bytes each once JSON-escaped). A vehicle must accept
+# an ack this large (`mqtt.max_ack_bytes` may not go below it), or it would drop the ack of a legal batch as
+# oversized and resend that batch for ever.
+MAX_ACK_BYTES = MAX_SEGMENTS_PER_BATCH * 42 + 4096
 MQTT_SESSION_EXPIRY_MAX = 2**32 - 1  # MQTT 5's Session Expiry Interval is a four-byte integer (both sides set one)
 # Identifiers. Fleet and vehicle ids as agent/config.py requires them; signal names as our DBC (`ET1.EngCoolantTemp`),
 # NMEA (`GPS.Latitude`) and serial (`vib.AccelRms`) decoders make them; sources like `can0/00`, `gps`; units are

@@ -66,7 +66,7 @@ def test_forged_and_replayed_acks_delete_nothing_outside_the_batch_in_flight(
             b"\xff\xfe not json",
             json.dumps({"schema": 1, "vehicle": "v1", "batch": first.batch, "ranges": [[0, 5]]}).encode(),
             json.dumps({"schema": 1, "vehicle": "v1", "batch": 2**80, "ranges": [[1, 2**80]]}).encode(),
-            b"x" * 100_000,  # oversized
+            b"x" * 300_000,  # oversized (past the default max_ack_bytes, 256 KiB)
         ]
         for p in forged:
             acker.c.publish(topic, p, qos=1)

@@ -42,7 +42,7 @@ def test_empty_file_gives_every_default(tmp_path: Path) -> None:
         ("[model]\nalert_heartbeat_s = 0\n", "model.alert_heartbeat_s"),
         ("[store]\nevict_watermark = 1.0\n", "store.evict_watermark"),
         ("[mqtt]\nsession_expiry_s = 4294967296\n", "mqtt.session_expiry_s"),
-        ("[mqtt]\nmax_ack_bytes = 100\n", "mqtt.max_ack_bytes"),
+        ("[mqtt]\nmax_ack_bytes = 100000\n", "mqtt.max_ack_bytes"),
         ("[mqtt]\nstatus_interval_s = 0.5\n", "mqtt.status_interval_s"),
         ("[mqtt]\nstop_drain_s = -1\n", "mqtt.stop_drain_s"),
         ("[log]\nreport_every_s = 0\n", "log.report_every_s"),

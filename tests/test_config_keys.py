@@ -94,16 +94,17 @@ def test_an_ack_over_max_ack_bytes_is_dropped_as_oversized(broker: MosquittoBrok
     acker = Acker(broker)
     acker.acking.clear()
     cfg = MqttConfig(host=broker.host, port=broker.port, tls=False, reconnect_min_s=0.1, reconnect_max_s=0.5,
-                     ack_timeout_s=600, max_ack_bytes=1024)
+                     ack_timeout_s=600, max_ack_bytes=wire.MAX_ACK_BYTES)  # its lowest allowed value
     up = Uplink(cfg, VEHICLE, store, seed=1)
     up.start()
     topic = wire.vehicle_topic("f1", "v1", "ack")
     try:
         wait_for(lambda: len(acker.batches) >= 1, what="the alert's batch")
         batch = acker.batches[0][1].batch
-        # A valid ack for the batch in flight, its one range repeated: ~2.4 kB, well within the 64 KiB default.
-        big = wire.encode_ack(wire.Ack("v1", batch, [(1, 1)] * 200))
-        assert 1024 < len(big) < 64 * 1024
+        # A valid ack for the batch in flight, its one range repeated: past the configured limit, within the
+        # default (256 KiB), so only the key can have dropped it.
+        big = wire.encode_ack(wire.Ack("v1", batch, [(1, 1)] * 40_000))
+        assert wire.MAX_ACK_BYTES < len(big) < 256 * 1024
         acker.c.publish(topic, big, qos=1)
         wait_for(lambda: up.stats.acks_rejected.get("oversized", 0) == 1, what="the big ack dropped")
         assert store.status()["backlog_records"] == 1 and up.stats.acks == 0

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from agent.config import AgentConfig, ConfigError, MqttConfig, VehicleConfig, load_config
 from agent.store import Store
@@ -85,6 +86,45 @@ def test_a_vehicle_at_the_edge_sends_only_batches_the_receiver_accepts(
         assert Reports(db).alerts()[0]["alert_id"] == "big"
         names = {r[0] for r in db.read("SELECT name FROM signals")}
         assert "vib.Accel__Rms" in names and len(names) == 2 + len(many) + 1
+    finally:
+        up.stop()
+        rx.stop()
+        db.close()
+        store.close()
+
+
+def test_the_ack_of_the_largest_batch_fits_what_the_vehicle_accepts() -> None:
+    """An ack names one range per segment: for a batch of MAX_SEGMENTS_PER_BATCH segments at the highest sequence
+    numbers, with the longest vehicle id and reason, it is still within MAX_ACK_BYTES, and a vehicle's
+    `mqtt.max_ack_bytes` can never be set below that (else it would drop the ack as oversized and resend for ever)."""
+    worst = wire.Ack("v" * 64, wire.MAX_BATCH_ID, [(wire.MAX_SEQ - 1, wire.MAX_SEQ)] * wire.MAX_SEGMENTS_PER_BATCH,
+                     status="rejected", reason="\x01" * 500)
+    assert len(wire.encode_ack(worst)) <= wire.MAX_ACK_BYTES
+    assert MqttConfig().max_ack_bytes >= wire.MAX_ACK_BYTES
+    with pytest.raises(ValidationError, match="max_ack_bytes"):
+        AgentConfig.model_validate({"mqtt": {"max_ack_bytes": wire.MAX_ACK_BYTES - 1}})
+
+
+def test_a_batch_of_many_small_records_is_acked_and_not_resent_for_ever(
+    broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    # Thousands of small events at 19-digit sequence numbers: one batch carries them as thousands of segments, and
+    # the receiver's ack names a range for each (~42 bytes apiece: ~170 KB for 4,000).
+    store = Store(tmp_path / "out.sqlite", first_seq=10**18)
+    n = 6_000
+    store.append_records([("event", {"kind": "dtc_open", "ts": float(i), "data": {}}) for i in range(n)])
+    cfg = CloudConfig.model_validate({"mqtt": {"host": broker.host, "port": broker.port, "client_id": "cs-many"},
+                                      "db": {"path": str(tmp_path / "cloud.sqlite")}})
+    db = CloudDB(cfg.db.path)
+    rx = Receiver(cfg, db)
+    rx.start()
+    assert rx.connected.wait(10)
+    up = Uplink(MqttConfig(host=broker.host, port=broker.port, tls=False, batch_max_age_s=0.1, ack_timeout_s=120),
+                VehicleConfig(fleet="f1", id="many-1"), store, seed=1)
+    up.start()
+    try:
+        wait_for(lambda: store.status()["backlog_records"] == 0, timeout=60, what="every record acked")
+        assert up.stats.acks_rejected == {} and Reports(db).stats()[0].records["events"] == n
     finally:
         up.stop()
         rx.stop()
