@@ -22,7 +22,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -33,6 +33,7 @@ from paho.mqtt.properties import Properties
 from agent import __version__
 from agent.backoff import backoff_delay
 from agent.config import MqttConfig, VehicleConfig
+from agent.metrics import Metrics, counts
 from agent.store import OutboxRow, Store
 from harvester_common import wire
 from harvester_common.seqranges import merge_ranges, subtract
@@ -41,7 +42,6 @@ log = logging.getLogger("agent.uplink")
 
 MAX_ACK_BYTES = 64 * 1024
 RECENT_BATCHES = 1024  # batch ids remembered after their ack, to tell a replayed ack from a forged one
-LOG_EVERY_S = 60.0  # at most one warning per reason this often: a flood of bad acks must not flood the log
 
 
 class TlsError(ValueError):
@@ -103,6 +103,7 @@ class Uplink:
         status_extra: Callable[[], dict[str, Any]] | None = None,
         seed: int | None = None,
         clock: Callable[[], float] = time.time,
+        metrics: Metrics | None = None,
     ) -> None:
         self.clock = clock  # wall clock for the daily budget (UTC days); a parameter so tests can turn the day
         self.cfg = cfg
@@ -114,8 +115,8 @@ class Uplink:
         self._inflight: dict[int, _InFlight] = {}
         self._parked: set[int] = set()  # seq_lo of rows the cloud rejected for good: kept, not resent
         self._done: OrderedDict[int, None] = OrderedDict()  # recently acked/rejected batch ids
-        self._logged_at: dict[str, float] = {}
-        self._logged_n: dict[str, int] = {}
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.metrics.collect("uplink", self._counters)
         self._next_batch = int(time.time() * 1000)
         self._stop = threading.Event()
         self._flush = threading.Event()
@@ -176,14 +177,18 @@ class Uplink:
         self.stats.connected = False
         self._inflight.clear()
 
+    def _counters(self) -> dict[str, Any]:
+        """For the metrics registry: every UplinkStats field (flags as gauges), and the in-flight count."""
+        out: dict[str, Any] = {}
+        for f in fields(UplinkStats):
+            v = getattr(self.stats, f.name)
+            out[f.name] = counts(v) if isinstance(v, dict) else v
+        return out | {"in_flight": float(len(self._inflight))}
+
     def _warn(self, reason: str, text: str) -> None:
-        """Log at most once per `LOG_EVERY_S` per reason, saying how many were not logged in between."""
-        now = time.monotonic()
-        self._logged_n[reason] = self._logged_n.get(reason, 0) + 1
-        if now - self._logged_at.get(reason, -LOG_EVERY_S) >= LOG_EVERY_S:
-            n = self._logged_n.pop(reason)
-            log.warning("%s%s", text, f" ({n - 1} more like it since the last report)" if n > 1 else "")
-            self._logged_at[reason] = now
+        """A warning per reason at most once a minute, saying how many were not logged in between: a flood of bad
+        acks must not flood the log (the registry's rate limit)."""
+        self.metrics.warn("uplink", reason, text)
 
     def _reject(self, reason: str, text: str) -> None:
         self.stats.acks_rejected[reason] = self.stats.acks_rejected.get(reason, 0) + 1
