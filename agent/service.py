@@ -116,6 +116,13 @@ class Agent:
         self._metrics_saved = 0.0
         self.metrics.collect("agent", lambda: {"queue_size": float(self.queue.qsize()),
                                                "uptime_s": round(time.monotonic() - self._started, 1)})
+        self.metrics.collect("store", self._store_counters)
+
+    def _store_counters(self) -> dict[str, Any]:
+        c = self.store.counters()
+        return {k: c.get(k, 0) for k in ("written_samples", "written_records", "acked_samples", "acked_records",
+                                         "evicted_samples", "evicted_records", "evictions")} \
+            | {"used_bytes": float(self.store.used_bytes())}
 
     @property
     def dropped(self) -> Counter[str]:

@@ -178,6 +178,7 @@ def test_status_shows_the_counters_the_running_agent_saved(tmp_path: Path) -> No
     assert counters["source.gps.errors"] == {"open_failed": failures}  # the final count, saved at stop
     assert counters["source.gps.events"] == {"source_down": 1}  # one event per outage, not per attempt
     assert counters["pipeline.source_events"] == 1 and "uplink.ack_timeouts" in counters
+    assert counters["store.written_records"] == 1 and st["metrics"]["gauges"]["store.used_bytes"] > 0
     assert st["metrics"]["gauges"]["source.gps.up"] == 0
     assert st["metrics_age_s"] is not None and st["metrics_age_s"] >= 0
     # Beside the store's own keys, which stay as they were.

@@ -7,7 +7,6 @@ event and its end as `source_up` (agent/sources/health.py).
 
 from __future__ import annotations
 
-import logging
 import random
 import threading
 import time
@@ -22,8 +21,6 @@ from agent.config import SerialConfig
 from agent.metrics import Metrics
 from agent.records import Event
 from agent.sources.health import SourceHealth
-
-log = logging.getLogger("agent.sources.serial")
 
 
 class SerialSource:
