@@ -19,6 +19,7 @@ from typing import Any
 
 from agent import __version__
 from agent.config import AgentConfig, ConfigError, load_config
+from harvester_common import wire
 from harvester_common.clirun import run_cli
 
 
@@ -134,6 +135,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"evicted          {ev['samples']} samples, {ev['records']} records in {ev['evictions']} evictions")
     print("backlog          " + (", ".join(f"{k}: {v['records']}" for k, v in sorted(st["backlog"].items()))
                                   or "empty"))
+    if st["metrics"] is None:
+        print("counters         none saved yet (the agent saves them every 30 s and when it stops)")
+    else:
+        age = st["metrics_age_s"]
+        nonzero = wire.status_counters(st["metrics"])
+        saved = f"saved {age:.0f} s ago" if age is not None else "saved at an unknown time"
+        print(f"counters         {saved}" + ("" if nonzero else ", all zero"))
+        for name, n in sorted(nonzero.items()):
+            print(f"  {name:56s} {n}")
     return 0
 
 

@@ -57,7 +57,8 @@ class CanBusConfig(_Section):
         "... or after this long since a batch's first frame, or as soon as the bus falls quiet for this long. "
         "One batch is one entry of the pipeline's queue (`[pipeline] queue_max_batches`)."))
     reconnect_min_s: float = Field(0.5, gt=0, description=(
-        "first delay before reopening a bus that failed (doubles each time)."))
+        "first delay before reopening a bus that failed (doubles each time). The outage is a `source_down` "
+        "event, its end `source_up` (docs/delivery.md)."))
     reconnect_max_s: float = Field(30.0, gt=0, description="longest delay between attempts.")
     connect_timeout_s: float = Field(5.0, gt=0, le=300, description=(
         "`socketcand` only: how long opening the TCP connection to the server may take before the open fails "
@@ -80,7 +81,8 @@ class SerialConfig(_Section):
         "`csv`: the name of each column in order (`\"\"` skips one); `kv`: the keys to keep (empty keeps all)."))
     units: dict[str, str] = Field(default_factory=dict, description="unit per field, e.g. `{AccelRms = \"g\"}`.")
     reconnect_min_s: float = Field(0.5, gt=0, description=(
-        "first delay before reopening a missing or lost device (doubles each time)."))
+        "first delay before reopening a missing or lost device (doubles each time). The outage is a "
+        "`source_down` event, its end `source_up` (docs/delivery.md)."))
     reconnect_max_s: float = Field(30.0, gt=0, description="longest delay between attempts.")
     max_line_bytes: int = Field(256, ge=82, le=65536, description=(
         "longer lines are dropped and counted (NMEA's limit is 82)."))
@@ -193,9 +195,6 @@ class MqttConfig(_Section):
     recent_batches: int = Field(1024, ge=1, le=1_000_000, description=(
         "batch ids remembered after their ack, to tell a replayed ack (harmless, counted as `acks_replayed`) from "
         "one for a batch never sent (`acks_rejected` `not_in_flight`)."))
-    ack_warn_every_s: float = Field(60.0, ge=1, le=86400, description=(
-        "a dropped or trimmed ack is logged at most once per reason this often, with how many were not logged in "
-        "between: a flood of bad acks must not flood the journal."))
     status_interval_s: float = Field(30.0, ge=1, le=86400, description=(
         "while connected, the retained `status` message (backlog, drift, model, counters) is published this "
         "often, besides at each connect."))
@@ -223,6 +222,10 @@ class LogConfig(_Section):
     report_every_s: float = Field(60.0, ge=1, le=86400, description=(
         "`harvester-agent run` logs a progress line (frames, windows, alerts, backlog, synced, connected) this "
         "often."))
+    warn_every_s: float = Field(60.0, ge=1, le=86400, description=(
+        "a repeated warning (a source that keeps failing, dropped data, bad acks) is logged at most once per "
+        "component and reason this often, with how many happened in between: a flood must not flood the journal "
+        "(agent/metrics.py; every occurrence is still counted)."))
 
 
 class AgentConfig(_Section):

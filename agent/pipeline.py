@@ -33,6 +33,7 @@ from agent.decode.base import Decoder
 from agent.drift import DriftMonitor, DriftPolicy
 from agent.features import FeatureEngine, FeatureRow
 from agent.frames import FrameBatch
+from agent.metrics import Metrics, counts
 from agent.records import Event, SampleArrays
 from agent.scoring import Scorer
 from agent.signals import SignalRegistry
@@ -75,6 +76,7 @@ class PipelineStats:
     alerts_carried: int = 0  # open alerts taken over from the previous run
     dtc_events: int = 0
     serial_lines: int = 0
+    source_events: int = 0  # source_down / source_up passed on to the sink
     last_score: float = math.nan
     errors: Counter[str] = field(default_factory=Counter)
 
@@ -101,6 +103,7 @@ class Pipeline:
         drift_interval_s: float = _MODEL.drift_interval_s,
         alert_resume_s: float = _MODEL.alert_resume_s,
         alert_heartbeat_s: float = _MODEL.alert_heartbeat_s,
+        metrics: Metrics | None = None,
     ) -> None:
         self.tap = tap  # sees every decoded sample batch (replay statistics)
         self.registry = registry
@@ -128,6 +131,28 @@ class Pipeline:
             self.drift = DriftMonitor([f.name for f in c.features], c.training["feature_stats"],
                                       drift_policy or _MODEL.drift_policy())
             self._drift_key = f"drift/{c.model_name}/{c.model_version}"
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.metrics.collect("pipeline", self._counters)
+        self.metrics.collect("decoder", self._decoder_counters)
+
+    def _counters(self) -> dict[str, Any]:
+        """For the metrics registry: read at each snapshot, so the hot path keeps its plain integers."""
+        st = self.stats
+        return {
+            "frames": st.frames, "serial_lines": st.serial_lines, "samples": st.samples, "windows": st.windows,
+            "windows_scored": st.windows_scored, "windows_unfamiliar": st.windows_unfamiliar,
+            "windows_missing_features": st.windows_missing, "alerts_opened": st.alerts_opened,
+            "alerts_closed": st.alerts_closed, "alerts_carried": st.alerts_carried, "dtc_events": st.dtc_events,
+            "source_events": st.source_events, "errors": counts(st.errors),
+            "missing_features": counts(st.missing_features), "unfamiliar_features": counts(st.unfamiliar_features),
+        }
+
+    def _decoder_counters(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for source, dec in list(self.decoders.items()):
+            out[f"{source}.errors"] = counts(dec.errors)
+            out |= {f"{source}.{k}": v for k, v in dec.counters().items()}
+        return out
 
     # --- a restart -------------------------------------------------------------------------------------------
 
@@ -217,6 +242,13 @@ class Pipeline:
         # Saved with the events, in their transaction: a restart continues from exactly what was announced.
         state = {dec.state_key: dec.state()} if res.state_changed and dec.state_key is not None else {}
         self._events(res.events, state)
+
+    def source_event(self, event: Event) -> None:
+        """A source's own event (`source_down`, `source_up`: agent/sources/health.py), stored and synced like any
+        other."""
+        self.stats.source_events += 1
+        log.info("%s %s", event.kind, event.data)
+        self._emit([("event", event.to_dict())], {})
 
     # --- stages ----------------------------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from agent.decode.j1939 import J1939Decoder
 from agent.frames import FrameBatch
+from agent.metrics import Metrics
 from agent.pipeline import Pipeline
 from agent.records import SampleArrays
 from agent.scoring import Scorer
@@ -103,8 +104,10 @@ def replay(
         db = Path(tmp.name) / "replay.sqlite"
     store = Store(db, 1 << 40)
     stats = _SignalStats(registry)
-    writer = StoreWriter(store, registry)
-    pipe = Pipeline(registry, {}, scorer, writer, tap=stats)  # a decoder per bus label, as labels appear
+    metrics = Metrics()
+    writer = StoreWriter(store, registry, metrics=metrics)
+    # A decoder per bus label, as labels appear.
+    pipe = Pipeline(registry, {}, scorer, writer, tap=stats, metrics=metrics)
     writer.resume(pipe)
     t0 = time.perf_counter()
     frames = 0
@@ -167,6 +170,7 @@ def replay(
         "store": str(db) if tmp is None else None,
         "model": (f"{scorer.contract.model_name} {scorer.contract.model_version}" if scorer else None),
         "signals": stats.by_name(),
+        "metrics": metrics.snapshot(),  # the same registry the agent reports (its counters beside those above)
     }
     store.close()
     if tmp is not None:

@@ -1,8 +1,11 @@
 """The running agent: sources in threads → one processing thread (the pipeline) → store → uplink thread.
 
 Sources never block on a slow pipeline: a full queue drops the batch and counts it (the bus driver would drop
-frames anyway; we would rather know). SIGTERM stops the sources, drains the queue, writes every buffered sample,
-gives the uplink a bounded time to send, and closes the store cleanly, well inside systemd's TimeoutStopSec.
+frames anyway; we would rather know). Every component counts into one metrics registry (agent/metrics.py), whose
+snapshot goes into the status message and, every `[mqtt] status_interval_s`, into the store for
+`harvester-agent status`.
+SIGTERM stops the sources, drains the queue, writes every buffered sample, gives the uplink a bounded time to send,
+and closes the store cleanly, well inside systemd's TimeoutStopSec.
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ from agent.decode.j1939 import J1939Decoder
 from agent.decode.lines import LineDecoder
 from agent.decode.nmea import NmeaDecoder
 from agent.frames import FrameBatch
+from agent.metrics import Metrics, bounded
 from agent.pipeline import Pipeline
+from agent.records import Event
 from agent.scoring import ModelLoadError, Scorer
 from agent.signals import SignalRegistry
 from agent.sources.can import CanSource
@@ -78,8 +83,9 @@ def load_scorer(cfg: AgentConfig, decoders: Mapping[str, Decoder[Any]]) -> tuple
 
 
 class Agent:
-    def __init__(self, cfg: AgentConfig) -> None:
+    def __init__(self, cfg: AgentConfig, metrics: Metrics | None = None) -> None:
         self.cfg = cfg
+        self.metrics = metrics if metrics is not None else Metrics(log_every_s=cfg.log.warn_every_s)
         self.registry = SignalRegistry()
         self.decoders = decoders_for(cfg, self.registry)
         self.scorer, self.model_status = load_scorer(cfg, self.decoders)
@@ -88,24 +94,40 @@ class Agent:
                       cfg.model.path, self.model_status)
         self.store = Store(cfg.store.path, cfg.store.max_bytes, evict_watermark=cfg.store.evict_watermark)
         self.writer = StoreWriter(self.store, self.registry, cfg.store.memory_max_samples,
-                                  cfg.store.memory_max_records)
+                                  cfg.store.memory_max_records, metrics=self.metrics)
         self.pipeline = Pipeline(self.registry, self.decoders, self.scorer, self.writer,
                                  drift_policy=cfg.model.drift_policy(), drift_interval_s=cfg.model.drift_interval_s,
                                  alert_resume_s=cfg.model.alert_resume_s,
-                                 alert_heartbeat_s=cfg.model.alert_heartbeat_s)
+                                 alert_heartbeat_s=cfg.model.alert_heartbeat_s, metrics=self.metrics)
         self.writer.resume(self.pipeline)
         # (kind, source, batch)
         self.queue: queue.Queue[tuple[str, str, Any]] = queue.Queue(cfg.pipeline.queue_max_batches)
-        self.dropped: Counter[str] = Counter()
-        self.can_sources = [CanSource(b, self._on_frames) for b in cfg.can]
-        self.serial_sources = [SerialSource(s, self._on_lines) for s in cfg.serial]
-        self.uplink = Uplink(cfg.mqtt, cfg.vehicle, self.store, self._status_extra)
+        self.can_sources = [CanSource(b, self._on_frames, metrics=self.metrics, on_event=self._on_source_event)
+                            for b in cfg.can]
+        self.serial_sources = [SerialSource(s, self._on_lines, metrics=self.metrics, on_event=self._on_source_event)
+                               for s in cfg.serial]
+        self.uplink = Uplink(cfg.mqtt, cfg.vehicle, self.store, self._status_extra, metrics=self.metrics)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._started = time.monotonic()
         self._rate_mark = (time.monotonic(), 0)
         self._fps = 0.0
         self.store_status_at_stop: dict[str, Any] = {}
+        self._metrics_saved = 0.0
+        self.metrics.collect("agent", lambda: {"queue_size": float(self.queue.qsize()),
+                                               "uptime_s": round(time.monotonic() - self._started, 1)})
+        self.metrics.collect("store", self._store_counters)
+
+    def _store_counters(self) -> dict[str, Any]:
+        c = self.store.counters()
+        return {k: c.get(k, 0) for k in ("written_samples", "written_records", "acked_samples", "acked_records",
+                                         "evicted_samples", "evicted_records", "evictions")} \
+            | {"used_bytes": float(self.store.used_bytes())}
+
+    @property
+    def dropped(self) -> Counter[str]:
+        """Batches (frames, lines, source events) dropped because the pipeline queue was full, by kind."""
+        return Counter(self.metrics.labels("agent.queue.dropped"))
 
     def _status_extra(self) -> dict[str, Any]:
         st = self.store.status()
@@ -125,6 +147,7 @@ class Agent:
             "acks_rejected": dict(self.uplink.stats.acks_rejected),
             "acks_replayed": self.uplink.stats.acks_replayed,
             "acks_trimmed": self.uplink.stats.acks_trimmed,
+            "metrics": bounded(self.metrics.snapshot()),
         }
 
     # --- source callbacks (source threads) -------------------------------------------------------------------
@@ -133,7 +156,7 @@ class Agent:
         try:
             self.queue.put_nowait(item)
         except queue.Full:
-            self.dropped[item[0]] += n
+            self.metrics.drop("agent.queue", item[0], n, "the pipeline queue is full")
 
     def _on_frames(self, fb: FrameBatch) -> None:
         self._offer(("can", fb.bus, fb), len(fb))
@@ -141,11 +164,24 @@ class Agent:
     def _on_lines(self, device: str, lines: list[tuple[float, bytes]]) -> None:
         self._offer(("serial", device, lines), len(lines))
 
+    def _on_source_event(self, event: Event) -> None:
+        # Through the queue like the source's data, so the pipeline thread alone writes to the store.
+        self._offer(("event", str(event.data.get("source", "")), event), 1)
+
     # --- processing thread -----------------------------------------------------------------------------------
 
     def _process(self, item: tuple[str, str, Any]) -> None:
-        _, source, batch = item
-        self.pipeline.feed(source, batch)
+        kind, source, batch = item
+        if kind == "event":
+            self.pipeline.source_event(batch)
+        else:
+            self.pipeline.feed(source, batch)
+
+    def save_metrics(self) -> None:
+        """The registry's snapshot into the store, for `harvester-agent status` (another process)."""
+        self._metrics_saved = time.monotonic()
+        if not self.writer.save_metrics(bounded(self.metrics.snapshot())):
+            self.metrics.error("writer", "metrics_not_saved", detail="the store did not take the metrics snapshot")
 
     def _run(self) -> None:
         wd = watchdog_interval_s()
@@ -161,6 +197,8 @@ class Agent:
                     self._process(item)
                 self.pipeline.heartbeat()
                 self.writer.maybe_flush(s.flush_interval_s, s.flush_max_samples)
+                if time.monotonic() - self._metrics_saved >= self.cfg.mqtt.status_interval_s:
+                    self.save_metrics()
             except Exception:
                 # A bug in one batch must not stop the vehicle's agent; it is logged with its traceback.
                 log.exception("pipeline failed on a batch; continuing")
@@ -204,6 +242,7 @@ class Agent:
         if self._thread is not None:
             self._thread.join(30)
         self.uplink.stop(drain_s=self.cfg.mqtt.stop_drain_s if drain_s is None else drain_s)
+        self.save_metrics()  # the final counts, every thread stopped
         self.store_status_at_stop = self.store.status()
         self.store.close()
         log.info("agent stopped")

@@ -41,6 +41,9 @@ PRIO_NOTICE = -1  # eviction notices: sent first, never evicted (they explain th
 PRIO_RECORD = 0  # alerts, DTC and other events: sent before samples, evicted last
 PRIO_SAMPLES = 1
 SEQ_MAX = 2**63 - 1  # SQLite's INTEGER
+# The running agent's metrics snapshot ({"saved_at": unix time, "metrics": ...}, agent/metrics.py), saved at the
+# status period by the store writer, for `harvester-agent status` (another process) to read.
+METRICS_STATE_KEY = "metrics"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -562,14 +565,27 @@ class Store:
         return self
 
 
+def _saved_metrics(store: Store) -> dict[str, Any]:
+    """The metrics the agent last saved, and how old they are (None: none saved; an older agent, or a store from
+    before it first reached the status period)."""
+    saved = store.get_state(METRICS_STATE_KEY) if store.file_version() >= 2 else None
+    if not isinstance(saved, dict) or not isinstance(saved.get("metrics"), dict):
+        return {"metrics": None, "metrics_saved_at": None, "metrics_age_s": None}
+    at = saved.get("saved_at")
+    at = float(at) if isinstance(at, int | float) and not isinstance(at, bool) else None
+    return {"metrics": saved["metrics"], "metrics_saved_at": at,
+            "metrics_age_s": round(max(0.0, time.time() - at), 1) if at is not None else None}
+
+
 def read_status(path: Path, max_bytes: int, wait_s: float) -> dict[str, Any]:
-    """`Store.status()` of a store that may be live, read-only, retrying for up to `wait_s` while it is locked."""
+    """`Store.status()` of a store that may be live, read-only, retrying for up to `wait_s` while it is locked, with
+    the metrics the agent last saved (`metrics`, `metrics_saved_at`, `metrics_age_s`)."""
     deadline = time.monotonic() + wait_s
     while True:
         try:
             store = Store.open_readonly(path, max_bytes)
             try:
-                return store.status()
+                return store.status() | _saved_metrics(store)
             except sqlite3.Error as e:
                 if not _busy(e):
                     raise StoreError(f"{path}: unreadable: {e}") from None

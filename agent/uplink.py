@@ -22,7 +22,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -33,6 +33,7 @@ from paho.mqtt.properties import Properties
 from agent import __version__
 from agent.backoff import backoff_delay
 from agent.config import MqttConfig, VehicleConfig
+from agent.metrics import Metrics, counts
 from agent.store import OutboxRow, Store
 from harvester_common import wire
 from harvester_common.seqranges import merge_ranges, subtract
@@ -99,6 +100,7 @@ class Uplink:
         status_extra: Callable[[], dict[str, Any]] | None = None,
         seed: int | None = None,
         clock: Callable[[], float] = time.time,
+        metrics: Metrics | None = None,
     ) -> None:
         self.clock = clock  # wall clock for the daily budget (UTC days); a parameter so tests can turn the day
         self.cfg = cfg
@@ -111,8 +113,8 @@ class Uplink:
         self._parked: set[int] = set()  # seq_lo of rows the cloud rejected for good: kept, not resent
         # The last `recent_batches` acked/rejected batch ids: a replayed ack is told from a forged one by these.
         self._done: OrderedDict[int, None] = OrderedDict()
-        self._logged_at: dict[str, float] = {}
-        self._logged_n: dict[str, int] = {}
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.metrics.collect("uplink", self._counters)
         self._next_batch = int(time.time() * 1000)
         self._stop = threading.Event()
         self._flush = threading.Event()
@@ -173,15 +175,18 @@ class Uplink:
         self.stats.connected = False
         self._inflight.clear()
 
+    def _counters(self) -> dict[str, Any]:
+        """For the metrics registry: every UplinkStats field (flags as gauges), and the in-flight count."""
+        out: dict[str, Any] = {}
+        for f in fields(UplinkStats):
+            v = getattr(self.stats, f.name)
+            out[f.name] = counts(v) if isinstance(v, dict) else v
+        return out | {"in_flight": float(len(self._inflight))}
+
     def _warn(self, reason: str, text: str) -> None:
-        """Log at most once per `ack_warn_every_s` per reason, saying how many were not logged in between."""
-        now = time.monotonic()
-        every = self.cfg.ack_warn_every_s
-        self._logged_n[reason] = self._logged_n.get(reason, 0) + 1
-        if now - self._logged_at.get(reason, -every) >= every:
-            n = self._logged_n.pop(reason)
-            log.warning("%s%s", text, f" ({n - 1} more like it since the last report)" if n > 1 else "")
-            self._logged_at[reason] = now
+        """A warning per reason at most once per `[log] warn_every_s`, saying how many were not logged in between:
+        a flood of bad acks must not flood the log (the registry's rate limit)."""
+        self.metrics.warn("uplink", reason, text)
 
     def _reject(self, reason: str, text: str) -> None:
         self.stats.acks_rejected[reason] = self.stats.acks_rejected.get(reason, 0) + 1

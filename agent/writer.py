@@ -23,10 +23,11 @@ from typing import Any
 import numpy as np
 
 from agent.config import StoreConfig
+from agent.metrics import Metrics, counts
 from agent.pipeline import Pipeline
 from agent.records import SampleArrays
 from agent.signals import SignalRegistry
-from agent.store import Store
+from agent.store import METRICS_STATE_KEY, Store
 from harvester_common import wire
 
 _STORE = StoreConfig()  # the defaults of the keys the writer takes, for callers without a config
@@ -87,7 +88,7 @@ class StoreWriter:
     read from another for a status."""
 
     def __init__(self, store: Store, registry: SignalRegistry, memory_max_samples: int = _STORE.memory_max_samples,
-                 memory_max_records: int = _STORE.memory_max_records) -> None:
+                 memory_max_records: int = _STORE.memory_max_records, metrics: Metrics | None = None) -> None:
         self.store = store
         self.memory_max_samples = memory_max_samples
         self.memory_max_records = memory_max_records
@@ -97,6 +98,9 @@ class StoreWriter:
         self.store_error: str | None = None  # set while the store cannot be written
         self.errors: Counter[str] = Counter()
         self._retry_at = 0.0
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.metrics.collect("writer", lambda: {"errors": counts(self.errors), "samples_held": float(self.buffer.n),
+                                                "records_held": float(len(self.pending_records))})
 
     def resume(self, pipeline: Pipeline) -> None:
         """Hand the pipeline what the previous run saved (open alert, DTC active sets, drift statistics)."""
@@ -124,6 +128,11 @@ class StoreWriter:
             log.debug("state %s not saved: %s", key, e)
             return False
         return True
+
+    def save_metrics(self, snapshot: dict[str, Any]) -> bool:
+        """The metrics registry's (bounded) snapshot, for `harvester-agent status`, which runs as another process
+        and reads it from the store with the time it was saved. False if the store could not take it."""
+        return self.set_state(METRICS_STATE_KEY, {"saved_at": time.time(), "metrics": snapshot})
 
     # --- writing ---------------------------------------------------------------------------------------------
 

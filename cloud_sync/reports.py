@@ -12,7 +12,14 @@ from typing import Any
 
 from cloud_sync.db import FleetDB
 from cloud_sync.migrations import STORED_KINDS
+from cloud_sync.present import finite
+from harvester_common import wire
 from harvester_common.seqranges import holes, merge_ranges, subtract
+
+MAX_COUNTERS = 50  # non-zero counters per vehicle on the fleet page (largest first)
+MAX_SOURCES = 32  # sources per vehicle whose last up/down is shown
+SOURCE_EVENTS_READ = 500  # a vehicle's latest source_down/source_up events read to find each source's last one
+MAX_TEXT = 300  # characters kept of a counter name or an event's error text
 
 
 @dataclass(slots=True)
@@ -132,8 +139,30 @@ class Reports:
                 "drift": bool(drift.get("drift", False)),
                 "records": v.records,
                 "gaps": len(v.gaps),
+                # The vehicle's own counters (its last status message), those not zero: name or name{label} → n.
+                "metrics": {k[:MAX_TEXT]: n for k, n in wire.status_counters(st.get("metrics"), MAX_COUNTERS).items()},
+                "sources": self.sources(v.vehicle),
             })
         return rows
+
+    def sources(self, vehicle: str) -> dict[str, dict[str, Any]]:
+        """Each source's last `source_down` / `source_up` event: {source: {"up", "ts", "reason", "error"}}. A source
+        that never failed has none (and is not listed)."""
+        out: dict[str, dict[str, Any]] = {}
+        rows = self.db.read("SELECT kind, ts, record FROM events WHERE vehicle=? AND kind IN (?, ?) "
+                            "ORDER BY seq DESC LIMIT " + str(SOURCE_EVENTS_READ), (vehicle, "source_down", "source_up"))
+        for kind, ts, rec in rows:
+            data = _obj(_obj(json.loads(rec)).get("data"))
+            name = data.get("source")
+            if not isinstance(name, str) or name[:64] in out:
+                continue
+            if len(out) >= MAX_SOURCES:
+                break
+            reason, error = data.get("reason", ""), data.get("error", "")
+            out[name[:64]] = {"up": kind == "source_up", "ts": finite(ts),
+                              "reason": reason[:64] if isinstance(reason, str) else "",
+                              "error": error[:MAX_TEXT] if isinstance(error, str) else ""}
+        return dict(sorted(out.items()))
 
     def alerts(
         self, vehicle: str | None = None, state: str | None = None, since: float | None = None

@@ -11,7 +11,8 @@ HTML = r"""<!doctype html>
 <p id="error"></p>
 <h2>Vehicles</h2>
 <table id="fleet"><thead><tr><th>vehicle</th><th>state</th><th>last seen</th><th>backlog</th><th>model</th>
-<th>open alerts</th><th>evicted</th><th>budget used</th><th>drift</th></tr></thead><tbody></tbody></table>
+<th>open alerts</th><th>evicted</th><th>budget used</th><th>drift</th><th>sources</th><th>counters</th></tr></thead>
+<tbody></tbody></table>
 <h2>Alerts</h2>
 <p>vehicle <select id="f-vehicle"><option value="">all</option></select>
 state <select id="f-state"><option value="">all</option><option>open</option><option>closed</option></select></p>
@@ -30,6 +31,7 @@ tr.offline td { color: #888; } tr.clickable { cursor: pointer; } tr.clickable:ho
 .open { color: #b00; font-weight: 600; } .yes { color: #b60; font-weight: 600; }
 svg.plot { border: 1px solid #ccc; margin: 4px 0 10px 0; background: #fff; }
 #error { color: #b00; }
+td.counters { font-size: 12px; max-width: 40em; }
 """
 
 JS = r""""use strict";
@@ -59,6 +61,17 @@ async function loadFleet() {
     cell(tr, String(ev), "num");
     cell(tr, mib(v.budget.used_today) + (v.budget.daily_bytes ? " / " + mib(v.budget.daily_bytes) : "") + " MiB");
     cell(tr, v.drift ? "yes" : "no", v.drift ? "yes" : "");
+    // Each source's last up/down event (a source that never failed is not listed); the error text on hover.
+    const src = Object.entries(v.sources || {});
+    const down = src.filter(([, s]) => !s.up);
+    const st = cell(tr, src.map(([n, s]) => n + (s.up ? " up" : " down (" + s.reason + ")")).join(", "),
+      "sources" + (down.length ? " open" : ""));
+    st.setAttribute("title", down.map(([n, s]) => n + " since " + when(s.ts) + ": " + s.error).join("\n"));
+    // The vehicle's non-zero counters (its last status message), largest first.
+    const m = Object.entries(v.metrics || {});
+    const mc = cell(tr, m.slice(0, 8).map(([k, n]) => k + " " + n).join(", ") +
+      (m.length > 8 ? ", … " + (m.length - 8) + " more" : ""), "counters");
+    mc.setAttribute("title", m.map(([k, n]) => k + " " + n).join("\n"));
     body.appendChild(tr);
     sel.appendChild(new Option(v.vehicle, v.vehicle));
   }

@@ -551,3 +551,22 @@ def parse_vehicle_topic(topic: str) -> tuple[str, str, str] | None:
     if len(parts) < 5 or parts[0] != "fleet" or parts[2] != "vehicle":
         return None
     return parts[1], parts[3], "/".join(parts[4:])
+
+
+def status_counters(metrics: object, limit: int = 200) -> dict[str, int]:
+    """The non-zero counters of a status message's `metrics` (agent/metrics.py: `{"counters": {name: int |
+    {label: int}}}`), flat: `name` or `name{label}` → count, at most `limit`, largest first. Both sides read it
+    with this: the agent for `status`, the cloud for the fleet page, where the message is a vehicle's and anything
+    not of the expected shape is left out."""
+    out: dict[str, int] = {}
+    counters = metrics.get("counters") if isinstance(metrics, dict) else None
+    if not isinstance(counters, dict):
+        return out
+    for k, v in counters.items():
+        if _is_int(v, 1, INT64_MAX):
+            out[str(k)] = v
+        elif isinstance(v, dict):
+            for a, b in v.items():
+                if _is_int(b, 1, INT64_MAX):
+                    out[f"{k}{{{a}}}"] = b
+    return dict(sorted(out.items(), key=lambda kv: (-kv[1], kv[0]))[:limit])

@@ -88,6 +88,25 @@ def test_the_same_batches_give_the_same_records_duplicates_and_gaps(db: FleetDB)
     assert v.gaps == [] and v.evicted == [[502, 699]]  # explained by the vehicle's eviction report
 
 
+def test_fleet_rows_show_each_sources_last_state_and_the_vehicles_counters(db: FleetDB) -> None:
+    """source_down / source_up events are the vehicle's JSON: the last per source wins, and what has not the
+    expected shape is passed over, not a failed page for the fleet."""
+    db.ingest([wire.Batch("f1", "v1", 1, [
+        event(1, "source_down", {"source": "can0", "reason": "bus_error", "error": "bus off", "errno": 105}),
+        event(2, "source_down", {"source": "gps", "reason": "open_failed", "error": "x" * 5000}),
+        event(3, "source_up", {"source": "can0", "down_s": 4.0}),
+        event(4, "source_down", {"source": ["not", "a", "name"]}),
+        wire.Segment("event", 5, 5, record={"kind": "source_up", "ts": T0, "data": "not an object"}),
+        event(6, "source_down", {"source": "imu", "reason": 7, "error": None})])])
+    db.set_status("f1", "v1", {"state": "online", "metrics": {"counters": {"a": 1, "b": {"x": 2, "y": 0}}}})
+    row = Reports(db).fleet(now=T0)[0]
+    assert row["sources"] == {"can0": {"up": True, "ts": T0, "reason": "", "error": ""},
+                              "gps": {"up": False, "ts": T0, "reason": "open_failed", "error": "x" * 300},
+                              "imu": {"up": False, "ts": T0, "reason": "", "error": ""}}
+    assert row["metrics"] == {"b{x}": 2, "a": 1}
+    assert Reports(db).stats()[0].records["events"] == 6  # stored like any other event
+
+
 def test_fleet_rows_and_alert_filters(db: FleetDB) -> None:
     seed_fleet(db)
     rows = {r["vehicle"]: r for r in Reports(db).fleet(now=T0 + 100)}

@@ -240,3 +240,89 @@ def test_slcan_adapter_over_serial(tmp_path: Path) -> None:
     coolant = [v for s, v in zip(res.samples.sid.tolist(), res.samples.value.tolist(), strict=True)
                if reg.name(s) == "ET1.EngCoolantTemp"]
     assert coolant and set(coolant) == {100.0}
+
+
+def test_socketcand_server_stopped_and_restarted_is_one_source_down_then_source_up() -> None:
+    """A real socketcand server (the simulator's) goes away under the CAN source and comes back on the same port:
+    one `source_down` with the error, however many reopen attempts fail meanwhile, then one `source_up`."""
+    from agent.metrics import Metrics
+    from agent.records import Event
+    from harvester_sim.socketcand_server import SocketcandServer
+
+    srv = SocketcandServer(0, "can0")
+    port = srv.address[1]
+    events: list[Event] = []
+    metrics = Metrics()
+    cfg = CanBusConfig(name="can0", interface="socketcand", channel="can0",
+                       options={"host": "127.0.0.1", "port": port}, reconnect_min_s=0.05, reconnect_max_s=0.2)
+    src = CanSource(cfg, lambda fb: None, seed=1, metrics=metrics, on_event=events.append)
+    src.start()
+    try:
+        wait_for(lambda: src.up and srv.clients == 1, what="connected")
+        assert events == []  # a first open is not news
+        srv.shutdown()
+        wait_for(lambda: src.errors["open_failed"] >= 3, what="reopen attempts refused while the server is gone")
+        srv = SocketcandServer(port, "can0")
+        wait_for(lambda: len(events) == 2, what="source_up after the server is back")
+    finally:
+        src.stop()
+        srv.shutdown()
+    down, up = events
+    assert (down.kind, down.data["source"], down.data["source_kind"], down.data["reason"]) == (
+        "source_down", "can0", "can", "bus_error")
+    assert "closed the connection" in down.data["error"]
+    assert (up.kind, up.data["source"]) == ("source_up", "can0")
+    assert up.data["failed_attempts"] >= 4 and up.data["down_s"] >= 0 and up.ts >= down.ts
+    assert metrics.labels("source.can0.events") == {"source_down": 1, "source_up": 1}
+    assert metrics.snapshot()["gauges"]["source.can0.up"] == 1
+
+
+def test_pty_closed_and_reopened_is_one_source_down_with_its_errno_then_source_up(tmp_path: Path) -> None:
+    from agent.metrics import Metrics
+    from agent.records import Event
+
+    link = tmp_path / "ttyGPS"
+    events: list[Event] = []
+    metrics = Metrics()
+    pty = PtyPair(link=link)
+    src = SerialSource(SerialConfig(name="gps", port=str(link), reconnect_min_s=0.05, reconnect_max_s=0.2),
+                       lambda name, lines: None, seed=1, metrics=metrics, on_event=events.append)
+    src.start()
+    try:
+        wait_for(lambda: src.up, what="port open")
+        pty.close()  # the other end goes away (USB unplug)
+        wait_for(lambda: src.errors["open_failed"] >= 2, what="reopen attempts while the device is gone")
+        assert [e.kind for e in events] == ["source_down"]
+        pty = PtyPair(link=link)
+        wait_for(lambda: len(events) == 2, what="source_up once the device is back")
+    finally:
+        src.stop()
+        pty.close()
+    down, up = events
+    assert (down.data["source"], down.data["source_kind"], down.data["reason"]) == ("gps", "serial", "device_lost")
+    # pyserial reads a pty whose other end closed as "ready but no data", a SerialException without an errno.
+    assert "device disconnected" in down.data["error"] and down.data["errno"] is None
+    assert up.kind == "source_up" and up.data["failed_attempts"] >= 2
+    assert metrics.labels("source.gps.events") == {"source_down": 1, "source_up": 1}
+
+
+def test_a_source_down_event_names_the_errno_where_there_is_one(tmp_path: Path) -> None:
+    """A device that is not there at start: the first failed open is the outage's `source_down`, with ENOENT."""
+    from agent.metrics import Metrics
+    from agent.records import Event
+    from agent.sources.health import error_detail
+
+    events: list[Event] = []
+    src = SerialSource(SerialConfig(name="gps", port=str(tmp_path / "absent"), reconnect_min_s=0.05,
+                                    reconnect_max_s=0.1), lambda name, lines: None, metrics=Metrics(),
+                       on_event=events.append)
+    src.start()
+    try:
+        wait_for(lambda: src.errors["open_failed"] >= 3, what="repeated open failures")
+    finally:
+        src.stop()
+    assert [e.kind for e in events] == ["source_down"]
+    assert (events[0].data["reason"], events[0].data["errno"], events[0].data["errno_name"]) == (
+        "open_failed", 2, "ENOENT")
+    bus_off = can.CanOperationError("bus off", error_code=105)
+    assert error_detail(bus_off) | {"error": ""} == {"error": "", "errno": 105, "errno_name": "ENOBUFS"}

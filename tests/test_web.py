@@ -25,7 +25,7 @@ import pytest
 from cloud_sync.db_sqlite import CloudDB
 from cloud_sync.web import WebServer, make_server
 from harvester_common import wire
-from tests.test_cloud_db import T0, alert, samples, seed_fleet
+from tests.test_cloud_db import T0, alert, event, samples, seed_fleet
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 HOSTILE = "<script>window.pwned=1</script>"
@@ -46,6 +46,14 @@ def site(tmp_path: Path) -> Iterator[str]:
     junk = {"alert_id": "a10", "state": "open", "ts": "yesterday", "score": math.nan, "top_features": "x",
             "label": {"x": 1}, "snapshot": [1], "vehicle": "v1", "seq": 1001, "extra": deep}
     db.ingest([wire.Batch("f1", HOSTILE, 2, [wire.Segment("alert", 12, 12, record=junk)])])
+    # Its bus went down (the error text is the vehicle's: markup), its GPS came back; its status carries counters,
+    # one labelled with markup, one zero (not shown), one not a number (not trusted).
+    db.ingest([wire.Batch("f1", HOSTILE, 3, [
+        event(13, "source_down", {"source": "can0", "reason": "bus_error", "error": HOSTILE}),
+        event(14, "source_down", {"source": "gps", "reason": "device_lost", "error": "EIO"}),
+        event(15, "source_up", {"source": "gps", "down_s": 2.0})])])
+    db.set_status("f1", HOSTILE, {"state": "online", "metrics": {"counters": {
+        "source.can0.errors": {HOSTILE: 3, "open_failed": 0}, "uplink.ack_timeouts": 2, "writer.x": "9"}}})
     # A name a reverse proxy forwards, allowed as `cloud-sync web --allow-host` allows it.
     server: WebServer = make_server(db, "127.0.0.1", 0, allowed_hosts=["Fleet.example"])
     t = threading.Thread(target=server.serve_forever, daemon=True)
@@ -73,6 +81,11 @@ def test_json_endpoints_and_their_errors(site: str) -> None:
     status, body = raw(site + "/api/fleet")
     assert status == 200 and b"<" not in body and b"\\u003cscript\\u003e" in body  # markup never served raw
     assert [v["vehicle"] for v in json.loads(body)["vehicles"]] == [HOSTILE, "v1", "v2", "v3"]
+    hostile_row = json.loads(body)["vehicles"][0]
+    assert hostile_row["metrics"] == {f"source.can0.errors{{{HOSTILE}}}": 3, "uplink.ack_timeouts": 2}
+    assert hostile_row["sources"] == {"can0": {"up": False, "ts": T0, "reason": "bus_error", "error": HOSTILE},
+                                      "gps": {"up": True, "ts": T0, "reason": "", "error": ""}}
+    assert all(v["metrics"] == {} and v["sources"] == {} for v in json.loads(body)["vehicles"][1:])
     status, alerts = get(site + "/api/alerts?state=open")
     assert status == 200 and {a["alert_id"] for a in alerts["alerts"]} == {"a1", "a9", "a10"}
     assert {(a["vehicle"], a["seq"]) for a in alerts["alerts"]} == {("v1", 1001), (HOSTILE, 11), (HOSTILE, 12)}
@@ -242,6 +255,11 @@ def test_page_shows_fleet_and_alerts_and_plots_an_alert(site: str, browser: Any,
     texts = [r.text for r in rows]
     assert [t.split()[0] for t in texts] == [f"f1/{HOSTILE}", "f1/v1", "f1/v2", "f2/v3"]
     assert "online" in texts[1] and "offline" in texts[2] and "3.0 / 50.0 MiB" in texts[1]
+    # The vehicle's sources and counters, its markup shown as text.
+    assert "can0 down (bus_error), gps up" in texts[0]
+    assert f"source.can0.errors{{{HOSTILE}}} 3, uplink.ack_timeouts 2" in texts[0]
+    src_cell = rows[0].find_element(By.CSS_SELECTOR, "td.sources")
+    assert "open" in src_cell.get_attribute("class") and HOSTILE in src_cell.get_attribute("title")
     # The markup id stayed text: shown verbatim, no element made of it, nothing ran.
     assert browser.execute_script("return window.pwned === undefined && document.scripts.length === 1")
     assert not browser.find_elements(By.CSS_SELECTOR, "table#fleet script")

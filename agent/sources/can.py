@@ -1,7 +1,8 @@
 """CAN source: any python-can interface chosen by name in the config, read in batches.
 
 A bus that fails to open or errors while running (bus-off, adapter unplugged) is shut down, counted and reopened
-with exponential backoff; the agent never needs a restart for it.
+with exponential backoff; the agent never needs a restart for it. The outage is told to the cloud as a
+`source_down` event and its end as `source_up` (agent/sources/health.py).
 """
 
 from __future__ import annotations
@@ -12,12 +13,16 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 import can
 
 from agent.backoff import backoff_delay
 from agent.config import CanBusConfig
 from agent.frames import FrameBatch
+from agent.metrics import Metrics
+from agent.records import Event
+from agent.sources.health import SourceHealth
 
 log = logging.getLogger("agent.sources.can")
 
@@ -50,17 +55,29 @@ def virtual_bus_warning(buses: list[CanBusConfig]) -> str | None:
 
 
 class CanSource:
-    def __init__(self, cfg: CanBusConfig, sink: Callable[[FrameBatch], None], seed: int | None = None) -> None:
+    def __init__(self, cfg: CanBusConfig, sink: Callable[[FrameBatch], None], seed: int | None = None,
+                 metrics: Metrics | None = None, on_event: Callable[[Event], None] | None = None) -> None:
         self.cfg = cfg
         self.sink = sink
-        self.errors: Counter[str] = Counter()
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.component = f"source.{cfg.name}"
+        self.health = SourceHealth(cfg.name, "can", self.metrics, on_event)
         self.frames = 0
         self.reconnects = 0
         self.up = False
+        self.metrics.collect(self.component, self._counters)
         self.bus: can.BusABC | None = None
         self._rng = random.Random(seed)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    @property
+    def errors(self) -> Counter[str]:
+        """Failures by reason (open_failed, bus_error), as the registry counts them."""
+        return Counter(self.metrics.labels(f"{self.component}.errors"))
+
+    def _counters(self) -> dict[str, Any]:
+        return {"frames": self.frames, "reconnects": self.reconnects}
 
     def _read(self, bus: can.BusABC) -> None:
         max_frames, max_s = self.cfg.batch_max_frames, self.cfg.batch_max_s
@@ -87,23 +104,25 @@ class CanSource:
             try:
                 bus = open_bus(self.cfg)
             except Exception as e:  # python-can raises CanError, OSError, ImportError... per interface
-                self.errors["open_failed"] += 1
                 delay = backoff_delay(attempt, self.cfg.reconnect_min_s, self.cfg.reconnect_max_s, self._rng)
                 attempt += 1
-                log.warning("%s: cannot open %s %s: %s (retry in %.1fs)", self.cfg.name, self.cfg.interface,
-                            self.cfg.channel, e, delay)
+                self.metrics.error(self.component, "open_failed", detail=f"cannot open {self.cfg.interface} "
+                                   f"{self.cfg.channel}: {e} (retrying, next in {delay:.1f}s)")
+                self.health.failed("open_failed", e)
                 self._stop.wait(delay)
                 continue
             self.bus = bus  # visible for status and for tests that pull the plug on it
             self.up = True
+            self.health.opened()
             if attempt:
                 self.reconnects += 1
             attempt = 0
             try:
                 self._read(bus)
             except (can.CanError, OSError, ValueError) as e:
-                self.errors["bus_error"] += 1
-                log.warning("%s: bus error: %s; reopening", self.cfg.name, e)
+                self.metrics.error(self.component, "bus_error", detail=f"{e}; reopening")
+                if not self._stop.is_set():
+                    self.health.failed("bus_error", e)
                 attempt = 1
             finally:
                 self.up = False
