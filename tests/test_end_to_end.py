@@ -19,6 +19,7 @@ import pytest
 
 from agent.config import AgentConfig
 from agent.service import Agent
+from cloud_sync.config import WebConfig
 from cloud_sync.db_sqlite import CloudDB
 from cloud_sync.reports import Reports
 from harvester_sim import Harvester, Simulator
@@ -135,7 +136,7 @@ def test_source_down_and_up_reach_the_cloud_and_the_fleet_page(broker: Mosquitto
         # The status message the agent left (its last, at stop) carries its counters.
         wait_for(lambda: Reports(db).fleet()[0]["metrics"].get("source.gps.events{source_up}") == 1, timeout=30,
                  what="the vehicle's counters on the fleet page")
-        row = Api(db).fleet()["vehicles"][0]
+        row = Api(db, WebConfig()).fleet()["vehicles"][0]
         stored = db.read("SELECT kind, record FROM events WHERE vehicle=? ORDER BY seq", ("harvester-8",))
     finally:
         if not stopped:
