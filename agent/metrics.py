@@ -143,15 +143,31 @@ class Metrics:
                 log.exception("metrics collector %s failed", prefix)
                 continue
             for k, v in values.items():
+                name = f"{prefix}.{k}"
                 if isinstance(v, Mapping):
-                    counters[f"{prefix}.{k}"] = counts(v)
+                    counters[name] = _merged(counters.get(name), counts(v))
                 elif isinstance(v, bool):
-                    gauges[f"{prefix}.{k}"] = int(v)
+                    gauges[name] = int(v)
                 elif isinstance(v, int):
-                    counters[f"{prefix}.{k}"] = v
+                    counters[name] = _merged(counters.get(name), v)
                 elif isinstance(v, float):
-                    gauges[f"{prefix}.{k}"] = v
+                    gauges[name] = v
         return {"counters": dict(sorted(counters.items())), "gauges": dict(sorted(gauges.items()))}
+
+
+def _merged(had: Value | None, new: Value) -> Value:
+    """A collector's value added to a counter of the same name counted directly (`error("writer", ...)` beside the
+    writer's own `errors`): both kept, never one hiding the other."""
+    if had is None:
+        return new
+    a = had if isinstance(had, dict) else {"": had} if had else {}
+    b = new if isinstance(new, dict) else {"": new} if new else {}
+    if not a or not b:
+        return new if not a else had
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = out.get(k, 0) + v
+    return out
 
 
 def _top(values: dict[str, int], n: int) -> dict[str, int]:

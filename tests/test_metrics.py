@@ -56,6 +56,17 @@ def test_counters_labels_gauges_and_collectors_in_one_snapshot() -> None:
     assert m.snapshot()["counters"]["uplink.ack_timeouts"] == 3  # one broken collector costs only its own values
 
 
+def test_a_counter_and_a_collector_of_the_same_name_are_both_kept() -> None:
+    # The service counts `writer.errors{metrics_not_saved}` itself while the writer's collector reports its own
+    # `errors`: neither may hide the other (it did, so the failure to save metrics was never seen).
+    m = Metrics()
+    m.error("writer", "metrics_not_saved")
+    m.collect("writer", lambda: {"errors": {"store_write_failed": 2}, "held": 3})
+    snap = m.snapshot()["counters"]
+    assert snap["writer.errors"] == {"metrics_not_saved": 1, "store_write_failed": 2}
+    assert snap["writer.held"] == 3
+
+
 def test_counting_from_many_threads_loses_nothing() -> None:
     m = Metrics(log_every_s=1e9)
 
