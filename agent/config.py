@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from agent.drift import DriftPolicy
 from harvester_common import wire
@@ -239,6 +239,19 @@ class AgentConfig(_Section):
     log: LogConfig = LogConfig()
     # The simulator's own settings live in the same file so that the demo is one file; the agent ignores them.
     sim: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _source_names_unique(self) -> AgentConfig:
+        # Batches, decoders, saved DTC state, metrics and source events are all keyed by the source's name: two
+        # sources with one name would share them (and their frames be decoded as one bus). Buses and serial devices
+        # share the name space.
+        seen: set[str] = set()
+        for kind, name in [("can", b.name) for b in self.can] + [("serial", s.name) for s in self.serial]:
+            if name in seen:
+                raise ValueError(f"source name {name!r} is used twice ([[{kind}]] and another [[can]] or "
+                                 "[[serial]]); every bus and serial device needs its own name")
+            seen.add(name)
+        return self
 
 
 def load_config(path: str | Path) -> AgentConfig:

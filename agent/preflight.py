@@ -17,14 +17,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.config import AgentConfig
+from agent.decode.base import Decoder
 from agent.decode.j1939 import DbcError, J1939Decoder
-from agent.service import load_scorer
+from agent.service import load_scorer, serial_decoders
 from agent.signals import SignalRegistry
 from agent.sources.can import virtual_bus_warning
 from agent.uplink import TlsError, configure_tls
@@ -113,12 +115,17 @@ def _serial(cfg: AgentConfig) -> list[Finding]:
     return out
 
 
-def _model(cfg: AgentConfig, decoders: dict[str, J1939Decoder], allow_absent: bool) -> list[Finding]:
+def _model(cfg: AgentConfig, decoders: Mapping[str, Decoder[Any]], allow_absent: bool,
+           dbc_absent: bool = False) -> list[Finding]:
     path = cfg.model.path
     if not path.exists():
         return [_missing(path, "model", allow_absent, "the agent would start without scoring")]
     scorer, status = load_scorer(cfg, decoders)
     if scorer is None:
+        if dbc_absent and "needs signals" in status:
+            # The signals may be in a DBC that is not on this machine: not a verdict either way.
+            return [Finding("absent", "model", f"{path}: {status} (not conclusive: a DBC file it may need is not "
+                                               "present on this machine)")]
         return [Finding("error", "model", f"{path}: {status} (the agent would start without scoring)")]
     c = scorer.contract
     return [Finding("ok", "model", f"{path}: {status}, {len(c.features)} features from {len(c.signals)} "
@@ -155,6 +162,9 @@ def check(cfg: AgentConfig, config_path: Path, allow_absent: bool = False) -> Re
     can, decoders = _can(cfg, allow_absent)
     findings += can
     findings += _serial(cfg)
-    findings += _model(cfg, decoders, allow_absent)
+    # The model is checked against every source's decoder, as `run` does (agent/service.py decoders_for): the
+    # buses' and the serial devices' signals.
+    dbc_absent = any(f.level == "absent" and f.subject == "dbc" for f in can)
+    findings += _model(cfg, {**decoders, **serial_decoders(cfg, SignalRegistry())}, allow_absent, dbc_absent)
     findings += _tls(cfg, allow_absent)
     return Report(findings)

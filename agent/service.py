@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent import __version__
-from agent.config import AgentConfig, ConfigError
+from agent.config import AgentConfig
 from agent.contract import ContractError
 from agent.decode.base import Decoder
 from agent.decode.j1939 import J1939Decoder
@@ -61,14 +61,16 @@ class Progress:
 
 def decoders_for(cfg: AgentConfig, registry: SignalRegistry) -> dict[str, Decoder[Any]]:
     """One decoder per source: each CAN bus, each serial device (NMEA unless its protocol says otherwise)."""
+    # Names are unique across buses and devices (AgentConfig checks it): the name says where a batch came from.
     decoders: dict[str, Decoder[Any]] = {b.name: J1939Decoder(registry, b.dbc, b.name) for b in cfg.can}
-    for s in cfg.serial:
-        if s.name in decoders:
-            # Buses and serial devices share one name space: the name says where a batch came from.
-            raise ConfigError(f"serial device {s.name!r} has the name of a CAN bus; names must differ")
-        decoders[s.name] = (NmeaDecoder(registry, s.name) if s.protocol == "nmea"
-                            else LineDecoder(s.name, s.protocol, s.fields, s.units, registry))
+    decoders.update(serial_decoders(cfg, registry))
     return decoders
+
+
+def serial_decoders(cfg: AgentConfig, registry: SignalRegistry) -> dict[str, Decoder[Any]]:
+    """Each serial device's decoder: NMEA unless its protocol says otherwise (`run --check-config` uses these too)."""
+    return {s.name: (NmeaDecoder(registry, s.name) if s.protocol == "nmea"
+                     else LineDecoder(s.name, s.protocol, s.fields, s.units, registry)) for s in cfg.serial}
 
 
 def load_scorer(cfg: AgentConfig, decoders: Mapping[str, Decoder[Any]]) -> tuple[Scorer | None, str]:

@@ -142,6 +142,23 @@ def test_files_that_exist_are_checked_even_when_absent_ones_are_allowed(tmp_path
     assert r.returncode == 2 and "check failed: dbc: bus can0: " in r.stderr and str(bad_dbc) in r.stderr
 
 
+
+def test_a_model_fed_by_the_serial_gps_is_checked_against_it_as_run_does(tmp_path: Path) -> None:
+    # `run` checks a model against every source's signals, the GPS's too; the check must say what `run` would.
+    contract = make_contract([FeatureSpec("f0", "GPS.SpeedKmh", "mean", 10.0)])
+    model = linear_softmax_model(tmp_path / "m.onnx", contract, np.ones((1, 2)), np.zeros(2))
+    r = _check(_write(tmp_path, model=model))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert ("ok", "model") in _levels(r.stdout)
+
+
+def test_two_sources_of_one_name_fail_the_check_as_they_fail_run(tmp_path: Path) -> None:
+    cfg = _write(tmp_path)
+    cfg.write_text(cfg.read_text().replace('name = "gps"', 'name = "can0"'))
+    checked, ran = _check(cfg), _run("run", "--config", str(cfg))
+    assert checked.returncode == ran.returncode == 2
+    assert "used twice" in checked.stderr and checked.stderr == ran.stderr
+
 def test_a_model_whose_contract_this_config_cannot_feed_fails(tmp_path: Path) -> None:
     contract = make_contract([FeatureSpec("f0", "NoSuchMessage.NoSuchSignal", "mean", 10.0)])
     model = linear_softmax_model(tmp_path / "m.onnx", contract, np.ones((1, 2)), np.zeros(2))

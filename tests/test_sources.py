@@ -9,6 +9,7 @@ from pathlib import Path
 
 import can
 import pytest
+from pydantic import ValidationError
 
 from agent.config import CanBusConfig, SerialConfig
 from agent.decode.nmea import checksum
@@ -105,7 +106,7 @@ def test_line_protocol_sensors_csv_and_key_value() -> None:
 
 
 def test_every_source_gets_its_decoder_and_names_do_not_clash() -> None:
-    from agent.config import AgentConfig, ConfigError
+    from agent.config import AgentConfig
     from agent.decode.j1939 import J1939Decoder
     from agent.decode.lines import LineDecoder
     from agent.decode.nmea import NmeaDecoder
@@ -117,10 +118,13 @@ def test_every_source_gets_its_decoder_and_names_do_not_clash() -> None:
     decs = decoders_for(cfg, SignalRegistry())
     assert [type(d) for d in decs.values()] == [J1939Decoder, NmeaDecoder, LineDecoder] and list(decs) == [
         "can0", "gps", "vib"]
-    # Batches are routed by source name: a device named like a bus would be decoded as that bus.
-    clash = AgentConfig.model_validate({"can": [{"name": "gps"}], "serial": [{"name": "gps"}]})
-    with pytest.raises(ConfigError, match="name of a CAN bus"):
-        decoders_for(clash, SignalRegistry())
+    # Batches are routed by source name: a device named like a bus would be decoded as that bus, two buses of one
+    # name would share one decoder, its DTC state and its metrics. The config refuses both.
+    for clash in ({"can": [{"name": "gps"}], "serial": [{"name": "gps"}]},
+                  {"can": [{"name": "can0"}, {"name": "can0", "channel": "can1"}]},
+                  {"serial": [{"name": "gps"}, {"name": "gps", "port": "/dev/ttyUSB1"}]}):
+        with pytest.raises(ValidationError, match="used twice"):
+            AgentConfig.model_validate(clash)
 
 
 def test_line_sensor_reaches_the_store_through_the_service_pipeline(tmp_path: Path) -> None:
