@@ -94,7 +94,8 @@ class PipelineConfig(_Section):
     queue_max_batches: int = Field(2000, ge=1, le=1_000_000, description=(
         "batches (of CAN frames or serial lines) waiting for the processing thread. A source never waits: when "
         "the queue is full its batch is dropped and counted (`queue_full_can`, `queue_full_serial` in the "
-        "status message's `dropped`, by frame or line)."))
+        "status message's `dropped`, by frame or line). Source events (`source_down`, `source_up`) wait in a "
+        "queue of their own with the same bound, drained first, so a full data queue never drops them."))
 
 
 class ModelConfig(_Section):

@@ -15,9 +15,9 @@ never fail it: a serial device or CAN interface that is missing here (the agent 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Mapping
 from typing import Any, Literal
 
 import paho.mqtt.client as mqtt

@@ -104,6 +104,7 @@ class Agent:
         self.writer.resume(self.pipeline)
         # (kind, source, batch)
         self.queue: queue.Queue[tuple[str, str, Any]] = queue.Queue(cfg.pipeline.queue_max_batches)
+        self.events: queue.Queue[tuple[str, str, Any]] = queue.Queue(cfg.pipeline.queue_max_batches)
         self.can_sources = [CanSource(b, self._on_frames, metrics=self.metrics, on_event=self._on_source_event)
                             for b in cfg.can]
         self.serial_sources = [SerialSource(s, self._on_lines, metrics=self.metrics, on_event=self._on_source_event)
@@ -167,8 +168,12 @@ class Agent:
         self._offer(("serial", device, lines), len(lines))
 
     def _on_source_event(self, event: Event) -> None:
-        # Through the queue like the source's data, so the pipeline thread alone writes to the store.
-        self._offer(("event", str(event.data.get("source", "")), event), 1)
+        # To the pipeline thread (it alone writes to the store), but in a queue of their own, drained before data:
+        # a data queue full because the pipeline is behind must not drop the one record that says a bus went down.
+        try:
+            self.events.put_nowait(("event", str(event.data.get("source", "")), event))
+        except queue.Full:  # thousands of outages waiting: a source flapping faster than the pipeline runs
+            self.metrics.drop("agent.queue", "event", 1, "the source-event queue is full")
 
     # --- processing thread -----------------------------------------------------------------------------------
 
@@ -185,6 +190,13 @@ class Agent:
         if not self.writer.save_metrics(bounded(self.metrics.snapshot())):
             self.metrics.error("writer", "metrics_not_saved", detail="the store did not take the metrics snapshot")
 
+    def _drain_events(self) -> None:
+        while True:
+            try:
+                self._process(self.events.get_nowait())
+            except queue.Empty:
+                return
+
     def _run(self) -> None:
         wd = watchdog_interval_s()
         last_wd = 0.0
@@ -195,6 +207,7 @@ class Agent:
             except queue.Empty:
                 item = None
             try:
+                self._drain_events()
                 if item is not None:
                     self._process(item)
                 self.pipeline.heartbeat()
@@ -208,11 +221,13 @@ class Agent:
             if wd is not None and time.monotonic() - last_wd >= wd:
                 notify("WATCHDOG=1")
                 last_wd = time.monotonic()
+        self._drain_events()
         while True:  # drain what the sources already handed over
             try:
                 self._process(self.queue.get_nowait())
             except queue.Empty:
                 break
+        self._drain_events()
         # Every sample held, then the open alert closed (its owner is going away), then whatever is still held.
         self.writer.flush_samples()
         self.pipeline.shutdown("agent_stop")

@@ -11,7 +11,7 @@ import can
 import pytest
 from pydantic import ValidationError
 
-from agent.config import CanBusConfig, SerialConfig
+from agent.config import AgentConfig, CanBusConfig, SerialConfig
 from agent.decode.nmea import checksum
 from agent.frames import FrameBatch
 from agent.sources.can import CanSource
@@ -330,3 +330,27 @@ def test_a_source_down_event_names_the_errno_where_there_is_one(tmp_path: Path) 
         "open_failed", 2, "ENOENT")
     bus_off = can.CanOperationError("bus off", error_code=105)
     assert error_detail(bus_off) | {"error": ""} == {"error": "", "errno": 105, "errno_name": "ENOBUFS"}
+
+
+def test_a_full_data_queue_never_drops_a_source_event(tmp_path: Path) -> None:
+    """The pipeline is behind and the data queue full: the next batch is dropped and counted, but the record that
+    says a bus went down still reaches the store (its own queue, drained before data)."""
+    from agent.records import Event
+    from agent.service import Agent
+
+    cfg = AgentConfig.model_validate({
+        "store": {"path": str(tmp_path / "buffer.sqlite")}, "model": {"path": str(tmp_path / "none.onnx")},
+        "pipeline": {"queue_max_batches": 1}, "mqtt": {"tls": False}})
+    agent = Agent(cfg)  # not started: nothing drains the queues until this test says so
+    try:
+        agent._on_lines("gps", [(1.0, b"$GPGGA")])
+        agent._on_lines("gps", [(1.1, b"$GPGGA")])  # the data queue holds one batch: this one is dropped
+        assert agent.metrics.labels("agent.queue.dropped") == {"serial": 1}
+        agent._on_source_event(Event("source_down", 2.0, {"source": "can0", "reason": "bus_error"}))
+        assert agent.metrics.labels("agent.queue.dropped") == {"serial": 1}  # the event was not
+        agent._drain_events()
+        agent.writer.flush_records()
+        assert agent.pipeline.stats.source_events == 1
+        assert agent.store.status()["backlog"]["event"]["records"] == 1
+    finally:
+        agent.store.close()
