@@ -136,7 +136,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     print("backlog          " + (", ".join(f"{k}: {v['records']}" for k, v in sorted(st["backlog"].items()))
                                   or "empty"))
     if st["metrics"] is None:
-        print("counters         none saved yet (the agent saves them every 30 s and when it stops)")
+        print(f"counters         none saved yet (the agent saves them every {cfg.mqtt.status_interval_s:g} s and "
+              "when it stops)")
     else:
         age = st["metrics_age_s"]
         nonzero = wire.status_counters(st["metrics"])

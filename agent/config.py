@@ -117,6 +117,9 @@ class ModelConfig(_Section):
         "one vehicle) ..."))
     drift_missing_max: float = Field(0.2, gt=0, le=1, description=(
         "... or it is missing this much more often than in training ..."))
+    drift_unfamiliar_max: float = Field(0.05, gt=0, le=1, description=(
+        "... or it lies outside the range the model was trained on (the familiarity guard, docs/models.md) in "
+        "more than this share of windows."))
     drift_min_windows: int = Field(60, ge=1, description=(
         "no verdict before this many windows (five minutes at a 5 s hop)."))
     alert_resume_s: float = Field(120.0, ge=0, le=86400, description=(
@@ -125,9 +128,6 @@ class ModelConfig(_Section):
         "life (saved every `alert_heartbeat_s` while the alert is open) with the same model name and version; "
         "otherwise it is closed at start with `reason` `agent_restart` (or `model_changed`). 0: always close. A "
         "clean stop closes the open alert (`reason` `agent_stop`). docs/delivery.md, \"Restarts\"."))
-    drift_unfamiliar_max: float = Field(0.05, gt=0, le=1, description=(
-        "... or it lies outside the range the model was trained on (the familiarity guard, docs/models.md) in "
-        "more than this share of windows."))
     alert_heartbeat_s: float = Field(10.0, gt=0, le=3600, description=(
         "while an alert is open, its owner's sign of life is saved in the store this often (wall clock): what "
         "`alert_resume_s` is measured from after an unclean stop. Keep it well below `alert_resume_s`."))

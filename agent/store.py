@@ -308,8 +308,9 @@ class Store:
 
     def used_bytes(self) -> int:
         """Bytes in use by live pages (freed pages are reused, so the file's own size only grows)."""
-        pages = int(self.db.execute("PRAGMA page_count").fetchone()[0])
-        free = int(self.db.execute("PRAGMA freelist_count").fetchone()[0])
+        with self._lock:  # also read by the metrics collector, from the uplink's thread
+            pages = int(self.db.execute("PRAGMA page_count").fetchone()[0])
+            free = int(self.db.execute("PRAGMA freelist_count").fetchone()[0])
         return (pages - free) * self._page_size
 
     def _enforce_bound(self) -> None:

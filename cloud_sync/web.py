@@ -6,8 +6,8 @@ vehicles and is treated as hostile: JSON carries it with markup characters escap
 `textContent`, never as HTML, and the Content-Security-Policy allows no inline script or style at all.
 
     GET /                               the page (and /static/page.js, /static/page.css)
-    GET /api/fleet                      {"vehicles": [...]}          (FleetDB.fleet)
-    GET /api/alerts?vehicle=&state=&since=   {"alerts": [...]}       (FleetDB.alerts, newest first)
+    GET /api/fleet                      {"vehicles": [...]}          (Reports.fleet)
+    GET /api/alerts?vehicle=&state=&since=   {"alerts": [...]}       (Reports.alerts, newest first)
     GET /api/alert/<vehicle>/<seq>      {"alert": {...}, "series": {signal: [[ts, value], ...]}, "span": [t0, t1]}
 
 DNS rebinding: a page on evil.example whose name is re-pointed at 127.0.0.1 can make the engineer's browser call
