@@ -28,9 +28,11 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from agent.config import LogConfig
+
 log = logging.getLogger("agent.metrics")
 
-LOG_EVERY_S = 60.0  # at most one warning per (component, reason) this often
+LOG_EVERY_S = LogConfig().warn_every_s  # the `[log] warn_every_s` default, for a registry made without a config
 MAX_LABELS = 16  # labels kept per counter in a bounded snapshot; the rest summed under OTHER
 MAX_NAME_CHARS = 96  # a counter name or label longer than this is cut (labels may carry text from outside)
 MAX_SNAPSHOT_BYTES = 16 * 1024  # a bounded snapshot as JSON: a quarter of the status message's limit
