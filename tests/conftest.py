@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from cloud_sync.database import open_db
+from cloud_sync.db import FleetDB
+from cloud_sync.db_sqlite import CloudDB
 from harvester_sim.pty import PtyPair
 from harvester_testing import postgres
 from harvester_testing.broker import MosquittoBroker, find_mosquitto
@@ -44,3 +47,20 @@ def pg_server() -> Iterator[postgres.TempPostgres]:
         pytest.skip(f"PostgreSQL tests need a server: {why}")
     with postgres.TempPostgres() as pg:
         yield pg
+
+
+_cloud_dbs = 0
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def cloud_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[FleetDB]:
+    """A fresh cloud database on each engine: a SQLite file, and a new database on the session's PostgreSQL."""
+    global _cloud_dbs
+    if request.param == "sqlite":
+        d: FleetDB = CloudDB(tmp_path / "cloud.sqlite")
+    else:
+        pg: postgres.TempPostgres = request.getfixturevalue("pg_server")
+        _cloud_dbs += 1
+        d = open_db(pg.new_database(f"c{_cloud_dbs}"), tmp_path / "unused.sqlite")
+    yield d
+    d.close()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,30 +13,17 @@ import numpy as np
 import pytest
 
 from cloud_sync.cli import main as cloud_main
-from cloud_sync.database import open_db
 from cloud_sync.db import FleetDB, UnstorableError
 from cloud_sync.db_sqlite import CloudDB
 from cloud_sync.reports import Reports
 from harvester_common import wire
-from harvester_testing import postgres
 
 T0 = 1_790_000_000.0
 
 
-_db_counter = 0
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[FleetDB]:
-    global _db_counter
-    if request.param == "sqlite":
-        d: FleetDB = CloudDB(tmp_path / "cloud.sqlite")
-    else:
-        pg: postgres.TempPostgres = request.getfixturevalue("pg_server")
-        _db_counter += 1
-        d = open_db(pg.new_database(f"t{_db_counter}"), tmp_path / "unused.sqlite")
-    yield d
-    d.close()
+@pytest.fixture
+def db(cloud_db: FleetDB) -> FleetDB:
+    return cloud_db  # the tests below say `db`; conftest's `cloud_db` runs each on both engines
 
 
 def samples(lo: int, n: int, t0: float = T0) -> wire.Segment:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,6 @@ from cloud_sync.database import open_db
 from cloud_sync.db import CloudDBError, FleetDB
 from cloud_sync.db_sqlite import CloudDB
 from cloud_sync.migrations import SCHEMA_VERSION, STEPS
-from harvester_testing import postgres
 
 # The text of every step that has shipped. A step's statements are what databases in the field went through: change
 # the schema with a new step at the end, never by editing one of these (this test then fails, on purpose).
@@ -33,22 +31,6 @@ def test_steps_are_numbered_from_one_without_holes_and_shipped_ones_are_unchange
         assert fingerprint(version) == expected, f"shipped schema step {version} was edited: add a new step instead"
 
 
-_n = 0
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def fresh(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[FleetDB]:
-    global _n
-    if request.param == "sqlite":
-        d: FleetDB = CloudDB(tmp_path / "cloud.sqlite")
-    else:
-        pg: postgres.TempPostgres = request.getfixturevalue("pg_server")
-        _n += 1
-        d = open_db(pg.new_database(f"mig{_n}"), tmp_path / "unused.sqlite")
-    yield d
-    d.close()
-
-
 def columns(db: FleetDB) -> dict[str, list[str]]:
     if isinstance(db, CloudDB):
         tables = [t for (t,) in db.read("SELECT name FROM sqlite_master WHERE type='table' ORDER BY name")]
@@ -61,10 +43,10 @@ def columns(db: FleetDB) -> dict[str, list[str]]:
     return out
 
 
-def test_both_engines_end_with_the_same_tables_and_columns(fresh: FleetDB, tmp_path: Path) -> None:
+def test_both_engines_end_with_the_same_tables_and_columns(cloud_db: FleetDB, tmp_path: Path) -> None:
     reference = columns(CloudDB(tmp_path / "reference.sqlite"))
     assert set(reference) == {"vehicles", "signals", "samples", "alerts", "events", "ranges", "counters"}
-    assert columns(fresh) == reference
+    assert columns(cloud_db) == reference
 
 
 def test_an_upgrade_is_one_transaction_a_failed_one_leaves_the_old_schema(tmp_path: Path) -> None:
@@ -85,7 +67,8 @@ def test_an_upgrade_is_one_transaction_a_failed_one_leaves_the_old_schema(tmp_pa
     con.close()
 
 
-def test_a_database_newer_than_the_code_is_refused_on_both_engines(fresh: FleetDB, tmp_path: Path) -> None:
+def test_a_database_newer_than_the_code_is_refused_on_both_engines(cloud_db: FleetDB, tmp_path: Path) -> None:
+    fresh = cloud_db
     if isinstance(fresh, CloudDB):
         fresh.db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
         fresh.close()
