@@ -5,6 +5,7 @@ refuse, a record past the record cap."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -46,8 +47,22 @@ def _cols(signals: list[tuple[str, str, str]], n: int, seed: int) -> wire.Sample
     return wire.SampleColumns(signals, sig, T0_US + np.arange(n, dtype=np.int64) * 1000, rng.normal(0, 1, n))
 
 
+@pytest.fixture
+def receiver(broker: MosquittoBroker, tmp_path: Path) -> Iterator[tuple[Receiver, CloudDB]]:
+    """A real cloud_sync receiver on the test's broker, subscribed, with its SQLite database."""
+    cfg = CloudConfig.model_validate({"mqtt": {"host": broker.host, "port": broker.port, "client_id": "cs-limits"},
+                                      "db": {"path": str(tmp_path / "cloud.sqlite")}})
+    db = CloudDB(cfg.db.path)
+    rx = Receiver(cfg, db)
+    rx.start()
+    assert rx.connected.wait(10)
+    yield rx, db
+    rx.stop()
+    db.close()
+
+
 def test_a_vehicle_at_the_edge_sends_only_batches_the_receiver_accepts(
-    broker: MosquittoBroker, tmp_path: Path
+    receiver: tuple[Receiver, CloudDB], broker: MosquittoBroker, tmp_path: Path
 ) -> None:
     store = Store(tmp_path / "out.sqlite", first_seq=1)
     # More than one segment's worth of samples in one write (a store outage's backlog flushed at once)...
@@ -65,12 +80,7 @@ def test_a_vehicle_at_the_edge_sends_only_batches_the_receiver_accepts(
     seqs = store.append_records([("alert", big), ("alert", huge), ("event", {"kind": "dtc_open", "ts": 2.0,
                                                                                "data": {}})])
 
-    cfg = CloudConfig.model_validate({"mqtt": {"host": broker.host, "port": broker.port, "client_id": "cs-edge"},
-                                      "db": {"path": str(tmp_path / "cloud.sqlite")}})
-    db = CloudDB(cfg.db.path)
-    rx = Receiver(cfg, db)
-    rx.start()
-    assert rx.connected.wait(10)
+    rx, db = receiver
     edge = AgentConfig.model_validate({"mqtt": {"batch_max_bytes": wire.MAX_BATCH_BYTES}}).mqtt
     up = Uplink(MqttConfig(**{**edge.model_dump(), "host": broker.host, "port": broker.port, "tls": False,
                               "batch_max_age_s": 0.1, "reconnect_min_s": 0.1, "ack_timeout_s": 120}),
@@ -88,8 +98,6 @@ def test_a_vehicle_at_the_edge_sends_only_batches_the_receiver_accepts(
         assert "vib.Accel__Rms" in names and len(names) == 2 + len(many) + 1
     finally:
         up.stop()
-        rx.stop()
-        db.close()
         store.close()
 
 
@@ -106,19 +114,14 @@ def test_the_ack_of_the_largest_batch_fits_what_the_vehicle_accepts() -> None:
 
 
 def test_a_batch_of_many_small_records_is_acked_and_not_resent_for_ever(
-    broker: MosquittoBroker, tmp_path: Path
+    receiver: tuple[Receiver, CloudDB], broker: MosquittoBroker, tmp_path: Path
 ) -> None:
     # Thousands of small events at 19-digit sequence numbers: one batch carries them as thousands of segments, and
     # the receiver's ack names a range for each (~42 bytes apiece: ~170 KB for 4,000).
     store = Store(tmp_path / "out.sqlite", first_seq=10**18)
     n = 6_000
     store.append_records([("event", {"kind": "dtc_open", "ts": float(i), "data": {}}) for i in range(n)])
-    cfg = CloudConfig.model_validate({"mqtt": {"host": broker.host, "port": broker.port, "client_id": "cs-many"},
-                                      "db": {"path": str(tmp_path / "cloud.sqlite")}})
-    db = CloudDB(cfg.db.path)
-    rx = Receiver(cfg, db)
-    rx.start()
-    assert rx.connected.wait(10)
+    _, db = receiver
     up = Uplink(MqttConfig(host=broker.host, port=broker.port, tls=False, batch_max_age_s=0.1, ack_timeout_s=120),
                 VehicleConfig(fleet="f1", id="many-1"), store, seed=1)
     up.start()
@@ -127,6 +130,4 @@ def test_a_batch_of_many_small_records_is_acked_and_not_resent_for_ever(
         assert up.stats.acks_rejected == {} and Reports(db).stats()[0].records["events"] == n
     finally:
         up.stop()
-        rx.stop()
-        db.close()
         store.close()
