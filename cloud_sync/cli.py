@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from cloud_sync import __version__
+from cloud_sync import __version__, packaging
 from cloud_sync.config import CloudConfig, ConfigError, load_config
 from cloud_sync.database import existing_db, open_db
 from cloud_sync.db import CloudDBError, FleetDB, RolloutError
@@ -211,8 +211,9 @@ def cmd_web(args: argparse.Namespace) -> int:
 def model_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
                    ) -> argparse._SubParsersAction[argparse.ArgumentParser]:
     """The `model` group: each module with model commands adds its own to what this returns."""
-    m = sub.add_parser("model", help="model packages: the registry, rollbacks",
-                       description="Signed model packages and the registry (docs/cloud_sync.md, \"Model rollouts\").")
+    m = sub.add_parser("model", help="model packages: signing keys, signing, the registry, rollbacks",
+                       description="Signed model packages (docs/models.md, \"Signed packages\") and the registry "
+                       "(docs/cloud_sync.md, \"Model rollouts\").")
     return m.add_subparsers(dest="model_command", required=True, metavar="MODEL_COMMAND")
 
 
@@ -257,7 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "forwards); repeatable. Without it only 127.0.0.1, localhost, [::1] and --host, with the port, "
                    "are answered: a check against DNS rebinding")
     w.set_defaults(func=cmd_web)
-    add_model_commands(model_commands(sub))
+    model_sub = model_commands(sub)
+    packaging.add_commands(model_sub)
+    add_model_commands(model_sub)
     add_rollout_commands(sub)
     return p
 

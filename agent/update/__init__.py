@@ -1,0 +1,6 @@
+"""Model updates on the vehicle (docs/model_updates.md, "Vehicle"): a signed package (harvester_common/modelpkg.py)
+is checked here before any model it carries may score (`verify.py`).
+
+This package never imports agent.service (which runs it): what it needs from the running agent, such as the
+signals its decoders produce, is handed in.
+"""
