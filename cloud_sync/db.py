@@ -381,9 +381,10 @@ class FleetDB(abc.ABC):
         rows = self.read(f"SELECT {_ROLLOUT_COLUMNS} FROM rollouts WHERE id=?", (rollout_id,))
         return _rollout_info(rows[0]) if rows else None
 
-    def rollouts(self) -> list[RolloutInfo]:
-        """Every rollout, newest first."""
-        return [_rollout_info(r) for r in self.read(f"SELECT {_ROLLOUT_COLUMNS} FROM rollouts ORDER BY id DESC")]
+    def rollouts(self, limit: int | None = None) -> list[RolloutInfo]:
+        """The rollouts, newest first (the latest `limit` of them)."""
+        q = f"SELECT {_ROLLOUT_COLUMNS} FROM rollouts ORDER BY id DESC"
+        return [_rollout_info(r) for r in self.read(q + ("" if limit is None else f" LIMIT {int(limit)}"))]
 
     def rollout_vehicles(self, rollout_id: int) -> list[RolloutVehicle]:
         rows = self.read(f"SELECT {_RV_COLUMNS} FROM rollout_vehicles WHERE rollout=? ORDER BY wave, vehicle",
@@ -440,19 +441,13 @@ class FleetDB(abc.ABC):
         return out
 
     def desired_models(self) -> dict[str, RolloutInfo]:
-        """For each vehicle, the rollout whose desired model it was last sent and that has not cleared it."""
-        rows = self.read(f"SELECT rv.vehicle, {', '.join('r.' + c for c in _ROLLOUT_COLUMNS.split(', '))} "
-                         "FROM rollout_vehicles rv JOIN rollouts r ON r.id = rv.rollout "
-                         "WHERE rv.sent_at IS NOT NULL ORDER BY r.id")
-        cleared = {(int(r), str(v)) for r, v in
-                   self.read("SELECT rollout, vehicle FROM rollout_vehicles WHERE cleared_at IS NOT NULL")}
-        out: dict[str, RolloutInfo] = {}
-        for row in rows:
-            info = _rollout_info(row[1:])
-            out[str(row[0])] = info  # a later rollout's desired replaced an earlier one's
-            if (info.id, str(row[0])) in cleared:
-                del out[str(row[0])]
-        return out
+        """For each vehicle, the rollout whose desired model it was last sent, unless that rollout cleared it."""
+        cols = ", ".join("r." + c for c in _ROLLOUT_COLUMNS.split(", "))
+        rows = self.read(f"SELECT rv.vehicle, {cols} FROM rollout_vehicles rv JOIN rollouts r ON r.id = rv.rollout "
+                         "WHERE rv.sent_at IS NOT NULL AND rv.cleared_at IS NULL AND rv.rollout = "
+                         "(SELECT MAX(o.rollout) FROM rollout_vehicles o "
+                         "WHERE o.vehicle = rv.vehicle AND o.sent_at IS NOT NULL)")
+        return {str(row[0]): _rollout_info(row[1:]) for row in rows}
 
     def rollout_work(self) -> tuple[list[tuple[RolloutInfo, list[RolloutVehicle]]], list[tuple[int, str, str, bool]]]:
         """What the controller has to publish: each running rollout with its vehicles of the waves so far that

@@ -169,7 +169,7 @@ class Reports:
         """The latest `limit` rollouts, newest first, as `rollout` gives each."""
         out = []
         with self.db.read_lock():
-            for info in self.db.rollouts()[:limit]:
+            for info in self.db.rollouts(limit):
                 out.append(rollout_report(info, self.db.rollout_vehicles(info.id)))
         return out
 

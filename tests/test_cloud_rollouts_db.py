@@ -5,6 +5,7 @@ stored report is folded into the vehicle's rollout, state changes follow their r
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 import pytest
 
@@ -54,11 +55,12 @@ def test_a_version_stands_for_one_package(cloud_db: FleetDB) -> None:
 def test_a_vehicle_is_in_one_live_rollout_at_a_time(cloud_db: FleetDB) -> None:
     info, data = package("1.1.0")
     cloud_db.publish_package(info, data)
-    kw = {"mode": "update", "plan": {}, "success_threshold": 0.9, "error_threshold": 0.2, "by": "alice"}
-    r1 = cloud_db.create_rollout(info, [vehicles(3)], **kw)  # type: ignore[arg-type]
+    kw: dict[str, Any] = {"mode": "update", "plan": {}, "success_threshold": 0.9, "error_threshold": 0.2,
+                          "by": "alice"}
+    r1 = cloud_db.create_rollout(info, [vehicles(3)], **kw)
     with pytest.raises(RolloutError, match=f"in rollout {r1} \\(running\\): v03.*rollout abort --id {r1}"):
-        cloud_db.create_rollout(info, [[("v03", "f1"), ("v04", "f1")]], **kw)  # type: ignore[arg-type]
-    r2 = cloud_db.create_rollout(info, [[("v04", "f1")]], **kw)  # type: ignore[arg-type]
+        cloud_db.create_rollout(info, [[("v03", "f1"), ("v04", "f1")]], **kw)
+    r2 = cloud_db.create_rollout(info, [[("v04", "f1")]], **kw)
     assert r2 > r1
     for action, state in (("pause", "paused"), ("resume", "running")):
         assert cloud_db.change_rollout(r1, action, "bob")[1].state == state
@@ -70,10 +72,10 @@ def test_a_vehicle_is_in_one_live_rollout_at_a_time(cloud_db: FleetDB) -> None:
         cloud_db.change_rollout(r1, "pause", "bob")
     with pytest.raises(RolloutError, match="no rollout 999"):
         cloud_db.change_rollout(999, "abort", "bob")
-    r3 = cloud_db.create_rollout(info, [[("v03", "f1")]], **kw)  # type: ignore[arg-type]  # r1 is over
+    r3 = cloud_db.create_rollout(info, [[("v03", "f1")]], **kw)  # r1 is over
     assert [v.vehicle for v in cloud_db.rollout_vehicles(r3)] == ["v03"]
     with pytest.raises(RolloutError, match="at least one vehicle"):
-        cloud_db.create_rollout(info, [[]], **kw)  # type: ignore[arg-type]
+        cloud_db.create_rollout(info, [[]], **kw)
 
 
 def test_the_highest_seq_wins_and_is_folded_into_the_rollout(cloud_db: FleetDB) -> None:
@@ -137,3 +139,31 @@ def test_status_report_and_fleet_model_objects(cloud_db: FleetDB) -> None:
                            "state": "rejected", "reason": "auc fell"}
     assert rows["v02"] == {"active": None, "desired": None, "state": "", "reason": ""}  # not sent yet
     assert [x["id"] for x in Reports(cloud_db).rollouts()] == [rid]
+
+
+def test_an_aborted_rollout_clears_only_what_is_still_its_own(cloud_db: FleetDB) -> None:
+    """The controller's work list: an aborted rollout's sent, not active vehicles are to be cleared, unless a later
+    rollout has sent its own desired model since (clearing would erase that one)."""
+    a, a_data = package("1.1.0")
+    b, b_data = package("1.2.0")
+    for info, data in ((a, a_data), (b, b_data)):
+        cloud_db.publish_package(info, data)
+    kw: dict[str, Any] = {"mode": "update", "plan": {}, "success_threshold": 1.0, "error_threshold": 0.5,
+                          "by": "alice"}
+    r1 = cloud_db.create_rollout(a, [vehicles(3)], **kw)
+    with cloud_db.rollout_tx() as tx:
+        tx.mark_sent(r1, ["v01", "v02", "v03"])
+    cloud_db.set_model_status("f1", "v03", report(1, "active", a, active=a, healthy=True))
+    cloud_db.change_rollout(r1, "abort", "bob")
+    r2 = cloud_db.create_rollout(b, [[("v02", "f1")]], **kw)
+    work, to_clear = cloud_db.rollout_work()
+    assert [(r.id, [v.vehicle for v in vs]) for r, vs in work] == [(r2, ["v02"])]
+    assert to_clear == [(r1, "v01", "f1", False), (r1, "v02", "f1", False)]  # v03 runs it: its desired stays
+    with cloud_db.rollout_tx() as tx:
+        tx.mark_sent(r2, ["v02"])
+    assert cloud_db.rollout_work()[1] == [(r1, "v01", "f1", False), (r1, "v02", "f1", True)]
+    with cloud_db.rollout_tx() as tx:
+        tx.mark_cleared(r1, ["v01", "v02"])
+    assert cloud_db.rollout_work()[1] == []
+    desired = cloud_db.desired_models()
+    assert {v: (r.id, r.version) for v, r in desired.items()} == {"v02": (r2, "1.2.0"), "v03": (r1, "1.1.0")}
