@@ -338,7 +338,8 @@ class FleetDB(abc.ABC):
                 "INSERT INTO rollout_vehicles (rollout, vehicle, fleet, wave, state, healthy, reason, figures, seq, "
                 "sent_at, cleared_at, updated_at) VALUES (?,?,?,?,?,NULL,'','{}',NULL,NULL,NULL,?)"),
                 [(rid, v, f, i, ro.PENDING, now) for v, (f, i) in members.items()])
-            cur.execute("SELECT vehicle, seq, status FROM vehicle_models")
+            cur.execute(self._sql("SELECT vehicle, seq, status FROM vehicle_models WHERE active_sha256=? "
+                                  "OR target_sha256=?"), (pkg.model_sha256, pkg.package_sha256))
             for vehicle, seq, text in cur.fetchall():
                 if vehicle not in members:
                     continue

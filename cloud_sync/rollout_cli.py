@@ -61,7 +61,8 @@ def publish(db: FleetDB, cfg: CloudConfig, data: bytes, by: str) -> tuple[Packag
         keys = modelpkg.load_public_keys(cfg.rollout.trusted_keys)
         pkg = modelpkg.verify_package(data, keys)
     except modelpkg.PackageError as e:
-        raise RolloutError(f"refused ({e.code}): {e}") from None
+        hint = "; name the signing key's .pub file in [rollout] trusted_keys" if e.code == "unknown_key" else ""
+        raise RolloutError(f"refused ({e.code}): {e}{hint}") from None
     m = pkg.manifest
     info = PackageInfo(pkg.package_sha256, m.name, m.version, m.sha256, m.key_id, len(data), m.to_dict(), by,
                        time.time())
