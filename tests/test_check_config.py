@@ -183,8 +183,9 @@ def test_the_shipped_vehicle_config_is_valid_with_its_files_absent() -> None:
     r = _check(cfg, "--allow-absent")
     assert r.returncode == 0, r.stderr
     absent = sorted(line.split()[2].rstrip(":") for line in r.stdout.splitlines() if line.startswith("absent"))
-    assert absent == ["/etc/harvester-agent/tls/ca.pem", "/etc/harvester-agent/tls/vehicle.key",
-                      "/etc/harvester-agent/tls/vehicle.pem", "/var/lib/harvester-agent/models/current.onnx"]
+    assert absent == ["/etc/harvester-agent/keys", "/etc/harvester-agent/tls/ca.pem",
+                      "/etc/harvester-agent/tls/vehicle.key", "/etc/harvester-agent/tls/vehicle.pem",
+                      "/var/lib/harvester-agent/models/current.onnx"]
 
 
 def test_run_itself_refuses_tls_files_that_do_not_load_in_one_line(tmp_path: Path) -> None:
