@@ -19,6 +19,7 @@ from typing import Any
 
 from agent import __version__
 from agent.config import AgentConfig, ConfigError, load_config
+from agent.update.cli import add_commands as add_model_commands
 from harvester_common import wire
 from harvester_common.clirun import run_cli
 
@@ -205,6 +206,19 @@ def _print_not_scored(out: dict[str, Any]) -> None:
             f"{k} {v}" for k, v in out["unfamiliar_features"].items()))
 
 
+def vehicle_signals(cfg: AgentConfig) -> set[str]:
+    """The signals `run` would decode with this config: its sources' decoders, built as agent/service.py does."""
+    from agent.decode.j1939 import DbcError
+    from agent.service import decoders_for
+    from agent.signals import SignalRegistry
+
+    try:
+        decoders = decoders_for(cfg, SignalRegistry())
+    except DbcError as e:
+        raise CliError(str(e)) from None
+    return set().union(*(d.signals() for d in decoders.values()))
+
+
 # Commands that other packages add to `harvester-agent` when they are installed, through this entry-point group: the
 # simulator's `simulate` (harvester-sim) and the demo's `demo` (harvester-demo). A vehicle's install ships neither,
 # and the agent never imports them (import contracts in pyproject.toml); where one is missing its name still
@@ -285,6 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--no-model", action="store_true", help="decode and store only")
     rp.add_argument("--json", action="store_true", help="print one JSON object")
     rp.set_defaults(func=cmd_replay)
+
+    m = sub.add_parser("model", help="signed model packages: check one as this vehicle would",
+                       description="Signed model packages (docs/models.md, \"Signed packages\").")
+    add_model_commands(m.add_subparsers(dest="model_command", required=True, metavar="MODEL_COMMAND"),
+                       vehicle_signals)
 
     add_plugin_commands(sub)
     return p

@@ -132,6 +132,11 @@ class ModelConfig(_Section):
     alert_heartbeat_s: float = Field(10.0, gt=0, le=3600, description=(
         "while an alert is open, its owner's sign of life is saved in the store this often (wall clock): what "
         "`alert_resume_s` is measured from after an unclean stop. Keep it well below `alert_resume_s`."))
+    trusted_keys: list[Path] = Field(default_factory=list, description=(
+        "the public keys a model package must be signed with (docs/models.md, \"Signed packages\"): Ed25519 "
+        "public key files (PEM), or directories whose every `*.pub` is one. A key is known by the SHA-256 of the "
+        "key itself, not by its file name: rotate keys by adding the new one's file, then removing the old. A "
+        "named file that is missing or not such a key is an error. Empty (the default): no package is accepted."))
     # Model updates on the vehicle (docs/models.md, "On the vehicle: download, shadow, switch, rollback").
     dir: Path | None = Field(None, description=(
         "the model directory: packages received from the cloud (by package hash), a partial download, the pointer "
@@ -171,9 +176,6 @@ class ModelConfig(_Section):
     progress_interval_s: float = Field(10.0, ge=1, le=3600, description=(
         "while a package downloads or a candidate shadows, `model/status` reports progress at most this often "
         "(every step change is reported at once)."))
-    trusted_keys: list[Path] = Field(default_factory=list, description=(
-        "Ed25519 public keys (`.pub` files, or directories of them) a model package must be signed with; empty: "
-        "no package is accepted."))
 
     def drift_policy(self) -> DriftPolicy:
         return DriftPolicy(self.drift_z_max, self.drift_std_ratio_max, self.drift_missing_max, self.drift_min_windows,

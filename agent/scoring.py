@@ -56,6 +56,17 @@ def session_options(threads: int) -> ort.SessionOptions:
     return so
 
 
+def open_session(model: Path | bytes, threads: int = _MODEL.threads) -> ort.InferenceSession:
+    """An onnxruntime session for a model file or the model's bytes; ModelLoadError with onnxruntime's reason."""
+    where = "the model" if isinstance(model, bytes) else str(model)
+    try:
+        return ort.InferenceSession(model if isinstance(model, bytes) else str(model), session_options(threads),
+                                    providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types for corrupt files
+        first = (str(e).splitlines() or [type(e).__name__])[0][:300]
+        raise ModelLoadError(f"{where}: onnxruntime cannot load it: {first}") from None
+
+
 class Scorer:
     def __init__(
         self, session: ort.InferenceSession, contract: Contract, path: Path | None = None,
@@ -95,12 +106,15 @@ class Scorer:
     def load(cls, path: Path, threads: int = _MODEL.threads, batch: int = _MODEL.batch_windows) -> Scorer:
         if not Path(path).is_file():
             raise ModelLoadError(f"{path}: no such model file")
-        try:
-            sess = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime raises its own exception types for corrupt files
-            raise ModelLoadError(f"{path}: onnxruntime cannot load it: {str(e).splitlines()[0][:300]}") from None
+        sess = open_session(Path(path), threads)
         meta = sess.get_modelmeta().custom_metadata_map
         return cls(sess, parse_contract(meta), path, batch)
+
+    @classmethod
+    def load_bytes(cls, data: bytes, threads: int = _MODEL.threads, batch: int = _MODEL.batch_windows) -> Scorer:
+        """A scorer for a model held in memory (a verified package's): ModelLoadError, ContractError as `load`."""
+        sess = open_session(data, threads)
+        return cls(sess, parse_contract(sess.get_modelmeta().custom_metadata_map), None, batch)
 
     def check_signals(self, available: set[str]) -> None:
         """Refuse a model that needs signals this vehicle cannot produce."""

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from cloud_sync import __version__
+from cloud_sync import __version__, packaging
 from cloud_sync.config import CloudConfig, ConfigError, load_config
 from cloud_sync.database import open_db
 from cloud_sync.db import CloudDBError, FleetDB
@@ -199,6 +199,14 @@ def cmd_web(args: argparse.Namespace) -> int:
     return 0
 
 
+def model_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
+                   ) -> argparse._SubParsersAction[argparse.ArgumentParser]:
+    """The `model` group: each module with model commands adds its own to what this returns."""
+    m = sub.add_parser("model", help="model packages: signing keys, signing",
+                       description="Signed model packages (docs/models.md, \"Signed packages\").")
+    return m.add_subparsers(dest="model_command", required=True, metavar="MODEL_COMMAND")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="cloud-sync",
@@ -240,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "forwards); repeatable. Without it only 127.0.0.1, localhost, [::1] and --host, with the port, "
                    "are answered: a check against DNS rebinding")
     w.set_defaults(func=cmd_web)
+    packaging.add_commands(model_commands(sub))
     return p
 
 
