@@ -526,15 +526,15 @@ class Pipeline:
         """At a window boundary: decide, switch, roll back, or carry on."""
         run, b = up.run, up.bounds
         if up.kind == "shadow":
-            why = doomed(run.cand, run.base, b, b.windows)
-            if not why and not run.complete:
+            # A call that raised decides at once; the rest at the end (the active model's figures still move).
+            if not run.cand.errors and not run.complete:
                 if progressed:
                     self._tell(UpdateEvent("progress", up.tag, figures=run.figures()))
                 return
             dec = run.decide()
-            if why or not dec.ok:
+            if not dec.ok:
                 self._update = None
-                self._tell(UpdateEvent("rejected", up.tag, why or dec.reason, dec.figures))
+                self._tell(UpdateEvent("rejected", up.tag, dec.reason, dec.figures))
                 return
             if self.tracker is not None and self.tracker.open is not None:
                 if not run.waiting_for_alert:

@@ -13,7 +13,7 @@ feature windows and counts, per model, over the same stretch of data:
 - `both_scored`: windows, by their end time, that both models scored.
 
 The decision (`decide`) rejects the candidate when, against the active model's figures of the same run:
-a call raised; it scored no window; its invalid share is more than `max_invalid_rate` above the active's; it
+a call raised; its invalid share is more than `max_invalid_rate` above the active's; it scored no window; it
 scored less than `min_scored_ratio` of the active's share; its alert share is more than `max_alert_rate_increase`
 above the active's; its p95 latency is more than `max_latency_ratio` times the active's and above
 `latency_floor_s`. The same decision, after the switch, judges the new model's live figures over `watch_windows`
@@ -145,11 +145,11 @@ def decide(cand: Figures, base: Figures, b: ShadowBounds, cand_name: str = "cand
     reason = ""
     if cand.errors:
         reason = f"{cand_name}: scoring raised in {cand.errors} of {cand.calls} calls"
-    elif cand.scored == 0:
-        reason = f"{cand_name} scored none of its {cand.windows} windows"
     elif cand.invalid_rate > base.invalid_rate + b.max_invalid_rate:
         reason = (f"{cand_name}: non-finite output in {_pct(cand.invalid_rate)} of windows, above the {base_name}'s "
                   f"{_pct(base.invalid_rate)} + {_pct(b.max_invalid_rate)}")
+    elif cand.scored == 0:
+        reason = f"{cand_name} scored none of its {cand.windows} windows"
     elif cand.scored_rate < b.min_scored_ratio * base.scored_rate:
         reason = (f"{cand_name} scored {_pct(cand.scored_rate)} of windows, below {b.min_scored_ratio:g} x the "
                   f"{base_name}'s {_pct(base.scored_rate)}")
@@ -163,8 +163,9 @@ def decide(cand: Figures, base: Figures, b: ShadowBounds, cand_name: str = "cand
 
 
 def doomed(cand: Figures, base: Figures, b: ShadowBounds, planned: int) -> str:
-    """Why a run of `planned` windows can no longer pass, already (empty: it still can). Only what more windows
-    cannot undo: a call that raised, or more invalid windows than the whole run may have."""
+    """Why a run of `planned` windows can no longer pass against `base` (fixed: the watch's, from the shadow run),
+    already (empty: it still can). Only what more windows cannot undo: a call that raised, or more invalid windows
+    than the whole run may have."""
     if cand.errors:
         return f"scoring raised in {cand.errors} of {cand.calls} calls"
     allowed = (base.invalid_rate + b.max_invalid_rate) * max(planned, cand.windows)
