@@ -14,7 +14,6 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from agent.drift import DriftPolicy
-from agent.update.shadow import ShadowBounds
 from harvester_common import wire
 
 # Re-exported: the agent's code and users say agent.config.ConfigError.
@@ -180,11 +179,6 @@ class ModelConfig(_Section):
     def drift_policy(self) -> DriftPolicy:
         return DriftPolicy(self.drift_z_max, self.drift_std_ratio_max, self.drift_missing_max, self.drift_min_windows,
                            self.drift_unfamiliar_max)
-
-    def shadow_bounds(self) -> ShadowBounds:
-        return ShadowBounds(self.shadow_windows, self.shadow_max_invalid_rate, self.shadow_max_alert_rate_increase,
-                            self.shadow_max_latency_ratio, self.shadow_latency_floor_ms / 1000,
-                            self.shadow_min_scored_ratio, self.watch_windows)
 
 
 class StoreConfig(_Section):

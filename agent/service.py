@@ -40,8 +40,7 @@ from agent.sources.can import CanSource
 from agent.sources.serial import SerialSource
 from agent.store import Store
 from agent.systemd import notify, watchdog_interval_s
-from agent.update.manager import ModelManager
-from agent.update.modeldir import ModelDir, ModelDirError, choose
+from agent.update.manager import start as start_models
 from agent.uplink import Uplink
 from agent.writer import StoreWriter
 from harvester_common.modelpkg import load_public_keys
@@ -108,22 +107,11 @@ class Agent:
         self.decoders = decoders_for(cfg, self.registry)
         signals: set[str] = set().union(*(d.signals() for d in self.decoders.values()))
         trusted = trusted_keys(cfg)
-        mdir: ModelDir | None = None
-        try:
-            mdir = ModelDir(model_dir(cfg))
-        except ModelDirError as e:
-            log.error("model updates disabled: %s", e)
-        m = cfg.model
-        choice = choose(mdir, m.path, trusted, signals, m.threads, m.batch_windows)
+        choice, self.updates = start_models(cfg.model, model_dir(cfg), trusted, signals)
         self._model_refused = choice.status if choice.loaded is None else ""
         if choice.loaded is None:
             log.error("model %s %s: the agent runs without scoring (data is still stored and synced)",
                       cfg.model.path, self._model_refused)
-        active = choice.loaded.ref if choice.loaded is not None else None
-        self.updates: ModelManager | None = None
-        if mdir is not None:
-            previous = choice.pointer.previous if active is not None and active == choice.pointer.active else None
-            self.updates = ModelManager(m, mdir, signals, trusted, active, previous)
         self.store = Store(cfg.store.path, cfg.store.max_bytes, evict_watermark=cfg.store.evict_watermark)
         self.writer = StoreWriter(self.store, self.registry, cfg.store.memory_max_samples,
                                   cfg.store.memory_max_records, metrics=self.metrics)

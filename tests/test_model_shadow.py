@@ -22,7 +22,7 @@ from agent.signals import SignalRegistry
 from agent.update.shadow import Figures, ShadowBounds, ShadowRun, UpdateEvent, decide, doomed
 from harvester_testing.onnx_models import linear_softmax_model, make_contract
 
-BOUNDS = ModelConfig(shadow_windows=20, watch_windows=20).shadow_bounds()
+BOUNDS = ShadowBounds.of(ModelConfig(shadow_windows=20, watch_windows=20))
 HEALTHY = np.array([2.0, 0.0])  # logits: P(fault) = 0.12, never near the threshold
 A = [FeatureSpec("a:mean:10s", "s.a", "mean", 10)]
 

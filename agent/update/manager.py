@@ -38,17 +38,16 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.config import ModelConfig
 from agent.metrics import counts
-from agent.pipeline import Pipeline
 from agent.scoring import Scorer
 from agent.update.download import Download, DownloadError
-from agent.update.modeldir import LoadError, ModelDir, ModelDirError, ModelRef, load_ref
-from agent.update.shadow import Figures, UpdateEvent
+from agent.update.modeldir import Choice, LoadError, ModelDir, ModelDirError, ModelRef, choose, load_ref
+from agent.update.shadow import Figures, ShadowBounds, UpdateEvent
 from agent.update.verify import check_package
 from harvester_common import modelwire as mw
 from harvester_common.modelpkg import PackageError
@@ -83,6 +82,20 @@ def _ref_status(ref: ModelRef | None) -> dict[str, str] | None:
     return {"name": _label(ref.name), "version": _label(ref.version), "sha256": ref.sha256}
 
 
+class UpdatingPipeline(Protocol):
+    """What the manager asks of the pipeline (agent/pipeline.py), between batches on its thread."""
+
+    def shadow(self, scorer: Scorer, tag: Any, bounds: ShadowBounds) -> bool: ...
+
+    def switch_to(self, scorer: Scorer, tag: Any, bounds: ShadowBounds) -> bool: ...
+
+    def cancel(self) -> bool: ...
+
+    def roll_back(self, reason: str) -> bool: ...
+
+    def watch(self, previous: Scorer | None, tag: Any, base: Figures, bounds: ShadowBounds) -> None: ...
+
+
 class ModelManager:
     def __init__(
         self,
@@ -101,7 +114,7 @@ class ModelManager:
         self.trusted = trusted
         self.installed_path = installed_path or cfg.path
         self.clock = clock
-        self.bounds = cfg.shadow_bounds()
+        self.bounds = ShadowBounds.of(cfg)
         self.active = active  # what scores now
         self.previous = previous  # what a rollback goes back to
         self.counters: Counter[str] = Counter()  # chunks dropped by reason, reports not saved, ...
@@ -354,7 +367,7 @@ class ModelManager:
             if part is not None:
                 part.unlink(missing_ok=True)
             self._prune()
-            self._report("rejected", reason=str(e))
+            self._report("rejected", reason=f"{e.code}: {e}")
             return
         except ModelDirError as e:
             self._step = "failed"
@@ -412,7 +425,7 @@ class ModelManager:
 
     # --- the pipeline thread --------------------------------------------------------------------------------------
 
-    def drive(self, pipeline: Pipeline) -> None:
+    def drive(self, pipeline: UpdatingPipeline) -> None:
         """Hand the pipeline what the manager decided (called between batches, on the pipeline thread)."""
         with self._lock:
             todo, self._handoff = self._handoff, []
@@ -524,3 +537,21 @@ class ModelManager:
         return {"events": counts(self.counters),
                 "download_chunks_have": float(dl.n_have) if dl else 0.0,
                 "download_bytes_requested": float(dl.bytes_requested) if dl else 0.0}
+
+
+def start(cfg: ModelConfig, root: Path, trusted: Mapping[str, Ed25519PublicKey],
+          signals: set[str]) -> tuple[Choice, ModelManager | None]:
+    """What the agent scores with at start (modeldir.choose) and the manager that carries on from the saved step;
+    no manager (updates off, said) when the model directory cannot be used."""
+    mdir: ModelDir | None = None
+    try:
+        mdir = ModelDir(root)
+    except ModelDirError as e:
+        log.error("model updates disabled: %s", e)
+    choice = choose(mdir, cfg.path, trusted, signals, cfg.threads, cfg.batch_windows)
+    if mdir is None:
+        return choice, None
+    active = choice.loaded.ref if choice.loaded is not None else None
+    # The pointer's previous model is the rollback target only when its active one is what loaded.
+    previous = choice.pointer.previous if active is not None and active == choice.pointer.active else None
+    return choice, ModelManager(cfg, mdir, signals, trusted, active, previous)

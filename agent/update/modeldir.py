@@ -254,7 +254,7 @@ def load_package(mdir: ModelDir, sha: str, trusted: Mapping[str, Ed25519PublicKe
     try:
         v = check_package(mdir.read_package(sha), trusted, signals, threads, batch)
     except PackageError as e:
-        raise LoadError(f"package {sha[:12]}: {e}") from None
+        raise LoadError(f"package {sha[:12]}: {e.code}: {e}") from None
     except ModelDirError as e:
         raise LoadError(str(e)) from None
     m = v.package.manifest

@@ -28,6 +28,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.config import ModelConfig
+
 LATENCY_SAMPLES = 4096  # the most recent call times kept per model: bounds memory whatever the run's length
 _ENDS_KEPT = 4096  # window ends remembered per model to count `both_scored`
 
@@ -35,7 +37,7 @@ _ENDS_KEPT = 4096  # window ends remembered per model to count `both_scored`
 @dataclass(frozen=True, slots=True)
 class ShadowBounds:
     """The decision's bounds. No defaults here: they are `[model] shadow_*` and `watch_windows` keys
-    (agent/config.py, `ModelConfig.shadow_bounds()`)."""
+    (agent/config.py; `ShadowBounds.of(cfg)`)."""
 
     windows: int  # candidate windows in a shadow run
     max_invalid_rate: float
@@ -44,6 +46,12 @@ class ShadowBounds:
     latency_floor_s: float
     min_scored_ratio: float
     watch_windows: int
+
+    @classmethod
+    def of(cls, cfg: ModelConfig) -> ShadowBounds:
+        return cls(cfg.shadow_windows, cfg.shadow_max_invalid_rate, cfg.shadow_max_alert_rate_increase,
+                   cfg.shadow_max_latency_ratio, cfg.shadow_latency_floor_ms / 1000, cfg.shadow_min_scored_ratio,
+                   cfg.watch_windows)
 
 
 @dataclass(slots=True)
