@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,7 @@ class ModelServer:
         self.corrupt_once: set[int] = set()
         self.answering = threading.Event()
         self.answering.set()
+        self.delay_s = 0.0  # before each chunk: a slow link, so that a download lasts long enough to be cut
         self.desired: mw.Desired | None = None
         self._lock = threading.Lock()
         self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"model-server-{vehicle}", protocol=mqtt.MQTTv5)
@@ -102,6 +104,8 @@ class ModelServer:
         total = mw.chunk_count(len(pkg), self.chunk_bytes)
         for i in range(g.first, min(g.first + g.count, total)):
             ch = mw.chunk_of(pkg, g.package_sha256, i, self.chunk_bytes)
+            if self.delay_s:
+                time.sleep(self.delay_s)
             if i in self.drop_once:
                 self.drop_once.discard(i)
                 continue
