@@ -302,6 +302,8 @@ class Agent:
         if self._thread is not None:
             self._thread.join(30)
         self.uplink.stop(drain_s=self.cfg.mqtt.stop_drain_s if drain_s is None else drain_s)
+        if self.updates is not None:
+            self.updates.close()
         self.save_metrics()  # the final counts, every thread stopped
         self.store_status_at_stop = self.store.status()
         self.store.close()

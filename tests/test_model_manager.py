@@ -298,3 +298,27 @@ def test_seq_is_above_the_clock_even_when_the_state_file_is_lost(tmp_path: Path,
     rig.offer(rig.package("3"))
     rig.pump()
     assert rig.statuses[-1].seq > top
+
+
+def test_status_shows_the_model_and_the_step_read_only(tmp_path: Path, keys: Keys,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from agent.cli import main
+    from agent.store import Store
+
+    rig = Rig(tmp_path, keys)
+    rig.offer(rig.package("2"), rollout="5")
+    rig.run(150)  # switched, being watched
+    Store(tmp_path / "s.sqlite", first_seq=1).close()
+    cfg = tmp_path / "a.toml"
+    cfg.write_text('[store]\npath = "s.sqlite"\n')  # the model directory beside the store, as the rig's
+    before = sorted(p.name for p in (tmp_path / "models").rglob("*"))
+    capsys.readouterr()
+    assert main(["status", "--config", str(cfg), "--json"]) == 0
+    m = json.loads(capsys.readouterr().out)["model"]
+    assert m["active"]["version"] == "2" and m["previous"]["package"] == "" and m["errors"] == []
+    assert m["step"]["state"] == "active" and m["step"]["healthy"] is None
+    assert main(["status", "--config", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "model            test-model 2 (package " in out and "previous test-model 1 (the installed model)" in out
+    assert "model step       active test-model 2 (watched), seq " in out
+    assert sorted(p.name for p in (tmp_path / "models").rglob("*")) == before  # nothing written

@@ -518,6 +518,12 @@ class ModelManager:
             self._prune()
         self._next()
 
+    def close(self) -> None:
+        """At a stop: the partial download's file is closed (kept: the next start goes on from it)."""
+        with self._lock:
+            if self._download is not None:
+                self._download.close()
+
     # --- for the status message ------------------------------------------------------------------------------------
 
     def summary(self) -> dict[str, Any]:

@@ -221,6 +221,24 @@ class ModelDir:
         return gone
 
 
+def read_view(root: Path) -> dict[str, Any]:
+    """What `harvester-agent status` shows, read without creating or writing anything (the agent may be running):
+    the pointer's active and previous model and the update's latest step (`state.json`'s status), each None when
+    absent, and `errors` for files that could not be read."""
+    errors: list[str] = []
+    pointer, err = read_json(root / POINTER)
+    if err:
+        errors.append(err)
+    state, err = read_json(root / STATE)
+    if err:
+        errors.append(err)
+    pointer = pointer if isinstance(pointer, dict) else {}
+    active, previous = ModelRef.from_dict(pointer.get("active")), ModelRef.from_dict(pointer.get("previous"))
+    step = state.get("status") if isinstance(state, dict) and isinstance(state.get("status"), dict) else None
+    return {"dir": str(root), "active": active.to_dict() if active else None,
+            "previous": previous.to_dict() if previous else None, "step": step, "errors": errors}
+
+
 # --- loading a model ---------------------------------------------------------------------------------------------
 
 
