@@ -549,7 +549,7 @@ class Pipeline:
         else:
             why = up.rollback or doomed(run.cand, run.base, b, b.watch_windows)
             if not why and run.cand.windows >= b.watch_windows:
-                dec = decide(run.cand, run.base, b, "new model", "previous model in the shadow run")
+                dec = decide(run.cand, run.base, b, "new model", "previous model in the shadow run", watch=True)
                 if dec.ok:
                     self._update = None
                     self._tell(UpdateEvent("healthy", up.tag, figures=dec.figures))
@@ -605,7 +605,7 @@ class Pipeline:
         self._make_active(prev)
         self._update = None
         self._tell(UpdateEvent("rolled_back", up.tag, reason,
-                               figures=decide(up.run.cand, up.run.base, up.bounds).figures))
+                               figures=decide(up.run.cand, up.run.base, up.bounds, watch=True).figures))
 
     def _count_unscored(self, rows: list[FeatureRow]) -> None:
         """After a switch: windows of the new model's grid between the old model's last window and this one that

@@ -125,7 +125,7 @@ def test_a_good_package_goes_through_every_step_and_survives_a_restart(tmp_path:
     assert last.target == {"name": "test-model", "version": "2", "package_sha256": d.package_sha256, "rollout": "7"}
     assert last.active is not None and last.active["version"] == "2"
     assert last.previous is not None and last.previous["version"] == "1"
-    assert last.figures["candidate.windows"] >= 20
+    assert last.figures["new.windows"] >= 20 and rig.statuses[-2].figures["candidate.windows"] >= 20
     assert rig.p.scorer is not None and rig.p.scorer.contract.model_version == "2"
     assert pointer(rig) == {"active": "2", "previous": "1"}
     assert rig.p.stats.model_switch_unscored_windows == 0

@@ -144,7 +144,7 @@ def test_a_model_failing_only_after_the_switch_is_rolled_back_on_its_own(tmp_pat
     t = feed(p, t, 60, 8.0)  # the data reaches 8, the new model answers NaN
     assert rec.kinds() == ["shadow", "switched", "rolled_back"]
     rb = rec.events[-1]
-    assert "non-finite output" in rb.reason and rb.figures["candidate.invalid"] > 0
+    assert "non-finite output" in rb.reason and rb.figures["new.invalid"] > 0 and rb.figures["previous.windows"] >= 20
     assert p.scorer is active and p.update_kind is None
     assert p.stats.model_switches == 2 and p.stats.model_switch_unscored_windows == 0
     w = p.stats.windows_scored

@@ -147,9 +147,10 @@ def _pct(x: float) -> str:
 
 
 def decide(cand: Figures, base: Figures, b: ShadowBounds, cand_name: str = "candidate",
-           base_name: str = "active model", **extra: Any) -> Decision:
-    """Pass or reject `cand` against `base` with the bounds `b` (see the module's docstring)."""
-    figs = figures_of(cand, base, **extra)
+           base_name: str = "active model", watch: bool = False, **extra: Any) -> Decision:
+    """Pass or reject `cand` against `base` with the bounds `b` (see the module's docstring). `watch`: the figures
+    are the new model's (`new.*`) against the old one's in the shadow run (`previous.*`)."""
+    figs = figures_of(cand, base, "new", "previous", **extra) if watch else figures_of(cand, base, **extra)
     reason = ""
     if cand.errors:
         reason = f"{cand_name}: scoring raised in {cand.errors} of {cand.calls} calls"
