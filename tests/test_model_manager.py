@@ -322,3 +322,49 @@ def test_status_shows_the_model_and_the_step_read_only(tmp_path: Path, keys: Key
     assert "model            test-model 2 (package " in out and "previous test-model 1 (the installed model)" in out
     assert "model step       active test-model 2 (watched), seq " in out
     assert sorted(p.name for p in (tmp_path / "models").rglob("*")) == before  # nothing written
+
+
+def test_any_sequence_of_model_messages_leaves_the_manager_standing(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Desired messages (good, for a package nobody serves, cleared) and chunks (right, wrong, stray) in any order:
+    the manager never raises, every report it makes decodes, and its seq only increases."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    tmp = tmp_path_factory.mktemp("fuzz")
+    keys = Keys(tmp / "keys")
+    base = Rig(tmp, keys)
+    good = base.package("2")
+    d_good = desired_of(good, chunk_bytes=700)
+    d_ghost = mw.Desired("ghost", "9", "ab" * 32, 1400, 700, ("cd" * 32, "ef" * 32), keys.kid, "1")
+    n = d_good.chunks
+
+    op = st.one_of(
+        st.sampled_from([("desired", d_good), ("desired", d_ghost), ("desired", None), ("connect", None)]),
+        st.tuples(st.just("chunk"), st.integers(0, n - 1)),
+        st.tuples(st.just("junk"), st.tuples(st.sampled_from([d_good.package_sha256, "ab" * 32]),
+                                             st.integers(0, 3), st.binary(min_size=1, max_size=800))),
+    )
+
+    @settings(max_examples=40, deadline=None)
+    @given(st.lists(op, max_size=40))
+    def run(ops: list[tuple[str, object]]) -> None:
+        rig = Rig(tmp_path_factory.mktemp("r"), keys)
+        rig.packages[d_good.package_sha256] = good
+        for kind, arg in ops:
+            if kind == "desired":
+                rig.mgr.on_desired(arg)  # type: ignore[arg-type]
+            elif kind == "connect":
+                rig.mgr.on_connect()
+            elif kind == "chunk":
+                rig.mgr.on_chunk(mw.chunk_of(good, d_good.package_sha256, int(arg), 700))  # type: ignore[call-overload]
+            else:
+                sha, i, data = arg  # type: ignore[misc]
+                rig.mgr.on_chunk(mw.Chunk(sha, min(i, n - 1), n, data))
+            rig.mgr.drive(rig.p)
+            rig.pump(answer=False)
+        seqs = [s.seq for s in rig.statuses]
+        assert seqs == sorted(seqs)
+
+    run()
