@@ -120,13 +120,17 @@ class ModelSlot:
             self.sid_map = grown
         return self.sid_map[sid]
 
-    def feed(self, registry: SignalRegistry, s: SampleArrays) -> list[FeatureRow]:
+    def feed(self, registry: SignalRegistry, s: SampleArrays, track: bool) -> list[FeatureRow]:
+        """Its windows closed by these samples; `track`: keep the data time it has seen (needed while an update
+        runs; the steady path skips it)."""
         idx = self.index(registry, s.sid)
-        used = s.ts[idx >= 0]
-        if used.size:
-            if math.isnan(self.t0):
-                self.t0 = float(used.min())
-            self.last_ts = float(used.max()) if math.isnan(self.last_ts) else max(self.last_ts, float(used.max()))
+        if track or math.isnan(self.t0):
+            used = s.ts[idx >= 0]
+            if used.size:
+                if math.isnan(self.t0):
+                    self.t0 = float(used.min())
+                hi = float(used.max())
+                self.last_ts = hi if math.isnan(self.last_ts) else max(self.last_ts, hi)
         return self.engine.feed(s.ts, idx, s.value)
 
     @property
@@ -356,9 +360,9 @@ class Pipeline:
             self.tap(s)
         if self.sink is not None:
             self.sink.append_samples(s)
-        rows = self.active.feed(self.registry, s) if self.active is not None else []
         up = self._update
-        other = up.slot.feed(self.registry, s) if up is not None and up.slot is not None else []
+        rows = self.active.feed(self.registry, s, up is not None) if self.active is not None else []
+        other = up.slot.feed(self.registry, s, True) if up is not None and up.slot is not None else []
         if rows:
             self._score(rows)
         if up is not None and up.kind != "watch":
