@@ -18,10 +18,10 @@ samples end): a verified candidate (agent/update/manager.py hands it over) gets 
 same samples (it may have other features or another hop) and scores beside the active model, its figures and the
 decision in agent/update/shadow.py. It replaces the active model only when the decision passes and no alert is
 open (it waits while one is). At the switch its windows, already warm, carry on; the new model gets a new alert
-tracker and drift monitor; its windows of the switch's batch that close after the old model's last one are scored
-by it at once; and the old model stays in memory, its windows fed, until the watch ends, so that a rollback is a
-swap too. Windows no model scored across a switch (a gap on the new model's grid, or a window it started cold) are
-counted (`model_switch_unscored_windows`): zero by construction, and tested.
+tracker and drift monitor; its windows that closed after the old model's last one (on another grid, up to a batch
+before) are scored by it at once; and the old model stays in memory, its windows fed, until the watch ends, so
+that a rollback is a swap too. Windows no model scored across a switch (a gap on the new model's grid, or a window
+it started cold) are counted (`model_switch_unscored_windows`): zero by construction, and tested.
 """
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ class _Update:
         self.slot = slot
         self.bounds = bounds
         self.run = ShadowRun(bounds)  # watch: `cand` is the new model live, `base` the old one's shadow figures
-        self.last_rows: list[FeatureRow] = []  # the candidate's windows of the latest batch
+        self.last_rows: list[FeatureRow] = []  # `slot`'s windows that close after the active model's latest
         self.rollback = ""  # watch: why a rollback is due (done once the previous model is warm)
 
 
@@ -365,8 +365,11 @@ class Pipeline:
         other = up.slot.feed(self.registry, s, True) if up is not None and up.slot is not None else []
         if rows:
             self._score(rows)
-        if up is not None and up.kind != "watch":
-            up.last_rows = other
+        if up is not None:
+            # Its windows that close after the active model's latest: if it takes over now, they are its first (on
+            # another grid, one may have closed a batch before the active model's next one).
+            last = self._last_end
+            up.last_rows = [r for r in (*up.last_rows, *other) if math.isnan(last) or r.end > last]
             if other and up.kind == "shadow":
                 self._shadow(up, other)
         if up is not None:
@@ -574,8 +577,8 @@ class Pipeline:
             self._emit([("alert", closing.to_dict())], {ALERT_STATE_KEY: None})
 
     def _make_active(self, slot: ModelSlot | None) -> None:
-        """`slot` scores from now on, with a new alert tracker and drift monitor; the windows it closed in the
-        latest batch after the old model's last one are its first to act on."""
+        """`slot` scores from now on, with a new alert tracker and drift monitor (the caller hands it the windows it
+        closed after the old model's last one: `_take_late`)."""
         self._close_open_alert("model_changed")  # only a rollback gets here with one open; a shadow run waits
         self._switch_mark = (self._last_end, slot.engine.windows_empty) if slot is not None else None
         self.active = slot
@@ -598,18 +601,24 @@ class Pipeline:
         else:
             self._update = None
         self._tell(UpdateEvent("switched", up.tag, figures=up.run.figures(), watch=watch, base=base.to_dict()))
-        late = [r for r in up.last_rows if math.isnan(last) or r.end > last]
-        if late:
-            self._score(late)
+        self._take_late(up.last_rows, last)
 
     def _roll_back(self, up: _Update, reason: str) -> None:
-        prev = up.slot
+        prev, last = up.slot, self._last_end
         name = f"{prev.scorer.contract.model_name} {prev.scorer.contract.model_version}" if prev else "no model"
         log.error("model: rolling back to %s: %s", name, reason)
         self._make_active(prev)
         self._update = None
         self._tell(UpdateEvent("rolled_back", up.tag, reason,
                                figures=decide(up.run.cand, up.run.base, up.bounds, watch=True).figures))
+        self._take_late(up.last_rows, last)
+
+    def _take_late(self, rows: list[FeatureRow], last: float) -> None:
+        """The new active model's windows that closed after the old model's last one: its first to act on (on
+        another grid they would otherwise fall between the two models)."""
+        late = [r for r in rows if math.isnan(last) or r.end > last]
+        if late and self.active is not None:
+            self._score(late)
 
     def _count_unscored(self, rows: list[FeatureRow]) -> None:
         """After a switch: windows of the new model's grid between the old model's last window and this one that

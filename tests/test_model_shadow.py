@@ -272,3 +272,30 @@ def test_both_scored_counts_window_ends_both_models_scored() -> None:
     r.scored_ends(1, [5.0, 10.0, 15.0, 20.0])
     r.scored_ends(1, [20.0])  # once only
     assert r.both_scored == 2
+
+
+@pytest.mark.parametrize("offset", range(7))
+@pytest.mark.parametrize(("old_hop", "new_hop", "batch"), [(7.0, 5.0, 3), (5.0, 7.0, 4), (10.0, 3.0, 7)])
+def test_switch_and_rollback_between_other_hops_leave_no_window_unscored(
+    tmp_path: Path, old_hop: float, new_hop: float, batch: int, offset: int
+) -> None:
+    active = model(tmp_path, "1", A, np.zeros((1, 2)), hop=old_hop)
+    p, rec = pipeline(active)
+    t = T0 + offset  # every alignment of the two grids against the batches
+    late = model(tmp_path, "late", [FeatureSpec("a:mean:20s", "s.a", "mean", 20)], np.zeros((1, 2)), hop=new_hop,
+                 nan_above=(0, 5.0))
+
+    def run(seconds: int, a: float) -> None:
+        nonlocal t
+        for i in range(0, seconds, batch):
+            p.feed("s", [(t + j, f"{a},1".encode()) for j in range(i, min(i + batch, seconds))])
+        t += seconds
+
+    run(40, 1.0)
+    p.shadow(late, "pkg", BOUNDS)
+    run(int(40 + 20 * new_hop + 3 * batch), 1.0)
+    assert rec.kinds() == ["shadow", "switched"]
+    run(90, 9.0)
+    assert rec.kinds() == ["shadow", "switched", "rolled_back"] and p.scorer is active
+    run(30, 1.0)
+    assert p.stats.model_switches == 2 and p.stats.model_switch_unscored_windows == 0
