@@ -2,19 +2,22 @@
 
 The config has already been read by `load_config`, as `run` reads it. Here the DBC files go through the decoder the
 agent builds, the model through the agent's own `load_scorer` (load, contract, signals this vehicle can decode),
-and the TLS files through the uplink's `configure_tls`. Nothing is opened that would have an effect: no bus, no
-serial port, no store, no connection.
+the public keys of `[model] trusted_keys` through `modelpkg.load_public_keys` (what model packages are checked
+against), and the TLS files through the uplink's `configure_tls`. Nothing is opened that would have an effect: no
+bus, no serial port, no store, no connection.
 
 Each finding is one line. `error` means the agent would not run as configured: it would not start (a DBC or TLS
 file that does not load) or would start without what the config asks for (a model that is missing or refused:
 the agent then runs without scoring, a fallback for the field, not a state to deploy into). A file the config
 names that does not exist is an `error` too, unless `allow_absent` is set (checking a config on a machine it is
 not installed on, such as CI): then it is `absent`, named, not checked, and does not fail the check. `info` lines
-never fail it: a serial device or CAN interface that is missing here (the agent waits for it), plain TCP.
+never fail it: a serial device or CAN interface that is missing here (the agent waits for it), plain TCP, no
+trusted key at all (model updates are refused until one is: a choice, not a fault), a key its reader could replace.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +33,7 @@ from agent.service import load_scorer, serial_decoders
 from agent.signals import SignalRegistry
 from agent.sources.can import virtual_bus_warning
 from agent.uplink import TlsError, configure_tls
+from harvester_common.modelpkg import PackageError, load_public_keys
 
 Level = Literal["ok", "info", "absent", "error"]
 
@@ -132,6 +136,56 @@ def _model(cfg: AgentConfig, decoders: Mapping[str, Decoder[Any]], allow_absent:
                                    "signals this config decodes")]
 
 
+_NO_KEY = "model packages are refused until a key is trusted (docs/models.md, \"Signed packages\")"
+
+
+def _writable(p: Path) -> bool:
+    # Root may write anything; the service runs as its own user, which is whom the check is run as (docs/deploy.md).
+    return os.geteuid() != 0 and os.access(p, os.W_OK)
+
+
+def _key_entry(p: Path, allow_absent: bool, trusted: set[str]) -> list[Finding]:
+    """One `trusted_keys` entry (a key file or a folder of them); adds the ids it holds to `trusted`."""
+    if not p.exists():
+        return [_missing(p, "keys", allow_absent, "no model package would be accepted")]
+    try:
+        keys = load_public_keys([p])
+    except PackageError as e:
+        # The message names the file: the entry itself, or the bad *.pub inside a folder.
+        return [Finding("error", "keys", f"{e} (no model package would be accepted)")]
+    trusted |= set(keys)
+    if keys:
+        out = [Finding("ok", "keys", f"{p}: {len(keys)} Ed25519 public key(s): {', '.join(sorted(keys))}")]
+    else:
+        out = [Finding("info", "keys", f"{p}: a directory with no *.pub file: trusts no key")]
+    # Whoever may change a trusted key, or the folder it is in, may sign the models this vehicle runs.
+    files = sorted(f for f in p.glob("*.pub") if not f.is_dir()) if p.is_dir() else [p]
+    exposed = [f for f in [p if p.is_dir() else p.parent, *files] if _writable(f)]
+    if exposed:
+        out.append(Finding("info", "keys", f"{', '.join(map(str, exposed))}: writable by this user (uid "
+                                           f"{os.geteuid()}): whoever runs as it could make this vehicle trust "
+                                           "another key; keep keys root-owned and read-only to the agent"))
+    return out
+
+
+def _keys(cfg: AgentConfig, allow_absent: bool) -> list[Finding]:
+    """Each `[model] trusted_keys` entry on its own, so that a bad one is named; then what is trusted in all."""
+    paths = cfg.model.trusted_keys
+    if not paths:
+        return [Finding("info", "keys", f"[model] trusted_keys is empty: {_NO_KEY}")]
+    out: list[Finding] = []
+    trusted: set[str] = set()
+    for p in paths:
+        try:
+            out += _key_entry(p, allow_absent, trusted)
+        except OSError as e:  # a folder on the way this user may not enter (stat itself refused)
+            out.append(Finding("error", "keys", f"{p}: cannot be read: {e.strerror or e} (no model package would be "
+                                                "accepted)"))
+    if not any(f.level in ("error", "absent") for f in out) and not trusted:
+        out.append(Finding("info", "keys", f"no key is trusted: {_NO_KEY}"))
+    return out
+
+
 def _tls(cfg: AgentConfig, allow_absent: bool) -> list[Finding]:
     m = cfg.mqtt
     if not m.tls:
@@ -166,5 +220,6 @@ def check(cfg: AgentConfig, config_path: Path, allow_absent: bool = False) -> Re
     # buses' and the serial devices' signals.
     dbc_absent = any(f.level == "absent" and f.subject == "dbc" for f in can)
     findings += _model(cfg, {**decoders, **serial_decoders(cfg, SignalRegistry())}, allow_absent, dbc_absent)
+    findings += _keys(cfg, allow_absent)
     findings += _tls(cfg, allow_absent)
     return Report(findings)

@@ -15,10 +15,11 @@ from typing import Any, TypeVar
 
 from cloud_sync import __version__, packaging
 from cloud_sync.config import CloudConfig, ConfigError, load_config
-from cloud_sync.database import open_db
-from cloud_sync.db import CloudDBError, FleetDB
+from cloud_sync.database import existing_db, open_db
+from cloud_sync.db import CloudDBError, FleetDB, RolloutError
 from cloud_sync.present import clean_alert, dumps, terminal
 from cloud_sync.reports import Reports
+from cloud_sync.rollout_cli import add_model_commands, add_rollout_commands
 from harvester_common.clirun import run_cli
 
 T = TypeVar("T")
@@ -48,6 +49,7 @@ def _config_with_logging(args: argparse.Namespace) -> CloudConfig:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from cloud_sync.controller import Controller
     from cloud_sync.receiver import Receiver
 
     cfg = _config_with_logging(args)
@@ -60,19 +62,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
     rx = Receiver(cfg, db)
+    controller = Controller(cfg, db, rx.client, rx.connected)  # model rollouts, every [rollout] tick_s
+    controller.start()
     try:
         rx.run_forever(stop, args.report_every_s)
     finally:
+        controller.stop()
         db.close()
-    logging.getLogger("cloud_sync").info("stopped: %s", dict(rx.stats))
+    logging.getLogger("cloud_sync").info("stopped: %s; rollouts: %s", dict(rx.stats), dict(controller.stats))
     return 0
-
-
-def existing_db(cfg: CloudConfig) -> FleetDB:
-    """The database a report reads: it must exist already (a report never creates an empty one)."""
-    if not cfg.db.url and not cfg.db.path.exists():
-        raise CloudDBError(f"{cfg.db.path}: no database yet (cloud-sync serve has not run with this config)")
-    return open_db(cfg.db.url, cfg.db.path, cfg.db.connect_timeout_s)
 
 
 def read_db(args: argparse.Namespace, query: Callable[[FleetDB], T]) -> T:
@@ -125,19 +123,30 @@ def cmd_fleet(args: argparse.Namespace) -> int:
     if args.json:
         print(dumps({"vehicles": rows}))
         return 0
-    print(f"{'vehicle':24s} {'state':7s} {'last seen':>12s} {'backlog':>10s} {'model':>8s} {'open alerts':>11s} "
-          f"{'evicted':>8s} {'budget MiB':>13s}  drift")
+    print(f"{'vehicle':24s} {'state':7s} {'last seen':>12s} {'backlog':>10s} {'active':>8s} {'desired':>8s} "
+          f"{'model step':11s} {'open alerts':>11s} {'evicted':>8s} {'budget MiB':>13s}  drift")
     for r in rows:
         budget = r["budget"]
         used = _mib(budget["used_today"]) + ("/" + _mib(budget["daily_bytes"]) if budget["daily_bytes"] else "")
         evicted = sum(r["evicted"]["reported_by_vehicle"].values()) or r["evicted"]["ranges_received"]
         print(f"{terminal(r['fleet'] + '/' + r['vehicle']):24s} {'online' if r['online'] else 'offline':7s} "
               f"{_ago(r['last_seen_ago_s']):>12s} {r['backlog']['samples'] + r['backlog']['records']:10d} "
-              f"{terminal(r['model_version'] or '-'):>8s} {r['open_alerts']:11d} {evicted:8d} {used:>13s}  "
-              f"{'yes' if r['drift'] else 'no'}")
+              f"{terminal(_active(r)):>8s} {terminal(_desired(r)):>8s} {r['model']['state'] or '-':11s} "
+              f"{r['open_alerts']:11d} {evicted:8d} {used:>13s}  {'yes' if r['drift'] else 'no'}")
     if not rows:
         print("(no vehicle has reported yet)")
     return 0
+
+
+def _active(row: dict[str, Any]) -> str:
+    """The version a vehicle runs: from its model report, else its status message's `model_version`."""
+    active = row["model"]["active"]
+    return str(active["version"]) if active else str(row["model_version"] or "-")
+
+
+def _desired(row: dict[str, Any]) -> str:
+    desired = row["model"]["desired"]
+    return str(desired["version"]) if desired else "-"
 
 
 def _when(ts: float | None) -> str:
@@ -202,8 +211,9 @@ def cmd_web(args: argparse.Namespace) -> int:
 def model_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
                    ) -> argparse._SubParsersAction[argparse.ArgumentParser]:
     """The `model` group: each module with model commands adds its own to what this returns."""
-    m = sub.add_parser("model", help="model packages: signing keys, signing",
-                       description="Signed model packages (docs/models.md, \"Signed packages\").")
+    m = sub.add_parser("model", help="model packages: signing keys, signing, the registry, rollbacks",
+                       description="Signed model packages (docs/models.md, \"Signed packages\") and the registry "
+                       "(docs/cloud_sync.md, \"Model rollouts\").")
     return m.add_subparsers(dest="model_command", required=True, metavar="MODEL_COMMAND")
 
 
@@ -248,7 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "forwards); repeatable. Without it only 127.0.0.1, localhost, [::1] and --host, with the port, "
                    "are answered: a check against DNS rebinding")
     w.set_defaults(func=cmd_web)
-    packaging.add_commands(model_commands(sub))
+    model_sub = model_commands(sub)
+    packaging.add_commands(model_sub)
+    add_model_commands(model_sub)
+    add_rollout_commands(sub)
     return p
 
 
@@ -257,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):
         if isinstance(stream, io.TextIOWrapper):
             stream.reconfigure(errors="backslashreplace")
-    return run_cli(build_parser(), argv, (ConfigError, CloudDBError))
+    return run_cli(build_parser(), argv, (ConfigError, CloudDBError, RolloutError))
 
 
 if __name__ == "__main__":

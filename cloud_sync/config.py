@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from harvester_common import modelwire as mw
 from harvester_common import wire
 from harvester_common.configfile import ConfigError, load_model
 
@@ -78,6 +79,27 @@ class WebConfig(_Section):
         "most points of one signal in an alert's plot (270 s of a 10 Hz signal is ~2,700)"))
 
 
+class RolloutConfig(_Section):
+    trusted_keys: list[Path] = Field(default_factory=list, description=(
+        "Ed25519 public key files (`cloud-sync model keygen`); `model publish` refuses a package that does not "
+        "verify against one of them. Key ids come from the keys, not the file names"))
+    chunk_bytes: int = Field(mw.DEFAULT_CHUNK_BYTES, ge=1, le=mw.MAX_CHUNK_BYTES, description=(
+        "size of the chunks a package is sent in (`model/chunk`); the same on every receiver, and not changed "
+        "while a rollout runs: a vehicle resumes a download by the chunk hashes of its desired message"))
+    tick_s: float = Field(1.0, gt=0, le=3600, description=(
+        "how often `serve`'s rollout controller sends desired models, folds reports and advances waves"))
+    publish_timeout_s: float = Field(5.0, gt=0, le=600, description=(
+        "how long a controller tick waits for the broker to confirm its `model/desired` publishes; one not "
+        "confirmed by then is sent again at the next tick"))
+    cache_bytes: int = Field(256 * 1024 * 1024, ge=mw.MAX_PACKAGE_BYTES, description=(
+        "packages kept in memory to answer `model/get`, most recently used first (at least one package of the "
+        "largest size)"))
+    chunks_in_flight_bytes: int = Field(32 * 1024 * 1024, ge=mw.MAX_GET_COUNT * mw.MAX_CHUNK_BYTES,
+                                        description=(
+        "chunk bytes published and not yet confirmed by the broker; a `model/get` that would go past it is refused "
+        "(`busy`) and the vehicle asks again later: a flood of requests cannot fill the receiver's memory"))
+
+
 class LogConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description=(
         "logs go to stderr"))
@@ -91,6 +113,7 @@ class CloudConfig(_Section):
     db: DbConfig = DbConfig()
     receiver: ReceiverConfig = ReceiverConfig()
     web: WebConfig = WebConfig()
+    rollout: RolloutConfig = RolloutConfig()
     log: LogConfig = LogConfig()
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cloud_sync.config import DbConfig
-from cloud_sync.db import FleetDB
+from cloud_sync.config import CloudConfig, DbConfig
+from cloud_sync.db import CloudDBError, FleetDB
 from cloud_sync.db_sqlite import CloudDB
 
 _DB = DbConfig()  # the default of `[db] connect_timeout_s`, for callers without a config
@@ -20,3 +20,10 @@ def open_db(url: str, path: Path, connect_timeout_s: int = _DB.connect_timeout_s
 
         return PostgresDB(url, connect_timeout_s)
     return CloudDB(path)
+
+
+def existing_db(cfg: CloudConfig) -> FleetDB:
+    """The database a report reads: it must exist already (a report never creates an empty one)."""
+    if not cfg.db.url and not cfg.db.path.exists():
+        raise CloudDBError(f"{cfg.db.path}: no database yet (cloud-sync serve has not run with this config)")
+    return open_db(cfg.db.url, cfg.db.path, cfg.db.connect_timeout_s)

@@ -12,6 +12,14 @@ stored, so a resent batch stores nothing twice and the difference is counted as 
 Received sequence ranges are kept merged (one row per stretch without a hole), so gaps are computed from a few
 rows, not by scanning samples; and the records stored per vehicle are counted in the same transaction, so the
 reports never COUNT(*) the history.
+
+Model updates (docs/model_updates.md) live here too, each write one transaction: the registry of signed packages
+(`publish_package`: a name and version stand for one package for ever; the same package again changes nothing),
+rollouts (`create_rollout`, `change_rollout`; a vehicle is in at most one rollout that is not over, checked in the
+transaction that adds it), each vehicle's latest `model/status` (`set_model_status`: the highest `seq` wins, and a
+stored report is folded into the vehicle's rollout at once), and the controller's tick (`rollout_tx`). Rollouts
+are written under one lock (`_rollout_lock`: SQLite's write lock, a PostgreSQL advisory lock), so receivers
+sharing a database cannot both advance one wave or both start rollouts over the same vehicles.
 """
 
 from __future__ import annotations
@@ -22,15 +30,18 @@ import json
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
+from cloud_sync import rollout as ro
 from cloud_sync.errors import CloudDBError as CloudDBError  # re-exported: callers catch it as cloud_sync.db's
+from cloud_sync.errors import RolloutError as RolloutError
 from cloud_sync.errors import UnstorableError as UnstorableError
 from cloud_sync.migrations import STORED_KINDS
+from harvester_common import modelwire as mw
 from harvester_common import wire
 
 
@@ -101,6 +112,10 @@ class FleetDB(abc.ABC):
     def _is_outage(self, e: BaseException) -> bool:
         """Whether a failed write failed because of the database (else: because of the data)."""
         return isinstance(e, CloudDBError)
+
+    @abc.abstractmethod
+    def _rollout_lock(self, cur: Cursor) -> None:
+        """Take the lock that whoever writes the registry or rollouts holds until its transaction ends."""
 
     # --- writing ---------------------------------------------------------------------------------------------
 
@@ -230,12 +245,377 @@ class FleetDB(abc.ABC):
         """A write's failure as CloudDBError (outage) or UnstorableError (content), like `ingest`."""
         try:
             yield
-        except (CloudDBError, UnstorableError):
+        except (CloudDBError, UnstorableError, RolloutError):
             raise
         except Exception as e:
             if self._is_outage(e):
                 raise CloudDBError(f"{self.where}: {type(e).__name__}: {str(e).strip()[:200]}") from e
             raise UnstorableError(f"{type(e).__name__}: {str(e).strip()[:200]}") from e
+
+    # --- model updates ---------------------------------------------------------------------------------------
+
+    def publish_package(self, info: PackageInfo, package: bytes) -> bool:
+        """Add a verified package to the registry; True if new, False if this very package was there already.
+        RolloutError when its name and version stand for another package."""
+        with self._lock, self._write_errors(), self._transaction() as cur:
+            self._rollout_lock(cur)
+            cur.execute(self._sql("SELECT package_sha256 FROM model_packages WHERE package_sha256=? "
+                                  "OR (name=? AND version=?)"), (info.package_sha256, info.name, info.version))
+            found = [r[0] for r in cur.fetchall()]
+            if info.package_sha256 in found:
+                return False
+            if found:
+                raise RolloutError(f"{info.name} {info.version} is published already as another package (sha256 "
+                                   f"{found[0]}); a version stands for one package: sign this one with a new version")
+            cur.execute(
+                self._sql("INSERT INTO model_packages (package_sha256, name, version, model_sha256, key_id, size, "
+                          "manifest, package, published_by, published_at) VALUES (?,?,?,?,?,?,?,?,?,?)"),
+                (info.package_sha256, info.name, info.version, info.model_sha256, info.key_id, len(package),
+                 json.dumps(info.manifest), package, info.published_by, info.published_at))
+        return True
+
+    def packages(self, name: str | None = None, version: str | None = None) -> list[PackageInfo]:
+        """Registry entries (without the package bytes), by name then publication time; optionally only those of
+        one name and/or version."""
+        q = f"SELECT {_PACKAGE_COLUMNS} FROM model_packages WHERE 1=1"
+        args: list[Any] = []
+        for col, v in (("name", name), ("version", version)):
+            if v is not None:
+                q += f" AND {col}=?"
+                args.append(v)
+        return [_package_info(r) for r in self.read(q + " ORDER BY name, published_at, version", args)]
+
+    def package_info(self, package_sha256: str) -> PackageInfo | None:
+        rows = self.read(f"SELECT {_PACKAGE_COLUMNS} FROM model_packages WHERE package_sha256=?", (package_sha256,))
+        return _package_info(rows[0]) if rows else None
+
+    def package_bytes(self, package_sha256: str) -> bytes | None:
+        """The package itself, or None when no such package is published."""
+        rows = self.read("SELECT package FROM model_packages WHERE package_sha256=?", (package_sha256,))
+        return bytes(rows[0][0]) if rows else None
+
+    def known_vehicles(self, fleet: str = "+") -> list[tuple[str, str]]:
+        """(vehicle, fleet) of every vehicle the database knows, of one fleet or (`+`) all."""
+        if fleet == "+":
+            return [(str(v), str(f)) for v, f in self.read("SELECT vehicle, fleet FROM vehicles ORDER BY vehicle")]
+        return [(str(v), str(f)) for v, f in
+                self.read("SELECT vehicle, fleet FROM vehicles WHERE fleet=? ORDER BY vehicle", (fleet,))]
+
+    def create_rollout(self, pkg: PackageInfo, waves: Sequence[Sequence[tuple[str, str]]], *, mode: str,
+                       plan: dict[str, Any], success_threshold: float, error_threshold: float, by: str) -> int:
+        """A new `running` rollout of `pkg` over `waves` of (vehicle, fleet); returns its id. RolloutError when a
+        vehicle is in another rollout that is not over. A vehicle whose latest report says it already runs the
+        package's model starts `active` (the controller then has nothing to wait for)."""
+        if mode not in mw.MODES:
+            raise RolloutError(f"mode must be one of {', '.join(mw.MODES)}")
+        members = {v: (f, i) for i, w in enumerate(waves) for v, f in w}
+        if not members:
+            raise RolloutError("a rollout needs at least one vehicle")
+        now = time.time()
+        with self._lock, self._write_errors(), self._transaction() as cur:
+            self._rollout_lock(cur)
+            cur.execute(self._sql("SELECT rv.rollout, r.state, rv.vehicle FROM rollout_vehicles rv JOIN rollouts r "
+                                  "ON r.id = rv.rollout WHERE r.state IN (?,?,?) ORDER BY rv.rollout, rv.vehicle"),
+                        ro.LIVE_STATES)
+            busy: dict[tuple[int, str], list[str]] = {}
+            for rid, state, vehicle in cur.fetchall():
+                if vehicle in members:
+                    busy.setdefault((int(rid), str(state)), []).append(str(vehicle))
+            if busy:
+                (rid, state), names = next(iter(busy.items()))
+                shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+                raise RolloutError(f"{len(names)} of these vehicles are in rollout {rid} ({state}): {shown}; a "
+                                   f"vehicle is in one rollout at a time: wait for it to end, or "
+                                   f"`cloud-sync rollout abort --id {rid}`")
+            cur.execute(self._sql(
+                "INSERT INTO rollouts (name, version, package_sha256, mode, waves, plan, success_threshold, "
+                "error_threshold, state, wave, reason, created_by, created_at, updated_at) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) RETURNING id"),
+                (pkg.name, pkg.version, pkg.package_sha256, mode, len(waves), json.dumps(plan), success_threshold,
+                 error_threshold, "running", 0, "", by, now, now))
+            rid = int(cur.fetchone()[0])
+            cur.executemany(self._sql(
+                "INSERT INTO rollout_vehicles (rollout, vehicle, fleet, wave, state, healthy, reason, figures, seq, "
+                "sent_at, cleared_at, updated_at) VALUES (?,?,?,?,?,NULL,'','{}',NULL,NULL,NULL,?)"),
+                [(rid, v, f, i, ro.PENDING, now) for v, (f, i) in members.items()])
+            cur.execute(self._sql("SELECT vehicle, seq, status FROM vehicle_models WHERE active_sha256=? "
+                                  "OR target_sha256=?"), (pkg.model_sha256, pkg.package_sha256))
+            for vehicle, seq, text in cur.fetchall():
+                if vehicle not in members:
+                    continue
+                status = _stored_status(text)
+                step = status and ro.fold_status(status, pkg.package_sha256, pkg.model_sha256)
+                if step and step[0] == "active":
+                    self._set_step(cur, rid, str(vehicle), int(seq), step, now)
+        return rid
+
+    def change_rollout(self, rollout_id: int, action: str, by: str) -> tuple[str, RolloutInfo]:
+        """`pause` (running → paused), `resume` (paused or halted → running: a halted rollout is judged again),
+        `abort` (not over → aborted: the controller then clears the desired model of its vehicles not active on
+        it). Returns the state before and the rollout after; RolloutError for an unknown rollout or a transition
+        its state forbids."""
+        allowed = {"pause": (("running",), "paused"), "resume": (("paused", "halted"), "running"),
+                   "abort": (ro.LIVE_STATES, "aborted")}
+        if action not in allowed:
+            raise RolloutError(f"unknown action {action!r}")
+        sources, target = allowed[action]
+        with self._lock, self._write_errors(), self._transaction() as cur:
+            self._rollout_lock(cur)
+            cur.execute(self._sql("SELECT state, reason FROM rollouts WHERE id=?"), (rollout_id,))
+            row = cur.fetchone()
+            if row is None:
+                raise RolloutError(f"no rollout {rollout_id}")
+            before, old_reason = str(row[0]), str(row[1])
+            if before not in sources:
+                raise RolloutError(f"rollout {rollout_id} is {before}: it cannot {action} (only a rollout "
+                                   f"{' or '.join(sources)} can)")
+            reason = {"pause": f"paused by {by}", "resume": "", "abort": f"aborted by {by}"}[action]
+            if action == "abort" and before == "halted":
+                reason += f" after it halted: {old_reason}"
+            cur.execute(self._sql("UPDATE rollouts SET state=?, reason=?, updated_at=? WHERE id=?"),
+                        (target, reason[:ro.MAX_REASON_CHARS], time.time(), rollout_id))
+        info = self.rollout(rollout_id)
+        assert info is not None
+        return before, info
+
+    def rollout(self, rollout_id: int) -> RolloutInfo | None:
+        rows = self.read(f"SELECT {_ROLLOUT_COLUMNS} FROM rollouts WHERE id=?", (rollout_id,))
+        return _rollout_info(rows[0]) if rows else None
+
+    def rollouts(self, limit: int | None = None) -> list[RolloutInfo]:
+        """The rollouts, newest first (the latest `limit` of them)."""
+        q = f"SELECT {_ROLLOUT_COLUMNS} FROM rollouts ORDER BY id DESC"
+        return [_rollout_info(r) for r in self.read(q + ("" if limit is None else f" LIMIT {int(limit)}"))]
+
+    def rollout_vehicles(self, rollout_id: int) -> list[RolloutVehicle]:
+        rows = self.read(f"SELECT {_RV_COLUMNS} FROM rollout_vehicles WHERE rollout=? ORDER BY wave, vehicle",
+                         (rollout_id,))
+        return [_rollout_vehicle(r) for r in rows]
+
+    def set_model_status(self, fleet: str, vehicle: str, status: mw.ModelStatus) -> str:
+        """Keep a vehicle's `model/status` if its `seq` is the highest yet, and fold it into the vehicle's rollout
+        of the package it names. Returns `stored`, `duplicate` (this seq is stored already: a retained message
+        delivered again) or `stale` (an older seq: a late or replayed report, dropped)."""
+        now = time.time()
+        text = mw.encode_status(status).decode()
+        target = (status.target or {}).get("package_sha256")
+        active = (status.active or {}).get("sha256")
+        with self._lock, self._write_errors(), self._transaction() as cur:
+            cur.execute(self._sql("INSERT INTO vehicles (vehicle, fleet, first_seen, last_seen) VALUES (?,?,?,?) "
+                                  "ON CONFLICT (vehicle) DO NOTHING"), (vehicle, fleet, now, now))
+            cur.execute(
+                self._sql("INSERT INTO vehicle_models (vehicle, fleet, seq, ts, state, target_sha256, active_sha256, "
+                          "reason, status, received_at) VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT (vehicle) DO UPDATE "
+                          "SET fleet=excluded.fleet, seq=excluded.seq, ts=excluded.ts, state=excluded.state, "
+                          "target_sha256=excluded.target_sha256, active_sha256=excluded.active_sha256, "
+                          "reason=excluded.reason, status=excluded.status, received_at=excluded.received_at "
+                          "WHERE vehicle_models.seq < excluded.seq"),
+                (vehicle, fleet, status.seq, status.ts, status.state, target, active, status.reason, text, now))
+            if cur.rowcount != 1:
+                cur.execute(self._sql("SELECT seq FROM vehicle_models WHERE vehicle=?"), (vehicle,))
+                return "duplicate" if int(cur.fetchone()[0]) == status.seq else "stale"
+            cur.execute(self._sql(
+                "SELECT rv.rollout, r.package_sha256, p.model_sha256 FROM rollout_vehicles rv "
+                "JOIN rollouts r ON r.id = rv.rollout JOIN model_packages p ON p.package_sha256 = r.package_sha256 "
+                "WHERE rv.vehicle=? AND r.state IN (?,?,?)"), (vehicle, *ro.LIVE_STATES))
+            for rid, package_sha256, model_sha256 in cur.fetchall():
+                step = ro.fold_status(status, str(package_sha256), str(model_sha256))
+                if step is not None:
+                    self._set_step(cur, int(rid), vehicle, status.seq, step, now)
+        return "stored"
+
+    def _set_step(self, cur: Cursor, rollout_id: int, vehicle: str, seq: int,
+                  step: tuple[str, bool | None, str, dict[str, Any]], now: float) -> None:
+        state, healthy, reason, figures = step
+        cur.execute(self._sql("UPDATE rollout_vehicles SET state=?, healthy=?, reason=?, figures=?, seq=?, "
+                              "updated_at=? WHERE rollout=? AND vehicle=? AND (seq IS NULL OR seq < ?)"),
+                    (state, None if healthy is None else int(healthy), reason, json.dumps(figures), seq, now,
+                     rollout_id, vehicle, seq))
+
+    def vehicle_models(self) -> dict[str, mw.ModelStatus]:
+        """Each vehicle's latest `model/status`."""
+        out: dict[str, mw.ModelStatus] = {}
+        for vehicle, text in self.read("SELECT vehicle, status FROM vehicle_models"):
+            status = _stored_status(text)
+            if status is not None:
+                out[str(vehicle)] = status
+        return out
+
+    def desired_models(self) -> dict[str, RolloutInfo]:
+        """For each vehicle, the rollout whose desired model it was last sent, unless that rollout cleared it."""
+        cols = ", ".join("r." + c for c in _ROLLOUT_COLUMNS.split(", "))
+        rows = self.read(f"SELECT rv.vehicle, {cols} FROM rollout_vehicles rv JOIN rollouts r ON r.id = rv.rollout "
+                         "WHERE rv.sent_at IS NOT NULL AND rv.cleared_at IS NULL AND rv.rollout = "
+                         "(SELECT MAX(o.rollout) FROM rollout_vehicles o "
+                         "WHERE o.vehicle = rv.vehicle AND o.sent_at IS NOT NULL)")
+        return {str(row[0]): _rollout_info(row[1:]) for row in rows}
+
+    def rollout_work(self) -> tuple[list[tuple[RolloutInfo, list[RolloutVehicle]]], list[tuple[int, str, str, bool]]]:
+        """What the controller has to publish: each running rollout with its vehicles of the waves so far that
+        have not been sent its desired model; and (rollout, vehicle, fleet, superseded) of aborted rollouts'
+        vehicles whose desired model is still ours to clear: sent, not cleared, not active on it. `superseded`: a
+        later rollout has sent this vehicle its own desired model since, which clearing would erase."""
+        with self.read_lock():
+            running = [_rollout_info(r) for r in
+                       self.read(f"SELECT {_ROLLOUT_COLUMNS} FROM rollouts WHERE state='running' ORDER BY id")]
+            work = []
+            for r in running:
+                rows = self.read(f"SELECT {_RV_COLUMNS} FROM rollout_vehicles WHERE rollout=? AND wave<=? "
+                                 "AND sent_at IS NULL ORDER BY wave, vehicle", (r.id, r.wave))
+                work.append((r, [_rollout_vehicle(x) for x in rows]))
+            rows = self.read("SELECT rv.rollout, rv.vehicle, rv.fleet, (SELECT COUNT(*) FROM rollout_vehicles o "
+                             "WHERE o.vehicle = rv.vehicle AND o.rollout > rv.rollout AND o.sent_at IS NOT NULL) "
+                             "FROM rollout_vehicles rv JOIN rollouts r ON r.id = rv.rollout WHERE r.state='aborted' "
+                             "AND rv.sent_at IS NOT NULL AND rv.cleared_at IS NULL AND rv.state <> 'active' "
+                             "ORDER BY rv.rollout, rv.vehicle")
+        return work, [(int(r), str(v), str(f), int(n) > 0) for r, v, f, n in rows]
+
+    @contextlib.contextmanager
+    def rollout_tx(self) -> Iterator[RolloutTx]:
+        """One transaction of the rollout controller, holding the rollout lock (and this object's lock, so a
+        receiver's worker sharing it waits) until it ends."""
+        with self._lock, self._write_errors(), self._transaction() as cur:
+            self._rollout_lock(cur)
+            yield RolloutTx(self, cur)
+
+
+class RolloutTx:
+    """What the controller reads and writes inside its one transaction per tick."""
+
+    def __init__(self, db: FleetDB, cur: Cursor) -> None:
+        self.db, self.cur = db, cur
+
+    def _q(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
+        self.cur.execute(self.db._sql(sql), tuple(args))
+        return self.cur.fetchall()
+
+    def _x(self, sql: str, args: Sequence[Any] = ()) -> None:
+        self.cur.execute(self.db._sql(sql), tuple(args))
+
+    def running(self) -> list[RolloutInfo]:
+        return [_rollout_info(r) for r in
+                self._q(f"SELECT {_ROLLOUT_COLUMNS} FROM rollouts WHERE state='running' ORDER BY id")]
+
+    def wave(self, rollout_id: int, wave: int) -> list[RolloutVehicle]:
+        return [_rollout_vehicle(r) for r in self._q(
+            f"SELECT {_RV_COLUMNS} FROM rollout_vehicles WHERE rollout=? AND wave=? ORDER BY vehicle",
+            (rollout_id, wave))]
+
+    def mark_sent(self, rollout_id: int, vehicles: Sequence[str]) -> None:
+        """The desired model of `rollout_id` reached the broker for these vehicles (whatever the rollout's state
+        now: an aborted one's are then cleared by the next tick)."""
+        now = time.time()
+        self.cur.executemany(self.db._sql(
+            "UPDATE rollout_vehicles SET sent_at=?, updated_at=?, state=CASE WHEN state=? THEN ? ELSE state END "
+            "WHERE rollout=? AND vehicle=? AND sent_at IS NULL"),
+            [(now, now, ro.PENDING, ro.SENT, rollout_id, v) for v in vehicles])
+
+    def mark_cleared(self, rollout_id: int, vehicles: Sequence[str]) -> None:
+        now = time.time()
+        self.cur.executemany(self.db._sql("UPDATE rollout_vehicles SET cleared_at=?, updated_at=? "
+                                          "WHERE rollout=? AND vehicle=?"),
+                             [(now, now, rollout_id, v) for v in vehicles])
+
+    def set_wave(self, rollout_id: int, wave: int) -> None:
+        self._x("UPDATE rollouts SET wave=?, updated_at=? WHERE id=?", (wave, time.time(), rollout_id))
+
+    def set_state(self, rollout_id: int, state: str, reason: str) -> None:
+        self._x("UPDATE rollouts SET state=?, reason=?, updated_at=? WHERE id=?",
+                (state, reason[:ro.MAX_REASON_CHARS], time.time(), rollout_id))
+
+
+@dataclass(frozen=True, slots=True)
+class PackageInfo:
+    """A registry entry: what `model list` shows; the package bytes apart (`FleetDB.package_bytes`)."""
+
+    package_sha256: str
+    name: str
+    version: str
+    model_sha256: str
+    key_id: str
+    size: int
+    manifest: dict[str, Any]
+    published_by: str
+    published_at: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutInfo:
+    id: int
+    name: str
+    version: str
+    package_sha256: str
+    mode: str
+    waves: int
+    plan: dict[str, Any]
+    success_threshold: float
+    error_threshold: float
+    state: str
+    wave: int  # the current wave, 0-based
+    reason: str
+    created_by: str
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutVehicle:
+    vehicle: str
+    fleet: str
+    wave: int  # 0-based
+    state: str
+    healthy: bool | None
+    reason: str
+    figures: dict[str, Any]
+    sent_at: float | None
+    cleared_at: float | None
+    updated_at: float
+
+    def step(self) -> ro.Step:
+        return ro.Step(self.vehicle, self.state, self.healthy, self.reason, self.figures)
+
+
+_PACKAGE_COLUMNS = ("package_sha256, name, version, model_sha256, key_id, size, manifest, published_by, "
+                    "published_at")
+_ROLLOUT_COLUMNS = ("id, name, version, package_sha256, mode, waves, plan, success_threshold, error_threshold, "
+                    "state, wave, reason, created_by, created_at, updated_at")
+_RV_COLUMNS = "vehicle, fleet, wave, state, healthy, reason, figures, sent_at, cleared_at, updated_at"
+
+
+def _package_info(r: Sequence[Any]) -> PackageInfo:
+    return PackageInfo(str(r[0]), str(r[1]), str(r[2]), str(r[3]), str(r[4]), int(r[5]), _json_obj(r[6]), str(r[7]),
+                       float(r[8]))
+
+
+def _rollout_info(r: Sequence[Any]) -> RolloutInfo:
+    return RolloutInfo(int(r[0]), str(r[1]), str(r[2]), str(r[3]), str(r[4]), int(r[5]), _json_obj(r[6]),
+                       float(r[7]), float(r[8]), str(r[9]), int(r[10]), str(r[11]), str(r[12]), float(r[13]),
+                       float(r[14]))
+
+
+def _rollout_vehicle(r: Sequence[Any]) -> RolloutVehicle:
+    return RolloutVehicle(str(r[0]), str(r[1]), int(r[2]), str(r[3]), None if r[4] is None else bool(r[4]),
+                          str(r[5]), _json_obj(r[6]), None if r[7] is None else float(r[7]),
+                          None if r[8] is None else float(r[8]), float(r[9]))
+
+
+def _json_obj(text: Any) -> dict[str, Any]:
+    try:
+        v = json.loads(text)
+    except (TypeError, ValueError):
+        return {}
+    return v if isinstance(v, dict) else {}
+
+
+def _stored_status(text: Any) -> mw.ModelStatus | None:
+    """A stored `model/status` (validated when it arrived), read back; None if it no longer reads."""
+    try:
+        return mw.decode_status(str(text).encode())
+    except mw.ModelWireError:
+        return None
 
 
 def _num(v: Any, default: float | None) -> float | None:

@@ -6,9 +6,9 @@ is the fastest way into PostgreSQL, and the INSERT still skips stored (vehicle, 
 were new. The COPY stream is built with numpy in PostgreSQL's binary format (fixed-width big-endian columns), so
 no Python object is made per sample.
 
-Several receivers may share one database: migrations take an advisory lock, and `FleetDB.ingest` locks vehicles in
-one order. A lost connection fails the transaction in hand (the receiver does not ack it; it is delivered again)
-and the next call reconnects.
+Several receivers may share one database: migrations take an advisory lock, rollout writes another, and
+`FleetDB.ingest` locks vehicles in one order. A lost connection fails the transaction in hand (the receiver does
+not ack it; it is delivered again) and the next call reconnects.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from cloud_sync.migrations import Dialect, migrate
 
 _DB = DbConfig()  # the default of `[db] connect_timeout_s`, for callers without a config
 _MIGRATION_LOCK = 0x68617276  # "harv": one receiver migrates, the others wait
+_ROLLOUT_LOCK = 0x726F6C6C  # "roll": one writer of the registry and rollouts at a time (controllers, commands)
 
 # One COPY row in PostgreSQL's binary format: field count, then (length, value) per column, big-endian.
 _ROW = np.dtype([("nf", ">i2"), ("l_seq", ">i4"), ("seq", ">i8"), ("l_ts", ">i4"), ("ts", ">f8"),
@@ -80,6 +81,9 @@ class PostgresDB(FleetDB):
         with self._lock, self._transaction() as cur:
             cur.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
             yield cur
+
+    def _rollout_lock(self, cur: Cursor) -> None:
+        cur.execute("SELECT pg_advisory_xact_lock(%s)", (_ROLLOUT_LOCK,))
 
     def _schema_version(self, cur: Any) -> int:
         cur.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")

@@ -61,6 +61,9 @@ class CloudDB(FleetDB):
         finally:
             cur.close()
 
+    def _rollout_lock(self, cur: Cursor) -> None:
+        pass  # every write transaction is `BEGIN IMMEDIATE`: it holds SQLite's one write lock already
+
     def read(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
             return self.db.execute(sql, tuple(args)).fetchall()

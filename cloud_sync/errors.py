@@ -1,5 +1,6 @@
 """The two ways a database write fails, told apart because they are handled apart: an outage holds messages
-unacknowledged until the database is back; a refusal because of content rejects that one message (docs/delivery.md)."""
+unacknowledged until the database is back; a refusal because of content rejects that one message (docs/delivery.md).
+A third, RolloutError, is an operator's registry or rollout request refused for what it asks."""
 
 from __future__ import annotations
 
@@ -11,3 +12,9 @@ class CloudDBError(RuntimeError):
 class UnstorableError(ValueError):
     """A batch the database refused because of what it holds (a value out of range, a constraint): storing it again
     fails again. The transaction rolled back; the database itself is fine."""
+
+
+class RolloutError(ValueError):
+    """A registry or rollout request refused for what it asks (a package that does not verify, a version published
+    under another hash, an unknown version, vehicles already in a rollout, a transition a rollout's state forbids):
+    the message says why; nothing was changed."""

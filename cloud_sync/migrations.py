@@ -119,11 +119,41 @@ _SCHEMA_V3 = [
     "DELETE FROM ranges WHERE kind <> 'merged'",
 ]
 
+# Version 4: model updates (docs/model_updates.md). The registry keeps each signed package itself (a receiver
+# answers `model/get` from it); a rollout's waves are its vehicles' `wave` numbers; `vehicle_models` holds each
+# vehicle's latest `model/status` with its `seq`, so an older report arriving later changes nothing.
+def _schema_v4(blob: str, real: str, big: str, serial: str) -> tuple[str, ...]:
+    return (
+        f"""CREATE TABLE IF NOT EXISTS model_packages (
+            package_sha256 TEXT PRIMARY KEY, name TEXT NOT NULL, version TEXT NOT NULL, model_sha256 TEXT NOT NULL,
+            key_id TEXT NOT NULL, size {big} NOT NULL, manifest TEXT NOT NULL, package {blob} NOT NULL,
+            published_by TEXT NOT NULL, published_at {real} NOT NULL, UNIQUE (name, version))""",
+        f"""CREATE TABLE IF NOT EXISTS rollouts (
+            id {serial}, name TEXT NOT NULL, version TEXT NOT NULL, package_sha256 TEXT NOT NULL,
+            mode TEXT NOT NULL, waves INTEGER NOT NULL, plan TEXT NOT NULL, success_threshold {real} NOT NULL,
+            error_threshold {real} NOT NULL, state TEXT NOT NULL, wave INTEGER NOT NULL, reason TEXT NOT NULL,
+            created_by TEXT NOT NULL, created_at {real} NOT NULL, updated_at {real} NOT NULL)""",
+        "CREATE INDEX IF NOT EXISTS rollouts_by_state ON rollouts (state)",
+        f"""CREATE TABLE IF NOT EXISTS rollout_vehicles (
+            rollout {big} NOT NULL, vehicle TEXT NOT NULL, fleet TEXT NOT NULL, wave INTEGER NOT NULL,
+            state TEXT NOT NULL, healthy INTEGER, reason TEXT NOT NULL, figures TEXT NOT NULL, seq {big},
+            sent_at {real}, cleared_at {real}, updated_at {real} NOT NULL, PRIMARY KEY (rollout, vehicle))""",
+        "CREATE INDEX IF NOT EXISTS rollout_vehicles_by_vehicle ON rollout_vehicles (vehicle)",
+        f"""CREATE TABLE IF NOT EXISTS vehicle_models (
+            vehicle TEXT PRIMARY KEY, fleet TEXT NOT NULL, seq {big} NOT NULL, ts {real} NOT NULL,
+            state TEXT NOT NULL, target_sha256 TEXT, active_sha256 TEXT, reason TEXT NOT NULL, status TEXT NOT NULL,
+            received_at {real} NOT NULL)""",
+    )
+
+
 STEPS: tuple[Step, ...] = (
     Step(1, "tables: vehicles, signals, samples, alerts, events, ranges, counters",
          tuple(_SQLITE_V1), tuple(_POSTGRES_V1)),
     Step(2, "indexes for the fleet queries", tuple(_SCHEMA_V2), tuple(_SCHEMA_V2)),
     Step(3, "stored counts per vehicle and kind; received ranges merged", tuple(_SCHEMA_V3), tuple(_SCHEMA_V3)),
+    Step(4, "model updates: model_packages, rollouts, rollout_vehicles, vehicle_models",
+         _schema_v4("BLOB", "REAL", "INTEGER", "INTEGER PRIMARY KEY"),
+         _schema_v4("BYTEA", "DOUBLE PRECISION", "BIGINT", "BIGSERIAL PRIMARY KEY")),
 )
 SCHEMA_VERSION = STEPS[-1].version
 

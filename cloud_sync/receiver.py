@@ -5,6 +5,12 @@ stores them, a group per transaction, and only after the commit (1) publishes th
 vehicle and (2) PUBACKs the messages to the broker (`manual_ack`). A receiver killed before its commit has
 acknowledged nothing: the broker redelivers to another member of the shared subscription (or to it, on
 reconnect with its persistent session), and the vehicle resends on its own timeout anyway.
+
+The same worker serves model updates (docs/model_updates.md): a `model/get` (shared subscription: one receiver
+answers) is answered with the chunks it asks for, read from a bounded cache of recently used packages in front of
+the registry; a `model/status` (plain subscription: every receiver keeps the latest) is stored if its `seq` is the
+highest yet and folded into the vehicle's rollout. What is malformed, too large, about an unknown package, out of
+range or stale is counted by reason like any refused message, and PUBACKed.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import ssl
 import sys
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +34,7 @@ from paho.mqtt.properties import Properties
 
 from cloud_sync.config import CloudConfig
 from cloud_sync.db import CloudDBError, FleetDB, IngestResult, UnstorableError
+from harvester_common import modelwire as mw
 from harvester_common import wire
 
 log = logging.getLogger("cloud_sync.receiver")
@@ -49,10 +56,39 @@ class Reject(Exception):
         self.reason = reason
 
 
+class PackageCache:
+    """Recently used packages, at most `max_bytes` of them, the least recently used dropped first."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._items: OrderedDict[str, bytes] = OrderedDict()
+
+    def get(self, package_sha256: str) -> bytes | None:
+        data = self._items.get(package_sha256)
+        if data is not None:
+            self._items.move_to_end(package_sha256)
+        return data
+
+    def put(self, package_sha256: str, data: bytes) -> None:
+        if package_sha256 in self._items or len(data) > self.max_bytes:
+            return
+        self._items[package_sha256] = data
+        self.bytes += len(data)
+        while self.bytes > self.max_bytes:
+            _, dropped = self._items.popitem(last=False)
+            self.bytes -= len(dropped)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
 class Receiver:
     def __init__(self, cfg: CloudConfig, db: FleetDB) -> None:
         self.cfg = cfg
         self.db = db
+        self.packages = PackageCache(cfg.rollout.cache_bytes)  # the worker's alone: no lock
+        self._chunks_in_flight: list[tuple[mqtt.MQTTMessageInfo, int]] = []
         self.queue: queue.Queue[_Msg] = queue.Queue(cfg.receiver.queue_max)
         self.stats: Counter[str] = Counter()
         self._stop = threading.Event()
@@ -85,7 +121,9 @@ class Receiver:
             return
         m = self.cfg.mqtt
         subs = [(f"$share/{m.share_group}/fleet/{m.fleet}/vehicle/+/{leaf}", 1) for leaf in UPLINK_LEAVES]
+        subs.append((f"$share/{m.share_group}/fleet/{m.fleet}/vehicle/+/{mw.LEAF_GET}", 1))
         subs.append((f"fleet/{m.fleet}/vehicle/+/status", 1))
+        subs.append((f"fleet/{m.fleet}/vehicle/+/{mw.LEAF_STATUS}", 1))
         client.subscribe(subs)
         self._last_unreachable_report = -math.inf  # a later outage is reported at once again
         log.info("connected to %s:%d, subscribing (group %s)", m.host, m.port, m.share_group)
@@ -178,6 +216,71 @@ class Receiver:
         except UnstorableError as e:
             raise Reject("unstorable", str(e)) from None
 
+    @staticmethod
+    def _vehicle_of(m: _Msg) -> tuple[str, str]:
+        parts = wire.parse_vehicle_topic(m.topic)
+        if parts is None or not wire.valid_id(parts[0]) or not wire.valid_id(parts[1]):
+            raise Reject("bad_id", f"fleet/vehicle in topic {m.topic[:200]!r}")
+        return parts[0], parts[1]
+
+    def _handle_model_status(self, m: _Msg) -> None:
+        fleet, vehicle = self._vehicle_of(m)
+        if not m.payload:
+            self.stats["model_status_cleared"] += 1  # the vehicle's retained report removed: nothing to learn
+            return
+        if len(m.payload) > mw.MAX_MODEL_STATUS_BYTES:
+            raise Reject("oversized", f"model status of {len(m.payload)} bytes")
+        try:
+            status = mw.decode_status(m.payload)
+        except mw.ModelWireError as e:
+            raise Reject("bad_model_status", str(e)[:300]) from None
+        try:
+            outcome = self.db.set_model_status(fleet, vehicle, status)
+        except UnstorableError as e:
+            raise Reject("unstorable", str(e)) from None
+        if outcome == "stale":
+            raise Reject("stale_model_status", f"{vehicle}'s seq {status.seq} is older than the report stored")
+        self.stats["model_statuses" if outcome == "stored" else "model_status_duplicates"] += 1
+
+    def _package(self, package_sha256: str) -> bytes | None:
+        data = self.packages.get(package_sha256)
+        if data is None:
+            data = self.db.package_bytes(package_sha256)  # a CloudDBError holds the request until the database is back
+            if data is not None:
+                self.packages.put(package_sha256, data)
+        return data
+
+    def _handle_get(self, m: _Msg) -> None:
+        fleet, vehicle = self._vehicle_of(m)
+        if len(m.payload) > mw.MAX_GET_BYTES:
+            raise Reject("oversized", f"model/get of {len(m.payload)} bytes")
+        try:
+            g = mw.decode_get(m.payload)
+        except mw.ModelWireError as e:
+            raise Reject("bad_model_get", str(e)[:300]) from None
+        package = self._package(g.package_sha256)
+        if package is None:
+            raise Reject("unknown_package", f"{vehicle} asked for {g.package_sha256}, which is not published")
+        chunk_bytes = self.cfg.rollout.chunk_bytes
+        total = mw.chunk_count(len(package), chunk_bytes)
+        if g.first + g.count > total:
+            raise Reject("chunk_out_of_range", f"{vehicle} asked for chunks {g.first}..{g.first + g.count - 1} of "
+                         f"a package of {total} chunks of {chunk_bytes} bytes")
+        # Chunks the broker has not confirmed yet stay in paho's memory: past the bound the vehicle asks again later.
+        self._chunks_in_flight = [(i, n) for i, n in self._chunks_in_flight
+                                  if not i.is_published() and i.rc != mqtt.MQTT_ERR_QUEUE_SIZE]
+        in_flight = sum(n for _, n in self._chunks_in_flight)
+        size = min(len(package), (g.first + g.count) * chunk_bytes) - g.first * chunk_bytes
+        if in_flight and in_flight + size > self.cfg.rollout.chunks_in_flight_bytes:
+            raise Reject("busy", f"{in_flight} chunk bytes not yet confirmed by the broker; {vehicle} asks again")
+        topic = wire.vehicle_topic(fleet, vehicle, mw.LEAF_CHUNK)
+        for index in range(g.first, g.first + g.count):
+            c = mw.chunk_of(package, g.package_sha256, index, chunk_bytes)
+            info = self.client.publish(topic, mw.encode_chunk(c), qos=1)
+            self._chunks_in_flight.append((info, len(c.data)))
+        self.stats["model_gets"] += 1
+        self.stats["chunks_sent"] += g.count
+
     def _reject(self, m: _Msg, e: Reject, batch: wire.Batch | None = None) -> None:
         """Count a message refused for its content, tell its vehicle when it was a batch, and let it go."""
         self.db.count_rejected(e.reason)  # a CloudDBError here propagates: the message is held, not lost
@@ -211,8 +314,10 @@ class Receiver:
         good: list[tuple[_Msg, wire.Batch]] = []
         for i, m in enumerate(msgs):
             try:
-                if m.topic.endswith("/status"):
-                    self._handle_status(m)
+                parts = wire.parse_vehicle_topic(m.topic)
+                leaf = parts[2] if parts is not None else ""
+                if leaf in _HANDLERS:
+                    _HANDLERS[leaf](self, m)
                     self._puback(m)
                 else:
                     good.append((m, self._validate(m)))
@@ -313,6 +418,11 @@ class Receiver:
                     sum(v for k, v in self.stats.items() if k.startswith("rejected:")),
                 )
         self.stop()
+
+
+# Messages settled one by one, outside the batch groups: the leaf after `fleet/F/vehicle/V/`.
+_HANDLERS = {"status": Receiver._handle_status, mw.LEAF_STATUS: Receiver._handle_model_status,
+             mw.LEAF_GET: Receiver._handle_get}
 
 
 def _record_problem(kind: str, r: dict[str, Any]) -> str:

@@ -1,18 +1,22 @@
-"""What people read from the cloud database: per-vehicle statistics and gaps, the fleet overview, alerts and the
-signals around them, refused messages. Read-only, apart from ingest (cloud_sync/db.py), through `FleetDB.read`;
-the same SQL on both engines (`?` placeholders; a backend rewrites them)."""
+"""What people read from the cloud database: per-vehicle statistics and gaps, the fleet overview (with each
+vehicle's model: active, desired, last step), rollouts, alerts and the signals around them, refused messages.
+Read-only, apart from ingest (cloud_sync/db.py), through `FleetDB.read`; the same SQL on both engines (`?`
+placeholders; a backend rewrites them)."""
 
 from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from cloud_sync.db import FleetDB
+from cloud_sync import rollout as ro
+from cloud_sync.db import FleetDB, RolloutInfo, RolloutVehicle
 from cloud_sync.migrations import STORED_KINDS
 from cloud_sync.present import finite
+from harvester_common import modelwire as mw
 from harvester_common import wire
 from harvester_common.seqranges import holes, merge_ranges, subtract
 
@@ -20,6 +24,7 @@ MAX_COUNTERS = 50  # non-zero counters per vehicle on the fleet page (largest fi
 MAX_SOURCES = 32  # sources per vehicle whose last up/down is shown
 SOURCE_EVENTS_READ = 500  # a vehicle's latest source_down/source_up events read to find each source's last one
 MAX_TEXT = 300  # characters kept of a counter name or an event's error text
+MAX_ROLLOUTS = 20  # rollouts on the fleet page, newest first (`cloud-sync rollout status --id N` shows any)
 
 
 @dataclass(slots=True)
@@ -115,6 +120,8 @@ class Reports:
             "WHERE b.vehicle=a.vehicle AND b.alert_id=a.alert_id) AND a.state='open' GROUP BY a.vehicle"
         ):
             open_alerts[vehicle] = int(n)
+        models = self.db.vehicle_models()
+        desired = self.db.desired_models()
         rows = []
         for v in self.stats():
             st = v.status
@@ -142,8 +149,29 @@ class Reports:
                 # The vehicle's own counters (its last status message), those not zero: name or name{label} → n.
                 "metrics": {k[:MAX_TEXT]: n for k, n in wire.status_counters(st.get("metrics"), MAX_COUNTERS).items()},
                 "sources": self.sources(v.vehicle),
+                "model": _model_row(models.get(v.vehicle), desired.get(v.vehicle)),
             })
         return rows
+
+    def rollout(self, rollout_id: int | None = None) -> dict[str, Any] | None:
+        """One rollout (default: the latest) with its waves, each vehicle's step and the failures' reasons."""
+        if rollout_id is None:
+            latest = self.db.read("SELECT MAX(id) FROM rollouts")[0][0]
+            if latest is None:
+                return None
+            rollout_id = int(latest)
+        with self.db.read_lock():
+            info = self.db.rollout(rollout_id)
+            vehicles = self.db.rollout_vehicles(rollout_id) if info is not None else []
+        return None if info is None else rollout_report(info, vehicles)
+
+    def rollouts(self, limit: int = MAX_ROLLOUTS) -> list[dict[str, Any]]:
+        """The latest `limit` rollouts, newest first, as `rollout` gives each."""
+        out = []
+        with self.db.read_lock():
+            for info in self.db.rollouts(limit):
+                out.append(rollout_report(info, self.db.rollout_vehicles(info.id)))
+        return out
 
     def sources(self, vehicle: str) -> dict[str, dict[str, Any]]:
         """Each source's last `source_down` / `source_up` event: {source: {"up", "ts", "reason", "error"}}. A source
@@ -203,6 +231,47 @@ class Reports:
         for name, ts, value in self.db.read(q + " ORDER BY g.name, s.ts LIMIT " + str(int(max_points)), args):
             out.setdefault(name, []).append((float(ts), float(value)))
         return out
+
+
+def _model_row(status: mw.ModelStatus | None, desired: RolloutInfo | None) -> dict[str, Any]:
+    """A fleet row's `model`: what the vehicle says it runs and did last (its latest `model/status`), and what the
+    cloud last asked it to run (the rollout whose desired model it was sent and that has not cleared it)."""
+    active = status.active if status is not None else None
+    return {
+        "active": {"name": active["name"], "version": active["version"]} if active else None,
+        "desired": {"name": desired.name, "version": desired.version, "rollout": desired.id}
+        if desired is not None else None,
+        "state": status.state if status is not None else "",
+        "reason": status.reason if status is not None else "",
+    }
+
+
+def rollout_report(info: RolloutInfo, vehicles: Sequence[RolloutVehicle]) -> dict[str, Any]:
+    """A rollout for people and scripts (`cloud-sync rollout status --json`, the fleet page). Waves are numbered from
+    1; `progress` counts a wave's vehicles: sent their desired model, active and healthy, failed."""
+    waves: list[dict[str, Any]] = []
+    for n in range(info.waves):
+        members = [v for v in vehicles if v.wave == n]
+        steps = [v.step() for v in members]
+        waves.append({
+            "number": n + 1,
+            "current": n == info.wave and info.state in ro.LIVE_STATES,
+            "vehicles": [{"vehicle": v.vehicle, "fleet": v.fleet, "state": v.state, "healthy": v.healthy,
+                          "reason": v.reason, "figures": v.figures, "sent_at": v.sent_at,
+                          "cleared_at": v.cleared_at} for v in members],
+            "counts": dict(sorted(Counter(s.state for s in steps).items())),
+            "progress": {"total": len(members), "sent": sum(v.sent_at is not None for v in members),
+                         "active_healthy": sum(s.succeeded for s in steps), "failed": sum(s.failed for s in steps)},
+        })
+    return {
+        "id": info.id, "name": info.name, "version": info.version, "package_sha256": info.package_sha256,
+        "mode": info.mode, "state": info.state, "reason": info.reason, "current_wave": info.wave + 1,
+        "success_threshold": info.success_threshold, "error_threshold": info.error_threshold, "plan": info.plan,
+        "created_by": info.created_by, "created_at": info.created_at, "updated_at": info.updated_at,
+        "waves": waves,
+        "failed": [{"vehicle": v.vehicle, "wave": v.wave + 1, "state": v.state, "reason": v.reason}
+                   for v in vehicles if v.step().failed],
+    }
 
 
 def _obj(v: Any) -> dict[str, Any]:

@@ -1,12 +1,13 @@
 """`cloud-sync web`: a small page for people — the fleet, the alerts, and for an alert the signals the model saw.
 
 Standard library only (`http.server`): the page is three files of our own (`cloud_sync/web_page.py`: HTML, CSS,
-JavaScript; nothing fetched from elsewhere) over three JSON endpoints. Everything from the database came from
+JavaScript; nothing fetched from elsewhere) over four JSON endpoints. Everything from the database came from
 vehicles and is treated as hostile: JSON carries it with markup characters escaped, the page inserts it with
 `textContent`, never as HTML, and the Content-Security-Policy allows no inline script or style at all.
 
     GET /                               the page (and /static/page.js, /static/page.css)
     GET /api/fleet                      {"vehicles": [...]}          (Reports.fleet)
+    GET /api/rollouts                   {"rollouts": [...]}          (Reports.rollouts, newest first)
     GET /api/alerts?vehicle=&state=&since=   {"alerts": [...]}       (Reports.alerts, newest first)
     GET /api/alert/<vehicle>/<seq>      {"alert": {...}, "series": {signal: [[ts, value], ...]}, "span": [t0, t1]}
 
@@ -72,6 +73,10 @@ class Api:
     def fleet(self) -> dict[str, Any]:
         with self._lock:
             return {"vehicles": Reports(self.db).fleet()}
+
+    def rollouts(self) -> dict[str, Any]:
+        with self._lock:
+            return {"rollouts": Reports(self.db).rollouts()}
 
     def alerts(self, query: dict[str, list[str]]) -> dict[str, Any]:
         vehicle = query.get("vehicle", [""])[0] or None
@@ -163,6 +168,8 @@ class Handler(BaseHTTPRequestHandler):
                 self._send(HTTPStatus.OK, web_page.CSS.encode(), "text/css; charset=utf-8")
             elif parts == ["api", "fleet"]:
                 self._json(HTTPStatus.OK, api.fleet())
+            elif parts == ["api", "rollouts"]:
+                self._json(HTTPStatus.OK, api.rollouts())
             elif parts == ["api", "alerts"]:
                 self._json(HTTPStatus.OK, api.alerts(parse_qs(url.query)))
             elif len(parts) == 4 and parts[:2] == ["api", "alert"]:

@@ -11,7 +11,11 @@ HTML = r"""<!doctype html>
 <p id="error"></p>
 <h2>Vehicles</h2>
 <table id="fleet"><thead><tr><th>vehicle</th><th>state</th><th>last seen</th><th>backlog</th><th>model</th>
-<th>open alerts</th><th>evicted</th><th>budget used</th><th>drift</th><th>sources</th><th>counters</th></tr></thead>
+<th>model step</th><th>open alerts</th><th>evicted</th><th>budget used</th><th>drift</th><th>sources</th>
+<th>counters</th></tr></thead>
+<tbody></tbody></table>
+<h2>Rollouts</h2>
+<table id="rollouts"><thead><tr><th>rollout</th><th>model</th><th>state</th><th>waves</th><th>failed</th></tr></thead>
 <tbody></tbody></table>
 <h2>Alerts</h2>
 <p>vehicle <select id="f-vehicle"><option value="">all</option></select>
@@ -32,6 +36,8 @@ tr.offline td { color: #888; } tr.clickable { cursor: pointer; } tr.clickable:ho
 svg.plot { border: 1px solid #ccc; margin: 4px 0 10px 0; background: #fff; }
 #error { color: #b00; }
 td.counters { font-size: 12px; max-width: 40em; }
+td.waves div { white-space: nowrap; } td.waves .current { font-weight: 600; }
+.failed { color: #b00; } .done { color: #070; }
 """
 
 JS = r""""use strict";
@@ -56,7 +62,15 @@ async function loadFleet() {
     tr.dataset.vehicle = v.vehicle;
     cell(tr, v.fleet + "/" + v.vehicle); cell(tr, v.online ? "online" : "offline");
     cell(tr, ago(v.last_seen_ago_s)); cell(tr, String(v.backlog.samples + v.backlog.records), "num");
-    cell(tr, v.model_version || "-"); cell(tr, String(v.open_alerts), "num" + (v.open_alerts ? " open" : ""));
+    // What it runs (its model report, else its status), and what the cloud asked for when that differs.
+    const m = v.model || {}, active = m.active ? m.active.version : (v.model_version || "-");
+    const model = cell(tr, active + (m.desired && m.desired.version !== active ? " → " + m.desired.version : ""),
+      "model");
+    if (m.desired) model.setAttribute("title", "desired: " + m.desired.name + " " + m.desired.version +
+      " (rollout " + m.desired.rollout + ")");
+    const step = cell(tr, m.state || "-", "step" + (FAILED.includes(m.state) ? " failed" : ""));
+    if (m.reason) step.setAttribute("title", m.reason);
+    cell(tr, String(v.open_alerts), "num" + (v.open_alerts ? " open" : ""));
     const ev = Object.values(v.evicted.reported_by_vehicle).reduce((a, b) => a + b, 0) || v.evicted.ranges_received;
     cell(tr, String(ev), "num");
     cell(tr, mib(v.budget.used_today) + (v.budget.daily_bytes ? " / " + mib(v.budget.daily_bytes) : "") + " MiB");
@@ -68,14 +82,43 @@ async function loadFleet() {
       "sources" + (down.length ? " open" : ""));
     st.setAttribute("title", down.map(([n, s]) => n + " since " + when(s.ts) + ": " + s.error).join("\n"));
     // The vehicle's non-zero counters (its last status message), largest first.
-    const m = Object.entries(v.metrics || {});
-    const mc = cell(tr, m.slice(0, 8).map(([k, n]) => k + " " + n).join(", ") +
-      (m.length > 8 ? ", … " + (m.length - 8) + " more" : ""), "counters");
-    mc.setAttribute("title", m.map(([k, n]) => k + " " + n).join("\n"));
+    const ms = Object.entries(v.metrics || {});
+    const mc = cell(tr, ms.slice(0, 8).map(([k, n]) => k + " " + n).join(", ") +
+      (ms.length > 8 ? ", … " + (ms.length - 8) + " more" : ""), "counters");
+    mc.setAttribute("title", ms.map(([k, n]) => k + " " + n).join("\n"));
     body.appendChild(tr);
     sel.appendChild(new Option(v.vehicle, v.vehicle));
   }
   sel.value = keep;
+}
+
+const FAILED = ["rejected", "rolled_back", "failed"];
+
+async function loadRollouts() {
+  const { rollouts } = await get("/api/rollouts");
+  const body = $("rollouts").tBodies[0]; body.replaceChildren();
+  for (const r of rollouts) {
+    const tr = document.createElement("tr"); tr.dataset.rollout = r.id;
+    cell(tr, String(r.id) + " (" + r.mode + ")");
+    cell(tr, r.name + " " + r.version);
+    const st = cell(tr, r.state + (r.reason ? ": " + r.reason : ""),
+      "state " + (r.state === "halted" ? "failed" : r.state === "done" ? "done" : ""));
+    st.setAttribute("title", "success threshold " + r.success_threshold + ", error threshold " + r.error_threshold);
+    // A line per wave: its progress counts; each vehicle's step on hover.
+    const waves = cell(tr, "", "waves");
+    for (const w of r.waves) {
+      const p = w.progress, line = document.createElement("div");
+      line.textContent = "wave " + w.number + ": " + p.active_healthy + "/" + p.total + " active, " + p.failed +
+        " failed, " + p.sent + " sent";
+      if (w.current) line.className = "current";
+      line.setAttribute("title", w.vehicles.map((x) => x.vehicle + " " + x.state + (x.reason ? ": " + x.reason : ""))
+        .join("\n"));
+      waves.appendChild(line);
+    }
+    cell(tr, r.failed.map((f) => f.vehicle + " " + f.state + (f.reason ? " (" + f.reason + ")" : "")).join("; "),
+      r.failed.length ? "failed" : "");
+    body.appendChild(tr);
+  }
 }
 
 async function loadAlerts() {
@@ -138,5 +181,5 @@ async function showAlert(vehicle, seq) {
 function fail(e) { $("error").textContent = "Could not load: " + e.message; }
 $("f-vehicle").addEventListener("change", () => loadAlerts().catch(fail));
 $("f-state").addEventListener("change", () => loadAlerts().catch(fail));
-Promise.all([loadFleet(), loadAlerts()]).then(() => document.body.dataset.loaded = "1").catch(fail);
+Promise.all([loadFleet(), loadRollouts(), loadAlerts()]).then(() => document.body.dataset.loaded = "1").catch(fail);
 """

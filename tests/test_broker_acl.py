@@ -59,7 +59,7 @@ PROVISION = DEPLOY / "dynsec_provision.py"
 WAIT_S = 5.0
 GRANTED_QOS1 = 1
 NOT_AUTHORIZED = 0x87
-UPLINK_LEAVES = ("telemetry", "alerts", "events", "status")
+UPLINK_LEAVES = ("telemetry", "alerts", "events", "status", "model/get", "model/status")
 SETUPS = ("dynsec", "acl_file")
 # Provisioned in the dynsec set-up, as docs/deploy.md's vehicles.txt would list them.
 VEHICLES = "# fleet vehicle\nf1 veh-a\nf1 veh-b\nf1 veh-c\nf1 veh-r\n"
@@ -269,7 +269,9 @@ def test_a_vehicle_is_confined_to_its_own_subtree(fleet: Fleet) -> None:
         assert not [p for p in cloud.payloads() if p.startswith(b"forged")]
 
         # A cannot write the cloud's side either: acks and commands to B, or to itself.
-        fake = ("fleet/f1/vehicle/veh-b/ack", "fleet/f1/vehicle/veh-b/cmd/model", "fleet/f1/vehicle/veh-a/ack")
+        fake = ("fleet/f1/vehicle/veh-b/ack", "fleet/f1/vehicle/veh-b/cmd/model", "fleet/f1/vehicle/veh-a/ack",
+                "fleet/f1/vehicle/veh-b/model/desired", "fleet/f1/vehicle/veh-a/model/desired",
+                "fleet/f1/vehicle/veh-b/model/chunk")
         assert {a.publish(topic, b"fake-ack").value for topic in fake} == {NOT_AUTHORIZED}
 
         # B's retained status (its own, allowed) is there for a reader the ACL lets in (the cloud, subscribed without
@@ -422,7 +424,8 @@ def test_dynsec_a_vehicle_may_subscribe_only_to_its_own_downlink(fleet: Fleet) -
     a = connect(broker, pki.issue("veh-a"), pki.ca, "veh-a")
     assert isinstance(cloud, Client) and isinstance(a, Client)
     own = "fleet/f1/vehicle/veh-a"
-    allowed = [f"{own}/ack", f"{own}/cmd/#", f"{own}/cmd/model", "fleet/f1/cmd/#", "fleet/f1/cmd/reboot"]
+    allowed = [f"{own}/ack", f"{own}/cmd/#", f"{own}/cmd/model", f"{own}/model/desired", f"{own}/model/chunk",
+               "fleet/f1/cmd/#", "fleet/f1/cmd/reboot"]
     refused = [
         # The receivers' shared filters, under their default group and any other, and narrowed to A's own uplink.
         *(f"$share/cloud_sync/fleet/f1/vehicle/+/{leaf}" for leaf in UPLINK_LEAVES),
@@ -430,6 +433,7 @@ def test_dynsec_a_vehicle_may_subscribe_only_to_its_own_downlink(fleet: Fleet) -
         f"$share/cloud_sync/{own}/telemetry", f"$share/x/{own}/ack",
         # Another vehicle's downlink, every vehicle's, a wider slice of its own, its own uplink, another fleet's tree.
         "fleet/f1/vehicle/veh-b/ack", "fleet/f1/vehicle/veh-b/cmd/#", "fleet/f1/vehicle/+/ack",
+        "fleet/f1/vehicle/veh-b/model/desired", "fleet/f1/vehicle/+/model/chunk", f"{own}/model/#",
         "fleet/+/vehicle/+/cmd/#", f"{own}/#", f"{own}/+", f"{own}/telemetry", "fleet/f2/vehicle/veh-a/ack",
         "fleet/f2/cmd/#", "fleet/+/cmd/#",
         # Everything, and the broker's own trees.
@@ -441,9 +445,11 @@ def test_dynsec_a_vehicle_may_subscribe_only_to_its_own_downlink(fleet: Fleet) -
         assert got == {**dict.fromkeys(allowed, GRANTED_QOS1), **dict.fromkeys(refused, NOT_AUTHORIZED)}
 
         # Publishing too is bound to its own fleet's tree (the fallback's `fleet/+/vehicle/%u/...` is not): its own
-        # leaves under another fleet are refused, and nothing but the four uplink leaves is accepted under its own.
-        for topic in ("fleet/f2/vehicle/veh-a/telemetry", "fleet/f2/vehicle/veh-a/status", f"{own}/model/status",
-                      f"{own}/telemetry/x", f"{own}/cmd/model", "fleet/f1/cmd/reboot"):
+        # leaves under another fleet are refused, and nothing but the uplink leaves is accepted under its own (not
+        # its own desired model: what a vehicle runs is the cloud's word).
+        for topic in ("fleet/f2/vehicle/veh-a/telemetry", "fleet/f2/vehicle/veh-a/status", f"{own}/model/desired",
+                      f"{own}/model/chunk", "fleet/f2/vehicle/veh-a/model/status", f"{own}/telemetry/x",
+                      f"{own}/cmd/model", "fleet/f1/cmd/reboot"):
             assert a.publish(topic, b"stray").value == NOT_AUTHORIZED, topic
         assert not a.publish(f"{own}/events", b"own-event").is_failure  # control
 
@@ -506,7 +512,7 @@ def test_dynsec_a_vehicle_added_and_removed_on_a_running_broker(fleet: Fleet) ->
     own = "fleet/f1/vehicle/veh-n"
     try:
         shared = [f"$share/cloud_sync/fleet/f1/vehicle/+/{leaf}" for leaf in UPLINK_LEAVES]
-        assert [c.value for c in cloud.subscribe(*shared)] == [GRANTED_QOS1] * 4
+        assert [c.value for c in cloud.subscribe(*shared)] == [GRANTED_QOS1] * len(UPLINK_LEAVES)
         assert n.publish(f"{own}/telemetry", b"before").value == NOT_AUTHORIZED  # not provisioned yet
         dropped = threading.Event()
         n.c.on_disconnect = lambda *_args: dropped.set()

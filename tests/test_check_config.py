@@ -4,14 +4,18 @@ nothing started. Real files throughout: the repository's model, a throwaway PKI,
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from agent.contract import FeatureSpec
+from harvester_common.modelpkg import generate_keypair
 from harvester_testing.onnx_models import linear_softmax_model, make_contract
 from harvester_testing.tls import Pki
 
@@ -28,7 +32,7 @@ def _check(cfg: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     return _run("run", "--config", str(cfg), "--check-config", *extra)
 
 
-def _write(tmp_path: Path, *, model: Path = MODEL, tls: str = "", dbc: str = "[]") -> Path:
+def _write(tmp_path: Path, *, model: Path = MODEL, tls: str = "", dbc: str = "[]", keys: str = "") -> Path:
     cfg = tmp_path / "agent.toml"
     cfg.write_text(f"""
 [vehicle]
@@ -47,6 +51,7 @@ port = "{tmp_path / 'ttyGPS'}"
 
 [model]
 path = "{model}"
+{keys}
 
 [store]
 path = "{tmp_path / 'state' / 'buffer.sqlite'}"
@@ -178,8 +183,9 @@ def test_the_shipped_vehicle_config_is_valid_with_its_files_absent() -> None:
     r = _check(cfg, "--allow-absent")
     assert r.returncode == 0, r.stderr
     absent = sorted(line.split()[2].rstrip(":") for line in r.stdout.splitlines() if line.startswith("absent"))
-    assert absent == ["/etc/harvester-agent/tls/ca.pem", "/etc/harvester-agent/tls/vehicle.key",
-                      "/etc/harvester-agent/tls/vehicle.pem", "/var/lib/harvester-agent/models/current.onnx"]
+    assert absent == ["/etc/harvester-agent/keys", "/etc/harvester-agent/tls/ca.pem",
+                      "/etc/harvester-agent/tls/vehicle.key", "/etc/harvester-agent/tls/vehicle.pem",
+                      "/var/lib/harvester-agent/models/current.onnx"]
 
 
 def test_run_itself_refuses_tls_files_that_do_not_load_in_one_line(tmp_path: Path) -> None:
@@ -196,3 +202,126 @@ def test_allow_absent_without_check_config_is_refused(tmp_path: Path) -> None:
     assert r.returncode == 2
     assert r.stderr.strip() == "harvester-agent: error: --allow-absent goes with --check-config only"
     assert not (tmp_path / "state").exists()
+
+
+# --- [model] trusted_keys ------------------------------------------------------------------------------------------
+
+
+def ec_key(path: Path) -> Path:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    pub = ec.generate_private_key(ec.SECP256R1()).public_key()
+    path.write_bytes(pub.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    return path
+
+
+def _keys_line(paths: list[Path]) -> str:
+    return "trusted_keys = [" + ", ".join(f'"{p}"' for p in paths) + "]"
+
+
+def _findings(out: str, subject: str) -> list[tuple[str, str]]:
+    """(level, text) of each finding about `subject`."""
+    rows = [line.split(None, 2) for line in out.splitlines()[:-1]]
+    return [(r[0], r[2]) for r in rows if len(r) == 3 and r[1] == subject]
+
+
+def test_trusted_keys_are_loaded_and_listed_by_key_id(tmp_path: Path) -> None:
+    folder = tmp_path / "keys"
+    ids = [generate_keypair(folder)[2] for _ in range(2)]
+    for key in folder.glob("*.key"):
+        key.unlink()  # a vehicle holds public keys only; the private ones are the signer's
+    _, single, single_id = generate_keypair(tmp_path / "other")
+    r = _check(_write(tmp_path, keys=_keys_line([folder, single])))
+    assert r.returncode == 0, r.stdout + r.stderr
+    keys = _findings(r.stdout, "keys")
+    assert keys == [("ok", f"{folder}: 2 Ed25519 public key(s): {', '.join(sorted(ids))}"),
+                    ("ok", f"{single}: 1 Ed25519 public key(s): {single_id}")]
+
+
+def test_a_bad_key_file_fails_the_check_and_is_named(tmp_path: Path) -> None:
+    folder = tmp_path / "keys"
+    _, good, _ = generate_keypair(folder)
+    (folder / "zz-garbled.pub").write_text(good.read_text().replace("MCow", "xCow"))
+    # An EC key is a public key, but not one packages can be signed with.
+    ec = ec_key(tmp_path / "ec.pub")
+    private = generate_keypair(tmp_path / "private")[0]  # a private key where a public one belongs
+    r = _check(_write(tmp_path, keys=_keys_line([folder, ec, private])))
+    assert r.returncode == 2
+    errors = [text for level, text in _findings(r.stdout, "keys") if level == "error"]
+    assert len(errors) == 3 and all(e.endswith(" (no model package would be accepted)") for e in errors)
+    assert errors[0].startswith(f"{folder / 'zz-garbled.pub'}: not a PEM public key")
+    assert errors[1].startswith(f"{ec}: a ") and "not an Ed25519 public key" in errors[1]
+    assert errors[2].startswith(f"{private}: not a PEM public key")
+    assert r.stderr.startswith(f"harvester-agent: error: check failed: keys: {folder / 'zz-garbled.pub'}: ")
+    assert "(2 more error(s) above)" in r.stderr and len(r.stderr.splitlines()) == 1
+
+
+def test_no_trusted_key_is_a_note_not_an_error(tmp_path: Path) -> None:
+    r = _check(_write(tmp_path))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert _findings(r.stdout, "keys") == [("info", "[model] trusted_keys is empty: model packages are refused until "
+                                                    'a key is trusted (docs/models.md, "Signed packages")')]
+    empty = tmp_path / "keys"
+    empty.mkdir()
+    (empty / "README").write_text("public keys go here as KEY_ID.pub\n")  # not a *.pub: not read
+    r = _check(_write(tmp_path, keys=_keys_line([empty])))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert [lv for lv, _ in _findings(r.stdout, "keys")] == ["info", "info"]
+    assert "a directory with no *.pub file: trusts no key" in r.stdout
+    assert "no key is trusted: model packages are refused until a key is trusted" in r.stdout
+
+
+def test_a_missing_key_path_fails_unless_allowed_absent(tmp_path: Path) -> None:
+    gone = tmp_path / "gone" / "keys"
+    cfg = _write(tmp_path, keys=_keys_line([gone]))
+    r = _check(cfg)
+    assert r.returncode == 2
+    assert r.stderr.strip() == (f"harvester-agent: error: check failed: keys: {gone}: not present on this machine "
+                                "(no model package would be accepted)")
+    r = _check(cfg, "--allow-absent")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert _findings(r.stdout, "keys") == [("absent", f"{gone}: not present on this machine (not checked)")]
+
+
+def test_keys_the_agents_user_could_replace_are_said(tmp_path: Path) -> None:
+    """Run as a user other than root (as the service's user on a vehicle): a key folder that user may write is an
+    `info` line (the check still passes: a lab may do this), one owned by root and read-only to it is not."""
+    if os.geteuid() != 0:
+        as_user: list[str] = []
+        uid = os.geteuid()
+    elif subprocess.run(["setpriv", "--version"], capture_output=True).returncode == 0:
+        uid = 4242
+        as_user = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--"]
+    else:
+        pytest.skip("running as root without setpriv: cannot run the check as another user")
+    # Outside pytest's own temp folder, which is its owner's alone.
+    base = Path(tempfile.mkdtemp(prefix="check-keys-"))
+    try:
+        base.chmod(0o755)
+        owned, locked = base / "owned", base / "locked"
+        for folder in (owned, locked):
+            generate_keypair(folder)[0].unlink()
+            folder.chmod(0o755)
+            for f in folder.iterdir():
+                f.chmod(0o644)
+        if as_user:
+            for f in [owned, *owned.iterdir()]:
+                os.chown(f, uid, uid)
+        else:
+            locked.chmod(0o555)
+            for f in locked.iterdir():
+                f.chmod(0o444)
+        cfg = _write(base, keys=_keys_line([owned, locked]))
+        r = subprocess.run([*as_user, sys.executable, "-m", "agent", "run", "--config", str(cfg), "--check-config"],
+                           capture_output=True, text=True, timeout=120, cwd=REPO)
+        assert r.returncode == 0, r.stdout + r.stderr
+        info = [text for level, text in _findings(r.stdout, "keys") if level == "info"]
+        assert len(info) == 1 and info[0].startswith(f"{owned}, {next(owned.glob('*.pub'))}: writable by this user "
+                                                     f"(uid {uid}): ")
+        assert str(locked) not in info[0]
+    finally:
+        for folder in base.rglob("*"):
+            if folder.is_dir():
+                folder.chmod(0o755)
+        shutil.rmtree(base)

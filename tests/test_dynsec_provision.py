@@ -82,12 +82,17 @@ def test_the_file_denies_by_default_and_names_every_identity() -> None:
     roles = {r["rolename"]: {(a["acltype"], a["topic"]) for a in r["acls"]} for r in conf["roles"]}
     assert roles["vehicle:veh-b"] == {
         *(("publishClientSend", f"fleet/f2/vehicle/veh-b/{leaf}") for leaf in ("telemetry", "alerts", "events",
-                                                                              "status")),
+                                                                              "status", "model/get", "model/status")),
         *((kind, t) for kind in ("subscribePattern", "publishClientReceive")
-          for t in ("fleet/f2/vehicle/veh-b/ack", "fleet/f2/vehicle/veh-b/cmd/#", "fleet/f2/cmd/#")),
+          for t in ("fleet/f2/vehicle/veh-b/ack", "fleet/f2/vehicle/veh-b/cmd/#",
+                    "fleet/f2/vehicle/veh-b/model/desired", "fleet/f2/vehicle/veh-b/model/chunk", "fleet/f2/cmd/#")),
     }
     assert all(a["allow"] for r in conf["roles"] for a in r["acls"])  # deny is the default, never a rule
     assert ("subscribePattern", "$share/+/fleet/+/vehicle/+/telemetry") in roles["cloud-receiver"]
+    assert {("subscribePattern", "$share/+/fleet/+/vehicle/+/model/get"),
+            ("subscribePattern", "fleet/+/vehicle/+/model/status"),
+            ("publishClientSend", "fleet/+/vehicle/+/model/desired"),
+            ("publishClientSend", "fleet/+/vehicle/+/model/chunk")} <= roles["cloud-receiver"]
 
 
 def test_commands_for_a_running_broker() -> None:

@@ -16,7 +16,7 @@ from cloud_sync.migrations import SCHEMA_VERSION, STEPS
 
 # The text of every step that has shipped. A step's statements are what databases in the field went through: change
 # the schema with a new step at the end, never by editing one of these (this test then fails, on purpose).
-SHIPPED = {1: "fad59918081d412c", 2: "3352f25b29c283d3", 3: "fe31e400523d78c2"}
+SHIPPED = {1: "fad59918081d412c", 2: "3352f25b29c283d3", 3: "fe31e400523d78c2", 4: "9a534aa944cfc60c"}
 
 
 def fingerprint(version: int) -> str:
@@ -45,7 +45,8 @@ def columns(db: FleetDB) -> dict[str, list[str]]:
 
 def test_both_engines_end_with_the_same_tables_and_columns(cloud_db: FleetDB, tmp_path: Path) -> None:
     reference = columns(CloudDB(tmp_path / "reference.sqlite"))
-    assert set(reference) == {"vehicles", "signals", "samples", "alerts", "events", "ranges", "counters"}
+    assert set(reference) == {"vehicles", "signals", "samples", "alerts", "events", "ranges", "counters",
+                              "model_packages", "rollouts", "rollout_vehicles", "vehicle_models"}
     assert columns(cloud_db) == reference
 
 
@@ -81,3 +82,22 @@ def test_a_database_newer_than_the_code_is_refused_on_both_engines(cloud_db: Fle
     fresh.close()
     with pytest.raises(CloudDBError, match="newer than this cloud_sync"):
         open_db(url, tmp_path / "unused.sqlite")
+
+
+def test_a_version_3_database_gains_the_model_tables_and_keeps_its_data(tmp_path: Path) -> None:
+    path = tmp_path / "cloud.sqlite"
+    CloudDB(path).close()
+    con = sqlite3.connect(path)
+    for t in ("model_packages", "rollouts", "rollout_vehicles", "vehicle_models"):
+        con.execute(f"DROP TABLE {t}")
+    con.execute("INSERT INTO vehicles VALUES ('v1', 'f1', 1.0, 2.0, 1, NULL)")
+    con.execute("PRAGMA user_version=3")  # as a version-3 receiver left it
+    con.commit()
+    con.close()
+    db = CloudDB(path)
+    try:
+        assert db.read("PRAGMA user_version") == [(SCHEMA_VERSION,)]
+        assert db.read("SELECT vehicle, fleet FROM vehicles") == [("v1", "f1")]
+        assert {"model_packages", "rollouts", "rollout_vehicles", "vehicle_models"} <= set(columns(db))
+    finally:
+        db.close()

@@ -32,6 +32,7 @@ pytestmark = pytest.mark.slow
 
 # The files the example config names that a CI machine does not have; each must be reported, none checked.
 EXAMPLE_ABSENT = [
+    "/etc/harvester-agent/keys",
     "/etc/harvester-agent/tls/ca.pem",
     "/etc/harvester-agent/tls/vehicle.key",
     "/etc/harvester-agent/tls/vehicle.pem",
@@ -81,7 +82,7 @@ def test_the_units_exec_start_checks_the_example_config(venv: VehicleVenv) -> No
     assert not [line for line in lines if line.startswith("error")]
     # The J1939 definitions are package data: a wheel without them would fail here.
     assert any(line.startswith("ok     dbc      bus can0: built-in J1939 definitions") for line in lines), r.stdout
-    assert lines[-1].startswith("config OK; 4 file(s) it names are not present on this machine")
+    assert lines[-1].startswith("config OK; 5 file(s) it names are not present on this machine")
 
     # Without --allow-absent the same check refuses: on a vehicle, those files must be there.
     strict = subprocess.run(cmd[:-1], capture_output=True, text=True, timeout=120, cwd=venv.root, env=vehicle_env())

@@ -26,6 +26,7 @@ from cloud_sync.db_sqlite import CloudDB
 from cloud_sync.web import WebServer, make_server
 from harvester_common import wire
 from tests.test_cloud_db import T0, alert, event, samples, seed_fleet
+from tests.test_cloud_rollouts_db import package, report
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 HOSTILE = "<script>window.pwned=1</script>"
@@ -54,6 +55,17 @@ def site(tmp_path: Path) -> Iterator[str]:
         event(15, "source_up", {"source": "gps", "down_s": 2.0})])])
     db.set_status("f1", HOSTILE, {"state": "online", "metrics": {"counters": {
         "source.can0.errors": {HOSTILE: 3, "open_failed": 0}, "uplink.ack_timeouts": 2, "writer.x": "9"}}})
+    # A rollout halted by v1's rejection, whose reason (the vehicle's text) is markup; v2's wave never started.
+    new, new_data = package("1.1.0")
+    old, old_data = package("1.0.0")
+    for info, data in ((old, old_data), (new, new_data)):
+        db.publish_package(info, data)
+    rid = db.create_rollout(new, [[("v1", "f1")], [("v2", "f1")]], mode="update", plan={"canary": 1},
+                            success_threshold=0.9, error_threshold=0.2, by="alice")
+    with db.rollout_tx() as tx:
+        tx.mark_sent(rid, ["v1"])
+        tx.set_state(rid, "halted", f"wave 1 of 2: 1 of 1 vehicles failed: v1 rejected ({HOSTILE})")
+    db.set_model_status("f1", "v1", report(3, "rejected", new, active=old, reason=HOSTILE))
     # A name a reverse proxy forwards, allowed as `cloud-sync web --allow-host` allows it.
     server: WebServer = make_server(db, "127.0.0.1", 0, allowed_hosts=["Fleet.example"])
     t = threading.Thread(target=server.serve_forever, daemon=True)
@@ -86,6 +98,15 @@ def test_json_endpoints_and_their_errors(site: str) -> None:
     assert hostile_row["sources"] == {"can0": {"up": False, "ts": T0, "reason": "bus_error", "error": HOSTILE},
                                       "gps": {"up": True, "ts": T0, "reason": "", "error": ""}}
     assert all(v["metrics"] == {} and v["sources"] == {} for v in json.loads(body)["vehicles"][1:])
+    models = {v["vehicle"]: v["model"] for v in json.loads(body)["vehicles"]}
+    assert models["v1"] == {"active": {"name": "harvester-anomaly", "version": "1.0.0"},
+                            "desired": {"name": "harvester-anomaly", "version": "1.1.0", "rollout": 1},
+                            "state": "rejected", "reason": HOSTILE}
+    status, body = raw(site + "/api/rollouts")
+    assert status == 200 and b"<" not in body
+    (r,) = json.loads(body)["rollouts"]
+    assert (r["id"], r["state"], r["failed"]) == (1, "halted", [{"vehicle": "v1", "wave": 1, "state": "rejected",
+                                                                 "reason": HOSTILE}])
     status, alerts = get(site + "/api/alerts?state=open")
     assert status == 200 and {a["alert_id"] for a in alerts["alerts"]} == {"a1", "a9", "a10"}
     assert {(a["vehicle"], a["seq"]) for a in alerts["alerts"]} == {("v1", 1001), (HOSTILE, 11), (HOSTILE, 12)}
@@ -132,7 +153,8 @@ CSP = {"default-src": "'none'", "script-src": "'self'", "style-src": "'self'", "
 
 
 def test_every_response_has_a_strict_csp(site: str) -> None:
-    for path in ("/", "/static/page.js", "/static/page.css", "/api/fleet", "/api/alert/v1/x", "/nope"):
+    for path in ("/", "/static/page.js", "/static/page.css", "/api/fleet", "/api/rollouts", "/api/alert/v1/x",
+                 "/nope"):
         try:
             r = urllib.request.urlopen(site + path, timeout=10)
         except urllib.error.HTTPError as e:
@@ -260,9 +282,18 @@ def test_page_shows_fleet_and_alerts_and_plots_an_alert(site: str, browser: Any,
     assert f"source.can0.errors{{{HOSTILE}}} 3, uplink.ack_timeouts 2" in texts[0]
     src_cell = rows[0].find_element(By.CSS_SELECTOR, "td.sources")
     assert "open" in src_cell.get_attribute("class") and HOSTILE in src_cell.get_attribute("title")
+    # v1's model: it runs 1.0.0, was asked for 1.1.0 and rejected it (the reason on hover, as text).
+    assert "1.0.0 → 1.1.0 rejected" in texts[1]
+    assert rows[1].find_element(By.CSS_SELECTOR, "td.step").get_attribute("title") == HOSTILE
+    # The rollout: halted with v1's reason, shown as text; a line per wave.
+    (ro_row,) = browser.find_elements(By.CSS_SELECTOR, "table#rollouts tbody tr")
+    assert f"halted: wave 1 of 2: 1 of 1 vehicles failed: v1 rejected ({HOSTILE})" in ro_row.text
+    assert "wave 1: 0/1 active, 1 failed, 1 sent" in ro_row.text and "wave 2: 0/1 active, 0 failed, 0 sent" in \
+        ro_row.text
+    assert f"v1 rejected ({HOSTILE})" in ro_row.find_element(By.CSS_SELECTOR, "td.failed").text
     # The markup id stayed text: shown verbatim, no element made of it, nothing ran.
     assert browser.execute_script("return window.pwned === undefined && document.scripts.length === 1")
-    assert not browser.find_elements(By.CSS_SELECTOR, "table#fleet script")
+    assert not browser.find_elements(By.CSS_SELECTOR, "table#fleet script, table#rollouts script")
     alerts = browser.find_elements(By.CSS_SELECTOR, "table#alerts tbody tr")
     by_id = {(r.get_attribute("data-vehicle"), r.get_attribute("data-seq")): r.text for r in alerts}
     assert set(by_id) == {("v1", "1001"), ("v2", "101"), ("v2", "102"), (HOSTILE, "11"), (HOSTILE, "12")}

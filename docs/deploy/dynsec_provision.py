@@ -40,7 +40,8 @@ ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 CLOUD_USER = "cloud-sync"  # the receivers' certificate CN
 ADMIN_USER = "fleet-admin"  # the CN of whoever runs `add`/`remove` against a live broker
 CONTROL_TOPIC = "$CONTROL/dynamic-security/v1"
-UPLINK_LEAVES = ("telemetry", "alerts", "events", "status")
+UPLINK_LEAVES = ("telemetry", "alerts", "events", "status", "model/get", "model/status")
+OWN_DOWNLINK_LEAVES = ("ack", "cmd/#", "model/desired", "model/chunk")  # the cloud writes them, the vehicle reads
 CLOUD_ROLE = "cloud-receiver"
 ADMIN_ROLE = "dynsec-admin"
 VEHICLE_ROLE_PREFIX = "vehicle:"  # ':' is outside ID_PATTERN, so no vehicle's role can be named like another one
@@ -107,10 +108,11 @@ def _acl(acltype: str, topic: str) -> Acl:
 
 
 def vehicle_acls(v: Vehicle) -> list[Acl]:
-    """Its own uplink leaves to publish; its own ack and cmd subtree, and its fleet's cmd subtree, to subscribe to
-    and receive. Nothing else, `$share/...` included: the default for every ACL type except unsubscribe is deny."""
+    """Its own uplink leaves to publish; its own downlink (acks, commands, desired model, model chunks), and its
+    fleet's cmd subtree, to subscribe to and receive. Nothing else, `$share/...` included: the default for every ACL
+    type except unsubscribe is deny."""
     own = f"fleet/{v.fleet}/vehicle/{v.id}"
-    down = (f"{own}/ack", f"{own}/cmd/#", f"fleet/{v.fleet}/cmd/#")
+    down = (*(f"{own}/{leaf}" for leaf in OWN_DOWNLINK_LEAVES), f"fleet/{v.fleet}/cmd/#")
     return ([_acl("publishClientSend", f"{own}/{leaf}") for leaf in UPLINK_LEAVES]
             + [_acl("subscribePattern", t) for t in down]
             + [_acl("publishClientReceive", t) for t in down])
@@ -118,14 +120,14 @@ def vehicle_acls(v: Vehicle) -> list[Acl]:
 
 def cloud_acls() -> list[Acl]:
     """The receivers: every vehicle's uplink, through a shared subscription under any group name (`share_group` is
-    theirs to choose) or directly (to read a retained status); they write acks and commands."""
+    theirs to choose) or directly (to read a retained status); they write every vehicle's downlink and commands."""
     acls: list[Acl] = []
     for leaf in UPLINK_LEAVES:
         acls += [_acl("subscribePattern", f"$share/+/fleet/+/vehicle/+/{leaf}"),
                  _acl("subscribePattern", f"fleet/+/vehicle/+/{leaf}"),
                  _acl("publishClientReceive", f"fleet/+/vehicle/+/{leaf}")]
     return acls + [_acl("publishClientSend", t)
-                   for t in ("fleet/+/vehicle/+/ack", "fleet/+/vehicle/+/cmd/#", "fleet/+/cmd/#")]
+                   for t in (*(f"fleet/+/vehicle/+/{leaf}" for leaf in OWN_DOWNLINK_LEAVES), "fleet/+/cmd/#")]
 
 
 def admin_acls() -> list[Acl]:
