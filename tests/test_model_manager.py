@@ -368,3 +368,37 @@ def test_any_sequence_of_model_messages_leaves_the_manager_standing(
         assert seqs == sorted(seqs)
 
     run()
+
+
+def test_a_restart_between_the_pointer_and_the_report_carries_the_step_to_its_end(tmp_path: Path, keys: Keys) -> None:
+    """Killed after the switch rewrote the pointer and before its report: an update is watched, an operator's
+    rollback is reported done."""
+    rig = Rig(tmp_path, keys)
+    p2, p3 = rig.package("2"), rig.package("3")
+    rig.offer(p2)
+    rig.run(400)
+    state_file = tmp_path / "models" / "state.json"
+    rig.offer(p3)
+    rig.pump()
+    assert rig.states()[-1] == "verified"
+    saved = state_file.read_bytes()
+    rig.run(150)
+    assert rig.states()[-1] == "active:None"
+    state_file.write_bytes(saved)  # the report after the pointer never made it to disk
+    rig.restart()
+    rig.mgr.drive(rig.p)
+    rig.pump()
+    assert rig.states()[-1] == "active:None" and rig.p.update_kind == "watch"
+    rig.run(150)
+    assert rig.states()[-1] == "active:True"
+    rig.offer(p2, mode="rollback")
+    rig.pump()
+    saved = state_file.read_bytes()  # "verified", about the rollback
+    rig.run(60)
+    assert rig.states()[-1] == "active:True" and rig.p.scorer.contract.model_version == "2"  # type: ignore[union-attr]
+    state_file.write_bytes(saved)
+    rig.restart()
+    rig.mgr.drive(rig.p)
+    rig.pump()
+    assert rig.states()[-1] == "active:True" and rig.p.update_kind is None
+    assert rig.statuses[-1].target is not None and rig.statuses[-1].target["version"] == "2"

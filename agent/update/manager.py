@@ -158,7 +158,12 @@ class ModelManager:
         self._base = base if isinstance(base, dict) else None
         target = (status.target or {}).get("package_sha256", "")
         active_pkg = self.active.package if self.active is not None else ""
-        if (status.state == "active" and target == active_pkg and status.healthy is None) \
+        if status.state == "verified" and target and target == active_pkg and self._desired is not None \
+                and self._desired.mode == "rollback":
+            # An operator's rollback cut short between its pointer and its report: done, and never watched.
+            self._step = "active"
+            self._report("active", healthy=True, reason="an operator's rollback: no shadow run")
+        elif (status.state == "active" and target == active_pkg and status.healthy is None) \
                 or (status.state in ("verified", "shadow") and target and target == active_pkg):
             # Cut short in the watch (or between the switch's pointer and its report): watch again from zero.
             self._resume_watch(status.state != "active")
