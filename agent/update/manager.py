@@ -538,7 +538,8 @@ class ModelManager:
             return {
                 "active": {"name": self.active.name, "version": self.active.version} if self.active else None,
                 "desired": {"name": w.name, "version": w.version, "mode": w.mode} if w else None,
-                "state": self._step if self._step != "watch" else "active",
+                # As model/status says it (mw.STATES, or idle): the watch is `active`, a warm-up `verified`.
+                "state": {"watch": "active", "switching": "verified"}.get(self._step, self._step),
                 "healthy": None if self._step == "watch" else (self._last or {}).get("healthy"),
                 "seq": (self._last or {}).get("seq"),
             }
