@@ -117,6 +117,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         raise CliError(str(e)) from None
     st["vehicle"] = cfg.vehicle.id
     st["fleet"] = cfg.vehicle.fleet
+    st["model"] = _model_view(cfg)
     if args.json:
         print(json.dumps(st, indent=2))
         return 0
@@ -136,6 +137,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"evicted          {ev['samples']} samples, {ev['records']} records in {ev['evictions']} evictions")
     print("backlog          " + (", ".join(f"{k}: {v['records']}" for k, v in sorted(st["backlog"].items()))
                                   or "empty"))
+    print_model_view(st["model"])
     if st["metrics"] is None:
         print(f"counters         none saved yet (the agent saves them every {cfg.mqtt.status_interval_s:g} s and "
               "when it stops)")
@@ -147,6 +149,38 @@ def cmd_status(args: argparse.Namespace) -> int:
         for name, n in sorted(nonzero.items()):
             print(f"  {name:56s} {n}")
     return 0
+
+
+def _model_view(cfg: AgentConfig) -> dict[str, Any]:
+    from agent.config import model_dir
+    from agent.update.modeldir import read_view
+
+    return read_view(model_dir(cfg))
+
+
+def print_model_view(m: dict[str, Any]) -> None:
+    """The model directory's pointer and the update's latest step (agent/update/modeldir.py, `read_view`)."""
+
+    def name(ref: dict[str, Any] | None) -> str:
+        if ref is None:
+            return "none"
+        where = f"package {ref['package'][:12]}" if ref["package"] else "the installed model"
+        return f"{ref['name']} {ref['version']} ({where})"
+
+    if m["active"] is None:
+        print(f"model            the installed model ([model] path; no update in {m['dir']})")
+    else:
+        print(f"model            {name(m['active'])}, previous {name(m['previous'])}")
+    step = m["step"]
+    if step is not None:
+        target = step.get("target") or {}
+        what = f" {target.get('name', '')} {target.get('version', '')}" if target else ""
+        health = {None: " (watched)", True: " (healthy)", False: " (unhealthy)"}.get(step.get("healthy")) \
+            if step.get("state") == "active" else ""
+        reason = f": {step['reason']}" if step.get("reason") else ""
+        print(f"model step       {step.get('state')}{what}{health}, seq {step.get('seq')}{reason}")
+    for e in m["errors"]:
+        print(f"model dir        unreadable: {e}")
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
@@ -279,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("status", help="report what the store holds",
                         description="Records written and acknowledged (alerts and events apart), highest sequence "
-                        "number, backlog by kind, last acknowledged. Reads the store read-only, beside a running agent."
+                        "number, backlog by kind, last acknowledged; the model scoring and the model update's latest "
+                        "step. Reads the store and the model directory read-only, beside a running agent."
                         )
     st.add_argument("--config", required=True, help="agent TOML config")
     st.add_argument("--json", action="store_true", help="print one JSON object")

@@ -136,6 +136,45 @@ class ModelConfig(_Section):
         "public key files (PEM), or directories whose every `*.pub` is one. A key is known by the SHA-256 of the "
         "key itself, not by its file name: rotate keys by adding the new one's file, then removing the old. A "
         "named file that is missing or not such a key is an error. Empty (the default): no package is accepted."))
+    # Model updates on the vehicle (docs/models.md, "On the vehicle: download, shadow, switch, rollback").
+    dir: Path | None = Field(None, description=(
+        "the model directory: packages received from the cloud (by package hash), a partial download, the pointer "
+        "to the active and previous package (`active.json`) and the update step (`state.json`). Unset: `models` "
+        "beside the store (`/var/lib/harvester-agent/models` with the default `[store] path`, inside the unit's "
+        "StateDirectory). At start the agent scores with the pointer's active package if it loads and verifies, "
+        "else the previous one, else `path`."))
+    download_window: int = Field(4, ge=1, le=64, description=(
+        "chunks of a package requested and not yet received at any time (`model/get`): bounds what a lost link "
+        "wastes and what the cloud sends at once."))
+    chunk_timeout_s: float = Field(30.0, gt=0, le=3600, description=(
+        "a requested chunk not received within this time is requested again."))
+    chunk_max_bad: int = Field(5, ge=1, le=1000, description=(
+        "a chunk that arrives this many times with data that does not match its hash fails the download "
+        "(`failed`, the reason names the chunk); each bad one is dropped, counted and requested again."))
+    shadow_windows: int = Field(120, ge=1, le=100_000, description=(
+        "a verified candidate scores this many windows beside the active model (its own feature windows, once "
+        "they hold a full window of data) before the decision (ten minutes at a 5 s hop)."))
+    shadow_max_invalid_rate: float = Field(0.01, ge=0, le=1, description=(
+        "the candidate is rejected when its share of windows with a non-finite output is more than this above "
+        "the active model's ..."))
+    shadow_max_alert_rate_increase: float = Field(0.05, ge=0, le=1, description=(
+        "... or its share of windows in alert state (its own alert logic, with its contract's policy) is more "
+        "than this above the active model's ..."))
+    shadow_max_latency_ratio: float = Field(4.0, ge=1, le=1000, description=(
+        "... or the 95th percentile of its time per scoring call is more than this many times the active "
+        "model's ..."))
+    shadow_latency_floor_ms: float = Field(5.0, ge=0, le=10_000, description=(
+        "... and above this (a floor: both models in microseconds says nothing about a vehicle's CPU) ..."))
+    shadow_min_scored_ratio: float = Field(0.9, ge=0, le=1, description=(
+        "... or it scores fewer windows than this share of what the active model scored. A scoring call that "
+        "raises rejects it at once."))
+    watch_windows: int = Field(120, ge=1, le=100_000, description=(
+        "after the switch the new model is watched for this many windows with the same bounds, against the "
+        "figures the previous model had in the shadow run; it is rolled back at once (at a window boundary) "
+        "when they fail, and reported healthy when they pass."))
+    progress_interval_s: float = Field(10.0, ge=1, le=3600, description=(
+        "while a package downloads or a candidate shadows, `model/status` reports progress at most this often "
+        "(every step change is reported at once)."))
 
     def drift_policy(self) -> DriftPolicy:
         return DriftPolicy(self.drift_z_max, self.drift_std_ratio_max, self.drift_missing_max, self.drift_min_windows,
@@ -258,6 +297,11 @@ class AgentConfig(_Section):
                                  "[[serial]]); every bus and serial device needs its own name")
             seen.add(name)
         return self
+
+
+def model_dir(cfg: AgentConfig) -> Path:
+    """`[model] dir`, or `models` beside the store."""
+    return cfg.model.dir if cfg.model.dir is not None else cfg.store.path.parent / "models"
 
 
 def load_config(path: str | Path) -> AgentConfig:

@@ -12,6 +12,16 @@ transaction; the alert also every `alert_heartbeat_s` while open (so that a rest
 gone); the drift statistics with each drift report. At start the writer reads them back and hands them to
 `resume`: DTCs still active are not announced again, and the open alert is carried on or closed with a reason
 (agent/alerts.py).
+
+A model update happens here, at window boundaries (after a batch, when every model has closed the windows its
+samples end): a verified candidate (agent/update/manager.py hands it over) gets its own feature windows fed the
+same samples (it may have other features or another hop) and scores beside the active model, its figures and the
+decision in agent/update/shadow.py. It replaces the active model only when the decision passes and no alert is
+open (it waits while one is). At the switch its windows, already warm, carry on; the new model gets a new alert
+tracker and drift monitor; its windows that closed after the old model's last one (on another grid, up to a batch
+before) are scored by it at once; and the old model stays in memory, its windows fed, until the watch ends, so
+that a rollback is a swap too. Windows no model scored across a switch (a gap on the new model's grid, or a window
+it started cold) are counted (`model_switch_unscored_windows`): zero by construction, and tested.
 """
 
 from __future__ import annotations
@@ -35,8 +45,9 @@ from agent.features import FeatureEngine, FeatureRow
 from agent.frames import FrameBatch
 from agent.metrics import Metrics, counts
 from agent.records import Event, SampleArrays
-from agent.scoring import Scorer
+from agent.scoring import ScoreBatch, Scorer
 from agent.signals import SignalRegistry
+from agent.update.shadow import Figures, ShadowBounds, ShadowRun, UpdateEvent, decide, doomed
 
 log = logging.getLogger("agent.pipeline")
 
@@ -79,6 +90,79 @@ class PipelineStats:
     source_events: int = 0  # source_down / source_up passed on to the sink
     last_score: float = math.nan
     errors: Counter[str] = field(default_factory=Counter)
+    model_switches: int = 0  # switches to another model (a candidate, or back to the previous one)
+    model_switch_unscored_windows: int = 0  # windows no model scored across a switch: must stay 0
+
+
+class ModelSlot:
+    """One model with its own feature windows and alert logic: the active one, a candidate shadowing it, or the
+    previous one kept warm while the new one is watched."""
+
+    __slots__ = ("engine", "last_ts", "scorer", "sid_map", "switched_in", "t0", "tracker")
+
+    def __init__(self, scorer: Scorer) -> None:
+        c = scorer.contract
+        self.scorer = scorer
+        self.engine = FeatureEngine(c.features, c.hop_s)
+        self.tracker = AlertTracker(c.alert, c.model_name, c.model_version)
+        self.sid_map = np.zeros(0, np.int32)  # registry id -> the engine's signal index (-1: not used)
+        self.t0 = math.nan  # data time of the first sample fed: a window that starts before it is warm-up
+        self.last_ts = math.nan  # data time of the latest sample fed
+        self.switched_in = False  # became the active model by a switch (its first windows are checked)
+
+    def index(self, registry: SignalRegistry, sid: npt.NDArray[np.int32]) -> npt.NDArray[np.int32]:
+        if len(registry) > self.sid_map.size:
+            old = self.sid_map.size
+            grown = np.full(len(registry), -1, np.int32)
+            grown[:old] = self.sid_map
+            for i in range(old, len(registry)):
+                grown[i] = self.engine.signal_index.get(registry.name(i), -1)
+            self.sid_map = grown
+        return self.sid_map[sid]
+
+    def feed(self, registry: SignalRegistry, s: SampleArrays, track: bool) -> list[FeatureRow]:
+        """Its windows closed by these samples; `track`: keep the data time it has seen (needed while an update
+        runs; the steady path skips it)."""
+        idx = self.index(registry, s.sid)
+        if track or math.isnan(self.t0):
+            used = s.ts[idx >= 0]
+            if used.size:
+                if math.isnan(self.t0):
+                    self.t0 = float(used.min())
+                hi = float(used.max())
+                self.last_ts = hi if math.isnan(self.last_ts) else max(self.last_ts, hi)
+        return self.engine.feed(s.ts, idx, s.value)
+
+    @property
+    def warm(self) -> bool:
+        """The next window it closes holds a full window of data (it has seen that much since its first sample)."""
+        return self.last_ts - self.t0 >= self.engine.max_window_s
+
+    def fresh_tracker(self) -> None:
+        c = self.scorer.contract
+        self.tracker = AlertTracker(c.alert, c.model_name, c.model_version)
+
+
+class _Update:
+    """What the pipeline is doing with a model update: `shadow` (a candidate scores beside the active model),
+    `warmup` (a candidate is fed until warm, then switched to without a decision: an operator's rollback), or
+    `watch` (the new model is watched; `slot` is the previous one, kept warm for a rollback)."""
+
+    __slots__ = ("bounds", "kind", "last_rows", "rollback", "run", "slot", "tag")
+
+    def __init__(self, kind: str, tag: Any, slot: ModelSlot | None, bounds: ShadowBounds) -> None:
+        self.kind = kind
+        self.tag = tag
+        self.slot = slot
+        self.bounds = bounds
+        self.run = ShadowRun(bounds)  # watch: `cand` is the new model live, `base` the old one's shadow figures
+        self.last_rows: list[FeatureRow] = []  # `slot`'s windows that close after the active model's latest
+        self.rollback = ""  # watch: why a rollback is due (done once the previous model is warm)
+
+
+def _invalid(res: ScoreBatch) -> npt.NDArray[np.bool_]:
+    """Windows the network was run on (every required feature, familiar) whose output was not finite."""
+    return ~res.missing_required & ~res.unfamiliar & ~res.scored
 
 
 def _copy(c: Counter[str]) -> dict[str, int]:
@@ -104,36 +188,51 @@ class Pipeline:
         alert_resume_s: float = _MODEL.alert_resume_s,
         alert_heartbeat_s: float = _MODEL.alert_heartbeat_s,
         metrics: Metrics | None = None,
+        on_update: Callable[[UpdateEvent], None] | None = None,
     ) -> None:
         self.tap = tap  # sees every decoded sample batch (replay statistics)
         self.registry = registry
         self.decoders: dict[str, Decoder[Any]] = dict(decoders)  # per source: a CAN bus, a serial device
-        self.scorer = scorer
         self.sink = sink  # None: nothing is kept (a run for its statistics only)
         self.alert_resume_s = alert_resume_s
         self.alert_heartbeat_s = alert_heartbeat_s  # wall-clock seconds between saves of an open alert's sign of life
         self.stats = PipelineStats()
         self._alert_saved_at = 0.0
-        self.engine: FeatureEngine | None = None
-        self.tracker: AlertTracker | None = None
-        self._sid_map = np.zeros(0, np.int32)
-        if scorer is not None:
-            c = scorer.contract
-            self.engine = FeatureEngine(c.features, c.hop_s)
-            self.tracker = AlertTracker(c.alert, c.model_name, c.model_version)
+        self.active = ModelSlot(scorer) if scorer is not None else None
         self.drift: DriftMonitor | None = None
+        self.drift_policy = drift_policy or _MODEL.drift_policy()
         self.drift_interval_s = drift_interval_s
         self._drift_next = math.nan  # data time of the next periodic drift report
         self._drift_flag = False
         self._drift_key = ""
-        if scorer is not None and isinstance(scorer.contract.training.get("feature_stats"), dict):
-            c = scorer.contract
-            self.drift = DriftMonitor([f.name for f in c.features], c.training["feature_stats"],
-                                      drift_policy or _MODEL.drift_policy())
-            self._drift_key = f"drift/{c.model_name}/{c.model_version}"
+        self._new_drift()
+        self.on_update = on_update  # the model manager, told of every step of an update (on this thread)
+        self._update: _Update | None = None
+        self._last_end = math.nan  # end of the latest window the active model was given
+        self._switch_mark: tuple[float, int] | None = None  # at a switch: that end, the new engine's empty closes
         self.metrics = metrics if metrics is not None else Metrics()
         self.metrics.collect("pipeline", self._counters)
         self.metrics.collect("decoder", self._decoder_counters)
+
+    @property
+    def scorer(self) -> Scorer | None:
+        return self.active.scorer if self.active is not None else None
+
+    @property
+    def engine(self) -> FeatureEngine | None:
+        return self.active.engine if self.active is not None else None
+
+    @property
+    def tracker(self) -> AlertTracker | None:
+        return self.active.tracker if self.active is not None else None
+
+    def _new_drift(self) -> None:
+        """A drift monitor for the active model (one whose contract carries training statistics)."""
+        self.drift, self._drift_key, self._drift_flag, self._drift_next = None, "", False, math.nan
+        if self.active is not None and isinstance(self.active.scorer.contract.training.get("feature_stats"), dict):
+            c = self.active.scorer.contract
+            self.drift = DriftMonitor([f.name for f in c.features], c.training["feature_stats"], self.drift_policy)
+            self._drift_key = f"drift/{c.model_name}/{c.model_version}"
 
     def _counters(self) -> dict[str, Any]:
         """For the metrics registry: read at each snapshot, so the hot path keeps its plain integers."""
@@ -144,6 +243,7 @@ class Pipeline:
             "windows_missing_features": st.windows_missing, "alerts_opened": st.alerts_opened,
             "alerts_closed": st.alerts_closed, "alerts_carried": st.alerts_carried, "dtc_events": st.dtc_events,
             "source_events": st.source_events, "errors": counts(st.errors),
+            "model_switches": st.model_switches, "model_switch_unscored_windows": st.model_switch_unscored_windows,
             "missing_features": counts(st.missing_features), "unfamiliar_features": counts(st.unfamiliar_features),
         }
 
@@ -252,18 +352,6 @@ class Pipeline:
 
     # --- stages ----------------------------------------------------------------------------------------------
 
-    def _feature_index(self, sid: npt.NDArray[np.int32]) -> npt.NDArray[np.int32]:
-        """Registry ids → the feature engine's signal index (-1: not used by the model)."""
-        assert self.engine is not None
-        if len(self.registry) > self._sid_map.size:
-            old = self._sid_map.size
-            grown = np.full(len(self.registry), -1, np.int32)
-            grown[:old] = self._sid_map
-            for i in range(old, len(self.registry)):
-                grown[i] = self.engine.signal_index.get(self.registry.name(i), -1)
-            self._sid_map = grown
-        return self._sid_map[sid]
-
     def _samples(self, s: SampleArrays) -> None:
         if not len(s):
             return
@@ -272,16 +360,50 @@ class Pipeline:
             self.tap(s)
         if self.sink is not None:
             self.sink.append_samples(s)
-        if self.engine is not None:
-            rows = self.engine.feed(s.ts, self._feature_index(s.sid), s.value)
-            if rows:
-                self._score(rows)
+        up = self._update
+        rows = self.active.feed(self.registry, s, up is not None) if self.active is not None else []
+        other = up.slot.feed(self.registry, s, True) if up is not None and up.slot is not None else []
+        if rows:
+            self._score(rows)
+        if up is not None:
+            # Its windows that close after the active model's latest: if it takes over now, they are its first (on
+            # another grid, one may have closed a batch before the active model's next one).
+            last = self._last_end
+            up.last_rows = [r for r in (*up.last_rows, *other) if math.isnan(last) or r.end > last]
+            if other and up.kind == "shadow":
+                self._shadow(up, other)
+        if up is not None:
+            self._update_step(up, bool(rows or other))
 
     def _score(self, rows: list[FeatureRow]) -> None:
-        assert self.scorer is not None and self.tracker is not None
+        assert self.active is not None and self.scorer is not None and self.tracker is not None
         self.stats.windows += len(rows)
+        if self._switch_mark is not None or self.active.switched_in:
+            self._count_unscored(rows)
+        self._last_end = rows[-1].end
         x = np.stack([r.x for r in rows])
-        res = self.scorer.score(x)
+        up = self._update
+        # While a candidate shadows: the active model's figures over the same stretch as the candidate's counted
+        # windows (from its first full window on). While the new model is watched: its own.
+        figs: Figures | None = None
+        counted = np.ones(len(rows), bool)
+        if up is not None and up.kind == "watch":
+            figs = up.run.cand
+        elif up is not None and up.kind == "shadow" and up.slot is not None:
+            counted = np.array([r.end >= up.slot.t0 + up.slot.engine.max_window_s for r in rows])
+            figs = up.run.base if counted.any() else None
+        t = time.perf_counter()
+        try:
+            res = self.scorer.score(x)
+        except Exception:
+            if figs is None or up is None or up.kind != "watch":
+                raise
+            # The new model raised: its watch has failed (rolled back at this boundary); nothing to act on here.
+            figs.add_error(len(rows), time.perf_counter() - t)
+            self.stats.errors["model_scoring_raised"] += 1
+            log.exception("the new model raised while scoring")
+            return
+        took = time.perf_counter() - t
         if self.drift is not None:
             self._check_drift(x, rows[-1].end, res.outside)
         st = self.stats
@@ -294,26 +416,227 @@ class Pipeline:
             st.missing_features[names[j]] += int((~res.present[:, j]).sum())
         for j in np.flatnonzero(res.outside.any(axis=0)).tolist():
             st.unfamiliar_features[names[j]] += int(res.outside[:, j].sum())
+        in_alert = np.zeros(len(rows), bool)  # the alert state after each window
         for i, row in enumerate(rows):
-            score = float(res.scores[i])
-            if not res.scored[i]:
-                continue  # unfamiliar or lacking: no evidence either way, the alert state holds
-            self.stats.last_score = score
-            present = [names[j] for j in np.flatnonzero(res.present[i]).tolist()]
-            ctx = AlertContext(row.start, row.end, res.labels[i], snapshot=row.snapshot, features_present=present)
-            was_open = self.tracker.open is not None
-            alert = self.tracker.update(score, ctx)
-            if alert is None:
-                continue
-            if not was_open:
-                alert.top_features = self.scorer.explain(row.x)
-                self.stats.alerts_opened += 1
-                log.warning("alert %s opened: %s score %.3f", alert.alert_id[:8], alert.label, score)
-            else:
-                self.stats.alerts_closed += 1
-                log.info("alert %s closed", alert.alert_id[:8])
-            # The open alert, or None once closed: in the record's transaction.
-            self._emit([("alert", alert.to_dict())], self._alert_state())
+            self._act(i, row, res, names)
+            in_alert[i] = self.tracker.open is not None
+        if figs is not None and up is not None:
+            ok = res.scored & counted
+            figs.add(int(counted.sum()), int(ok.sum()), int((_invalid(res) & counted).sum()),
+                     int((in_alert & counted).sum()), took)
+            if up.kind == "shadow":
+                up.run.scored_ends(1, [r.end for r, k in zip(rows, ok.tolist(), strict=True) if k])
+
+    def _act(self, i: int, row: FeatureRow, res: ScoreBatch, names: list[str]) -> None:
+        """One window's score into the active model's alert logic."""
+        assert self.scorer is not None and self.tracker is not None
+        if not res.scored[i]:
+            return  # unfamiliar or lacking: no evidence either way, the alert state holds
+        score = float(res.scores[i])
+        self.stats.last_score = score
+        present = [names[j] for j in np.flatnonzero(res.present[i]).tolist()]
+        ctx = AlertContext(row.start, row.end, res.labels[i], snapshot=row.snapshot, features_present=present)
+        was_open = self.tracker.open is not None
+        alert = self.tracker.update(score, ctx)
+        if alert is None:
+            return
+        if not was_open:
+            alert.top_features = self.scorer.explain(row.x)
+            self.stats.alerts_opened += 1
+            log.warning("alert %s opened: %s score %.3f", alert.alert_id[:8], alert.label, score)
+        else:
+            self.stats.alerts_closed += 1
+            log.info("alert %s closed", alert.alert_id[:8])
+        # The open alert, or None once closed: in the record's transaction.
+        self._emit([("alert", alert.to_dict())], self._alert_state())
+
+    # --- model updates -----------------------------------------------------------------------------------------
+
+    @property
+    def update_kind(self) -> str | None:
+        """`shadow`, `warmup`, `watch`, or None: what the pipeline is doing with a model update."""
+        return self._update.kind if self._update is not None else None
+
+    def shadow(self, scorer: Scorer, tag: Any, bounds: ShadowBounds) -> bool:
+        """Score `scorer` beside the active model and switch to it if its figures pass (`bounds`); every step is
+        told to `on_update` with `tag`. Replaces a candidate already shadowing; False (nothing done) while a watch
+        runs."""
+        return self._begin("shadow", scorer, tag, bounds)
+
+    def switch_to(self, scorer: Scorer, tag: Any, bounds: ShadowBounds) -> bool:
+        """Switch to `scorer` without a shadow run (an operator's rollback): its windows are fed until they hold a
+        full window of data, then it replaces the active model at the next boundary, an open alert closed
+        (`model_changed`). No watch follows."""
+        return self._begin("warmup", scorer, tag, bounds)
+
+    def _begin(self, kind: str, scorer: Scorer, tag: Any, bounds: ShadowBounds) -> bool:
+        if self._update is not None and self._update.kind == "watch":
+            return False
+        self._update = _Update(kind, tag, ModelSlot(scorer), bounds)
+        if kind == "shadow":
+            self._tell(UpdateEvent("shadow", tag, figures=self._update.run.figures()))
+        return True
+
+    def cancel(self) -> bool:
+        """Drop a candidate that shadows or warms up (not a watch: that model already scores)."""
+        if self._update is None or self._update.kind == "watch":
+            return False
+        self._update = None
+        return True
+
+    def roll_back(self, reason: str) -> bool:
+        """While the new model is watched: go back to the previous one at the next boundary where it is warm."""
+        if self._update is None or self._update.kind != "watch" or self._update.slot is None:
+            return False
+        self._update.rollback = reason
+        self._update_step(self._update, False)
+        return True
+
+    def watch(self, previous: Scorer | None, tag: Any, base: Figures, bounds: ShadowBounds) -> None:
+        """Resume the watch of the active model after a restart: `previous` is fed from now on (a rollback waits
+        until it is warm), and the active model is judged against `base`, the figures the previous model had in
+        the shadow run."""
+        up = _Update("watch", tag, ModelSlot(previous) if previous is not None else None, bounds)
+        up.run.base = base
+        self._update = up
+
+    def _tell(self, ev: UpdateEvent) -> None:
+        if self.on_update is not None:
+            self.on_update(ev)
+
+    def _shadow(self, up: _Update, rows: list[FeatureRow]) -> None:
+        """The candidate's windows of one batch: scored, fed to its own alert logic, counted; nothing emitted."""
+        assert up.slot is not None
+        slot = up.slot
+        warm = [r for r in rows if r.start >= slot.t0]
+        if not warm:
+            return
+        x = np.stack([r.x for r in warm])
+        t = time.perf_counter()
+        try:
+            res = slot.scorer.score(x)
+        except Exception as e:
+            up.run.cand.add_error(len(warm), time.perf_counter() - t)
+            self.stats.errors["candidate_scoring_raised"] += 1
+            log.warning("the candidate model raised while scoring: %s", str(e)[:300])
+            return
+        took = time.perf_counter() - t
+        in_alert = 0
+        for i, r in enumerate(warm):
+            if res.scored[i]:
+                slot.tracker.update(float(res.scores[i]), AlertContext(r.start, r.end, res.labels[i]))
+            in_alert += slot.tracker.open is not None
+        up.run.cand.add(len(warm), int(res.scored.sum()), int(_invalid(res).sum()), in_alert, took)
+        up.run.scored_ends(0, [r.end for r, k in zip(warm, res.scored.tolist(), strict=True) if k])
+
+    def _update_step(self, up: _Update, progressed: bool) -> None:
+        """At a window boundary: decide, switch, roll back, or carry on."""
+        run, b = up.run, up.bounds
+        if up.kind == "shadow":
+            # A call that raised decides at once; the rest at the end (the active model's figures still move).
+            if not run.cand.errors and not run.complete:
+                if progressed:
+                    self._tell(UpdateEvent("progress", up.tag, figures=run.figures()))
+                return
+            dec = run.decide()
+            if not dec.ok:
+                self._update = None
+                self._tell(UpdateEvent("rejected", up.tag, dec.reason, dec.figures))
+                return
+            if self.tracker is not None and self.tracker.open is not None:
+                if not run.waiting_for_alert:
+                    run.waiting_for_alert = True
+                    self._tell(UpdateEvent("waiting", up.tag, figures=run.figures()))
+                return
+            self._switch(up, watch=True)
+        elif up.kind == "warmup":
+            assert up.slot is not None
+            if up.slot.warm:
+                self._switch(up, watch=False)
+        else:
+            why = up.rollback or doomed(run.cand, run.base, b, b.watch_windows)
+            if not why and run.cand.windows >= b.watch_windows:
+                dec = decide(run.cand, run.base, b, "new model", "previous model in the shadow run", watch=True)
+                if dec.ok:
+                    self._update = None
+                    self._tell(UpdateEvent("healthy", up.tag, figures=dec.figures))
+                    return
+                why = dec.reason
+            if why and (up.slot is None or up.slot.warm):
+                self._roll_back(up, why)
+            elif why and not up.rollback:
+                up.rollback = why  # the previous model is still warming up (after a restart): at its first boundary
+
+    def _close_open_alert(self, reason: str) -> None:
+        if self.tracker is None:
+            return
+        closing = self.tracker.close_now(reason, time.time())
+        if closing is not None:
+            log.info("alert %s closed (%s)", closing.alert_id[:8], reason)
+            self.stats.alerts_closed += 1
+            self._emit([("alert", closing.to_dict())], {ALERT_STATE_KEY: None})
+
+    def _make_active(self, slot: ModelSlot | None) -> None:
+        """`slot` scores from now on, with a new alert tracker and drift monitor (the caller hands it the windows it
+        closed after the old model's last one: `_take_late`)."""
+        self._close_open_alert("model_changed")  # only a rollback gets here with one open; a shadow run waits
+        self._switch_mark = (self._last_end, slot.engine.windows_empty) if slot is not None else None
+        self.active = slot
+        self.stats.model_switches += 1
+        if slot is not None:
+            slot.fresh_tracker()
+            slot.switched_in = True
+        self._new_drift()
+
+    def _switch(self, up: _Update, watch: bool) -> None:
+        assert up.slot is not None
+        old, new, last = self.active, up.slot, self._last_end
+        c = new.scorer.contract
+        log.warning("model: switching to %s %s at the window ending %.1f", c.model_name, c.model_version, last)
+        self._make_active(new)
+        base = up.run.base
+        if watch:
+            self._update = _Update("watch", up.tag, old, up.bounds)
+            self._update.run.base = base
+        else:
+            self._update = None
+        self._tell(UpdateEvent("switched", up.tag, figures=up.run.figures(), watch=watch, base=base.to_dict()))
+        self._take_late(up.last_rows, last)
+
+    def _roll_back(self, up: _Update, reason: str) -> None:
+        prev, last = up.slot, self._last_end
+        name = f"{prev.scorer.contract.model_name} {prev.scorer.contract.model_version}" if prev else "no model"
+        log.error("model: rolling back to %s: %s", name, reason)
+        self._make_active(prev)
+        self._update = None
+        self._tell(UpdateEvent("rolled_back", up.tag, reason,
+                               figures=decide(up.run.cand, up.run.base, up.bounds, watch=True).figures))
+        self._take_late(up.last_rows, last)
+
+    def _take_late(self, rows: list[FeatureRow], last: float) -> None:
+        """The new active model's windows that closed after the old model's last one: its first to act on (on
+        another grid they would otherwise fall between the two models)."""
+        late = [r for r in rows if math.isnan(last) or r.end > last]
+        if late and self.active is not None:
+            self._score(late)
+
+    def _count_unscored(self, rows: list[FeatureRow]) -> None:
+        """After a switch: windows of the new model's grid between the old model's last window and this one that
+        closed with data and went to no model, and windows it started cold (before its first sample)."""
+        assert self.active is not None
+        eng = self.active.engine
+        if self._switch_mark is not None:
+            last, empty0 = self._switch_mark
+            self._switch_mark = None
+            gap = rows[0].end - last
+            # A gap longer than a window is the data's (a bus down), not the switch's.
+            if math.isfinite(gap) and gap <= eng.max_window_s + eng.hop_s:
+                between = max(0, math.ceil(gap / eng.hop_s - 1e-6) - 1) - (eng.windows_empty - empty0)
+                self.stats.model_switch_unscored_windows += max(0, between)
+        cold = sum(r.start < self.active.t0 for r in rows)
+        self.stats.model_switch_unscored_windows += cold
+        if not cold:
+            self.active.switched_in = False  # warm from here on
 
     def _check_drift(self, x: npt.NDArray[np.float64], now: float, outside: npt.NDArray[np.bool_]) -> None:
         """Running statistics per window; a report every `drift_interval_s` of data time and whenever the flag
@@ -325,7 +648,10 @@ class Pipeline:
         flag = bool(self.drift.drifted())
         if flag == self._drift_flag and now < self._drift_next:
             return
-        report = self.drift.report()
+        assert self.scorer is not None
+        c = self.scorer.contract
+        # Named in the event: which model's training statistics these are (a switch starts a new monitor).
+        report = {"model": c.model_name, "model_version": c.model_version} | self.drift.report()
         if flag != self._drift_flag:
             log.warning("feature drift %s: %s", "detected" if flag else "cleared",
                         "; ".join(f"{k}: {v}" for k, v in report["drifted"].items()) or "all features in range")

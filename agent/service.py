@@ -6,6 +6,10 @@ snapshot goes into the status message and, every `[mqtt] status_interval_s`, int
 `harvester-agent status`.
 SIGTERM stops the sources, drains the queue, writes every buffered sample, gives the uplink a bounded time to send,
 and closes the store cleanly, well inside systemd's TimeoutStopSec.
+
+The model it scores with comes from the model directory (agent/update/modeldir.py: the active package, else the
+previous one, else `[model] path`); the model manager (agent/update/manager.py) takes `model/*` messages from the
+uplink thread and hands candidates to the processing thread between batches.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent import __version__
-from agent.config import AgentConfig
+from agent.config import AgentConfig, model_dir
 from agent.contract import ContractError
 from agent.decode.base import Decoder
 from agent.decode.j1939 import J1939Decoder
@@ -36,8 +40,10 @@ from agent.sources.can import CanSource
 from agent.sources.serial import SerialSource
 from agent.store import Store
 from agent.systemd import notify, watchdog_interval_s
+from agent.update.manager import start as start_models
 from agent.uplink import Uplink
 from agent.writer import StoreWriter
+from harvester_common.modelpkg import load_public_keys
 
 log = logging.getLogger("agent.service")
 
@@ -84,23 +90,36 @@ def load_scorer(cfg: AgentConfig, decoders: Mapping[str, Decoder[Any]]) -> tuple
     return scorer, f"{c.model_name} {c.model_version}"
 
 
+def trusted_keys(cfg: AgentConfig) -> dict[str, Any]:
+    """The public keys packages must be signed with (`[model] trusted_keys`); none, said, if they do not load."""
+    try:
+        return load_public_keys(cfg.model.trusted_keys)
+    except (OSError, ValueError) as e:  # PackageError is a ValueError
+        log.error("model: trusted keys do not load, no package will be accepted: %s", e)
+        return {}
+
+
 class Agent:
     def __init__(self, cfg: AgentConfig, metrics: Metrics | None = None) -> None:
         self.cfg = cfg
         self.metrics = metrics if metrics is not None else Metrics(log_every_s=cfg.log.warn_every_s)
         self.registry = SignalRegistry()
         self.decoders = decoders_for(cfg, self.registry)
-        self.scorer, self.model_status = load_scorer(cfg, self.decoders)
-        if self.scorer is None:
+        signals: set[str] = set().union(*(d.signals() for d in self.decoders.values()))
+        trusted = trusted_keys(cfg)
+        choice, self.updates = start_models(cfg.model, model_dir(cfg), trusted, signals)
+        self._model_refused = choice.status if choice.loaded is None else ""
+        if choice.loaded is None:
             log.error("model %s %s: the agent runs without scoring (data is still stored and synced)",
-                      cfg.model.path, self.model_status)
+                      cfg.model.path, self._model_refused)
         self.store = Store(cfg.store.path, cfg.store.max_bytes, evict_watermark=cfg.store.evict_watermark)
         self.writer = StoreWriter(self.store, self.registry, cfg.store.memory_max_samples,
                                   cfg.store.memory_max_records, metrics=self.metrics)
-        self.pipeline = Pipeline(self.registry, self.decoders, self.scorer, self.writer,
-                                 drift_policy=cfg.model.drift_policy(), drift_interval_s=cfg.model.drift_interval_s,
-                                 alert_resume_s=cfg.model.alert_resume_s,
-                                 alert_heartbeat_s=cfg.model.alert_heartbeat_s, metrics=self.metrics)
+        self.pipeline = Pipeline(self.registry, self.decoders, choice.loaded.scorer if choice.loaded else None,
+                                 self.writer, drift_policy=cfg.model.drift_policy(),
+                                 drift_interval_s=cfg.model.drift_interval_s, alert_resume_s=cfg.model.alert_resume_s,
+                                 alert_heartbeat_s=cfg.model.alert_heartbeat_s, metrics=self.metrics,
+                                 on_update=self.updates.on_update if self.updates is not None else None)
         self.writer.resume(self.pipeline)
         # (kind, source, batch)
         self.queue: queue.Queue[tuple[str, str, Any]] = queue.Queue(cfg.pipeline.queue_max_batches)
@@ -109,7 +128,8 @@ class Agent:
                             for b in cfg.can]
         self.serial_sources = [SerialSource(s, self._on_lines, metrics=self.metrics, on_event=self._on_source_event)
                                for s in cfg.serial]
-        self.uplink = Uplink(cfg.mqtt, cfg.vehicle, self.store, self._status_extra, metrics=self.metrics)
+        self.uplink = Uplink(cfg.mqtt, cfg.vehicle, self.store, self._status_extra, metrics=self.metrics,
+                             model=self.updates)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._started = time.monotonic()
@@ -120,6 +140,26 @@ class Agent:
         self.metrics.collect("agent", lambda: {"queue_size": float(self.queue.qsize()),
                                                "uptime_s": round(time.monotonic() - self._started, 1)})
         self.metrics.collect("store", self._store_counters)
+        if self.updates is not None:
+            self.metrics.collect("model", self.updates.metrics)
+
+    @property
+    def scorer(self) -> Scorer | None:
+        """The model scoring now (a model update may switch it)."""
+        return self.pipeline.scorer
+
+    @property
+    def model_status(self) -> str:
+        s = self.pipeline.scorer
+        return f"{s.contract.model_name} {s.contract.model_version}" if s is not None else self._model_refused
+
+    def model_summary(self) -> dict[str, Any]:
+        """The status message's `model`: active name/version, desired, the update's step."""
+        if self.updates is not None:
+            return self.updates.summary()
+        s = self.pipeline.scorer
+        return {"active": {"name": s.contract.model_name, "version": s.contract.model_version} if s else None,
+                "desired": None, "state": "disabled"}
 
     def _store_counters(self) -> dict[str, Any]:
         c = self.store.counters()
@@ -137,6 +177,7 @@ class Agent:
         return {
             "model_version": self.scorer.contract.model_version if self.scorer else "",
             "model_status": self.model_status,
+            "model": self.model_summary(),
             "drift": self.pipeline.drift_status(),
             "scoring": self.pipeline.scoring_status(),
             "backlog": {"samples": st["backlog"].get("samples", {}).get("records", 0),
@@ -210,6 +251,8 @@ class Agent:
                 self._drain_events()
                 if item is not None:
                     self._process(item)
+                if self.updates is not None:
+                    self.updates.drive(self.pipeline)  # between batches: a window boundary for every model
                 self.pipeline.heartbeat()
                 self.writer.maybe_flush(s.flush_interval_s, s.flush_max_samples)
                 if time.monotonic() - self._metrics_saved >= self.cfg.mqtt.status_interval_s:
@@ -259,6 +302,8 @@ class Agent:
         if self._thread is not None:
             self._thread.join(30)
         self.uplink.stop(drain_s=self.cfg.mqtt.stop_drain_s if drain_s is None else drain_s)
+        if self.updates is not None:
+            self.updates.close()
         self.save_metrics()  # the final counts, every thread stopped
         self.store_status_at_stop = self.store.status()
         self.store.close()

@@ -10,6 +10,14 @@ An ack is believed only for a batch this process has in flight (its batch id, th
 that batch carried: a row is deleted when it belongs to the batch and the ack's ranges cover it whole; whatever
 else an ack names is ignored. Anything else on the ack topic is dropped and counted by reason (`acks_rejected`):
 the broker ACL is the first line against forged acks, this is the second.
+
+Model updates (docs/model_updates.md) travel on the same connection when a model manager is given: the uplink
+subscribes `model/desired` and `model/chunk`, decodes them (harvester_common/modelwire.py) and hands them to the
+manager; whatever does not decode is dropped and counted by reason (`model_rejected`), never raised out of the
+loop. The manager's `model/status` reports and `model/get` requests are published ahead of every batch, so a
+model never waits behind raw samples. Model bytes either way are counted (`model_bytes_in`, `model_bytes_out`)
+and, like batches, against the day's budget (`daily_budget_bytes`); once it is spent, no chunk is requested
+until the next day (reports still go).
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -35,6 +43,7 @@ from agent.backoff import backoff_delay
 from agent.config import MqttConfig, VehicleConfig
 from agent.metrics import Metrics, counts
 from agent.store import OutboxRow, Store
+from harvester_common import modelwire as mw
 from harvester_common import wire
 from harvester_common.seqranges import merge_ranges, subtract
 
@@ -63,6 +72,20 @@ def configure_tls(client: mqtt.Client, cfg: MqttConfig) -> None:
         raise TlsError(f"mqtt: TLS files do not load ({files}): {reason}") from None
 
 
+class ModelChannel(Protocol):
+    """The model manager as the uplink sees it (agent/update/manager.py); called on the uplink thread."""
+
+    def on_connect(self) -> None: ...
+
+    def on_desired(self, d: mw.Desired | None) -> None: ...
+
+    def on_chunk(self, c: mw.Chunk) -> None: ...
+
+    def outgoing(self, allow_get: bool) -> list[tuple[str, bytes, bool]]:
+        """(leaf, payload, retain) to publish now."""
+        ...
+
+
 @dataclass(slots=True)
 class _InFlight:
     batch: int
@@ -89,6 +112,9 @@ class UplinkStats:
     rejected_batches: int = 0
     oversized_rows: int = 0  # outbox rows no batch within the wire's limits can carry: kept, not sent
     budget_held: bool = False
+    model_bytes_in: int = 0  # model/desired and model/chunk payloads received
+    model_bytes_out: int = 0  # model/get and model/status payloads sent
+    model_rejected: dict[str, int] = field(default_factory=dict)  # model messages dropped, by reason
 
 
 class Uplink:
@@ -101,8 +127,10 @@ class Uplink:
         seed: int | None = None,
         clock: Callable[[], float] = time.time,
         metrics: Metrics | None = None,
+        model: ModelChannel | None = None,
     ) -> None:
-        self.clock = clock  # wall clock for the daily budget (UTC days); a parameter so tests can turn the day
+        self.clock = clock
+        self.model = model  # wall clock for the daily budget (UTC days); a parameter so tests can turn the day
         self.cfg = cfg
         self.vehicle = vehicle
         self.store = store
@@ -163,7 +191,12 @@ class Uplink:
         self.stats.connects += 1
         # Anything in flight before the reconnect may never be acked: send it again (the cloud dedups).
         self._inflight.clear()
-        client.subscribe(self.topic("ack"), qos=1)
+        subs = [(self.topic("ack"), 1)]
+        if self.model is not None:
+            # A retained desired message arrives on every subscribe: the manager takes it again idempotently.
+            subs += [(self.topic(mw.LEAF_DESIRED), 1), (self.topic(mw.LEAF_CHUNK), 1)]
+            self.model.on_connect()
+        client.subscribe(subs)
         client.publish(self.topic("status"), self._status_payload("online"), qos=1, retain=True)
         self._last_status = time.monotonic()
         log.info("connected to %s:%d", self.cfg.host, self.cfg.port)
@@ -195,11 +228,60 @@ class Uplink:
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         # paho lets a callback's exception out of loop(), which would end the uplink thread: one bad message must
         # never do that, so anything unexpected is counted and logged, and the loop goes on.
+        if msg.topic in (self.topic(mw.LEAF_DESIRED), self.topic(mw.LEAF_CHUNK)):
+            try:
+                self._handle_model(msg)
+            except Exception as e:
+                self._model_reject("handler_error", f"{type(e).__name__}: {e}")
+                log.exception("model message handling failed")
+            return
         try:
             self._handle_ack(msg)
         except Exception as e:
             self.stats.acks_rejected["handler_error"] = self.stats.acks_rejected.get("handler_error", 0) + 1
             log.exception("ack handling failed (the batch stays in flight and is resent after its timeout): %s", e)
+
+    def _model_reject(self, reason: str, text: str) -> None:
+        self.stats.model_rejected[reason] = self.stats.model_rejected.get(reason, 0) + 1
+        self._warn(f"model_{reason}", f"dropped a model message ({reason}): {text[:200]}")
+
+    def _model_bytes(self, n: int, incoming: bool) -> None:
+        if incoming:
+            self.stats.model_bytes_in += n
+        else:
+            self.stats.model_bytes_out += n
+        if self.cfg.daily_budget_bytes:
+            self._spend(n)
+
+    def _handle_model(self, msg: mqtt.MQTTMessage) -> None:
+        payload = bytes(msg.payload)
+        self._model_bytes(len(payload), incoming=True)
+        if self.model is None:  # never subscribed: a broker's stray delivery
+            self._model_reject("unexpected_topic", msg.topic)
+            return
+        try:
+            if msg.topic == self.topic(mw.LEAF_DESIRED):
+                desired = mw.decode_desired(payload)
+                self.model.on_desired(desired)
+            else:
+                chunk = mw.decode_chunk(payload)
+                self.model.on_chunk(chunk)
+        except mw.ModelWireError as e:
+            self._model_reject("malformed", str(e))
+        except RecursionError:  # json.loads on deep nesting (the wire's own depth check comes first)
+            self._model_reject("malformed", "nested too deeply")
+
+    def _publish_model(self) -> bool:
+        """The manager's reports and chunk requests, ahead of any batch; False if paho would not queue one."""
+        assert self.model is not None
+        for leaf, payload, retain in self.model.outgoing(not self.budget_spent()):
+            info = self._client.publish(self.topic(leaf), payload, qos=1, retain=retain)
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                # Lost with the connection: the manager sends its latest report and asks for chunks again on the
+                # next connect.
+                return False
+            self._model_bytes(len(payload), incoming=False)
+        return True
 
     def _handle_ack(self, msg: mqtt.MQTTMessage) -> None:
         if msg.topic != self.topic("ack"):
@@ -326,6 +408,8 @@ class Uplink:
         if now - self._last_status > self.cfg.status_interval_s:
             self._client.publish(self.topic("status"), self._status_payload("online"), qos=1, retain=True)
             self._last_status = now
+        if self.model is not None and not self._publish_model():
+            return
         while len(self._inflight) < self.cfg.max_inflight_batches:
             busy = self._in_flight_seqs()
             records = self.store.pending(True, busy, self.cfg.batch_max_bytes)

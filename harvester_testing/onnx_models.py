@@ -39,19 +39,32 @@ def linear_softmax_model(
     bias: np.ndarray,
     nan_output: bool = False,
     raw_contract: str | None = None,
+    nan_above: tuple[int, float] | None = None,
 ) -> Path:
-    """probabilities = softmax(x @ W + b); `nan_output` makes the graph emit NaN (Log of a negative number)."""
+    """probabilities = softmax(x @ W + b); `nan_output` makes the graph emit NaN (Log of a negative number);
+    `nan_above = (j, c)` only for rows whose input column j (the standardised feature) is at or above c: a model
+    that is fine until the data reaches a value (0 x Log(c - x_j), which is 0 below c and NaN from c on)."""
     n_in, n_out = weights.shape
     nodes = [
         helper.make_node("MatMul", ["features", "W"], ["xw"]),
         helper.make_node("Add", ["xw", "b"], ["logits"]),
-        helper.make_node("Softmax", ["logits"], ["p0" if nan_output else "probabilities"], axis=1),
+        helper.make_node("Softmax", ["logits"], ["p0" if nan_output or nan_above else "probabilities"], axis=1),
     ]
     inits = [numpy_helper.from_array(weights.astype(np.float32), "W"),
              numpy_helper.from_array(bias.astype(np.float32), "b")]
     if nan_output:
         inits.append(numpy_helper.from_array(np.array([-1.0], np.float32), "neg"))
         nodes += [helper.make_node("Log", ["neg"], ["nan"]), helper.make_node("Add", ["p0", "nan"], ["probabilities"])]
+    elif nan_above is not None:
+        j, c = nan_above
+        inits += [numpy_helper.from_array(np.array([j], np.int64), "j"),
+                  numpy_helper.from_array(np.array([c], np.float32), "c"),
+                  numpy_helper.from_array(np.array([0.0], np.float32), "zero")]
+        nodes += [helper.make_node("Gather", ["features", "j"], ["xj"], axis=1),
+                  helper.make_node("Sub", ["c", "xj"], ["room"]),
+                  helper.make_node("Log", ["room"], ["log_room"]),
+                  helper.make_node("Mul", ["log_room", "zero"], ["poison"]),
+                  helper.make_node("Add", ["p0", "poison"], ["probabilities"])]
     graph = helper.make_graph(
         nodes, "g",
         [helper.make_tensor_value_info("features", TensorProto.FLOAT, [None, n_in])],

@@ -1,0 +1,194 @@
+"""A package's chunks (`model/chunk`) assembled into a pre-sized file, resumable without state of its own.
+
+The desired message (mw.Desired) names the package's hash, size, chunk size and every chunk's SHA-256. The
+download writes each chunk at its offset in `download/<package sha256>.part`, created at the package's full size.
+After a restart or a lost connection it hashes each chunk slot of that file again against the desired message's
+chunk hashes: the slots that match are the chunks it has, so it asks only for the others (a torn write or a
+damaged sector is simply a slot that does not match).
+
+Requests (mw.GetRequest, contiguous runs of at most mw.MAX_GET_COUNT chunks) keep at most `window` chunks asked
+for and not yet received; a chunk not received `chunk_timeout_s` after it was asked for is asked for again.
+Every chunk is checked the moment it arrives, and dropped and counted by reason when it is not the one expected:
+`duplicate` (already have it: ignored), `other_package`, `wrong_total` (a total that is not the package's),
+`wrong_size` (not the length its slot must have), `hash_mismatch` (asked for again; `max_bad` of them for one slot
+fail the download). When every slot matches, the whole file's hash is checked (`finish`), then the caller verifies
+the package (agent/update/verify.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from collections import Counter
+from pathlib import Path
+
+from harvester_common import modelwire as mw
+
+
+class DownloadError(Exception):
+    """A download that cannot finish; `code` (`chunk_never_matches`, `package_hash_mismatch`, `io_error`) and why."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Download:
+    def __init__(self, desired: mw.Desired, part: Path, window: int, chunk_timeout_s: float, max_bad: int) -> None:
+        self.desired = desired
+        self.part = part
+        self.window = window
+        self.chunk_timeout_s = chunk_timeout_s
+        self.max_bad = max_bad
+        n = desired.chunks
+        self.have = bytearray(n)  # 1 where the slot holds its chunk
+        self.n_have = 0
+        self.resumed = 0  # chunks found good in the file at open (not asked for again)
+        self.asked: dict[int, float] = {}  # chunk -> when it was last asked for
+        self.bad: Counter[int] = Counter()  # hash mismatches per chunk
+        self.dropped: Counter[str] = Counter()  # chunks dropped, by reason
+        self.timeouts = 0  # requests that went unanswered for chunk_timeout_s (asked for again)
+        self.chunks_requested = 0
+        self.bytes_requested = 0
+        self.bytes_received = 0  # chunk data accepted into the file
+        self.bytes_have = 0
+        self._fd: int | None = None
+        self._scan = 0  # every chunk below this index is had or asked for (where the next request starts looking)
+
+    # --- the file ------------------------------------------------------------------------------------------------
+
+    def open(self) -> int:
+        """Create or reopen the `.part` file at the package's size and find the chunks it already holds; returns
+        how many. Raises DownloadError(`io_error`)."""
+        d = self.desired
+        try:
+            self._fd = os.open(self.part, os.O_RDWR | os.O_CREAT, 0o640)
+            if os.fstat(self._fd).st_size != d.size:
+                os.ftruncate(self._fd, d.size)
+            for i, want in enumerate(d.chunk_sha256):
+                lo, hi = d.chunk_range(i)
+                if hashlib.sha256(os.pread(self._fd, hi - lo, lo)).hexdigest() == want:
+                    self.have[i] = 1
+        except OSError as e:
+            self.close()
+            raise DownloadError("io_error", f"{self.part}: {e.strerror or e}") from None
+        self.n_have = self.resumed = sum(self.have)
+        self.bytes_have = sum(d.chunk_range(i)[1] - d.chunk_range(i)[0] for i in range(d.chunks) if self.have[i])
+        return self.n_have
+
+    def close(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+
+    def discard(self) -> None:
+        """Cancelled or failed: close and delete the partial file."""
+        self.close()
+        with contextlib.suppress(OSError):
+            self.part.unlink()
+
+    # --- requests --------------------------------------------------------------------------------------------------
+
+    @property
+    def complete(self) -> bool:
+        return self.n_have == self.desired.chunks
+
+    def requests(self, now: float) -> list[mw.GetRequest]:
+        """What to ask for now: chunks neither had nor asked for, up to the window, in contiguous runs."""
+        for i, at in list(self.asked.items()):
+            if now - at > self.chunk_timeout_s:
+                del self.asked[i]
+                self.timeouts += 1
+                self._scan = min(self._scan, i)
+        free = self.window - len(self.asked)
+        if free <= 0 or self.complete:
+            return []
+        d = self.desired
+        want: list[int] = []
+        i = self._scan
+        while i < d.chunks and len(want) < free:
+            if not self.have[i] and i not in self.asked:
+                want.append(i)
+            elif not want:
+                self._scan = i + 1
+            i += 1
+        out: list[mw.GetRequest] = []
+        for i in want:
+            if out and out[-1].first + out[-1].count == i and out[-1].count < mw.MAX_GET_COUNT:
+                out[-1] = mw.GetRequest(d.package_sha256, out[-1].first, out[-1].count + 1)
+            else:
+                out.append(mw.GetRequest(d.package_sha256, i, 1))
+            self.asked[i] = now
+            lo, hi = d.chunk_range(i)
+            self.bytes_requested += hi - lo
+        self.chunks_requested += len(want)
+        return out
+
+    def forget_requests(self) -> None:
+        """The link went down: whatever was asked for may never come; ask again at once when it is back."""
+        self.asked.clear()
+        self._scan = 0
+
+    # --- chunks ----------------------------------------------------------------------------------------------------
+
+    def accept(self, c: mw.Chunk) -> str:
+        """Take one chunk: "stored", or the reason it was dropped (counted in `dropped`). Raises DownloadError when
+        the download cannot finish (a chunk that keeps failing its hash, the file cannot be written)."""
+        d = self.desired
+        reason = ""
+        if c.package_sha256 != d.package_sha256:
+            reason = "other_package"
+        elif c.total != d.chunks:
+            reason = "wrong_total"  # index < total is the decoder's; a total that is not ours says nothing true
+        elif self.have[c.index]:
+            reason = "duplicate"
+        else:
+            lo, hi = d.chunk_range(c.index)
+            if len(c.data) != hi - lo:
+                reason = "wrong_size"
+            elif hashlib.sha256(c.data).hexdigest() != d.chunk_sha256[c.index]:
+                reason = "hash_mismatch"
+                self.bad[c.index] += 1
+                self.asked.pop(c.index, None)  # ask again at once
+                self._scan = min(self._scan, c.index)
+                if self.bad[c.index] >= self.max_bad:
+                    self.dropped[reason] += 1
+                    raise DownloadError("chunk_never_matches", f"chunk {c.index} of {d.chunks} failed its hash "
+                                        f"{self.bad[c.index]} times")
+        if reason:
+            self.dropped[reason] += 1
+            return reason
+        assert self._fd is not None, "accept before open"
+        try:
+            os.pwrite(self._fd, c.data, lo)
+        except OSError as e:
+            raise DownloadError("io_error", f"{self.part}: {e.strerror or e}") from None
+        self.have[c.index] = 1
+        self.n_have += 1
+        self.asked.pop(c.index, None)
+        self.bytes_received += len(c.data)
+        self.bytes_have += len(c.data)
+        return "stored"
+
+    def finish(self) -> None:
+        """Every chunk is in: check the whole file's hash, make it durable, close it. Raises DownloadError."""
+        assert self.complete and self._fd is not None
+        h = hashlib.sha256()
+        try:
+            for i in range(self.desired.chunks):
+                lo, hi = self.desired.chunk_range(i)
+                h.update(os.pread(self._fd, hi - lo, lo))
+            os.fsync(self._fd)
+        except OSError as e:
+            raise DownloadError("io_error", f"{self.part}: {e.strerror or e}") from None
+        finally:
+            self.close()
+        if h.hexdigest() != self.desired.package_sha256:
+            raise DownloadError("package_hash_mismatch", "every chunk matched its hash but the package's SHA-256 is "
+                                f"{h.hexdigest()[:12]}, not {self.desired.package_sha256[:12]}")
+
+    def progress(self) -> dict[str, int]:
+        """For model/status: chunks had, of how many, and bytes had."""
+        return {"chunks_have": self.n_have, "chunks": self.desired.chunks, "bytes": self.bytes_have}
