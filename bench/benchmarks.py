@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import itertools
 import json
+import math
 import os
 import resource
 import sys
@@ -919,6 +920,164 @@ def fleet_api_ms_100m() -> Figure:
                   f"{n:,} samples from {FLEET_VEHICLES} vehicles ({n // FLEET_SEGMENT:,} segments, {gaps} gaps, "
                   f"{size_gb:.1f} GB, filled in {fill_s:.0f} s) vs 1,000; COUNT(*) per vehicle as before: "
                   f"{old_ms:,.0f} ms a request")
+
+
+# --- model updates ------------------------------------------------------------------------------------------------
+
+
+def _publish_packet_bytes(topic: str, payload: bytes) -> int:
+    """An MQTT 5 QoS 1 PUBLISH as it crosses the wire (without TCP/TLS): fixed header, remaining length, topic,
+    packet id, an empty property block, the payload."""
+    rest = 2 + len(topic.encode()) + 2 + 1 + len(payload)
+    varint = 1 if rest < 128 else 2 if rest < 16384 else 3 if rest < 2097152 else 4
+    return 1 + varint + rest
+
+
+def _new_version(src: Path, dst: Path, version: str) -> Path:
+    """The shipped model with another version in its contract (as a retrained model of the same shape)."""
+    import onnx
+
+    from agent.contract import CONTRACT_KEY
+
+    m = onnx.load(str(src))
+    for p in m.metadata_props:
+        if p.key == CONTRACT_KEY:
+            c = json.loads(p.value)
+            c["model"]["version"] = version
+            p.value = json.dumps(c)
+    onnx.save(m, str(dst))
+    return dst
+
+
+_PUSH: dict[str, Figure] = {}
+
+
+def _push_run() -> dict[str, Figure]:
+    """One vehicle (a real agent, the simulator at 10x, the shipped int8 model) takes the shipped model under a new
+    version through the whole update (publish, rollout, download, verify, shadow, switch, watch), while a listener
+    on the broker counts every model message to or from it."""
+    if _PUSH:
+        return _PUSH
+    import threading
+
+    from harvester_testing import modelkit
+    from harvester_testing.broker import MosquittoBroker
+    from harvester_testing.fleet import Fleet
+
+    shadow, watch, speed = 10, 10, 10.0
+    with tempfile.TemporaryDirectory() as d, MosquittoBroker() as broker:
+        tmp = Path(d)
+        key, pub, _ = modelkit.signing_key(tmp / "keys")
+        shipped = REPO / "models" / "harvester-anomaly.int8.onnx"
+        installed = _new_version(shipped, tmp / "installed.onnx", "1.0.0")
+        candidate = _new_version(shipped, tmp / "candidate.onnx", "1.0.1")
+        card = json.loads((REPO / "models" / "harvester-anomaly.card.json").read_text())
+        pkg = modelkit.package(candidate, key, tmp / "p.pkg", card=card)
+        fleet = Fleet(broker, tmp / "fleet", installed, pub, fleet="bench", speed=speed,
+                      model={"shadow_windows": shadow, "watch_windows": watch, "chunk_timeout_s": 10.0},
+                      chunk_bytes=64 * 1024)
+        wire_bytes: dict[str, int] = {}
+        lock = threading.Lock()
+        sniff = _mqtt_client(broker, "sniff")
+
+        def on_msg(c: Any, u: Any, m: Any) -> None:
+            with lock:
+                wire_bytes[m.topic] = wire_bytes.get(m.topic, 0) + _publish_packet_bytes(m.topic, bytes(m.payload))
+
+        sniff.on_message = on_msg
+        sniff.subscribe("fleet/bench/vehicle/+/model/#", qos=1)
+        try:
+            fleet.start_cloud()
+            fleet.start_agent("b00")
+            fleet.wait(lambda: "b00" in fleet.fleet_rows(), "the vehicle seen by the cloud")
+            fleet.cli("model", "publish", str(tmp / "p.pkg"))
+            fleet.cli("rollout", "start", "harvester-anomaly", "1.0.1", "--vehicles", "b00", "--waves", "100")
+            took = fleet.wait(lambda: fleet.rollout_status()["state"] in ("done", "halted"), "the push", 600)
+            st = fleet.rollout_status()
+            assert st["state"] == "done", st
+            time.sleep(1.0)
+            fleet.stop_agent("b00")
+            counters = fleet.agent_status("b00")["metrics"]["counters"]
+        finally:
+            sniff.loop_stop()
+            sniff.disconnect()
+            fleet.close()
+    total = sum(wire_bytes.values())
+    by_leaf = {t.rsplit("/", 1)[-1]: n for t, n in sorted(wire_bytes.items())}
+    _PUSH["model_push_bytes_ratio"] = Figure(
+        total / len(pkg), "ratio", 1.1, total / len(pkg) / 1.1,
+        f"{total:,} bytes of MQTT PUBLISH packets on the model topics to and from one vehicle ({by_leaf}) for a "
+        f"package of {len(pkg):,} bytes (the shipped int8 model and its card), the whole update from desired to "
+        f"healthy; baseline: the target 1.1",
+        {"wire_bytes": total, "package_bytes": len(pkg), "by_leaf": by_leaf})
+    unscored = int(counters.get("pipeline.model_switch_unscored_windows", -1))
+    switches = int(counters.get("pipeline.model_switches", 0))
+    scored = int(counters.get("pipeline.windows_scored", 0))
+    _PUSH["model_switch_unscored_windows"] = Figure(
+        unscored, "windows", 0, 0.0 if unscored == 0 else math.inf,
+        f"windows left unscored across {switches} switch(es) of the shipped model (hop 5 s) on a simulated "
+        f"harvester, {scored} windows scored in the run ({shadow}-window shadow, {watch}-window watch, update "
+        f"took {took:.0f} s at simulator speed {speed:g}); baseline: the target 0",
+        {"switches": switches, "windows_scored": scored})
+    return _PUSH
+
+
+@figure("model_push_bytes_ratio")
+def model_push_bytes_ratio() -> Figure:
+    return _push_run()["model_push_bytes_ratio"]
+
+
+@figure("model_switch_unscored_windows")
+def model_switch_unscored_windows() -> Figure:
+    return _push_run()["model_switch_unscored_windows"]
+
+
+@figure("rollout_seconds_10")
+def rollout_seconds_10() -> Figure:
+    """Ten real agents (one process each, a simulated harvester at real time), `cloud-sync serve`, one broker: from
+    `cloud-sync model publish` to the rollout `done` (all ten active and healthy) with a canary and waves 10,50,100
+    (four waves one after another); baseline: what the waves must take by design, the shadow and watch windows of
+    each wave in data time (one window a second)."""
+    from harvester_testing import modelkit
+    from harvester_testing.broker import MosquittoBroker
+    from harvester_testing.fleet import Fleet
+
+    shadow, watch, n = 10, 10, 10
+    vehicles = [f"r{i:02d}" for i in range(n)]
+    with tempfile.TemporaryDirectory() as d, MosquittoBroker() as broker:
+        tmp = Path(d)
+        key, pub, _ = modelkit.signing_key(tmp / "keys")
+        installed = modelkit.sim_model(tmp / "installed.onnx", "1.0.0", "normal")
+        modelkit.package(modelkit.sim_model(tmp / "new.onnx", "1.1.0", "normal"), key, tmp / "p.pkg")
+        fleet = Fleet(broker, tmp / "fleet", installed, pub, fleet="bench",
+                      model={"shadow_windows": shadow, "watch_windows": watch, "chunk_timeout_s": 5.0})
+        try:
+            fleet.start_cloud()
+            for v in vehicles:
+                fleet.start_agent(v)
+            fleet.wait(lambda: set(vehicles) <= set(fleet.fleet_rows()), "ten vehicles seen by the cloud")
+            t0 = time.monotonic()
+            fleet.cli("model", "publish", str(tmp / "p.pkg"))
+            fleet.cli("rollout", "start", "sim-anomaly", "1.1.0", "--vehicles", ",".join(vehicles), "--canary", "1",
+                      "--waves", "10,50,100")
+            fleet.wait(lambda: fleet.rollout_status()["state"] in ("done", "halted"), "the rollout", 900)
+            took = time.monotonic() - t0
+            st = fleet.rollout_status()
+            assert st["state"] == "done", st
+            waves = len(st["waves"])
+            for v in vehicles:
+                fleet.stop_agent(v)
+            unscored = sum(int(fleet.agent_status(v)["metrics"]["counters"].get(
+                "pipeline.model_switch_unscored_windows", 0)) for v in vehicles)
+        finally:
+            fleet.close()
+    floor = float(waves * (shadow + watch))
+    return Figure(took, "s", floor, took / floor,
+                  f"{n} agents, {waves} waves (canary 1, then 10/50/100 %), each vehicle a {shadow}-window shadow "
+                  f"and a {watch}-window watch at one window a second; baseline: {waves} x ({shadow} + {watch}) s, "
+                  f"the shadow and watch time the waves include by design; {unscored} windows unscored across "
+                  f"the {n} switches",
+                  {"waves": waves, "shadow_windows": shadow, "watch_windows": watch, "unscored_windows": unscored})
 
 
 def main(argv: list[str] | None = None) -> int:
