@@ -1,5 +1,5 @@
 """A whole agent in a child process, fed by the simulator on an in-process virtual bus, for kill -9 tests.
-Run: python -m harvester_testing.agentproc CONFIG SPEED [FAULT_RAMP_S [FAULT]]. Prints "ready" once started; runs until
+Run: python -m harvester_testing.agentproc CONFIG SPEED [FAULT_RAMP_S [FAULT]] (FAULT `none`: a healthy harvester). Prints "ready" once started; runs until
 killed, or until SIGTERM/SIGINT, which stops the agent cleanly as `harvester-agent run` does (then "stopped")."""
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ def main() -> None:
     cfg = load_config(sys.argv[1])
     speed = float(sys.argv[2]) if len(sys.argv) > 2 else 1.0
     ramp = float(sys.argv[3]) if len(sys.argv) > 3 else 30.0
-    fault = sys.argv[4] if len(sys.argv) > 4 else "oil_pump_wear"
+    fault: str | None = sys.argv[4] if len(sys.argv) > 4 else "oil_pump_wear"
+    if fault == "none":
+        fault = None
     stop = threading.Event()
 
     def on_signal(signum: int, frame: Any) -> None:
