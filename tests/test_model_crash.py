@@ -90,8 +90,8 @@ class VehicleStatus:
 
 
 def _start(conf: Path) -> subprocess.Popen[bytes]:
-    # Speed 5, healthy (the fault's ramp far beyond the test): no alert holds the switch back.
-    p = subprocess.Popen([sys.executable, "-m", "harvester_testing.agentproc", str(conf), "5", "1e9"],
+    # Speed 5, a healthy harvester: no alert holds the switch back.
+    p = subprocess.Popen([sys.executable, "-m", "harvester_testing.agentproc", str(conf), "5", "30", "none"],
                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     assert p.stdout is not None and p.stdout.readline().strip() == b"ready"
     return p
