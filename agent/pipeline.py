@@ -388,7 +388,9 @@ class Pipeline:
         figs: Figures | None = None
         counted = np.ones(len(rows), bool)
         if up is not None and up.kind == "watch":
-            figs = up.run.cand
+            # Its windows that started before it had data (a watch resumed after a restart) are nobody's fault.
+            counted = np.array([r.start >= self.active.t0 for r in rows])
+            figs = up.run.cand if counted.any() else None
         elif up is not None and up.kind == "shadow" and up.slot is not None:
             counted = np.array([r.end >= up.slot.t0 + up.slot.engine.max_window_s for r in rows])
             figs = up.run.base if counted.any() else None

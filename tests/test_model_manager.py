@@ -44,8 +44,8 @@ class Rig:
 
     def __init__(self, tmp: Path, keys: Keys, **cfg: object) -> None:
         self.tmp, self.keys = tmp, keys
-        self.cfg = ModelConfig(path=onnx_model(tmp, "1"), shadow_windows=20, watch_windows=20,  # type: ignore[arg-type]
-                               progress_interval_s=3600, **cfg)
+        self.cfg = ModelConfig.model_validate({"path": onnx_model(tmp, "1"), "shadow_windows": 20, "watch_windows": 20,
+                                               "progress_interval_s": 3600, **cfg})
         self.packages: dict[str, bytes] = {}
         self.statuses: list[mw.ModelStatus] = []
         self.gets: list[mw.GetRequest] = []
@@ -402,3 +402,22 @@ def test_a_restart_between_the_pointer_and_the_report_carries_the_step_to_its_en
     rig.pump()
     assert rig.states()[-1] == "active:True" and rig.p.update_kind is None
     assert rig.statuses[-1].target is not None and rig.statuses[-1].target["version"] == "2"
+
+
+def test_a_watch_resumed_after_a_restart_does_not_count_the_cold_start_against_the_new_model(
+    tmp_path: Path, keys: Keys
+) -> None:
+    """The first windows after a start hold less than a window of data (required features missing): the shadow
+    run never counted such windows for the old model, so the resumed watch does not count them for the new one."""
+    rig = Rig(tmp_path, keys, watch_windows=6)
+    slope = [FeatureSpec("a:slope:10s", "s.a", "slope", 10)]  # NaN on a window with one sample
+    c = make_contract(slope, model_name="test-model", model_version="2", alert=AlertPolicy(0.8, 0.4, 2, 2),
+                      required_features=("a:slope:10s",), max_missing_fraction=0.0)
+    rig.offer(signed_package(linear_softmax_model(tmp_path / "slope.onnx", c, np.zeros((1, 2)), HEALTHY), keys.key))
+    rig.run(150)
+    assert rig.states()[-1] == "active:None"
+    rig.restart()
+    rig.t += 1004  # the new process's data starts afresh, a second before a window closes: one sample in it
+    rig.run(60)
+    assert rig.p.stats.windows_missing >= 1  # that window was not scored ...
+    assert rig.states()[-1] == "active:True", rig.statuses[-1].reason  # ... and not held against the new model
