@@ -1,6 +1,7 @@
 """A whole agent in a child process, fed by the simulator on an in-process virtual bus, for kill -9 tests.
-Run: python -m harvester_testing.agentproc CONFIG SPEED [FAULT_RAMP_S [FAULT]] (FAULT `none`: a healthy harvester). Prints "ready" once started; runs until
-killed, or until SIGTERM/SIGINT, which stops the agent cleanly as `harvester-agent run` does (then "stopped")."""
+Run: python -m harvester_testing.agentproc CONFIG SPEED [FAULT_RAMP_S [FAULT]] (FAULT `none`: a healthy harvester).
+Prints "ready" once started; runs until killed, or until SIGTERM/SIGINT, which stops the agent cleanly as
+`harvester-agent run` does (then "stopped")."""
 
 from __future__ import annotations
 
