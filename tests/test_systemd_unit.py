@@ -55,6 +55,11 @@ DENIED_ON_PURPOSE = {
     # @resources. OpenBLAS (numpy) asks for MPOL_PREFERRED with no node on its buffers, i.e. local allocation,
     # which is what it gets anyway, and ignores the answer (driver/others/memory.c, alloc_mmap).
     "mbind",
+    # @resources. onnxruntime (1.32 here), as it is imported, starts a thread that pins itself to each core in
+    # turn (observed under strace: sched_setaffinity(0, 128, [0]), then [1]): a probe of the cores. Refused, the
+    # import, the session and scoring carry on, as the run below shows (the agent scores with one intra-op thread
+    # and sets no affinity of its own). Allowing it would let the agent pin its threads, which the unit forbids.
+    "sched_setaffinity",
 }
 if os.geteuid() == 0:
     # @chown. Only as root: SQLite hands a new -wal/-shm file to the database's owner and ignores the answer
