@@ -101,6 +101,7 @@ class Scorer:
         self.windows_degraded = 0
         self.windows_unfamiliar = 0
         self.invalid_outputs = 0
+        self.warm_runs = 0  # runs before the first window (`warmed_up`)
 
     @classmethod
     def load(cls, path: Path, threads: int = _MODEL.threads, batch: int = _MODEL.batch_windows) -> Scorer:
@@ -108,13 +109,24 @@ class Scorer:
             raise ModelLoadError(f"{path}: no such model file")
         sess = open_session(Path(path), threads)
         meta = sess.get_modelmeta().custom_metadata_map
-        return cls(sess, parse_contract(meta), path, batch)
+        return cls(sess, parse_contract(meta), path, batch).warmed_up()
 
     @classmethod
     def load_bytes(cls, data: bytes, threads: int = _MODEL.threads, batch: int = _MODEL.batch_windows) -> Scorer:
         """A scorer for a model held in memory (a verified package's): ModelLoadError, ContractError as `load`."""
         sess = open_session(data, threads)
-        return cls(sess, parse_contract(sess.get_modelmeta().custom_metadata_map), None, batch)
+        return cls(sess, parse_contract(sess.get_modelmeta().custom_metadata_map), None, batch).warmed_up()
+
+    def warmed_up(self) -> Scorer:
+        """One run on a row of training means before the first window: onnxruntime's first run allocates and
+        prepares its kernels and takes many times longer than the next, which a shadow run would otherwise count
+        as the candidate's latency. A model that fails here fails again on its first window, where it is counted."""
+        try:
+            self._run(np.zeros((1, self.contract.input_width), np.float32))
+            self.warm_runs += 1
+        except Exception:  # onnxruntime's own exception types; judged on live windows, not here
+            pass
+        return self
 
     def check_signals(self, available: set[str]) -> None:
         """Refuse a model that needs signals this vehicle cannot produce."""

@@ -10,6 +10,9 @@ feature windows and counts, per model, over the same stretch of data:
 - `alert_windows`: windows after which the model's own alert logic (an `AlertTracker` with its contract's policy)
   held an alert open;
 - `p95_ms`: the 95th percentile of the time one scoring call took (a call scores the windows one batch closed);
+  over fewer than `MIN_CALLS_FOR_P95` calls, the median instead: the 95th percentile of a handful of calls is their
+  slowest, and one call delayed by the scheduler on a busy machine (seen with ten agents on two cores: 31 ms
+  against 0.8 ms) would reject a model as slow that is not;
 - `both_scored`: windows, by their end time, that both models scored.
 
 The decision (`decide`) rejects the candidate when, against the active model's figures of the same run:
@@ -30,6 +33,7 @@ from typing import Any
 
 from agent.config import ModelConfig
 
+MIN_CALLS_FOR_P95 = 20  # below this many timed calls the latency figure is their median (docstring)
 LATENCY_SAMPLES = 4096  # the most recent call times kept per model: bounds memory whatever the run's length
 _ENDS_KEPT = 4096  # window ends remembered per model to count `both_scored`
 
@@ -101,6 +105,8 @@ class Figures:
         if not self.latencies:
             return self.p95_saved if math.isfinite(self.p95_saved) else 0.0
         xs = sorted(self.latencies)
+        if len(xs) < MIN_CALLS_FOR_P95:
+            return xs[(len(xs) - 1) // 2]
         return xs[min(len(xs) - 1, math.ceil(0.95 * len(xs)) - 1)]
 
     def to_dict(self) -> dict[str, float | int]:
