@@ -12,8 +12,10 @@ is the step: `downloading` .. `active`, or a failure), or it already runs the pa
 it says). A report about anything else says nothing about this rollout.
 
 A wave's verdict (`evaluate_wave`): `halt` when the share of its vehicles `rejected`, `rolled_back` or `failed`
-passes (>) `error_threshold`; else `advance` when the share `active` and healthy reaches (>=) `success_threshold`;
-else `wait`. Halting is checked first: a wave that is both successful enough and failing too much stops.
+passes (>) `error_threshold`, or when so many failed that the others can no longer reach `success_threshold` (a
+failed step is final within a rollout: waiting would be for ever); else `advance` when the share `active` and
+healthy reaches (>=) `success_threshold`; else `wait`. Halting is checked first: a wave that is both successful
+enough and failing too much stops.
 """
 
 from __future__ import annotations
@@ -139,6 +141,15 @@ def evaluate_wave(steps: Sequence[Step], success_threshold: float, error_thresho
         more = f"; and {len(failed) - 5} more" if len(failed) > 5 else ""
         reason = (f"{len(failed)} of {total} vehicles failed ({len(failed) / total:.0%} > error threshold "
                   f"{error_threshold:.0%}): {named}{more}")
+        return Verdict("halt", total, succeeded, failed, counts, reason[:MAX_REASON_CHARS])
+    if total and (total - len(failed)) / total < success_threshold:
+        # A failed step is final for this rollout (its desired message is not issued anew), so such a wave would
+        # wait for ever: seen when one vehicle of five was rejected (20 %, not past an error threshold of 20 %,
+        # and 80 % can never reach a success threshold of 90 %).
+        named = "; ".join(f"{s.vehicle} {s.state}" + (f" ({s.reason})" if s.reason else "") for s in failed[:5])
+        more = f"; and {len(failed) - 5} more" if len(failed) > 5 else ""
+        reason = (f"{len(failed)} of {total} vehicles failed: the success threshold {success_threshold:.0%} can no "
+                  f"longer be reached ({total - len(failed)} of {total} at most): {named}{more}")
         return Verdict("halt", total, succeeded, failed, counts, reason[:MAX_REASON_CHARS])
     if not total or succeeded / total >= success_threshold:
         return Verdict("advance", total, succeeded, failed, counts,

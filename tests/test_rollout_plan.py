@@ -116,8 +116,22 @@ def test_the_verdict_follows_the_shares(states: list[str], success: float, error
     ok = sum(s.succeeded for s in ss)
     if ss and failed / len(ss) > error:
         assert v.action == "halt" and len(v.failed) == failed
+    elif ss and (len(ss) - failed) / len(ss) < success:  # the others can no longer make the success threshold
+        assert v.action == "halt" and "can no longer be reached" in v.reason
     elif not ss or ok / len(ss) >= success:
         assert v.action == "advance"
     else:
         assert v.action == "wait"
     assert len(v.reason) <= ro.MAX_REASON_CHARS
+
+
+def test_a_wave_that_can_no_longer_reach_the_success_threshold_halts_instead_of_waiting_for_ever() -> None:
+    # One of five rejected: 20 % is not past an error threshold of 20 %, and the other four (80 %) can never make
+    # 90 %: seen in the ten-agent rollout, which then waited for ever.
+    wave = [ro.Step(f"v{i}", "active", True, "") for i in range(4)] + [ro.Step("v4", "rejected", None, "too slow")]
+    v = ro.evaluate_wave(wave, 0.9, 0.2)
+    assert v.action == "halt" and "can no longer be reached" in v.reason and "v4 rejected (too slow)" in v.reason
+    # With one still on its way and none failed, all five could still make it: wait.
+    wave[0] = ro.Step("v0", "shadow", None, "")
+    wave[4] = ro.Step("v4", "active", True, "")
+    assert ro.evaluate_wave(wave, 0.9, 0.2).action == "wait"
