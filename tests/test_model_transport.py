@@ -6,6 +6,7 @@ model bytes count against the day's budget, which holds chunk requests back once
 from __future__ import annotations
 
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +113,20 @@ def test_hostile_model_messages_are_counted_and_never_hold_up_a_good_one(
         wait_for(lambda: agent.uplink.connected, what="the agent connected")
         t_desired = wire.vehicle_topic("f1", "v1", mw.LEAF_DESIRED)
         t_chunk = wire.vehicle_topic("f1", "v1", mw.LEAF_CHUNK)
+        # Connected is not yet subscribed (the SUBACK comes later on a busy machine, and a message published
+        # before it reaches nobody): a stray chunk, sent until one is counted, shows the subscription is live.
+        stray = mw.encode_chunk(mw.Chunk("cd" * 32, 0, 1, b"x"))
+
+        def strays() -> int:
+            return agent.updates.counters["chunks_not_downloading"] if agent.updates is not None else 0
+
+        def probe() -> bool:
+            junk.publish(t_chunk, stray, qos=1).wait_for_publish(10)
+            time.sleep(0.1)
+            return strays() > 0
+
+        wait_for(probe, what="the agent subscribed to its model topics")
+        before = strays()
         bad = [rng.randbytes(rng.randint(1, 300)) for _ in range(40)]
         bad += [b"{" * 5000, b'{"schema": 1, "size": -1}', b'{"schema": 2}', b"[]", b"HVCK" + bytes(40)]
         bad += [mw.encode_chunk(mw.Chunk("ab" * 32, 0, 1, b"x"))[:44], b"\x00" * (mw.MAX_CHUNK_BYTES + 100)]
@@ -122,9 +137,8 @@ def test_hostile_model_messages_are_counted_and_never_hold_up_a_good_one(
         rejected = agent.uplink.stats.model_rejected
         assert sum(rejected.values()) >= len(bad) - 3 and set(rejected) == {"malformed"}
         # A chunk that decodes but belongs to no download: dropped by the manager, counted.
-        junk.publish(t_chunk, mw.encode_chunk(mw.Chunk("cd" * 32, 0, 1, b"x")), qos=1).wait_for_publish(10)
-        wait_for(lambda: agent.updates is not None and agent.updates.counters["chunks_not_downloading"] == 1,
-                 what="the stray chunk counted")
+        junk.publish(t_chunk, stray, qos=1).wait_for_publish(10)
+        wait_for(lambda: strays() == before + 1, what="the stray chunk counted")
         snap = agent.metrics.snapshot()["counters"]
         assert snap["uplink.model_rejected"]["malformed"] == rejected["malformed"]
     finally:
