@@ -146,6 +146,22 @@ def _schema_v4(blob: str, real: str, big: str, serial: str) -> tuple[str, ...]:
     )
 
 
+# Version 5: the learning loop (docs/learning_loop.md). Mechanics' verdicts on alerts are kept as a history: every
+# change is a new row (who, when), the latest row per (vehicle, alert_id) is the verdict now. Breakdowns nobody was
+# warned of are recorded beside them, so misses count as well as false alarms.
+def _schema_v5(real: str, serial: str) -> tuple[str, ...]:
+    return (
+        f"""CREATE TABLE IF NOT EXISTS verdicts (
+            id {serial}, vehicle TEXT NOT NULL, alert_id TEXT NOT NULL, label TEXT NOT NULL, fault TEXT NOT NULL,
+            note TEXT NOT NULL, by TEXT NOT NULL, at {real} NOT NULL)""",
+        "CREATE INDEX IF NOT EXISTS verdicts_by_alert ON verdicts (vehicle, alert_id, id)",
+        f"""CREATE TABLE IF NOT EXISTS breakdowns (
+            id {serial}, vehicle TEXT NOT NULL, at {real} NOT NULL, fault TEXT NOT NULL, note TEXT NOT NULL,
+            by TEXT NOT NULL, recorded_at {real} NOT NULL)""",
+        "CREATE INDEX IF NOT EXISTS breakdowns_by_vehicle ON breakdowns (vehicle, at)",
+    )
+
+
 STEPS: tuple[Step, ...] = (
     Step(1, "tables: vehicles, signals, samples, alerts, events, ranges, counters",
          tuple(_SQLITE_V1), tuple(_POSTGRES_V1)),
@@ -154,6 +170,8 @@ STEPS: tuple[Step, ...] = (
     Step(4, "model updates: model_packages, rollouts, rollout_vehicles, vehicle_models",
          _schema_v4("BLOB", "REAL", "INTEGER", "INTEGER PRIMARY KEY"),
          _schema_v4("BYTEA", "DOUBLE PRECISION", "BIGINT", "BIGSERIAL PRIMARY KEY")),
+    Step(5, "the learning loop: verdicts (a history per alert), breakdowns",
+         _schema_v5("REAL", "INTEGER PRIMARY KEY"), _schema_v5("DOUBLE PRECISION", "BIGSERIAL PRIMARY KEY")),
 )
 SCHEMA_VERSION = STEPS[-1].version
 
