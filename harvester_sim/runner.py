@@ -77,12 +77,13 @@ class Simulator:
         self.nmea_period_s = nmea_period_s
         self.stats = SimStats()
 
-    def run(self, duration_s: float | None, stop: threading.Event) -> SimStats:
+    def run(self, duration_s: float | None, stop: threading.Event, start_ts: float | None = None) -> SimStats:
         """Send until `duration_s` of simulated time (None: until `stop`). Frames carry `start + sim time` as
         their timestamp, so at speed > 1 the data's own clock stays physically right (a bus created with
-        `preserve_timestamps=True` passes it on)."""
+        `preserve_timestamps=True` passes it on). `start_ts`: the data clock's start (Unix s; default now): a
+        machine run again after a faster-than-life run goes on from where its data ended, not back in time."""
         t0 = time.monotonic()
-        wall0 = time.time()
+        wall0 = time.time() if start_ts is None else start_ts
         next_nmea = 0.0
         while not stop.is_set():
             sim_t = (time.monotonic() - t0) * self.speed

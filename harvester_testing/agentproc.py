@@ -1,5 +1,6 @@
 """A whole agent in a child process, fed by the simulator on an in-process virtual bus, for kill -9 tests.
-Run: python -m harvester_testing.agentproc CONFIG SPEED [FAULT_RAMP_S [FAULT]] (FAULT `none`: a healthy harvester).
+Run: python -m harvester_testing.agentproc CONFIG SPEED [FAULT_RAMP_S [FAULT [SEED [FAULT_ONSET_S [START_TS]]]]] (FAULT
+`none`: a healthy harvester; SEED 5, onset 0 and the data clock starting now unless given).
 Prints "ready" once started; runs until killed, or until SIGTERM/SIGINT, which stops the agent cleanly as
 `harvester-agent run` does (then "stopped")."""
 
@@ -24,6 +25,9 @@ def main() -> None:
     fault: str | None = sys.argv[4] if len(sys.argv) > 4 else "oil_pump_wear"
     if fault == "none":
         fault = None
+    seed = int(sys.argv[5]) if len(sys.argv) > 5 else 5
+    onset = float(sys.argv[6]) if len(sys.argv) > 6 else 0.0
+    start_ts = float(sys.argv[7]) if len(sys.argv) > 7 else None
     stop = threading.Event()
 
     def on_signal(signum: int, frame: Any) -> None:
@@ -35,7 +39,8 @@ def main() -> None:
     agent.start()
     bus = can.Bus(interface="virtual", channel=cfg.can[0].channel, preserve_timestamps=True)
     print("ready", flush=True)
-    Simulator(Harvester(seed=5, fault=fault, fault_ramp_s=ramp), bus, None, speed=speed).run(None, stop)
+    harvester = Harvester(seed=seed, fault=fault, fault_ramp_s=ramp, fault_onset_s=onset)
+    Simulator(harvester, bus, None, speed=speed).run(None, stop, start_ts)
     agent.stop(drain_s=0.5)
     bus.shutdown()
     print("stopped", flush=True)

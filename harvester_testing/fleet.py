@@ -72,10 +72,16 @@ class Fleet:
             self.agents[vehicle] = FleetAgent(vehicle, cfg)
         return self.agents[vehicle]
 
-    def start_agent(self, vehicle: str, timeout_s: float = 60.0) -> FleetAgent:
+    def start_agent(self, vehicle: str, timeout_s: float = 60.0, *, fault: str | None = None, ramp_s: float = 30.0,
+                    onset_s: float = 0.0, seed: int = 5, start_ts: float | None = None) -> FleetAgent:
+        """Start the vehicle's agent process with its simulated harvester: healthy, or with `fault` starting
+        `onset_s` into the run and reaching full severity `ramp_s` later (data seconds). `start_ts`: where the
+        data clock starts (default now; a vehicle run again at speed > 1 goes on after its last data)."""
         a = self.agent(vehicle)
         p = subprocess.Popen([sys.executable, "-m", "harvester_testing.agentproc", str(a.config), str(self.speed),
-                              "30", "none"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              str(ramp_s), fault or "none", str(seed), str(onset_s)]
+                             + ([] if start_ts is None else [repr(start_ts)]),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         a.proc = p
         ready = threading.Event()
 
