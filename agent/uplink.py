@@ -197,8 +197,7 @@ class Uplink:
             subs += [(self.topic(mw.LEAF_DESIRED), 1), (self.topic(mw.LEAF_CHUNK), 1)]
             self.model.on_connect()
         client.subscribe(subs)
-        client.publish(self.topic("status"), self._status_payload("online"), qos=1, retain=True)
-        self._last_status = time.monotonic()
+        self._publish_status("online")
         log.info("connected to %s:%d", self.cfg.host, self.cfg.port)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
@@ -244,6 +243,16 @@ class Uplink:
     def _model_reject(self, reason: str, text: str) -> None:
         self.stats.model_rejected[reason] = self.stats.model_rejected.get(reason, 0) + 1
         self._warn(f"model_{reason}", f"dropped a model message ({reason}): {text[:200]}")
+
+    def _publish_status(self, state: str) -> mqtt.MQTTMessageInfo:
+        """The retained status message; its bytes count towards the day's budget like everything else sent
+        (it always goes: a spent budget holds back samples only)."""
+        payload = self._status_payload(state)
+        info = self._client.publish(self.topic("status"), payload, qos=1, retain=True)
+        self._last_status = time.monotonic()
+        if self.cfg.daily_budget_bytes:
+            self._spend(len(payload))
+        return info
 
     def _model_bytes(self, n: int, incoming: bool) -> None:
         if incoming:
@@ -406,8 +415,7 @@ class Uplink:
                 del self._inflight[bid]
                 self.stats.ack_timeouts += 1
         if now - self._last_status > self.cfg.status_interval_s:
-            self._client.publish(self.topic("status"), self._status_payload("online"), qos=1, retain=True)
-            self._last_status = now
+            self._publish_status("online")
         if self.model is not None and not self._publish_model():
             return
         while len(self._inflight) < self.cfg.max_inflight_batches:
@@ -489,7 +497,7 @@ class Uplink:
     def _goodbye(self) -> None:
         try:
             if self._connected:
-                info = self._client.publish(self.topic("status"), self._status_payload("offline"), qos=1, retain=True)
+                info = self._publish_status("offline")
                 end = time.monotonic() + 2
                 while not info.is_published() and time.monotonic() < end:
                     self._client.loop(timeout=0.05)

@@ -226,3 +226,20 @@ def test_a_record_with_non_finite_numbers_cannot_stall_the_outbox(broker: Mosqui
     finally:
         up.stop()
         acker.close()
+
+
+def test_status_messages_count_towards_the_daily_budget(broker: MosquittoBroker, store: Store) -> None:
+    """docs/delivery.md: alerts, events and status always go, and count. With nothing in the store the only bytes
+    sent are status messages, so the day's count is theirs."""
+    now = [1_800_000_000.0]
+    cfg = MqttConfig(host=broker.host, port=broker.port, tls=False, status_interval_s=1.0,
+                     daily_budget_bytes=10_000_000)
+    up = Uplink(cfg, VEHICLE, store, seed=1, clock=lambda: now[0])
+    up.start()
+    try:
+        wait_for(lambda: up.budget_used() > 0, what="a status message counted")
+        first = up.budget_used()
+        wait_for(lambda: up.budget_used() >= 2 * first, what="the periodic status message counted")
+    finally:
+        up.stop()
+    assert up.stats.bytes_sent == 0  # no batch went: every byte counted was a status message's
