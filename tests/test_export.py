@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cloud_sync.cli import main as cloud_main
-from cloud_sync.db import FleetDB
+from cloud_sync.db import CloudDBError, FleetDB
 from cloud_sync.db_postgres import PostgresDB
 from cloud_sync.db_sqlite import CloudDB
 from cloud_sync.export import Exporter, Selection, export
@@ -190,7 +190,7 @@ def files(out: Path) -> list[str]:
 def config(db: FleetDB, tmp_path: Path) -> Path:
     """A cloud_sync config naming this database, for the command."""
     path = tmp_path / "cloud.toml"
-    dbc = {"url": db.url} if isinstance(db, PostgresDB) else {"path": str(db.path)}  # type: ignore[attr-defined]
+    dbc = {"url": db.url} if isinstance(db, PostgresDB) else {"path": str(cast(CloudDB, db).path)}
     path.write_text(toml_dumps({"db": dbc}))
     return path
 
@@ -544,6 +544,27 @@ def test_a_damaged_database_stops_the_export_with_the_rows_named(tmp_path: Path)
 
 
 # --- the pieces -------------------------------------------------------------------------------------------------
+
+
+def test_read_array_gives_numbers_bit_for_bit_and_refuses_rows_that_do_not_fit(db: FleetDB) -> None:
+    """The backends' chunk reader: 8-byte numbers in column order, exact; a NULL (or, on PostgreSQL, a column of
+    another width) is a CloudDBError, never a shifted or zero-filled row."""
+    seed(db)
+    dtype = np.dtype([("seq", "<i8"), ("value", "<f8")])
+    got = db.read_array("SELECT seq, value FROM samples WHERE vehicle=? ORDER BY seq LIMIT ?", ["hv-1", 10], dtype)
+    want = db.read("SELECT seq, value FROM samples WHERE vehicle='hv-1' ORDER BY seq LIMIT 10")
+    assert [bits(r) for r in got.tolist()] == [bits(r) for r in want]
+    # SQLite stores a REAL without a fraction as an integer, so ingest's -0.0 comes back +0.0 from the database
+    # itself (the export keeps what is stored); PostgreSQL keeps the sign.
+    stored = ODD_VALUES if isinstance(db, PostgresDB) else [0.0, *ODD_VALUES[1:]]
+    assert bits(got["value"][:6].tolist()) == bits(stored)
+    assert len(db.read_array("SELECT seq, value FROM samples WHERE vehicle=?", ["nobody"], dtype)) == 0
+    with pytest.raises(CloudDBError, match=r"do not fit|8-byte columns"):
+        db.read_array("SELECT seq, score FROM alerts ORDER BY seq", [], dtype)  # a-2 has no score: NULL
+    if isinstance(db, PostgresDB):
+        with pytest.raises(CloudDBError, match="8-byte columns"):
+            db.read_array("SELECT seq, signal_id FROM samples", [], np.dtype([("a", "<i8"), ("b", "<i8")]))
+
 
 
 def test_times_are_iso_8601_or_unix_seconds() -> None:
