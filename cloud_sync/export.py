@@ -220,7 +220,6 @@ class Exporter:
     resumed run did."""
 
     state: State
-    bar: Progress
     signals: _Signals
 
     def __init__(self, db: Source, out: Path, selection: Selection, chunk_rows: int = DEFAULT_CHUNK_ROWS,
@@ -233,6 +232,7 @@ class Exporter:
         self.files = 0
         self.written = dict.fromkeys(TABLES, 0)
         self.writing = self.layout.root  # the file being written, for an error's message
+        self.bar = Progress("export", 0, self.notes)  # replaced once the rows to write are counted
 
     # --- the run ---------------------------------------------------------------------------------------------
 
@@ -245,8 +245,7 @@ class Exporter:
             raise self._write_error(e) from None
         finally:
             self.layout.close()
-            if hasattr(self, "bar"):
-                self.bar.end_line()  # an error or ^C starts on a line of its own, not after a redrawn bar
+            self.bar.end_line()  # an error or ^C starts on a line of its own, not after a redrawn bar
 
     def _run(self, vehicles: list[str], state: State | None) -> ExportResult:
         root = self.layout.root
@@ -269,8 +268,7 @@ class Exporter:
         for table in TABLES:
             makedirs(self.layout.table_dir(table))
         todo = self._plan(vehicles)
-        bar = Progress("export", sum(todo.values()), self.notes)
-        self.bar = bar
+        self.bar = Progress("export", sum(todo.values()), self.notes)
         self.signals = _Signals(self.db)
         for vehicle in vehicles:
             self._samples(vehicle)
@@ -278,7 +276,7 @@ class Exporter:
                 self._records(table, vehicle)
         for table in WHOLE:
             self._whole(table, set(vehicles))
-        bar.finish()
+        self.bar.finish()
         rows = self._manifest(vehicles, complete=True)
         return ExportResult(root, vehicles, rows, dict(self.written), self.files, removed)
 

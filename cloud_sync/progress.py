@@ -26,6 +26,7 @@ class Progress:
         self._drawn_at = 0.0
         self._tenths = 0  # tenths of the total already printed (not a terminal)
         self._open = False  # a terminal's line drawn and not ended
+        self._longest = 0
 
     def add(self, n: int) -> None:
         self.done += n
@@ -57,5 +58,8 @@ class Progress:
         bar = "#" * int(WIDTH * share)
         line = (f"{self.label} [{bar:{WIDTH}s}] {self.done:,}/{self.total:,} {self.unit} "
                 f"{self.done / elapsed:,.0f} {self.unit}/s")
-        print(("\r" if self.tty else "") + line, end=end, file=self.stream, flush=True)
+        if self.tty:  # padded to the longest line drawn, so a shorter one leaves no tail of the last
+            self._longest = max(self._longest, len(line))
+            line = "\r" + line.ljust(self._longest)
+        print(line, end=end, file=self.stream, flush=True)
         self._open = end == ""
