@@ -132,8 +132,13 @@ class State:
         if not isinstance(tables, dict):
             raise bad
         for t in PARTITIONED:
-            for v, p in (tables.get(t) or {}).items():
-                seq, rows = (p.get("seq"), p.get("rows")) if isinstance(p, dict) else (0.5, None)
+            by_vehicle = tables.get(t, {})
+            if not isinstance(by_vehicle, dict):
+                raise bad
+            for v, p in by_vehicle.items():
+                if not isinstance(p, dict):
+                    raise bad
+                seq, rows = p.get("seq"), p.get("rows")
                 if not (seq is None or type(seq) is int) or type(rows) is not int or rows < 0:
                     raise bad
                 state.positions[t][str(v)] = Position(seq, rows)

@@ -507,6 +507,23 @@ def test_something_not_ours_inside_an_export_is_refused_before_anything_is_delet
     assert_equal_to_db(db, out)
 
 
+def test_a_damaged_state_file_is_refused_and_nothing_is_deleted(db: FleetDB, tmp_path: Path) -> None:
+    seed(db)
+    out = tmp_path / "export"
+    export(db, out, Selection(), chunk_rows=500, notes=io.StringIO())
+    before = files(out)
+    good = json.loads((out / STATE).read_text())
+    for damaged, why in [("{not json", "unreadable"), ("[]", "not a state file"),
+                         (json.dumps({**good, "tables": {"samples": []}}), "not a state file"),
+                         (json.dumps({**good, "tables": {"samples": {"hv-1": {"seq": "9", "rows": 1}}}}),
+                          "not a state file"),
+                         (json.dumps({**good, "version": 99}), "format version 99")]:
+        (out / STATE).write_text(damaged)
+        with pytest.raises(ExportError, match=why):
+            export(db, out, Selection(), chunk_rows=500, notes=io.StringIO())
+        assert files(out) == before
+
+
 def test_two_runs_never_write_one_dir(db: FleetDB, tmp_path: Path) -> None:
     seed(db)
     out = tmp_path / "export"
