@@ -566,6 +566,134 @@ def cloud_scaleout_ratio_2() -> Figure:
                   f"1,200,000 samples from 16 vehicles: one receiver {one:,.0f}/s, two {two:,.0f}/s (PostgreSQL)")
 
 
+EXPORT_VEHICLES = 4
+EXPORT_SAMPLES = 2_000_000
+EXPORT_DAYS = 3
+EXPORT_CHUNK = 20_000  # samples per stored segment, as a busy vehicle's flushes arrive
+# The baseline: what a data scientist writes without our command. The same rows with the signal join, the same
+# UTC day, the same partitioning and compression, so both datasets hold the same content.
+_PANDAS_EXPORT = """
+import json, sys, time, warnings
+import pandas as pd
+kind, where, out = sys.argv[1:4]
+if kind == "sqlite":
+    import sqlite3
+    conn = sqlite3.connect(where)
+else:
+    import psycopg
+    conn = psycopg.connect(where)
+    warnings.simplefilter("ignore", UserWarning)  # pandas: "only supports SQLAlchemy connectable": it works
+t0 = time.perf_counter()
+df = pd.read_sql("SELECT s.vehicle, s.seq, s.ts, g.name AS signal, g.source, g.unit, s.value FROM samples s "
+                 "JOIN signals g ON g.id = s.signal_id ORDER BY s.vehicle, s.seq", conn)
+df["day"] = pd.to_datetime(df["ts"], unit="s").dt.strftime("%Y-%m-%d")
+df.to_parquet(out, partition_cols=["vehicle", "day"], compression="zstd", index=False)
+print(json.dumps({"seconds": time.perf_counter() - t0, "rows": len(df)}))
+"""
+_OUR_EXPORT = """
+import io, json, sys, time
+from pathlib import Path
+from cloud_sync.database import open_db
+from cloud_sync.export import Selection, export
+kind, where, out = sys.argv[1:4]
+db = open_db(where if kind == "postgres" else "", Path(where))
+t0 = time.perf_counter()
+r = export(db, Path(out), Selection(), notes=io.StringIO())
+print(json.dumps({"seconds": time.perf_counter() - t0, "rows": r.rows["samples"]}))
+"""
+
+
+def _export_fill(db: Any) -> None:
+    """EXPORT_SAMPLES samples of 8 signals from EXPORT_VEHICLES vehicles over EXPORT_DAYS days, stored by the
+    backend's own bulk insert in segments of EXPORT_CHUNK, as ingest stores them."""
+    import numpy as np
+
+    per = EXPORT_SAMPLES // EXPORT_VEHICLES
+    step_us = EXPORT_DAYS * 86_400 * 1_000_000 * 8 // per  # each signal's period: the samples span the days
+    with db._transaction() as cur:
+        ids = np.array([db._signal_id(cur, (f"SIG{k}.Value", "can0/00", "u")) for k in range(8)], np.int64)
+        for v in range(EXPORT_VEHICLES):
+            db._touch(cur, "bench", f"harvester-{v:02d}", time.time())
+            for lo in range(0, per, EXPORT_CHUNK):
+                c = _synthetic_cols(EXPORT_CHUNK)  # its signals and values; the times span EXPORT_DAYS
+                ts = (1_790_035_200_000_000 + (lo + np.arange(EXPORT_CHUNK)) // 8 * step_us) / 1e6
+                db._insert_samples(cur, f"harvester-{v:02d}", lo + 1, ts, ids[c.sig], c.value)
+    db._signal_ids.update(db._new_signal_ids)
+
+
+def _child(code: str, *argv: str) -> tuple[dict[str, Any], float]:
+    """Run `code` in a fresh interpreter; its JSON line and its peak RSS in MB (the child's own ru_maxrss)."""
+    import subprocess
+
+    with tempfile.TemporaryFile() as err:  # a file, not a pipe: the child never blocks on a full stderr
+        p = subprocess.Popen([sys.executable, "-c", code, *argv], stdout=subprocess.PIPE, stderr=err,
+                             env={**os.environ, "PYTHONPATH": str(REPO)})
+        out = p.stdout.read() if p.stdout else b""
+        _, status, usage = os.wait4(p.pid, 0)  # not p.wait(): wait4 gives this child's own peak RSS
+        p.returncode = os.waitstatus_to_exitcode(status)
+        if p.returncode != 0:
+            err.seek(0)
+            raise RuntimeError(f"export child failed: {err.read().decode()[-2000:]}")
+    return json.loads(out.decode().strip().splitlines()[-1]), usage.ru_maxrss / 1024
+
+
+def _export_pair(kind: str, where: str, folder: Path) -> dict[str, float]:
+    """Ours and the pandas baseline on one database, interleaved, best of two each (the machine is shared)."""
+    import shutil
+
+    best: dict[str, float] = {"ours": 0.0, "base": 0.0, "ours_rss_mb": 0.0, "base_rss_mb": 0.0}
+    for run in range(2):
+        for name, code in (("ours", _OUR_EXPORT), ("base", _PANDAS_EXPORT)):
+            out = folder / f"{kind}-{name}-{run}"
+            res, rss = _child(code, kind, where, str(out))
+            if res["rows"] != EXPORT_SAMPLES:
+                raise RuntimeError(f"{name} exported {res['rows']} of {EXPORT_SAMPLES} samples")
+            best[name] = max(best[name], res["rows"] / res["seconds"])
+            best[f"{name}_rss_mb"] = max(best[f"{name}_rss_mb"], rss)
+            best[f"{name}_mb"] = sum(f.stat().st_size for f in out.rglob("*.parquet")) / 1e6
+            shutil.rmtree(out)
+    return best
+
+
+@figure("export_samples_per_s")
+def export_samples_per_s() -> Figure:
+    """`cloud-sync export` of 2,000,000 samples (4 vehicles, 3 days, 8 signals) into the Parquet dataset, from
+    SQLite (the value) and from PostgreSQL (in the note and the extra keys), each in a fresh process; baseline:
+    pandas `read_sql` of the same rows with the signal join + `DataFrame.to_parquet` partitioned by vehicle and
+    day, same compression, in the same run. Peak RSS of each process beside it."""
+    from cloud_sync.db_sqlite import CloudDB
+    from harvester_testing.postgres import TempPostgres, unavailable
+
+    why = unavailable()
+    if why:
+        raise RuntimeError(f"needs PostgreSQL: {why}")
+    with tempfile.TemporaryDirectory() as d, TempPostgres() as pg:
+        folder = Path(d)
+        db = CloudDB(folder / "cloud.sqlite")
+        _export_fill(db)
+        db.close()
+        lite = _export_pair("sqlite", str(folder / "cloud.sqlite"), folder)
+        from cloud_sync.db_postgres import PostgresDB
+
+        url = pg.new_database("export")
+        pdb = PostgresDB(url)
+        _export_fill(pdb)
+        with pdb._transaction() as cur:
+            cur.execute("ANALYZE samples")  # as autovacuum would have by now: fresh statistics for the planner
+        pdb.close()
+        post = _export_pair("postgres", url, folder)
+    note = (f"2,000,000 samples, 4 vehicles x 3 days; SQLite {lite['ours']:,.0f}/s vs pandas {lite['base']:,.0f}/s, "
+            f"PostgreSQL {post['ours']:,.0f}/s vs pandas {post['base']:,.0f}/s "
+            f"({post['ours'] / post['base']:.2f}x); peak RSS ours {lite['ours_rss_mb']:.0f}/"
+            f"{post['ours_rss_mb']:.0f} MB, pandas {lite['base_rss_mb']:.0f}/{post['base_rss_mb']:.0f} MB "
+            f"(SQLite/PostgreSQL); dataset {lite['ours_mb']:.1f} MB vs pandas' {lite['base_mb']:.1f} MB")
+    return Figure(lite["ours"], "samples/s", lite["base"], lite["ours"] / lite["base"], note, {
+        "postgres": post["ours"], "postgres_baseline": post["base"], "postgres_ratio": post["ours"] / post["base"],
+        "rss_mb": {"sqlite": lite["ours_rss_mb"], "postgres": post["ours_rss_mb"]},
+        "baseline_rss_mb": {"sqlite": lite["base_rss_mb"], "postgres": post["base_rss_mb"]},
+        "dataset_mb": lite["ours_mb"], "baseline_dataset_mb": lite["base_mb"]})
+
+
 _MODEL_RUNS: list[Any] = []
 
 

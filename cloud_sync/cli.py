@@ -11,15 +11,18 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 from cloud_sync import __version__, packaging
 from cloud_sync.config import CloudConfig, ConfigError, load_config
 from cloud_sync.database import existing_db, open_db
 from cloud_sync.db import CloudDBError, FleetDB, RolloutError
+from cloud_sync.exportdir import DEFAULT_CHUNK_ROWS, MAX_CHUNK_ROWS
 from cloud_sync.present import clean_alert, dumps, terminal
 from cloud_sync.reports import Reports
 from cloud_sync.rollout_cli import add_model_commands, add_rollout_commands
+from cloud_sync.timearg import parse_time
 from harvester_common.clirun import run_cli
 
 T = TypeVar("T")
@@ -208,6 +211,41 @@ def cmd_web(args: argparse.Namespace) -> int:
     return 0
 
 
+def _time(text: str) -> float:
+    try:
+        return parse_time(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    if not names:
+        raise argparse.ArgumentTypeError("names no vehicle")
+    return names
+
+
+def _chunk_rows(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 1 <= v <= MAX_CHUNK_ROWS:
+        raise argparse.ArgumentTypeError(f"must be 1 to {MAX_CHUNK_ROWS:,}")
+    return v
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from cloud_sync.export import Selection, export  # pyarrow: only for this command
+
+    selection = Selection(args.vehicles, args.since, args.until)
+    r = read_db(args, lambda db: export(db, args.out, selection, args.chunk_rows))
+    counts = ", ".join(f"{n:,} {t}" for t, n in r.rows.items())
+    print(f"{terminal(str(r.out))}: {counts} of {len(r.vehicles)} vehicle{'' if len(r.vehicles) == 1 else 's'} "
+          f"({sum(r.written.values()):,} rows written by this run in {r.files} files)")
+    return 0
+
+
 def model_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
                    ) -> argparse._SubParsersAction[argparse.ArgumentParser]:
     """The `model` group: each module with model commands adds its own to what this returns."""
@@ -258,6 +296,22 @@ def build_parser() -> argparse.ArgumentParser:
                    "forwards); repeatable. Without it only 127.0.0.1, localhost, [::1] and --host, with the port, "
                    "are answered: a check against DNS rebinding")
     w.set_defaults(func=cmd_web)
+    ex = sub.add_parser("export", help="the data as a Parquet dataset (samples, alerts, events, verdicts, "
+                        "breakdowns) for retraining",
+                        description="Write the selected data into DIR as a Parquet dataset partitioned by vehicle "
+                        "and UTC day (docs/cloud_sync.md, \"Export\"), streaming, with a progress bar on stderr. "
+                        "Into a DIR it wrote before, with the same arguments, it resumes (or adds what was stored "
+                        "since); other arguments are refused.")
+    ex.add_argument("--config", required=True, help="cloud_sync TOML config")
+    ex.add_argument("--out", required=True, type=Path, metavar="DIR", help="the dataset's folder: new, empty, or "
+                    "an earlier export with the same arguments")
+    ex.add_argument("--vehicles", type=_names, metavar="V1,V2", help="only these vehicles (default: all)")
+    ex.add_argument("--since", type=_time, metavar="T", help="rows with ts at or after T: ISO 8601 "
+                    "(2026-11-20T14:05, UTC unless it carries an offset) or Unix seconds")
+    ex.add_argument("--until", type=_time, metavar="T", help="rows with ts before T (same forms)")
+    ex.add_argument("--chunk-rows", type=_chunk_rows, default=DEFAULT_CHUNK_ROWS, metavar="N",
+                    help=f"rows read at once: what memory is bounded by (default {DEFAULT_CHUNK_ROWS:,})")
+    ex.set_defaults(func=cmd_export)
     model_sub = model_commands(sub)
     packaging.add_commands(model_sub)
     add_model_commands(model_sub)

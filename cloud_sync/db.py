@@ -87,6 +87,12 @@ class FleetDB(abc.ABC):
     def read(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         """Rows of one query (`?` placeholders): what cloud_sync/reports.py reads through."""
 
+    @abc.abstractmethod
+    def read_array(self, sql: str, args: Sequence[Any], dtype: np.dtype[Any]) -> npt.NDArray[Any]:
+        """Rows of one query (`?` placeholders) as a structured array of `dtype`, whose fields are 8-byte integers
+        or floats in the query's column order, none of them NULL: a chunk of samples read without a list of Python
+        rows (cloud_sync/export.py). CloudDBError when the rows do not fit `dtype`."""
+
     def read_lock(self) -> contextlib.AbstractContextManager[Any]:
         """Held across several reads that must see one state: ingest waits until it is released."""
         return self._lock

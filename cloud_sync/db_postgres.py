@@ -48,6 +48,30 @@ def copy_rows(seq_lo: int, ts: npt.NDArray[np.float64], sid: npt.NDArray[np.int6
     return _COPY_HEAD + rows.tobytes() + _COPY_TAIL
 
 
+def copy_array(data: bytes | bytearray, dtype: np.dtype[Any]) -> npt.NDArray[Any]:
+    """The rows of a binary COPY TO stream as a structured array of `dtype` (8-byte integer or float fields, in
+    column order). CloudDBError when a row does not have exactly those fields, each 8 bytes and not NULL."""
+    head = len(_COPY_HEAD)
+    if bytes(data[:11]) != _COPY_HEAD[:11] or len(data) < head + 2 or bytes(data[-2:]) != _COPY_TAIL:
+        raise CloudDBError("not a binary COPY stream")
+    start = head + int.from_bytes(data[15:19], "big")  # the header extension, empty today
+    names = list(dtype.names or ())
+    if any(dtype[n].itemsize != 8 or dtype[n].kind not in "if" for n in names):
+        raise CloudDBError(f"copy_array reads 8-byte numbers only, not {dtype}")
+    wire_dtype = np.dtype([("nf", ">i2")] + [x for i, n in enumerate(names)
+                                             for x in ((f"l{i}", ">i4"), (n, ">" + dtype[n].str[1:]))])
+    body = len(data) - 2 - start
+    if body < 0 or body % wire_dtype.itemsize:
+        raise CloudDBError(f"COPY rows are not {len(names)} 8-byte columns (a NULL or another type)")
+    rows = np.frombuffer(data, wire_dtype, count=body // wire_dtype.itemsize, offset=start)
+    if (rows["nf"] != len(names)).any() or any((rows[f"l{i}"] != 8).any() for i in range(len(names))):
+        raise CloudDBError(f"COPY rows are not {len(names)} 8-byte columns (a NULL or another type)")
+    out = np.empty(len(rows), dtype)
+    for n in names:
+        out[n] = rows[n]
+    return out
+
+
 class PostgresDB(FleetDB):
     def __init__(self, url: str, connect_timeout_s: int = _DB.connect_timeout_s) -> None:
         super().__init__()
@@ -122,6 +146,24 @@ class PostgresDB(FleetDB):
             except BaseException as e:
                 self._drop_broken(e)
                 raise
+
+    def read_array(self, sql: str, args: Sequence[Any], dtype: np.dtype[Any]) -> npt.NDArray[Any]:
+        # Binary COPY: fixed-width rows that numpy reads in one go, with no Python object per row or value.
+        buf = bytearray()
+        with self._lock:
+            conn = self._connection()
+            try:
+                with conn.cursor() as cur, cur.copy(f"COPY ({self._sql(sql)}) TO STDOUT (FORMAT BINARY)",
+                                                    tuple(args)) as cp:
+                    for data in cp:
+                        buf += data
+            except BaseException as e:
+                self._drop_broken(e)
+                raise
+        try:
+            return copy_array(buf, dtype)
+        except CloudDBError as e:
+            raise CloudDBError(f"{self.where}: {e}") from None
 
     def _insert_samples(
         self,

@@ -68,6 +68,20 @@ class CloudDB(FleetDB):
         with self._lock:
             return self.db.execute(sql, tuple(args)).fetchall()
 
+    def read_array(self, sql: str, args: Sequence[Any], dtype: np.dtype[Any]) -> npt.NDArray[Any]:
+        # Straight from the cursor into the array: no list of row tuples, so a chunk costs its array and no more.
+        with self._lock:
+            try:
+                out = np.fromiter(self.db.execute(sql, tuple(args)), dtype=dtype, count=-1)
+            except (TypeError, ValueError, OverflowError) as e:
+                raise CloudDBError(f"{self.path}: rows that do not fit {dtype}: {e}") from None
+        # numpy turns a NULL into NaN in a float field; SQLite never stores NaN (it stores NULL instead), so a NaN
+        # here is always a NULL.
+        for name in dtype.names or ():
+            if dtype[name].kind == "f" and np.isnan(out[name]).any():
+                raise CloudDBError(f"{self.path}: rows that do not fit {dtype}: a NULL in {name}")
+        return out
+
     def _is_outage(self, e: BaseException) -> bool:
         # OperationalError: locked, busy, disk full, I/O error, read-only file: the database, not the data.
         return isinstance(e, CloudDBError | sqlite3.OperationalError)
