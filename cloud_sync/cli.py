@@ -196,7 +196,7 @@ def cmd_web(args: argparse.Namespace) -> int:
     cfg = _config_with_logging(args)
     db = existing_db(cfg)
     try:
-        server = make_server(db, args.host, args.port, args.allow_host, cfg.web)
+        server = make_server(db, args.host, args.port, args.allow_host, cfg.web, cfg.quality)
     except OSError as e:
         db.close()
         raise CloudDBError(f"cannot listen on {args.host}:{args.port}: {e.strerror}") from None

@@ -296,8 +296,8 @@ class FleetDB(abc.ABC):
                 try:
                     named = lr.fault_name(own)
                 except LearningError:
-                    raise LearningError(f"alert {_quoted(alert_id)}'s label {_quoted(own)} is not a fault name: "
-                                        "name the fault found") from None
+                    raise LearningError(f"the label of alert {_quoted(alert_id)}, {_quoted(own)}, is not a fault "
+                                        "name: name the fault found") from None
             cur.execute(self._sql("INSERT INTO verdicts (vehicle, alert_id, label, fault, note, by, at) "
                                   "VALUES (?,?,?,?,?,?,?) RETURNING id"),
                         (vehicle, alert_id, label, named, note, by, at))

@@ -2,9 +2,10 @@
 `--until`, the fleet page's breakdown form).
 
 A time is either ISO 8601 (`2026-11-20`, `2026-11-20T14:05`, `2026-11-20 14:05:30+02:00`, `...Z`), UTC unless it
-carries an offset, or Unix seconds (`1763647500`, `1763647500.25`). Digits are ASCII only (`int()` would take
-Arabic-Indic digits), and the result lies in [1970, 3000): a typo such as a 13-digit millisecond value is refused,
-not stored as a date in the year 57,000.
+carries an offset, or Unix seconds (`1763647500`, `1763647500.25`) from 10^9 (September 2001) on. Digits are ASCII
+only (`int()` would take Arabic-Indic digits), and the result lies in [1970, 3000). Typos are refused rather than
+read as some other date: a 13-digit millisecond value (the year 57,000), or `20261120` (a compact date, which as
+seconds would be August 1970).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import datetime as dt
 import re
 
 MIN_TIME = 0.0
+MIN_UNIX_SECONDS = 1e9
 MAX_TIME = 32_503_680_000.0  # 3000-01-01T00:00:00Z
 _UNIX = re.compile(r"[0-9]{1,12}(\.[0-9]{1,9})?")
 _ISO = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}([T ][0-9:.,+\-Z]{2,40})?")
@@ -28,6 +30,8 @@ def parse_time(text: str) -> float:
     s = text.strip() if isinstance(text, str) else ""
     if _UNIX.fullmatch(s):
         t = float(s)
+        if t < MIN_UNIX_SECONDS:
+            raise TimeError(f"not a time: {_quote(text)} (Unix seconds have 10 digits since 2001; or {HINT})")
     elif _ISO.fullmatch(s):
         try:
             when = dt.datetime.fromisoformat(s[:-1] + "+00:00" if s.endswith("Z") else s)
