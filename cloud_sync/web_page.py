@@ -32,9 +32,12 @@ state <select id="f-state"><option value="">all</option><option>open</option><op
 <label>by <input name="by" class="by" id="b-by" maxlength="64" size="10"></label>
 <button type="submit">Record breakdown</button> <span class="form-msg" id="b-msg"></span></form>
 <h2>Model quality</h2>
-<p>period <select id="q-days"><option value="7">last 7 days</option><option value="30" selected>last 30 days</option>
-<option value="90">last 90 days</option><option value="365">last 365 days</option></select>
-<span id="q-due"></span></p>
+<form id="quality-form" autocomplete="off">
+<label>from <input name="since" id="q-since" placeholder="30 days before" size="17"></label>
+<label>to <input name="until" id="q-until" placeholder="now" size="17"></label>
+<label>model <input name="model" id="q-model" placeholder="all" size="16"></label>
+<button type="submit">Show</button> <span class="form-msg" id="q-msg"></span></form>
+<p id="q-due"></p>
 <table id="quality"><thead><tr><th>model / fault</th><th>version</th><th>alerts</th><th>confirmed</th>
 <th>false alarms</th><th>unknown</th><th>no verdict</th><th>precision</th><th>engine hours</th>
 <th>false alarms / 100 h</th><th>caught</th><th>missed</th><th>median lead (h)</th><th>drift (highest)</th>
@@ -263,9 +266,11 @@ async function verdictBox(vehicle, alertId) {
   return div;
 }
 
+// The period and model of the quality form (times as the CLI takes them: ISO 8601 in UTC, or Unix seconds).
 async function loadQuality() {
-  const days = Number($("q-days").value), until = Date.now() / 1000;
-  const r = await get("/api/quality?" + new URLSearchParams({ since: String(Math.floor(until - days * 86400)) }));
+  const q = new URLSearchParams();
+  for (const [k, v] of Object.entries(fields($("quality-form")))) if (v) q.set(k, v);
+  const r = await get("/api/quality?" + q);
   const body = $("quality").tBodies[0]; body.replaceChildren();
   const figures = (tr, f, whole) => {
     const v = f.verdicts;
@@ -308,7 +313,8 @@ $("breakdown-form").addEventListener("submit", (ev) => { ev.preventDefault();
     rememberBy(r.breakdown.by); form.elements.note.value = "";
     return loadQuality();
   }).catch((e) => say(msg, "not recorded: " + e.message, false)); });
-$("q-days").addEventListener("change", () => loadQuality().catch(fail));
+$("quality-form").addEventListener("submit", (ev) => { ev.preventDefault();
+  loadQuality().then(() => say($("q-msg"), "", true)).catch((e) => say($("q-msg"), e.message, false)); });
 
 function fail(e) { $("error").textContent = "Could not load: " + e.message; }
 $("f-vehicle").addEventListener("change", () => loadAlerts().catch(fail));

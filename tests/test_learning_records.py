@@ -106,7 +106,7 @@ def test_a_bad_verdict_is_refused_with_a_sentence_and_nothing_is_stored(db: Flee
                                                                          message: str) -> None:
     args = {"alert_id": "a1", "label": "confirmed", "by": "bob", **kwargs}
     with pytest.raises(LearningError, match=message):
-        db.add_verdict(args.pop("alert_id"), args.pop("label"), **args)  # type: ignore[arg-type]
+        db.add_verdict(args.pop("alert_id"), args.pop("label"), **args)
     assert rows(db) == (0, 0)
 
 
