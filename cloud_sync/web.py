@@ -212,6 +212,8 @@ class Api:
 
 class Handler(BaseHTTPRequestHandler):
     server: WebServer
+    # A client that announces a body and never sends it (or stalls mid-request) must not hold a thread for ever.
+    timeout = 30.0
 
     def log_message(self, fmt: str, *args: Any) -> None:
         log.debug("%s " + fmt, self.address_string(), *args)
@@ -308,7 +310,12 @@ class Handler(BaseHTTPRequestHandler):
         if int(lengths[0]) > MAX_POST_BYTES:
             self._json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": f"the body is over {MAX_POST_BYTES} bytes"})
             return
-        raw = self.rfile.read(int(lengths[0]))
+        try:
+            raw = self.rfile.read(int(lengths[0]))
+        except OSError:  # stalled past `timeout`: nobody to answer
+            return
+        if len(raw) != int(lengths[0]):  # the client went away before sending its body
+            return
         try:
             try:
                 body = json.loads(raw.decode("utf-8"))

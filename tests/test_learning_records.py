@@ -336,3 +336,42 @@ def test_hostile_stored_text_is_escaped_in_the_tables(cfg: Path, capsys: pytest.
     code, out, _ = run(capsys, "alerts", "history", evil, "--config", str(cfg))
     assert code == 0 and "a\\x1b[2J\\u202e" in out and "line one\\nFAKE ROW" in out
     assert len(out.splitlines()) == 3 and "\x1b" not in out
+
+
+argv_texts = st.text(st.characters(codec="utf-8", exclude_characters="\x00") | st.sampled_from("\udcff\x1b\n"),
+                     max_size=40)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(label=st.sampled_from(["confirmed", "false_alarm", "unknown", "maybe", ""]), fault=st.none() | argv_texts,
+       note=argv_texts, by=argv_texts, at=argv_texts | st.sampled_from(["2026-09-21T15:00", "1790000000"]))
+def test_any_command_line_stores_what_it_says_or_fails_in_one_line(
+        cfg: Path, capsys: pytest.CaptureFixture[str], label: str, fault: str | None, note: str, by: str,
+        at: str) -> None:
+    """What a shell can pass (argv never holds NUL; a byte that is not UTF-8 arrives as a lone surrogate): exit 0
+    with the row stored, or exit 2 with one line and nothing stored. Never a traceback."""
+    db = CloudDB(cfg.parent / "cloud.sqlite")
+    before = rows(db)
+    db.close()
+    argv = ["alerts", "verdict", "a1", "--config", str(cfg), f"--label={label}", f"--note={note}", f"--by={by}",
+            *([f"--fault={fault}"] if fault is not None else [])]
+    for args, added in ((argv, (1, 0)), (["breakdown", "add", "--config", str(cfg), "--vehicle", "v1",
+                                          f"--at={at}", f"--fault={fault or 'x'}", f"--by={by}"], (0, 1))):
+        try:
+            code = cloud_main(args)
+        except SystemExit as e:  # argparse's own refusal (a label not among the choices, a time that is none)
+            code = int(e.code or 0)
+        err = capsys.readouterr().err
+        db = CloudDB(cfg.parent / "cloud.sqlite")
+        after = rows(db)
+        db.close()
+        assert code in (0, 2), err
+        if code == 0:
+            assert after == (before[0] + added[0], before[1] + added[1]) and err == ""
+        else:
+            lines = err.splitlines()
+            assert after == before and "Traceback" not in err
+            # Ours is one line; argparse's own refusals put their usage lines first.
+            assert lines[-1].startswith("cloud-sync") and ": error: " in lines[-1]
+            assert len(lines) == 1 or lines[0].startswith("usage: ")
+        before = after

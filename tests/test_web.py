@@ -450,6 +450,14 @@ def test_verdict_and_breakdown_posts_and_their_refusals(site: str, tmp_path: Pat
     code, _ = http_raw(site, "POST /api/verdict HTTP/1.1\r\nHost: evil.example\r\nOrigin: http://evil.example\r\n"
                              "Content-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
     assert code == 421
+    # A body cut short (the client went away): no answer, nothing stored, and the server serves on.
+    u = urllib.parse.urlsplit(site)
+    with socket.create_connection((u.hostname or "", u.port or 0), timeout=10) as s:
+        s.sendall(f"POST /api/verdict HTTP/1.1\r\nHost: {u.netloc}\r\nOrigin: {site}\r\nContent-Type: "
+                  f"application/json\r\nContent-Length: 100\r\n\r\n{{}}".encode())
+        s.shutdown(socket.SHUT_WR)
+        assert s.recv(1000) == b""
+    assert get(site + "/api/fleet")[0] == 200
     assert [len(x) for x in stored(tmp_path)] == [2, 1]  # nothing refused was stored
 
 
