@@ -104,3 +104,14 @@ def test_a_version_3_database_gains_the_model_tables_and_keeps_its_data(tmp_path
                               "verdicts", "breakdowns"} <= set(columns(db))
     finally:
         db.close()
+
+
+def test_step_6_indexes_records_by_vehicle_and_time(cloud_db: FleetDB) -> None:
+    """The quality report's indexes exist on both engines, and (vehicle, kind, ts) took the place of (vehicle,
+    kind), whose every query it serves."""
+    if isinstance(cloud_db, CloudDB):
+        names = {n for (n,) in cloud_db.read("SELECT name FROM sqlite_master WHERE type='index'")}
+    else:
+        names = {n for (n,) in cloud_db.read("SELECT indexname FROM pg_indexes WHERE schemaname='public'")}
+    assert {"events_by_vehicle_kind_time", "alerts_by_vehicle_state_time", "samples_by_signal_time"} <= names
+    assert "events_by_vehicle_kind" not in names
