@@ -326,13 +326,12 @@ class FleetDB(abc.ABC):
     def _alert_vehicle(query: Query, alert_id: str, vehicle: str | None) -> str:
         """The vehicle whose alert `alert_id` is: the one given, if it has that alert; else the only one that
         has. An id stored for two vehicles (only a forged one can be) must be told apart by the caller."""
-        found = [str(r[0]) for r in query("SELECT DISTINCT vehicle FROM alerts WHERE alert_id=? ORDER BY vehicle "
-                                          "LIMIT 11", (alert_id,))]
         if vehicle is not None:
-            # Asked directly: the LIMIT above must not hide the vehicle named.
             if not query("SELECT 1 FROM alerts WHERE alert_id=? AND vehicle=? LIMIT 1", (alert_id, vehicle)):
                 raise LearningError(f"no alert {_quoted(alert_id)} on vehicle {_quoted(vehicle)}")
             return vehicle
+        found = [str(r[0]) for r in query("SELECT DISTINCT vehicle FROM alerts WHERE alert_id=? ORDER BY vehicle "
+                                          "LIMIT 11", (alert_id,))]
         if not found:
             raise LearningError(f"no alert {_quoted(alert_id)} (cloud-sync alerts lists them)")
         if len(found) > 1:
