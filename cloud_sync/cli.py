@@ -17,12 +17,13 @@ from typing import Any, TypeVar
 from cloud_sync import __version__, packaging
 from cloud_sync.config import CloudConfig, ConfigError, load_config
 from cloud_sync.database import existing_db, open_db
-from cloud_sync.db import CloudDBError, FleetDB, RolloutError
+from cloud_sync.db import CloudDBError, FleetDB, LearningError, RolloutError
 from cloud_sync.exportdir import DEFAULT_CHUNK_ROWS, MAX_CHUNK_ROWS
+from cloud_sync.learning_cli import add_alert_commands, add_learning_commands
 from cloud_sync.present import clean_alert, dumps, terminal
 from cloud_sync.reports import Reports
 from cloud_sync.rollout_cli import add_model_commands, add_rollout_commands
-from cloud_sync.timearg import parse_time
+from cloud_sync.times import parse_time
 from harvester_common.clirun import run_cli
 
 T = TypeVar("T")
@@ -160,6 +161,8 @@ def _when(ts: float | None) -> str:
 
 
 def cmd_alerts(args: argparse.Namespace) -> int:
+    if args.config is None:  # not required by argparse: `alerts verdict ... --config` comes after the subcommand
+        args.alerts_parser.error("the following arguments are required: --config")
     since = None
     if args.since is not None:
         since = args.since if args.since >= 1e9 else time.time() - args.since * 3600  # an epoch or hours back
@@ -167,13 +170,15 @@ def cmd_alerts(args: argparse.Namespace) -> int:
     if args.json:
         print(dumps({"alerts": rows}))
         return 0
-    print(f"{'time (UTC)':19s} {'vehicle':16s} {'state':6s} {'label':20s} {'score':>5s}  {'model':24s} top features")
+    print(f"{'time (UTC)':19s} {'vehicle':16s} {'state':6s} {'label':20s} {'score':>5s}  {'model':24s} "
+          f"{'verdict':12s} top features")
     for a in map(clean_alert, rows):  # fields typed: one malformed record does not end the report
         top = ", ".join(f[0] for f in a["top_features"][:3])
         score = "?" if a["score"] is None else f"{a['score']:.2f}"
+        verdict = a["verdict"]["label"] if isinstance(a.get("verdict"), dict) else "-"
         print(f"{_when(a['ts']):19s} {terminal(a['vehicle']):16s} {terminal(a['state']):6s} "
               f"{terminal(a['label']):20s} {score:>5s}  {terminal(a['model'] + ' ' + a['model_version']):24s} "
-              f"{terminal(top)}")
+              f"{terminal(verdict):12s} {terminal(top)}")
     if not rows:
         print("(no alerts match)")
     return 0
@@ -194,7 +199,7 @@ def cmd_web(args: argparse.Namespace) -> int:
     cfg = _config_with_logging(args)
     db = existing_db(cfg)
     try:
-        server = make_server(db, args.host, args.port, args.allow_host, cfg.web)
+        server = make_server(db, args.host, args.port, args.allow_host, cfg.web, cfg.quality)
     except OSError as e:
         db.close()
         raise CloudDBError(f"cannot listen on {args.host}:{args.port}: {e.strerror}") from None
@@ -277,15 +282,17 @@ def build_parser() -> argparse.ArgumentParser:
     fl.add_argument("--config", required=True, help="cloud_sync TOML config")
     fl.add_argument("--json", action="store_true", help="print one JSON object")
     fl.set_defaults(func=cmd_fleet)
-    al = sub.add_parser("alerts", help="alerts, oldest first, with filters")
-    al.add_argument("--config", required=True, help="cloud_sync TOML config")
+    al = sub.add_parser("alerts", help="alerts, oldest first, with filters and each one's verdict; `alerts verdict` "
+                        "and `alerts history` record and show verdicts")
+    al.add_argument("--config", help="cloud_sync TOML config (required)")
     al.add_argument("--vehicle", help="only this vehicle")
     al.add_argument("--state", choices=("open", "closed"),
                     help="open: alerts still open now; closed: alerts that have closed")
     al.add_argument("--since", type=float, metavar="HOURS_OR_EPOCH",
                     help="only alerts at or after this time: hours back (e.g. 24), or a Unix time")
     al.add_argument("--json", action="store_true", help="print one JSON object")
-    al.set_defaults(func=cmd_alerts)
+    al.set_defaults(func=cmd_alerts, alerts_parser=al)
+    add_alert_commands(al)
     w = sub.add_parser("web", help="serve the fleet page: vehicles, alerts, and the signals around an alert")
     w.add_argument("--config", required=True, help="cloud_sync TOML config")
     w.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: put a reverse "
@@ -316,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     packaging.add_commands(model_sub)
     add_model_commands(model_sub)
     add_rollout_commands(sub)
+    add_learning_commands(sub)
     return p
 
 
@@ -324,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):
         if isinstance(stream, io.TextIOWrapper):
             stream.reconfigure(errors="backslashreplace")
-    return run_cli(build_parser(), argv, (ConfigError, CloudDBError, RolloutError))
+    return run_cli(build_parser(), argv, (ConfigError, CloudDBError, RolloutError, LearningError))
 
 
 if __name__ == "__main__":

@@ -100,6 +100,22 @@ class RolloutConfig(_Section):
         "(`busy`) and the vehicle asks again later: a flood of requests cannot fill the receiver's memory"))
 
 
+class QualityConfig(_Section):
+    min_precision: float = Field(0.7, ge=0, le=1, description=(
+        "`cloud-sync quality`: a model version whose precision (confirmed / (confirmed + false alarms)) is below "
+        "this is due for retraining, once it has `min_verdicts` of those verdicts"))
+    min_verdicts: int = Field(5, ge=1, le=1_000_000, description=(
+        "confirmed + false-alarm verdicts a version needs before its precision can make it due for retraining"))
+    max_drift_share: float = Field(0.2, ge=0, le=1, description=(
+        "a version is due for retraining when, on some vehicle, more than this share of its drift reports naming "
+        "the version say drifted (with at least `min_drift_reports` of them)"))
+    min_drift_reports: int = Field(10, ge=1, le=1_000_000, description=(
+        "drift reports a vehicle must have sent about a version before its drift share counts"))
+    lead_window_h: float = Field(72.0, gt=0, le=8760, description=(
+        "a breakdown is caught when an alert of its vehicle, not judged a false alarm, opened at most this many "
+        "hours before it; the lead time is measured from the earliest such alert"))
+
+
 class LogConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description=(
         "logs go to stderr"))
@@ -114,6 +130,7 @@ class CloudConfig(_Section):
     receiver: ReceiverConfig = ReceiverConfig()
     web: WebConfig = WebConfig()
     rollout: RolloutConfig = RolloutConfig()
+    quality: QualityConfig = QualityConfig()
     log: LogConfig = LogConfig()
 
 

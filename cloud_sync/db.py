@@ -20,6 +20,10 @@ transaction that adds it), each vehicle's latest `model/status` (`set_model_stat
 stored report is folded into the vehicle's rollout at once), and the controller's tick (`rollout_tx`). Rollouts
 are written under one lock (`_rollout_lock`: SQLite's write lock, a PostgreSQL advisory lock), so receivers
 sharing a database cannot both advance one wave or both start rollouts over the same vehicles.
+
+The learning loop's records (docs/learning_loop.md, "Records") are written here as well, one transaction each:
+`add_verdict` (append-only: a change of verdict is a new row, so every change is kept with who and when) and
+`add_breakdown`; their rules are cloud_sync/learning.py's, checked before the transaction starts.
 """
 
 from __future__ import annotations
@@ -29,17 +33,21 @@ import contextlib
 import json
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
+from cloud_sync import learning as lr
 from cloud_sync import rollout as ro
 from cloud_sync.errors import CloudDBError as CloudDBError  # re-exported: callers catch it as cloud_sync.db's
+from cloud_sync.errors import LearningError as LearningError
 from cloud_sync.errors import RolloutError as RolloutError
 from cloud_sync.errors import UnstorableError as UnstorableError
+from cloud_sync.learning import Breakdown as Breakdown  # re-exported: the rows the learning methods return
+from cloud_sync.learning import Verdict as Verdict
 from cloud_sync.migrations import STORED_KINDS
 from harvester_common import modelwire as mw
 from harvester_common import wire
@@ -61,6 +69,17 @@ class Cursor(Protocol):
     def executemany(self, sql: Any, params: Any, /) -> Any: ...
     def fetchone(self) -> Any: ...
     def fetchall(self) -> list[Any]: ...
+
+
+Query = Callable[[str, Sequence[Any]], list[tuple[Any, ...]]]  # `?` placeholders in, rows out
+
+
+def _in(db: FleetDB, cur: Cursor) -> Query:
+    """Queries inside the transaction `cur` belongs to, as `FleetDB.read` runs them outside one."""
+    def query(sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        cur.execute(db._sql(sql), tuple(args))
+        return [tuple(r) for r in cur.fetchall()]
+    return query
 
 
 class FleetDB(abc.ABC):
@@ -251,12 +270,110 @@ class FleetDB(abc.ABC):
         """A write's failure as CloudDBError (outage) or UnstorableError (content), like `ingest`."""
         try:
             yield
-        except (CloudDBError, UnstorableError, RolloutError):
+        except (CloudDBError, UnstorableError, RolloutError, LearningError):
             raise
         except Exception as e:
             if self._is_outage(e):
                 raise CloudDBError(f"{self.where}: {type(e).__name__}: {str(e).strip()[:200]}") from e
             raise UnstorableError(f"{type(e).__name__}: {str(e).strip()[:200]}") from e
+
+    # --- the learning loop: verdicts and breakdowns ----------------------------------------------------------
+
+    def add_verdict(self, alert_id: str, label: str, *, by: str, fault: str | None = None, note: str = "",
+                    vehicle: str | None = None, at: float | None = None) -> Verdict:
+        """Record a mechanic's verdict on an alert (a new row: the alert's verdict now); returns the stored row.
+        `fault` defaults, for `confirmed`, to the alert's own label; a false alarm has none. LearningError for an
+        unknown alert, an id stored for several vehicles without `vehicle`, or a bad field; nothing is stored
+        then."""
+        alert_id = lr.check_key("alert id", alert_id)
+        label = lr.check_label(label)
+        by, note = lr.check_by(by), lr.check_note(note)
+        vehicle = None if vehicle is None else lr.check_key("vehicle", vehicle)
+        named = lr.fault_name(fault) if fault not in (None, "") else ""
+        if label == "false_alarm" and named:
+            raise LearningError("a false alarm found no fault: leave the fault out (or say unknown)")
+        at = time.time() if at is None else at
+        with self._lock, self._write_errors(), self._transaction() as cur:
+            vehicle = self._alert_vehicle(_in(self, cur), alert_id, vehicle)
+            if label == "confirmed" and not named:
+                cur.execute(self._sql("SELECT label FROM alerts WHERE vehicle=? AND alert_id=? ORDER BY seq LIMIT 1"),
+                            (vehicle, alert_id))
+                own = str(cur.fetchone()[0] or "")
+                try:
+                    named = lr.fault_name(own)
+                except LearningError:
+                    raise LearningError(f"the label of alert {_quoted(alert_id)}, {_quoted(own)}, is not a fault "
+                                        "name: name the fault found") from None
+            cur.execute(self._sql("INSERT INTO verdicts (vehicle, alert_id, label, fault, note, by, at) "
+                                  "VALUES (?,?,?,?,?,?,?) RETURNING id"),
+                        (vehicle, alert_id, label, named, note, by, at))
+            vid = int(cur.fetchone()[0])
+        return Verdict(vid, vehicle, alert_id, label, named, note, by, at)
+
+    def add_breakdown(self, vehicle: str, at: float, fault: str, *, by: str, note: str = "",
+                      recorded_at: float | None = None) -> Breakdown:
+        """Record a breakdown of a known vehicle at `at` (Unix seconds), warned of or not; returns the stored row.
+        LearningError for an unknown vehicle or a bad field; nothing is stored then."""
+        vehicle = lr.check_key("vehicle", vehicle)
+        now = time.time() if recorded_at is None else recorded_at
+        at, named = lr.check_at(at, now), lr.fault_name(fault)
+        by, note = lr.check_by(by), lr.check_note(note)
+        with self._lock, self._write_errors(), self._transaction() as cur:
+            cur.execute(self._sql("SELECT 1 FROM vehicles WHERE vehicle=?"), (vehicle,))
+            if cur.fetchone() is None:
+                raise LearningError(f"no vehicle {_quoted(vehicle)} in the database (a vehicle is known once it has "
+                                    "sent data)")
+            cur.execute(self._sql("INSERT INTO breakdowns (vehicle, at, fault, note, by, recorded_at) "
+                                  "VALUES (?,?,?,?,?,?) RETURNING id"), (vehicle, at, named, note, by, now))
+            bid = int(cur.fetchone()[0])
+        return Breakdown(bid, vehicle, at, named, note, by, now)
+
+    @staticmethod
+    def _alert_vehicle(query: Query, alert_id: str, vehicle: str | None) -> str:
+        """The vehicle whose alert `alert_id` is: the one given, if it has that alert; else the only one that
+        has. An id stored for two vehicles (only a forged one can be) must be told apart by the caller."""
+        if vehicle is not None:
+            if not query("SELECT 1 FROM alerts WHERE alert_id=? AND vehicle=? LIMIT 1", (alert_id, vehicle)):
+                raise LearningError(f"no alert {_quoted(alert_id)} on vehicle {_quoted(vehicle)}")
+            return vehicle
+        found = [str(r[0]) for r in query("SELECT DISTINCT vehicle FROM alerts WHERE alert_id=? ORDER BY vehicle "
+                                          "LIMIT 11", (alert_id,))]
+        if not found:
+            raise LearningError(f"no alert {_quoted(alert_id)} (cloud-sync alerts lists them)")
+        if len(found) > 1:
+            shown = ", ".join(_quoted(v) for v in found[:10]) + (" and more" if len(found) > 10 else "")
+            raise LearningError(f"alert {_quoted(alert_id)} is stored for several vehicles ({shown}): say which "
+                                "with --vehicle")
+        return found[0]
+
+    def verdict_history(self, alert_id: str, vehicle: str | None = None) -> tuple[str, list[Verdict]]:
+        """An alert's vehicle and every verdict it was given, oldest first (the last is the verdict now).
+        LearningError as `add_verdict` for an unknown or ambiguous id."""
+        alert_id = lr.check_key("alert id", alert_id)
+        vehicle = None if vehicle is None else lr.check_key("vehicle", vehicle)
+        with self.read_lock():
+            vehicle = self._alert_vehicle(self.read, alert_id, vehicle)
+            rows = self.read(f"SELECT {_VERDICT_COLUMNS} FROM verdicts WHERE vehicle=? AND alert_id=? ORDER BY id",
+                             (vehicle, alert_id))
+        return vehicle, [_verdict(r) for r in rows]
+
+    def verdicts_now(self) -> dict[tuple[str, str], Verdict]:
+        """Each (vehicle, alert id) with a verdict: its latest one. Verdicts are typed by people, so the table
+        stays small beside the vehicles' records."""
+        rows = self.read(f"SELECT {_VERDICT_COLUMNS} FROM verdicts v WHERE v.id = (SELECT MAX(w.id) FROM verdicts w "
+                         "WHERE w.vehicle = v.vehicle AND w.alert_id = v.alert_id)")
+        return {(v.vehicle, v.alert_id): v for v in map(_verdict, rows)}
+
+    def breakdowns(self, vehicle: str | None = None, since: float | None = None,
+                   until: float | None = None) -> list[Breakdown]:
+        """Breakdowns by time (`since` <= at < `until`), optionally of one vehicle."""
+        q = f"SELECT {_BREAKDOWN_COLUMNS} FROM breakdowns WHERE 1=1"
+        args: list[Any] = []
+        for cond, v in (("vehicle=?", vehicle), ("at>=?", since), ("at<?", until)):
+            if v is not None:
+                q += " AND " + cond
+                args.append(v)
+        return [_breakdown(r) for r in self.read(q + " ORDER BY at, id", args)]
 
     # --- model updates ---------------------------------------------------------------------------------------
 
@@ -589,6 +706,8 @@ _PACKAGE_COLUMNS = ("package_sha256, name, version, model_sha256, key_id, size, 
 _ROLLOUT_COLUMNS = ("id, name, version, package_sha256, mode, waves, plan, success_threshold, error_threshold, "
                     "state, wave, reason, created_by, created_at, updated_at")
 _RV_COLUMNS = "vehicle, fleet, wave, state, healthy, reason, figures, sent_at, cleared_at, updated_at"
+_VERDICT_COLUMNS = "id, vehicle, alert_id, label, fault, note, by, at"
+_BREAKDOWN_COLUMNS = "id, vehicle, at, fault, note, by, recorded_at"
 
 
 def _package_info(r: Sequence[Any]) -> PackageInfo:
@@ -606,6 +725,20 @@ def _rollout_vehicle(r: Sequence[Any]) -> RolloutVehicle:
     return RolloutVehicle(str(r[0]), str(r[1]), int(r[2]), str(r[3]), None if r[4] is None else bool(r[4]),
                           str(r[5]), _json_obj(r[6]), None if r[7] is None else float(r[7]),
                           None if r[8] is None else float(r[8]), float(r[9]))
+
+
+def _verdict(r: Sequence[Any]) -> Verdict:
+    return Verdict(int(r[0]), str(r[1]), str(r[2]), str(r[3]), str(r[4]), str(r[5]), str(r[6]), float(r[7]))
+
+
+def _breakdown(r: Sequence[Any]) -> Breakdown:
+    return Breakdown(int(r[0]), str(r[1]), float(r[2]), str(r[3]), str(r[4]), str(r[5]), float(r[6]))
+
+
+def _quoted(text: str) -> str:
+    """Stored text in a one-line message: escaped as repr escapes it, and cut."""
+    s = repr(text)
+    return s if len(s) <= 80 else s[:77] + "...'"
 
 
 def _json_obj(text: Any) -> dict[str, Any]:

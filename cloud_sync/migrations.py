@@ -162,6 +162,17 @@ def _schema_v5(real: str, serial: str) -> tuple[str, ...]:
     )
 
 
+# Version 6: indexes for the quality report (docs/learning_loop.md, "Quality"). Which model version a vehicle ran when
+# is read from its `drift` reports and alert openings, per vehicle and time: without these, finding the report just
+# before a period, or a period's reports, read every drift report the vehicle ever sent (each several KB of JSON).
+# (vehicle, kind, ts) serves every query (vehicle, kind) did, so that one goes.
+_SCHEMA_V6 = [
+    "CREATE INDEX IF NOT EXISTS events_by_vehicle_kind_time ON events (vehicle, kind, ts)",
+    "DROP INDEX IF EXISTS events_by_vehicle_kind",
+    "CREATE INDEX IF NOT EXISTS alerts_by_vehicle_state_time ON alerts (vehicle, state, ts)",
+]
+
+
 STEPS: tuple[Step, ...] = (
     Step(1, "tables: vehicles, signals, samples, alerts, events, ranges, counters",
          tuple(_SQLITE_V1), tuple(_POSTGRES_V1)),
@@ -172,6 +183,8 @@ STEPS: tuple[Step, ...] = (
          _schema_v4("BYTEA", "DOUBLE PRECISION", "BIGINT", "BIGSERIAL PRIMARY KEY")),
     Step(5, "the learning loop: verdicts (a history per alert), breakdowns",
          _schema_v5("REAL", "INTEGER PRIMARY KEY"), _schema_v5("DOUBLE PRECISION", "BIGSERIAL PRIMARY KEY")),
+    Step(6, "indexes for the quality report: events (vehicle, kind, ts), alerts (vehicle, state, ts)",
+         tuple(_SCHEMA_V6), tuple(_SCHEMA_V6)),
 )
 SCHEMA_VERSION = STEPS[-1].version
 

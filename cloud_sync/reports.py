@@ -1,5 +1,6 @@
 """What people read from the cloud database: per-vehicle statistics and gaps, the fleet overview (with each
-vehicle's model: active, desired, last step), rollouts, alerts and the signals around them, refused messages.
+vehicle's model: active, desired, last step), rollouts, alerts (with their verdict now) and the signals around
+them, refused messages, and the quality of each model version (the queries here, the figures cloud_sync/quality.py).
 Read-only, apart from ingest (cloud_sync/db.py), through `FleetDB.read`; the same SQL on both engines (`?`
 placeholders; a backend rewrites them)."""
 
@@ -12,8 +13,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from cloud_sync import quality as q
 from cloud_sync import rollout as ro
-from cloud_sync.db import FleetDB, RolloutInfo, RolloutVehicle
+from cloud_sync.config import QualityConfig
+from cloud_sync.db import FleetDB, LearningError, RolloutInfo, RolloutVehicle, Verdict
 from cloud_sync.migrations import STORED_KINDS
 from cloud_sync.present import finite
 from harvester_common import modelwire as mw
@@ -25,6 +28,8 @@ MAX_SOURCES = 32  # sources per vehicle whose last up/down is shown
 SOURCE_EVENTS_READ = 500  # a vehicle's latest source_down/source_up events read to find each source's last one
 MAX_TEXT = 300  # characters kept of a counter name or an event's error text
 MAX_ROLLOUTS = 20  # rollouts on the fleet page, newest first (`cloud-sync rollout status --id N` shows any)
+MAX_NAME = 256  # characters kept of a model name, version or label a vehicle's record names (wire's cap)
+PRIOR_READ = 20  # a vehicle's latest records before a period read to find the last one naming a version
 
 
 @dataclass(slots=True)
@@ -197,25 +202,123 @@ class Reports:
     ) -> list[dict[str, Any]]:
         """Alert records, oldest first. `state="open"` means alerts still open now (their latest record is the
         opening one); `"closed"`, those whose closing record has arrived (that record is listed)."""
-        q = "SELECT a.vehicle, a.seq, a.record FROM alerts a WHERE 1=1"
+        sql = "SELECT a.vehicle, a.seq, a.alert_id, a.record FROM alerts a WHERE 1=1"
         args: list[Any] = []
         if vehicle:
-            q += " AND a.vehicle=?"
+            sql += " AND a.vehicle=?"
             args.append(vehicle)
         if state:
-            q += (" AND a.state=? AND a.seq = (SELECT MAX(b.seq) FROM alerts b "
-                  "WHERE b.vehicle=a.vehicle AND b.alert_id=a.alert_id)")
+            sql += (" AND a.state=? AND a.seq = (SELECT MAX(b.seq) FROM alerts b "
+                    "WHERE b.vehicle=a.vehicle AND b.alert_id=a.alert_id)")
             args.append(state)
         if since is not None:
-            q += " AND a.ts>=?"
+            sql += " AND a.ts>=?"
             args.append(since)
-        rows = self.db.read(q + " ORDER BY a.ts, a.seq", args)
-        # The row's key last: a record's own "vehicle" or "seq" (the vehicle's text) never renames it.
-        return [{**json.loads(r), "vehicle": v, "seq": int(s)} for v, s, r in rows]
+        with self.db.read_lock():
+            rows = self.db.read(sql + " ORDER BY a.ts, a.seq", args)
+            verdicts = self.db.verdicts_now() if rows else {}
+        # The row's keys last: a record's own "vehicle", "seq" or "verdict" (the vehicle's text) never renames them.
+        return [{**json.loads(r), "vehicle": v, "seq": int(s), "verdict": _verdict_now(verdicts.get((v, a)))}
+                for v, s, a, r in rows]
 
     def alert(self, vehicle: str, seq: int) -> dict[str, Any] | None:
         rows = self.db.read("SELECT record FROM alerts WHERE vehicle=? AND seq=?", (vehicle, seq))
         return {**json.loads(rows[0][0]), "vehicle": vehicle, "seq": seq} if rows else None
+
+    def quality(self, thresholds: QualityConfig, since: float | None = None, until: float | None = None,
+                model: str | None = None, now: float | None = None) -> dict[str, Any]:
+        """The quality report over [since, until) (default: the 30 days to now), per model version and fault
+        (cloud_sync/quality.py has the rules). What it reads grows with alerts, drift reports and breakdowns, and
+        with the number of times vehicles changed version, never with samples: per stretch a version ran, the
+        first and last SPN 247 sample through the (vehicle, signal_id, ts) index."""
+        until = (time.time() if now is None else now) if until is None else until
+        since = until - q.DEFAULT_PERIOD_S if since is None else since
+        if not since < until:
+            raise LearningError("the period is empty: since must be before until")
+        period = q.Period(since, until)
+        with self.db.read_lock():
+            opened, marks = self._openings(since - thresholds.lead_window_h * 3600.0, until)
+            verdicts = {k: v.label for k, v in self.db.verdicts_now().items()}
+            breakdowns = self.db.breakdowns(since=since, until=until)
+            hour_ids = [int(r[0]) for r in self.db.read("SELECT id FROM signals WHERE name=? ORDER BY id",
+                                                        (q.HOURS_SIGNAL,))]
+            runs: list[q.Stretch] = []
+            hours: list[float | None] = []
+            drift: list[q.Drift] = []
+            for (vehicle,) in self.db.read("SELECT vehicle FROM vehicles ORDER BY vehicle"):
+                vehicle = str(vehicle)
+                reports = self._drift_reports(vehicle, since, until)
+                drift += [q.Drift(vehicle, m.model, m.version, flag) for m, flag in reports if flag is not None]
+                named = [m for m in marks.get(vehicle, []) if m.ts >= since] + [m for m, _ in reports]
+                named += self._marks_before(vehicle, since)
+                for s in q.stretches(vehicle, named, period):
+                    runs.append(s)
+                    wanted = model is None or s.model == model  # another model's row is not reported
+                    hours.append(self._engine_hours(vehicle, hour_ids, s.start, s.end) if wanted else None)
+        return q.report(period, thresholds, opened, verdicts, breakdowns, runs, hours, drift, model)
+
+    def _openings(self, since: float, until: float) -> tuple[list[q.Opened], dict[str, list[q.Mark]]]:
+        """Alerts that opened in [since, until) (the first open record of each), and per vehicle the marks among
+        them: the openings whose record names a model and a version."""
+        opened: dict[tuple[str, str], q.Opened] = {}
+        marks: dict[str, list[q.Mark]] = {}
+        for vehicle, alert_id, ts, rec in self.db.read(
+                "SELECT vehicle, alert_id, ts, record FROM alerts WHERE state='open' AND ts>=? AND ts<? "
+                "ORDER BY ts, vehicle, seq", (since, until)):
+            key = (str(vehicle), str(alert_id))
+            if key in opened:
+                continue
+            r = _record(rec)
+            model, version = _name(r.get("model")), _name(r.get("model_version"))
+            opened[key] = q.Opened(key[0], key[1], float(ts), model or q.UNKNOWN, version or q.UNKNOWN,
+                                   _name(r.get("label")))
+            if model and version:
+                marks.setdefault(key[0], []).append(q.Mark(float(ts), model, version))
+        return list(opened.values()), marks
+
+    def _drift_reports(self, vehicle: str, since: float, until: float) -> list[tuple[q.Mark, bool | None]]:
+        """The vehicle's drift reports in [since, until) that name a version: each as a mark, with its flag (None
+        when the flag is not a boolean: the report still says which version ran)."""
+        out = []
+        for ts, rec in self.db.read("SELECT ts, record FROM events WHERE vehicle=? AND kind='drift' AND ts>=? "
+                                    "AND ts<? ORDER BY ts, seq", (vehicle, since, until)):
+            data = _obj(_record(rec).get("data"))
+            model, version, flag = _name(data.get("model")), _name(data.get("model_version")), data.get("drift")
+            if model and version:
+                out.append((q.Mark(float(ts), model, version), flag if isinstance(flag, bool) else None))
+        return out
+
+    def _marks_before(self, vehicle: str, t: float) -> list[q.Mark]:
+        """The vehicle's last opening and last drift report before `t` that name a version (of its latest
+        PRIOR_READ of each: a longer run of malformed records leaves the version before `t` unknown)."""
+        out: list[q.Mark] = []
+        for sql, in_data in (
+                ("SELECT ts, record FROM alerts WHERE vehicle=? AND state='open' AND ts<? ORDER BY ts DESC", False),
+                ("SELECT ts, record FROM events WHERE vehicle=? AND kind='drift' AND ts<? ORDER BY ts DESC", True)):
+            for ts, rec in self.db.read(f"{sql} LIMIT {PRIOR_READ}", (vehicle, t)):
+                r = _record(rec)
+                if in_data:  # a drift event: what it is about is in its data
+                    r = _obj(r.get("data"))
+                model, version = _name(r.get("model")), _name(r.get("model_version"))
+                if model and version:
+                    out.append(q.Mark(float(ts), model, version))
+                    break
+        return out
+
+    def _engine_hours(self, vehicle: str, signal_ids: Sequence[int], t0: float, t1: float) -> float | None:
+        """Engine hours of a vehicle in [t0, t1): the largest trusted rise among its SPN 247 signals (one per
+        source), each from two rows read through the (vehicle, signal_id, ts) index."""
+        best: float | None = None
+        for sid in signal_ids:
+            ends = []
+            for order in ("ASC", "DESC"):
+                rows = self.db.read("SELECT ts, value FROM samples WHERE vehicle=? AND signal_id=? AND ts>=? AND ts<? "
+                                    f"ORDER BY ts {order} LIMIT 1", (vehicle, sid, t0, t1))
+                ends.append((float(rows[0][0]), float(rows[0][1])) if rows else None)
+            h = q.hours_rise(ends[0], ends[1])
+            if h is not None and (best is None or h > best):
+                best = h
+        return best
 
     def signal_series(
         self, vehicle: str, t0: float, t1: float, names: Sequence[str] | None = None, *, max_points: int
@@ -272,6 +375,24 @@ def rollout_report(info: RolloutInfo, vehicles: Sequence[RolloutVehicle]) -> dic
         "failed": [{"vehicle": v.vehicle, "wave": v.wave + 1, "state": v.state, "reason": v.reason}
                    for v in vehicles if v.step().failed],
     }
+
+
+def _verdict_now(v: Verdict | None) -> dict[str, Any] | None:
+    return None if v is None else {"label": v.label, "fault": v.fault, "note": v.note, "by": v.by, "at": v.at,
+                                   "id": v.id}
+
+
+def _record(text: Any) -> dict[str, Any]:
+    """A stored record (a vehicle's JSON text) as an object; {} for anything else."""
+    try:
+        v = json.loads(text)
+    except (TypeError, ValueError, RecursionError):
+        return {}
+    return v if isinstance(v, dict) else {}
+
+
+def _name(v: Any) -> str:
+    return v[:MAX_NAME] if isinstance(v, str) else ""
 
 
 def _obj(v: Any) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from harvester_common import wire
 DEFAULT_WAVES = "100"
 
 
-def _user() -> str:
+def current_user() -> str:
     """Who runs the command: $USER, else the login name, else "unknown"."""
     name = os.environ.get("USER", "")
     if not name:
@@ -78,7 +78,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
         raise RolloutError(f"{path}: cannot read: {e.strerror}") from None
     cfg, db = _open(args, create=True)
     try:
-        info, new = publish(db, cfg, data, args.by or _user())
+        info, new = publish(db, cfg, data, args.by or current_user())
     except RolloutError as e:
         raise RolloutError(f"{path}: {e}") from None
     finally:
@@ -163,7 +163,7 @@ def _start(db: FleetDB, pkg: PackageInfo, vehicles: list[tuple[str, str]], *, mo
         raise RolloutError(str(e)) from None
     plan = {"canary": canary, "percent": list(percent), "sizes": [len(w) for w in waves]}
     rid = db.create_rollout(pkg, [[(v, fleet_of[v]) for v in w] for w in waves], mode=mode, plan=plan,
-                            success_threshold=success, error_threshold=error, by=_user())
+                            success_threshold=success, error_threshold=error, by=current_user())
     return rid, waves
 
 
@@ -247,7 +247,7 @@ def cmd_change(args: argparse.Namespace) -> int:
     _, db = _open(args)
     try:
         rid = _rollout_id(db, args.id)
-        before, info = db.change_rollout(rid, args.action, _user())
+        before, info = db.change_rollout(rid, args.action, current_user())
     finally:
         db.close()
     after = {"abort": "; the desired model of its vehicles not active on it is cleared by `cloud-sync serve`",

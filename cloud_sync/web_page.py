@@ -21,8 +21,27 @@ HTML = r"""<!doctype html>
 <p>vehicle <select id="f-vehicle"><option value="">all</option></select>
 state <select id="f-state"><option value="">all</option><option>open</option><option>closed</option></select></p>
 <table id="alerts"><thead><tr><th>time (UTC)</th><th>vehicle</th><th>state</th><th>label</th><th>score</th>
-<th>model</th><th>top features</th></tr></thead><tbody></tbody></table>
+<th>model</th><th>verdict</th><th>top features</th></tr></thead><tbody></tbody></table>
 <div id="detail"></div>
+<h2>Record a breakdown</h2>
+<form id="breakdown-form" autocomplete="off">
+<label>vehicle <select name="vehicle" id="b-vehicle"></select></label>
+<label>at (UTC) <input name="at" id="b-at" placeholder="2026-11-20T14:05" size="17"></label>
+<label>fault <input name="fault" id="b-fault" placeholder="coolant_leak" size="16"></label>
+<label>note <input name="note" id="b-note" maxlength="2000" size="30"></label>
+<label>by <input name="by" class="by" id="b-by" maxlength="64" size="10"></label>
+<button type="submit">Record breakdown</button> <span class="form-msg" id="b-msg"></span></form>
+<h2>Model quality</h2>
+<form id="quality-form" autocomplete="off">
+<label>from <input name="since" id="q-since" placeholder="30 days before" size="17"></label>
+<label>to <input name="until" id="q-until" placeholder="now" size="17"></label>
+<label>model <input name="model" id="q-model" placeholder="all" size="16"></label>
+<button type="submit">Show</button> <span class="form-msg" id="q-msg"></span></form>
+<p id="q-due"></p>
+<table id="quality"><thead><tr><th>model / fault</th><th>version</th><th>alerts</th><th>confirmed</th>
+<th>false alarms</th><th>unknown</th><th>no verdict</th><th>precision</th><th>engine hours</th>
+<th>false alarms / 100 h</th><th>caught</th><th>missed</th><th>median lead (h)</th><th>drift (highest)</th>
+<th>retraining</th></tr></thead><tbody></tbody></table>
 <script src="/static/page.js"></script>
 </body></html>
 """
@@ -38,6 +57,11 @@ svg.plot { border: 1px solid #ccc; margin: 4px 0 10px 0; background: #fff; }
 td.counters { font-size: 12px; max-width: 40em; }
 td.waves div { white-space: nowrap; } td.waves .current { font-weight: 600; }
 .failed { color: #b00; } .done { color: #070; }
+form label { margin-right: 0.8em; white-space: nowrap; } .form-msg { margin-left: 0.5em; }
+.form-msg.bad { color: #b00; } .form-msg.ok { color: #070; }
+tr.fault td { color: #555; font-size: 13px; } tr.fault td:first-child { padding-left: 2em; }
+td.due { color: #b00; font-weight: 600; } #q-due.due { color: #b00; font-weight: 600; }
+div.verdict { margin: 6px 0 12px 0; } ol.history { margin: 4px 0; font-size: 13px; }
 """
 
 JS = r""""use strict";
@@ -51,6 +75,20 @@ function when(t) { return Number.isFinite(t) ? new Date(t * 1000).toISOString().
   : "?"; }
 async function get(url) { const r = await fetch(url); const j = await r.json();
   if (!r.ok) throw new Error(j.error || r.status); return j; }
+// Changes are JSON POSTs from this page: the server takes them only with this page's Origin (docs: CSRF).
+async function post(url, body) {
+  const r = await fetch(url, { method: "POST", headers: { "Content-Type": "application/json" },
+    body: JSON.stringify(body) });
+  const j = await r.json().catch(() => ({}));
+  if (!r.ok) throw new Error(j.error || r.status); return j; }
+function fields(form) { const out = {};
+  for (const e of form.elements) if (e.name) out[e.name] = e.value.trim ? e.value.trim() : e.value;
+  return out; }
+function say(el, text, ok) { el.textContent = text; el.className = "form-msg " + (ok ? "ok" : "bad"); }
+function fix(v, d) { return typeof v === "number" ? v.toFixed(d) : "-"; }
+let lastBy = "";
+function rememberBy(by) { lastBy = by;
+  for (const e of document.querySelectorAll("input.by")) if (!e.value) e.value = by; }
 
 async function loadFleet() {
   const { vehicles } = await get("/api/fleet");
@@ -90,6 +128,9 @@ async function loadFleet() {
     sel.appendChild(new Option(v.vehicle, v.vehicle));
   }
   sel.value = keep;
+  const bsel = $("b-vehicle"), bkeep = bsel.value;
+  bsel.replaceChildren(...vehicles.map((v) => new Option(v.vehicle, v.vehicle)));
+  if (bkeep) bsel.value = bkeep;
 }
 
 const FAILED = ["rejected", "rolled_back", "failed"];
@@ -133,6 +174,9 @@ async function loadAlerts() {
     cell(tr, when(a.ts)); cell(tr, a.vehicle); cell(tr, a.state, a.state === "open" ? "open" : "");
     cell(tr, a.label || ""); cell(tr, typeof a.score === "number" ? a.score.toFixed(2) : "", "num");
     cell(tr, (a.model || "") + " " + (a.model_version || ""));
+    const vd = a.verdict && typeof a.verdict === "object" ? a.verdict : null;
+    const vc = cell(tr, vd ? vd.label + (vd.fault ? " (" + vd.fault + ")" : "") : "-", "verdict");
+    if (vd) vc.setAttribute("title", vd.by + ", " + when(vd.at) + (vd.note ? ": " + vd.note : ""));
     cell(tr, (a.top_features || []).map((f) => f[0]).join(", "));
     tr.addEventListener("click", () => showAlert(a.vehicle, a.seq).catch(fail));
     body.appendChild(tr);
@@ -176,10 +220,105 @@ async function showAlert(vehicle, seq) {
   if (!names.length) { const p = document.createElement("p"); p.className = "empty";
     p.textContent = "No samples stored around this alert."; box.appendChild(p); }
   for (const n of names) box.appendChild(plot(n, d.series[n], d.span, win));
+  box.appendChild(await verdictBox(vehicle, d.alert.alert_id));
 }
+
+// An alert's verdicts, newest last, and a form for a new one (every change is kept, with who and when).
+async function verdictBox(vehicle, alertId) {
+  const div = document.createElement("div"); div.className = "verdict";
+  const h = document.createElement("h3"); h.textContent = "Verdict"; div.appendChild(h);
+  if (!alertId) { const p = document.createElement("p");
+    p.textContent = "This alert record has no id: no verdict can be recorded."; div.appendChild(p); return div; }
+  const now = document.createElement("p"); now.className = "now"; div.appendChild(now);
+  const list = document.createElement("ol"); list.className = "history"; div.appendChild(list);
+  async function refresh() {
+    const { history } = await get("/api/verdicts?" + new URLSearchParams({ vehicle, alert_id: alertId }));
+    const last = history[history.length - 1];
+    now.textContent = last ? "now: " + last.label + (last.fault ? " (" + last.fault + ")" : "") + " by " + last.by
+      : "no verdict yet";
+    list.replaceChildren(...history.map((v) => { const li = document.createElement("li");
+      li.textContent = when(v.at) + " UTC, " + v.by + ": " + v.label + (v.fault ? " (" + v.fault + ")" : "") +
+        (v.note ? ": " + v.note : ""); return li; }));
+  }
+  const form = document.createElement("form"); form.className = "verdict-form"; form.autocomplete = "off";
+  const label = document.createElement("select"); label.name = "label";
+  for (const l of ["confirmed", "false_alarm", "unknown"]) label.appendChild(new Option(l, l));
+  const input = (name, attrs) => { const lab = document.createElement("label"); lab.append(name + " ");
+    const e = document.createElement("input"); e.name = name;
+    for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
+    lab.appendChild(e); form.appendChild(lab); return e; };
+  const lab = document.createElement("label"); lab.append("label ", label); form.appendChild(lab);
+  input("fault", { placeholder: "as the alert's label", size: 16 });
+  input("note", { maxlength: 2000, size: 30 });
+  const by = input("by", { maxlength: 64, size: 10, class: "by" }); by.value = lastBy;
+  const button = document.createElement("button"); button.type = "submit"; button.textContent = "Record verdict";
+  const msg = document.createElement("span"); msg.className = "form-msg";
+  form.append(button, " ", msg);
+  form.addEventListener("submit", (ev) => { ev.preventDefault();
+    const f = fields(form);
+    post("/api/verdict", { ...f, alert_id: alertId, vehicle }).then((r) => {
+      say(msg, "recorded: " + r.verdict.label + (r.verdict.fault ? " (" + r.verdict.fault + ")" : ""), true);
+      rememberBy(r.verdict.by); form.elements.note.value = "";
+      return Promise.all([refresh(), loadAlerts(), loadQuality()]);
+    }).catch((e) => say(msg, "not recorded: " + e.message, false)); });
+  div.appendChild(form);
+  await refresh();
+  return div;
+}
+
+// The period and model of the quality form (times as the CLI takes them: ISO 8601 in UTC, or Unix seconds).
+async function loadQuality() {
+  const q = new URLSearchParams();
+  for (const [k, v] of Object.entries(fields($("quality-form")))) if (v) q.set(k, v);
+  const r = await get("/api/quality?" + q);
+  const body = $("quality").tBodies[0]; body.replaceChildren();
+  const figures = (tr, f, whole) => {
+    const v = f.verdicts;
+    for (const n of [f.alerts, v.confirmed, v.false_alarm, v.unknown, v.none]) cell(tr, String(n), "num");
+    cell(tr, fix(f.precision, 2), "num");
+    cell(tr, whole ? fix(f.engine_hours, 1) : "", "num");
+    cell(tr, whole ? fix(f.false_alarms_per_100_engine_hours, 2) : "", "num");
+    cell(tr, String(f.breakdowns.caught), "num"); cell(tr, String(f.breakdowns.missed), "num");
+    cell(tr, fix(f.median_lead_time_h, 1), "num");
+  };
+  for (const m of r.models) {
+    const tr = document.createElement("tr"); tr.className = "model";
+    tr.dataset.model = m.model; tr.dataset.version = m.version;
+    cell(tr, m.model); cell(tr, m.version); figures(tr, m, true);
+    const drift = Object.entries(m.drift_share).sort((a, b) => b[1] - a[1]);
+    const dc = cell(tr, drift.length ? Math.round(drift[0][1] * 100) + "% " + drift[0][0] : "-");
+    dc.setAttribute("title", drift.map(([v, s]) => v + ": " + Math.round(s * 100) + "% of " + m.drift_reports[v] +
+      " reports").join("\n"));
+    cell(tr, m.retraining_due ? "due: " + m.retraining_reasons.join("; ") : "no", m.retraining_due ? "due" : "");
+    body.appendChild(tr);
+    for (const [fault, f] of Object.entries(m.per_fault)) {
+      const fr = document.createElement("tr"); fr.className = "fault"; fr.dataset.fault = fault;
+      cell(fr, fault || "(no label)"); cell(fr, ""); figures(fr, f, false); cell(fr, ""); cell(fr, "");
+      body.appendChild(fr);
+    }
+  }
+  if (!r.models.length) { const tr = document.createElement("tr");
+    const td = cell(tr, "No alert, breakdown or drift report in this period."); td.colSpan = 15;
+    body.appendChild(tr); }
+  const due = $("q-due");
+  due.textContent = r.retraining_due ? "retraining due: " + r.retraining_reasons.join("; ") : "no retraining due";
+  due.className = r.retraining_due ? "due" : "";
+}
+
+$("breakdown-form").addEventListener("submit", (ev) => { ev.preventDefault();
+  const form = $("breakdown-form"), msg = $("b-msg");
+  post("/api/breakdown", fields(form)).then((r) => {
+    say(msg, "recorded: breakdown " + r.breakdown.id + " of " + r.breakdown.vehicle + " at " +
+      when(r.breakdown.at) + " UTC (" + r.breakdown.fault + ")", true);
+    rememberBy(r.breakdown.by); form.elements.note.value = "";
+    return loadQuality();
+  }).catch((e) => say(msg, "not recorded: " + e.message, false)); });
+$("quality-form").addEventListener("submit", (ev) => { ev.preventDefault();
+  loadQuality().then(() => say($("q-msg"), "", true)).catch((e) => say($("q-msg"), e.message, false)); });
 
 function fail(e) { $("error").textContent = "Could not load: " + e.message; }
 $("f-vehicle").addEventListener("change", () => loadAlerts().catch(fail));
 $("f-state").addEventListener("change", () => loadAlerts().catch(fail));
-Promise.all([loadFleet(), loadRollouts(), loadAlerts()]).then(() => document.body.dataset.loaded = "1").catch(fail);
+Promise.all([loadFleet(), loadRollouts(), loadAlerts(), loadQuality()])
+  .then(() => document.body.dataset.loaded = "1").catch(fail);
 """

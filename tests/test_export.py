@@ -33,7 +33,6 @@ from cloud_sync.db_sqlite import CloudDB
 from cloud_sync.export import Exporter, Selection, export
 from cloud_sync.exportdir import LOCK, STATE, ExportError, Layout
 from cloud_sync.progress import Progress
-from cloud_sync.timearg import parse_time
 from harvester_common import wire
 from harvester_testing.tomlw import dumps as toml_dumps
 
@@ -436,7 +435,7 @@ def test_a_dir_holding_an_export_with_other_arguments_is_refused(db: FleetDB, tm
     out = tmp_path / "export"
     assert run_cli(["export", "--config", cfg, "--out", str(out), "--vehicles", "hv-1"], capsys)[0] == 0
     before = {f: (out / f).read_bytes() for f in files(out)}
-    for other in (["--vehicles", "hv-2"], [], ["--vehicles", "hv-1", "--since", "0"]):
+    for other in (["--vehicles", "hv-2"], [], ["--vehicles", "hv-1", "--since", "2001-01-01"]):
         code, _, err = run_cli(["export", "--config", cfg, "--out", str(out), *other], capsys)
         assert code == 2 and err.count("\n") == 1 and "holds an export with other arguments" in err
     assert {f: (out / f).read_bytes() for f in files(out)} == before
@@ -462,7 +461,7 @@ def test_bad_arguments_are_one_line_and_write_nothing(tmp_path: Path, capsys: py
     for args, why in [
         (["--out", out, "--vehicles", "hv-1,nope,gone"], "unknown vehicles (not in the database"),
         (["--out", out, "--since", "2026-09-23", "--until", "2026-09-22"], "must be before --until"),
-        (["--out", out, "--since", "5", "--until", "5"], "must be before --until"),
+        (["--out", out, "--since", "1790035200", "--until", "1790035200"], "must be before --until"),
         (["--out", str(a_file)], "not a directory"),
         (["--out", str(theirs)], "holds files that are not an export of cloud-sync (notes.txt)"),
     ]:
@@ -475,7 +474,7 @@ def test_bad_arguments_are_one_line_and_write_nothing(tmp_path: Path, capsys: py
 
 
 def test_argparse_refusals_name_the_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    for args, why in [(["--since", "yesterday"], "not an ISO 8601 time"), (["--until", "inf"], "not an ISO 8601"),
+    for args, why in [(["--since", "yesterday"], "not a time: 'yesterday'"), (["--until", "inf"], "not a time"),
                       (["--chunk-rows", "0"], "must be 1 to 10,000,000"),
                       (["--chunk-rows", "99999999999999999999"], "must be 1 to"),
                       (["--vehicles", " , "], "names no vehicle")]:
@@ -582,17 +581,6 @@ def test_read_array_gives_numbers_bit_for_bit_and_refuses_rows_that_do_not_fit(d
         with pytest.raises(CloudDBError, match="8-byte columns"):
             db.read_array("SELECT seq, signal_id FROM samples", [], np.dtype([("a", "<i8"), ("b", "<i8")]))
 
-
-
-def test_times_are_iso_8601_or_unix_seconds() -> None:
-    assert parse_time("2026-09-22") == DAY0
-    assert parse_time("2026-09-22T00:00") == parse_time("2026-09-22T00:00:00Z") == DAY0
-    assert parse_time("2026-09-22T01:00+01:00") == DAY0
-    assert parse_time(" 1790035200 ") == DAY0 and parse_time("1790035200.25") == DAY0 + 0.25
-    assert parse_time("-1.5") == -1.5 and parse_time("1e3") == 1000.0
-    for bad in ("", "today", "1e999", "nan", "2026-13-01", "0x10"):
-        with pytest.raises(ValueError):
-            parse_time(bad)
 
 
 def test_the_progress_bar_prints_ten_lines_off_a_terminal() -> None:

@@ -17,7 +17,7 @@ from cloud_sync.migrations import SCHEMA_VERSION, STEPS
 # The text of every step that has shipped. A step's statements are what databases in the field went through: change
 # the schema with a new step at the end, never by editing one of these (this test then fails, on purpose).
 SHIPPED = {1: "fad59918081d412c", 2: "3352f25b29c283d3", 3: "fe31e400523d78c2", 4: "9a534aa944cfc60c",
-           5: "49cc129c605a998e"}
+           5: "49cc129c605a998e", 6: "f8637c9f8c9b5a90"}
 
 
 def fingerprint(version: int) -> str:
@@ -104,3 +104,14 @@ def test_a_version_3_database_gains_the_model_tables_and_keeps_its_data(tmp_path
                               "verdicts", "breakdowns"} <= set(columns(db))
     finally:
         db.close()
+
+
+def test_step_6_indexes_records_by_vehicle_and_time(cloud_db: FleetDB) -> None:
+    """The quality report's indexes exist on both engines, and (vehicle, kind, ts) took the place of (vehicle,
+    kind), whose every query it serves."""
+    if isinstance(cloud_db, CloudDB):
+        names = {n for (n,) in cloud_db.read("SELECT name FROM sqlite_master WHERE type='index'")}
+    else:
+        names = {n for (n,) in cloud_db.read("SELECT indexname FROM pg_indexes WHERE schemaname='public'")}
+    assert {"events_by_vehicle_kind_time", "alerts_by_vehicle_state_time", "samples_by_signal_time"} <= names
+    assert "events_by_vehicle_kind" not in names

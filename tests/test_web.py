@@ -343,3 +343,247 @@ def test_page_shows_fleet_and_alerts_and_plots_an_alert(site: str, browser: Any,
     assert browser.execute_script("return window.inlineRan === undefined")
     logs = [e["message"] for e in browser.get_log("browser")]
     assert any("Content Security Policy" in m for m in logs), logs
+
+
+# --- the learning loop: verdicts, breakdowns, quality ----------------------------------------------------------
+
+
+def post(site: str, path: str, body: bytes | str | dict[str, Any], headers: dict[str, str] | None = None,
+         origin: str | None = "same") -> tuple[int, Any]:
+    """One POST with exactly these headers (http.client adds only Host and Content-Length)."""
+    u = urllib.parse.urlsplit(site)
+    data = json.dumps(body).encode() if isinstance(body, dict) else body.encode() if isinstance(body, str) else body
+    h = {"Content-Type": "application/json", **(headers or {})}
+    if origin is not None:
+        h["Origin"] = site if origin == "same" else origin
+    conn = http.client.HTTPConnection(u.hostname or "", u.port, timeout=10)
+    try:
+        conn.request("POST", path, body=data, headers=h)
+        resp = conn.getresponse()
+        raw_body = resp.read()
+    finally:
+        conn.close()
+    return resp.status, json.loads(raw_body)
+
+
+def stored(tmp_path: Path) -> tuple[list[Any], list[Any]]:
+    """Verdicts and breakdowns as the database holds them, read through a connection of its own."""
+    db = CloudDB(tmp_path / "cloud.sqlite")
+    try:
+        verdicts = [r for r in db.read("SELECT vehicle, alert_id, label, fault, note, by FROM verdicts ORDER BY id")]
+        breakdowns = [r for r in db.read("SELECT vehicle, at, fault, note, by FROM breakdowns ORDER BY id")]
+        return verdicts, breakdowns
+    finally:
+        db.close()
+
+
+def test_verdict_and_breakdown_posts_and_their_refusals(site: str, tmp_path: Path) -> None:
+    verdict = {"alert_id": "a1", "label": "false_alarm", "note": "sensor cable loose", "by": "alice"}
+    status, body = post(site, "/api/verdict", verdict)
+    assert status == 200 and (body["verdict"]["vehicle"], body["verdict"]["label"]) == ("v1", "false_alarm")
+    status, body = post(site, "/api/breakdown", {"vehicle": "v2", "at": "2026-09-21T15:00", "fault": "Fan belt",
+                                                 "by": "bob"})
+    assert status == 200 and body["breakdown"]["fault"] == "fan_belt"
+    # Without an Origin, a Referer from this server's page will do (what some browsers send).
+    status, _ = post(site, "/api/verdict", {**verdict, "label": "confirmed"}, {"Referer": site + "/"}, origin=None)
+    assert status == 200
+    verdicts, breakdowns = stored(tmp_path)
+    assert [v[2] for v in verdicts] == ["false_alarm", "confirmed"] and verdicts[1][3] == "coolant_leak"
+    assert [(b[0], b[2], b[4]) for b in breakdowns] == [("v2", "fan_belt", "bob")]
+    assert breakdowns[0][1] == 1790002800.0  # 2026-09-21T15:00 UTC
+    status, body = get(f"{site}/api/verdicts?vehicle=v1&alert_id=a1")
+    assert status == 200 and [h["label"] for h in body["history"]] == ["false_alarm", "confirmed"]
+    status, body = get(site + "/api/quality?since=1789000000&until=1791000000")
+    # a1 (confirmed now), a2 and the hostile vehicle's a9 opened under 1.0.0; a10's `ts` was not a time (stored as
+    # its arrival, outside the period).
+    assert status == 200 and [(m["version"], m["alerts"], m["verdicts"]["confirmed"]) for m in body["models"]] == [
+        ("1.0.0", 3, 1)]
+    assert body["models"][0]["breakdowns"] == {"caught": 1, "missed": 0}  # a2 opened 50 min before v2's breakdown
+
+    forged: list[tuple[dict[str, str], str | None, int, str]] = [
+        ({}, "http://evil.example", 403, "refused: a change is taken only from this server's own page"),
+        ({}, "null", 403, "refused"),  # a sandboxed frame or a privacy-stripped origin
+        ({}, None, 403, "refused"),  # neither Origin nor Referer
+        ({"Referer": "http://evil.example/page"}, None, 403, "refused"),
+        ({"Referer": site + "/"}, "http://evil.example", 403, "refused"),  # the Origin decides
+        ({}, site.replace("http://", "ftp://"), 403, "refused"),
+        ({}, f"{site}@evil.example", 403, "refused"),
+        ({"Content-Type": "text/plain"}, "same", 415, "the body must be application/json"),
+        ({"Content-Type": "application/x-www-form-urlencoded"}, "same", 415, "the body must be application/json"),
+    ]
+    for headers, origin, code, error in forged:
+        status, body = post(site, "/api/verdict", verdict, headers, origin=origin)
+        assert status == code and body["error"].startswith(error), (headers, origin, body)
+    bad: list[tuple[str, Any, str]] = [
+        ("/api/verdict", {**verdict, "label": "maybe"}, "label must be one of confirmed, false_alarm, unknown"),
+        ("/api/verdict", {**verdict, "alert_id": "nope"}, "no alert 'nope'"),
+        ("/api/verdict", {**verdict, "fault": "x"}, "a false alarm found no fault"),
+        ("/api/verdict", {**verdict, "note": "x" * 2001}, "the note is 2001 characters long"),
+        ("/api/verdict", {**verdict, "by": ""}, "say who records it"),
+        ("/api/verdict", {**verdict, "by": 5}, "by must be text"),
+        ("/api/verdict", {**verdict, "admin": "1"}, "unknown field 'admin'"),
+        ("/api/verdict", [verdict], "the body must be a JSON object"),
+        ("/api/verdict", "{not json", "the body is not JSON"),
+        ("/api/verdict", b"\xff\xfe", "the body is not JSON"),
+        ("/api/verdict", "[" * 30_000, "the body is not JSON"),  # nested past what the parser takes
+        ("/api/breakdown", {"vehicle": "v9", "at": "2026-09-21T15:00", "fault": "x", "by": "bob"},
+         "no vehicle 'v9'"),
+        ("/api/breakdown", {"vehicle": "v1", "at": "yesterday", "fault": "x", "by": "bob"}, "at: not a time"),
+        ("/api/breakdown", {"vehicle": "v1", "at": "2026-09-21T15:00", "fault": "", "by": "bob"},
+         "not a fault name"),
+    ]
+    for path, body_in, error in bad:
+        status, body = post(site, path, body_in if not isinstance(body_in, list) else json.dumps(body_in))
+        assert (status, body["error"][:len(error)]) == (400, error), (path, body_in, body)
+    assert post(site, "/api/verdict", "x" * (32 * 1024 + 1))[0] == 413
+    assert post(site, "/api/rollout", verdict)[0] == 404
+    assert get(site + "/api/quality?since=yesterday") == (400, {"error": "since: not a time: 'yesterday' (ISO 8601 "
+                                                                "such as 2026-11-20T14:05 (UTC unless it has an "
+                                                                "offset) or Unix seconds)"})
+    assert get(site + "/api/quality?since=1791000000&until=1789000000")[0] == 400
+    assert get(site + "/api/verdicts?alert_id=nope") == (400, {"error": "no alert 'nope' (cloud-sync alerts lists "
+                                                                        "them)"})
+    # A request with no Content-Length, and one that names another Host, never reach the database either.
+    code, _ = http_raw(site, f"POST /api/verdict HTTP/1.1\r\nHost: {urllib.parse.urlsplit(site).netloc}\r\n"
+                             f"Origin: {site}\r\nContent-Type: application/json\r\nConnection: close\r\n")
+    assert code == 411
+    code, _ = http_raw(site, "POST /api/verdict HTTP/1.1\r\nHost: evil.example\r\nOrigin: http://evil.example\r\n"
+                             "Content-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+    assert code == 421
+    # A body cut short (the client went away): no answer, nothing stored, and the server serves on.
+    u = urllib.parse.urlsplit(site)
+    with socket.create_connection((u.hostname or "", u.port or 0), timeout=10) as s:
+        s.sendall(f"POST /api/verdict HTTP/1.1\r\nHost: {u.netloc}\r\nOrigin: {site}\r\nContent-Type: "
+                  f"application/json\r\nContent-Length: 100\r\n\r\n{{}}".encode())
+        s.shutdown(socket.SHUT_WR)
+        assert s.recv(1000) == b""
+    assert get(site + "/api/fleet")[0] == 200
+    assert [len(x) for x in stored(tmp_path)] == [2, 1]  # nothing refused was stored
+
+
+def test_page_records_a_verdict_and_a_breakdown_and_shows_quality(site: str, browser: Any, tmp_path: Path) -> None:
+    """The mechanic's and the engineer's side of the page, in a real browser: the verdict form on an alert and the
+    breakdown form write the database (read back through a connection of its own), a refused one shows the
+    server's reason and stores nothing, and the quality section shows the figures over a chosen period."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    wait = WebDriverWait(browser, 15, ignored_exceptions=(StaleElementReferenceException,))
+    browser.get(site + "/")
+    wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-loaded") == "1")
+
+    def quality_rows() -> list[list[str]]:
+        return [[td.text for td in r.find_elements(By.TAG_NAME, "td")]
+                for r in browser.find_elements(By.CSS_SELECTOR, "table#quality tbody tr")]
+
+    browser.find_element(By.ID, "q-since").send_keys("2026-09-01")
+    browser.find_element(By.ID, "q-until").send_keys("2026-10-01T00:00Z")
+    browser.find_element(By.CSS_SELECTOR, "#quality-form button").click()
+    # a1 and a2 (and the markup vehicle's a9) opened under 1.0.0; no verdict yet, no engine hours (no SPN 247).
+    wait.until(lambda d: quality_rows()[:2] == [
+        ["harvester-anomaly", "1.0.0", "3", "0", "0", "0", "3", "-", "-", "-", "0", "0", "-", "-", "no"],
+        ["coolant_leak", "", "3", "0", "0", "0", "3", "-", "", "", "0", "0", "-", "", ""]])
+    assert browser.find_element(By.ID, "q-due").text == "no retraining due"
+
+    # A verdict on v1's alert, through its form.
+    next(r for r in browser.find_elements(By.CSS_SELECTOR, "table#alerts tbody tr")
+         if r.get_attribute("data-vehicle") == "v1").click()
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#detail form.verdict-form"))
+    assert browser.find_element(By.CSS_SELECTOR, "#detail div.verdict p.now").text == "no verdict yet"
+    form = browser.find_element(By.CSS_SELECTOR, "#detail form.verdict-form")
+    Select(form.find_element(By.NAME, "label")).select_by_value("false_alarm")
+    form.find_element(By.NAME, "note").send_keys("sensor cable loose")
+    form.find_element(By.NAME, "by").send_keys("alice")
+    form.find_element(By.TAG_NAME, "button").click()
+    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#detail .form-msg").text == "recorded: false_alarm")
+    assert stored(tmp_path)[0] == [("v1", "a1", "false_alarm", "", "sensor cable loose", "alice")]
+    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#detail div.verdict p.now").text ==
+               "now: false_alarm by alice")
+    wait.until(lambda d: [r.find_element(By.CSS_SELECTOR, "td.verdict").text
+                          for r in d.find_elements(By.CSS_SELECTOR, "table#alerts tbody tr[data-vehicle='v1']")]
+               == ["false_alarm"])
+    wait.until(lambda d: quality_rows()[0][2:8] == ["3", "0", "1", "0", "2", "0.00"])
+    # Changed: confirmed, with the fault found. Both are kept.
+    form = browser.find_element(By.CSS_SELECTOR, "#detail form.verdict-form")
+    Select(form.find_element(By.NAME, "label")).select_by_value("confirmed")
+    form.find_element(By.NAME, "fault").send_keys("Water pump")
+    form.find_element(By.TAG_NAME, "button").click()
+    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#detail .form-msg").text == "recorded: confirmed "
+               "(water_pump)")
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#detail ol.history li")) == 2)
+    assert [v[2:4] for v in stored(tmp_path)[0]] == [("false_alarm", ""), ("confirmed", "water_pump")]
+    # Refused: a false alarm names no fault. The server's reason is shown; nothing is stored.
+    form = browser.find_element(By.CSS_SELECTOR, "#detail form.verdict-form")
+    Select(form.find_element(By.NAME, "label")).select_by_value("false_alarm")
+    form.find_element(By.TAG_NAME, "button").click()  # the fault field still says water_pump
+    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#detail .form-msg").text.startswith(
+        "not recorded: a false alarm found no fault"))
+    assert len(stored(tmp_path)[0]) == 2
+
+    # A breakdown of v2, through the breakdown form ("by" remembered from the verdict).
+    Select(browser.find_element(By.ID, "b-vehicle")).select_by_value("v2")
+    browser.find_element(By.ID, "b-at").send_keys("2026-09-21T15:00")
+    browser.find_element(By.ID, "b-fault").send_keys("Fan belt")
+    assert browser.find_element(By.ID, "b-by").get_attribute("value") == "alice"
+    browser.find_element(By.CSS_SELECTOR, "#breakdown-form button").click()
+    wait.until(lambda d: d.find_element(By.ID, "b-msg").text.startswith("recorded: breakdown 1 of v2 at "
+                                                                        "2026-09-21 15:00:00 UTC (fan_belt)"))
+    assert stored(tmp_path)[1] == [("v2", 1790002800.0, "fan_belt", "", "alice")]
+    wait.until(lambda d: quality_rows()[0][10:13] == ["1", "0", "0.8"])  # caught by a2, opened 50 min before
+    browser.find_element(By.ID, "b-at").clear()
+    browser.find_element(By.ID, "b-at").send_keys("yesterday")
+    browser.find_element(By.CSS_SELECTOR, "#breakdown-form button").click()
+    wait.until(lambda d: d.find_element(By.ID, "b-msg").text.startswith("not recorded: at: not a time: 'yesterday'"))
+    assert len(stored(tmp_path)[1]) == 1
+    # A bad period is the server's 400, shown by the form.
+    browser.find_element(By.ID, "q-until").clear()
+    browser.find_element(By.ID, "q-until").send_keys("soon")
+    browser.find_element(By.CSS_SELECTOR, "#quality-form button").click()
+    wait.until(lambda d: d.find_element(By.ID, "q-msg").text.startswith("until: not a time: 'soon'"))
+
+    # The page's POSTs carried its Origin (they were taken); the only console errors are the refusals' 400s.
+    errors = [e["message"] for e in browser.get_log("browser") if e.get("level") in ("SEVERE", "WARNING")]
+    assert errors and all("status of 400" in m for m in errors), errors
+    browser.save_screenshot(str(tmp_path / "learning.png"))
+
+
+def test_a_forged_cross_origin_post_from_another_site_is_refused(site: str, browser: Any, tmp_path: Path) -> None:
+    """What CSRF looks like: a page on another origin the engineer happens to open posts to the fleet page, as a
+    form (no permission needed; `text/plain` so that its body reads as JSON) and as a no-cors fetch. The browser
+    sends them with the other origin, the server refuses both (403), and nothing is stored."""
+    import http.server
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    evil = (f'<!doctype html><html><body><form id="f" method="POST" action="{site}/api/verdict" '
+            'enctype="text/plain"><input name=\'{"alert_id": "a1", "label": "confirmed", "by": "mallory", "x": "\' '
+            'value=\'"}\'></form><script>'
+            f'fetch("{site}/api/verdict", {{method: "POST", mode: "no-cors", headers: {{"Content-Type": "text/plain"}},'
+            ' body: JSON.stringify({alert_id: "a1", label: "false_alarm", by: "mallory"})})'
+            '.finally(() => document.getElementById("f").submit());</script></body></html>').encode()
+
+    class Evil(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(evil)))
+            self.end_headers()
+            self.wfile.write(evil)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    other = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Evil)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    try:
+        browser.get(f"http://127.0.0.1:{other.server_address[1]}/")
+        # The form's response is what the browser shows next: the server's refusal.
+        WebDriverWait(browser, 15).until(lambda d: d.current_url.startswith(site))
+        WebDriverWait(browser, 15).until(lambda d: "refused" in d.find_element(By.TAG_NAME, "body").text)
+        assert "a change is taken only from this server's own page" in browser.find_element(By.TAG_NAME, "body").text
+    finally:
+        other.shutdown()
+        other.server_close()
+    assert stored(tmp_path) == ([], [])
