@@ -2,6 +2,7 @@
 
     python -m models.build                 # the shipped model (a few minutes on 2 cores)
     python -m models.build --quick --out /tmp/m   # a small smoke build (tests use it)
+    python -m models.build --from-export DIR [--base PKG] [--key KEY]   # the next model (models/fromexport.py)
 
 Seeded and deterministic: the same command gives the same metrics. Progress goes to stderr.
 """
@@ -531,7 +532,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--cache", type=Path, default=None,
                    help="keep simulated runs here and reuse them (same spec, same simulator: clear it after changing "
                    "harvester_sim or models/dataset.py)")
+    g = p.add_argument_group("the next model from the fleet's data (models/fromexport.py, docs/learning_loop.md)")
+    g.add_argument("--from-export", type=Path, metavar="DIR",
+                   help="build a candidate from a `cloud-sync export` dataset (verdicts and breakdowns as labels, plus "
+                   "the simulator's runs), compare it with the base on held-out vehicle-days, and sign it only when "
+                   "at least as good (exit 1 when refused, with the reasons)")
+    g.add_argument("--base", type=Path, metavar="PKG",
+                   help="the model to improve on: a signed package (default: the shipped models/"
+                   "harvester-anomaly.int8.onnx)")
+    g.add_argument("--trusted-key", type=Path, metavar="PUB",
+                   help="verify the --base package's signature with this public key (without it the package is only "
+                   "parsed and hash-checked, and the card says so)")
+    g.add_argument("--key", type=Path, metavar="KEY",
+                   help="sign an accepted candidate with this private key into OUT/NAME-VERSION.pkg")
+    g.add_argument("--version", metavar="V", help="the candidate's version (default: the base's, minor + 1)")
     a = p.parse_args(argv)
+    if a.from_export is not None:
+        from harvester_common.clirun import UserError
+        from models.fromexport import build_from_export
+
+        try:
+            return build_from_export(argparse.Namespace(**{**vars(a), "real_traces": None if a.no_real_traces
+                                                           else a.real_traces}))
+        except UserError as e:
+            print(f"{p.prog}: error: {e}", file=sys.stderr)
+            return 2
+    given = [f for f, v in (("--base", a.base), ("--trusted-key", a.trusted_key), ("--key", a.key),
+                            ("--version", a.version)) if v is not None]
+    if given:
+        p.error(f"{', '.join(given)} go(es) with --from-export")
     card = build(a.out, a.seed, a.quick, a.jobs, None if a.no_public_data else a.public_data,
                  None if a.no_real_traces else a.real_traces, a.cache)
     # A quick build is a smoke test, not a candidate: only a full build is held to the floors.

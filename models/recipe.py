@@ -51,14 +51,16 @@ def progress(label: str, done: int, total: int, started: float) -> None:
     print(f"\r{label:12s} [{bar:30s}] {done}/{total}  eta {eta:4.0f}s", end=end, file=sys.stderr, flush=True)
 
 
-def plan_runs(seed: int, quick: bool) -> tuple[list[RunSpec], list[RunSpec], list[RunSpec]]:
+def plan_runs(seed: int, quick: bool, duration_s: float | None = None) -> tuple[list[RunSpec], list[RunSpec],
+                                                                               list[RunSpec]]:
     """Training runs, held-out standard runs (the floors' test set: warm, every signal, the standard machine, as
-    the floors were first set on) and held-out coverage runs (real operation)."""
+    the floors were first set on) and held-out coverage runs (real operation). `duration_s`: the standard runs'
+    length (default 1200 s, 300 s when quick; coverage runs of long idling and cold starts are 1.25 times it)."""
     from harvester_sim import DUTY_CYCLES, FAULTS
 
     rng = random.Random(seed)
     per_class = 2 if quick else 20
-    duration = 300.0 if quick else 1200.0
+    duration = duration_s if duration_s is not None else 300.0 if quick else 1200.0
 
     def runs(base_seed: int, n: int, healthy_factor: int) -> list[RunSpec]:
         out: list[RunSpec] = []
