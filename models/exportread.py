@@ -11,6 +11,7 @@ Parquet, a column missing) is an `ExportError` naming the file: one line, exit s
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import re
@@ -33,6 +34,9 @@ _DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
 # Sample times the build takes: Unix seconds from 1970 to the year 5138 (as model packages' `created`); a stored
 # time outside (a vehicle's clock gone wild) is counted and left out, never a crash on a date no calendar has.
 MAX_TS = 1e11
+# How far out of time order a vehicle's stored samples may be (a decoded batch's span, seconds): the reader holds
+# back this much of each record batch until the next is read (`_in_time_order`).
+REORDER_S = 30.0
 SAMPLE_COLUMNS = ("ts", "signal", "value")
 
 
@@ -48,6 +52,7 @@ class DayWindows:
     day: str
     end: npt.NDArray[np.float64]
     x: npt.NDArray[np.float64]
+    full: npt.NDArray[np.bool_]  # the window had data over all its length (not the warm-up after a start or gap)
 
 
 @dataclass(slots=True)
@@ -183,6 +188,7 @@ def open_export(root: Path) -> Export:
     manifest = _read_manifest(root)
     files: dict[str, dict[str, list[Path]]] = {}
     for vehicle, day, path in _fragments(root, "samples"):
+        check_samples_file(path)
         files.setdefault(vehicle, {}).setdefault(day, []).append(path)
     for days in files.values():
         for paths in days.values():
@@ -211,14 +217,35 @@ def open_export(root: Path) -> Export:
     return Export(root, manifest, files, alerts, verdicts, breakdowns)
 
 
+def check_samples_file(path: Path) -> None:
+    """ExportError unless `path` is a Parquet file (its footer read) with the sample columns the build reads, of
+    types it can read: so that a damaged or foreign file fails before any work, not in the middle of it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(str(path))
+    except Exception as e:  # pyarrow's own exception types: not Parquet, truncated
+        raise ExportError(f"{path}: cannot be read: {_one_line(str(e))}") from None
+    missing = [c for c in SAMPLE_COLUMNS if c not in schema.names]
+    if missing:
+        raise ExportError(f"{path}: no column {', '.join(missing)} (an export's samples have them)")
+    for name in ("ts", "value"):
+        t = schema.field(name).type
+        if not (pa.types.is_floating(t) or pa.types.is_integer(t)):
+            raise ExportError(f"{path}: samples of the wrong types: {name} is {t}, not a number")
+    t = schema.field("signal").type
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    if not (pa.types.is_string(t) or pa.types.is_large_string(t)):
+        raise ExportError(f"{path}: samples of the wrong types: signal is {t}, not text")
+
+
 def _batches(path: Path) -> Iterator[Any]:
     import pyarrow.parquet as pq
 
     try:
         pf = pq.ParquetFile(str(path))
-        missing = [c for c in SAMPLE_COLUMNS if c not in pf.schema_arrow.names]
-        if missing:
-            raise ExportError(f"{path}: no column {', '.join(missing)} (an export's samples have them)")
         yield from pf.iter_batches(batch_size=BATCH_ROWS, columns=list(SAMPLE_COLUMNS))
     except ExportError:
         raise
@@ -241,31 +268,23 @@ def _signal_index(column: Any, index: dict[str, int]) -> npt.NDArray[np.int32]:
     return lut[np.asarray(codes, np.int64)]
 
 
-def vehicle_windows(export: Export, vehicle: str, features: Sequence[FeatureSpec],
-                    hop_s: float) -> Iterator[DayWindows]:
-    """`vehicle`'s windows, one DayWindows per UTC day of window ends, in day order (days without a window are
-    not given)."""
+def _in_time_order(export: Export, vehicle: str,
+                   index: dict[str, int]) -> Iterator[tuple[npt.NDArray[np.float64], npt.NDArray[np.int32],
+                                                            npt.NDArray[np.float64]]]:
+    """`vehicle`'s samples (time, engine index, value) in time order, a record batch at a time. Rows are stored in
+    seq order, which is the order the vehicle decoded them in, not quite time order (a decoded batch holds its
+    messages' signals one after another); the last REORDER_S of each batch wait for the next, so that what the
+    engine is fed is in time order as the vehicle fed it, whatever the file and batch boundaries."""
     import pyarrow as pa
 
-    eng = FeatureEngine(features, hop_s)
-    ends: list[float] = []
-    rows: list[npt.NDArray[np.float64]] = []
-    current = ""
-
-    def flush(day: str) -> DayWindows:
-        x = np.stack(rows) if rows else np.zeros((0, len(features)))
-        out = DayWindows(vehicle, day, np.array(ends, np.float64), x)
-        ends.clear()
-        rows.clear()
-        return out
-
+    held: tuple[npt.NDArray[np.float64], npt.NDArray[np.int32], npt.NDArray[np.float64]] | None = None
     for day in sorted(export.files.get(vehicle, {})):
         for path in export.files[vehicle][day]:
             for batch in _batches(path):
                 try:
                     ts = batch.column("ts").cast(pa.float64()).to_numpy(zero_copy_only=False)
                     value = batch.column("value").cast(pa.float64()).to_numpy(zero_copy_only=False)
-                    sig = _signal_index(batch.column("signal"), eng.signal_index)
+                    sig = _signal_index(batch.column("signal"), index)
                 except (pa.ArrowException, TypeError, ValueError) as e:  # columns of the wrong types
                     raise ExportError(f"{path}: samples of the wrong types: {_one_line(str(e))}") from None
                 export.samples_read += len(ts)
@@ -274,12 +293,58 @@ def vehicle_windows(export: Export, vehicle: str, features: Sequence[FeatureSpec
                 if not ok.all():
                     export.samples_out_of_range += int((~ok).sum())
                     ts, sig, value = ts[ok], sig[ok], value[ok]
-                for r in eng.feed(ts, sig, value):
-                    d = day_of(r.end)
-                    if d != current and ends:
-                        yield flush(current)
-                    current = d
-                    ends.append(r.end)
-                    rows.append(r.x)
+                keep = sig >= 0  # signals no feature reads are no part of any window
+                ts, sig, value = ts[keep], sig[keep], value[keep]
+                if held is not None:
+                    ts, sig, value = (np.concatenate([held[0], ts]), np.concatenate([held[1], sig]),
+                                      np.concatenate([held[2], value]))
+                if not len(ts):
+                    held = None
+                    continue
+                order = np.argsort(ts, kind="stable")
+                ts, sig, value = ts[order], sig[order], value[order]
+                cut = int(np.searchsorted(ts, ts[-1] - REORDER_S, "left"))
+                held = (ts[cut:], sig[cut:], value[cut:])
+                if cut:
+                    yield ts[:cut], sig[:cut], value[:cut]
+    if held is not None and len(held[0]):
+        yield held
+
+
+def vehicle_windows(export: Export, vehicle: str, features: Sequence[FeatureSpec],
+                    hop_s: float) -> Iterator[DayWindows]:
+    """`vehicle`'s windows, one DayWindows per UTC day of window ends, in day order (days without a window are
+    not given)."""
+    eng = FeatureEngine(features, hop_s)
+    ends: list[float] = []
+    rows: list[npt.NDArray[np.float64]] = []
+    full: list[bool] = []
+    current = ""
+    # Where each stretch of data begins: the first sample, and each one after a gap longer than any window (where
+    # the engine starts its windows afresh, as the vehicle's did after a restart).
+    starts: list[float] = []
+    last = -math.inf
+
+    def flush(day: str) -> DayWindows:
+        x = np.stack(rows) if rows else np.zeros((0, len(features)))
+        out = DayWindows(vehicle, day, np.array(ends, np.float64), x, np.array(full, bool))
+        ends.clear()
+        rows.clear()
+        full.clear()
+        return out
+
+    for ts, sig, value in _in_time_order(export, vehicle, eng.signal_index):
+        gaps = np.flatnonzero(np.diff(np.concatenate([[last], ts])) > eng.max_window_s)
+        starts += ts[gaps].tolist()
+        last = float(ts[-1])
+        for r in eng.feed(ts, sig, value):
+            d = day_of(r.end)
+            if d != current and ends:
+                yield flush(current)
+            current = d
+            ends.append(r.end)
+            rows.append(r.x)
+            began = starts[bisect.bisect_right(starts, r.end) - 1]
+            full.append(r.end - eng.max_window_s >= began)
     if ends:
         yield flush(current)

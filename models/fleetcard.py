@@ -110,7 +110,7 @@ def render_card(card: dict[str, Any]) -> str:
         f"{_pairs(d['windows_per_label']['held_out'])}",
         f"- left out: {_pairs(d['left_out'])}",
         "- faults outside the model's classes (kept out of training): "
-        + (", ".join(f"{f} ({v['alerts']} confirmed alerts, {v['breakdowns']} breakdowns)"
+        + (", ".join(f"{f} (confirmed alerts {v['alerts']}, breakdowns {v['breakdowns']})"
                      for f, v in d["faults_outside_classes"].items()) or "none"),
         f"- simulator: {card['build']['simulator_runs']} labelled runs (the standard recipe"
         f"{', quick set' if card['build']['quick'] else ''}), {card['build']['simulator_windows']} windows; fleet: "

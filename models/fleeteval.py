@@ -163,7 +163,8 @@ def compare(days: Sequence[HeldOutDay], runs: Mapping[str, ModelRun], classes: S
         "vehicle_days": [f"{d.vehicle} {d.day}" for d in days],
         "windows": sum(len(d.end) for d in days),
         "windows_per_label": dict(sorted(windows_per_label.items())),
-        "windows_compared": int(sum(int(b.sum()) for b in both)),
+        "windows_compared": int(sum(int((b & np.array([lab is not None for lab in d.labels], bool)).sum())
+                                    for b, d in zip(both, days, strict=True) if len(d.labels))),
         "healthy_hours": round(healthy_hours, 4),
         "models": models,
         "faults": table,

@@ -17,7 +17,10 @@ A window takes, by its end time t:
   alert or an unknown fault is nobody's evidence);
 - no label (`CONFLICT`) when the labelled spans holding t disagree;
 - else the one label of the spans holding t, except a fault with the engine stopped (`STOPPED`: a worn pump pumps
-  nothing at standstill, as models/dataset.py leaves out of the simulator's fault runs);
+  nothing at standstill, as models/dataset.py leaves out of the simulator's fault runs) or in a window that does
+  not yet hold its full length of data (`WARMUP`: the first windows after the agent starts, or after a gap, hold a
+  few seconds; a fault from the start of a session looks healthy there, and the simulator's runs, whose faults
+  start later, teach those windows as healthy);
 - held by no span: healthy on a **clean** vehicle-day (no alert span meets that UTC day and no breakdown lies
   within `LABEL_HORIZON_S` of it), else no label (`NEAR`).
 
@@ -43,8 +46,9 @@ import numpy as np
 import numpy.typing as npt
 
 # The windows just before an alert opened belong to its verdict: the fault was there already, under the alert
-# threshold (the base alerts after three windows at or above it). Two minutes: 24 windows of a 5 s hop.
-LEAD_S = 120.0
+# threshold (the base alerts after three windows at or above it). A minute (12 windows of a 5 s hop): longer takes in
+# healthy windows before a fault that came on fast, which then count as the fault's in training and evaluation.
+LEAD_S = 60.0
 # Before a breakdown, this much of the vehicle's data is taken as showing its fault. A leak or a worn pump may show
 # for longer, but how much longer differs from one failure to the next; a tight horizon keeps healthy operation
 # out of the fault's labels (a failure the mechanic dates to the minute).
@@ -59,8 +63,9 @@ BAD_VERDICT = "verdict label not understood"
 OUTSIDE = "fault outside the model's classes"
 CONFLICT = "conflicting labels"
 STOPPED = "fault with the engine stopped"
+WARMUP = "fault in a window not yet full of data"
 NEAR = "near an alert or a breakdown"
-REASONS = (NO_VERDICT, UNKNOWN, BAD_VERDICT, OUTSIDE, CONFLICT, STOPPED, NEAR)
+REASONS = (NO_VERDICT, UNKNOWN, BAD_VERDICT, OUTSIDE, CONFLICT, STOPPED, WARMUP, NEAR)
 VERDICT_LABELS = ("confirmed", "false_alarm", "unknown")
 
 
@@ -208,9 +213,11 @@ def clean_day(tl: Timeline, vehicle: str, day: str) -> bool:
 
 
 def label_windows(tl: Timeline, vehicle: str, day: str, end: npt.NDArray[np.float64],
-                  running: npt.NDArray[np.bool_], healthy: str) -> tuple[list[str | None], list[str]]:
+                  running: npt.NDArray[np.bool_], healthy: str,
+                  full: npt.NDArray[np.bool_] | None = None) -> tuple[list[str | None], list[str]]:
     """Per window of `vehicle` on `day` (by its end time): its label (None: left out) and, when left out, why
-    (empty otherwise)."""
+    (empty otherwise). `running`: the engine ran in the window; `full`: the window had data over all its length
+    (default: all did)."""
     n = len(end)
     label = np.full(n, None, object)
     has = np.zeros(n, bool)
@@ -240,6 +247,9 @@ def label_windows(tl: Timeline, vehicle: str, day: str, end: npt.NDArray[np.floa
             if label[i] != healthy and not running[i]:
                 labels.append(None)
                 reasons.append(STOPPED)
+            elif label[i] != healthy and full is not None and not full[i]:
+                labels.append(None)
+                reasons.append(WARMUP)
             else:
                 labels.append(str(label[i]))
                 reasons.append("")

@@ -11,7 +11,7 @@ its people said (docs/learning_loop.md, "The next model"; docs/models.md, "Build
 2. Windows: each vehicle's samples of the export, day by day, through the agent's FeatureEngine with the base's
    features (models/exportread.py).
 3. Labels from the verdicts and breakdowns (models/fleetlabels.py, which documents them and their constants:
-   `LEAD_S` = 120 s before an alert opened belong to its verdict, `LABEL_HORIZON_S` = 30 min before a breakdown
+   `LEAD_S` = 60 s before an alert opened belong to its verdict, `LABEL_HORIZON_S` = 30 min before a breakdown
    show its fault, `HELD_OUT_SHARE` = 0.3 of the labelled vehicle-days are held out by hash).
 4. Training: the fleet's labelled windows of the other vehicle-days, every one of them, and the simulator's
    labelled runs (the standard recipe's training runs, `--quick`: its small set; every second window, as the build
@@ -184,7 +184,7 @@ def read_fleet(export: Export, base: Base, t0: float) -> tuple[list[DayData], Ti
         n = 0
         for dw in vehicle_windows(export, vehicle, c.features, c.hop_s):
             labels, reasons = label_windows(tl, vehicle, dw.day, dw.end, engine_running(dw.x, c.features),
-                                            c.healthy_class)
+                                            c.healthy_class, dw.full)
             out.append(DayData(vehicle, dw.day, dw.end, dw.x, labels, reasons, clean_day(tl, vehicle, dw.day)))
             n += len(dw.end)
         say(f"vehicle {k + 1}/{len(export.vehicles)} {vehicle}: {n} windows", t0)
