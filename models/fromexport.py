@@ -38,7 +38,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -64,6 +64,9 @@ from models.fleetlabels import (
 )
 from models.recipe import export_onnx, familiarity, feature_stats, plan_runs, quantize, simulate_all, train
 from models.training import Normaliser
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 SHIPPED = Path(__file__).resolve().parent / "harvester-anomaly.int8.onnx"
 # What a vehicle needs to run the candidate: any agent that reads packages (as `cloud-sync model sign` asks).
@@ -161,7 +164,15 @@ def load_base(package: Path | None, trusted_key: Path | None) -> Base:
 
 
 def write_atomically(path: Path, data: bytes) -> None:
-    """`path` holds its old content or all of `data`, never a part (write, fsync, rename)."""
+    """`path` holds its old content or all of `data`, never a part (write, fsync, rename). UserError when it
+    cannot be written."""
+    try:
+        _write(path, data)
+    except OSError as e:
+        raise UserError(f"{path}: cannot write it: {e.strerror or e}") from None
+
+
+def _write(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -228,9 +239,18 @@ def data_summary(days: list[DayData], held: set[tuple[str, str]], tl: Timeline, 
     }
 
 
-def build_from_export(a: argparse.Namespace) -> int:
-    t0 = time.monotonic()
-    # Everything the user gave is checked before any work: a bad key fails in a second, not after the training.
+@dataclass(frozen=True, slots=True)
+class Inputs:
+    key: Ed25519PrivateKey | None
+    base: Base
+    name: str
+    version: str
+    export: Export
+    out: Path
+
+
+def check_inputs(a: argparse.Namespace) -> Inputs:
+    """Everything the user gave, checked before any work: a bad key fails in a second, not after the training."""
     key = None
     if a.key is not None:
         try:
@@ -246,7 +266,7 @@ def build_from_export(a: argparse.Namespace) -> int:
         raise UserError("--trusted-key verifies the --base package: give --base too")
     base = load_base(a.base, a.trusted_key)
     bc = base.contract
-    name, version = bc.model_name, a.version or next_version(bc.model_version)
+    version = a.version or next_version(bc.model_version)
     if version == bc.model_version:
         raise UserError(f"--version {version} is the base's own version: the candidate needs another")
     try:
@@ -256,25 +276,28 @@ def build_from_export(a: argparse.Namespace) -> int:
     out: Path = a.out
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: not a directory")
-    say(f"base {bc.model_name} {bc.model_version} ({base.source['kind']}); candidate {name} {version}; export "
-        f"{export.root}: {len(export.vehicles)} vehicles, {len(export.days())} vehicle-days", t0)
-    try:
-        days, tl = read_fleet(export, base, t0)
-    except ExportError as e:
-        raise UserError(str(e)) from None
-    day_classes = {(d.vehicle, d.day): set(_count(d.labels)) for d in days if _count(d.labels)}
-    if not day_classes:
-        raise UserError(f"no labelled data in {export.root}: {sum(len(d.end) for d in days)} windows, none labelled "
-                        f"({len(export.alerts)} alert records, {len(export.verdicts)} verdicts, "
-                        f"{len(export.breakdowns)} breakdowns, and no vehicle-day clear of alerts and breakdowns)")
-    held = held_out(day_classes)
-    classes = list(bc.classes)
-    healthy = bc.healthy_class
-    feats = list(bc.features)
-    fleet_x = [d.x[[lab is not None for lab in d.labels]] for d in days if (d.vehicle, d.day) not in held]
-    fleet_y = [np.array([classes.index(lab) for lab in d.labels if lab is not None], np.int64)
-               for d in days if (d.vehicle, d.day) not in held]
+    return Inputs(key, base, bc.model_name, version, export, out)
 
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    contract: Contract
+    fp32: bytes
+    model: bytes  # int8: what ships
+    simulator_runs: int
+    simulator_windows: int
+    fleet_windows: int
+    fold_unfamiliar: float
+
+
+def train_candidate(a: argparse.Namespace, inp: Inputs, days: list[DayData], held: set[tuple[str, str]],
+                    t0: float) -> Candidate:
+    """The fleet's labelled windows of the training vehicle-days and the simulator's runs, through the recipe."""
+    bc = inp.base.contract
+    classes, healthy, feats = list(bc.classes), bc.healthy_class, list(bc.features)
+    train_days = [d for d in days if (d.vehicle, d.day) not in held]
+    fleet_x = [d.x[[lab is not None for lab in d.labels]] for d in train_days]
+    fleet_y = [np.array([classes.index(lab) for lab in d.labels if lab is not None], np.int64) for d in train_days]
     # The small set's runs as long as the standard ones: a fleet's vehicles run for hours, and the quick build's
     # 5-minute runs never reach the temperatures of a long harvest, which a candidate trained on them then calls a
     # fault (docs/learning_loop.md, "The next model": decisions).
@@ -294,55 +317,74 @@ def build_from_export(a: argparse.Namespace) -> int:
         raise UserError(f"no training data for the base's class(es) {', '.join(absent)}: neither the simulator nor "
                         "the export has any")
     norm = Normaliser.fit(x_raw)
-    fam, fold_unfamiliar = familiarity([run.x for run in sim] + [d.x for d in days if (d.vehicle, d.day) not in held],
-                                       norm, a.seed)
+    fam, fold_unfamiliar = familiarity([run.x for run in sim] + [d.x for d in train_days], norm, a.seed)
     n_fleet = int(sum(len(v) for v in fleet_y))
     say(f"training on {len(y)} windows ({n_fleet} from the fleet, {len(y) - n_fleet} simulated; + as many with "
-        f"signals taken away); {len(held)} of {len(day_classes)} labelled vehicle-days held out", t0)
+        f"signals taken away)", t0)
     clf = train(x_raw, y, norm, classes, feats, a.seed)
-    stats = feature_stats(x_raw, [f.name for f in feats])
     contract = Contract(
-        model_name=name, model_version=version, input_name="features", output_name="probabilities",
+        model_name=inp.name, model_version=inp.version, input_name="features", output_name="probabilities",
         classes=tuple(classes), healthy_class=healthy, hop_s=bc.hop_s, features=tuple(feats),
         mean=tuple(float(v) for v in norm.mean), std=tuple(float(v) for v in norm.std), alert=bc.alert,
         max_missing_fraction=bc.max_missing_fraction,
         training={"data": "a fleet export (verdicts and breakdowns as labels) and harvester simulator runs, "
                           "windowed by the agent's own code",
                   "base": {"name": bc.model_name, "version": bc.model_version}, "seed": a.seed,
-                  "runs": len(specs), "fleet_windows": n_fleet, "windows": len(y), "feature_stats": stats},
+                  "runs": len(specs), "fleet_windows": n_fleet, "windows": len(y),
+                  "feature_stats": feature_stats(x_raw, [f.name for f in feats])},
         input_layout="features+missing_mask", required_features=bc.required_features, familiarity=fam)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"{name}-{version}"
-    with tempfile.TemporaryDirectory(dir=out, prefix=f".{stem}.") as tmp:
+    with tempfile.TemporaryDirectory(prefix="fromexport.") as tmp:
         fp32, int8 = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         export_onnx(clf, 2 * len(feats), contract, fp32)
         quantize(fp32, int8, contract)
-        fp32_bytes, model = fp32.read_bytes(), int8.read_bytes()
+        return Candidate(contract, fp32.read_bytes(), int8.read_bytes(), len(specs), len(y) - n_fleet, n_fleet,
+                         fold_unfamiliar)
+
+
+def build_from_export(a: argparse.Namespace) -> int:
+    t0 = time.monotonic()
+    inp = check_inputs(a)
+    base, bc, export, out = inp.base, inp.base.contract, inp.export, inp.out
+    say(f"base {bc.model_name} {bc.model_version} ({base.source['kind']}); candidate {inp.name} {inp.version}; "
+        f"export {export.root}: {len(export.vehicles)} vehicles, {len(export.days())} vehicle-days", t0)
+    try:
+        days, tl = read_fleet(export, base, t0)
+    except ExportError as e:
+        raise UserError(str(e)) from None
+    day_classes = {(d.vehicle, d.day): set(_count(d.labels)) for d in days if _count(d.labels)}
+    if not day_classes:
+        raise UserError(f"no labelled data in {export.root}: {sum(len(d.end) for d in days)} windows, none labelled "
+                        f"({len(export.alerts)} alert records, {len(export.verdicts)} verdicts, "
+                        f"{len(export.breakdowns)} breakdowns, and no vehicle-day clear of alerts and breakdowns)")
+    held = held_out(day_classes)
+    say(f"{len(held)} of {len(day_classes)} labelled vehicle-days held out", t0)
+    cand = train_candidate(a, inp, days, held, t0)
     say("candidate trained and quantized; evaluating it and the base on the held-out vehicle-days", t0)
-    tl_days = [d for d in days if (d.vehicle, d.day) in held]
     held_days = [HeldOutDay(d.vehicle, d.day, d.end, d.x, d.labels, episodes(tl, d.vehicle, d.end, d.labels))
-                 for d in tl_days]
-    cand_scorer, base_scorer = Scorer.load_bytes(model), Scorer.load_bytes(base.model)
-    runs = {CANDIDATE: run_model(cand_scorer, held_days), BASE: run_model(base_scorer, held_days)}
-    evaluation = compare(held_days, runs, classes, healthy, bc.hop_s)
+                 for d in days if (d.vehicle, d.day) in held]
+    runs = {CANDIDATE: run_model(Scorer.load_bytes(cand.model), held_days),
+            BASE: run_model(Scorer.load_bytes(base.model), held_days)}
+    evaluation = compare(held_days, runs, bc.classes, bc.healthy_class, bc.hop_s)
     real: dict[str, Any] | None = None
     if a.real_traces is not None:
         from models.realtraces import evaluate_real_models
 
         say(f"replaying the real healthy traces in {a.real_traces} through both", t0)
-        real = evaluate_real_models(a.real_traces, {CANDIDATE: model, BASE: base.model})
+        real = evaluate_real_models(a.real_traces, {CANDIDATE: cand.model, BASE: base.model})
         if "skipped" in real[CANDIDATE]:
             say(f"real traces skipped: {real[CANDIDATE]['skipped']}", t0)
     reasons = decide(evaluation, real[CANDIDATE] if real is not None else None)
+    key = inp.key
+    stem = f"{inp.name}-{inp.version}"
     package = out / f"{stem}.pkg"
     signed = not reasons and key is not None
     card: dict[str, Any] = {
-        "model": {"name": name, "version": version, "classes": classes},
+        "model": {"name": inp.name, "version": inp.version, "classes": list(bc.classes)},
         "base": {"name": bc.model_name, "version": bc.model_version, **base.source},
-        "build": {"from_export": str(export.root), "seed": a.seed, "quick": a.quick, "simulator_runs": len(specs),
-                  "simulator_windows": int(len(y) - n_fleet), "fleet_windows": n_fleet,
-                  "seconds": round(time.monotonic() - t0, 1)},
-        "data": data_summary(days, held, tl, export, tuple(classes)),
+        "build": {"from_export": str(export.root), "seed": a.seed, "quick": a.quick,
+                  "simulator_runs": cand.simulator_runs, "simulator_windows": cand.simulator_windows,
+                  "fleet_windows": cand.fleet_windows, "seconds": round(time.monotonic() - t0, 1)},
+        "data": data_summary(days, held, tl, export, bc.classes),
         "held_out": {"rule": f"whole vehicle-days by a hash of (vehicle, day), share {HELD_OUT_SHARE}, at least one "
                              "per labelled class found on two or more vehicle-days",
                      "vehicle_days": [f"{v} {d}" for v, d in sorted(held)]},
@@ -351,20 +393,37 @@ def build_from_export(a: argparse.Namespace) -> int:
         "decision": {"at_least_as_good": not reasons, "reasons": reasons, "signed": signed,
                      "package": package.name if signed else None,
                      "key_id": modelpkg.key_id(key.public_key()) if signed and key is not None else None},
-        "features": [{"name": f.name, "signal": f.signal, "stat": f.stat, "window_s": f.window_s} for f in feats],
-        "required_features": list(contract.required_features),
+        "features": [{"name": f.name, "signal": f.signal, "stat": f.stat, "window_s": f.window_s}
+                     for f in bc.features],
+        "required_features": list(bc.required_features),
         "alert_policy": asdict(bc.alert),
-        "familiarity": {"margin": fam.margin, "held_out_fold_unfamiliar_share": round(fold_unfamiliar, 5)},
-        "int8_size_bytes": len(model),
+        "familiarity": {"margin": cand.contract.familiarity.margin if cand.contract.familiarity else None,
+                        "held_out_fold_unfamiliar_share": round(cand.fold_unfamiliar, 5)},
+        "int8_size_bytes": len(cand.model),
     }
     card_bytes = (json.dumps(card, indent=2, allow_nan=False) + "\n").encode()
-    write_atomically(out / f"{stem}.onnx", fp32_bytes)
-    write_atomically(out / f"{stem}.int8.onnx", model)
+    pkg = b""
+    if signed and key is not None:
+        from harvester_common.onnxmeta import read_contract
+
+        # Made before anything is written: a card never says "signed" beside a package that could not be made.
+        try:
+            pkg = modelpkg.build_package(cand.model, card_bytes, key, name=inp.name, version=inp.version,
+                                         contract=read_contract(cand.model), min_agent_version=MIN_AGENT_VERSION)
+        except modelpkg.PackageError as e:
+            raise UserError(f"the candidate cannot be packaged: {e}") from None
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{out}: cannot make the folder: {e.strerror or e}") from None
+    write_atomically(out / f"{stem}.onnx", cand.fp32)
+    write_atomically(out / f"{stem}.int8.onnx", cand.model)
     write_atomically(out / f"{stem}.card.json", card_bytes)
     write_atomically(out / f"{stem}.card.md", render_card(card).encode())
-    ev, cm, bm = evaluation, evaluation["models"][CANDIDATE], evaluation["models"][BASE]
-    say(f"held out: {ev['windows']} windows, {ev['healthy_hours']} healthy hours; ROC-AUC candidate {cm['roc_auc']} "
-        f"base {bm['roc_auc']}; false alarms candidate {cm['false_alarms']} base {bm['false_alarms']}", t0)
+    cm, bm = evaluation["models"][CANDIDATE], evaluation["models"][BASE]
+    say(f"held out: {evaluation['windows']} windows, {evaluation['healthy_hours']} healthy hours; ROC-AUC candidate "
+        f"{cm['roc_auc']} base {bm['roc_auc']}; false alarms candidate {cm['false_alarms']} base "
+        f"{bm['false_alarms']}", t0)
     if reasons:
         if package.exists():
             package.unlink()
@@ -376,14 +435,7 @@ def build_from_export(a: argparse.Namespace) -> int:
     if key is None:
         say(f"at least as good as the base: {out / f'{stem}.int8.onnx'} (not signed: no --key)", t0)
         return 0
-    from harvester_common.onnxmeta import read_contract
-
-    try:
-        pkg = modelpkg.build_package(model, card_bytes, key, name=name, version=version,
-                                     contract=read_contract(model), min_agent_version=MIN_AGENT_VERSION)
-    except modelpkg.PackageError as e:
-        raise UserError(f"the candidate cannot be packaged: {e}") from None
     write_atomically(package, pkg)
-    say(f"at least as good as the base: signed {package} ({name} {version}, key "
+    say(f"at least as good as the base: signed {package} ({inp.name} {inp.version}, key "
         f"{modelpkg.key_id(key.public_key())}, package sha256 {modelpkg.package_sha256(pkg)})", t0)
     return 0
