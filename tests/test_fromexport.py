@@ -144,7 +144,7 @@ def built(tmp_path_factory: pytest.TempPathFactory, fleet: tuple[Path, dict[str,
 
 
 def test_a_candidate_at_least_as_good_is_signed_verifies_and_loads_in_the_agents_scorer(
-        built: dict[str, Any], keys: tuple[Path, Path]) -> None:
+        built: dict[str, Any], keys: tuple[Path, Path], fleet: tuple[Path, dict[str, Any]]) -> None:
     assert built["rc"] == 0, built["stderr"][-3000:]
     out = built["out"]
     assert sorted(p.name for p in out.iterdir()) == [f"{NAME}-2.1.0.{s}" for s in
@@ -153,7 +153,12 @@ def test_a_candidate_at_least_as_good_is_signed_verifies_and_loads_in_the_agents
     assert (pkg.manifest.name, pkg.manifest.version) == (NAME, "2.1.0")
     assert pkg.model == (out / f"{NAME}-2.1.0.int8.onnx").read_bytes()
     assert json.loads(pkg.card) == built["card"]
-    sc = Scorer.load_bytes(pkg.model)
+    # Every check a vehicle makes before the model may score, with the signals the fleet's vehicles decode.
+    from agent.update.verify import check_package
+
+    signals = {str(x) for v in fleet[1]["vehicles"] for arr in v.signal for x in set(arr.tolist())}
+    sc = check_package((out / f"{NAME}-2.1.0.pkg").read_bytes(), modelpkg.load_public_keys([keys[1]]),
+                       signals).scorer
     base = Scorer.load(SHIPPED).contract
     c = sc.contract
     assert (c.model_name, c.model_version, c.classes, c.features, c.alert, c.required_features) == \
