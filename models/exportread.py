@@ -16,7 +16,7 @@ import json
 import math
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,7 @@ class Export:
     alerts: list[AlertRecord]
     verdicts: list[VerdictRecord]
     breakdowns: list[BreakdownRecord]
+    unusable: dict[str, int] = field(default_factory=dict)  # verdict and breakdown rows without an integer id
     samples_read: int = 0
     samples_out_of_range: int = 0  # a time that is not a number in [0, MAX_TS): left out
 
@@ -200,6 +201,7 @@ def open_export(root: Path) -> Export:
                                            _floats(t, "ts"), _texts(t, "label"), _texts(t, "record"), strict=True):
             # The open record's window start matters only when the open record is not in the export.
             alerts.append(AlertRecord(v, aid, st, ts, lab, _window_start(rec) if st != "open" else math.nan))
+    unusable: dict[str, int] = {}
     verdicts: list[VerdictRecord] = []
     if (root / "verdicts").is_dir() and any((root / "verdicts").glob("*.parquet")):
         t = _table(root / "verdicts", ("id", "vehicle", "alert_id", "label", "fault"), False)
@@ -207,6 +209,8 @@ def open_export(root: Path) -> Export:
                                          _texts(t, "label"), _texts(t, "fault"), strict=True):
             if isinstance(i, int):
                 verdicts.append(VerdictRecord(i, v, aid, lab, fault))
+            else:
+                unusable["verdicts"] = unusable.get("verdicts", 0) + 1
     breakdowns: list[BreakdownRecord] = []
     if (root / "breakdowns").is_dir() and any((root / "breakdowns").glob("*.parquet")):
         t = _table(root / "breakdowns", ("id", "vehicle", "at", "fault"), False)
@@ -214,7 +218,9 @@ def open_export(root: Path) -> Export:
                                    _texts(t, "fault"), strict=True):
             if isinstance(i, int):
                 breakdowns.append(BreakdownRecord(i, v, at, fault))
-    return Export(root, manifest, files, alerts, verdicts, breakdowns)
+            else:
+                unusable["breakdowns"] = unusable.get("breakdowns", 0) + 1
+    return Export(root, manifest, files, alerts, verdicts, breakdowns, unusable)
 
 
 def check_samples_file(path: Path) -> None:

@@ -105,7 +105,8 @@ def render_card(card: dict[str, Any]) -> str:
         f"{', ...' if len(d['days']) > 3 else ''}); samples read {d['samples_read']}"
         + (f", {d['samples_out_of_range']} with a time out of range left out" if d["samples_out_of_range"] else ""),
         f"- alerts by verdict now: {_pairs(d['alerts'])}; verdicts {d['verdicts']} "
-        f"({d['verdicts_without_alert']} on alerts outside the export); breakdowns {d['breakdowns']}",
+        f"({d['verdicts_without_alert']} on alerts outside the export); breakdowns {d['breakdowns']}"
+        + (f"; unusable (no id or time): {_pairs(d['records_unusable'])}" if d["records_unusable"] else ""),
         f"- labelled windows for training: {_pairs(d['windows_per_label']['train'])}; held out: "
         f"{_pairs(d['windows_per_label']['held_out'])}",
         f"- left out: {_pairs(d['left_out'])}",

@@ -126,6 +126,7 @@ class Timeline:
     breakdowns: dict[str, list[float]] = field(default_factory=dict)  # vehicle -> times of all its breakdowns
     alerts_by_verdict: dict[str, int] = field(default_factory=dict)  # verdict now -> alerts ("none": no verdict)
     verdicts_without_alert: int = 0  # verdicts on alerts the export does not hold (counted, not used)
+    unusable: dict[str, int] = field(default_factory=dict)  # records with no id or time to place them by
     outside_classes: dict[str, dict[str, int]] = field(default_factory=dict)  # fault -> {"alerts", "breakdowns"}
 
 
@@ -143,6 +144,8 @@ def timeline(alerts: Iterable[AlertRecord], verdicts: Iterable[VerdictRecord],
     for a in alerts:
         if a.alert_id and math.isfinite(a.ts):
             by_alert.setdefault((a.vehicle, a.alert_id), []).append(a)
+        else:
+            tl.unusable["alert records"] = tl.unusable.get("alert records", 0) + 1
     now: dict[tuple[str, str], VerdictRecord] = {}
     for v in verdicts:
         key = (v.vehicle, v.alert_id)
@@ -181,6 +184,7 @@ def timeline(alerts: Iterable[AlertRecord], verdicts: Iterable[VerdictRecord],
         tl.spans.setdefault(vehicle, []).append(span)
     for b in breakdowns:
         if not math.isfinite(b.at):
+            tl.unusable["breakdowns"] = tl.unusable.get("breakdowns", 0) + 1
             continue
         tl.breakdowns.setdefault(b.vehicle, []).append(b.at)
         what = f"breakdown {b.id}"

@@ -229,6 +229,8 @@ def data_summary(days: list[DayData], held: set[tuple[str, str]], tl: Timeline, 
         "alerts": dict(sorted(tl.alerts_by_verdict.items())),
         "verdicts": len(export.verdicts),
         "verdicts_without_alert": tl.verdicts_without_alert,
+        # Rows no window can be placed by (no id, no time): counted, never silently dropped.
+        "records_unusable": dict(sorted((Counter(export.unusable) + Counter(tl.unusable)).items())),
         "breakdowns": len(export.breakdowns),
         "windows_per_label": {"train": dict(sorted(train_c.items())), "held_out": dict(sorted(held_c.items()))},
         "left_out": dict(sorted(left.items())),

@@ -497,6 +497,18 @@ def test_alerts_without_a_usable_verdict_and_faults_outside_the_classes_are_left
     assert tl.verdicts_without_alert == 1  # v2's verdict names an alert of another vehicle
 
 
+def test_records_with_no_id_or_time_are_counted_not_used(tmp_path: Path, tiny: Path) -> None:
+    tl = timeline([AlertRecord(V, "", "open", T), AlertRecord(V, "a", "open", math.nan)], [],
+                  [BreakdownRecord(1, V, math.inf, "fan_wear")], CLASSES, H)
+    assert tl.unusable == {"alert records": 2, "breakdowns": 1} and not tl.spans
+    d = copy_export(tiny, tmp_path / "e")
+    pq.write_table(pa.table({"id": pa.array([None, 2], pa.int64()), "vehicle": ["v", "v"], "alert_id": ["a", "b"],
+                             "label": ["confirmed"] * 2, "fault": [""] * 2, "note": [""] * 2, "by": ["m"] * 2,
+                             "at": [T, T]}), d / "verdicts" / "part-0.parquet")
+    ex = open_export(d)
+    assert ex.unusable == {"verdicts": 1} and [v.id for v in ex.verdicts] == [2]
+
+
 def test_a_breakdown_labels_the_horizon_before_it_inclusive_and_nothing_after() -> None:
     at = T + 4000
     tl = timeline([], [], [BreakdownRecord(1, V, at, "oil_pump_wear")], CLASSES, H)
