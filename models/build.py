@@ -2,6 +2,7 @@
 
     python -m models.build                 # the shipped model (a few minutes on 2 cores)
     python -m models.build --quick --out /tmp/m   # a small smoke build (tests use it)
+    python -m models.build --from-export DIR [--base PKG] [--key KEY]   # the next model (models/fromexport.py)
 
 Seeded and deterministic: the same command gives the same metrics. Progress goes to stderr.
 """
@@ -11,10 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import random
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.alerts import AlertContext, AlertTracker
-from agent.contract import CONTRACT_KEY, AlertPolicy, Contract, Familiarity, FeatureSpec, contract_to_dict
+from agent.contract import AlertPolicy, Contract, FeatureSpec
 from models.dataset import (
     CORE_SIGNALS,
     HEALTHY,
@@ -34,22 +34,26 @@ from models.dataset import (
     RunWindows,
     feature_specs,
     required_features,
-    simulate_run,
 )
 from models.public import PUBLIC_DATA
-from models.training import Normaliser, mlp
+from models.recipe import (
+    MIN_FAMILIARITY_MARGIN,
+    export_onnx,
+    familiarity,
+    feature_stats,
+    plan_runs,
+    quantize,
+    simulate_all,
+    stack,
+    train,
+)
+from models.training import Normaliser
 
 MODEL_NAME = "harvester-anomaly"
 MODEL_VERSION = "2.0.0"
 POLICY = AlertPolicy(threshold=0.8, clear_threshold=0.5, min_windows=3, clear_windows=6)
 MODELS_DIR = Path(__file__).resolve().parent
 REAL_TRACES = MODELS_DIR.parent.parent / "shared" / "data" / "can"
-# The familiarity guard's margin (training std beyond the training envelope) is the 99.9th percentile of how far
-# windows of runs left out of the envelope lie outside it (k-fold over training runs), never below this.
-MIN_FAMILIARITY_MARGIN = 0.5
-# Messages a machine may not send at all (coverage runs), and ones that may drop out now and then.
-OPTIONAL_MESSAGES = ("FD", "VF", "AMB", "CCVS")
-FLAKY_MESSAGES = ("EFL_P1", "ET1", "VF", "FD", "EEC2", "AMB", "CCVS")
 
 # What a model must achieve on held-out runs to ship; stated in the card, checked by the build (which fails
 # without writing a passing card) and by tests/test_model_quality.py on fresh runs. Set below the shipped
@@ -116,241 +120,6 @@ def check_int8(q: dict[str, Any], tol: dict[str, float] = INT8_TOLERANCE) -> lis
     return out
 
 
-def progress(label: str, done: int, total: int, started: float) -> None:
-    if not sys.stderr.isatty() and done not in (total,) and done % max(1, total // 10):
-        return
-    rate = done / max(1e-9, time.monotonic() - started)
-    eta = (total - done) / rate if rate > 0 else 0.0
-    bar = "#" * int(30 * done / max(1, total))
-    end = "\n" if done == total or not sys.stderr.isatty() else ""
-    print(f"\r{label:12s} [{bar:30s}] {done}/{total}  eta {eta:4.0f}s", end=end, file=sys.stderr, flush=True)
-
-
-def plan_runs(seed: int, quick: bool) -> tuple[list[RunSpec], list[RunSpec], list[RunSpec]]:
-    """Training runs, held-out standard runs (the floors' test set: warm, every signal, the standard machine, as
-    the floors were first set on) and held-out coverage runs (real operation)."""
-    from harvester_sim import DUTY_CYCLES, FAULTS
-
-    rng = random.Random(seed)
-    per_class = 2 if quick else 20
-    duration = 300.0 if quick else 1200.0
-
-    def runs(base_seed: int, n: int, healthy_factor: int) -> list[RunSpec]:
-        out: list[RunSpec] = []
-        for fault in (None, *FAULTS):
-            k = n * (healthy_factor if fault is None else 1)
-            for i in range(k):
-                duty = DUTY_CYCLES[i % 4]  # harvest, road, idle, mixed
-                out.append(
-                    RunSpec(
-                        seed=base_seed + len(out),
-                        fault=fault,
-                        duty=duty,
-                        ambient_c=round(rng.uniform(8.0, 40.0), 1),
-                        duration_s=duration,
-                        onset_s=round(rng.uniform(30.0, duration / 3), 1) if fault else 0.0,
-                        ramp_s=round(rng.uniform(20.0, duration / 2), 1) if fault else 1.0,
-                    )
-                )
-        return out
-
-    def coverage(base_seed: int, n: int, healthy_factor: int) -> list[RunSpec]:
-        """Cold starts and warm-up in every ambient the fleet sees, long idling, engine off with the key on,
-        transport on the road, absent and intermittent sensors, other machines' fits."""
-        out: list[RunSpec] = []
-        for fault in (None, *FAULTS):
-            k = n * (healthy_factor if fault is None else 1)
-            for i in range(k):
-                duty = DUTY_CYCLES[i % len(DUTY_CYCLES)]
-                if fault is not None and duty == "parked":
-                    duty = "idle"  # a fault shows when the engine runs; parked runs are for healthy standstill
-                # A clogged hydraulic cooler shows once the oil is warm: its runs start warm.
-                cold = fault != "hydraulic_overheat" and rng.random() < 0.6
-                long = duty in ("idle", "parked") or cold
-                dur = duration * (1.25 if long else 1.0)
-                absent = tuple(m for m in OPTIONAL_MESSAGES if rng.random() < 0.2)
-                flaky = tuple(m for m in FLAKY_MESSAGES if m not in absent and rng.random() < 0.12)
-                out.append(
-                    RunSpec(
-                        seed=base_seed + len(out),
-                        fault=fault,
-                        duty=duty,
-                        ambient_c=round(rng.uniform(-15.0, 45.0), 1),
-                        duration_s=dur,
-                        # Cold runs: the fault starts during the warm-up.
-                        onset_s=round(rng.uniform(30.0, dur / 3), 1) if fault else 0.0,
-                        ramp_s=round(rng.uniform(20.0, dur / 2), 1) if fault else 1.0,
-                        start="cold" if cold else "warm",
-                        vary_fit=True,
-                        absent=absent,
-                        intermittent=flaky,
-                    )
-                )
-        return out
-
-    train = runs(seed * 1000, per_class, 2) + coverage(seed * 1000 + 200, max(2, per_class * 7 // 10), 3)
-    test = runs(seed * 1000 + 500, max(1, per_class // 2), 3)
-    test_cov = coverage(seed * 1000 + 700, max(1, per_class // 5), 3)
-    return train, test, test_cov
-
-
-def simulate_all(specs: Sequence[RunSpec], label: str, jobs: int, cache: Path | None = None) -> list[RunWindows]:
-    """Every run's windows; with `cache`, each run is kept there as it finishes and runs simulated before (same
-    spec) are read back, so an interrupted build resumes."""
-    import hashlib
-    import pickle
-
-    def path(s: RunSpec) -> Path | None:
-        return None if cache is None else cache / (hashlib.sha256(repr(s).encode()).hexdigest()[:24] + ".pkl")
-
-    if cache is not None:
-        cache.mkdir(parents=True, exist_ok=True)
-    done: dict[int, RunWindows] = {}
-    for i, s in enumerate(specs):
-        p = path(s)
-        if p is not None and p.exists():
-            done[i] = pickle.loads(p.read_bytes())  # our own files
-    todo = [i for i in range(len(specs)) if i not in done]
-    started = time.monotonic()
-
-    def keep(i: int, r: RunWindows, k: int) -> None:
-        done[i] = r
-        p = path(specs[i])
-        if p is not None:
-            tmp = p.with_suffix(".tmp")
-            tmp.write_bytes(pickle.dumps(r))
-            tmp.replace(p)
-        progress(label, k, len(todo), started)
-
-    if jobs <= 1:
-        for k, i in enumerate(todo):
-            keep(i, simulate_run(specs[i]), k + 1)
-    elif todo:
-        ctx = multiprocessing.get_context("spawn")
-        with ctx.Pool(jobs) as pool:
-            for k, (i, r) in enumerate(zip(todo, pool.imap(simulate_run, [specs[i] for i in todo]), strict=True)):
-                keep(i, r, k + 1)
-    return [done[i] for i in range(len(specs))]
-
-
-def stack(runs: Iterable[RunWindows], classes: list[str]) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
-    xs, ys = [], []
-    for r in runs:
-        for x, lab in zip(r.x, r.labels(), strict=True):
-            if lab is not None:
-                xs.append(x)
-                ys.append(classes.index(lab))
-    return np.array(xs), np.array(ys, np.int64)
-
-
-def mask_signals(
-    x: npt.NDArray[np.float64], specs: Sequence[FeatureSpec], rng: np.random.Generator
-) -> npt.NDArray[np.float64]:
-    """A copy of the rows with whole signals taken away, as machines that do not send them would have them:
-    a third keep only the core engine signals (and may lose oil pressure or temperature too), a tenth only the
-    required ones, the rest lose each other signal with probability 0.35."""
-    x = x.copy()
-    req = set(required_features(list(specs)))
-    required_signals = {f.signal for f in specs if f.name in req}
-    signals = list(dict.fromkeys(f.signal for f in specs))
-    cols = {s: [j for j, f in enumerate(specs) if f.signal == s] for s in signals}
-    optional = [s for s in signals if s not in required_signals]
-    kind = rng.random(len(x))
-    drop = rng.random((len(x), len(optional)))
-    for k, sig in enumerate(optional):
-        core = sig in CORE_SIGNALS
-        gone = np.where(kind < 0.33, (drop[:, k] < 0.3) if core else True,
-                        np.where(kind < 0.43, True, drop[:, k] < 0.35))
-        x[np.ix_(gone, np.array(cols[sig]))] = np.nan
-    return x
-
-
-def learnable(x: npt.NDArray[np.float64], y: npt.NDArray[np.int64], classes: Sequence[str],
-              specs: Sequence[FeatureSpec]) -> npt.NDArray[np.bool_]:
-    """Rows a model can learn from: healthy ones, and fault rows that have at least one signal the fault shows in
-    (a worn oil pump cannot be seen on a machine that sends no oil pressure)."""
-    ok = np.ones(len(y), bool)
-    for c, fault in enumerate(classes):
-        if fault not in SIGNATURES:
-            continue
-        cols = [j for j, f in enumerate(specs) if f.signal in SIGNATURES[fault]]
-        seen = np.isfinite(x[:, cols]).any(axis=1)
-        ok &= (y != c) | seen
-    return ok
-
-
-def train(x_raw: npt.NDArray[np.float64], y: npt.NDArray[np.int64], norm: Normaliser, classes: Sequence[str],
-          specs: Sequence[FeatureSpec], seed: int) -> Any:
-    rng = np.random.default_rng(seed)
-    # Teach the model to score on whatever signals a machine sends: one copy of every row with signals taken
-    # away, told by the missing flags which ones.
-    xa = mask_signals(x_raw, specs, rng)
-    xs, ys = np.vstack([x_raw, xa]), np.concatenate([y, y])
-    keep = learnable(xs, ys, classes, specs)
-    clf = mlp(seed)
-    clf.fit(norm(xs[keep]), ys[keep])
-    return clf
-
-
-def familiarity(runs: Sequence[RunWindows], norm: Normaliser, seed: int, folds: int = 5) -> tuple[Familiarity, float]:
-    """The guard: per feature, the range of z over every training window; the margin from k-fold over runs
-    (envelope of the other folds, distances of this fold's windows): the 99.9th percentile, at least
-    MIN_FAMILIARITY_MARGIN. Returns it and the share of held-out-fold windows it would call unfamiliar."""
-    zs = [norm.z(r.x) for r in runs if len(r.x)]
-    order = np.random.default_rng(seed).permutation(len(zs))
-    dists = []
-    for k in range(folds):
-        inside = [zs[i] for i in order if i % folds != k]
-        out = [zs[i] for i in order if i % folds == k]
-        if not inside or not out:
-            continue
-        zi, zo = np.vstack(inside), np.vstack(out)
-        lo, hi = np.nanmin(zi, axis=0), np.nanmax(zi, axis=0)
-        excess = np.nan_to_num(np.maximum(lo - zo, zo - hi), nan=0.0).clip(min=0)
-        dists.append(excess.max(axis=1))
-    d = np.concatenate(dists) if dists else np.zeros(1)
-    margin = max(MIN_FAMILIARITY_MARGIN, float(np.percentile(d, 99.9)))
-    z = np.vstack(zs)
-    lo, hi = np.nan_to_num(np.nanmin(z, axis=0)), np.nan_to_num(np.nanmax(z, axis=0))
-    fam = Familiarity(tuple(float(v) for v in lo), tuple(float(v) for v in hi), round(margin, 3))
-    return fam, float(np.mean(d > margin))
-
-
-def export_onnx(clf: Any, n_features: int, contract: Contract, path: Path) -> None:
-    import onnx
-    from skl2onnx import convert_sklearn
-    from skl2onnx.common.data_types import FloatTensorType
-
-    model = convert_sklearn(
-        clf,
-        initial_types=[("features", FloatTensorType([None, n_features]))],
-        options={id(clf): {"zipmap": False}},
-        target_opset=17,
-    )
-    set_contract(model, contract)
-    onnx.save(model, str(path))
-
-
-def set_contract(model: Any, contract: Contract) -> None:
-    import onnx
-
-    onnx.helper.set_model_props(model, {CONTRACT_KEY: json.dumps(contract_to_dict(contract))})
-    model.producer_name = "harvester-edge models/build.py"
-    model.doc_string = f"{contract.model_name} {contract.model_version}: harvester fault classifier"
-
-
-def quantize(fp32: Path, int8: Path, contract: Contract) -> None:
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    # Dynamic quantization: int8 weights, activations quantized per batch at run time, so no calibration set is
-    # needed; MatMul dominates this network, which is exactly what it quantizes. Per-channel weight scales cost
-    # 1 % of size and cut the p99 score difference to fp32 by a third (0.084 -> 0.059 on 2,380 windows).
-    quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8, per_channel=True)
-    m = onnx.load(str(int8))
-    set_contract(m, contract)  # keep the contract whatever the quantizer does with metadata
-    onnx.save(m, str(int8))
-
 
 def run_scores(model: Path, runs: Sequence[RunWindows]) -> list[npt.NDArray[np.float64]]:
     from agent.scoring import Scorer
@@ -412,22 +181,6 @@ def evaluate(
         "false_alarms": false_alarms,
         "false_alarms_per_hour": false_alarms / healthy_hours if healthy_hours else None,
     }
-
-
-def feature_stats(x: npt.NDArray[np.float64], names: Sequence[str]) -> dict[str, dict[str, float]]:
-    out = {}
-    for j, n in enumerate(names):
-        col = x[:, j]
-        fin = col[np.isfinite(col)]
-        out[n] = {
-            "count": int(fin.size),
-            "mean": float(fin.mean()) if fin.size else float("nan"),
-            "std": float(fin.std()) if fin.size else float("nan"),
-            "min": float(fin.min()) if fin.size else float("nan"),
-            "max": float(fin.max()) if fin.size else float("nan"),
-            "missing": float(1 - fin.size / max(1, col.size)),
-        }
-    return out
 
 
 def measure_latency(fp32: Path, int8: Path, runs: Sequence[RunWindows]) -> dict[str, Any]:
@@ -521,7 +274,7 @@ def build(out: Path, seed: int, quick: bool, jobs: int, public_data: Path | None
     # Windows 5 s apart share 25 of their 30 s: every second one carries nearly all there is to learn, at half
     # the training time (the normalisation and the familiarity envelope use them all).
     x_fit, y_fit = x_raw[::2], y[::2]
-    fam, fold_unfamiliar = familiarity(train_runs, norm, seed)
+    fam, fold_unfamiliar = familiarity([r.x for r in train_runs], norm, seed)
     print(f"training on {len(y)} windows (+ as many with signals taken away), {len(names)} features, "
           f"{len(classes)} classes; familiarity margin {fam.margin}", file=sys.stderr)
     clf = train(x_fit, y_fit, norm, classes, specs, seed)
@@ -779,7 +532,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--cache", type=Path, default=None,
                    help="keep simulated runs here and reuse them (same spec, same simulator: clear it after changing "
                    "harvester_sim or models/dataset.py)")
+    g = p.add_argument_group("the next model from the fleet's data (models/fromexport.py, docs/learning_loop.md)")
+    g.add_argument("--from-export", type=Path, metavar="DIR",
+                   help="build a candidate from a `cloud-sync export` dataset (verdicts and breakdowns as labels, plus "
+                   "the simulator's runs), compare it with the base on held-out vehicle-days, and sign it only when "
+                   "at least as good (exit 1 when refused, with the reasons)")
+    g.add_argument("--base", type=Path, metavar="PKG",
+                   help="the model to improve on: a signed package (default: the shipped models/"
+                   "harvester-anomaly.int8.onnx)")
+    g.add_argument("--trusted-key", type=Path, metavar="PUB",
+                   help="verify the --base package's signature with this public key (without it the package is only "
+                   "parsed and hash-checked, and the card says so)")
+    g.add_argument("--key", type=Path, metavar="KEY",
+                   help="sign an accepted candidate with this private key into OUT/NAME-VERSION.pkg")
+    g.add_argument("--version", metavar="V", help="the candidate's version (default: the base's, minor + 1)")
     a = p.parse_args(argv)
+    if a.from_export is not None:
+        from harvester_common.clirun import UserError
+        from models.fromexport import build_from_export
+
+        try:
+            return build_from_export(argparse.Namespace(**{**vars(a), "real_traces": None if a.no_real_traces
+                                                           else a.real_traces}))
+        except UserError as e:
+            print(f"{p.prog}: error: {e}", file=sys.stderr)
+            return 2
+    given = [f for f, v in (("--base", a.base), ("--trusted-key", a.trusted_key), ("--key", a.key),
+                            ("--version", a.version)) if v is not None]
+    if given:
+        p.error(f"{', '.join(given)} go(es) with --from-export")
     card = build(a.out, a.seed, a.quick, a.jobs, None if a.no_public_data else a.public_data,
                  None if a.no_real_traces else a.real_traces, a.cache)
     # A quick build is a smoke test, not a candidate: only a full build is held to the floors.

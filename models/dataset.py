@@ -9,6 +9,7 @@ window with the engine stopped (a worn pump pumps nothing at standstill: nothing
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -108,7 +109,9 @@ class RunWindows:
         return out
 
 
-def simulate_run(spec: RunSpec, window_s: float = WINDOW_S, hop_s: float = HOP_S, chunk_s: float = 10.0) -> RunWindows:
+def simulate_run(spec: RunSpec, window_s: float = WINDOW_S, hop_s: float = HOP_S, chunk_s: float = 10.0,
+                 features: Sequence[FeatureSpec] | None = None) -> RunWindows:
+    """The run's windows: the standard features (`feature_specs(window_s)`), or `features` (another model's)."""
     from harvester_sim import Harvester, J1939Transmitter
 
     h = Harvester(
@@ -125,7 +128,7 @@ def simulate_run(spec: RunSpec, window_s: float = WINDOW_S, hop_s: float = HOP_S
                           intermittent=frozenset(spec.intermittent))
     reg = SignalRegistry()
     dec = J1939Decoder(reg)
-    specs = feature_specs(window_s)
+    specs = list(features) if features is not None else feature_specs(window_s)
     eng = FeatureEngine(specs, hop_s)
     sid_map: dict[int, int] = {}
     rows = []
@@ -147,5 +150,13 @@ def simulate_run(spec: RunSpec, window_s: float = WINDOW_S, hop_s: float = HOP_S
     x = np.stack([r.x for r in rows]) if rows else np.zeros((0, len(specs)))
     end = np.array([r.end for r in rows])
     sev = np.zeros(len(rows)) if spec.fault is None else np.clip((end - spec.onset_s) / spec.ramp_s, 0.0, 1.0)
-    rpm = x[:, [f.name for f in specs].index(f"EEC1.EngSpeed:mean:{window_s:g}s")]
-    return RunWindows(spec, x, end, sev, np.nan_to_num(rpm) >= RUNNING_RPM)
+    return RunWindows(spec, x, end, sev, engine_running(x, specs))
+
+
+def engine_running(x: npt.NDArray[np.float64], specs: Sequence[FeatureSpec]) -> npt.NDArray[np.bool_]:
+    """Per window, whether the engine ran (mean engine speed at least RUNNING_RPM); all True for features
+    without a mean engine speed (nothing to tell by)."""
+    col = next((j for j, f in enumerate(specs) if f.signal == "EEC1.EngSpeed" and f.stat == "mean"), None)
+    if col is None:
+        return np.ones(len(x), bool)
+    return np.asarray(np.nan_to_num(x[:, col]) >= RUNNING_RPM, bool)

@@ -1,9 +1,17 @@
 """Real healthy machines: every recorded CAN trace in ../shared/data/can replayed through a built model exactly as
 `harvester-agent replay` does (the built-in DBC, the agent's own pipeline). None of these machines was faulty, so
-every alert is a false alarm; the build refuses a model with one (models/build.py, COVERAGE_FLOORS)."""
+every alert is a false alarm; the build refuses a model with one (models/build.py, COVERAGE_FLOORS).
+
+`evaluate_real_models` replays the traces through several models at once (the build from an export: the candidate
+beside its base): each log is read once and its batches, as replay cuts them, go through one pipeline per model
+(no store: nothing is kept but the counts); each model's figures are those `evaluate_real` gives.
+"""
 
 from __future__ import annotations
 
+import itertools
+from collections import Counter
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,22 +42,88 @@ def evaluate_real(root: Path, model: Path) -> dict[str, Any]:
     # A tractor that sends no fan signals is drift by design: the warnings would bury the build's progress.
     logging.getLogger("agent.pipeline").setLevel(logging.ERROR)
     for p in files:
-        o = replay([p], model=model)
-        hop_s = 5.0
-        traces[str(p.relative_to(root))] = {
-            "hours": round(o["windows"] * hop_s / 3600, 4),
-            "windows": o["windows"],
-            "windows_with_required": o["windows_with_required"],
-            "windows_scored": o["windows_scored"],
-            "windows_unfamiliar": o["windows_unfamiliar"],
-            "alerts": o["alerts"],
-            "unfamiliar_features": o["unfamiliar_features"],
-        }
+        traces[str(p.relative_to(root))] = _trace_figures(replay([p], model=model), 5.0)
+    return _totals(root, traces, skipped)
+
+
+def _trace_figures(o: dict[str, Any], hop_s: float) -> dict[str, Any]:
+    return {"hours": round(o["windows"] * hop_s / 3600, 4), "windows": o["windows"],
+            "windows_with_required": o["windows_with_required"], "windows_scored": o["windows_scored"],
+            "windows_unfamiliar": o["windows_unfamiliar"], "alerts": o["alerts"],
+            "unfamiliar_features": o["unfamiliar_features"]}
+
+
+def _totals(root: Path, traces: dict[str, dict[str, Any]], skipped: list[str]) -> dict[str, Any]:
     total = {k: sum(t[k] for t in traces.values())
              for k in ("windows", "windows_with_required", "windows_scored", "windows_unfamiliar", "alerts")}
     total["hours"] = round(sum(t["hours"] for t in traces.values()), 4)
     total["false_alarms_per_hour"] = round(total["alerts"] / total["hours"], 3) if total["hours"] else None
     return {"root": str(root), "traces": traces, "total": total, "left_out": skipped}
+
+
+def _replay_batches(path: Path) -> Iterator[tuple[str, Any]]:
+    """(bus label, FrameBatch) of one log in the order and sizes `harvester-agent replay` feeds them
+    (agent/replay.py: per label, a batch every BATCH frames, the rest at the end of the file)."""
+    from agent.frames import FrameBatch
+    from agent.replay import BATCH, _bus_label
+    from agent.sources.logfile import open_log
+
+    it = open_log(path, Counter())  # LogUnreadable before any batch: the caller leaves the file out
+    batch: dict[str, list[Any]] = {}
+    while True:
+        try:
+            msg = next(it)
+        except StopIteration:
+            break
+        except Exception:  # a reader meeting a truncated or corrupt record: keep what came before, as replay does
+            break
+        label = _bus_label(msg)
+        b = batch.setdefault(label, [])
+        b.append(msg)
+        if len(b) >= BATCH:
+            yield label, FrameBatch.from_messages(b, label)
+            b.clear()
+    for label, b in batch.items():
+        if b:
+            yield label, FrameBatch.from_messages(b, label)
+
+
+def evaluate_real_models(root: Path, models: Mapping[str, bytes]) -> dict[str, dict[str, Any]]:
+    """Per model (name -> its ONNX bytes), what `evaluate_real` gives for it; every model sees the same batches."""
+    import logging
+
+    from agent.decode.j1939 import J1939Decoder
+    from agent.pipeline import Pipeline
+    from agent.scoring import Scorer
+    from agent.signals import SignalRegistry
+
+    if not root.is_dir():
+        return {name: {"skipped": f"{root} is absent"} for name in models}
+    files, skipped = trace_files(root)
+    logging.getLogger("agent.pipeline").setLevel(logging.ERROR)
+    scorers = {name: Scorer.load_bytes(model) for name, model in models.items()}
+    traces: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in models}
+    from agent.sources.logfile import LogUnreadable
+
+    for p in files:
+        try:
+            batches = _replay_batches(p)
+            first = next(batches, None)
+        except LogUnreadable as e:
+            skipped.append(f"{p.relative_to(root)}: {e}")
+            continue
+        # A fresh pipeline per log, as each replay is; the scorers are shared (loading one costs more than a
+        # short log, and a scorer keeps nothing between windows but counters the pipeline does not read).
+        pipes = {name: (Pipeline(SignalRegistry(), {}, sc, None), sc.contract.hop_s) for name, sc in scorers.items()}
+        for label, fb in itertools.chain([first] if first is not None else [], batches):
+            for pipe, _ in pipes.values():
+                if label not in pipe.decoders:
+                    pipe.decoders[label] = J1939Decoder(pipe.registry, (), label)
+                pipe.feed(label, fb)
+        for name, (pipe, hop_s) in pipes.items():
+            o = {**pipe.scoring_status(), "alerts": pipe.stats.alerts_opened}
+            traces[name][str(p.relative_to(root))] = _trace_figures(o, hop_s)
+    return {name: _totals(root, traces[name], skipped) for name in models}
 
 
 def render_real(real: dict[str, Any]) -> list[str]:
