@@ -170,13 +170,15 @@ def cmd_alerts(args: argparse.Namespace) -> int:
     if args.json:
         print(dumps({"alerts": rows}))
         return 0
-    print(f"{'time (UTC)':19s} {'vehicle':16s} {'state':6s} {'label':20s} {'score':>5s}  {'model':24s} "
-          f"{'verdict':12s} top features")
+    print(f"{'time (UTC)':19s} {'vehicle':16s} {'alert id':36s} {'state':6s} {'label':20s} {'score':>5s}  "
+          f"{'model':24s} {'verdict':12s} top features")
     for a in map(clean_alert, rows):  # fields typed: one malformed record does not end the report
         top = ", ".join(f[0] for f in a["top_features"][:3])
         score = "?" if a["score"] is None else f"{a['score']:.2f}"
         verdict = a["verdict"]["label"] if isinstance(a.get("verdict"), dict) else "-"
-        print(f"{_when(a['ts']):19s} {terminal(a['vehicle']):16s} {terminal(a['state']):6s} "
+        # The id in full: what `alerts verdict` and `alerts history` take.
+        print(f"{_when(a['ts']):19s} {terminal(a['vehicle']):16s} {terminal(a['alert_id']):36s} "
+              f"{terminal(a['state']):6s} "
               f"{terminal(a['label']):20s} {score:>5s}  {terminal(a['model'] + ' ' + a['model_version']):24s} "
               f"{terminal(verdict):12s} {terminal(top)}")
     if not rows:

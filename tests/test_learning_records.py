@@ -261,6 +261,7 @@ def test_verdict_and_history_commands(cfg: Path, capsys: pytest.CaptureFixture[s
     code, out, _ = run(capsys, "alerts", "--config", c, "--vehicle", "v1")
     assert code == 0 and out.splitlines()[0].split()[-3:] == ["verdict", "top", "features"]
     assert "confirmed" in out.splitlines()[1]
+    assert "alert id" in out.splitlines()[0] and out.splitlines()[1].split()[3] == "a1"  # what `verdict` takes
     code, out, _ = run(capsys, "alerts", "--config", c, "--json")
     assert {a["alert_id"]: (a["verdict"] or {}).get("label") for a in json.loads(out)["alerts"]} == {
         "a1": "confirmed", "a2": None}
