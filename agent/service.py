@@ -131,6 +131,8 @@ class Agent:
         self.uplink = Uplink(cfg.mqtt, cfg.vehicle, self.store, self._status_extra, metrics=self.metrics,
                              model=self.updates)
         self._stop = threading.Event()
+        self._notify_lock = threading.Lock()  # orders the pipeline thread's watchdog pings with STOPPING=1
+        self._stopping = False
         self._thread: threading.Thread | None = None
         self._started = time.monotonic()
         self._rate_mark = (time.monotonic(), 0)
@@ -262,7 +264,9 @@ class Agent:
                 log.exception("pipeline failed on a batch; continuing")
                 self.pipeline.stats.errors["pipeline_exception"] += 1
             if wd is not None and time.monotonic() - last_wd >= wd:
-                notify("WATCHDOG=1")
+                with self._notify_lock:  # never a ping after STOPPING=1, which stop() may have sent since
+                    if not self._stopping:
+                        notify("WATCHDOG=1")
                 last_wd = time.monotonic()
         self._drain_events()
         while True:  # drain what the sources already handed over
@@ -295,10 +299,12 @@ class Agent:
 
     def stop(self, drain_s: float | None = None) -> None:
         """Stop cleanly; the uplink sends the backlog for up to `drain_s` first (default: `[mqtt] stop_drain_s`)."""
-        notify("STOPPING=1")
+        with self._notify_lock:
+            self._stopping = True
+            notify("STOPPING=1")
         for src in self._sources():
             src.stop()
-        self._stop.set()
+        self._stop.set()  # after the sources: the pipeline thread then drains all they handed over
         if self._thread is not None:
             self._thread.join(30)
         self.uplink.stop(drain_s=self.cfg.mqtt.stop_drain_s if drain_s is None else drain_s)
