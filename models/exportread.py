@@ -31,6 +31,9 @@ BATCH_ROWS = 65_536  # samples per record batch: the engine is fed what a vehicl
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 _PART = re.compile(r"part-(\d+)-(\d+)\.parquet")
 _DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
+# Where `cloud-sync export` files rows whose time lies outside years 1..9999 (cloud_sync/exportdir.py's
+# OUT_OF_RANGE_DAY: a vehicle's clock gone wild, or a forged record). Their samples are counted and left out.
+OUT_OF_RANGE_DAY = "out-of-range"
 # Sample times the build takes: Unix seconds from 1970 to the year 5138 (as model packages' `created`); a stored
 # time outside (a vehicle's clock gone wild) is counted and left out, never a crash on a date no calendar has.
 MAX_TS = 1e11
@@ -128,8 +131,10 @@ def _fragments(root: Path, table: str) -> list[tuple[str, str, Path]]:
         for frag in dset.get_fragments():
             keys = ds.get_partition_keys(frag.partition_expression)
             vehicle, day = keys.get("vehicle"), keys.get("day")
-            if not isinstance(vehicle, str) or not isinstance(day, str) or not vehicle or not _is_day(day):
-                raise ExportError(f"{frag.path}: not under {table}/vehicle=V/day=YYYY-MM-DD/")
+            if not isinstance(vehicle, str) or not isinstance(day, str) or not vehicle or not (
+                    _is_day(day) or day == OUT_OF_RANGE_DAY):
+                raise ExportError(f"{frag.path}: not under {table}/vehicle=V/day=YYYY-MM-DD/ (or "
+                                  f"day={OUT_OF_RANGE_DAY})")
             out.append((vehicle, day, Path(frag.path)))
     except ExportError:
         raise
@@ -188,8 +193,12 @@ def open_export(root: Path) -> Export:
     root = Path(root)
     manifest = _read_manifest(root)
     files: dict[str, dict[str, list[Path]]] = {}
+    out_of_range = 0
     for vehicle, day, path in _fragments(root, "samples"):
         check_samples_file(path)
+        if day == OUT_OF_RANGE_DAY:  # no calendar day: no window can hold them
+            out_of_range += _rows(path)
+            continue
         files.setdefault(vehicle, {}).setdefault(day, []).append(path)
     for days in files.values():
         for paths in days.values():
@@ -220,7 +229,19 @@ def open_export(root: Path) -> Export:
                 breakdowns.append(BreakdownRecord(i, v, at, fault))
             else:
                 unusable["breakdowns"] = unusable.get("breakdowns", 0) + 1
-    return Export(root, manifest, files, alerts, verdicts, breakdowns, unusable)
+    export = Export(root, manifest, files, alerts, verdicts, breakdowns, unusable)
+    export.samples_read += out_of_range
+    export.samples_out_of_range += out_of_range
+    return export
+
+
+def _rows(path: Path) -> int:
+    import pyarrow.parquet as pq
+
+    try:
+        return int(pq.ParquetFile(str(path)).metadata.num_rows)
+    except Exception as e:  # pyarrow's own exception types: not Parquet, truncated
+        raise ExportError(f"{path}: cannot be read: {_one_line(str(e))}") from None
 
 
 def check_samples_file(path: Path) -> None:

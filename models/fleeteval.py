@@ -192,6 +192,11 @@ def decide(evaluation: Mapping[str, Any], real: Mapping[str, Any] | None) -> lis
         if c["roc_auc"] is not None and b["roc_auc"] is not None and c["roc_auc"] < b["roc_auc"] - AUC_TOLERANCE:
             reasons.append(f"{f}: the candidate's ROC-AUC {c['roc_auc']:.4f} is more than {AUC_TOLERANCE} below the "
                            f"base's {b['roc_auc']:.4f}")
+    if evaluation["windows_per_label"] and not any(row["episodes"] for row in evaluation["faults"].values()):
+        # Then only false alarms would be compared: a candidate that detects nothing would pass.
+        reasons.append("no fault episode is held out, so whether the candidate detects faults as well as the base "
+                       "cannot be told (a fault is held out once verdicts or breakdowns show it on two or more "
+                       "vehicle-days)")
     cm, bm = evaluation["models"][CANDIDATE], evaluation["models"][BASE]
     if cm["false_alarms"] > bm["false_alarms"]:
         reasons.append(f"the candidate raises {cm['false_alarms']} false alarms in all on held-out healthy windows "

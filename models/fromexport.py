@@ -418,6 +418,15 @@ def build_from_export(a: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"{out}: cannot make the folder: {e.strerror or e}") from None
+    # The package first: a card that says "signed" never stands beside no package (a failed write ends the
+    # build before the card is written). An unsigned build removes a package left under its name by an earlier
+    # one, so that the package beside this card is never another model's.
+    if pkg:
+        write_atomically(package, pkg)
+    elif package.exists():
+        package.unlink()
+        say(f"removed {package}, left from an earlier build: this build {'is refused' if reasons else 'is not signed'}",
+            t0)
     write_atomically(out / f"{stem}.onnx", cand.fp32)
     write_atomically(out / f"{stem}.int8.onnx", cand.model)
     write_atomically(out / f"{stem}.card.json", card_bytes)
@@ -427,9 +436,6 @@ def build_from_export(a: argparse.Namespace) -> int:
         f"{cm['roc_auc']} base {bm['roc_auc']}; false alarms candidate {cm['false_alarms']} base "
         f"{bm['false_alarms']}", t0)
     if reasons:
-        if package.exists():
-            package.unlink()
-            say(f"removed {package}, left from an earlier build: this candidate is refused", t0)
         for r in reasons:
             print(f"REFUSED: {r}", file=sys.stderr)
         say(f"refused: {len(reasons)} reason(s), in {out / f'{stem}.card.md'}", t0)
@@ -437,7 +443,6 @@ def build_from_export(a: argparse.Namespace) -> int:
     if key is None:
         say(f"at least as good as the base: {out / f'{stem}.int8.onnx'} (not signed: no --key)", t0)
         return 0
-    write_atomically(package, pkg)
     say(f"at least as good as the base: signed {package} ({inp.name} {inp.version}, key "
         f"{modelpkg.key_id(key.public_key())}, package sha256 {modelpkg.package_sha256(pkg)})", t0)
     return 0

@@ -272,6 +272,25 @@ def test_a_candidate_that_alerts_on_the_healthy_traces_is_refused_with_reasons_a
     assert "signature not verified" in (out / f"{NAME}-2.1.0.card.md").read_text()
 
 
+def test_a_build_that_does_not_sign_leaves_no_package_of_an_earlier_build_beside_its_card(
+        tmp_path: Path, built: dict[str, Any], fleet: tuple[Path, dict[str, Any]], base_pkg: Path,
+        sim_cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The same build again without --key, into a folder holding the signed build's files: at least as good, not
+    signed, and the earlier package is gone, so the files beside the card are all this build's."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(built["out"], out)
+    assert (out / f"{NAME}-2.1.0.pkg").exists()
+    rc = build_main(["--from-export", str(fleet[0]), "--base", str(base_pkg), "--out", str(out), "--quick",
+                     "--cache", str(sim_cache), "--no-real-traces"])
+    err = capsys.readouterr().err
+    assert rc == 0, err[-3000:]
+    assert not (out / f"{NAME}-2.1.0.pkg").exists() and "is not signed" in err
+    dec = json.loads((out / f"{NAME}-2.1.0.card.json").read_text())["decision"]
+    assert dec["at_least_as_good"] is True and dec["signed"] is False and dec["package"] is None
+
+
 # --- bad input: one line, exit status 2, nothing written ----------------------------------------------------------
 
 
@@ -438,6 +457,33 @@ def test_samples_with_a_time_no_calendar_has_are_counted_and_left_out(tmp_path: 
     windows = list(vehicle_windows(ex, "harvester-001", FEATS, 5.0))
     assert ex.samples_out_of_range == 5 and ex.samples_read == sum(len(s) for s in v.seq) + 5
     assert [w.day for w in windows] == [D1] and T1 < windows[0].end.min() <= windows[0].end.max() <= T1 + 60
+
+
+def test_an_export_by_cloud_sync_with_times_no_calendar_has_is_read_and_those_rows_counted(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """What `cloud-sync export` itself writes (not the kit): a vehicle's clock gone wild files its rows under
+    `day=out-of-range`; the build counts them and reads the rest."""
+    from cloud_sync.cli import main as cloud_main
+    from cloud_sync.db_sqlite import CloudDB
+    from harvester_common import wire
+    from tests.test_export import config, sample_segment, seed
+
+    db = CloudDB(tmp_path / "cloud.sqlite")
+    try:
+        seed(db)  # among its records an event of the year 1969 and one past 9999
+        db.ingest([wire.Batch("f1", "hv-1", 2, [sample_segment(5000, 40, 5e12, 9)])])  # the year ~160,000
+        cfg = config(db, tmp_path)
+    finally:
+        db.close()
+    out = tmp_path / "export"
+    assert cloud_main(["export", "--config", str(cfg), "--out", str(out)]) == 0
+    assert (out / "samples" / "vehicle=hv-1" / "day=out-of-range").is_dir()
+    ex = open_export(out)
+    assert ex.samples_out_of_range == 40
+    assert "out-of-range" not in ex.files["hv-1"] and len(ex.files["hv-1"]) == 4  # DAY0 - 1 to DAY0 + 2
+    windows = list(vehicle_windows(ex, "hv-1", FEATS, 5.0))  # reads the rest without tripping on them
+    assert ex.samples_read == 900 + 700 + 400 + 40 and all(w.day != "out-of-range" for w in windows)
+    capsys.readouterr()
 
 
 # --- labels, on hand-made timelines ----------------------------------------------------------------------------------
@@ -647,7 +693,10 @@ def test_the_decision_rule_and_its_edges() -> None:
     assert "ROC-AUC" in decide(table({"roc_auc": 0.95 - AUC_TOLERANCE - 0.001}, {}), None)[0]
     assert "detects 1 of 2" in decide(table({"detected": 1}, {}), None)[0]
     assert "false alarms" in decide(table({"false_alarms": 1}, {}), None)[0]
-    assert decide(table({"detected": 0, "roc_auc": 0.5}, {}, episodes_=0), None) == []  # no episodes: not judged
+    # A fault without held-out episodes is not judged; with none at all, detection cannot be told: refused.
+    assert decide(table({"detected": 0, "roc_auc": 0.5}, {}, episodes_=0), None) == [
+        "no fault episode is held out, so whether the candidate detects faults as well as the base cannot be told (a "
+        "fault is held out once verdicts or breakdowns show it on two or more vehicle-days)"]
     assert decide(table({"roc_auc": None}, {}), None) == []  # no ROC-AUC where a class is missing
     assert "in all" in decide(table({}, {}, fa=(2, 1)), None)[0]
     assert decide(table({}, {}, fa=(1, 2)), None) == []
