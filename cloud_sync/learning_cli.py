@@ -180,12 +180,14 @@ def add_alert_commands(alerts: argparse.ArgumentParser) -> None:
                    "alert's own label; none for false_alarm)")
     v.add_argument("--note", metavar="TEXT", help=f"free text, at most {lr.MAX_NOTE_CHARS} characters")
     v.add_argument("--by", metavar="NAME", help="who (default: $USER, else the login name)")
-    v.add_argument("--vehicle", metavar="V", help="the alert's vehicle (needed only when its id is stored for two)")
+    v.add_argument("--vehicle", metavar="V", help="the alert's vehicle (needed only when its id is stored for two)",
+                   default=argparse.SUPPRESS)  # else `alerts --vehicle V verdict ...` would lose V
     v.set_defaults(func=cmd_verdict)
     h = sub.add_parser("history", help="an alert's verdicts, oldest first: who said what, and when")
     h.add_argument("alert_id", metavar="ALERT_ID", help="the alert's id")
     h.add_argument("--config", required=True, help="cloud_sync TOML config")
-    h.add_argument("--vehicle", metavar="V", help="the alert's vehicle (needed only when its id is stored for two)")
+    h.add_argument("--vehicle", metavar="V", help="the alert's vehicle (needed only when its id is stored for two)",
+                   default=argparse.SUPPRESS)  # else `alerts --vehicle V verdict ...` would lose V
     h.add_argument("--json", action="store_true", help="print one JSON object")
     h.set_defaults(func=cmd_history)
 

@@ -273,6 +273,9 @@ def test_verdict_and_history_commands(cfg: Path, capsys: pytest.CaptureFixture[s
     (["alerts", "verdict", "a1", "--label", "confirmed", "--fault", "!"], "not a fault name: '!'"),
     (["alerts", "verdict", "a1", "--label", "confirmed", "--note", "x" * 2001], "the note is 2001 characters long"),
     (["alerts", "verdict", "a1", "--label", "confirmed", "--vehicle", "v2"], "no alert 'a1' on vehicle 'v2'"),
+    # The vehicle named before the subcommand counts as much as after it (it is not dropped by the subparser).
+    (["alerts", "--vehicle", "v2", "verdict", "a1", "--label", "confirmed"], "no alert 'a1' on vehicle 'v2'"),
+    (["alerts", "--vehicle", "v2", "history", "a1"], "no alert 'a1' on vehicle 'v2'"),
     (["alerts", "history", "nope"], "no alert 'nope'"),
     (["breakdown", "add", "--vehicle", "v9", "--at", "2026-11-20T14:05", "--fault", "x"], "no vehicle 'v9'"),
     (["breakdown", "add", "--vehicle", "v1", "--at", "2999-01-01", "--fault", "x"], "a breakdown's time is in the "
