@@ -9,11 +9,9 @@ harvester_common/onnxmeta.py). Every failure is one line and exit status 2 (clir
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 from pathlib import Path
 
-from harvester_common.clirun import UserError
+from harvester_common.clirun import UserError, read_limited, write_atomically
 
 # The first agent that reads packages: what `sign` asks of a vehicle unless told otherwise.
 DEFAULT_MIN_AGENT_VERSION = "0.1.0"
@@ -60,38 +58,6 @@ def default_card(model: Path) -> Path:
     return model.with_name(f"{stem}.card.json")
 
 
-def _read(path: Path, what: str, limit: int) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            data = f.read(limit + 1)
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such {what} file") from None
-    except OSError as e:
-        raise UserError(f"{path}: cannot read the {what}: {e.strerror or e}") from None
-    if len(data) > limit:
-        raise UserError(f"{path}: the {what} is larger than a package may be ({limit} bytes)")
-    return data
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """`path` holds either its old content or all of `data`, never a part (write, fsync, rename)."""
-    path = Path(path)
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise UserError(f"{path}: cannot write there: {e.strerror or e}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would keep the package from the service that publishes it
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise UserError(f"{path}: cannot write the package: {e.strerror or e}") from None
-
-
 def cmd_keygen(args: argparse.Namespace) -> int:
     from harvester_common.modelpkg import PackageError, generate_keypair
 
@@ -119,7 +85,7 @@ def cmd_sign(args: argparse.Namespace) -> int:
     from harvester_common.onnxmeta import read_contract
 
     model_path = Path(args.model)
-    model = _read(model_path, "model", MAX_PACKAGE_BYTES)
+    model = read_limited(model_path, "model", MAX_PACKAGE_BYTES)
     try:
         contract = read_contract(model)
     except PackageError as e:
@@ -127,7 +93,7 @@ def cmd_sign(args: argparse.Namespace) -> int:
     card_path = Path(args.card) if args.card else default_card(model_path)
     if not args.card and not card_path.exists():
         raise UserError(f"no card for {model_path}: looked for {card_path} (give --card)")
-    card = _read(card_path, "card", MAX_PACKAGE_BYTES)
+    card = read_limited(card_path, "card", MAX_PACKAGE_BYTES)
     try:
         check_card(card)
     except PackageError as e:
@@ -143,7 +109,7 @@ def cmd_sign(args: argparse.Namespace) -> int:
     except PackageError as e:
         raise UserError(f"{model_path}: cannot be packaged: {e}") from None
     out = Path(args.out)
-    write_atomically(out, package)
+    write_atomically(out, package, "package")
     print(f"wrote {out}: {name} {version}, key {key_id(key.public_key())}, package sha256 "
           f"{package_sha256(package)}, {len(package)} bytes")
     return 0

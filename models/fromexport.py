@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import sys
 import tempfile
 import time
@@ -46,7 +45,7 @@ import numpy.typing as npt
 from agent.contract import Contract, ContractError
 from agent.scoring import ModelLoadError, Scorer
 from harvester_common import modelpkg
-from harvester_common.clirun import UserError
+from harvester_common.clirun import UserError, read_limited, write_atomically
 from models.dataset import HEALTHY, engine_running
 from models.exportread import Export, ExportError, open_export, vehicle_windows
 from models.fleetcard import render_card
@@ -108,28 +107,15 @@ def next_version(version: str) -> str:
     return ".".join(str(p) for p in (parts[0], parts[1] + 1, *(0 for _ in parts[2:])))
 
 
-def _read_limited(path: Path, what: str, limit: int) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            data = f.read(limit + 1)
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such {what} file") from None
-    except OSError as e:
-        raise UserError(f"{path}: cannot read the {what}: {e.strerror or e}") from None
-    if len(data) > limit:
-        raise UserError(f"{path}: larger than a {what} may be ({limit} bytes)")
-    return data
-
-
 def load_base(package: Path | None, trusted_key: Path | None) -> Base:
     """The base model: a package's (verified with `trusted_key` if given), or the shipped one. UserError for a
     package that does not verify or parse, or a model that does not load."""
     if package is None:
-        model = _read_limited(SHIPPED, "model", modelpkg.MAX_PACKAGE_BYTES)
+        model = read_limited(SHIPPED, "model", modelpkg.MAX_PACKAGE_BYTES)
         source: dict[str, Any] = {"kind": "shipped model", "path": str(SHIPPED), "verified": None}
         where = str(SHIPPED)
     else:
-        data = _read_limited(package, "package", modelpkg.MAX_PACKAGE_BYTES)
+        data = read_limited(package, "package", modelpkg.MAX_PACKAGE_BYTES)
         try:
             if trusted_key is not None:
                 pkg = modelpkg.verify_package(data, modelpkg.load_public_keys([trusted_key]))
@@ -161,29 +147,6 @@ def load_base(package: Path | None, trusted_key: Path | None) -> Base:
                         f"its model {c.model_name} {c.model_version}")
     source["model_sha256"] = hashlib.sha256(model).hexdigest()
     return Base(model, c, source)
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """`path` holds its old content or all of `data`, never a part (write, fsync, rename). UserError when it
-    cannot be written."""
-    try:
-        _write(path, data)
-    except OSError as e:
-        raise UserError(f"{path}: cannot write it: {e.strerror or e}") from None
-
-
-def _write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_fleet(export: Export, base: Base, t0: float) -> tuple[list[DayData], Timeline]:
