@@ -10,14 +10,14 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 from cloud_sync import __version__, packaging
 from cloud_sync.config import CloudConfig, ConfigError, load_config
-from cloud_sync.database import existing_db, open_db
-from cloud_sync.db import CloudDBError, FleetDB, LearningError, RolloutError
+from cloud_sync.database import existing_db, open_db, read_db
+from cloud_sync.db import CloudDBError, LearningError, RolloutError
 from cloud_sync.exportdir import DEFAULT_CHUNK_ROWS, MAX_CHUNK_ROWS
 from cloud_sync.learning_cli import add_alert_commands, add_learning_commands
 from cloud_sync.present import clean_alert, dumps, terminal
@@ -77,17 +77,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def read_db(args: argparse.Namespace, query: Callable[[FleetDB], T]) -> T:
-    """Run one query against the config's existing database and close it."""
-    db = existing_db(load_config(args.config))
-    try:
-        return query(db)
-    finally:
-        db.close()
-
-
 def cmd_stats(args: argparse.Namespace) -> int:
-    vehicles, rejected = read_db(args, lambda db: (Reports(db).stats(), Reports(db).rejected()))
+    vehicles, rejected = read_db(args.config, lambda db: (Reports(db).stats(), Reports(db).rejected()))
     if args.json:
         out = [{k: v for k, v in s.to_dict().items() if k != "status"} for s in vehicles]
         print(dumps({"vehicles": out, "rejected": rejected}))
@@ -123,7 +114,7 @@ def _mib(n: int) -> str:
 
 
 def cmd_fleet(args: argparse.Namespace) -> int:
-    rows = read_db(args, lambda db: Reports(db).fleet())
+    rows = read_db(args.config, lambda db: Reports(db).fleet())
     if args.json:
         print(dumps({"vehicles": rows}))
         return 0
@@ -166,7 +157,7 @@ def cmd_alerts(args: argparse.Namespace) -> int:
     since = None
     if args.since is not None:
         since = args.since if args.since >= 1e9 else time.time() - args.since * 3600  # an epoch or hours back
-    rows = read_db(args, lambda db: Reports(db).alerts(args.vehicle, args.state, since))
+    rows = read_db(args.config, lambda db: Reports(db).alerts(args.vehicle, args.state, since))
     if args.json:
         print(dumps({"alerts": rows}))
         return 0
@@ -246,7 +237,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from cloud_sync.export import Selection, export  # pyarrow: only for this command
 
     selection = Selection(args.vehicles, args.since, args.until)
-    r = read_db(args, lambda db: export(db, args.out, selection, args.chunk_rows))
+    r = read_db(args.config, lambda db: export(db, args.out, selection, args.chunk_rows))
     counts = ", ".join(f"{n:,} {t}" for t, n in r.rows.items())
     print(f"{terminal(str(r.out))}: {counts} of {len(r.vehicles)} vehicle{'' if len(r.vehicles) == 1 else 's'} "
           f"({sum(r.written.values()):,} rows written by this run in {r.files} files)")

@@ -13,8 +13,8 @@ from typing import Any
 
 from cloud_sync import learning as lr
 from cloud_sync.config import load_config
-from cloud_sync.database import existing_db
-from cloud_sync.db import Breakdown, Verdict
+from cloud_sync.database import read_db
+from cloud_sync.db import Breakdown, FleetDB, Verdict
 from cloud_sync.present import dumps, terminal
 from cloud_sync.reports import Reports
 from cloud_sync.rollout_cli import current_user
@@ -32,13 +32,12 @@ def _time(text: str) -> float:
 
 
 def cmd_verdict(args: argparse.Namespace) -> int:
-    db = existing_db(load_config(args.config))
-    try:
+    def record(db: FleetDB) -> tuple[Verdict, list[Verdict]]:
         v = db.add_verdict(args.alert_id, args.label, fault=args.fault, note=args.note or "",
                            by=args.by if args.by is not None else current_user(), vehicle=args.vehicle)
-        _, history = db.verdict_history(v.alert_id, v.vehicle)
-    finally:
-        db.close()
+        return v, db.verdict_history(v.alert_id, v.vehicle)[1]
+
+    v, history = read_db(args.config, record)
     before = [h for h in history if h.id < v.id]
     was = ""
     if before:
@@ -53,11 +52,7 @@ def _verdict_text(v: Verdict) -> str:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
-    db = existing_db(load_config(args.config))
-    try:
-        vehicle, history = db.verdict_history(args.alert_id, args.vehicle)
-    finally:
-        db.close()
+    vehicle, history = read_db(args.config, lambda db: db.verdict_history(args.alert_id, args.vehicle))
     if args.json:
         print(dumps({"vehicle": vehicle, "alert_id": args.alert_id,
                      "verdict": history[-1].to_dict() if history else None,
@@ -79,23 +74,16 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 
 def cmd_breakdown_add(args: argparse.Namespace) -> int:
-    db = existing_db(load_config(args.config))
-    try:
-        b = db.add_breakdown(args.vehicle, args.at, args.fault, note=args.note or "",
-                             by=args.by if args.by is not None else current_user())
-    finally:
-        db.close()
+    by = args.by if args.by is not None else current_user()
+    b = read_db(args.config, lambda db: db.add_breakdown(args.vehicle, args.at, args.fault, note=args.note or "",
+                                                         by=by))
     print(f"breakdown {b.id} recorded: {terminal(b.vehicle)} at {format_time(b.at)} UTC, {terminal(b.fault)}, by "
           f"{terminal(b.by)}")
     return 0
 
 
 def cmd_breakdown_list(args: argparse.Namespace) -> int:
-    db = existing_db(load_config(args.config))
-    try:
-        rows = db.breakdowns(args.vehicle, args.since, args.until)
-    finally:
-        db.close()
+    rows = read_db(args.config, lambda db: db.breakdowns(args.vehicle, args.since, args.until))
     if args.json:
         print(dumps({"breakdowns": [b.to_dict() for b in rows]}))
         return 0
@@ -116,12 +104,8 @@ def _breakdown_line(b: Breakdown) -> str:
 
 
 def cmd_quality(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config)
-    db = existing_db(cfg)
-    try:
-        report = Reports(db).quality(cfg.quality, args.since, args.until, args.model)
-    finally:
-        db.close()
+    thresholds = load_config(args.config).quality
+    report = read_db(args.config, lambda db: Reports(db).quality(thresholds, args.since, args.until, args.model))
     print(dumps(report) if args.json else quality_text(report))
     return 0
 
