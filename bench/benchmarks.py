@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import itertools
 import json
 import math
@@ -19,55 +20,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-# As agent/__init__.py does, before anything here (or a child process, which inherits it) loads onnxruntime: no
-# usage telemetry from a benchmark either.
-os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+from benchkit import FIGURES, REPO, Figure, _big_dbc, _cpu, _trace_files, figure
 
-from harvester_testing.data import SHARED_DATA  # noqa: E402
-
-
-@dataclass(slots=True)
-class Figure:
-    value: float
-    unit: str
-    baseline: float
-    ratio: float
-    note: str = ""
-    # Keys printed beside value/baseline/ratio in --json (e.g. windows_scored: what a pipeline figure really did).
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-FIGURES: dict[str, Callable[[], Figure]] = {}
-
-
-def figure(name: str) -> Callable[[Callable[[], Figure]], Callable[[], Figure]]:
-    def deco(fn: Callable[[], Figure]) -> Callable[[], Figure]:
-        FIGURES[name] = fn
-        return fn
-
-    return deco
-
-
-def _trace_files() -> list[Path]:
-    files = sorted((SHARED_DATA / "can" / "johndeere_5055e").glob("*_candumpL.log"))
-    if not files:
-        raise SystemExit(f"benchmarks need the real traces in {SHARED_DATA / 'can'}")
-    return files
-
-
-def _big_dbc() -> Path:
-    return SHARED_DATA / "dbc" / "j1939_vector_v7.2__osu-cybercan__patched.dbc"
-
-
-def _cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
+# Topic modules register their figures on import (bench/benchkit.py): add a new topic's module here.
+TOPICS: tuple[str, ...] = ()
 
 
 def _baseline_decode(files: list[Path]) -> tuple[int, float]:
@@ -718,14 +677,6 @@ def _models() -> tuple[Path, Path]:
     return fp32, int8
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def _model_rss_mb(path: Path) -> float:
     """Resident memory a model adds once onnxruntime is imported, in a fresh process (in this one, the second
     model would reuse the first one's allocations)."""
@@ -1209,6 +1160,8 @@ def rollout_seconds_10() -> Figure:
 
 
 def main(argv: list[str] | None = None) -> int:
+    for topic in TOPICS:
+        importlib.import_module(topic)
     ap = argparse.ArgumentParser(prog="bench/run", description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     ap.add_argument("names", nargs="*", help=f"figures to run (default all): {', '.join(FIGURES)}")
