@@ -6,6 +6,7 @@ switch. Samples come through a real serial line decoder, so every value is the t
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -331,3 +332,18 @@ def test_a_loaded_model_has_run_once_before_its_first_window(tmp_path: Path) -> 
     s = Scorer.load(path)
     assert s.warm_runs == 1 and s.windows_scored == 0 and s.invalid_outputs == 0
     assert Scorer.load_bytes(path.read_bytes()).warm_runs == 1
+
+
+def test_a_scoring_call_is_timed_by_the_cpu_it_spent_not_by_the_scheduler() -> None:
+    """The shadow's latency figure must not reject a model because the machine was busy: time a call spends set
+    aside (here, asleep) is not counted; time it computes is."""
+    from agent.pipeline import _CallClock
+
+    idle = _CallClock()
+    time.sleep(0.2)
+    assert idle.seconds() < 0.05  # a 200 ms wait with nothing computed
+    busy = _CallClock()
+    spin_until = time.process_time() + 0.05
+    while time.process_time() < spin_until:
+        pass
+    assert busy.seconds() >= 0.05

@@ -9,7 +9,8 @@ feature windows and counts, per model, over the same stretch of data:
   finite (NaN, infinity); `errors`: scoring calls that raised (their windows are counted, none scored);
 - `alert_windows`: windows after which the model's own alert logic (an `AlertTracker` with its contract's policy)
   held an alert open;
-- `p95_ms`: the 95th percentile of the time one scoring call took (a call scores the windows one batch closed);
+- `p95_ms`: the 95th percentile of the time one scoring call took (a call scores the windows one batch closed;
+  its wall time, capped by the CPU the process spent meanwhile: time the scheduler kept it waiting is not the model's);
   over fewer than `MIN_CALLS_FOR_P95` calls, the median instead: the 95th percentile of a handful of calls is their
   slowest, and one call delayed by the scheduler on a busy machine (seen with ten agents on two cores: 31 ms
   against 0.8 ms) would reject a model as slow that is not;
