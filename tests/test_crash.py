@@ -29,14 +29,21 @@ def _read_reported(proc: subprocess.Popen[bytes], seconds: float, pending: bytea
     """Ranges the writer printed (each only after its commit) within `seconds`; a half line stays in `pending`."""
     assert proc.stdout is not None
     fd = proc.stdout.fileno()
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
+    # The random instant counts from the writer's first report, not from its start: on a busy machine the child can
+    # take longer than `seconds` just to import, and would then be killed before it wrote anything.
+    started = time.monotonic()
+    end: float | None = None
+    while end is None or time.monotonic() < end:
+        if end is None and time.monotonic() - started > 120:
+            raise AssertionError("the writer reported nothing within 120 s of its start")
         try:
             chunk = os.read(fd, 1 << 16)
         except BlockingIOError:
             chunk = None
         if chunk:
             pending += chunk
+            if end is None:
+                end = time.monotonic() + seconds
         else:
             time.sleep(0.005)
     *lines, rest = bytes(pending).split(b"\n")
