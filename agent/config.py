@@ -36,7 +36,8 @@ class VehicleConfig(_Section):
 
 class CanBusConfig(_Section):
     name: str = Field("can0", pattern=r"^[A-Za-z0-9_.-]{1,32}$", description=(
-        "label of the bus; signals from it have source `name/SA` (e.g. `can0/00`)."))
+        "label of the bus; signals from it have source `name/NAME` once their ECU has claimed its address (its "
+        "J1939 NAME in 16 hex digits), else `name/SA` (e.g. `can0/00`; docs/j1939.md)."))
     interface: str = Field("socketcan", description=(
         "any python-can interface: `socketcan`, `slcan`, `pcan`, `socketcand`, `virtual`, ... `virtual` reaches "
         "only buses in the same process (the agent warns at start); for a simulator in another process on the "

@@ -1,4 +1,5 @@
-"""The simulated ECUs: every DBC message at its standard period, and DM1 (single frame or TP.BAM) once a second.
+"""The simulated ECUs: every DBC message at its standard period, and DM1 (single frame or TP.BAM) once a second;
+optionally the engine's address claim (PGN 60928) before anything else, as J1939-81 has an ECU do at power-up.
 
 Frames are encoded with the same compiled signal layouts the decoder uses (little-endian J1939 fields; unused bits
 all ones, as J1939 requires), and tests check them against cantools.
@@ -14,6 +15,7 @@ from pathlib import Path
 import can
 
 from agent.decode.j1939 import _CompiledMessage, default_dbc, load_dbcs
+from agent.decode.j1939_addr import PGN_ADDRESS_CLAIMED
 from agent.decode.j1939_id import make_id
 from agent.decode.j1939_tp import PGN_DM1, PGN_TP_CM, PGN_TP_DT, Dtc
 from harvester_sim.physics import Harvester
@@ -60,6 +62,32 @@ def encode_dm1(dtcs: list[Dtc], lamps: int | None = None) -> bytes:
     return bytes(out)
 
 
+def make_name(identity: int, manufacturer: int, function: int, function_instance: int = 0, ecu_instance: int = 0,
+              vehicle_system: int = 0, vehicle_system_instance: int = 0, industry_group: int = 2,
+              arbitrary_address_capable: bool = True) -> int:
+    """A 64-bit J1939-81 NAME from its fields (industry group 2: agricultural and forestry equipment)."""
+    return ((identity & 0x1FFFFF) | (manufacturer & 0x7FF) << 21 | (ecu_instance & 0x7) << 32
+            | (function_instance & 0x1F) << 35 | (function & 0xFF) << 40 | (vehicle_system & 0x7F) << 49
+            | (vehicle_system_instance & 0xF) << 56 | (industry_group & 0x7) << 60
+            | int(arbitrary_address_capable) << 63)
+
+
+SIM_ENGINE_NAME = make_name(identity=0x1234, manufacturer=0x7FF, function=0)  # function 0: engine
+
+
+def address_claim_frame(name: int, sa: int, ts: float) -> can.Message:
+    """Address Claimed: the NAME in 8 bytes, little-endian, to the global address; from 254 it is Cannot Claim."""
+    return can.Message(arbitration_id=make_id(PGN_ADDRESS_CLAIMED, sa, 6), data=name.to_bytes(8, "little"),
+                       is_extended_id=True, timestamp=ts)
+
+
+def dm_frames(pgn: int, payload: bytes, sa: int, ts: float) -> list[can.Message]:
+    """A DM1 or DM2 as it travels: one frame when the payload fits 8 bytes, else TP.BAM."""
+    if len(payload) <= 8:
+        return [can.Message(arbitration_id=make_id(pgn, sa, 6), data=payload, is_extended_id=True, timestamp=ts)]
+    return bam_frames(pgn, payload, sa, ts)
+
+
 def bam_frames(pgn: int, payload: bytes, sa: int, t0: float) -> list[can.Message]:
     """A TP.BAM transfer: the announcement, then numbered 7-byte packets 50 ms apart."""
     n = (len(payload) + 6) // 7
@@ -91,7 +119,10 @@ class J1939Transmitter:
         seed: int = 0,
         absent: frozenset[str] = frozenset(),
         intermittent: frozenset[str] = frozenset(),
+        engine_name: int | None = None,
     ) -> None:
+        """`engine_name`: the engine ECU claims its address with this NAME at time 0 (e.g. SIM_ENGINE_NAME), so
+        that its signals' source is `bus/NAME`; None (the default) sends no claim, and the source is `bus/00`."""
         self.h = harvester
         self.jitter_s = jitter_s
         self.rng = random.Random(seed)
@@ -108,6 +139,9 @@ class J1939Transmitter:
             # Stagger start phases as real ECUs do, so that not every message lands on the same instant.
             heapq.heappush(self._heap, (self.rng.uniform(0, period), i, cm.name))
         heapq.heappush(self._heap, (self.rng.uniform(0, DM1_PERIOD_S), len(self.messages), "DM1"))
+        self.engine_name = engine_name
+        if engine_name is not None:
+            heapq.heappush(self._heap, (0.0, -1, "CLAIM"))  # before anything the engine sends
         self._by_name = {cm.name: cm for cm in self.messages}
         self._sim_t = 0.0
         self._values = harvester.values()
@@ -138,20 +172,12 @@ class J1939Transmitter:
         while self._heap and self._heap[0][0] <= t_end:
             due, idx, name = heapq.heappop(self._heap)
             self._advance(due)
+            if name == "CLAIM":
+                assert self.engine_name is not None
+                out.append(address_claim_frame(self.engine_name, ENGINE_SA, due))
+                continue
             if name == "DM1":
-                dtcs = self.h.active_dtcs()
-                payload = encode_dm1(dtcs)
-                if len(payload) <= 8:
-                    out.append(
-                        can.Message(
-                            arbitration_id=make_id(PGN_DM1, ENGINE_SA, 6),
-                            data=payload,
-                            is_extended_id=True,
-                            timestamp=due,
-                        )
-                    )
-                else:
-                    out += bam_frames(PGN_DM1, payload, ENGINE_SA, due)
+                out += dm_frames(PGN_DM1, encode_dm1(self.h.active_dtcs()), ENGINE_SA, due)
                 heapq.heappush(self._heap, (due + DM1_PERIOD_S, idx, name))
                 continue
             cid, period, _ = self._ids[name]

@@ -23,7 +23,7 @@ from agent.pipeline import ALERT_STATE_KEY, Pipeline
 from agent.signals import SignalRegistry
 from agent.store import Store
 from agent.writer import StoreWriter
-from harvester_sim import encode_dm1
+from harvester_sim import address_claim_frame, encode_dm1, make_name
 
 POLICY = AlertPolicy(threshold=0.8, clear_threshold=0.3, min_windows=2, clear_windows=2)
 
@@ -168,3 +168,39 @@ def test_state_is_written_in_the_records_transaction(tmp_path: Path) -> None:
     store.append_records([], {"k": None})  # state alone; None deletes
     assert store.get_state("k") is None
     store.close()
+
+
+def test_the_name_map_and_dtcs_survive_a_restart_and_an_address_move(tmp_path: Path) -> None:
+    """The engine claims 0x00 with its NAME; the agent is killed; the engine comes back at 0x05 (a claim, then its DM1):
+    its signals keep their source and its DTC is neither closed nor announced again. Real SQLite, state saved with
+    the records as the agent saves it."""
+    path = tmp_path / "s.sqlite"
+    name = make_name(identity=99, manufacturer=0x123, function=0)
+    src = f"can0/{name:016X}"
+    hot = Dtc(110, 0, 2)
+
+    def run(msgs: list[can.Message]) -> tuple[list[tuple[str, str, int]], set[str]]:
+        store = Store(path, first_seq=1)
+        before = len(_records(store))
+        reg = SignalRegistry()
+        p = _started(store, reg, {"can0": J1939Decoder(reg)})
+        p.feed("can0", FrameBatch.from_messages(msgs))
+        out = [(r["kind"], r["data"]["source"], r["data"]["spn"]) for _, r in _records(store)[before:]]
+        store.db.close()  # as a crash leaves it
+        return out, {reg.key(i)[1] for i in range(len(reg))}
+
+    def et1(sa: int, t: float) -> can.Message:
+        return can.Message(timestamp=t, arbitration_id=0x18FEEE00 | sa, is_extended_id=True,
+                           data=bytes([130]) + b"\xff" * 7)
+
+    first, sources = run([address_claim_frame(name, 0x00, 0.0), et1(0x00, 0.5), *_dm1_frames(1.0, 0x00, [hot])])
+    assert first == [("dtc_open", src, 110)] and sources == {src}
+    second, sources = run([address_claim_frame(name, 0x05, 10.0), et1(0x05, 10.5), *_dm1_frames(11.0, 0x05, [hot])])
+    assert second == [] and sources == {src}
+    third, _ = run([*_dm1_frames(20.0, 0x05, [])])  # no claim since this restart: 0x05 is still known as the engine
+    assert third == [("dtc_close", src, 110)]
+
+
+def _dm1_frames(t: float, sa: int, dtcs: list[Dtc]) -> list[can.Message]:
+    return [can.Message(timestamp=t, arbitration_id=(6 << 26) | (0xFECA << 8) | sa, is_extended_id=True,
+                        data=encode_dm1(dtcs))]

@@ -130,7 +130,9 @@ def test_dm1_over_bam_opens_and_closes_dtc_events() -> None:
     one = _dm1_payload([(110, 0, 4)]) + b"\xff\xff"
     single = can.Message(arbitration_id=make_id(65226, 0), data=one, is_extended_id=True, timestamp=3.0)
     r2 = dec.decode(FrameBatch.from_messages([single]))
-    assert [(e.kind, e.data["spn"]) for e in r2.events] == [("dtc_close", 100)]
+    # 110's occurrence count went from 3 to 4: still active, so an update, not a new open.
+    assert [(e.kind, e.data["spn"]) for e in r2.events] == [("dtc_update", 110), ("dtc_close", 100)]
+    assert r2.events[0].data["changed"] == ["occurrence"] and r2.events[0].data["occurrence"] == 4
 
 
 def test_transport_out_of_order_duplicate_abort_timeout() -> None:

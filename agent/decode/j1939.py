@@ -8,6 +8,11 @@ floats) falls back to cantools per frame.
 J1939 reserves the top of each parameter's range: for a field of 8 bits or more, a top byte of 0xFB..0xFF is not a
 reading (0xFE error, 0xFF not available); for 2..7-bit fields the two highest codes are. Those become missing
 values, counted by reason, never samples.
+
+A signal's source is `{bus}/{NAME}` (16 hex digits) once the ECU at that address has claimed it (PGN 60928,
+agent/decode/j1939_addr.py), else `{bus}/{SA}` (2 hex digits): an ECU that moves to another address keeps its
+signals' identity. Address claims, DM1 and DM2 (agent/decode/j1939_dtc.py) are not DBC signals: they are handled here
+in arrival order, and a claim that changes an address's holder splits the batch there.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from __future__ import annotations
 import importlib.resources
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,11 +30,14 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.decode.base import Decoded
-from agent.decode.j1939_id import split_ids
-from agent.decode.j1939_tp import PGN_DM1, PGN_TP_CM, PGN_TP_DT, TransportReassembler, parse_dm1
+from agent.decode.j1939_addr import PGN_ADDRESS_CLAIMED, AddressBook, AddressChange, name_hex
+from agent.decode.j1939_dtc import DtcTracker, LegacyState, parse_legacy_state
+from agent.decode.j1939_id import J1939Ids, split_ids
+from agent.decode.j1939_tp import PGN_DM1, PGN_DM2, PGN_TP_CM, PGN_TP_DT, TransportReassembler, parse_dm1
 from agent.frames import FrameBatch
 from agent.records import Event, SampleArrays
 from agent.signals import SignalRegistry
+from harvester_common.j1939_text import DtcText, spn_names_from_signals
 
 DTC_STATE_KEY = "dtc_active/{bus}"
 
@@ -146,8 +154,25 @@ def load_dbcs(paths: Sequence[Path]) -> dict[int, _CompiledMessage]:
     return by_pgn
 
 
+def dbc_spns(messages: Mapping[int, _CompiledMessage]) -> list[tuple[int, str]]:
+    """(SPN, signal name) of every signal with the DBC's `SPN` attribute (cantools reads it into `Signal.spn`); SPN 0,
+    the attribute's usual default, names nothing."""
+    return [(s.spn, s.name) for cm in messages.values() for s in cm.message.signals if s.spn]
+
+
+def _slice(fb: FrameBatch, ids: J1939Ids, lo: int, hi: int) -> tuple[FrameBatch, J1939Ids]:
+    return (FrameBatch(fb.ts[lo:hi], fb.can_id[lo:hi], fb.dlc[lo:hi], fb.data[lo:hi], fb.extended[lo:hi],
+                       fb.bad[lo:hi], fb.bus),
+            J1939Ids(ids.priority[lo:hi], ids.pgn[lo:hi], ids.da[lo:hi], ids.sa[lo:hi]))
+
+
+def _empty() -> SampleArrays:
+    return SampleArrays(np.zeros(0), np.zeros(0, np.int32), np.zeros(0))
+
+
 class J1939Decoder:
-    """Decodes batches from one bus. Keeps transport sessions and active DTCs between batches."""
+    """Decodes batches from one bus. Keeps transport sessions, who holds which address, and active DTCs between
+    batches."""
 
     input_kind = "frames"
 
@@ -161,14 +186,20 @@ class J1939Decoder:
         self.frames_decoded = 0
         self.frames_unknown = 0
         self.tp = TransportReassembler(self.errors)
-        self._active_dtcs: dict[int, set[tuple[int, int]]] = {}
+        self.addresses = AddressBook(self.errors)
+        self.dtcs = DtcTracker(DtcText(spn_names_from_signals(dbc_spns(self.messages))), self.errors)
         self.dtc_events = 0
+
+    def source(self, sa: int) -> str:
+        """The source of what the ECU at `sa` sends: `{bus}/{NAME}` once it claimed the address, else `{bus}/{SA}`."""
+        name = self.addresses.name_of(sa)
+        return f"{self.bus}/{sa:02X}" if name is None else f"{self.bus}/{name_hex(name)}"
 
     def _sids(self, cm: _CompiledMessage, sa: int) -> npt.NDArray[np.int32]:
         key = (cm.name, sa)
         sids = cm.sids.get(key)
         if sids is None:
-            src = f"{self.bus}/{sa:02X}"
+            src = self.source(sa)
             sids = np.array([self.registry.intern(f.name, src, f.unit) for f in cm.fast], np.int32)
             cm.sids[key] = sids
         return sids
@@ -176,27 +207,72 @@ class J1939Decoder:
     def decode(self, fb: FrameBatch) -> Decoded:
         n = len(fb)
         self.frames += n
-        events: list[Event] = []
-        empty = SampleArrays(np.zeros(0), np.zeros(0, np.int32), np.zeros(0))
         if n == 0:
-            return Decoded(empty, events)
+            return Decoded(_empty(), [])
+        ids = split_ids(fb.can_id)
+        claims = np.flatnonzero(~fb.bad & fb.extended & (ids.pgn == PGN_ADDRESS_CLAIMED)).tolist()
+        if not claims:
+            return self._decode(fb, ids)
+        # Frames before a claim that changes an address's holder are the old holder's, those after it the new one's.
+        parts: list[Decoded] = []
+        lo = 0
+        moved = False
+        for i in claims:
+            self.frames_decoded += 1
+            sa = int(ids.sa[i])
+            name = self.addresses.parse(sa, bytes(fb.data[i, : fb.dlc[i]]))
+            if name is None:
+                continue
+            if not self.addresses.would_change(sa, name):
+                self.addresses.apply(sa, name)  # a repeated claim: counted, nothing moves
+                continue
+            if i > lo:
+                parts.append(self._decode(*_slice(fb, ids, lo, i)))
+            lo = i + 1
+            self._address_changed(self.addresses.apply(sa, name))
+            moved = True
+        if lo < n:
+            parts.append(self._decode(*_slice(fb, ids, lo, n)))
+        samples = [p.samples for p in parts if len(p.samples)]
+        return Decoded(
+            SampleArrays(np.concatenate([s.ts for s in samples]), np.concatenate([s.sid for s in samples]),
+                         np.concatenate([s.value for s in samples])) if samples else _empty(),
+            [e for p in parts for e in p.events],
+            moved or any(p.state_changed for p in parts),
+        )
+
+    def _address_changed(self, change: AddressChange | None) -> None:
+        if change is None:
+            return
+        for sa in change.moved:  # their signals get their new source at the next frame
+            for cm in self.messages.values():
+                cm.sids.pop((cm.name, sa), None)
+        if change.first_holder:
+            self.dtcs.migrate(f"{change.sa:02X}", name_hex(change.name))
+
+    def _decode(self, fb: FrameBatch, ids: J1939Ids) -> Decoded:
+        """Frames between address changes; claims among them are repeats, counted by `decode` already."""
+        n = len(fb)
+        events: list[Event] = []
+        empty = _empty()
         ok = ~fb.bad & fb.extended
         if not ok.all():
             self.errors["error_or_remote_frame"] += int((fb.bad).sum())
             self.errors["standard_id"] += int((~fb.bad & ~fb.extended).sum())
-        ids = split_ids(fb.can_id)
         ts_parts: list[npt.NDArray[np.float64]] = []
         sid_parts: list[npt.NDArray[np.int32]] = []
         val_parts: list[npt.NDArray[np.float64]] = []
         pgns = ids.pgn
         u64 = fb.data.view("<u8").reshape(n)
-        # Transport and DM1 frames form sequences across PGNs (announce, packets, single-frame DM1s): handle them
+        # Transport and DM frames form sequences across PGNs (announce, packets, single-frame DM1s): handle them
         # together, in arrival order. They are a small share of a bus, so a Python loop is fine here.
-        special = ok & ((pgns == PGN_TP_CM) | (pgns == PGN_TP_DT) | (pgns == PGN_DM1))
+        special = ok & ((pgns == PGN_TP_CM) | (pgns == PGN_TP_DT) | (pgns == PGN_DM1) | (pgns == PGN_DM2))
+        changed = False
         if special.any():
-            events += self._sequenced(fb, ids.sa, ids.da, pgns, np.flatnonzero(special).tolist())
+            seq_events, changed = self._sequenced(fb, ids.sa, ids.da, pgns, np.flatnonzero(special).tolist())
+            events += seq_events
             self.frames_decoded += int(special.sum())
-        for pgn in np.unique(pgns[ok & ~special]).tolist():
+        for pgn in np.unique(pgns[ok & ~special & (pgns != PGN_ADDRESS_CLAIMED)]).tolist():
             sel = ok & (pgns == pgn)
             cm = self.messages.get(pgn)
             if cm is None:
@@ -234,8 +310,6 @@ class J1939Decoder:
                         val_parts.append(values.reshape(-1))
                 if cm.slow:
                     self._slow(cm, sa, ts, raw64, ts_parts, sid_parts, val_parts)
-        # The DM1 active set moves exactly when DTCs open or close.
-        changed = any(e.kind.startswith("dtc_") for e in events)
         if not ts_parts:
             return Decoded(empty, events, changed)
         return Decoded(
@@ -253,7 +327,7 @@ class J1939Decoder:
         sid_parts: list[npt.NDArray[np.int32]],
         val_parts: list[npt.NDArray[np.float64]],
     ) -> None:
-        src = f"{self.bus}/{sa:02X}"
+        src = self.source(sa)
         for t, r in zip(ts.tolist(), raw64.tolist(), strict=True):
             try:
                 decoded = cm.message.decode(int(r).to_bytes(8, "little"), decode_choices=False, allow_truncated=True)
@@ -280,13 +354,17 @@ class J1939Decoder:
         da: npt.NDArray[np.uint8],
         pgns: npt.NDArray[np.uint32],
         indices: list[int],
-    ) -> list[Event]:
+    ) -> tuple[list[Event], bool]:
+        """The events, and whether the DTC state moved."""
         events: list[Event] = []
+        moved = False
         for i in indices:
             pgn = int(pgns[i])
             t = float(fb.ts[i])
-            if pgn == PGN_DM1:
-                events += self._dm1(t, int(sa[i]), bytes(fb.data[i, : fb.dlc[i]]))
+            if pgn in (PGN_DM1, PGN_DM2):
+                ev, m = self._dm(pgn, t, int(sa[i]), bytes(fb.data[i, : fb.dlc[i]]))
+                events += ev
+                moved |= m
                 continue
             if fb.dlc[i] < 8:
                 self.errors["tp_short_frame"] += 1
@@ -296,30 +374,25 @@ class J1939Decoder:
                 self.tp.on_cm(t, int(sa[i]), int(da[i]), data)
                 continue
             done = self.tp.on_dt(t, int(sa[i]), int(da[i]), data)
-            if done is not None and done.pgn == PGN_DM1:
-                events += self._dm1(done.ts, done.sa, done.payload)
-        return events
+            if done is not None and done.pgn in (PGN_DM1, PGN_DM2):
+                ev, m = self._dm(done.pgn, done.ts, done.sa, done.payload)
+                events += ev
+                moved |= m
+        return events, moved
 
-    def _dm1(self, ts: float, sa: int, payload: bytes) -> list[Event]:
+    def _dm(self, pgn: int, ts: float, sa: int, payload: bytes) -> tuple[list[Event], bool]:
         try:
-            dm1 = parse_dm1(payload)
+            dm = parse_dm1(payload)
         except ValueError:
-            self.errors["dm1_malformed"] += 1
-            return []
-        now = {(d.spn, d.fmi): d for d in dm1.dtcs}
-        before = self._active_dtcs.get(sa, set())
-        src = f"{self.bus}/{sa:02X}"
-        lamps = {"mil": dm1.mil, "red_stop": dm1.red_stop, "amber_warning": dm1.amber_warning, "protect": dm1.protect}
-        events = [
-            Event("dtc_open", ts, {"source": src, "spn": k[0], "fmi": k[1], "occurrence": now[k].occurrence, **lamps})
-            for k in sorted(now.keys() - before)
-        ]
-        events += [
-            Event("dtc_close", ts, {"source": src, "spn": k[0], "fmi": k[1]}) for k in sorted(before - now.keys())
-        ]
-        self._active_dtcs[sa] = set(now)
+            self.errors["dm1_malformed" if pgn == PGN_DM1 else "dm2_malformed"] += 1
+            return [], False
+        key, src = self.addresses.key(sa), self.source(sa)
+        if pgn == PGN_DM2:
+            events, moved = self.dtcs.dm2(ts, key, src, sa, dm), False
+        else:
+            events, moved = self.dtcs.dm1(ts, key, src, sa, dm)
         self.dtc_events += len(events)
-        return events
+        return events, moved
 
     def signals(self) -> set[str]:
         out: set[str] = set()
@@ -329,36 +402,35 @@ class J1939Decoder:
         return out
 
     def counters(self) -> dict[str, int]:
+        a = self.addresses
         return {"frames": self.frames, "frames_decoded": self.frames_decoded, "frames_unknown": self.frames_unknown,
-                "dtc_events": self.dtc_events}
+                "dtc_events": self.dtc_events, "address_claims": a.claims, "address_changes": a.changes,
+                "address_cannot_claim": a.cannot_claim, "dm2_unchanged": self.dtcs.dm2_unchanged}
 
     def active_dtcs(self) -> dict[str, list[tuple[int, int]]]:
-        return {f"{self.bus}/{sa:02X}": sorted(v) for sa, v in self._active_dtcs.items() if v}
+        """Active DTCs by the source they were announced under."""
+        return self.dtcs.active()
 
-    def state(self) -> dict[str, list[list[int]]]:
-        """The DM1 active set per source address, to persist: a restart continues from it instead of announcing
-        every active DTC again as new."""
-        return {f"{sa:02X}": [list(k) for k in sorted(v)] for sa, v in sorted(self._active_dtcs.items())}
+    def state(self) -> dict[str, Any]:
+        """What a restart continues from: who holds which address (`names`: SA -> NAME) and the DM1 active set per
+        ECU (`ecus`), so that it neither announces every active DTC again nor renames an ECU's signals."""
+        return {"names": self.addresses.state(), "ecus": self.dtcs.state()}
 
     def restore(self, saved: object) -> bool:
-        """Take back a `state()`; False (nothing changed) if it is damaged. The first DM1 after the restart
-        then closes what cleared meanwhile and opens only what is new."""
-        out: dict[int, set[tuple[int, int]]] = {}
-        if not isinstance(saved, dict):
-            return False
-        for sa_hex, dtcs in saved.items():
-            try:
-                sa = int(sa_hex, 16)
-            except (TypeError, ValueError):
+        """Take back a `state()`, or one saved before NAMEs were kept (per source address, the active (SPN, FMI)
+        pairs); False (nothing changed) if it is damaged. The first DM1 after the restart then closes what cleared
+        meanwhile and opens only what is new."""
+        if isinstance(saved, dict) and "ecus" in saved:
+            names = AddressBook.parse_state(saved.get("names"))
+            if names is None or set(saved) != {"names", "ecus"} or not self.dtcs.restore(saved["ecus"]):
                 return False
-            if not (0 <= sa <= 0xFF and isinstance(dtcs, list)):
+            self.addresses.names = names
+        else:
+            legacy: LegacyState | None = parse_legacy_state(saved)
+            if legacy is None:
                 return False
-            keys: set[tuple[int, int]] = set()
-            for d in dtcs:
-                if not (isinstance(d, list) and len(d) == 2 and all(type(x) is int for x in d)
-                        and 0 <= d[0] < 1 << 19 and 0 <= d[1] < 32):
-                    return False
-                keys.add((d[0], d[1]))
-            out[sa] = keys
-        self._active_dtcs = out
+            self.addresses.names = {}
+            self.dtcs.restore_legacy(legacy, self.bus)
+        for cm in self.messages.values():  # sources follow the restored addresses
+            cm.sids.clear()
         return True

@@ -1,4 +1,4 @@
-"""J1939-21 transport protocol (TP.BAM and TP.CMDT) reassembly, as a passive listener, and DM1 parsing.
+"""J1939-21 transport protocol (TP.BAM and TP.CMDT) reassembly, as a passive listener, and DM1/DM2 parsing.
 
 Sessions are keyed by (source, destination). A session that sees no packet for T1 (750 ms) is dropped and counted;
 an abort ends it; a new announcement replaces an unfinished one (counted). Packets may arrive out of order or twice
@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 PGN_TP_CM = 0xEC00
 PGN_TP_DT = 0xEB00
-PGN_DM1 = 65226
+PGN_DM1 = 65226  # active DTCs
+PGN_DM2 = 65227  # previously active DTCs: the same layout as DM1
 CM_RTS = 16
 CM_CTS = 17
 CM_EOM_ACK = 19
@@ -119,7 +120,8 @@ class Dm1:
 
 
 def parse_dm1(payload: bytes) -> Dm1:
-    """DM1 (J1939-73): 2 lamp bytes then 4-byte DTCs (SPN 19 bits, FMI 5 bits, CM 1 bit, OC 7 bits)."""
+    """DM1 or DM2 (J1939-73): 2 lamp bytes then 4-byte DTCs (SPN 19 bits, FMI 5 bits, CM 1 bit, OC 7 bits). Bytes
+    after the last whole DTC are ignored (single-frame DM1s pad to 8 bytes with 0xFF)."""
     if len(payload) < 6:
         raise ValueError(f"DM1 of {len(payload)} bytes, need at least 6")
     lamps = payload[0]

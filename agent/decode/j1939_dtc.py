@@ -1,0 +1,210 @@
+"""The DTCs of one bus as events: DM1 (active DTCs, broadcast about once a second) becomes `dtc_open`, `dtc_update`
+and `dtc_close` as codes come, change and go; DM2 (previously active DTCs, sent when someone requests it) becomes one
+`dtc_previous`. Pure: parsed messages in, events out (docs/j1939.md has the event shapes).
+
+The active set is kept per ECU, keyed by the ECU's identity: its NAME (16 hex digits) once it has claimed its address
+(agent/decode/j1939_addr.py), else its source address (2 hex digits). So an ECU that moves to a new address keeps its
+active set: nothing closes and reopens. When an address's first claim arrives, what was tracked under the bare
+address moves to that NAME (`migrate`).
+
+Each active DTC remembers the `source` it was opened under; its updates and its close carry the same one, so a
+reader pairs them on (source, spn, fmi) even if the ECU's source changed in between (its NAME became known).
+
+Events only on change, so their number is bounded by what the ECUs change: an ECU repeating its DM1 every second
+makes no event. At most MAX_ECUS ECUs are tracked per bus; past that the one heard from least recently is forgotten
+without a close (counted, `dtc_ecus_forgotten`): that takes more ECU identities than a bus has addresses, i.e. a
+bus claiming ever new NAMEs.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from agent.decode.j1939_tp import Dm1
+from agent.records import Event
+from harvester_common.j1939_text import DtcText
+from harvester_common.wire import SOURCE_PATTERN
+
+MAX_ECUS = 256
+_KEY = re.compile(r"[0-9A-F]{2}|[0-9A-F]{16}")
+_SOURCE = re.compile(SOURCE_PATTERN)
+Lamps = tuple[int, int, int, int]  # malfunction indicator, red stop, amber warning, protect: 0 off, 1 on, 3 n/a
+LegacyState = dict[int, set[tuple[int, int]]]  # the state saved before NAMEs: SA -> active (SPN, FMI) pairs
+
+
+@dataclass(slots=True)
+class _Active:
+    occurrence: int | None  # None: not known (restored from a state saved before counts were kept)
+    source: str
+
+
+@dataclass(slots=True)
+class _Ecu:
+    lamps: Lamps | None
+    dtcs: dict[tuple[int, int], _Active]
+
+    def saved(self) -> dict[str, Any]:
+        return {"lamps": None if self.lamps is None else list(self.lamps),
+                "dtcs": [[k[0], k[1], a.occurrence, a.source] for k, a in sorted(self.dtcs.items())]}
+
+
+def lamps_of(dm: Dm1) -> Lamps:
+    return dm.mil, dm.red_stop, dm.amber_warning, dm.protect
+
+
+def lamp_fields(lamps: Lamps) -> dict[str, int]:
+    return dict(zip(("mil", "red_stop", "amber_warning", "protect"), lamps, strict=True))
+
+
+class DtcTracker:
+    def __init__(self, text: DtcText, errors: Counter[str]) -> None:
+        self.text = text
+        self.errors = errors
+        self._ecus: dict[str, _Ecu] = {}
+        self._dm2_last: dict[str, tuple[Lamps, tuple[tuple[int, int, int], ...]]] = {}
+        self.dm2_unchanged = 0
+
+    def _event(self, kind: str, ts: float, source: str, sa: int, spn: int, fmi: int, occurrence: int | None,
+               lamps: Lamps, **extra: Any) -> Event:
+        return Event(kind, ts, {"source": source, "sa": sa, "spn": spn, "fmi": fmi, "occurrence": occurrence,
+                                **lamp_fields(lamps), **self.text.fields(spn, fmi), **extra})
+
+    def dm1(self, ts: float, key: str, source: str, sa: int, dm: Dm1) -> tuple[list[Event], bool]:
+        """One DM1 from the ECU `key` (now at `sa`, its signals' source `source`): the events, and whether the
+        saved state moved."""
+        ecu = self._ecus.pop(key, None)  # re-inserted below: the dict's order is "least recently heard first"
+        before = ecu.dtcs if ecu is not None else {}
+        saved_before = ecu.saved() if ecu is not None else None
+        lamps = lamps_of(dm)
+        lamps_changed = ecu is not None and ecu.lamps is not None and ecu.lamps != lamps
+        now = {(d.spn, d.fmi): d.occurrence for d in dm.dtcs}
+        events: list[Event] = []
+        after: dict[tuple[int, int], _Active] = {}
+        for k in sorted(now):
+            a = before.get(k)
+            if a is None:
+                after[k] = _Active(now[k], source)
+                events.append(self._event("dtc_open", ts, source, sa, k[0], k[1], now[k], lamps))
+                continue
+            changed = (["occurrence"] if a.occurrence is not None and a.occurrence != now[k] else []) + \
+                (["lamps"] if lamps_changed else [])
+            if changed:
+                events.append(self._event("dtc_update", ts, a.source, sa, k[0], k[1], now[k], lamps,
+                                          changed=changed))
+            after[k] = _Active(now[k], a.source)
+        for k in sorted(before.keys() - now.keys()):
+            a = before[k]
+            events.append(self._event("dtc_close", ts, a.source, sa, k[0], k[1], a.occurrence, lamps))
+        if after:
+            self._ecus[key] = _Ecu(lamps, after)
+            self._bound()
+        moved = (self._ecus[key].saved() if after else None) != saved_before
+        return events, moved
+
+    def dm2(self, ts: float, key: str, source: str, sa: int, dm: Dm1) -> list[Event]:
+        """One DM2 (previously active DTCs): a `dtc_previous` event with the list, unless it is what this ECU
+        answered last time (someone requesting it every second makes one event, not one a second)."""
+        lamps = lamps_of(dm)
+        content = (lamps, tuple((d.spn, d.fmi, d.occurrence) for d in dm.dtcs))
+        if self._dm2_last.pop(key, None) == content:
+            self._dm2_last[key] = content
+            self.dm2_unchanged += 1
+            return []
+        self._dm2_last[key] = content
+        while len(self._dm2_last) > MAX_ECUS:
+            del self._dm2_last[next(iter(self._dm2_last))]
+        dtcs = [{"spn": d.spn, "fmi": d.fmi, "occurrence": d.occurrence, **self.text.fields(d.spn, d.fmi)}
+                for d in dm.dtcs]
+        return [Event("dtc_previous", ts, {"source": source, "sa": sa, **lamp_fields(lamps), "dtcs": dtcs})]
+
+    def _bound(self) -> None:
+        while len(self._ecus) > MAX_ECUS:
+            del self._ecus[next(iter(self._ecus))]
+            self.errors["dtc_ecus_forgotten"] += 1
+
+    def migrate(self, old: str, new: str) -> bool:
+        """What was tracked under `old` (a bare address) belongs to `new` (the NAME that just claimed it). An entry
+        already under `new` wins for the DTCs both have. True if anything moved."""
+        moved = False
+        ecu = self._ecus.pop(old, None)
+        if ecu is not None:
+            into = self._ecus.pop(new, None)
+            if into is not None:
+                ecu.dtcs.update(into.dtcs)
+                ecu.lamps = into.lamps if into.lamps is not None else ecu.lamps
+            self._ecus[new] = ecu
+            moved = True
+        last = self._dm2_last.pop(old, None)
+        if last is not None and new not in self._dm2_last:
+            self._dm2_last[new] = last
+        return moved
+
+    def active(self) -> dict[str, list[tuple[int, int]]]:
+        """Active DTCs by the source they were announced under."""
+        out: dict[str, list[tuple[int, int]]] = {}
+        for ecu in self._ecus.values():
+            for k, a in ecu.dtcs.items():
+                out.setdefault(a.source, []).append(k)
+        return {s: sorted(v) for s, v in sorted(out.items())}
+
+    def state(self) -> dict[str, Any]:
+        return {k: e.saved() for k, e in self._ecus.items()}
+
+    def restore(self, saved: object) -> bool:
+        """Take back a `state()`; False, and nothing changed, if it is damaged."""
+        ecus = parse_state(saved)
+        if ecus is None:
+            return False
+        self._ecus = ecus
+        return True
+
+    def restore_legacy(self, active: LegacyState, bus: str) -> None:
+        """The state saved before NAMEs and counts were kept: per source address, the active (SPN, FMI) pairs."""
+        self._ecus = {f"{sa:02X}": _Ecu(None, {k: _Active(None, f"{bus}/{sa:02X}") for k in keys})
+                      for sa, keys in active.items() if keys}
+
+
+def _int(v: object, hi: int) -> bool:
+    return type(v) is int and 0 <= v <= hi
+
+
+def parse_state(saved: object) -> dict[str, _Ecu] | None:
+    if not isinstance(saved, dict) or len(saved) > MAX_ECUS:
+        return None
+    out: dict[str, _Ecu] = {}
+    for key, e in saved.items():
+        if not (isinstance(key, str) and _KEY.fullmatch(key) and isinstance(e, dict)):
+            return None
+        lamps, dtcs = e.get("lamps"), e.get("dtcs")
+        if lamps is not None and not (isinstance(lamps, list) and len(lamps) == 4 and all(_int(x, 3) for x in lamps)):
+            return None
+        if not isinstance(dtcs, list):
+            return None
+        active: dict[tuple[int, int], _Active] = {}
+        for d in dtcs:
+            if not (isinstance(d, list) and len(d) == 4 and _int(d[0], (1 << 19) - 1) and _int(d[1], 31)
+                    and (d[2] is None or _int(d[2], 127)) and isinstance(d[3], str) and _SOURCE.fullmatch(d[3])):
+                return None
+            active[(d[0], d[1])] = _Active(d[2], d[3])
+        out[key] = _Ecu(None if lamps is None else (lamps[0], lamps[1], lamps[2], lamps[3]), active)
+    return out
+
+
+def parse_legacy_state(saved: object) -> LegacyState | None:
+    """The state saved before NAMEs and counts were kept: {"00": [[spn, fmi], ...], ...}; None if damaged."""
+    if not isinstance(saved, dict):
+        return None
+    out: LegacyState = {}
+    for sa_hex, dtcs in saved.items():
+        if not (isinstance(sa_hex, str) and _KEY.fullmatch(sa_hex) and len(sa_hex) == 2 and isinstance(dtcs, list)):
+            return None
+        keys: set[tuple[int, int]] = set()
+        for d in dtcs:
+            if not (isinstance(d, list) and len(d) == 2 and _int(d[0], (1 << 19) - 1) and _int(d[1], 31)):
+                return None
+            keys.add((d[0], d[1]))
+        out[int(sa_hex, 16)] = keys
+    return out
