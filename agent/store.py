@@ -383,12 +383,20 @@ class Store:
             cur.close()
         return out
 
-    def pending_live_first(self, exclude: set[int], lane_s: float, max_bytes: int) -> list[OutboxRow]:
+    def newest_sample_ts(self) -> float | None:
+        """The data time (`ts_hi`, Unix seconds) of the newest sample segment held, by sequence number; None when
+        none is held. Through the (prio, seq_lo) index: one row read."""
+        with self._lock:
+            row = self.db.execute("SELECT ts_hi FROM outbox WHERE prio=? ORDER BY seq_lo DESC LIMIT 1",
+                                  (PRIO_SAMPLES,)).fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
+    def pending_live_first(self, exclude: set[int], since: float, max_bytes: int) -> list[OutboxRow]:
         """The sample segments of the next batch when a live lane is kept: first the lane, newest first (walking
-        back from the newest segment stored, in sequence order, while its data ends within `lane_s` seconds of
-        the newest's: the first older one ends the lane, so a stray timestamp deep in the backlog cannot jump the
-        queue); then, while the batch has room, the backlog oldest first. Rows in `exclude` (in flight) are
-        skipped. At least one row when any is pending, however large; otherwise at most `max_bytes`.
+        back from the newest segment, in sequence order, while its data ends at `since` or later: the first older
+        one ends the lane, so a stray timestamp deep in the backlog cannot jump the queue); then, while the batch
+        has room, the backlog oldest first. Rows in `exclude` (in flight) are skipped. At least one row when any
+        is pending, however large; otherwise at most `max_bytes`.
 
         Both walks read sizes only (SQLite answers `LENGTH` of a blob from its record header) and stop as soon as
         the batch is full, one from each end of the (prio, seq_lo) order: a long outage's backlog is never read
@@ -405,11 +413,6 @@ class Store:
             return True
 
         with self._lock:
-            newest = self.db.execute("SELECT ts_hi FROM outbox WHERE prio=? ORDER BY seq_lo DESC LIMIT 1",
-                                     (PRIO_SAMPLES,)).fetchone()
-            if newest is None:
-                return []
-            since = float(newest[0] if newest[0] is not None else -math.inf) - lane_s
             full = False
             cur = self.db.execute("SELECT seq_lo, ts_hi, LENGTH(head)+LENGTH(body) FROM outbox WHERE prio=? "
                                   "ORDER BY seq_lo DESC", (PRIO_SAMPLES,))

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import ssl
 import threading
@@ -143,6 +144,7 @@ class Uplink:
         self._rng = random.Random(seed)
         self._inflight: dict[int, _InFlight] = {}
         self._parked: set[int] = set()  # seq_lo of rows the cloud rejected for good: kept, not resent
+        self._newest_ts = -math.inf  # the newest sample data time seen stored: where the live lane is measured from
         # The last `recent_batches` acked/rejected batch ids: a replayed ack is told from a forged one by these.
         self._done: OrderedDict[int, None] = OrderedDict()
         self.metrics = metrics if metrics is not None else Metrics()
@@ -448,9 +450,16 @@ class Uplink:
             )
             if not due:
                 break
-            lane = self.cfg.live_lane_s
-            rows = (self.store.pending_live_first(busy, lane, self.cfg.batch_max_bytes) if lane > 0
-                    else self.store.pending(False, busy, self.cfg.batch_max_bytes))
+            if self.cfg.live_lane_s > 0:
+                # The lane is measured from the newest data this process has seen stored, not from the newest
+                # still held: once the live minute is acked, the history must not become the next "live" minute.
+                newest = self.store.newest_sample_ts()
+                if newest is not None:
+                    self._newest_ts = max(self._newest_ts, newest)
+                since = self._newest_ts - self.cfg.live_lane_s
+                rows = self.store.pending_live_first(busy, since, self.cfg.batch_max_bytes)
+            else:
+                rows = self.store.pending(False, busy, self.cfg.batch_max_bytes)
             if not self._publish("telemetry", rows):
                 return
 

@@ -33,6 +33,14 @@ def store(tmp_path: Path) -> Iterator[Store]:
     s.close()
 
 
+def since(store: Store, lane_s: float = 60.0) -> float:
+    """Where a lane of `lane_s` starts, measured from the newest segment held (the uplink measures it from the newest
+    it has seen: the same here, where nothing has been acked)."""
+    newest = store.newest_sample_ts()
+    assert newest is not None
+    return newest - lane_s
+
+
 def fill(store: Store, minutes: int, every_s: float = 10.0) -> list[int]:
     """A backlog of `minutes` of data, one 100-sample segment per `every_s`; returns each segment's seq_lo."""
     return [store.append_samples(seg(i * every_s, span_s=every_s))[0] for i in range(int(minutes * 60 / every_s))]
@@ -41,22 +49,25 @@ def fill(store: Store, minutes: int, every_s: float = 10.0) -> list[int]:
 def test_the_newest_minute_goes_first_newest_first_then_the_oldest_fill_the_batch(store: Store) -> None:
     los = fill(store, 20)  # 120 segments, 10 s each
     size = store.pending(False, set(), 1 << 30)[0].nbytes
-    rows = store.pending_live_first(set(), 60.0, 9 * size)
+    rows = store.pending_live_first(set(), since(store), 9 * size)
     # The lane: segments ending within 60 s of the newest's end, i.e. the last 7 (their data ends at 1140 ... 1200 s)
     lane = los[-7:][::-1]
     assert [r.seq_lo for r in rows] == lane + los[:2]  # then the two oldest, as room allows
     # Once those are in flight, the rest of the backlog goes oldest first: the lane is all in flight.
     busy = {r.seq_lo for r in rows}
-    assert [r.seq_lo for r in store.pending_live_first(busy, 60.0, 3 * size)] == los[2:5]
+    assert [r.seq_lo for r in store.pending_live_first(busy, since(store), 3 * size)] == los[2:5]
 
 
 def test_samples_written_during_the_backfill_go_ahead_of_the_remaining_history(store: Store) -> None:
     los = fill(store, 20)
     size = store.pending(False, set(), 1 << 30)[0].nbytes
-    busy = {r.seq_lo for r in store.pending_live_first(set(), 60.0, 20 * size)}  # lane + 13 oldest in flight
+    start = since(store)
+    busy = {r.seq_lo for r in store.pending_live_first(set(), start, 20 * size)}  # lane + 13 oldest in flight
     store.ack([(lo, lo + 99) for lo in busy], only=busy)  # ...and acked
+    # With the live minute gone, the newest row held is history: measured from the newest seen, no lane is left.
+    assert [r.seq_lo for r in store.pending_live_first(set(), start, 2 * size)] == los[13:15]
     fresh = store.append_samples(seg(1210.0))[0]
-    rows = store.pending_live_first(set(), 60.0, 2 * size)
+    rows = store.pending_live_first(set(), since(store), 2 * size)
     assert [r.seq_lo for r in rows] == [fresh, los[13]]  # the new one first, then the oldest left
 
 
@@ -67,18 +78,18 @@ def test_a_stray_timestamp_deep_in_the_backlog_does_not_jump_the_queue(store: St
     stray = store.append_samples(seg(1_000_000.0))[0]
     los += [store.append_samples(seg(i * 10.0))[0] for i in range(2, 30)]
     size = store.pending(False, set(), 1 << 30)[0].nbytes
-    rows = [r.seq_lo for r in store.pending_live_first(set(), 60.0, 9 * size)]
+    rows = [r.seq_lo for r in store.pending_live_first(set(), since(store), 9 * size)]
     assert rows == los[-7:][::-1] + los[:2]  # the lane (data ending at 240 s and after), then the oldest two
     assert stray not in rows
-    assert store.pending_live_first(set(rows), 60.0, size)[0].seq_lo == stray  # its turn comes in order
+    assert store.pending_live_first(set(rows), since(store), size)[0].seq_lo == stray  # its turn comes in order
 
 
 def test_a_lane_larger_than_a_batch_is_sent_newest_first_and_one_row_always_goes(store: Store) -> None:
     los = fill(store, 2, every_s=5.0)  # 24 segments, all within the last 2 minutes
     size = store.pending(False, set(), 1 << 30)[0].nbytes
-    rows = store.pending_live_first(set(), 600.0, 3 * size)
+    rows = store.pending_live_first(set(), since(store, 600.0), 3 * size)
     assert [r.seq_lo for r in rows] == los[::-1][:3]
-    assert [r.seq_lo for r in store.pending_live_first(set(), 600.0, 1)] == [los[-1]]  # larger than the cap: alone
+    assert [r.seq_lo for r in store.pending_live_first(set(), since(store, 600.0), 1)] == [los[-1]]  # alone
 
 
 def test_the_backfill_position_is_the_lowest_row_neither_sent_nor_kept(store: Store) -> None:
@@ -118,7 +129,7 @@ def test_choosing_a_batch_never_reads_the_whole_backlog(tmp_path: Path) -> None:
         size = s.pending(False, set(), 1 << 30)[0].nbytes
 
         def ask(s: Store = s, busy: set[int] = busy, size: int = size) -> None:
-            s.pending_live_first(busy, 60.0, 8 * size)
+            s.pending_live_first(busy, since(s), 8 * size)
             s.next_unsent(busy)
             s.pending_samples(busy, 8 * size)
 
