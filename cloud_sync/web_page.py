@@ -113,8 +113,8 @@ async function loadFleet() {
     const ev = Object.values(v.evicted.reported_by_vehicle).reduce((a, b) => a + b, 0) || v.evicted.ranges_received;
     cell(tr, String(ev), "num");
     // Gaps are lost; backfilling ranges the vehicle still holds and sends behind its live lane.
-    cell(tr, String(v.gaps), "num" + (v.gaps ? " open" : ""));
-    const bf = cell(tr, String(v.backfilling), "num");
+    cell(tr, String(v.gaps), "num gaps" + (v.gaps ? " open" : ""));
+    const bf = cell(tr, String(v.backfilling), "num backfilling");
     if (v.backfilling) bf.setAttribute("title", v.backfilling_seqs + " sequence numbers still to come");
     cell(tr, mib(v.budget.used_today) + (v.budget.daily_bytes ? " / " + mib(v.budget.daily_bytes) : "") + " MiB");
     cell(tr, v.drift ? "yes" : "no", v.drift ? "yes" : "");
