@@ -230,6 +230,12 @@ class MqttConfig(_Section):
         "... or when its oldest segment is this old. Alerts and events never wait."))
     max_inflight_batches: int = Field(4, ge=1, le=1000, description=(
         "batches sent and not yet acknowledged by the cloud."))
+    live_lane_s: float = Field(60.0, ge=0, le=86400, description=(
+        "the **live lane**: the newest sample segments whose data ends within this many seconds of the newest "
+        "sample stored since the agent started go ahead of the older backlog, which backfills oldest first behind "
+        "them, so that after an outage the cloud sees the vehicle's present at once, not when its history has "
+        "drained; samples stored during the backfill join the lane. 0 sends every sample oldest first "
+        "(docs/delivery.md, \"The live lane\")."))
     ack_timeout_s: float = Field(30.0, gt=0, description=(
         "a batch not acknowledged in this time is sent again (the cloud dedups)."))
     # An ack names the ranges of one batch; the wire's own cap on an ack (wire.decode_ack) is 1 MiB. Never below

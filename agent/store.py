@@ -383,6 +383,78 @@ class Store:
             cur.close()
         return out
 
+    def newest_sample_ts(self) -> float | None:
+        """The data time (`ts_hi`, Unix seconds) of the newest sample segment held, by sequence number; None when
+        none is held. Through the (prio, seq_lo) index: one row read."""
+        with self._lock:
+            row = self.db.execute("SELECT ts_hi FROM outbox WHERE prio=? ORDER BY seq_lo DESC LIMIT 1",
+                                  (PRIO_SAMPLES,)).fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
+    def pending_live_first(self, exclude: set[int], since: float, max_bytes: int) -> list[OutboxRow]:
+        """The sample segments of the next batch when a live lane is kept: first the lane, newest first (walking
+        back from the newest segment, in sequence order, while its data ends at `since` or later: the first older
+        one ends the lane, so a stray timestamp deep in the backlog cannot jump the queue); then, while the batch
+        has room, the backlog oldest first. Rows in `exclude` (in flight) are skipped. At least one row when any
+        is pending, however large; otherwise at most `max_bytes`.
+
+        Both walks read sizes only (SQLite answers `LENGTH` of a blob from its record header) and stop as soon as
+        the batch is full, one from each end of the (prio, seq_lo) order: a long outage's backlog is never read
+        whole; only the chosen rows' bodies are."""
+        picked: list[int] = []
+        total = 0
+
+        def take(lo: int, size: int) -> bool:
+            nonlocal total
+            if picked and total + size > max_bytes:
+                return False
+            picked.append(lo)
+            total += size
+            return True
+
+        with self._lock:
+            full = False
+            cur = self.db.execute("SELECT seq_lo, ts_hi, LENGTH(head)+LENGTH(body) FROM outbox WHERE prio=? "
+                                  "ORDER BY seq_lo DESC", (PRIO_SAMPLES,))
+            for lo, ts_hi, size in cur:
+                if ts_hi is None or float(ts_hi) < since:
+                    break
+                if lo not in exclude and not take(int(lo), int(size)):
+                    full = True
+                    break
+            cur.close()
+            if not full:
+                lane = set(picked)
+                cur = self.db.execute("SELECT seq_lo, LENGTH(head)+LENGTH(body) FROM outbox WHERE prio=? "
+                                      "ORDER BY seq_lo", (PRIO_SAMPLES,))
+                for lo, size in cur:
+                    if lo in lane:
+                        break  # reached the lane from below: nothing older is left to send
+                    if lo not in exclude and not take(int(lo), int(size)):
+                        break
+                cur.close()
+            return [self._row(lo) for lo in picked]
+
+    def _row(self, seq_lo: int) -> OutboxRow:
+        r = self.db.execute("SELECT seq_lo, seq_hi, kind, prio, n, created, head, body FROM outbox WHERE seq_lo=?",
+                            (seq_lo,)).fetchone()
+        return OutboxRow(*r)
+
+    def next_unsent(self, exclude: set[int]) -> int:
+        """The lowest sequence number of a row not in `exclude` (in flight, in the batch being made, kept unsent),
+        or, when there is none, the next number the store will give: what the uplink tells the cloud as its
+        backfill position (docs/protocol.md, `backfill_from`). Walks up from the oldest row past the excluded
+        ones only (a few batches' worth)."""
+        with self._lock:
+            cur = self.db.execute("SELECT seq_lo FROM outbox ORDER BY seq_lo")
+            try:
+                for (lo,) in cur:
+                    if lo not in exclude:
+                        return int(lo)
+            finally:
+                cur.close()
+            return int(self.db.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone()[0])
+
     def pending_samples(self, exclude: set[int], enough: int | None = None) -> tuple[int, float | None]:
         """(bytes, creation time of the oldest) of sample segments not in flight: when to close a batch. Stops
         counting at `enough` bytes: the uplink asks this every tick, and a long outage's backlog is large."""

@@ -2,9 +2,13 @@
 
 One thread owns the paho client and drives it with `loop()`, so no other thread touches it; it reconnects with
 exponential backoff and full jitter (so a fleet coming back into coverage does not reconnect in lockstep).
-Records (alerts, events) go before samples. A batch stays "in flight" until cloud_sync acks its ranges, which it
-does after its database commit; an unacknowledged batch is resent after `ack_timeout_s`, and on every reconnect.
-The broker's PUBACK means nothing to the store: only the cloud's ack deletes.
+Records (alerts, events) go before samples. Samples go in a live lane first (`live_lane_s`: the newest segments,
+newest first, so that after an outage the cloud sees the present at once), the older backlog backfilling oldest
+first behind them in the same batches; every batch tells the cloud where the backfill stands (`backfill_from` in its
+header, harvester_common/backfill.py), so that the holes it leaves are not taken for losses. A batch stays
+"in flight" until cloud_sync acks its ranges, which it does after its database commit; an unacknowledged batch is
+resent after `ack_timeout_s`, and on every reconnect. The broker's PUBACK means nothing to the store: only the
+cloud's ack deletes.
 
 An ack is believed only for a batch this process has in flight (its batch id, this vehicle), and only for the rows
 that batch carried: a row is deleted when it belongs to the batch and the ack's ranges cover it whole; whatever
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import ssl
 import threading
@@ -43,8 +48,8 @@ from agent.backoff import backoff_delay
 from agent.config import MqttConfig, VehicleConfig
 from agent.metrics import Metrics, counts
 from agent.store import OutboxRow, Store
+from harvester_common import backfill, wire
 from harvester_common import modelwire as mw
-from harvester_common import wire
 from harvester_common.seqranges import merge_ranges, subtract
 
 log = logging.getLogger("agent.uplink")
@@ -139,6 +144,7 @@ class Uplink:
         self._rng = random.Random(seed)
         self._inflight: dict[int, _InFlight] = {}
         self._parked: set[int] = set()  # seq_lo of rows the cloud rejected for good: kept, not resent
+        self._newest_ts = -math.inf  # the newest sample data time seen stored: where the live lane is measured from
         # The last `recent_batches` acked/rejected batch ids: a replayed ack is told from a forged one by these.
         self._done: OrderedDict[int, None] = OrderedDict()
         self.metrics = metrics if metrics is not None else Metrics()
@@ -370,8 +376,11 @@ class Uplink:
         not even the first row fits alone. Config validation and the store's segment splitting make that
         impossible for what the agent writes itself; it is a backstop, not a path."""
         while rows:
+            # Where the backfill stands once this batch is out: the lowest row neither in it, nor in flight, nor
+            # kept unsent. Read per attempt: halving leaves rows behind.
+            position = self.store.next_unsent(self._in_flight_seqs() | {r.seq_lo for r in rows})
             b = wire.Batch(self.vehicle.fleet, self.vehicle.id, self._next_batch, [r.segment() for r in rows],
-                           time.time())
+                           time.time(), extra={backfill.KEY: position})
             try:
                 return b, wire.encode_batch(b), rows
             except wire.LimitError as e:
@@ -441,7 +450,17 @@ class Uplink:
             )
             if not due:
                 break
-            if not self._publish("telemetry", self.store.pending(False, busy, self.cfg.batch_max_bytes)):
+            if self.cfg.live_lane_s > 0:
+                # The lane is measured from the newest data this process has seen stored, not from the newest
+                # still held: once the live minute is acked, the history must not become the next "live" minute.
+                newest = self.store.newest_sample_ts()
+                if newest is not None:
+                    self._newest_ts = max(self._newest_ts, newest)
+                since = self._newest_ts - self.cfg.live_lane_s
+                rows = self.store.pending_live_first(busy, since, self.cfg.batch_max_bytes)
+            else:
+                rows = self.store.pending(False, busy, self.cfg.batch_max_bytes)
+            if not self._publish("telemetry", rows):
                 return
 
     # --- lifecycle -------------------------------------------------------------------------------------------

@@ -85,14 +85,14 @@ def cmd_stats(args: argparse.Namespace) -> int:
         return 0
     print(
         f"{'vehicle':24s} {'samples':>10s} {'alerts':>7s} {'events':>7s} {'highest seq':>12s} {'dups':>6s} "
-        f"{'gaps':>5s} {'evicted':>8s}  online"
+        f"{'gaps':>5s} {'backfilling':>11s} {'evicted':>8s}  online"
     )
     for s in vehicles:
         ev = sum(hi - lo + 1 for lo, hi in s.evicted)
         print(
             f"{terminal(s.fleet + '/' + s.vehicle):24s} {s.records['samples']:10d} {s.records['alerts']:7d} "
-            f"{s.records['events']:7d} {s.highest_seq:12d} {s.duplicates:6d} {len(s.gaps):5d} {ev:8d}  "
-            f"{'yes' if s.online else 'no'}"
+            f"{s.records['events']:7d} {s.highest_seq:12d} {s.duplicates:6d} {len(s.gaps):5d} "
+            f"{len(s.backfilling):11d} {ev:8d}  {'yes' if s.online else 'no'}"
         )
     if rejected:
         print("rejected messages: " + ", ".join(f"{terminal(k)} {v}" for k, v in sorted(rejected.items())))
@@ -119,7 +119,8 @@ def cmd_fleet(args: argparse.Namespace) -> int:
         print(dumps({"vehicles": rows}))
         return 0
     print(f"{'vehicle':24s} {'state':7s} {'last seen':>12s} {'backlog':>10s} {'active':>8s} {'desired':>8s} "
-          f"{'model step':11s} {'open alerts':>11s} {'evicted':>8s} {'budget MiB':>13s}  drift")
+          f"{'model step':11s} {'open alerts':>11s} {'evicted':>8s} {'gaps':>5s} {'backfilling':>11s} "
+          f"{'budget MiB':>13s}  drift")
     for r in rows:
         budget = r["budget"]
         used = _mib(budget["used_today"]) + ("/" + _mib(budget["daily_bytes"]) if budget["daily_bytes"] else "")
@@ -127,7 +128,8 @@ def cmd_fleet(args: argparse.Namespace) -> int:
         print(f"{terminal(r['fleet'] + '/' + r['vehicle']):24s} {'online' if r['online'] else 'offline':7s} "
               f"{_ago(r['last_seen_ago_s']):>12s} {r['backlog']['samples'] + r['backlog']['records']:10d} "
               f"{terminal(_active(r)):>8s} {terminal(_desired(r)):>8s} {r['model']['state'] or '-':11s} "
-              f"{r['open_alerts']:11d} {evicted:8d} {used:>13s}  {'yes' if r['drift'] else 'no'}")
+              f"{r['open_alerts']:11d} {evicted:8d} {r['gaps']:5d} {r['backfilling']:11d} {used:>13s}  "
+              f"{'yes' if r['drift'] else 'no'}")
     if not rows:
         print("(no vehicle has reported yet)")
     return 0
@@ -266,12 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--report-every-s", type=float, default=None,
                    help="progress log period (default: the config's [log] report_every_s)")
     s.set_defaults(func=cmd_serve)
-    st = sub.add_parser("stats", help="per vehicle: records by kind, highest seq, duplicates dropped, gaps")
+    st = sub.add_parser("stats", help="per vehicle: records by kind, highest seq, duplicates dropped, gaps, "
+                        "ranges still backfilling")
     st.add_argument("--config", required=True, help="cloud_sync TOML config")
     st.add_argument("--json", action="store_true", help="print one JSON object")
     st.set_defaults(func=cmd_stats)
     fl = sub.add_parser("fleet", help="every vehicle: online, last seen, backlog, model, open alerts, evictions, "
-                        "data budget, drift")
+                        "gaps, ranges backfilling, data budget, drift")
     fl.add_argument("--config", required=True, help="cloud_sync TOML config")
     fl.add_argument("--json", action="store_true", help="print one JSON object")
     fl.set_defaults(func=cmd_fleet)

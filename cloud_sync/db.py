@@ -11,7 +11,9 @@ stored, so a resent batch stores nothing twice and the difference is counted as 
 (SQLite `synchronous=FULL`, PostgreSQL's default `synchronous_commit`): the vehicle deletes a record on our ack.
 Received sequence ranges are kept merged (one row per stretch without a hole), so gaps are computed from a few
 rows, not by scanning samples; and the records stored per vehicle are counted in the same transaction, so the
-reports never COUNT(*) the history.
+reports never COUNT(*) the history. Where a vehicle's backfill stands (the position its batches state,
+harvester_common/backfill.py) is kept in the same transaction too, as far as its own numbers bear it out
+(`_backfill`): the reports call the holes above it backfilling, not gaps.
 
 Model updates (docs/model_updates.md) live here too, each write one transaction: the registry of signed packages
 (`publish_package`: a name and version stand for one package for ever; the same package again changes nothing),
@@ -49,8 +51,8 @@ from cloud_sync.errors import UnstorableError as UnstorableError
 from cloud_sync.learning import Breakdown as Breakdown  # re-exported: the rows the learning methods return
 from cloud_sync.learning import Verdict as Verdict
 from cloud_sync.migrations import STORED_KINDS
+from harvester_common import backfill, wire
 from harvester_common import modelwire as mw
-from harvester_common import wire
 
 
 @dataclass(slots=True)
@@ -182,6 +184,27 @@ class FleetDB(abc.ABC):
             lo, hi, kind = min(lo, int(mlo)), max(hi, int(mhi)), "merged"
         cur.execute(self._sql("INSERT INTO ranges VALUES (?,?,?,?)"), (vehicle, lo, hi, kind))
 
+    def _backfill(self, cur: Cursor, vehicle: str, b: wire.Batch) -> None:
+        """Take the batch's backfill position (harvester_common/backfill.py) as far as the vehicle's own numbers
+        bear it out. Never above the highest number received from it: there is no hole up there to explain, and a
+        forged huge position would otherwise make every later backfill look lost. Never below a position it stated
+        before: a late, replayed or forged lower one would hide holes the vehicle has already let go of. So a
+        position hides a hole only until the vehicle's next batch moves it past. One that is not a sequence number
+        is counted (`backfill_ignored:<reason>`) and changes nothing; the batch itself is stored all the same."""
+        position, why = backfill.claim(b.extra)
+        if position is None:
+            if why:
+                self._count(cur, vehicle, f"backfill_ignored:{why}", 1)
+            return
+        cur.execute(self._sql("SELECT MAX(seq_hi) FROM ranges WHERE vehicle=?"), (vehicle,))
+        (highest,) = cur.fetchone()
+        if highest is None:
+            return  # nothing received from it yet: no hole to explain
+        position = min(position, int(highest) + 1)
+        cur.execute(self._sql("INSERT INTO backfill (vehicle, backfill_from) VALUES (?,?) ON CONFLICT (vehicle) "
+                              "DO UPDATE SET backfill_from=excluded.backfill_from "
+                              "WHERE backfill.backfill_from < excluded.backfill_from"), (vehicle, position))
+
     def _ingest_one(self, cur: Cursor, b: wire.Batch, now: float) -> IngestResult:
         res = IngestResult()
         stored = dict.fromkeys(STORED_KINDS, 0)  # new rows only: what a skipped duplicate adds is nothing
@@ -223,6 +246,7 @@ class FleetDB(abc.ABC):
             stored["samples" if c is not None else "alerts" if seg.kind == "alert" else "events"] += inserted
             if inserted:
                 self._add_range(cur, v, seg.seq_lo, seg.seq_hi, seg.kind)
+        self._backfill(cur, v, b)
         self._count(cur, v, "duplicates", res.duplicates)
         self._count(cur, v, "batches", 1)
         for kind, n in stored.items():

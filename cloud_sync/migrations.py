@@ -173,6 +173,13 @@ _SCHEMA_V6 = [
 ]
 
 
+# Version 7: each vehicle's backfill position (harvester_common/backfill.py): the lowest sequence number it still
+# holds unsent, as its batches state it. Holes at or above it are backfilling, not lost. No row: the vehicle never
+# stated one (an older agent), and its holes are gaps as before.
+def _schema_v7(big: str) -> tuple[str, ...]:
+    return (f"CREATE TABLE IF NOT EXISTS backfill (vehicle TEXT PRIMARY KEY, backfill_from {big} NOT NULL)",)
+
+
 STEPS: tuple[Step, ...] = (
     Step(1, "tables: vehicles, signals, samples, alerts, events, ranges, counters",
          tuple(_SQLITE_V1), tuple(_POSTGRES_V1)),
@@ -185,6 +192,8 @@ STEPS: tuple[Step, ...] = (
          _schema_v5("REAL", "INTEGER PRIMARY KEY"), _schema_v5("DOUBLE PRECISION", "BIGSERIAL PRIMARY KEY")),
     Step(6, "indexes for the quality report: events (vehicle, kind, ts), alerts (vehicle, state, ts)",
          tuple(_SCHEMA_V6), tuple(_SCHEMA_V6)),
+    Step(7, "backfill: where each vehicle's backfill stands, so that its holes above it are not gaps",
+         _schema_v7("INTEGER"), _schema_v7("BIGINT")),
 )
 SCHEMA_VERSION = STEPS[-1].version
 

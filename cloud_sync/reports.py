@@ -19,8 +19,8 @@ from cloud_sync.config import QualityConfig
 from cloud_sync.db import FleetDB, LearningError, RolloutInfo, RolloutVehicle, Verdict
 from cloud_sync.migrations import STORED_KINDS
 from cloud_sync.present import finite
+from harvester_common import backfill, wire
 from harvester_common import modelwire as mw
-from harvester_common import wire
 from harvester_common.seqranges import holes, merge_ranges, subtract
 
 MAX_COUNTERS = 50  # non-zero counters per vehicle on the fleet page (largest first)
@@ -45,6 +45,11 @@ class VehicleStats:
     online: bool
     last_seen: float
     status: dict[str, Any] = field(default_factory=dict)
+    # Holes the vehicle still holds and sends behind its live lane: at or above its backfill position
+    # (harvester_common/backfill.py; None: it never stated one, and every hole is a gap).
+    backfilling: list[list[int]] = field(default_factory=list)
+    backfill_from: int | None = None
+    backfill_ignored: int = 0  # positions its batches stated that were not sequence numbers
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -78,6 +83,11 @@ class Reports:
             for vehicle, name, value in self.db.read(
                     "SELECT vehicle, name, value FROM counters WHERE name LIKE ?", ("stored:%",)):
                 stored.setdefault(vehicle, {})[name.split(":", 1)[1]] = int(value)
+            positions = {str(v): int(p) for v, p in self.db.read("SELECT vehicle, backfill_from FROM backfill")}
+            ignored: Counter[str] = Counter()
+            for vehicle, value in self.db.read("SELECT vehicle, value FROM counters WHERE name LIKE ?",
+                                               ("backfill_ignored:%",)):
+                ignored[str(vehicle)] += int(value)
             received: dict[str, list[tuple[int, int]]] = {}
             for vehicle, lo, hi in self.db.read("SELECT vehicle, seq_lo, seq_hi FROM ranges"):  # merged at ingest
                 received.setdefault(vehicle, []).append((int(lo), int(hi)))
@@ -98,6 +108,9 @@ class Reports:
                           if isinstance(d.get("seq_floor"), int)}
                 quarantined = [g for g in missing if g[1] + 1 in floors]
                 missing = [g for g in missing if g[1] + 1 not in floors]
+                # What remains is lost, unless the vehicle still holds it: behind its live lane, at or above where
+                # its backfill stands.
+                missing, backfilling = backfill.split(missing, positions.get(vehicle))
                 dup = self.db.read("SELECT value FROM counters WHERE vehicle=? AND name='duplicates'", (vehicle,))
                 out.append(
                     VehicleStats(
@@ -112,6 +125,9 @@ class Reports:
                         online=bool(online),
                         last_seen=float(last_seen),
                         status=json.loads(status) if status else {},
+                        backfilling=backfilling,
+                        backfill_from=positions.get(vehicle),
+                        backfill_ignored=ignored[vehicle],
                     )
                 )
         return out
@@ -151,6 +167,9 @@ class Reports:
                 "drift": bool(drift.get("drift", False)),
                 "records": v.records,
                 "gaps": len(v.gaps),
+                # Holes the vehicle still holds and is sending behind its live lane: not lost (docs/delivery.md).
+                "backfilling": len(v.backfilling),
+                "backfilling_seqs": sum(hi - lo + 1 for lo, hi in v.backfilling),
                 # The vehicle's own counters (its last status message), those not zero: name or name{label} → n.
                 "metrics": {k[:MAX_TEXT]: n for k, n in wire.status_counters(st.get("metrics"), MAX_COUNTERS).items()},
                 "sources": self.sources(v.vehicle),

@@ -11,7 +11,8 @@ HTML = r"""<!doctype html>
 <p id="error"></p>
 <h2>Vehicles</h2>
 <table id="fleet"><thead><tr><th>vehicle</th><th>state</th><th>last seen</th><th>backlog</th><th>model</th>
-<th>model step</th><th>open alerts</th><th>evicted</th><th>budget used</th><th>drift</th><th>sources</th>
+<th>model step</th><th>open alerts</th><th>evicted</th><th>gaps</th><th>backfilling</th><th>budget used</th>
+<th>drift</th><th>sources</th>
 <th>counters</th></tr></thead>
 <tbody></tbody></table>
 <h2>Rollouts</h2>
@@ -111,6 +112,10 @@ async function loadFleet() {
     cell(tr, String(v.open_alerts), "num" + (v.open_alerts ? " open" : ""));
     const ev = Object.values(v.evicted.reported_by_vehicle).reduce((a, b) => a + b, 0) || v.evicted.ranges_received;
     cell(tr, String(ev), "num");
+    // Gaps are lost; backfilling ranges the vehicle still holds and sends behind its live lane.
+    cell(tr, String(v.gaps), "num gaps" + (v.gaps ? " open" : ""));
+    const bf = cell(tr, String(v.backfilling), "num backfilling");
+    if (v.backfilling) bf.setAttribute("title", v.backfilling_seqs + " sequence numbers still to come");
     cell(tr, mib(v.budget.used_today) + (v.budget.daily_bytes ? " / " + mib(v.budget.daily_bytes) : "") + " MiB");
     cell(tr, v.drift ? "yes" : "no", v.drift ? "yes" : "");
     // Each source's last up/down event (a source that never failed is not listed); the error text on hover.

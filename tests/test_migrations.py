@@ -48,7 +48,7 @@ def test_both_engines_end_with_the_same_tables_and_columns(cloud_db: FleetDB, tm
     reference = columns(CloudDB(tmp_path / "reference.sqlite"))
     assert set(reference) == {"vehicles", "signals", "samples", "alerts", "events", "ranges", "counters",
                               "model_packages", "rollouts", "rollout_vehicles", "vehicle_models",
-                              "verdicts", "breakdowns"}
+                              "verdicts", "breakdowns", "backfill"}
     assert columns(cloud_db) == reference
 
 

@@ -24,7 +24,7 @@ import pytest
 
 from cloud_sync.db_sqlite import CloudDB
 from cloud_sync.web import WebServer, make_server
-from harvester_common import wire
+from harvester_common import backfill, wire
 from tests.test_cloud_db import T0, alert, event, samples, seed_fleet
 from tests.test_cloud_rollouts_db import package, report
 
@@ -53,6 +53,9 @@ def site(tmp_path: Path) -> Iterator[str]:
         event(13, "source_down", {"source": "can0", "reason": "bus_error", "error": HOSTILE}),
         event(14, "source_down", {"source": "gps", "reason": "device_lost", "error": "EIO"}),
         event(15, "source_up", {"source": "gps", "down_s": 2.0})])])
+    # v1 is backfilling behind its live lane (1002..1499 still on the vehicle); v2 lost 210..299 for good.
+    db.ingest([wire.Batch("f1", "v1", 7, [samples(1500, 10, T0 + 10_000)], extra={backfill.KEY: 1002})])
+    db.ingest([wire.Batch("f1", "v2", 7, [samples(300, 5, T0 + 10_000)])])
     db.set_status("f1", HOSTILE, {"state": "online", "metrics": {"counters": {
         "source.can0.errors": {HOSTILE: 3, "open_failed": 0}, "uplink.ack_timeouts": 2, "writer.x": "9"}}})
     # A rollout halted by v1's rejection, whose reason (the vehicle's text) is markup; v2's wave never started.
@@ -98,6 +101,8 @@ def test_json_endpoints_and_their_errors(site: str) -> None:
     assert hostile_row["sources"] == {"can0": {"up": False, "ts": T0, "reason": "bus_error", "error": HOSTILE},
                                       "gps": {"up": True, "ts": T0, "reason": "", "error": ""}}
     assert all(v["metrics"] == {} and v["sources"] == {} for v in json.loads(body)["vehicles"][1:])
+    holes = {v["vehicle"]: (v["gaps"], v["backfilling"], v["backfilling_seqs"]) for v in json.loads(body)["vehicles"]}
+    assert holes == {HOSTILE: (0, 0, 0), "v1": (0, 1, 498), "v2": (1, 0, 0), "v3": (0, 0, 0)}
     models = {v["vehicle"]: v["model"] for v in json.loads(body)["vehicles"]}
     assert models["v1"] == {"active": {"name": "harvester-anomaly", "version": "1.0.0"},
                             "desired": {"name": "harvester-anomaly", "version": "1.1.0", "rollout": 1},
@@ -282,6 +287,12 @@ def test_page_shows_fleet_and_alerts_and_plots_an_alert(site: str, browser: Any,
     assert f"source.can0.errors{{{HOSTILE}}} 3, uplink.ack_timeouts 2" in texts[0]
     src_cell = rows[0].find_element(By.CSS_SELECTOR, "td.sources")
     assert "open" in src_cell.get_attribute("class") and HOSTILE in src_cell.get_attribute("title")
+    # Gaps (lost) beside the ranges still backfilling, the sequence numbers to come on hover.
+    assert [(r.find_element(By.CSS_SELECTOR, "td.gaps").text, r.find_element(By.CSS_SELECTOR, "td.backfilling").text)
+            for r in rows] == [("0", "0"), ("0", "1"), ("1", "0"), ("0", "0")]
+    assert rows[1].find_element(By.CSS_SELECTOR, "td.backfilling").get_attribute("title") == \
+        "498 sequence numbers still to come"
+    assert "open" in rows[2].find_element(By.CSS_SELECTOR, "td.gaps").get_attribute("class")
     # v1's model: it runs 1.0.0, was asked for 1.1.0 and rejected it (the reason on hover, as text).
     assert "1.0.0 → 1.1.0 rejected" in texts[1]
     assert rows[1].find_element(By.CSS_SELECTOR, "td.step").get_attribute("title") == HOSTILE
