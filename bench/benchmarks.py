@@ -215,7 +215,7 @@ def wire_bytes_per_sample() -> Figure:
     from harvester_common import wire
 
     zc = zstandard.ZstdCompressor(level=wire.ZSTD_LEVEL)
-    ours = jsonl_zstd = jsonl_raw = parquet = n = batches = 0
+    ours = jsonl_zstd = jsonl_raw = parquet = n = batches = as_int = 0
     for reg, ts, sid, val in _decoded_trace_samples(_trace_files()):
         edges = np.arange(ts[0], ts[-1] + 10.0, 10.0)
         for a, b in itertools.pairwise(edges):
@@ -226,7 +226,10 @@ def wire_bytes_per_sample() -> Figure:
             buf.add(SampleArrays(ts[sel], sid[sel], val[sel]))
             cols = buf.take()
             assert cols is not None
-            seg = wire.Segment("samples", n + 1, n + len(cols), columns=cols)
+            head, blob = wire.encode_columns(cols)
+            # samples whose signal went as raw integers (a 5-element entry in the table), not as float bits
+            as_int += int(np.array([len(e) == 5 for e in head["signals"]])[cols.sig].sum())
+            seg = wire.Segment("samples", n + 1, n + len(cols), encoded=(head, blob))
             msg = wire.encode_batch(wire.Batch("fleet-1", "harvester-0001", 1, [seg]))
             back = wire.decode_batch(msg).segments[0].columns
             assert back is not None and np.array_equal(back.value.view(np.uint64), cols.value.view(np.uint64))
@@ -239,11 +242,14 @@ def wire_bytes_per_sample() -> Figure:
             batches += 1
     v, base = ours / n, jsonl_zstd / n
     return Figure(v, "bytes/sample", base, v / base,
-                  f"{n} decoded samples from the real traces in {batches} batches of 10 s; values bit-identical after "
-                  f"decoding; baseline zstd JSON lines {base:.3f} B; Parquet+zstd {parquet / n:.3f} B "
-                  f"(ours = {v / (parquet / n):.3f} of it); uncompressed JSON lines {jsonl_raw / n:.1f} B",
+                  f"{n} decoded samples from the real traces in {batches} batches of 10 s (one segment each, "
+                  f"enc {wire.ENC_V2}); {100 * as_int / n:.1f} % of them sent as raw integers, the rest as float bits; "
+                  f"values bit-identical after decoding; baseline zstd JSON lines {base:.3f} B; Parquet+zstd "
+                  f"{parquet / n:.3f} B (ours = {v / (parquet / n):.3f} of it); uncompressed JSON lines "
+                  f"{jsonl_raw / n:.1f} B",
                   {"samples": n, "batches": batches, "parquet_zstd_bytes_per_sample": parquet / n,
-                   "ratio_to_parquet_zstd": v / (parquet / n), "json_lines_bytes_per_sample": jsonl_raw / n})
+                   "ratio_to_parquet_zstd": v / (parquet / n), "json_lines_bytes_per_sample": jsonl_raw / n,
+                   "raw_integer_share": as_int / n})
 
 
 def _synthetic_cols(n: int, t0_us: int = 1_700_000_000_000_000) -> Any:

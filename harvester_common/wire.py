@@ -457,6 +457,36 @@ def _run_modes(values: npt.NDArray[np.int64], run: npt.NDArray[np.int64], runs: 
     return out
 
 
+def _same_timestamps(q: npt.NDArray[np.int64], starts: npt.NDArray[np.int64],
+                     lens: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    """For each run, how far back the latest earlier run with the very same timestamps is (0: none). The signals
+    of one CAN message share their frames' timestamps and sit side by side, so it is mostly 1. Runs are matched by
+    length and a hash of their timestamps, then compared in full (a hash collision just leaves a run its own)."""
+    r = len(starts)
+    ref = np.zeros(r, np.int64)
+    if r < 2:
+        return ref
+    pos = np.arange(len(q)) - np.repeat(starts, lens)
+    weight = np.cumprod(np.full(int(lens.max()), 0x9E3779B97F4A7C15, _U64), dtype=_U64)  # odd: a bijection
+    h = np.add.reduceat(q.view(_U64) * weight[pos], starts, dtype=_U64)
+    order = np.lexsort((np.arange(r), h, lens))
+    same = (lens[order][1:] == lens[order][:-1]) & (h[order][1:] == h[order][:-1])
+    cand = np.zeros(r, np.int64)  # the candidate: the run before in (length, hash, index) order
+    cand[order[1:][same]] = order[:-1][same]
+    has = np.zeros(r, np.bool_)
+    has[order[1:][same]] = True
+    # Compare every candidate pair in full.
+    idx = np.flatnonzero(has)
+    if len(idx):
+        k = lens[idx]
+        a = np.repeat(starts[idx], k) + np.arange(int(k.sum())) - np.repeat(np.cumsum(k) - k, k)
+        b = a + np.repeat(starts[cand[idx]] - starts[idx], k)
+        differ = np.add.reduceat(q[a] != q[b], np.cumsum(k) - k) > 0
+        has[idx[differ]] = False
+    ref[has] = np.flatnonzero(has) - cand[has]
+    return ref
+
+
 def _encode_v2(cols: SampleColumns) -> tuple[dict[str, Any], bytes]:
     n = len(cols)
     sig = cols.sig.astype(np.int64)
@@ -473,15 +503,7 @@ def _encode_v2(cols: SampleColumns) -> tuple[dict[str, Any], bytes]:
     if not 1 <= unit <= MAX_TS_US:
         unit = 1
     q = rel // np.int64(unit)
-    # A run whose timestamps are an earlier run's (the signals of one CAN message) names the latest such run
-    # instead: signals of one message sit side by side, so that is mostly the run just before.
-    ref = np.zeros(r, np.int64)
-    last_with: dict[bytes, int] = {}
-    bounds = np.append(starts, n).tolist()
-    for i in range(r):
-        key = q[bounds[i] : bounds[i + 1]].tobytes()
-        ref[i] = i - last_with.get(key, i)
-        last_with[key] = i
+    ref = _same_timestamps(q, starts, lens)
     own = ref == 0
     own_lens = lens[own]
     qo = q[np.repeat(own, lens)]

@@ -613,3 +613,11 @@ def test_v2_forged_columns_decode_within_the_limits_or_raise_wire_error(
         return
     assert len(out) == head["n"] and np.isfinite(out.value).all()
     assert (np.abs(out.ts_us) <= wire.MAX_TS_US).all() and (len(out) == 0 or int(out.sig.max()) < len(out.signals))
+
+
+def test_v2_runs_whose_timestamps_only_hash_alike_keep_their_own() -> None:
+    """Runs are matched by a hash of their timestamps, then compared in full: two that collide stay apart."""
+    w = 0x9E3779B97F4A7C15  # the hash's weight: (w, 0) and (0, 1) hash alike
+    q = np.array([w - 2**64, 0, 0, 1, 0, 1], np.int64)
+    ref = wire._same_timestamps(q, np.array([0, 2, 4]), np.array([2, 2, 2]))
+    assert ref.tolist() == [0, 0, 1]  # the third run is the second's timestamps; the first is not
