@@ -63,9 +63,9 @@ class SampleBuffer:
         order = np.lexsort((ts, sid))
         ts, sid, value = ts[order], sid[order], value[order]
         uniq, local = np.unique(sid, return_inverse=True)
-        signals = [self.registry.key(u) for u in uniq.tolist()]
+        signals = [self.registry.key(int(u)) for u in uniq.tolist()]
         # Each signal's resolution, so that the wire can send J1939 values as the raw integers they were.
-        scales = [self.registry.resolution(u) for u in uniq.tolist()]
+        scales = [self.registry.resolution(int(u)) for u in uniq.tolist()]
         ts_us = np.rint(ts * 1e6).astype(np.int64)
         return wire.SampleColumns(signals, local.astype(np.uint16), ts_us, value, scales)
 
