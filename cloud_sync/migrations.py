@@ -173,6 +173,18 @@ _SCHEMA_V6 = [
 ]
 
 
+# Version 7 (to become 8 at merge, after a colleague's `backfill`): signal tables by reference (docs/protocol.md,
+# "Signal tables by reference"). A vehicle names a table the cloud confirmed it stores by its digest; the table is
+# kept per vehicle (another vehicle's digest is unknown to it), the most recent MAX_TABLES_PER_VEHICLE of them.
+def _schema_v7(real: str) -> tuple[str, ...]:
+    return (
+        f"""CREATE TABLE IF NOT EXISTS signal_tables (
+            vehicle TEXT NOT NULL, digest TEXT NOT NULL, signals TEXT NOT NULL, stored_at {real} NOT NULL,
+            PRIMARY KEY (vehicle, digest))""",
+        "CREATE INDEX IF NOT EXISTS signal_tables_by_age ON signal_tables (vehicle, stored_at)",
+    )
+
+
 STEPS: tuple[Step, ...] = (
     Step(1, "tables: vehicles, signals, samples, alerts, events, ranges, counters",
          tuple(_SQLITE_V1), tuple(_POSTGRES_V1)),
@@ -185,6 +197,8 @@ STEPS: tuple[Step, ...] = (
          _schema_v5("REAL", "INTEGER PRIMARY KEY"), _schema_v5("DOUBLE PRECISION", "BIGSERIAL PRIMARY KEY")),
     Step(6, "indexes for the quality report: events (vehicle, kind, ts), alerts (vehicle, state, ts)",
          tuple(_SCHEMA_V6), tuple(_SCHEMA_V6)),
+    Step(7, "signal tables by reference: signal_tables (vehicle, digest)",
+         _schema_v7("REAL"), _schema_v7("DOUBLE PRECISION")),
 )
 SCHEMA_VERSION = STEPS[-1].version
 

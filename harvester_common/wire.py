@@ -53,10 +53,12 @@ Everything here is pure: bytes in, typed objects out, `WireError` with a reason 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
 import struct
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,7 +100,10 @@ MAX_STATUS_BYTES = 64 * 1024  # one retained status message (JSON)
 # vehicle id, the batch id and a reason of up to 500 characters (6 bytes each once JSON-escaped). A vehicle must accept
 # an ack this large (`mqtt.max_ack_bytes` may not go below it), or it would drop the ack of a legal batch as
 # oversized and resend that batch for ever.
-MAX_ACK_BYTES = MAX_SEGMENTS_PER_BATCH * 42 + 4096
+# An ack's `tables` names at most MAX_ACK_TABLES digests ("<32 hex>", is 35 bytes each): the vehicle remembers no
+# more than that many confirmed tables anyway, so a longer list would only be cut.
+MAX_ACK_TABLES = 256
+MAX_ACK_BYTES = MAX_SEGMENTS_PER_BATCH * 42 + 4096 + MAX_ACK_TABLES * 35
 MQTT_SESSION_EXPIRY_MAX = 2**32 - 1  # MQTT 5's Session Expiry Interval is a four-byte integer (both sides set one)
 # Identifiers. Fleet and vehicle ids as agent/config.py requires them; signal names as our DBC (`ET1.EngCoolantTemp`),
 # NMEA (`GPS.Latitude`) and serial (`vib.AccelRms`) decoders make them; sources like `can0/00`, `gps`; units are
@@ -119,6 +124,22 @@ class WireError(ValueError):
 
 class LimitError(WireError):
     """A batch the encoder will not produce because the receiver would refuse it (a cap in Limits)."""
+
+
+class UnknownTableError(WireError):
+    """A segment names its signal table by a digest the receiver does not hold for this vehicle."""
+
+
+UNKNOWN_TABLE_REASON = "unknown_signal_table"  # the ack reason of a batch refused for an UnknownTableError
+_DIGEST = re.compile(r"^[0-9a-f]{32}$")
+
+
+def table_digest(signals: list[Any]) -> str:
+    """A signal table's digest: the first 16 bytes of sha256 of its canonical JSON (sorted keys, no spaces, ASCII
+    with \\u escapes: Python's `json.dumps(t, sort_keys=True, separators=(",", ":"))`), as 32 lowercase hex.
+    Computed on the table as parsed from (or about to be written to) a header, so both ends hash the same text."""
+    text = json.dumps(signals, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode()).digest()[:16].hex()
 
 
 _ID = re.compile(ID_PATTERN)
@@ -246,6 +267,10 @@ class Batch:
     sent_at: float = 0.0
     schema: int = SCHEMA_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
+    # Filled by `decode_batch`: the signal tables this batch carried in full, by digest (what the cloud stores and
+    # confirms in its ack), and whether any segment named its table by reference instead.
+    tables: dict[str, list[Any]] = field(default_factory=dict)
+    referenced: bool = False
 
     @property
     def seq_lo(self) -> int:
@@ -693,14 +718,27 @@ def split_columns(cols: SampleColumns) -> list[SampleColumns]:
     return out
 
 
-def encode_batch(batch: Batch, compress: bool = True) -> bytes:
+def encode_batch(batch: Batch, compress: bool = True, known_tables: Container[str] = ()) -> bytes:
+    """The message of `batch`. A samples segment whose signal table's digest is in `known_tables` (tables the
+    receiver confirmed it stores) carries `table: digest` instead of the table; `batch.tables` and
+    `batch.referenced` are set to what the message carries."""
     segs: list[dict[str, Any]] = []
     blobs: list[bytes] = []
     offset = 0
+    batch.tables, batch.referenced = {}, False
     for s in batch.segments:
         entry: dict[str, Any] = {"kind": s.kind, "seq_lo": s.seq_lo, "seq_hi": s.seq_hi}
         if s.columns is not None or s.encoded is not None:
             head, blob = s.encoded if s.encoded is not None else encode_columns(s.columns)  # type: ignore[arg-type]
+            signals = head.get("signals")
+            if isinstance(signals, list):
+                digest = table_digest(signals)
+                if digest in known_tables:
+                    head = {k: v for k, v in head.items() if k != "signals"}
+                    head["table"] = digest
+                    batch.referenced = True
+                else:
+                    batch.tables[digest] = signals
             entry.update(head, offset=offset, length=len(blob))
             blobs.append(blob)
             offset += len(blob)
@@ -777,9 +815,12 @@ def _inflate(payload: bytes, max_bytes: int, truncate: bool = False) -> bytes:
         raise WireError(f"corrupt zstd body: {e}") from None
 
 
-def decode_batch(payload: bytes, max_bytes: int = MAX_DECOMPRESSED_BYTES) -> Batch:
+def decode_batch(payload: bytes, max_bytes: int = MAX_DECOMPRESSED_BYTES,
+                 tables: Callable[[str], list[Any] | None] | None = None) -> Batch:
     """Decode and validate a message; raise WireError with the reason for anything malformed or past a limit.
-    Never raises anything else, whatever the bytes (tests/test_wire.py fuzzes it)."""
+    Never raises anything else, whatever the bytes (tests/test_wire.py fuzzes it). A segment's `table` reference
+    is looked up among the full tables the same batch carries, then with `tables` (the receiver's store for this
+    vehicle); UnknownTableError when neither has it."""
     body = _inflate(payload, max_bytes)
     if len(body) < 4:
         raise WireError("body too short for a header")
@@ -802,9 +843,26 @@ def decode_batch(payload: bytes, max_bytes: int = MAX_DECOMPRESSED_BYTES) -> Bat
     if len(raw_segs) > MAX_SEGMENTS_PER_BATCH:
         raise WireError(f"more than {MAX_SEGMENTS_PER_BATCH} segments")
     blob = body[4 + hlen :]
+    carried: dict[str, list[Any]] = {}
+    for rs in raw_segs:
+        if isinstance(rs, dict) and rs.get("kind") == "samples" and isinstance(rs.get("signals"), list):
+            carried[table_digest(rs["signals"])] = rs["signals"]
+    referenced = False
+
+    def resolve(digest: str) -> list[Any]:
+        nonlocal referenced
+        referenced = True
+        found = carried.get(digest)
+        if found is None and tables is not None:
+            found = tables(digest)
+        # A stored table is trusted only if it still hashes to its key (a corrupted or edited row is unknown).
+        if found is None or table_digest(found) != digest:
+            raise UnknownTableError(f"no signal table {digest} for this vehicle")
+        return found
+
     segments: list[Segment] = []
     for rs in raw_segs:
-        segments.append(_decode_segment(rs, blob))
+        segments.append(_decode_segment(rs, blob, resolve))
     sent_at = header.get("sent_at", 0.0)
     extra = header.get("extra", {})
     b = Batch(
@@ -814,6 +872,8 @@ def decode_batch(payload: bytes, max_bytes: int = MAX_DECOMPRESSED_BYTES) -> Bat
         segments,
         float(sent_at) if isinstance(sent_at, float) or _is_int(sent_at, -MAX_TS_US, MAX_TS_US) else 0.0,
         extra=extra if isinstance(extra, dict) else {},
+        tables=carried,
+        referenced=referenced,
     )
     if header.get("seq_lo") != b.seq_lo or header.get("seq_hi") != b.seq_hi:
         raise WireError("header sequence range does not match its segments")
@@ -848,7 +908,7 @@ def peek_batch_id(payload: bytes) -> tuple[int, list[tuple[int, int]]] | None:
         return None
 
 
-def _decode_segment(rs: Any, blob: bytes) -> Segment:
+def _decode_segment(rs: Any, blob: bytes, resolve: Callable[[str], list[Any]]) -> Segment:
     if not isinstance(rs, dict):
         raise WireError("segment is not an object")
     kind, lo, hi = rs.get("kind"), rs.get("seq_lo"), rs.get("seq_hi")
@@ -867,6 +927,13 @@ def _decode_segment(rs: Any, blob: bytes) -> Segment:
             raise WireError("sample segment points past the end of the message")
         if hi - lo + 1 > MAX_SEGMENT_SAMPLES:
             raise WireError(f"sample segment of more than {MAX_SEGMENT_SAMPLES} samples")
+        if ("signals" in rs) == ("table" in rs):
+            raise WireError("sample segment needs exactly one of signals and table")
+        if "table" in rs:
+            digest = rs["table"]
+            if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
+                raise WireError("a segment's table must be 32 lowercase hex digits")
+            rs = {**rs, "signals": resolve(digest)}
         cols = decode_columns(rs, blob[off : off + length])
         if len(cols) != hi - lo + 1:
             raise WireError(f"sample segment has {len(cols)} samples for range {lo}..{hi}")
@@ -892,20 +959,23 @@ class Ack:
     status: str = "ok"  # "ok": committed (new or duplicate); "rejected": will never be accepted (reason says why)
     reason: str = ""
     schema: int = SCHEMA_VERSION
+    # Digests of the full signal tables of this batch the cloud has stored (at most MAX_ACK_TABLES); absent from
+    # the JSON when empty, as receivers before table references never sent it.
+    tables: list[str] = field(default_factory=list)
 
 
 def encode_ack(ack: Ack) -> bytes:
-    return json.dumps(
-        {
-            "schema": ack.schema,
-            "vehicle": ack.vehicle,
-            "batch": ack.batch,
-            "ranges": [list(r) for r in ack.ranges],
-            "status": ack.status,
-            "reason": ack.reason,
-        },
-        separators=(",", ":"),
-    ).encode()
+    d: dict[str, Any] = {
+        "schema": ack.schema,
+        "vehicle": ack.vehicle,
+        "batch": ack.batch,
+        "ranges": [list(r) for r in ack.ranges],
+        "status": ack.status,
+        "reason": ack.reason,
+    }
+    if ack.tables:
+        d["tables"] = ack.tables[:MAX_ACK_TABLES]
+    return json.dumps(d, separators=(",", ":")).encode()
 
 
 def decode_ack(payload: bytes, max_bytes: int = 1024 * 1024) -> Ack:
@@ -925,7 +995,11 @@ def decode_ack(payload: bytes, max_bytes: int = 1024 * 1024) -> Ack:
             raise WireError("ack ranges must be [lo, hi] integer pairs with 1 <= lo <= hi")
         out.append((r[0], r[1]))
     reason = d.get("reason", "")
-    return Ack(vehicle, batch, out, status, reason if isinstance(reason, str) else "")
+    tables = d.get("tables", [])
+    if not (isinstance(tables, list) and len(tables) <= MAX_ACK_TABLES
+            and all(isinstance(t, str) and _DIGEST.fullmatch(t) for t in tables)):
+        raise WireError(f"ack tables must be a list of at most {MAX_ACK_TABLES} digests of 32 lowercase hex")
+    return Ack(vehicle, batch, out, status, reason if isinstance(reason, str) else "", tables=list(tables))
 
 
 # --- Topics: one tree per vehicle so a broker ACL can confine each vehicle to its subtree. ---

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import struct
 
 import numpy as np
@@ -629,3 +630,116 @@ def test_v2_runs_whose_timestamps_only_hash_alike_keep_their_own() -> None:
     q = np.array([w - 2**64, 0, 0, 1, 0, 1], np.int64)
     ref = wire._same_timestamps(q, np.array([0, 2, 4]), np.array([2, 2, 2]))
     assert ref.tolist() == [0, 0, 1]  # the third run is the second's timestamps; the first is not
+
+
+# --- Signal tables by reference (docs/protocol.md, "Signal tables by reference") ---
+
+
+def _table_batch(batch_id: int = 1, lo: int = 7) -> wire.Batch:
+    cols = _j1939_like(1000)
+    return wire.Batch("f", "v", batch_id, [wire.Segment("samples", lo, lo + 999, encoded=wire.encode_columns(cols))])
+
+
+def test_table_digest_is_sha256_of_canonical_json_cut_to_16_bytes() -> None:
+    import hashlib
+
+    table = [["B", "can0/00", "°C", 0.5, -40], ["A", "gps", "deg"]]
+    text = '[["B","can0/00","\\u00b0C",0.5,-40],["A","gps","deg"]]'
+    assert wire.table_digest(table) == hashlib.sha256(text.encode()).hexdigest()[:32]
+    assert wire.table_digest(table) != wire.table_digest(table[::-1])
+
+
+def test_a_known_table_is_sent_as_a_reference_and_decodes_bit_identical_with_the_stored_table() -> None:
+    full = _table_batch()
+    first = wire.encode_batch(full)
+    digest, table = next(iter(full.tables.items()))
+    assert not full.referenced and wire.table_digest(table) == digest
+    ref = _table_batch()
+    second = wire.encode_batch(ref, known_tables={digest})
+    assert ref.referenced and ref.tables == {}
+    assert len(second) < len(first)
+    held = {("v", digest): table}
+    a = wire.decode_batch(first)
+    b = wire.decode_batch(second, tables=lambda d: held.get(("v", d)))
+    assert a.tables == {digest: table} and not a.referenced
+    assert b.tables == {} and b.referenced
+    ca, cb = a.segments[0].columns, b.segments[0].columns
+    assert ca is not None and cb is not None
+    assert ca.signals == cb.signals and ca.scales == cb.scales
+    np.testing.assert_array_equal(ca.ts_us, cb.ts_us)
+    np.testing.assert_array_equal(_bits(ca.value), _bits(cb.value))
+
+
+def test_a_reference_nobody_holds_or_to_a_table_that_does_not_hash_to_it_is_an_unknown_table() -> None:
+    ref = _table_batch()
+    digest = wire.table_digest(wire.encode_columns(_j1939_like(1000))[0]["signals"])
+    msg = wire.encode_batch(ref, known_tables={digest})
+    with pytest.raises(wire.UnknownTableError):
+        wire.decode_batch(msg)
+    with pytest.raises(wire.UnknownTableError):
+        wire.decode_batch(msg, tables=lambda d: None)
+    with pytest.raises(wire.UnknownTableError):  # a different table stored under that digest
+        wire.decode_batch(msg, tables=lambda d: [["X", "can0/00", ""]])
+
+
+def test_a_reference_to_a_table_the_same_batch_carries_in_full_decodes() -> None:
+    cols = _j1939_like(1000)
+    head, blob = wire.encode_columns(cols)
+    digest = wire.table_digest(head["signals"])
+    referenced = {k: v for k, v in head.items() if k != "signals"} | {"table": digest}
+    b = wire.Batch("f", "v", 1, [wire.Segment("samples", 1, 1000, encoded=(referenced, blob)),
+                                 wire.Segment("samples", 1001, 2000, encoded=(head, blob))])
+    out = wire.decode_batch(wire.encode_batch(b))
+    assert out.tables == {digest: head["signals"]} and out.referenced
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({"table": "0" * 32}, "exactly one of signals and table"),  # both
+    ({"signals": None}, "exactly one of signals and table"),  # neither (None drops the key below)
+    ({"signals": None, "table": "0" * 31}, "32 lowercase hex"),
+    ({"signals": None, "table": "G" * 32}, "32 lowercase hex"),
+    ({"signals": None, "table": 5}, "32 lowercase hex"),
+])
+def test_a_segment_header_with_both_neither_or_a_bad_table_says_why(change: dict[str, object], reason: str) -> None:
+    head, blob = wire.encode_columns(_cols(10))
+    seg = {"kind": "samples", "seq_lo": 5, "seq_hi": 14, **head, "offset": 0, "length": len(blob), **change}
+    seg = {k: v for k, v in seg.items() if v is not None}
+    with pytest.raises(wire.WireError, match=reason):
+        wire.decode_batch(_raw(_header(seq_lo=5, seq_hi=14, segments=[seg]), blob))
+
+
+_DIGEST_10 = wire.table_digest(wire.encode_columns(_cols(10))[0]["signals"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.just(_DIGEST_10), st.text(max_size=40), st.from_regex(r"\A[0-9a-f]{32}\Z"), st.integers(),
+                 st.none(), st.lists(st.text(max_size=3), max_size=3)),
+       st.booleans(), st.sampled_from([None, "same", "other"]))
+def test_fuzzed_table_headers_decode_or_raise_only_wire_error(value: object, keep_signals: bool,
+                                                              store: str | None) -> None:
+    head, blob = wire.encode_columns(_cols(10))
+    seg = {"kind": "samples", "seq_lo": 5, "seq_hi": 14, **head, "offset": 0, "length": len(blob), "table": value}
+    if not keep_signals:
+        del seg["signals"]
+    table = head["signals"] if store == "same" else [["X", "s", "u", 2, 0]]
+
+    def lookup(d: str) -> list[object] | None:
+        return table if store is not None else None
+
+    try:
+        b = wire.decode_batch(_raw(_header(seq_lo=5, seq_hi=14, segments=[seg]), blob), tables=lookup)
+    except wire.WireError:
+        return
+    # Decoded only with a well-formed reference to a table that really hashes to it.
+    assert not keep_signals and value == wire.table_digest(head["signals"]) and store == "same"
+    assert b.referenced
+
+
+def test_ack_tables_round_trip_and_a_bad_list_is_refused() -> None:
+    ack = wire.Ack("v", 3, [(1, 2)], tables=["ab" * 16])
+    assert wire.decode_ack(wire.encode_ack(ack)).tables == ["ab" * 16]
+    assert b"tables" not in wire.encode_ack(wire.Ack("v", 3, [(1, 2)]))  # as receivers before references wrote
+    for bad in (["AB" * 16], ["ab"], "ab" * 16, [1], ["ab" * 16] * (wire.MAX_ACK_TABLES + 1)):
+        payload = json.dumps({"schema": 1, "vehicle": "v", "batch": 3, "ranges": [], "tables": bad}).encode()
+        with pytest.raises(wire.WireError, match="tables"):
+            wire.decode_ack(payload)
