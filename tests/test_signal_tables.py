@@ -212,3 +212,38 @@ def test_a_receiver_that_predates_tables_never_gets_a_reference(broker: Mosquitt
     assert rig.up.stats.tables_unproven == 0
     sniff.close()
 
+
+
+def test_the_cloud_keeps_the_most_recent_tables_of_each_vehicle_and_no_more(cloud_db: FleetDB) -> None:
+    from cloud_sync.db import MAX_TABLES_PER_VEHICLE
+
+    def table_batch(vid: str, i: int) -> wire.Batch:
+        cols = wire.SampleColumns([(f"S{i}.V", "can0/00", "")], np.zeros(3, np.uint16),
+                                  np.arange(3, dtype=np.int64), np.ones(3))
+        b = wire.Batch("f1", vid, i, [wire.Segment("samples", 3 * i + 1, 3 * i + 3, columns=cols)])
+        return wire.decode_batch(wire.encode_batch(b))
+
+    extra = 5
+    batches = [table_batch("v1", i) for i in range(MAX_TABLES_PER_VEHICLE + extra)]
+    for b in batches:  # one transaction each, in order: the later, the more recent
+        (r,) = cloud_db.ingest([b])
+        assert r.tables == list(b.tables)
+    cloud_db.ingest([table_batch("v2", 0)])
+    kept = {d for (d,) in cloud_db.read("SELECT digest FROM signal_tables WHERE vehicle='v1'")}
+    assert kept == {d for b in batches[extra:] for d in b.tables}
+    (first,) = batches[0].tables
+    assert cloud_db.signal_table("v1", first) is None
+    (last,) = batches[-1].tables
+    assert cloud_db.signal_table("v1", last) == batches[-1].tables[last]
+    assert cloud_db.signal_table("v2", last) is None  # another vehicle's table is not this one's
+    assert cloud_db.read("SELECT COUNT(*) FROM signal_tables WHERE vehicle='v2'") == [(1,)]
+
+
+def test_the_vehicle_remembers_the_most_recently_confirmed_tables_and_no_more(vehicle: Rig) -> None:
+    from agent.uplink import MAX_CONFIRMED_TABLES, _InFlight
+
+    digests = [f"{i:032x}" for i in range(MAX_CONFIRMED_TABLES + 3)]
+    for i, d in enumerate(digests):  # each as the ack of a batch that carried it in full
+        vehicle.up._confirm_tables([d], _InFlight(i, [], 0.0, 0, tables={d}))
+    assert vehicle.store.get_state(TABLES_STATE_KEY) == digests[3:]
+    assert vehicle.up.stats.tables_confirmed == len(digests)
