@@ -218,7 +218,7 @@ def wire_bytes_per_sample() -> Figure:
     from harvester_common import wire
 
     zc = zstandard.ZstdCompressor(level=wire.ZSTD_LEVEL)
-    ours = cold = jsonl_zstd = jsonl_raw = parquet = n = batches = as_int = full_batches = 0
+    ours = cold = jsonl_zstd = jsonl_raw = parquet = n = batches = as_int = full_batches = ref_bytes = ref_n = 0
     first_batch: tuple[int, int] | None = None  # (bytes, samples) of the very first batch, necessarily cold
     cloud: dict[str, list[Any]] = {}  # the receiver's (vehicle, digest) -> table, for this one vehicle
     for reg, ts, sid, val in _decoded_trace_samples(_trace_files()):
@@ -238,6 +238,8 @@ def wire_bytes_per_sample() -> Figure:
             batch = wire.Batch("fleet-1", "harvester-0001", batches, [seg])
             msg = wire.encode_batch(batch, known_tables=cloud)
             full_batches += 1 if batch.tables else 0
+            if not batch.tables:
+                ref_bytes, ref_n = ref_bytes + len(msg), ref_n + len(cols)
             got = wire.decode_batch(msg, tables=cloud.get)
             cloud.update(got.tables)  # stored and listed in the ack: referenced from the next batch on
             back = got.segments[0].columns
@@ -258,12 +260,14 @@ def wire_bytes_per_sample() -> Figure:
                   f"{n} decoded samples from the real traces in {batches} batches of 10 s (one segment each, "
                   f"enc {wire.ENC_V2}); {full_batches} batches carried their signal table in full "
                   f"({len(cloud)} distinct tables), the other {batches - full_batches} a reference to one the cloud "
-                  f"had confirmed; {100 * as_int / n:.1f} % of samples sent as raw integers, the rest as float bits; "
+                  f"had confirmed ({ref_bytes / max(ref_n, 1):.3f} B/sample in those alone); "
+                  f"{100 * as_int / n:.1f} % of samples sent as raw integers, the rest as float bits; "
                   f"values bit-identical after decoding; cold (every table in full) {cold / n:.3f} B, the first "
                   f"batch {first_batch[0]} bytes for {first_batch[1]} samples; baseline zstd JSON lines {base:.3f} B; "
                   f"Parquet+zstd {parquet / n:.3f} B (ours = {v / (parquet / n):.3f} of it); uncompressed JSON lines "
                   f"{jsonl_raw / n:.1f} B",
                   {"samples": n, "batches": batches, "full_table_batches": full_batches, "tables": len(cloud),
+                   "referenced_bytes_per_sample": ref_bytes / max(ref_n, 1),
                    "cold_bytes_per_sample": cold / n, "first_batch_bytes": first_batch[0],
                    "first_batch_samples": first_batch[1], "parquet_zstd_bytes_per_sample": parquet / n,
                    "ratio_to_parquet_zstd": v / (parquet / n), "json_lines_bytes_per_sample": jsonl_raw / n,
