@@ -98,6 +98,14 @@ class _InFlight:
     sent_at: float
     n_samples: int
     ranges: list[tuple[int, int]] = field(default_factory=list)  # [seq_lo, seq_hi] of each row carried
+    tables: set[str] = field(default_factory=set)  # digests of the signal tables it carried in full
+    referenced: bool = False  # whether it named any signal table by reference
+
+
+# The store's state key of the signal tables the cloud confirmed it stores (digests, oldest first), and how many
+# are kept: a restart keeps them, so a vehicle does not send full tables again after every reboot.
+TABLES_STATE_KEY = "uplink.confirmed_tables"
+MAX_CONFIRMED_TABLES = wire.MAX_ACK_TABLES
 
 
 @dataclass(slots=True)
@@ -114,6 +122,9 @@ class UplinkStats:
     acks_rejected: dict[str, int] = field(default_factory=dict)  # dropped, by reason; nothing deleted
     acks_replayed: int = 0  # a second ack for a batch already acked or rejected: harmless
     acks_trimmed: int = 0  # applied acks that also named numbers their batch did not carry (those ignored)
+    tables_confirmed: int = 0  # signal tables the cloud confirmed storing (references sent for them from then on)
+    tables_unproven: int = 0  # digests an ack listed that its batch did not carry in full: ignored
+    tables_forgotten: int = 0  # times the cloud refused a reference and every confirmed table was forgotten
     rejected_batches: int = 0
     oversized_rows: int = 0  # outbox rows no batch within the wire's limits can carry: kept, not sent
     budget_held: bool = False
@@ -147,6 +158,9 @@ class Uplink:
         self._newest_ts = -math.inf  # the newest sample data time seen stored: where the live lane is measured from
         # The last `recent_batches` acked/rejected batch ids: a replayed ack is told from a forged one by these.
         self._done: OrderedDict[int, None] = OrderedDict()
+        saved = store.get_state(TABLES_STATE_KEY)
+        self._tables: OrderedDict[str, None] = OrderedDict.fromkeys(
+            t for t in (saved if isinstance(saved, list) else []) if isinstance(t, str))
         self.metrics = metrics if metrics is not None else Metrics()
         self.metrics.collect("uplink", self._counters)
         self._next_batch = int(time.time() * 1000)
@@ -323,6 +337,17 @@ class Uplink:
                 # id, which its own ack will cover).
                 self._reject("not_in_flight", f"batch {ack.batch} is not in flight")
             return
+        if ack.status == "rejected" and inf.referenced and ack.reason.split(":")[0] == wire.UNKNOWN_TABLE_REASON:
+            # The cloud lost (or never had) a table we referenced: forget them all, and resend this batch with full
+            # tables (a batch without references never gets this reason, so this cannot loop).
+            del self._inflight[ack.batch]
+            self._remember(ack.batch)
+            self._tables.clear()
+            self.store.set_state(TABLES_STATE_KEY, [])
+            self.stats.tables_forgotten += 1
+            self._warn("unknown_table", f"cloud holds no longer a signal table batch {ack.batch} referenced; "
+                       "sending full tables again")
+            return
         if ack.status == "rejected":
             # The cloud will never take these: keep them (nothing is deleted without a commit) but stop resending.
             self.stats.rejected_batches += 1
@@ -337,9 +362,27 @@ class Uplink:
             self._warn("trimmed", f"ack for batch {ack.batch} named numbers the batch did not carry; ignored those")
         # Only this batch's rows, and only those the ack covers whole: nothing outside what was sent goes.
         self.store.ack(named, only=inf.seq_los)
+        self._confirm_tables(ack.tables, inf)
         del self._inflight[ack.batch]
         self._remember(ack.batch)
         self.stats.acks += 1
+
+    def _confirm_tables(self, listed: list[str], inf: _InFlight) -> None:
+        """Believe an ack's `tables` only for tables its batch carried in full; keep the most recent ones."""
+        proven = [t for t in listed if t in inf.tables]
+        if len(proven) < len(listed):
+            self.stats.tables_unproven += len(listed) - len(proven)
+            self._warn("unproven_tables", f"ack for batch {inf.batch} listed signal tables it did not carry; ignored")
+        if not proven:
+            return
+        for t in proven:
+            if t not in self._tables:
+                self.stats.tables_confirmed += 1
+            self._tables[t] = None
+            self._tables.move_to_end(t)
+        while len(self._tables) > MAX_CONFIRMED_TABLES:
+            self._tables.popitem(last=False)
+        self.store.set_state(TABLES_STATE_KEY, list(self._tables))
 
     def _remember(self, batch: int) -> None:
         self._done[batch] = None
@@ -382,7 +425,7 @@ class Uplink:
             b = wire.Batch(self.vehicle.fleet, self.vehicle.id, self._next_batch, [r.segment() for r in rows],
                            time.time(), extra={backfill.KEY: position})
             try:
-                return b, wire.encode_batch(b), rows
+                return b, wire.encode_batch(b, known_tables=self._tables), rows
             except wire.LimitError as e:
                 if len(rows) == 1:
                     # Kept in the store (nothing is deleted without an ack), never sent: the cloud would refuse it.
@@ -408,7 +451,7 @@ class Uplink:
             return False
         n_samples = sum(r.n for r in rows if r.kind == "samples")
         self._inflight[batch_id] = _InFlight(batch_id, [r.seq_lo for r in rows], time.monotonic(), n_samples,
-                                             [(r.seq_lo, r.seq_hi) for r in rows])
+                                             [(r.seq_lo, r.seq_hi) for r in rows], set(b.tables), b.referenced)
         self.stats.batches_sent += 1
         self.stats.bytes_sent += len(payload)
         if self.cfg.daily_budget_bytes:

@@ -64,13 +64,17 @@ class SampleBuffer:
         ts, sid, value = ts[order], sid[order], value[order]
         uniq, local = np.unique(sid, return_inverse=True)
         signals = [self.registry.key(int(u)) for u in uniq.tolist()]
+        # Each signal's resolution, so that the wire can send J1939 values as the raw integers they were.
+        scales = [self.registry.resolution(int(u)) for u in uniq.tolist()]
         ts_us = np.rint(ts * 1e6).astype(np.int64)
-        return wire.SampleColumns(signals, local.astype(np.uint16), ts_us, value)
+        return wire.SampleColumns(signals, local.astype(np.uint16), ts_us, value, scales)
 
     def put_back(self, cols: wire.SampleColumns, limit: int) -> int:
         """Return a segment that could not be written (disk full, I/O error), to retry later. Keeps at most
         `limit` samples, dropping the oldest; returns how many were dropped."""
-        sid = np.array([self.registry.intern(*k) for k in cols.signals], np.int32)[cols.sig]
+        hints = cols.scales or [None] * len(cols.signals)
+        sid = np.array([self.registry.intern(*k, h) for k, h in zip(cols.signals, hints, strict=True)],
+                       np.int32)[cols.sig]
         ts, value = cols.ts_us / 1e6, cols.value
         dropped = max(0, len(cols) + self.n - limit)
         if dropped:

@@ -36,7 +36,7 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -59,6 +59,12 @@ from harvester_common import modelwire as mw
 class IngestResult:
     new: int = 0
     duplicates: int = 0
+    tables: list[str] = field(default_factory=list)  # digests of the batch's full signal tables, now stored
+
+
+# Signal tables kept per vehicle (the most recently received); a reference to an evicted one is refused with
+# wire.UNKNOWN_TABLE_REASON, and the vehicle then sends full tables again.
+MAX_TABLES_PER_VEHICLE = wire.MAX_ACK_TABLES
 
 
 class Cursor(Protocol):
@@ -247,6 +253,15 @@ class FleetDB(abc.ABC):
             if inserted:
                 self._add_range(cur, v, seg.seq_lo, seg.seq_hi, seg.kind)
         self._backfill(cur, v, b)
+        for digest in sorted(b.tables)[: wire.MAX_ACK_TABLES]:
+            cur.execute(self._sql("INSERT INTO signal_tables VALUES (?,?,?,?) ON CONFLICT (vehicle, digest) "
+                                  "DO UPDATE SET stored_at=excluded.stored_at"),
+                        (v, digest, json.dumps(b.tables[digest], separators=(",", ":")), now))
+            res.tables.append(digest)
+        if res.tables:
+            cur.execute(self._sql("DELETE FROM signal_tables WHERE vehicle=? AND digest NOT IN (SELECT digest FROM "
+                                  "signal_tables WHERE vehicle=? ORDER BY stored_at DESC, digest LIMIT ?)"),
+                        (v, v, MAX_TABLES_PER_VEHICLE))
         self._count(cur, v, "duplicates", res.duplicates)
         self._count(cur, v, "batches", 1)
         for kind, n in stored.items():
@@ -275,6 +290,18 @@ class FleetDB(abc.ABC):
             finally:
                 self._new_signal_ids.clear()
         return out
+
+    def signal_table(self, vehicle: str, digest: str) -> list[Any] | None:
+        """The signal table `vehicle` sent in full under `digest`, or None (never sent, evicted, another vehicle's).
+        CloudDBError while the database is away."""
+        rows = self.read("SELECT signals FROM signal_tables WHERE vehicle=? AND digest=?", (vehicle, digest))
+        if not rows:
+            return None
+        try:
+            table = json.loads(rows[0][0])
+        except ValueError:
+            return None
+        return table if isinstance(table, list) else None
 
     def set_status(self, fleet: str, vehicle: str, status: dict[str, Any]) -> None:
         now = time.time()

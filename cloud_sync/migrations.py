@@ -180,6 +180,18 @@ def _schema_v7(big: str) -> tuple[str, ...]:
     return (f"CREATE TABLE IF NOT EXISTS backfill (vehicle TEXT PRIMARY KEY, backfill_from {big} NOT NULL)",)
 
 
+# Version 8: signal tables by reference (docs/protocol.md,
+# "Signal tables by reference"). A vehicle names a table the cloud confirmed it stores by its digest; the table is
+# kept per vehicle (another vehicle's digest is unknown to it), the most recent MAX_TABLES_PER_VEHICLE of them.
+def _schema_v8(real: str) -> tuple[str, ...]:
+    return (
+        f"""CREATE TABLE IF NOT EXISTS signal_tables (
+            vehicle TEXT NOT NULL, digest TEXT NOT NULL, signals TEXT NOT NULL, stored_at {real} NOT NULL,
+            PRIMARY KEY (vehicle, digest))""",
+        "CREATE INDEX IF NOT EXISTS signal_tables_by_age ON signal_tables (vehicle, stored_at)",
+    )
+
+
 STEPS: tuple[Step, ...] = (
     Step(1, "tables: vehicles, signals, samples, alerts, events, ranges, counters",
          tuple(_SQLITE_V1), tuple(_POSTGRES_V1)),
@@ -194,6 +206,8 @@ STEPS: tuple[Step, ...] = (
          tuple(_SCHEMA_V6), tuple(_SCHEMA_V6)),
     Step(7, "backfill: where each vehicle's backfill stands, so that its holes above it are not gaps",
          _schema_v7("INTEGER"), _schema_v7("BIGINT")),
+    Step(8, "signal tables by reference: signal_tables (vehicle, digest)",
+         _schema_v8("REAL"), _schema_v8("DOUBLE PRECISION")),
 )
 SCHEMA_VERSION = STEPS[-1].version
 

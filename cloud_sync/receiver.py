@@ -181,7 +181,9 @@ class Receiver:
         if len(m.payload) > self.cfg.mqtt.max_message_bytes:
             raise Reject("oversized", f"{len(m.payload)} bytes")
         try:
-            b = wire.decode_batch(m.payload)
+            b = wire.decode_batch(m.payload, tables=lambda digest: self.db.signal_table(vehicle, digest))
+        except wire.UnknownTableError as e:
+            raise Reject(wire.UNKNOWN_TABLE_REASON, str(e)[:300]) from None
         except wire.WireError as e:
             raise Reject("malformed", str(e)[:300]) from None
         if b.fleet != fleet or b.vehicle != vehicle:
@@ -301,7 +303,7 @@ class Receiver:
             self.client.ack(m.mid, m.qos)
 
     def _stored(self, m: _Msg, b: wire.Batch, r: IngestResult) -> None:
-        ack = wire.Ack(b.vehicle, b.batch, [(s.seq_lo, s.seq_hi) for s in b.segments])
+        ack = wire.Ack(b.vehicle, b.batch, [(s.seq_lo, s.seq_hi) for s in b.segments], tables=r.tables)
         self.client.publish(wire.vehicle_topic(b.fleet, b.vehicle, "ack"), wire.encode_ack(ack), qos=1)
         self.stats["batches"] += 1
         self.stats["records_new"] += r.new

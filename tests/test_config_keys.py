@@ -78,12 +78,15 @@ def test_eviction_frees_down_to_the_watermark(tmp_path: Path) -> None:
     bound = 1024 * 1024
     s = Store(tmp_path / "a.sqlite", max_bytes=bound, first_seq=1, evict_watermark=0.5)
     evicting_writes = 0
-    for i in range(60):
+    page = s.db.execute("PRAGMA page_size").fetchone()[0]
+    for i in range(200):  # ~3 MB of segments (~16 KB each: their values are noise)
         before = s.counters()["evictions"]
         s.append_samples(_cols(2000, t0=1_700_000_000.0 + i * 100))
         if s.counters()["evictions"] > before:
             evicting_writes += 1
-            assert s.used_bytes() <= bound * 0.5  # 0.9 by default: left at ~90 % of the bound
+            # 0.9 by default: left at ~90 % of the bound; plus the page of the `evicted` notice, which is written
+            # after the eviction reached the watermark
+            assert s.used_bytes() <= bound * 0.5 + page
     assert evicting_writes >= 2
     s.close()
 

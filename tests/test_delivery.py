@@ -4,6 +4,7 @@ once, and only documented, counted evictions are missing."""
 
 from __future__ import annotations
 
+import json
 import random
 import signal
 import subprocess
@@ -150,6 +151,36 @@ def test_cloud_down_while_broker_up_data_waits_on_the_vehicle(rig: Rig) -> None:
     rig.start_cloud()
     rig.check_exactly_once()
     assert Reports(rig.db).stats()[0].duplicates > 0  # resent batches were stored once, counted as duplicates
+
+
+def test_segments_written_before_the_wire_upgrade_still_arrive(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store upgraded in place holds segments in the old column layout (ENC_V1, written by the agent before it
+    knew ENC_V2); they go out as stored, beside new ENC_V2 ones, and the cloud stores every value bit for bit."""
+    rpm = (np.arange(3000) % 700 + 6000).astype(np.float64) * 0.125  # as the J1939 decoder computes EEC1.EngSpeed
+    old = wire.SampleColumns([("EEC1.EngSpeed", "can0/00", "rpm")], np.zeros(3000, np.uint16),
+                             1_700_000_000_000_000 + np.arange(3000, dtype=np.int64) * 20_000, rpm)
+    encode = wire.encode_columns
+    with monkeypatch.context() as m:  # the encoder the agent had before ENC_V2: its bytes, exactly
+        m.setattr(wire, "encode_columns", lambda c: encode(c, wire.ENC_V1))
+        rig.store.append_samples(old)
+    new = cols(3000, 1_700_000_060_000_000)
+    new.scales = [(0.125, 0.0), None]
+    new.value[new.sig == 0] = rpm[:1500]
+    rig.store.append_samples(new)
+    heads = [json.loads(r.head) for r in rig.store.pending(records=False, exclude=set(), max_bytes=1 << 30)]
+    assert [h.get("enc") for h in heads] == [None, wire.ENC_V2]
+    assert heads[1]["signals"][0] == ["EEC1.EngSpeed", "can0/00", "rpm", 0.125, 0]  # sent as raw integers
+    rig.start_cloud()
+    rig.up.start()
+    rig.check_exactly_once()
+    got = rig.db.read("SELECT s.ts, g.name, s.value FROM samples s JOIN signals g ON g.id = s.signal_id "
+                      "ORDER BY s.seq")
+    want = [(t / 1e6, c.signals[k][0], v) for c in (old, new)
+            for t, k, v in zip(c.ts_us.tolist(), c.sig.tolist(), c.value.tolist(), strict=True)]
+    assert len(got) == 6000
+    assert [(t, name) for t, name, _ in got] == [(t, name) for t, name, _ in want]
+    values = np.array([v for *_, v in got]).view(np.uint64)
+    assert np.array_equal(values, np.array([v for *_, v in want]).view(np.uint64))
 
 
 def test_disk_bound_reached_during_outage(broker: MosquittoBroker, tmp_path: Path) -> None:

@@ -106,7 +106,7 @@ def test_the_ack_of_the_largest_batch_fits_what_the_vehicle_accepts() -> None:
     numbers, with the longest vehicle id and reason, it is still within MAX_ACK_BYTES, and a vehicle's
     `mqtt.max_ack_bytes` can never be set below that (else it would drop the ack as oversized and resend for ever)."""
     worst = wire.Ack("v" * 64, wire.MAX_BATCH_ID, [(wire.MAX_SEQ - 1, wire.MAX_SEQ)] * wire.MAX_SEGMENTS_PER_BATCH,
-                     status="rejected", reason="\x01" * 500)
+                     status="rejected", reason="\x01" * 500, tables=["f" * 32] * wire.MAX_ACK_TABLES)
     assert len(wire.encode_ack(worst)) <= wire.MAX_ACK_BYTES
     assert MqttConfig().max_ack_bytes >= wire.MAX_ACK_BYTES
     with pytest.raises(ValidationError, match="max_ack_bytes"):

@@ -17,7 +17,7 @@ from cloud_sync.migrations import SCHEMA_VERSION, STEPS
 # The text of every step that has shipped. A step's statements are what databases in the field went through: change
 # the schema with a new step at the end, never by editing one of these (this test then fails, on purpose).
 SHIPPED = {1: "fad59918081d412c", 2: "3352f25b29c283d3", 3: "fe31e400523d78c2", 4: "9a534aa944cfc60c",
-           5: "49cc129c605a998e", 6: "f8637c9f8c9b5a90"}
+           5: "49cc129c605a998e", 6: "f8637c9f8c9b5a90", 7: "84b11e2c2d825eaa", 8: "85b04d25c185ad06"}
 
 
 def fingerprint(version: int) -> str:
@@ -48,7 +48,7 @@ def test_both_engines_end_with_the_same_tables_and_columns(cloud_db: FleetDB, tm
     reference = columns(CloudDB(tmp_path / "reference.sqlite"))
     assert set(reference) == {"vehicles", "signals", "samples", "alerts", "events", "ranges", "counters",
                               "model_packages", "rollouts", "rollout_vehicles", "vehicle_models",
-                              "verdicts", "breakdowns", "backfill"}
+                              "verdicts", "breakdowns", "backfill", "signal_tables"}
     assert columns(cloud_db) == reference
 
 
@@ -101,7 +101,7 @@ def test_a_version_3_database_gains_the_model_tables_and_keeps_its_data(tmp_path
         assert db.read("PRAGMA user_version") == [(SCHEMA_VERSION,)]
         assert db.read("SELECT vehicle, fleet FROM vehicles") == [("v1", "f1")]
         assert {"model_packages", "rollouts", "rollout_vehicles", "vehicle_models",
-                              "verdicts", "breakdowns"} <= set(columns(db))
+                              "verdicts", "breakdowns", "signal_tables"} <= set(columns(db))
     finally:
         db.close()
 

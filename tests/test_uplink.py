@@ -64,9 +64,11 @@ class Acker:
         self.c.disconnect()
 
 
-def _cols(n: int) -> wire.SampleColumns:
+def _cols(n: int, noisy: bool = False) -> wire.SampleColumns:
+    """A constant reading (it compresses to almost nothing), or with `noisy` one that keeps its size on the wire."""
+    value = 1500.0 + np.random.default_rng(n).normal(size=n) if noisy else np.full(n, 1500.0)
     return wire.SampleColumns([("EEC1.EngSpeed", "can0/00", "rpm")], np.zeros(n, np.uint16),
-                              np.arange(n, dtype=np.int64) * 20_000, np.full(n, 1500.0))
+                              np.arange(n, dtype=np.int64) * 20_000, value)
 
 
 @pytest.fixture
@@ -193,7 +195,7 @@ def test_daily_budget_holds_samples_back_but_never_alerts(broker: MosquittoBroke
     acker = Acker(broker)
     now = [1_800_000_000.0]
     for _ in range(20):
-        store.append_samples(_cols(2000))
+        store.append_samples(_cols(2000, noisy=True))  # a batch of constant readings would fit the whole budget
     cfg = MqttConfig(host=broker.host, port=broker.port, tls=False, batch_max_age_s=0.1, batch_max_bytes=8192,
                      max_inflight_batches=1, daily_budget_bytes=3000)
     up = Uplink(cfg, VEHICLE, store, seed=1, clock=lambda: now[0])

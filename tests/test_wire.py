@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import struct
 
 import numpy as np
 import pytest
@@ -214,7 +216,7 @@ _json = st.recursive(
 
 @settings(max_examples=400, deadline=None)
 @given(st.sampled_from(["schema", "fleet", "vehicle", "batch", "seq_lo", "seq_hi", "sent_at", "extra", "segments",
-                        "kind", "n", "t0_us", "signals", "offset", "length", "record"]), _json)
+                        "kind", "n", "t0_us", "signals", "offset", "length", "record", "enc"]), _json)
 def test_any_value_in_any_header_field_is_decoded_or_a_wire_error(key: str, value: object) -> None:
     """Only WireError, whatever a field holds; and what does decode stays within the limits."""
     import json
@@ -222,7 +224,7 @@ def test_any_value_in_any_header_field_is_decoded_or_a_wire_error(key: str, valu
     raw = bytearray(wire.encode_batch(_batch(20), compress=False))
     hlen = int.from_bytes(raw[4:8], "little")
     header = json.loads(raw[8 : 8 + hlen])
-    if key in ("kind", "n", "t0_us", "signals", "offset", "length"):
+    if key in ("kind", "n", "t0_us", "signals", "offset", "length", "enc"):
         header["segments"][0][key] = value
     elif key == "record":
         header["segments"][1][key] = value
@@ -246,3 +248,498 @@ def test_mutated_messages_raise_only_wire_error(noise: bytes, pos: int, compress
         wire.decode_batch(bytes(raw))
     peek = wire.peek_batch_id(bytes(raw))  # what the receiver reads from a refused message: never raises
     assert peek is None or 0 <= peek[0] <= wire.MAX_BATCH_ID
+
+
+# --- ENC_V2: runs of a signal, raw scaled integers where exact, timestamps in a unit (docs/protocol.md). ---
+
+
+def _bits(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a, np.float64).view(np.uint64)
+
+
+def _round_trip(cols: wire.SampleColumns, enc: int = wire.ENC_V2) -> tuple[dict[str, object], wire.SampleColumns]:
+    """Through a whole message, as the uplink sends it; asserts every column comes back bit for bit."""
+    head, blob = wire.encode_columns(cols, enc)
+    n = len(cols)
+    msg = wire.encode_batch(wire.Batch("f", "v", 1, [wire.Segment("samples", 7, 6 + n, encoded=(head, blob))]))
+    out = wire.decode_batch(msg).segments[0].columns
+    assert out is not None
+    assert out.signals == cols.signals
+    np.testing.assert_array_equal(out.sig, cols.sig)
+    np.testing.assert_array_equal(out.ts_us, cols.ts_us)
+    np.testing.assert_array_equal(_bits(out.value), _bits(cols.value))
+    return head, out
+
+
+def _j1939_like(n: int, seed: int = 0) -> wire.SampleColumns:
+    """Three signals as a J1939 decoder makes them (raw * scale + offset), one unhinted integral, one GPS float;
+    signal-major, 20 ms and 100 ms periods with 1 ms jitter."""
+    rng = np.random.default_rng(seed)
+    k = n // 5
+    t = 1_700_000_000_000_000 + np.arange(k, dtype=np.int64) * 20_000 + rng.integers(-1, 2, k) * 1000
+    rpm = np.cumsum(rng.integers(-40, 41, k)) + 12_000
+    temp = rng.integers(100, 110, k)
+    return wire.SampleColumns(
+        [("EEC1.EngSpeed", "can0/00", "rpm"), ("ET1.EngCoolantTemp", "can0/00", "degC"),
+         ("EEC1.ActualEngPercentTorque", "can0/00", "%"), ("vib.Count", "vib", ""), ("GPS.Latitude", "gps", "deg")],
+        np.repeat(np.arange(5), k).astype(np.uint16),
+        np.tile(t, 5),
+        np.concatenate([rpm.astype(np.float64) * 0.125 + 0.0, temp.astype(np.float64) * 1.0 + -40.0,
+                        rng.integers(0, 250, k).astype(np.float64) * 1.0 + -125.0,
+                        rng.integers(0, 1000, k).astype(np.float64), 28.5 + np.cumsum(rng.normal(0, 1e-5, k))]),
+        [(0.125, 0.0), (1.0, -40.0), (1.0, -125.0), None, None],
+    )
+
+
+def test_v2_sends_raw_integers_where_exact_and_float_bits_elsewhere() -> None:
+    cols = _j1939_like(5000)
+    head, out = _round_trip(cols)
+    assert head["enc"] == wire.ENC_V2
+    assert head["signals"] == [["EEC1.EngSpeed", "can0/00", "rpm", 0.125, 0], ["ET1.EngCoolantTemp", "can0/00", "degC",
+                               1, -40], ["EEC1.ActualEngPercentTorque", "can0/00", "%", 1, -125],
+                               ["vib.Count", "vib", "", 1, 0], ["GPS.Latitude", "gps", "deg"]]
+    assert out.scales == [(0.125, 0.0), (1.0, -40.0), (1.0, -125.0), (1.0, 0.0), None]
+    # smaller than the old layout even on these noisy values (the real traces: test_real_traces_round_trip...)
+    v1 = len(wire.encode_batch(wire.Batch("f", "v", 1, [wire.Segment("samples", 1, 5000, encoded=wire.encode_columns(
+        cols, wire.ENC_V1))])))
+    v2 = len(wire.encode_batch(wire.Batch("f", "v", 1, [wire.Segment("samples", 1, 5000, columns=cols)])))
+    assert v2 < v1
+
+
+def test_v2_a_value_off_its_resolution_sends_that_signal_as_float_bits() -> None:
+    cols = _j1939_like(500)
+    cols.value[3] += 0.01  # EngSpeed, no longer a multiple of 0.125
+    cols.value[350] = 1e17  # vib.Count: integral, but past ±2^53 as a raw integer it is not sent as one
+    head, out = _round_trip(cols)
+    table = head["signals"]
+    assert isinstance(table, list) and len(table[0]) == 3 and len(table[1]) == 5 and len(table[3]) == 3
+    assert out.scales[0] is None and out.scales[1] == (1.0, -40.0)
+
+
+@pytest.mark.parametrize("hint", [(0.0, 0.0), (-1.0, 0.0), (float("nan"), 0.0), (1.0, float("inf")),
+                                  (float("inf"), 0.0), (1.0, float("nan"))])
+def test_v2_a_bad_hint_is_ignored_never_sent(hint: tuple[float, float]) -> None:
+    """A scale that is not finite and positive, or an offset that is not finite, is never used (the receiver would
+    refuse it): integral values then go with scale 1 and offset 0."""
+    cols = wire.SampleColumns([("A", "", "")], np.zeros(4, np.uint16), np.arange(4, dtype=np.int64),
+                              np.array([1.0, 2.0, 3.0, 4.0]), [hint])
+    head, _ = _round_trip(cols)
+    assert head["signals"] == [["A", "", "", 1, 0]]
+
+
+def test_v2_a_hint_that_needs_raw_integers_past_the_bound_sends_float_bits() -> None:
+    cols = wire.SampleColumns([("A", "", "")], np.zeros(4, np.uint16), np.arange(4, dtype=np.int64),
+                              np.array([1.0, 2.0, 3.0, 4.0]), [(1e-300, 0.0)])
+    head, _ = _round_trip(cols)
+    assert head["signals"] == [["A", "", ""]]
+
+
+EXTREMES = [
+    np.array([-0.0, 0.0, -0.0, -0.0]),  # negative zero: integral in value, not in bits
+    np.array([np.finfo(np.float64).max, -np.finfo(np.float64).max, 1.0, -1.0]),
+    np.array([5e-324, -5e-324, np.finfo(np.float64).tiny, 0.0]),  # subnormals
+    np.array([2.0**53, -(2.0**53), 2.0**53 - 1, 0.0]),  # the raw integer bound itself
+    np.array([2.0**53 + 2, 1.0, 2.0, 3.0]),  # integral, but past the bound
+    np.array([0.1, 0.2, 0.30000000000000004, 0.3]),
+]
+
+
+@pytest.mark.parametrize("values", EXTREMES, ids=["negzero", "max", "subnormal", "bound", "past_bound", "tenths"])
+@pytest.mark.parametrize("hint", [None, (0.1, 0.0), (1.0, 0.0), (0.5, -0.0)])
+def test_v2_extreme_values_round_trip_bit_for_bit(values: np.ndarray, hint: tuple[float, float] | None) -> None:
+    n = len(values)
+    cols = wire.SampleColumns([("A", "", ""), ("B", "x", "u")], np.array([0, 0, 1, 1], np.uint16)[:n],
+                              np.array([0, 10, 0, 2**62], np.int64)[:n], values, [hint, hint])
+    _round_trip(cols)
+
+
+def test_v2_negative_zero_is_never_sent_as_integer_zero() -> None:
+    cols = wire.SampleColumns([("A", "", "")], np.zeros(3, np.uint16), np.arange(3, dtype=np.int64),
+                              np.array([1.0, -0.0, 2.0]), [(1.0, 0.0)])
+    head, out = _round_trip(cols)
+    assert head["signals"] == [["A", "", ""]] and np.signbit(out.value[1])
+
+
+def test_v2_any_order_of_signals_round_trips() -> None:
+    """Writers sort by (signal, time), but the format does not rely on it: interleaved signals are runs of one."""
+    rng = np.random.default_rng(5)
+    n = 3000
+    cols = wire.SampleColumns([("A", "", ""), ("B", "", ""), ("C", "", "")], rng.integers(0, 3, n).astype(np.uint16),
+                              rng.integers(-(2**62), 2**62, n), np.round(rng.normal(0, 100, n)) * 0.25,
+                              [(0.25, 0.0), None, (0.5, 1.0)])
+    _round_trip(cols)
+
+
+def test_v2_timestamps_shared_by_signals_of_one_message_are_sent_once() -> None:
+    cols = _j1939_like(50_000)
+    one = wire.SampleColumns(cols.signals[:1], cols.sig[:10_000], cols.ts_us[:10_000], cols.value[:10_000],
+                             cols.scales[:1])
+    zero = wire.SampleColumns(cols.signals[:2], cols.sig[:20_000], cols.ts_us[:20_000],
+                              np.concatenate([cols.value[:10_000], np.full(10_000, 60.0)]), cols.scales[:2])
+    # a second signal on the same timestamps with a constant value costs (next to) nothing
+    def size(c: wire.SampleColumns) -> int:
+        return len(wire.encode_batch(wire.Batch("f", "v", 1, [wire.Segment("samples", 1, len(c), columns=c)])))
+
+    assert size(zero) - size(one) < 80
+    # after the run count and signals (4 + 1 bytes), the timestamp references: width 1, [0, 1] (the run before)
+    assert wire.encode_columns(zero)[1][5:8] == bytes([1, 0, 1])
+
+
+def test_v2_empty_segment_round_trips() -> None:
+    cols = wire.SampleColumns([("A", "", "")], np.zeros(0, np.uint16), np.zeros(0, np.int64), np.zeros(0))
+    head, blob = wire.encode_columns(cols)
+    out = wire.decode_columns(head, blob)
+    assert len(out) == 0 and out.signals == [("A", "", "")]
+
+
+def test_v1_still_decodes_and_is_written_as_before() -> None:
+    """Agents before ENC_V2 write this, and their stores hold it after an upgrade: the receiver reads it for ever."""
+    cols = _j1939_like(1000)
+    head, blob = wire.encode_columns(cols, wire.ENC_V1)
+    assert "enc" not in head and len(blob) == 18 * 1000
+    assert head["signals"] == [list(s) for s in cols.signals]
+    _, out = _round_trip(cols, wire.ENC_V1)
+    assert out.scales == []
+    head["enc"] = 1  # named explicitly: the same layout
+    np.testing.assert_array_equal(_bits(wire.decode_columns(head, blob).value), _bits(cols.value))
+
+
+def test_v2_is_refused_by_a_receiver_that_predates_enc() -> None:
+    """Without `enc` (what a receiver that ignores it sees) a v2 segment must not pass as the old layout, not even
+    when its blob happens to be 18 bytes a sample long (the encoder widens a column then)."""
+    ts = np.array([7476016667, 207874794146, 786153503032, 1096895306288, 1098517914568], np.int64)
+    v = np.array([float.fromhex(x) for x in ("-0x1.5a67e1e5a8117p-3", "0x1.7d77fa7ae8af0p+0", "0x1.6b60a763ebdb6p+0",
+                                             "0x1.14aa13a805697p+1", "0x1.6c6eaad10783fp-1")])
+    odd = wire.SampleColumns([("A", "", "")], np.zeros(5, np.uint16), ts, v)
+    head, blob = wire.encode_columns(odd)
+    assert len(blob) == 18 * 5 + 1  # one byte wider than it needed to be
+    _round_trip(odd)
+    for cols in (odd, _j1939_like(1000), _j1939_like(1000)):
+        head, blob = wire.encode_columns(cols)
+        del head["enc"]
+        with pytest.raises(wire.WireError):
+            wire.decode_columns(head, blob)
+
+
+@pytest.mark.parametrize("enc", [0, 3, -1, "2", 2.0, True, None, [2], 2**70])
+def test_unknown_enc_is_refused_with_a_reason(enc: object) -> None:
+    head, blob = wire.encode_columns(_j1939_like(100))
+    head["enc"] = enc
+    with pytest.raises(wire.WireError, match="unknown sample encoding"):
+        wire.decode_columns(head, blob)
+
+
+@pytest.mark.parametrize("entry", [
+    ["A", "", "", 0, 0], ["A", "", "", -0.5, 0], ["A", "", "", 1e999, 0], ["A", "", "", 1, 1e999], ["A", "", "", 1],
+    ["A", "", "", True, 0], ["A", "", "", "1", 0], ["A", "", "", None, 0], ["A", "", "", 1, 0, 0],
+    ["A", "", "", 0.0, 1], ["A", "", "", -1e-300, 0], ["A", ""], ["A", "", "", [1], 0],
+    ["A", "", "", float("nan"), 0], ["A", "", "", 1, float("nan")], ["A", "", "", -0.0, 0],
+])
+def test_v2_bad_scale_or_table_entry_is_refused(entry: list[object]) -> None:
+    head, blob = wire.encode_columns(wire.SampleColumns([("A", "", "")], np.zeros(3, np.uint16),
+                                                        np.arange(3, dtype=np.int64), np.array([1.0, 2.0, 3.0])))
+    head["signals"] = [entry]
+    with pytest.raises(wire.WireError, match=r"scale|signal table"):
+        wire.decode_columns(head, blob)
+
+
+def _col(values: list[int], width: int = 8) -> bytes:
+    u = np.array(values, np.uint64)
+    return bytes([width]) + u.astype("<u8").view(np.uint8).reshape(len(u), 8)[:, :width].T.tobytes()
+
+
+def _v2_blob(runs: int = 1, sig: list[int] | None = None, ref: list[int] | None = None,
+             lens: list[int] | None = None, unit: int = 1, first: list[int] | None = None,
+             period: list[int] | None = None, jitter: list[int] | None = None, vfirst: list[int] | None = None,
+             vdelta: list[int] | None = None, floats: list[int] | None = None) -> bytes:
+    """A hand-made ENC_V2 blob; the defaults are one run of 3 samples of signal 0 (an integer signal)."""
+    return (struct.pack("<I", runs) + _col(sig if sig is not None else [0]) + _col(ref if ref is not None else [0])
+            + _col(lens if lens is not None else [2]) + struct.pack("<Q", unit)
+            + _col(first if first is not None else [0]) + _col(period if period is not None else [2])
+            + _col(jitter if jitter is not None else [0, 0]) + _col(vfirst if vfirst is not None else [2])
+            + _col(vdelta if vdelta is not None else [2, 2]) + _col(floats or []))
+
+
+def _v2_head(n: int = 3, signals: list[list[object]] | None = None, t0: int = 0) -> dict[str, object]:
+    return {"enc": 2, "n": n, "t0_us": t0, "signals": signals or [["A", "", "", 1, 0]]}
+
+
+def test_the_hand_made_v2_blob_is_valid() -> None:
+    """The helper below builds what the format says: so the forgeries that follow differ in one thing only."""
+    out = wire.decode_columns(_v2_head(), _v2_blob())
+    assert out.ts_us.tolist() == [0, 1, 2] and out.value.tolist() == [1.0, 2.0, 3.0]  # zigzag: 2 → +1
+
+
+V2_FORGERIES = {
+    "huge n": (_v2_head(n=2**40), _v2_blob(), "outside"),
+    "more runs than samples": (_v2_head(), _v2_blob(runs=4), "runs for"),
+    "no runs": (_v2_head(), _v2_blob(runs=0, sig=[], ref=[], lens=[], first=[], period=[], jitter=[], vfirst=[],
+                                      vdelta=[]), "runs for"),
+    "run count 2^32-1": (_v2_head(), struct.pack("<I", 2**32 - 1), "runs for"),
+    "width 9": (_v2_head(), _v2_blob()[:4] + b"\x09" + b"\0" * 9 + _v2_blob()[13:], "width"),
+    "width 255": (_v2_head(), _v2_blob()[:4] + b"\xff", "width"),
+    "signal past the table": (_v2_head(), _v2_blob(sig=[2]), "out of range"),
+    "signal index wraps": (_v2_head(), _v2_blob(sig=[2**64 - 1]), "out of range"),
+    "run longer than the segment": (_v2_head(), _v2_blob(lens=[3]), "longer"),
+    "run length 2^64-1": (_v2_head(), _v2_blob(lens=[2**64 - 1]), "longer"),
+    "runs shorter than n": (_v2_head(), _v2_blob(lens=[1], jitter=[0], vdelta=[2]), "runs of"),
+    "reference ahead": (_v2_head(), _v2_blob(ref=[1]), "after it"),
+    "reference 2^64-1": (_v2_head(), _v2_blob(ref=[2**64 - 1]), "after it"),
+    "unit 0": (_v2_head(), _v2_blob(unit=0), "unit"),
+    "unit 2^64-1": (_v2_head(), _v2_blob(unit=2**64 - 1), "unit"),
+    "timestamps overflow": (_v2_head(), _v2_blob(unit=2**62, first=[2], period=[2]), "timestamps outside"),
+    "timestamps wrap around": (_v2_head(t0=2**62), _v2_blob(period=[2**63]), "timestamps outside"),
+    "raw integer past 2^53": (_v2_head(), _v2_blob(vfirst=[2**54 + 2]), "raw integer"),
+    "raw sum overflows int64": (_v2_head(), _v2_blob(vfirst=[2**63], vdelta=[2**63, 2**63]), "raw integer"),
+    "values overflow to inf": (_v2_head(signals=[["A", "", "", 1e300, 0]]), _v2_blob(vfirst=[2**53]), "finite"),
+    "NaN float": (_v2_head(signals=[["A", "", ""]]), _v2_blob(vfirst=[], vdelta=[], floats=[0x7FF8000000000000, 0, 0]),
+                  "finite"),
+    "column cut short": (_v2_head(), _v2_blob()[:-3], "ends inside"),
+    "trailing bytes": (_v2_head(), _v2_blob() + b"\0", "past its columns"),
+    "floats missing": (_v2_head(signals=[["A", "", ""]]), _v2_blob(), "ends inside|past its columns"),
+    "empty blob": (_v2_head(), b"", "ends inside"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(V2_FORGERIES))
+def test_forged_v2_segments_are_a_wire_error_with_a_reason(name: str) -> None:
+    head, blob, reason = V2_FORGERIES[name]
+    with pytest.raises(wire.WireError, match=reason):
+        wire.decode_columns(head, blob)
+
+
+@st.composite
+def _columns(draw: st.DrawFn) -> wire.SampleColumns:
+    m = draw(st.integers(1, 6))
+    n = draw(st.integers(1, 300))
+    sig = np.array(draw(st.lists(st.integers(0, m - 1), min_size=n, max_size=n)), np.uint16)
+    if draw(st.booleans()):
+        sig = np.sort(sig)
+    base = draw(st.integers(-(2**62), 2**62))
+    step = draw(st.sampled_from([1, 1000, 20_000, 2**40]))
+    ts = np.clip(base + np.array(draw(st.lists(st.integers(-50, 50), min_size=n, max_size=n)), np.int64) * step,
+                 -(2**62), 2**62)
+    scales: list[tuple[float, float] | None] = [
+        draw(st.one_of(st.none(), st.tuples(st.sampled_from([0.125, 0.1, 1.0, 0.05, 1e-9, 3.0, 0.0, -1.0]),
+                                           st.sampled_from([0.0, -40.0, -0.0, 0.5, -125.0, 1e6]))))
+        for _ in range(m)]
+    kind = draw(st.sampled_from(["raw", "floats", "mixed"]))
+    raw = np.array(draw(st.lists(st.integers(-(2**20), 2**20), min_size=n, max_size=n)), np.float64)
+    sc = np.array([s[0] if s else 1.0 for s in scales])[sig]
+    off = np.array([s[1] if s else 0.0 for s in scales])[sig]
+    hinted = raw * sc + off
+    floats = np.array(draw(st.lists(st.floats(allow_nan=False, allow_infinity=False), min_size=n, max_size=n)))
+    value = {"raw": hinted, "floats": floats, "mixed": np.where(sig % 2 == 0, hinted, floats)}[kind]
+    if not np.isfinite(value).all():
+        value = floats
+    return wire.SampleColumns([(f"S{i}", "can0/00", "") for i in range(m)], sig, ts, value, scales)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_columns())
+def test_v2_round_trips_any_columns_bit_for_bit(cols: wire.SampleColumns) -> None:
+    head, blob = wire.encode_columns(cols)
+    assert len(blob) != 18 * len(cols)
+    _, out = _round_trip(cols)
+    for i, entry in enumerate(head["signals"]):  # type: ignore[attr-defined]
+        if len(entry) == 5:  # sent as raw integers: with exactly the resolution the decoder applied
+            assert out.scales[i] == (float(entry[3]), float(entry[4]))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(min_size=1, max_size=48), st.integers(min_value=0, max_value=100_000), st.booleans())
+def test_v2_mutated_blobs_raise_only_wire_error(noise: bytes, pos: int, insert: bool) -> None:
+    head, blob = wire.encode_columns(_j1939_like(200, seed=pos))
+    b = bytearray(blob)
+    p = pos % len(b)
+    if insert:
+        b[p:p] = noise
+    else:
+        b[p : p + len(noise)] = noise
+    try:
+        out = wire.decode_columns(head, bytes(b))
+    except wire.WireError:
+        return
+    assert len(out) == 200 and np.isfinite(out.value).all()
+    assert (np.abs(out.ts_us) <= wire.MAX_TS_US).all() and int(out.sig.max()) < len(out.signals)
+
+
+_u64 = st.one_of(st.integers(0, 3), st.integers(0, 2**64 - 1), st.sampled_from([2**53 * 2, 2**63, 2**64 - 1, 2**62]))
+
+
+@st.composite
+def _forged_v2(draw: st.DrawFn) -> tuple[dict[str, object], bytes]:
+    """A blob with the format's structure (every count as the decoder will derive it, mostly) and hostile numbers
+    in it: any width, values that overflow, wrap, or go past the limits, references anywhere, lengths off by one."""
+    signals = draw(st.sampled_from([[["A", "", "", 0.5, 1]], [["A", "", ""]], [["A", "", "", 1e300, 0], ["B", "", ""]],
+                                    [["A", "", "", 1, 0], ["B", "", "", 5e-324, -1]]]))
+    r = draw(st.integers(1, 5))
+    sigs = [draw(st.integers(0, len(signals) - 1)) for _ in range(r)]
+    run_sig = [((d << 1) ^ (d >> 63)) % 2**64 for d in (np.diff(sigs, prepend=-1) - 1).tolist()]
+    if draw(st.integers(0, 9)) == 0:
+        run_sig[draw(st.integers(0, r - 1))] = draw(_u64)
+    ref = [draw(st.integers(0, i)) if draw(st.booleans()) else 0 for i in range(r)]
+    if draw(st.integers(0, 9)) == 0:
+        ref[draw(st.integers(0, r - 1))] = draw(_u64)
+    own = [i for i in range(r) if ref[i] == 0]
+    own_len = [draw(st.integers(0, 6)) for _ in own]  # length - 1
+    lens = {}
+    for i in range(r):  # the decoder's rule, where the references are sound
+        j = i
+        while 0 < ref[j] <= j:
+            j -= ref[j]
+        lens[i] = own_len[own.index(j)] + 1 if j in own else 1
+    n = sum(lens.values()) + draw(st.sampled_from([0, 0, 0, 1, -1]))
+    sig_of_run = []
+    acc = -1
+    for d in run_sig:  # zigzag-decoded running sum, as the decoder does
+        acc = (acc + 1 + ((d >> 1) ^ -(d & 1))) % 2**64
+        sig_of_run.append(acc)
+    is_int = [i < len(signals) and len(signals[i]) == 5 for i in sig_of_run]
+    int_runs = [lens[i] for i in range(r) if is_int[i]]
+
+    def col(k: int, given: list[int] | None = None) -> bytes:
+        w = draw(st.sampled_from([8, 8, 8, 8, 8, 0, 1, 2, 9]))
+        vals = given if given is not None else [draw(_u64) for _ in range(max(k, 0))]
+        return bytes([w]) + np.array(vals, np.uint64).astype("<u8").view(np.uint8).reshape(len(vals), 8)[
+            :, : min(w, 8)].T.tobytes()
+
+    unit = draw(st.one_of(st.integers(1, 1000), _u64))
+    blob = (struct.pack("<I", r) + col(r, run_sig) + col(r, ref) + col(len(own), own_len) + struct.pack("<Q", unit)
+            + col(len(own)) + col(sum(1 for x in own_len if x >= 1)) + col(sum(own_len)) + col(len(int_runs))
+            + col(sum(int_runs) - len(int_runs)) + col(max(n, 0) - sum(int_runs)))
+    return {"enc": 2, "n": max(n, 0), "t0_us": draw(st.integers(-(2**62), 2**62)), "signals": signals}, blob
+
+
+@settings(max_examples=1000, deadline=None)
+@given(_forged_v2())
+def test_v2_forged_columns_decode_within_the_limits_or_raise_wire_error(
+        forged: tuple[dict[str, object], bytes]) -> None:
+    head, blob = forged
+    try:
+        out = wire.decode_columns(head, blob)
+    except wire.WireError:
+        return
+    assert len(out) == head["n"] and np.isfinite(out.value).all()
+    assert (np.abs(out.ts_us) <= wire.MAX_TS_US).all() and (len(out) == 0 or int(out.sig.max()) < len(out.signals))
+
+
+def test_v2_runs_whose_timestamps_only_hash_alike_keep_their_own() -> None:
+    """Runs are matched by a hash of their timestamps, then compared in full: two that collide stay apart."""
+    w = 0x9E3779B97F4A7C15  # the hash's weight: (w, 0) and (0, 1) hash alike
+    q = np.array([w - 2**64, 0, 0, 1, 0, 1], np.int64)
+    ref = wire._same_timestamps(q, np.array([0, 2, 4]), np.array([2, 2, 2]))
+    assert ref.tolist() == [0, 0, 1]  # the third run is the second's timestamps; the first is not
+
+
+# --- Signal tables by reference (docs/protocol.md, "Signal tables by reference") ---
+
+
+def _table_batch(batch_id: int = 1, lo: int = 7) -> wire.Batch:
+    cols = _j1939_like(1000)
+    return wire.Batch("f", "v", batch_id, [wire.Segment("samples", lo, lo + 999, encoded=wire.encode_columns(cols))])
+
+
+def test_table_digest_is_sha256_of_canonical_json_cut_to_16_bytes() -> None:
+    import hashlib
+
+    table = [["B", "can0/00", "°C", 0.5, -40], ["A", "gps", "deg"]]
+    text = '[["B","can0/00","\\u00b0C",0.5,-40],["A","gps","deg"]]'
+    assert wire.table_digest(table) == hashlib.sha256(text.encode()).hexdigest()[:32]
+    assert wire.table_digest(table) != wire.table_digest(table[::-1])
+
+
+def test_a_known_table_is_sent_as_a_reference_and_decodes_bit_identical_with_the_stored_table() -> None:
+    full = _table_batch()
+    first = wire.encode_batch(full)
+    digest, table = next(iter(full.tables.items()))
+    assert not full.referenced and wire.table_digest(table) == digest
+    ref = _table_batch()
+    second = wire.encode_batch(ref, known_tables={digest})
+    assert ref.referenced and ref.tables == {}
+    assert len(second) < len(first)
+    held = {("v", digest): table}
+    a = wire.decode_batch(first)
+    b = wire.decode_batch(second, tables=lambda d: held.get(("v", d)))
+    assert a.tables == {digest: table} and not a.referenced
+    assert b.tables == {} and b.referenced
+    ca, cb = a.segments[0].columns, b.segments[0].columns
+    assert ca is not None and cb is not None
+    assert ca.signals == cb.signals and ca.scales == cb.scales
+    np.testing.assert_array_equal(ca.ts_us, cb.ts_us)
+    np.testing.assert_array_equal(_bits(ca.value), _bits(cb.value))
+
+
+def test_a_reference_nobody_holds_or_to_a_table_that_does_not_hash_to_it_is_an_unknown_table() -> None:
+    ref = _table_batch()
+    digest = wire.table_digest(wire.encode_columns(_j1939_like(1000))[0]["signals"])
+    msg = wire.encode_batch(ref, known_tables={digest})
+    with pytest.raises(wire.UnknownTableError):
+        wire.decode_batch(msg)
+    with pytest.raises(wire.UnknownTableError):
+        wire.decode_batch(msg, tables=lambda d: None)
+    with pytest.raises(wire.UnknownTableError):  # a different table stored under that digest
+        wire.decode_batch(msg, tables=lambda d: [["X", "can0/00", ""]])
+
+
+def test_a_reference_to_a_table_the_same_batch_carries_in_full_decodes() -> None:
+    cols = _j1939_like(1000)
+    head, blob = wire.encode_columns(cols)
+    digest = wire.table_digest(head["signals"])
+    referenced = {k: v for k, v in head.items() if k != "signals"} | {"table": digest}
+    b = wire.Batch("f", "v", 1, [wire.Segment("samples", 1, 1000, encoded=(referenced, blob)),
+                                 wire.Segment("samples", 1001, 2000, encoded=(head, blob))])
+    out = wire.decode_batch(wire.encode_batch(b))
+    assert out.tables == {digest: head["signals"]} and out.referenced
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({"table": "0" * 32}, "exactly one of signals and table"),  # both
+    ({"signals": None}, "exactly one of signals and table"),  # neither (None drops the key below)
+    ({"signals": None, "table": "0" * 31}, "32 lowercase hex"),
+    ({"signals": None, "table": "G" * 32}, "32 lowercase hex"),
+    ({"signals": None, "table": 5}, "32 lowercase hex"),
+])
+def test_a_segment_header_with_both_neither_or_a_bad_table_says_why(change: dict[str, object], reason: str) -> None:
+    head, blob = wire.encode_columns(_cols(10))
+    seg = {"kind": "samples", "seq_lo": 5, "seq_hi": 14, **head, "offset": 0, "length": len(blob), **change}
+    seg = {k: v for k, v in seg.items() if v is not None}
+    with pytest.raises(wire.WireError, match=reason):
+        wire.decode_batch(_raw(_header(seq_lo=5, seq_hi=14, segments=[seg]), blob))
+
+
+_DIGEST_10 = wire.table_digest(wire.encode_columns(_cols(10))[0]["signals"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.just(_DIGEST_10), st.text(max_size=40), st.from_regex(r"\A[0-9a-f]{32}\Z"), st.integers(),
+                 st.none(), st.lists(st.text(max_size=3), max_size=3)),
+       st.booleans(), st.sampled_from([None, "same", "other"]))
+def test_fuzzed_table_headers_decode_or_raise_only_wire_error(value: object, keep_signals: bool,
+                                                              store: str | None) -> None:
+    head, blob = wire.encode_columns(_cols(10))
+    seg = {"kind": "samples", "seq_lo": 5, "seq_hi": 14, **head, "offset": 0, "length": len(blob), "table": value}
+    if not keep_signals:
+        del seg["signals"]
+    table = head["signals"] if store == "same" else [["X", "s", "u", 2, 0]]
+
+    def lookup(d: str) -> list[object] | None:
+        return table if store is not None else None
+
+    try:
+        b = wire.decode_batch(_raw(_header(seq_lo=5, seq_hi=14, segments=[seg]), blob), tables=lookup)
+    except wire.WireError:
+        return
+    # Decoded only with a well-formed reference to a table that really hashes to it.
+    assert not keep_signals and value == wire.table_digest(head["signals"]) and store == "same"
+    assert b.referenced
+
+
+def test_ack_tables_round_trip_and_a_bad_list_is_refused() -> None:
+    ack = wire.Ack("v", 3, [(1, 2)], tables=["ab" * 16])
+    assert wire.decode_ack(wire.encode_ack(ack)).tables == ["ab" * 16]
+    assert b"tables" not in wire.encode_ack(wire.Ack("v", 3, [(1, 2)]))  # as receivers before references wrote
+    for bad in (["AB" * 16], ["ab"], "ab" * 16, [1], ["ab" * 16] * (wire.MAX_ACK_TABLES + 1)):
+        payload = json.dumps({"schema": 1, "vehicle": "v", "batch": 3, "ranges": [], "tables": bad}).encode()
+        with pytest.raises(wire.WireError, match="tables"):
+            wire.decode_ack(payload)

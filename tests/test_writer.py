@@ -117,3 +117,38 @@ def test_sample_buffer_round_trip(n: int) -> None:
         return
     assert cols is not None and len(cols) == n
     assert b.put_back(cols, limit=n) == 0 and b.n == n
+
+
+def test_a_signals_resolution_travels_with_its_samples(tmp_path: Path) -> None:
+    """The J1939 decoder's (scale, offset) of a signal reaches the store's segment, through a failed write and
+    back; a signal without one (NMEA, serial) has none."""
+    reg = SignalRegistry()
+    rpm = reg.intern("EEC1.EngSpeed", "can0/00", "rpm", (0.125, 0.0))
+    lat = reg.intern("GPS.Latitude", "gps", "deg")
+    assert reg.intern("EEC1.EngSpeed", "can0/00", "rpm") == rpm and reg.resolution(rpm) == (0.125, 0.0)
+    assert reg.intern("EEC1.EngSpeed", "can0/00", "rpm", (1.0, 0.0)) == rpm and reg.resolution(rpm) == (0.125, 0.0)
+    assert reg.resolution(lat) is None
+    b = SampleBuffer(reg)
+    b.add(SampleArrays(np.arange(6) * 0.02, np.array([rpm, lat] * 3, np.int32),
+                       np.array([800.125, 28.51, 800.25, 28.52, 801.0, 28.53])))
+    cols = b.take()
+    assert cols is not None and cols.signals == [reg.key(rpm), reg.key(lat)] and cols.scales == [(0.125, 0.0), None]
+    b.put_back(cols, limit=100)
+    again = b.take()
+    assert again is not None and again.scales == [(0.125, 0.0), None]
+    store = Store(tmp_path / "s.sqlite", first_seq=1)
+    store.append_samples(again)
+    (row,) = store.pending(records=False, exclude=set(), max_bytes=1 << 30)
+    head = json.loads(row.head)
+    assert head["enc"] == wire.ENC_V2
+    assert head["signals"] == [["EEC1.EngSpeed", "can0/00", "rpm", 0.125, 0], ["GPS.Latitude", "gps", "deg"]]
+    out = wire.decode_columns(head, row.body)
+    np.testing.assert_array_equal(out.value.view(np.uint64), again.value.view(np.uint64))
+    store.close()
+
+
+def test_a_resolution_given_later_fills_in_where_none_was() -> None:
+    reg = SignalRegistry()
+    sid = reg.intern("X", "can0/00", "")
+    assert reg.resolution(sid) is None
+    assert reg.intern("X", "can0/00", "", (0.5, -10.0)) == sid and reg.resolution(sid) == (0.5, -10.0)

@@ -200,7 +200,9 @@ class J1939Decoder:
         sids = cm.sids.get(key)
         if sids is None:
             src = self.source(sa)
-            sids = np.array([self.registry.intern(f.name, src, f.unit) for f in cm.fast], np.int32)
+            # Each value is computed as raw * scale + offset (decode below): the wire sends the raw integers.
+            sids = np.array([self.registry.intern(f.name, src, f.unit, (f.scale, f.offset)) for f in cm.fast],
+                            np.int32)
             cm.sids[key] = sids
         return sids
 
