@@ -68,7 +68,7 @@ def test_one_late_transition_goes_out_as_itself_and_a_quiet_dtc_is_forgotten() -
     assert [(e.kind, e.ts) for e in out] == [("dtc_open", 2.0)] and d.held == 0
     assert d.feed([], 20.0)[0] == []  # the next period held nothing: forgotten
     out, urgent = d.feed([_close(30.0)], 30.0)
-    assert [e.kind for e in out] == ["dtc_close"] and not d.held  # out at once again
+    assert [e.kind for e in out] == ["dtc_close"] and not d.held and not urgent  # out at once again
 
 
 def test_a_source_past_its_bound_is_merged_into_one_storm_summary_per_minute() -> None:
