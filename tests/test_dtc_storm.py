@@ -224,6 +224,19 @@ def test_a_debounced_dtc_held_across_a_crash_is_neither_lost_nor_doubled(tmp_pat
     assert _check(_records(path)) == {111: True, 110: False}
 
 
+def test_a_held_open_across_a_crash_goes_out_once_and_is_not_announced_again(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite"
+    # Open, clear (out at once), open again: held in the period; written, then a crash.
+    _run(path, [_dm1_batch(t, f) for t, f in ((0, True), (1, False), (2, True))], flushed=True)
+    assert [r["kind"] for _, r in _records(path)] == ["dtc_open", "dtc_open", "dtc_close"]
+    # Still active after the restart: the DM1s tell nothing new; the held open goes out once its period ends.
+    _run(path, [_dm1_batch(t, True) for t in (4, 8, 10.5, 12, 30)], flushed=True)
+    recs = _records(path)
+    assert [(r["kind"], r["data"]["spn"], r["ts"]) for _, r in recs][3:] == [("dtc_open", 110, 2.0)]
+    _run(path, [_dm1_batch(t, True) for t in (40, 41)], flushed=True)
+    assert len(_records(path)) == 4 and _check(_records(path)) == {111: True, 110: True}
+
+
 def test_a_crash_before_the_flush_loses_the_held_events_with_their_state_and_the_next_dm1_restores_them(
         tmp_path: Path) -> None:
     path = tmp_path / "s.sqlite"
