@@ -201,7 +201,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
     print(f"{out['frames']} frames in {out['seconds']:.2f} s ({out['frames_per_s']:.0f} frames/s) on "
           f"{', '.join(out['buses']) or 'no bus'}")
     print(f"decoded {out['frames_decoded']}, unknown {out['frames_unknown']}, samples {out['samples']}, "
-          f"DTC events {out['dtc_events']}, windows {out['windows']} (scored {out['windows_scored']}), "
+          f"DTC events {out['dtc_events']} ({out['dtc_events_merged']} merged into summaries), "
+          f"windows {out['windows']} (scored {out['windows_scored']}), "
           f"alerts {out['alerts']}")
     _print_not_scored(out)
     if out["errors"]:

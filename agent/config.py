@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from agent.drift import DriftPolicy
+from agent.dtcdebounce import DtcPolicy
 from harvester_common import wire
 
 # Re-exported: the agent's code and users say agent.config.ConfigError.
@@ -97,6 +98,18 @@ class PipelineConfig(_Section):
         "the queue is full its batch is dropped and counted (`queue_full_can`, `queue_full_serial` in the "
         "status message's `dropped`, by frame or line). Source events (`source_down`, `source_up`) wait in a "
         "queue of their own with the same bound, drained first, so a full data queue never drops them."))
+    dtc_debounce_s: float = Field(60.0, ge=0, le=3600, description=(
+        "quiet period of a DTC (source, SPN, FMI), in data time, from its first transition: that one and the next "
+        "go out at once; more within it (a flapping DTC) become one `dtc_flapping` event with their count and "
+        "first and last time, sent when the period ends (or at a stop), one per period while it flaps; 0: every "
+        "transition goes out as itself (docs/delivery.md, \"DTC storms\")."))
+    dtc_max_events_per_min: int = Field(30, ge=0, le=100_000, description=(
+        "at most this many DTC events per source address per minute of data time; the rest are merged into one "
+        "`dtc_storm` summary per source and minute (counts by kind, first and last time, DTCs left open) and "
+        "counted (`pipeline.dtc_events_merged`); 0: no bound."))
+
+    def dtc_policy(self) -> DtcPolicy:
+        return DtcPolicy(self.dtc_debounce_s, self.dtc_max_events_per_min)
 
 
 class ModelConfig(_Section):
@@ -191,7 +204,8 @@ class StoreConfig(_Section):
         "an eviction frees space down to this share of `max_bytes`, so that a store at its bound does not evict "
         "on every write."))
     flush_interval_s: float = Field(1.0, gt=0, le=60, description=(
-        "samples are written as one segment at least this often (alerts and events are written at once)."))
+        "samples are written as one segment at least this often; DTC and other decoder events wait for the same "
+        "flush, in one transaction (alerts and a DTC's first open are written at once)."))
     # At most one wire segment's worth (wire.MAX_SEGMENT_SAMPLES); the store splits anything larger anyway.
     flush_max_samples: int = Field(20_000, ge=1, le=wire.MAX_SEGMENT_SAMPLES, description=(
         "... or when this many samples wait in memory. At most a wire segment's worth (`harvester_common/wire.py` "

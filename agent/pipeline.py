@@ -2,16 +2,20 @@
 a `Sink`.
 
 Every source's batches go through its decoder (agent/decode/base.py), the samples through features and scoring to
-alerts; samples, alerts and events go to the sink. The live service (agent/service.py) and log replay both drive
-this same object with the store writer (agent/writer.py) as the sink, so what a fleet engineer replays is exactly
-what runs on the vehicle. When and how the sink writes, and what it does when it cannot, is the writer's.
+alerts; samples, alerts and events go to the sink. A decoder's events go through that source's DTC debouncer
+first (agent/dtcdebounce.py, on the batch's own data time): a flapping DTC becomes one event a period, a source's
+storm one summary a minute, every decoded event counted. Alerts and a DTC's first open are marked urgent (written
+at once); the decoder's other events may wait for the samples' flush. The live service (agent/service.py) and log
+replay both drive this same object with the store writer (agent/writer.py) as the sink, so what a fleet engineer
+replays is exactly what runs on the vehicle. When and how the sink writes, and what it does when it cannot, is the
+writer's.
 
 What is open survives a restart. The open alert and each decoder's state (a bus's DM1 active set) go to the sink
-(state keys `alerts/open`, `dtc_active/<bus>`) with the records that changed them, to be saved in the same
-transaction; the alert also every `alert_heartbeat_s` while open (so that a restart knows how long its owner was
-gone); the drift statistics with each drift report. At start the writer reads them back and hands them to
-`resume`: DTCs still active are not announced again, and the open alert is carried on or closed with a reason
-(agent/alerts.py).
+(state keys `alerts/open`, `dtc_active/<bus>`, and what the DTC debouncer holds, `dtc_debounce/<bus>`) with the
+records that changed them, to be saved in the same transaction; the alert also every `alert_heartbeat_s` while
+open (so that a restart knows how long its owner was gone); the drift statistics with each drift report. At start
+the writer reads them back and hands them to `resume`: DTCs still active are not announced again, held DTC events
+go out when their period ends, and the open alert is carried on or closed with a reason (agent/alerts.py).
 
 A model update happens here, at window boundaries (after a batch, when every model has closed the windows its
 samples end): a verified candidate (agent/update/manager.py hands it over) gets its own feature windows fed the
@@ -32,15 +36,16 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sized
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 import numpy.typing as npt
 
 from agent.alerts import AlertContext, AlertTracker, closed_for
-from agent.config import ModelConfig
-from agent.decode.base import Decoder
+from agent.config import ModelConfig, PipelineConfig
+from agent.decode.base import Decoder, Lines
 from agent.drift import DriftMonitor, DriftPolicy
+from agent.dtcdebounce import DtcDebouncer, DtcPolicy
 from agent.features import FeatureEngine, FeatureRow
 from agent.frames import FrameBatch
 from agent.metrics import Metrics, counts
@@ -52,8 +57,10 @@ from agent.update.shadow import Figures, ShadowBounds, ShadowRun, UpdateEvent, d
 log = logging.getLogger("agent.pipeline")
 
 ALERT_STATE_KEY = "alerts/open"
+DTC_DEBOUNCE_STATE_KEY = "dtc_debounce/{source}"  # what a decoder's DTC debouncer holds (agent/dtcdebounce.py)
 # The defaults of the keys the pipeline takes, for callers without a config (replay, tests, benchmarks).
 _MODEL = ModelConfig()
+_MODEL_DTC = PipelineConfig().dtc_policy()
 
 
 class Sink(Protocol):
@@ -61,9 +68,11 @@ class Sink(Protocol):
 
     def append_samples(self, samples: SampleArrays) -> None: ...
 
-    def append_records(self, records: list[tuple[str, dict[str, Any]]], state: dict[str, Any]) -> None:
+    def append_records(self, records: list[tuple[str, dict[str, Any]]], state: dict[str, Any],
+                       urgent: bool = True) -> None:
         """Alerts and events (kind, record), and the state they change (key → JSON value, None deletes): to be
-        saved together."""
+        saved together. `urgent`: to be written at once (an alert, a DTC's first open); otherwise they may wait
+        for the samples' flush, with their state."""
         ...
 
     def set_state(self, key: str, value: Any) -> bool:
@@ -100,7 +109,10 @@ class PipelineStats:
     alerts_opened: int = 0
     alerts_closed: int = 0
     alerts_carried: int = 0  # open alerts taken over from the previous run
-    dtc_events: int = 0
+    dtc_events: int = 0  # decoded (DM1 transitions and any other dtc_* event a decoder gives)
+    dtc_events_written: int = 0  # to the sink: as themselves, and the summaries of those merged
+    dtc_events_merged: int = 0  # decoded events that went out inside a summary (dtc_flapping, dtc_storm)
+    dtc_events_held: int = 0  # decoded events the debouncers hold now (dtc_events = passed + merged + held)
     serial_lines: int = 0
     source_events: int = 0  # source_down / source_up passed on to the sink
     last_score: float = math.nan
@@ -180,6 +192,15 @@ def _invalid(res: ScoreBatch) -> npt.NDArray[np.bool_]:
     return ~res.missing_required & ~res.unfamiliar & ~res.scored
 
 
+def _latest(batch: Sized) -> float | None:
+    """The latest finite time a batch carries (a `FrameBatch`'s frames, or lines read at a time), or None."""
+    if isinstance(batch, FrameBatch):
+        ts = batch.ts[np.isfinite(batch.ts)]
+        return float(ts.max()) if ts.size else None
+    times = [t for t, _ in cast(Lines, batch) if isinstance(t, float | int) and math.isfinite(t)]
+    return float(max(times)) if times else None
+
+
 def _copy(c: Counter[str]) -> dict[str, int]:
     """A counter the pipeline thread may be adding a key to while the uplink thread reads it for a status."""
     for _ in range(5):
@@ -204,6 +225,7 @@ class Pipeline:
         alert_heartbeat_s: float = _MODEL.alert_heartbeat_s,
         metrics: Metrics | None = None,
         on_update: Callable[[UpdateEvent], None] | None = None,
+        dtc_policy: DtcPolicy | None = None,
     ) -> None:
         self.tap = tap  # sees every decoded sample batch (replay statistics)
         self.registry = registry
@@ -212,6 +234,8 @@ class Pipeline:
         self.alert_resume_s = alert_resume_s
         self.alert_heartbeat_s = alert_heartbeat_s  # wall-clock seconds between saves of an open alert's sign of life
         self.stats = PipelineStats()
+        self.dtc_policy = dtc_policy or _MODEL_DTC
+        self.debouncers: dict[str, DtcDebouncer] = {}  # per source, as its first events come (or its state)
         self._alert_saved_at = 0.0
         self.active = ModelSlot(scorer) if scorer is not None else None
         self.drift: DriftMonitor | None = None
@@ -257,6 +281,8 @@ class Pipeline:
             "windows_scored": st.windows_scored, "windows_unfamiliar": st.windows_unfamiliar,
             "windows_missing_features": st.windows_missing, "alerts_opened": st.alerts_opened,
             "alerts_closed": st.alerts_closed, "alerts_carried": st.alerts_carried, "dtc_events": st.dtc_events,
+            "dtc_events_written": st.dtc_events_written, "dtc_events_merged": st.dtc_events_merged,
+            "dtc_events_held": float(st.dtc_events_held),
             "source_events": st.source_events, "errors": counts(st.errors),
             "model_switches": st.model_switches, "model_switch_unscored_windows": st.model_switch_unscored_windows,
             "missing_features": counts(st.missing_features), "unfamiliar_features": counts(st.unfamiliar_features),
@@ -275,6 +301,7 @@ class Pipeline:
         """The saved state `resume` continues from."""
         keys = [self._drift_key] if self.drift is not None else []
         keys += [d.state_key for d in self.decoders.values() if d.state_key is not None]
+        keys += [DTC_DEBOUNCE_STATE_KEY.format(source=s) for s in self.decoders]
         return [*keys, ALERT_STATE_KEY]
 
     def resume(self, saved: Mapping[str, Any]) -> None:
@@ -289,6 +316,10 @@ class Pipeline:
             saved_dec = saved.get(dec.state_key)
             if saved_dec is not None and not dec.restore(saved_dec):
                 self.stats.errors["dtc_state_unreadable"] += 1
+        for source in self.decoders:
+            held = saved.get(DTC_DEBOUNCE_STATE_KEY.format(source=source))
+            if held is not None and not self._debouncer(source).restore(held):
+                self.stats.errors["dtc_debounce_state_unreadable"] += 1
         alert = saved.get(ALERT_STATE_KEY)
         if alert is None:
             return
@@ -328,8 +359,16 @@ class Pipeline:
                 and time.time() - self._alert_saved_at >= self.alert_heartbeat_s:
             self._emit([], self._alert_state())
 
+    def drain_dtcs(self) -> None:
+        """Every DTC event the debouncers hold, out now (a stop, the end of a replay), with their emptied state."""
+        for source, deb in self.debouncers.items():
+            out = deb.drain()
+            if out or deb.changed:
+                self._dtc_out(out, {DTC_DEBOUNCE_STATE_KEY.format(source=source): deb.state()}, False)
+
     def shutdown(self, reason: str = "agent_stop") -> None:
-        """A clean stop: close the open alert (its owner is going away)."""
+        """A clean stop: the DTC events held go out, and the open alert is closed (its owner is going away)."""
+        self.drain_dtcs()
         if self.tracker is not None:
             closing = self.tracker.close_now(reason, time.time())
             if closing is not None:
@@ -356,7 +395,7 @@ class Pipeline:
         self._samples(res.samples)
         # Saved with the events, in their transaction: a restart continues from exactly what was announced.
         state = {dec.state_key: dec.state()} if res.state_changed and dec.state_key is not None else {}
-        self._events(res.events, state)
+        self._events(source, res.events, batch, state)
 
     def source_event(self, event: Event) -> None:
         """A source's own event (`source_down`, `source_up`: agent/sources/health.py), stored and synced like any
@@ -698,15 +737,39 @@ class Pipeline:
         return {"enabled": True, "drift": self._drift_flag, "windows": self.drift.rows,
                 "features": sorted(self.drift.drifted())}
 
-    def _events(self, events: list[Event], state: dict[str, Any]) -> None:
-        for e in events:
-            if e.kind.startswith("dtc_"):
-                self.stats.dtc_events += 1
-                log.info("%s %s", e.kind, e.data)
-        if events or state:
-            # One transaction for the batch's events and the decoder state they leave.
-            self._emit([("event", e.to_dict()) for e in events], state)
+    def _debouncer(self, source: str) -> DtcDebouncer:
+        deb = self.debouncers.get(source)
+        if deb is None:
+            deb = self.debouncers[source] = DtcDebouncer(self.dtc_policy)
+        return deb
 
-    def _emit(self, records: list[tuple[str, dict[str, Any]]], state: dict[str, Any]) -> None:
+    def _events(self, source: str, events: list[Event], batch: Sized, state: dict[str, Any]) -> None:
+        """A decoder's events through its DTC debouncer (agent/dtcdebounce.py), on the data's clock: the batch's
+        latest time."""
+        deb = self._debouncer(source)
+        if events or deb.active:
+            before = deb.decoded
+            out, urgent = deb.feed(events, _latest(batch))
+            self.stats.dtc_events += deb.decoded - before
+            if deb.changed:
+                state[DTC_DEBOUNCE_STATE_KEY.format(source=source)] = deb.state()
+        else:
+            out, urgent = [], False
+        if out or state:
+            self._dtc_out(out, state, urgent)
+
+    def _dtc_out(self, out: list[Event], state: dict[str, Any], urgent: bool) -> None:
+        """One transaction for what a batch lets out and the decoder and debouncer state it leaves."""
+        st = self.stats
+        for e in out:
+            if e.kind.startswith("dtc_"):
+                st.dtc_events_written += 1
+                log.info("%s %s", e.kind, e.data)
+        # Kept as plain numbers: the metrics collector reads them from another thread.
+        st.dtc_events_merged = sum(d.merged for d in self.debouncers.values())
+        st.dtc_events_held = sum(d.held for d in self.debouncers.values())
+        self._emit([("event", e.to_dict()) for e in out], state, urgent)
+
+    def _emit(self, records: list[tuple[str, dict[str, Any]]], state: dict[str, Any], urgent: bool = True) -> None:
         if self.sink is not None:
-            self.sink.append_records(records, state)
+            self.sink.append_records(records, state, urgent)

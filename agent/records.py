@@ -45,7 +45,9 @@ class Event:
     data: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # Not dataclasses.asdict: its deep copy was most of the cost of a DTC storm. The record is encoded soon
+        # after and an event's data is built afresh by whoever emits it, so a copy of the top level is enough.
+        return {"kind": self.kind, "ts": self.ts, "data": dict(self.data)}
 
 
 @dataclass(slots=True)

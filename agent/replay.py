@@ -144,6 +144,7 @@ def replay(
             if b:
                 pipe.feed(label, FrameBatch.from_messages(b, label))
                 frames += len(b)
+    pipe.drain_dtcs()  # what the DTC debouncers hold goes out with the rest
     writer.flush()
     seconds = time.perf_counter() - t0
     if progress:
@@ -160,7 +161,11 @@ def replay(
         "frames_unknown": seen["frames_unknown"],
         "errors": dict(sorted(errors.items())),
         "samples": pipe.stats.samples,
-        "dtc_events": pipe.stats.dtc_events,
+        "dtc_events": pipe.stats.dtc_events,  # decoded
+        # Of those: written as themselves or inside a summary that was (docs/delivery.md, "DTC storms").
+        "dtc_events_merged": pipe.stats.dtc_events_merged,
+        "dtc_events_written": pipe.stats.dtc_events_written,  # records: the events as themselves and summaries
+        "store_transactions": store.transactions,  # write transactions (each one fsync), samples and records
         **pipe.scoring_status(),  # windows, scored, unfamiliar, and why the rest were not scored
         "required_features": list(scorer.contract.required_features) if scorer else [],
         "alerts": pipe.stats.alerts_opened,

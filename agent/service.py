@@ -119,7 +119,8 @@ class Agent:
                                  self.writer, drift_policy=cfg.model.drift_policy(),
                                  drift_interval_s=cfg.model.drift_interval_s, alert_resume_s=cfg.model.alert_resume_s,
                                  alert_heartbeat_s=cfg.model.alert_heartbeat_s, metrics=self.metrics,
-                                 on_update=self.updates.on_update if self.updates is not None else None)
+                                 on_update=self.updates.on_update if self.updates is not None else None,
+                                 dtc_policy=cfg.pipeline.dtc_policy())
         self.writer.resume(self.pipeline)
         # (kind, source, batch)
         self.queue: queue.Queue[tuple[str, str, Any]] = queue.Queue(cfg.pipeline.queue_max_batches)

@@ -3,8 +3,14 @@
 The pipeline says what to write (its `Sink`); this decides when, and what happens when it cannot be written:
 
 - samples gather into one segment, written when `max_samples` have gathered or `interval_s` has passed since the
-  first of them (`maybe_flush`); alerts and events are written at once, with the state they change, in one
-  transaction;
+  first of them (`maybe_flush`);
+- records (alerts, events) are written with the state they change, in one transaction. Urgent ones (alerts, a
+  DTC's first open, source and drift events: what the pipeline does not mark otherwise) are written at once,
+  with every record held before them; the rest (a decoder's other events: DTC closes, flapping and storm
+  summaries) wait with the samples and are written when the samples are, or `interval_s` after the first of them,
+  whichever comes first. A DTC storm thus costs at most one records transaction per batch that lets out a first
+  open, and one per flush otherwise, never one per event. On a kill -9 what waits is lost with the state that
+  goes with it, so a restart continues from what was written (docs/delivery.md, "DTC storms");
 - when the store cannot be written (disk full, I/O error) what failed is held in memory and retried once per
   `interval_s`, not on every batch; held samples are bounded by `memory_max_samples` and records by
   `memory_max_records`, the oldest dropped first and counted (`samples_dropped_store_unavailable`,
@@ -99,6 +105,7 @@ class StoreWriter:
         self.buffer = SampleBuffer(registry)
         self.pending_records: list[tuple[str, dict[str, Any]]] = []
         self.pending_state: dict[str, Any] = {}  # saved with the next records (same transaction)
+        self._records_since = 0.0  # time.monotonic() when the oldest record or state now waiting came
         self.store_error: str | None = None  # set while the store cannot be written
         self.errors: Counter[str] = Counter()
         self._retry_at = 0.0
@@ -115,11 +122,15 @@ class StoreWriter:
     def append_samples(self, samples: SampleArrays) -> None:
         self.buffer.add(samples)
 
-    def append_records(self, records: list[tuple[str, dict[str, Any]]], state: dict[str, Any]) -> None:
+    def append_records(self, records: list[tuple[str, dict[str, Any]]], state: dict[str, Any],
+                       urgent: bool = True) -> None:
+        if not (self.pending_records or self.pending_state):
+            self._records_since = time.monotonic()
         self.pending_records.extend(records)
         self.pending_state.update(state)
         if self.store_error is None:
-            self.flush_records()
+            if urgent:
+                self.flush_records()
         elif len(self.pending_records) > self.memory_max_records:
             over = len(self.pending_records) - self.memory_max_records
             del self.pending_records[:over]
@@ -153,7 +164,7 @@ class StoreWriter:
             self.store_error = None
 
     def flush_records(self) -> None:
-        """Alerts and events are written at once: they are what must never wait in memory."""
+        """Every record and state waiting, in one transaction."""
         if not (self.pending_records or self.pending_state):
             return
         try:
@@ -194,7 +205,8 @@ class StoreWriter:
         due = self.buffer.n >= max_samples or (self.buffer.n and now - self.buffer.since >= interval_s)
         if due:
             self.flush_samples()
-        if self.pending_records or self.pending_state:
+        if (self.pending_records or self.pending_state) and (
+                due or self.store_error is not None or now - self._records_since >= interval_s):
             self.flush_records()
         if self.store_error is not None:
             self._retry_at = now + interval_s

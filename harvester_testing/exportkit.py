@@ -134,7 +134,8 @@ class _Sink:
             col.append(np.array([key[k] for key in keys], object)[sid])
         d.value.append(np.asarray(s.value, np.float64))
 
-    def append_records(self, records: list[tuple[str, dict[str, Any]]], state: dict[str, Any]) -> None:
+    def append_records(self, records: list[tuple[str, dict[str, Any]]], state: dict[str, Any],
+                       urgent: bool = True) -> None:
         for kind, rec in records:
             self.data.add_record(kind, rec)
 
@@ -168,6 +169,7 @@ def simulate_vehicle(vehicle: str, sessions: Sequence[Session], model: Path | No
                 m.timestamp += s.start
             if frames:
                 pipe.feed("can0", FrameBatch.from_messages(frames, "can0"))
+        pipe.drain_dtcs()  # a session ends as the agent stops: what the DTC debouncer holds goes out
         if pipe.tracker is not None:
             closing = pipe.tracker.close_now("agent_stop", s.start + s.duration_s)
             if closing is not None:

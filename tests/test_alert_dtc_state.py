@@ -97,10 +97,15 @@ def _records(store: Store) -> list[tuple[str, dict[str, Any]]]:
 
 def _started(store: Store, reg: SignalRegistry, decoders: dict[str, Decoder[Any]]) -> Pipeline:
     """A pipeline without a model on the store, as the agent starts one: the writer hands it the saved state."""
+    return _started_with_writer(store, reg, decoders)[0]
+
+
+def _started_with_writer(store: Store, reg: SignalRegistry,
+                         decoders: dict[str, Decoder[Any]]) -> tuple[Pipeline, StoreWriter]:
     w = StoreWriter(store, reg)
     p = Pipeline(reg, decoders, None, w)
     w.resume(p)
-    return p
+    return p, w
 
 
 def test_a_saved_alert_no_model_can_own_is_closed_at_start(tmp_path: Path) -> None:
@@ -143,9 +148,10 @@ def test_dtcs_active_at_a_restart_are_continued_not_reannounced(tmp_path: Path) 
         store = Store(path, first_seq=1)
         before = len(_records(store))
         reg = SignalRegistry()
-        p = _started(store, reg, {"can0": J1939Decoder(reg)})
+        p, w = _started_with_writer(store, reg, {"can0": J1939Decoder(reg)})
         for fb in frames:
             p.feed(fb.bus, fb)
+        w.flush_records()  # the flush that follows within `flush_interval_s` (a close is not written at once)
         out = [(r["kind"], r["data"]["source"], r["data"]["spn"]) for _, r in _records(store)[before:]]
         store.db.close()  # as a crash leaves it: no clean close
         return out
@@ -183,8 +189,9 @@ def test_the_name_map_and_dtcs_survive_a_restart_and_an_address_move(tmp_path: P
         store = Store(path, first_seq=1)
         before = len(_records(store))
         reg = SignalRegistry()
-        p = _started(store, reg, {"can0": J1939Decoder(reg)})
+        p, w = _started_with_writer(store, reg, {"can0": J1939Decoder(reg)})
         p.feed("can0", FrameBatch.from_messages(msgs))
+        w.flush_records()  # the flush that follows within `flush_interval_s` (a close is not written at once)
         out = [(r["kind"], r["data"]["source"], r["data"]["spn"]) for _, r in _records(store)[before:]]
         store.db.close()  # as a crash leaves it
         return out, {reg.key(i)[1] for i in range(len(reg))}

@@ -31,19 +31,21 @@ Records = list[tuple[str, dict[str, Any]]]
 
 class MemorySink:
     """What a sink is given, kept in memory: sample batches, each records call (one transaction) with its state,
-    and the state as a store would hold it."""
+    whether it was urgent, and the state as a store would hold it."""
 
     def __init__(self, refuse_state: bool = False) -> None:
         self.samples: list[SampleArrays] = []
         self.transactions: list[tuple[Records, dict[str, Any]]] = []
+        self.urgent: list[bool] = []
         self.saved: dict[str, Any] = {}
         self.refuse_state = refuse_state
 
     def append_samples(self, samples: SampleArrays) -> None:
         self.samples.append(samples)
 
-    def append_records(self, records: Records, state: dict[str, Any]) -> None:
+    def append_records(self, records: Records, state: dict[str, Any], urgent: bool = True) -> None:
         self.transactions.append((list(records), dict(state)))
+        self.urgent.append(urgent)
         for key, value in state.items():
             if value is None:
                 self.saved.pop(key, None)
@@ -120,8 +122,9 @@ def test_records_leave_with_their_state_and_a_restart_continues_from_it(tmp_path
 
     assert sum(len(s) for s in sink.samples) == p.stats.samples
     dtc = [(recs, st) for recs, st in sink.transactions if any(r.get("kind", "").startswith("dtc_") for _, r in recs)]
-    assert dtc and all(st == {"dtc_active/can0": st["dtc_active/can0"]} for _, st in dtc)
-    assert p.stats.dtc_events == sum(len(recs) for recs, _ in dtc)
+    # The decoder's active set and what its debouncer holds, with the events they go with.
+    assert dtc and all(set(st) == {"dtc_active/can0", "dtc_debounce/can0"} for _, st in dtc)
+    assert p.stats.dtc_events == p.stats.dtc_events_written == sum(len(recs) for recs, _ in dtc)  # nothing flaps
     assert any(r.get("kind") == "dtc_open" and r["data"]["spn"] == 111 for _, r in sink.records())
     assert sink.saved["dtc_active/can0"] == p.decoders["can0"].state()
     opened = [(recs, st) for recs, st in sink.transactions if recs and recs[0][0] == "alert"]

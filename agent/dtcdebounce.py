@@ -1,0 +1,459 @@
+"""DTC storms tamed before they reach the store: a flapping DTC debounced into one event per period, and each
+source's DTC events bounded per minute, the excess merged into one summary. Pure: events in, events out, the clock
+passed in (the data's own timestamps, so a replay and the vehicle behave alike). One `DtcDebouncer` per decoder
+(one bus), so that each has the one clock its data carries.
+
+The rules, applied to a decoder's events in the order they arrive:
+
+- A DTC is (`source`, `spn`, `fmi`), read from the event's `data`; `dtc_open` and `dtc_close` are its
+  transitions. Its first transition goes out at once and starts a quiet period of `debounce_s`; so does the next
+  one (a DTC that opens and clears is no storm). From the third within the period it flaps: those are held. When
+  the period ends (the data clock passes it), one held transition goes out as itself, late; two or more go out as
+  one `dtc_flapping` event: the last transition's `data`, plus `state` (where it ended: `open` or `closed`),
+  `transitions` (how many it stands for), `opens`, `closes`, `first_ts`, `last_ts`; and a new period starts at
+  once, in which every transition is held, so a DTC that keeps flapping gives one event per period. A period that
+  ends holding nothing forgets the DTC.
+- At most `HELD_MAX` DTCs hold transitions at a time; a transition that would make one more is merged into its
+  source's storm summary (below) at once, so that what is held, and saved with every batch, stays small.
+- Other `dtc_*` kinds (what a decoder may add) go out unchanged, under the bound below; any other kind passes
+  untouched, unbounded.
+- At most `max_events_per_min` DTC events (flapping summaries included) go out per `source` in a window of 60 s
+  of data time, opened by that source's first event. Past it, the source's DTC events, and the transitions its
+  DTCs hold, are merged into one `dtc_storm` event emitted when the window ends: `events` (how many were merged),
+  `transitions` (the decoded DTC events they stand for), `kinds` (count by kind), `first_ts`, `last_ts`, `open`
+  (`[spn, fmi]` of up to `STORM_OPEN_LISTED` DTCs the merged events left open, in the order they opened) and
+  `open_not_listed` (opens merged past that list). A storm summary is not itself bounded: one per source and
+  window at most.
+- Nothing is lost silently: every decoded DTC event goes out as itself (`passed`), inside a summary that went out
+  (`merged`, counted by the summary's `transitions`), or is still held (`held`): decoded = passed + merged + held.
+- `drain` lets out everything held (a stop, the end of a replay). `state`/`restore` carry what is held over a
+  restart (held transitions, each source's window), saved in the same transaction as the events it goes with. A
+  restart forgets the periods that hold nothing: the next transition of such a DTC goes out at once.
+- The clock is the latest data time seen (a time that is not a finite number is ignored). If the data's time
+  steps back by more than a period (a log from before, a clock set back), every period and window ends at once,
+  what they hold goes out, and the clock starts again from there.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.records import Event
+
+OPEN, CLOSE, FLAPPING, STORM = "dtc_open", "dtc_close", "dtc_flapping", "dtc_storm"
+WINDOW_S = 60.0  # the bound is per minute of data time
+HELD_MAX = 256  # DTCs holding transitions at a time, per bus
+STORM_OPEN_LISTED = 16  # DTCs a storm summary names as left open; the rest are counted
+STATE_VERSION = 1
+
+Key = tuple[str, int, int]  # (source, spn, fmi)
+
+
+@dataclass(frozen=True, slots=True)
+class DtcPolicy:
+    """`debounce_s` 0: no debouncing (every transition goes out as itself); `max_events_per_min` 0: no bound."""
+
+    debounce_s: float = 60.0
+    max_events_per_min: int = 30
+
+
+@dataclass(slots=True)
+class _Quiet:
+    """A DTC in its quiet period: transitions let out at once in it, and those held."""
+
+    until: float
+    at_once: int = 1  # 2: the next transition is held (a continued period holds everything)
+    n: int = 0
+    opens: int = 0
+    closes: int = 0
+    first: float = math.nan
+    last: Event | None = None
+
+
+@dataclass(slots=True)
+class _Window:
+    """A source's minute: events let out, and those merged into its storm summary."""
+
+    start: float
+    sent: int = 0
+    merged: int = 0  # events merged (a flapping summary is one)
+    weight: int = 0  # decoded DTC events they stand for
+    kinds: Counter[str] = field(default_factory=Counter)
+    first: float = math.nan
+    last: float = math.nan
+    open: dict[tuple[int, int], None] = field(default_factory=dict)  # (spn, fmi) left open, in order
+    open_not_listed: int = 0
+
+
+def _key(e: Event) -> Key | None:
+    d = e.data
+    source, spn, fmi = d.get("source"), d.get("spn"), d.get("fmi")
+    if isinstance(source, str) and type(spn) is int and type(fmi) is int:
+        return source, spn, fmi
+    return None
+
+
+def _finite(x: Any) -> bool:
+    try:
+        return math.isfinite(x)
+    except TypeError:  # a time that is not a number at all
+        return False
+
+
+class DtcDebouncer:
+    def __init__(self, policy: DtcPolicy | None = None) -> None:
+        self.policy = policy or DtcPolicy()
+        self.clock = -math.inf
+        self._quiet: dict[Key, _Quiet] = {}
+        self._quiet_due: list[tuple[float, int, Key]] = []  # (until, tiebreak, key); stale entries skipped
+        self._holding: dict[str, set[Key]] = {}  # source -> its DTCs holding transitions
+        self._n_holding = 0
+        self._windows: dict[str, _Window] = {}
+        self._windows_due: list[tuple[float, int, str]] = []
+        self._tie = 0
+        self._out: list[Event] = []
+        self._urgent = False
+        self.changed = False  # `state()` moved since it was last taken
+        self.decoded = 0  # DTC events in
+        self.passed = 0  # ... gone out as themselves
+        self.merged = 0  # ... gone out inside a summary (its `transitions`)
+        self.flapping = 0  # `dtc_flapping` summaries out
+        self.storms = 0  # `dtc_storm` summaries out
+
+    # --- the one entry point ---------------------------------------------------------------------------------
+
+    def feed(self, events: Iterable[Event], now: float | None = None) -> tuple[list[Event], bool]:
+        """A decoder's events of one batch, in order, and the batch's data time (None: only the events' own).
+        Returns what goes out now, in order, and whether any of it is urgent: a `dtc_open` let out at once."""
+        self._out, self._urgent = [], False
+        debounce = self.policy.debounce_s > 0
+        for e in events:
+            kind = e.kind
+            if not kind.startswith("dtc_"):
+                self._out.append(e)
+                continue
+            self.decoded += 1
+            self.changed = True
+            self._advance(e.ts)
+            key = _key(e)
+            if not debounce or key is None or (kind != OPEN and kind != CLOSE):
+                self._bounded(e, 1, urgent=kind == OPEN)
+                continue
+            w = self._window(key[0])
+            if w is not None and w.merged:
+                self._merge(w, e, 1)  # the source is past its bound: not held, merged at once
+                continue
+            q = self._quiet.get(key)
+            if q is None or q.at_once < 2:
+                self._bounded(e, 1, urgent=kind == OPEN)
+                if q is None:
+                    # From the clock, which an event late in its batch (or a batch behind another source's
+                    # time) may be behind: a period must not end before it starts.
+                    until = self._time(self.clock) + self.policy.debounce_s
+                    self._quiet[key] = _Quiet(until)
+                    self._push_quiet(until, key)
+                else:
+                    q.at_once = 2
+                continue
+            if not q.n:
+                if self._n_holding >= HELD_MAX:
+                    self._merge(self._open_window(key[0]), e, 1)
+                    continue
+                q.first = self._time(e.ts)
+                self._holding.setdefault(key[0], set()).add(key)
+                self._n_holding += 1
+            q.n += 1
+            if kind == OPEN:
+                q.opens += 1
+            else:
+                q.closes += 1
+            q.last = e
+        if now is not None:
+            self._advance(now)
+        return self._out, self._urgent
+
+    def drain(self) -> list[Event]:
+        """Everything held, now: quiet periods end, then windows (a stop, the end of a replay)."""
+        self._out, self._urgent = [], False
+        self._end_all()
+        return self._out
+
+    @property
+    def held(self) -> int:
+        """Decoded DTC events not out yet (held in a quiet period, or merged into a storm summary not out yet)."""
+        return (sum(self._quiet[k].n for keys in self._holding.values() for k in keys)
+                + sum(w.weight for w in self._windows.values()))
+
+    @property
+    def active(self) -> bool:
+        """A period or window is running: the clock should be fed even without events."""
+        return bool(self._quiet or self._windows)
+
+    def counters(self) -> dict[str, int]:
+        return {"decoded": self.decoded, "passed": self.passed, "merged": self.merged, "held": self.held,
+                "flapping": self.flapping, "storms": self.storms}
+
+    # --- time ------------------------------------------------------------------------------------------------
+
+    def _time(self, t: float) -> float:
+        """An event's time for periods and windows: its own, or the clock's if it has none usable."""
+        if _finite(t):
+            return t
+        return self.clock if _finite(self.clock) else 0.0
+
+    def _advance(self, t: float) -> None:
+        if not _finite(t):
+            return
+        if t >= self.clock:
+            self.clock = t
+            if (self._quiet_due and self._quiet_due[0][0] <= t) or (self._windows_due and self._windows_due[0][0] <= t):
+                self._expire()
+        elif t < self.clock - max(self.policy.debounce_s, WINDOW_S):
+            self._end_all()  # the clock stepped back: nothing it holds would end in time
+            self.clock = t
+
+    def _expire(self) -> None:
+        """Quiet periods and windows the clock has passed, oldest first."""
+        while self._quiet_due and self._quiet_due[0][0] <= self.clock:
+            until, _, key = heapq.heappop(self._quiet_due)
+            q = self._quiet.get(key)
+            if q is not None and q.until == until:
+                self._end_quiet(key, q, restart=True)
+        while self._windows_due and self._windows_due[0][0] <= self.clock:
+            end, _, source = heapq.heappop(self._windows_due)
+            w = self._windows.get(source)
+            if w is not None and w.start + WINDOW_S == end:
+                self._end_window(source, w)
+
+    def _end_all(self) -> None:
+        for key, q in list(self._quiet.items()):
+            self._end_quiet(key, q, restart=False)
+        self._quiet_due.clear()
+        for source, w in list(self._windows.items()):
+            self._end_window(source, w)
+        self._windows_due.clear()
+        self.changed = True
+
+    def _push_quiet(self, until: float, key: Key) -> None:
+        self._tie += 1
+        heapq.heappush(self._quiet_due, (until, self._tie, key))
+
+    # --- debouncing ------------------------------------------------------------------------------------------
+
+    def _release(self, key: Key, q: _Quiet) -> None:
+        """`key` holds nothing any more."""
+        q.n = q.opens = q.closes = 0
+        q.last = None
+        keys = self._holding.get(key[0])
+        if keys is not None and key in keys:
+            keys.discard(key)
+            self._n_holding -= 1
+            if not keys:
+                del self._holding[key[0]]
+
+    def _end_quiet(self, key: Key, q: _Quiet, restart: bool) -> None:
+        if q.n == 0:
+            del self._quiet[key]
+            return
+        assert q.last is not None
+        self.changed = True
+        n, last = q.n, q.last
+        if n == 1:
+            out = last
+        else:
+            out = Event(FLAPPING, last.ts, last.data | {
+                "state": "open" if last.kind == OPEN else "closed", "transitions": n, "opens": q.opens,
+                "closes": q.closes, "first_ts": q.first, "last_ts": last.ts})
+        self._release(key, q)
+        del self._quiet[key]
+        if restart:  # it flapped: the next period starts now and holds everything
+            self._quiet[key] = _Quiet(q.until + self.policy.debounce_s, at_once=2)
+            self._push_quiet(q.until + self.policy.debounce_s, key)
+        self._bounded(out, n, urgent=False)
+
+    # --- the per-minute bound --------------------------------------------------------------------------------
+
+    def _window(self, source: str) -> _Window | None:
+        """The source's current window (None: none open; the one that ended is closed first)."""
+        w = self._windows.get(source)
+        if w is not None and self.clock >= w.start + WINDOW_S:
+            self._end_window(source, w)
+            return None
+        return w
+
+    def _open_window(self, source: str) -> _Window:
+        w = self._window(source)
+        if w is None:
+            start = self._time(self.clock)
+            w = self._windows[source] = _Window(start)
+            self._tie += 1
+            heapq.heappush(self._windows_due, (start + WINDOW_S, self._tie, source))
+        return w
+
+    def _bounded(self, e: Event, weight: int, urgent: bool) -> None:
+        """Out, unless its source has had its minute's worth: then merged into the source's storm summary."""
+        limit = self.policy.max_events_per_min
+        source = e.data.get("source")
+        if not limit or not isinstance(source, str):
+            self._let_out(e, weight, urgent)
+            return
+        w = self._open_window(source)
+        if w.sent < limit and not w.merged:
+            w.sent += 1
+            self._let_out(e, weight, urgent)
+            return
+        if not w.merged:
+            # The source's storm begins: what its DTCs hold would most likely end up here too, so it goes now.
+            for key in list(self._holding.get(source, ())):
+                self._merge_held(w, key, self._quiet[key])
+        self._merge(w, e, weight)
+
+    def _let_out(self, e: Event, weight: int, urgent: bool) -> None:
+        self._out.append(e)
+        self._urgent |= urgent
+        if e.kind == FLAPPING:
+            self.flapping += 1
+            self.merged += weight
+        else:
+            self.passed += weight
+
+    def _merge(self, w: _Window, e: Event, weight: int) -> None:
+        w.merged += 1
+        w.weight += weight
+        kind = e.kind
+        w.kinds[kind] += 1
+        t = self._time(e.ts)
+        if w.merged == 1:
+            w.first = t
+        w.last = max(w.last, t) if w.merged > 1 else t
+        if kind in (OPEN, CLOSE, FLAPPING):
+            d = e.data
+            self._track_open(w, d.get("spn"), d.get("fmi"),
+                             kind == OPEN or (kind == FLAPPING and d.get("state") == "open"))
+
+    def _merge_held(self, w: _Window, key: Key, q: _Quiet) -> None:
+        """A DTC's held transitions into the storm summary (each counts as an event merged)."""
+        assert q.last is not None
+        t_last = self._time(q.last.ts)
+        w.first = q.first if not w.merged else min(w.first, q.first)
+        w.last = t_last if not w.merged else max(w.last, t_last)
+        w.merged += q.n
+        w.weight += q.n
+        w.kinds[OPEN] += q.opens
+        w.kinds[CLOSE] += q.closes
+        self._track_open(w, key[1], key[2], q.last.kind == OPEN)
+        self._release(key, q)
+
+    @staticmethod
+    def _track_open(w: _Window, spn: Any, fmi: Any, is_open: bool) -> None:
+        if type(spn) is not int or type(fmi) is not int:
+            return
+        k = (spn, fmi)
+        if not is_open:
+            w.open.pop(k, None)
+        elif k not in w.open:
+            if len(w.open) < STORM_OPEN_LISTED:
+                w.open[k] = None
+            else:
+                w.open_not_listed += 1
+
+    def _end_window(self, source: str, w: _Window) -> None:
+        del self._windows[source]
+        self.changed = True
+        if not w.merged:
+            return
+        self.storms += 1
+        self.merged += w.weight
+        self._out.append(Event(STORM, w.last, {
+            "source": source, "events": w.merged, "transitions": w.weight, "kinds": dict(w.kinds),
+            "first_ts": w.first, "last_ts": w.last, "window_s": WINDOW_S,
+            "open": [[spn, fmi] for spn, fmi in w.open], "open_not_listed": w.open_not_listed}))
+
+    # --- a restart -------------------------------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        """What is held, as JSON, to be saved with the events of the same batch; taking it clears `changed`."""
+        self.changed = False
+        return {
+            "v": STATE_VERSION,
+            "clock": self.clock if _finite(self.clock) else None,
+            "quiet": [[k[0], k[1], k[2], q.until, q.n, q.opens, q.closes, q.first, q.last.kind,
+                       q.last.ts if _finite(q.last.ts) else None, q.last.data]
+                      for k, q in self._quiet.items() if q.n and q.last is not None],
+            "windows": [[s, w.start, w.sent, w.merged, w.weight, dict(w.kinds), w.first if w.merged else None,
+                         w.last if w.merged else None, [list(k) for k in w.open], w.open_not_listed]
+                        for s, w in self._windows.items()],
+        }
+
+    def restore(self, saved: object) -> bool:
+        """Take back a `state()`; False, and nothing changed, if it is damaged."""
+        try:
+            quiet, windows, clock = _parse(saved)
+        except (KeyError, TypeError, ValueError, IndexError):
+            return False
+        self.clock = clock
+        self._quiet, self._quiet_due, self._holding, self._n_holding = {}, [], {}, 0
+        for key, q in quiet:
+            self._quiet[key] = q
+            self._push_quiet(q.until, key)
+            self._holding.setdefault(key[0], set()).add(key)
+            self._n_holding += 1
+        self._windows, self._windows_due = {}, []
+        for source, w in windows:
+            self._windows[source] = w
+            self._tie += 1
+            heapq.heappush(self._windows_due, (w.start + WINDOW_S, self._tie, source))
+        return True
+
+
+def _num(x: Any) -> float:
+    if isinstance(x, bool) or not _finite(x):
+        raise ValueError("not a finite number")
+    return float(x)
+
+
+def _count(x: Any) -> int:
+    if type(x) is not int or x < 0:
+        raise ValueError("not a count")
+    return x
+
+
+def _parse(saved: object) -> tuple[list[tuple[Key, _Quiet]], list[tuple[str, _Window]], float]:
+    if not isinstance(saved, dict) or saved.get("v") != STATE_VERSION:
+        raise ValueError("not a saved debouncer state")
+    clock = -math.inf if saved["clock"] is None else _num(saved["clock"])
+    quiet: list[tuple[Key, _Quiet]] = []
+    seen: set[Key] = set()
+    for row in saved["quiet"]:
+        source, spn, fmi, until, n, opens, closes, first, kind, ts, data = row
+        if not (isinstance(source, str) and type(spn) is int and type(fmi) is int and kind in (OPEN, CLOSE)
+                and isinstance(data, dict) and _count(n) > 0 and _count(opens) + _count(closes) == n
+                and (source, spn, fmi) not in seen):
+            raise ValueError("a held DTC that does not add up")
+        seen.add((source, spn, fmi))
+        event_ts = math.nan if ts is None else _num(ts)  # an event without a usable time of its own
+        quiet.append(((source, spn, fmi), _Quiet(_num(until), 2, n, opens, closes, _num(first),
+                                                Event(kind, event_ts, data))))
+    if len(quiet) > HELD_MAX:
+        raise ValueError("more held DTCs than a debouncer holds")
+    windows: list[tuple[str, _Window]] = []
+    for row in saved["windows"]:
+        source, start, sent, merged, weight, kinds, first, last, opened, open_not_listed = row
+        if not (isinstance(source, str) and isinstance(kinds, dict) and isinstance(opened, list)
+                and _count(weight) >= _count(merged)):
+            raise ValueError("a window that does not add up")
+        w = _Window(_num(start), _count(sent), merged, weight,
+                    Counter({str(k): _count(v) for k, v in kinds.items()}),
+                    _num(first) if merged else math.nan, _num(last) if merged else math.nan,
+                    {}, _count(open_not_listed))
+        for spn, fmi in opened:
+            if type(spn) is not int or type(fmi) is not int:
+                raise ValueError("a listed DTC that is not one")
+            w.open[(spn, fmi)] = None
+        windows.append((source, w))
+    return quiet, windows, clock

@@ -1,0 +1,231 @@
+"""The DTC debouncer and per-minute bound on their own (agent/dtcdebounce.py: pure, events in and out, the data's
+clock passed in). Hypothesis drives any sequence of opens and closes, from several sources, split into batches
+anywhere, with a restart (the state through JSON, as the store keeps it) anywhere: every decoded event is out as
+itself, inside a summary that went out, or still held, and nothing is out twice; the bound holds; a damaged saved
+state is refused, never a crash."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.dtcdebounce import FLAPPING, HELD_MAX, STORM, STORM_OPEN_LISTED, WINDOW_S, DtcDebouncer, DtcPolicy
+from agent.records import Event
+from agent.store import finite_dumps
+
+
+def _open(t: float, spn: int = 110, fmi: int = 0, source: str = "can0/00", **extra: Any) -> Event:
+    return Event("dtc_open", t, {"source": source, "spn": spn, "fmi": fmi, "occurrence": 1, "mil": 0, **extra})
+
+
+def _close(t: float, spn: int = 110, fmi: int = 0, source: str = "can0/00") -> Event:
+    return Event("dtc_close", t, {"source": source, "spn": spn, "fmi": fmi})
+
+
+def weight(e: Event) -> int:
+    """How many decoded DTC events an event that went out stands for."""
+    if e.kind in (FLAPPING, STORM):
+        return int(e.data["transitions"])
+    return 1 if e.kind.startswith("dtc_") else 0
+
+
+def _through_json(saved: dict[str, Any]) -> Any:
+    return json.loads(finite_dumps(saved))  # as the store writes and reads it back
+
+
+def test_first_open_and_its_close_go_out_at_once_then_flapping_is_one_event_per_period() -> None:
+    d = DtcDebouncer(DtcPolicy(debounce_s=60, max_events_per_min=1000))
+    out, urgent = d.feed([_open(0.0, extra="kept")], 0.0)
+    assert [e.kind for e in out] == ["dtc_open"] and urgent  # a mechanic sees it at once
+    out, urgent = d.feed([_close(1.0)], 1.0)
+    assert [e.kind for e in out] == ["dtc_close"] and not urgent  # an open that clears is no storm
+    # It keeps toggling every second for five minutes.
+    got: list[Event] = []
+    for i in range(2, 300):
+        e = _open(float(i), extra="kept") if i % 2 == 0 else _close(float(i))
+        got += d.feed([e], float(i))[0]
+    got += d.drain()
+    assert [e.kind for e in got] == [FLAPPING] * 5  # periods end at 60, 120, 180, 240; the drain lets out the last
+    first = got[0].data
+    assert first["transitions"] == 58 and first["opens"] == 29 and first["closes"] == 29  # t = 2 .. 59
+    assert first["first_ts"] == 2.0 and first["last_ts"] == 59.0 and first["state"] == "closed"
+    assert first["source"] == "can0/00" and first["spn"] == 110 and first["fmi"] == 0
+    assert got[1].data["first_ts"] == 60.0 and got[1].data["last_ts"] == 119.0 and got[1].data["transitions"] == 60
+    assert sum(e.data["transitions"] for e in got) == 298 and got[-1].data["state"] == "closed"
+    assert d.counters() == {"decoded": 300, "passed": 2, "merged": 298, "held": 0, "flapping": 5, "storms": 0}
+
+
+def test_one_late_transition_goes_out_as_itself_and_a_quiet_dtc_is_forgotten() -> None:
+    d = DtcDebouncer(DtcPolicy(debounce_s=10, max_events_per_min=0))
+    assert [e.kind for e in d.feed([_open(0.0), _close(1.0), _open(2.0)], 2.0)[0]] == ["dtc_open", "dtc_close"]
+    out, _ = d.feed([], 10.0)  # the period ends: the one held open goes out late, as itself
+    assert [(e.kind, e.ts) for e in out] == [("dtc_open", 2.0)] and d.held == 0
+    assert d.feed([], 20.0)[0] == []  # the next period held nothing: forgotten
+    out, urgent = d.feed([_close(30.0)], 30.0)
+    assert [e.kind for e in out] == ["dtc_close"] and not d.held and not urgent  # out at once again
+
+
+def test_a_source_past_its_bound_is_merged_into_one_storm_summary_per_minute() -> None:
+    d = DtcDebouncer(DtcPolicy(debounce_s=60, max_events_per_min=5))
+    events = [_open(0.1 * i, spn=1000 + i, source="can0/17") for i in range(100)]
+    events.insert(50, _open(5.0, spn=7, source="can0/03"))  # another source is not held up
+    out, _ = d.feed(events, 10.0)
+    assert [e.data["spn"] for e in out] == [1000, 1001, 1002, 1003, 1004, 7]
+    assert d.feed([], 59.9)[0] == []  # the summary waits for the window's end
+    (storm,) = d.feed([], 60.0)[0]
+    assert storm.kind == STORM and storm.data["source"] == "can0/17" and storm.data["events"] == 95
+    assert storm.data["transitions"] == 95 and storm.data["kinds"] == {"dtc_open": 95}
+    assert storm.data["first_ts"] == pytest.approx(0.5) and storm.data["last_ts"] == pytest.approx(9.9)
+    assert storm.data["open"] == [[1005 + i, 0] for i in range(STORM_OPEN_LISTED)]  # what the storm left open
+    assert storm.data["open_not_listed"] == 95 - STORM_OPEN_LISTED
+    assert d.counters() == {"decoded": 101, "passed": 6, "merged": 95, "held": 0, "flapping": 0, "storms": 1}
+    # The next minute starts afresh.
+    assert [e.data["spn"] for e in d.feed([_open(61.0, spn=5000, source="can0/17")], 61.0)[0]] == [5000]
+
+
+def test_held_transitions_join_the_storm_when_their_source_passes_its_bound() -> None:
+    d = DtcDebouncer(DtcPolicy(debounce_s=60, max_events_per_min=2))
+    out, _ = d.feed([_open(0.0), _close(1.0), _open(2.0), _close(3.0)], 3.0)  # two out, two held
+    assert len(out) == 2 and d.held == 2
+    out, _ = d.feed([_open(4.0, spn=9)], 4.0)  # past the bound: merged, and the held ones with it
+    assert out == [] and d.held == 3
+    (storm,) = d.drain()
+    assert storm.data["transitions"] == 3 and storm.data["kinds"] == {"dtc_open": 2, "dtc_close": 1}
+    assert storm.data["open"] == [[9, 0]] and storm.data["first_ts"] == 2.0 and storm.data["last_ts"] == 4.0
+
+
+def test_what_is_held_stays_bounded_however_many_dtcs_flap() -> None:
+    d = DtcDebouncer(DtcPolicy(debounce_s=60, max_events_per_min=0))
+    for spn in range(HELD_MAX + 50):  # each opens, closes and opens again: the third is held
+        d.feed([_open(0.0, spn=spn), _close(0.5, spn=spn), _open(1.0, spn=spn)], 1.0)
+    state = d.state()
+    assert len(state["quiet"]) == HELD_MAX  # the next is merged into a storm summary, and the source's rest with it
+    assert d.passed == 2 * (HELD_MAX + 1) and d.held == 3 * (HELD_MAX + 50) - d.passed
+    out = d.drain()  # each held one goes out as itself; the summary stands for the rest
+    assert sum(weight(e) for e in out) == 3 * (HELD_MAX + 50) - 2 * (HELD_MAX + 1)
+    assert out[-1].kind == STORM and out[-1].data["transitions"] == 1 + 3 * 49 and len(out) == HELD_MAX + 1
+
+
+def test_a_clock_set_back_ends_every_period_and_loses_nothing() -> None:
+    d = DtcDebouncer(DtcPolicy(debounce_s=60, max_events_per_min=10))
+    d.feed([_open(1000.0), _close(1001.0), _open(1002.0), _close(1003.0)], 1003.0)
+    assert d.held == 2
+    out, _ = d.feed([_open(10.0, spn=6)], 10.0)  # a log from before: what was held goes out first
+    assert [e.kind for e in out] == [FLAPPING, "dtc_open"] and d.held == 0
+    assert sum(weight(e) for e in out) == 3 and d.clock == 10.0
+
+
+def test_what_is_held_across_a_restart_goes_out_once_when_its_period_ends() -> None:
+    policy = DtcPolicy(debounce_s=10, max_events_per_min=4)
+    d = DtcDebouncer(policy)
+    other = [_open(4.0 + 0.1 * i, spn=4 + i, source="can0/01") for i in range(5)]
+    d.feed([_open(0.0), _close(1.0), _open(2.0), _close(3.0), *other], 5.0)
+    assert d.held == 3  # the flapping DTC's two, and another source's open past its bound (in its storm summary)
+    saved = _through_json(d.state())
+    again = DtcDebouncer(policy)
+    assert again.restore(saved) and again.held == 3 and again.clock == 5.0
+    assert again.feed([], 9.9)[0] == []
+    (flap,) = again.feed([], 10.0)[0]
+    assert flap.kind == FLAPPING and flap.data["transitions"] == 2 and flap.data["state"] == "closed"
+    assert again.feed([], 63.9)[0] == []  # its window opened at 4.0
+    (storm,) = again.feed([], 64.0)[0]
+    assert storm.kind == STORM and storm.data["transitions"] == 1 and storm.data["open"] == [[8, 0]]
+    assert storm.data["source"] == "can0/01"
+    assert again.held == 0 and again.drain() == []
+
+
+@pytest.mark.parametrize("ts", [math.nan, math.inf, -math.inf])
+def test_events_without_a_usable_time_are_still_counted(ts: float) -> None:
+    d = DtcDebouncer(DtcPolicy(debounce_s=60, max_events_per_min=2))
+    events = [_open(ts), _close(ts), _open(ts), Event("dtc_open", ts, {"spn": "x"}), _open(ts, spn=3)]
+    out, _ = d.feed(events, None)
+    out += d.drain()
+    assert sum(weight(e) for e in out) == 5 and d.held == 0
+    assert finite_dumps(d.state())  # saveable
+
+
+# --- any sequence ------------------------------------------------------------------------------------------
+
+_step = st.tuples(
+    st.one_of(st.just(0.0), st.floats(0.0, 3.0), st.floats(0.0, 40.0)),  # since the previous event (a burst, or
+    # more than a period)
+    st.integers(0, 2),  # source
+    st.integers(0, 3),  # DTC
+    st.sampled_from(["dtc_open", "dtc_close", "dtc_update"]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(steps=st.lists(_step, max_size=250), debounce=st.sampled_from([0.0, 5.0, 30.0, 60.0]),
+       limit=st.integers(0, 6), ticks=st.dictionaries(st.integers(0, 250), st.floats(0.0, 90.0), max_size=12),
+       restart_at=st.floats(0.0, 1.0) | st.none(), back_at=st.floats(0.0, 1.0) | st.none())
+def test_any_sequence_adds_up_and_respects_the_bound(steps: list[tuple[float, int, int, str]], debounce: float,
+                                                      limit: int, ticks: dict[int, float], restart_at: float | None,
+                                                      back_at: float | None) -> None:
+    restart = -1 if restart_at is None else int(restart_at * len(steps))
+    back = -1 if back_at is None else int(back_at * len(steps))
+    policy = DtcPolicy(debounce, limit)
+    d = DtcDebouncer(policy)
+    t = 1000.0
+    out: list[tuple[float, Event]] = []  # (the clock when it went out, the event)
+    for i, (dt, src, dtc, kind) in enumerate(steps):
+        t += dt
+        if i == back:
+            t -= 500.0  # the clock set back by more than a period
+        e = Event(kind, t, {"source": f"can0/{src:02X}", "spn": 100 + dtc, "fmi": dtc, "x": i})
+        # One event a batch, so that the clock each goes out at is known; some batches carry a later data time
+        # (samples after the event), which ends periods and windows without an event.
+        now = None
+        if i in ticks:
+            now = t = t + ticks[i]
+        got, urgent = d.feed([e], now)
+        out += [(d.clock, g) for g in got]
+        assert urgent == (any(g is e for g in got) and e.kind == "dtc_open")  # an open let out at once
+        assert d.decoded == d.passed + d.merged + d.held  # every decoded event accounted for, always
+        held = d.state()  # nothing waits past its period or window
+        assert all(until > d.clock for _, _, _, until, *_ in held["quiet"])
+        assert all(start + WINDOW_S > d.clock for _, start, *_ in held["windows"])
+        if i == restart:  # a crash right after this batch was written with its state
+            saved, counts = _through_json(d.state()), (d.decoded, d.passed, d.merged)
+            d = DtcDebouncer(policy)
+            assert d.restore(saved)
+            d.decoded, d.passed, d.merged = counts
+    out += [(d.clock, g) for g in d.drain()]
+    assert d.held == 0 and d.decoded == len(steps)
+    assert sum(weight(e) for _, e in out) == len(steps)  # nothing lost, nothing twice
+    assert len({id(e) for _, e in out}) == len(out)
+    if limit and back < 0:
+        # Windows are 60 s of data time from a source's first event: any 60 s holds parts of two at most, and one
+        # summary ends in it (plus the drain's).
+        by_source: dict[str, list[tuple[float, str]]] = defaultdict(list)
+        for clock, e in out:
+            by_source[e.data["source"]].append((clock, e.kind))
+        for seq in by_source.values():
+            for at, _ in seq:
+                near = [k for c, k in seq if at <= c < at + WINDOW_S]
+                assert sum(k != STORM for k in near) <= 2 * limit and sum(k == STORM for k in near) <= 2
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=6)),
+                    lambda k: st.one_of(st.lists(k, max_size=12), st.dictionaries(st.text(max_size=8), k, max_size=5)),
+                    max_leaves=40)
+       | st.fixed_dictionaries({"v": st.just(1), "clock": st.floats() | st.none(),
+                                "quiet": st.lists(st.lists(st.integers() | st.text(max_size=3) | st.floats(),
+                                                           min_size=11, max_size=11), max_size=3),
+                                "windows": st.lists(st.lists(st.integers() | st.none(), min_size=10, max_size=10),
+                                                    max_size=3)}))
+def test_a_damaged_saved_state_is_refused_not_a_crash(saved: Any) -> None:
+    d = DtcDebouncer()
+    if d.restore(saved):
+        d.feed([_open(1.0), _close(2.0), _open(3.0)], 3.0)
+        d.drain()
+        assert d.held == 0
+    else:
+        assert d.state()["quiet"] == [] and d.state()["windows"] == []  # nothing taken from it
