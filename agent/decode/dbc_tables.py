@@ -176,10 +176,28 @@ def tables_from_json(obj: object, sha256: str) -> DbcTables:
         sigs = tuple(_signal(s, f"{w} signal {j}") for j, s in enumerate(_list(f[6], f"{w} signals")))
         if len({s.name for s in sigs}) != len(sigs):
             raise TablesError(f"{w}: two signals of one name")
+        _check_mux_tree(sigs, w)
         msgs.append(MessageSpec(name, _int(f[1], 0, 0x1FFFFFFF, f"{w} frame_id"),
                                 _int(f[2], 0, MAX_MESSAGE_BYTES, f"{w} length"), cycle, sigs,
                                 _bool(f[4], f"{w} container"), _bool(f[5], f"{w} has_choices")))
     return DbcTables(sha256, tuple(msgs))
+
+
+MAX_MUX_DEPTH = 16  # multiplexers within multiplexers; real DBCs nest one or two deep
+
+
+def _check_mux_tree(sigs: tuple[SignalSpec, ...], where: str) -> None:
+    """Each signal's chain of multiplexers ends, within MAX_MUX_DEPTH (cantools loads no DBC whose chain loops; a
+    file that claims one would send the decoder's codec tree round in circles)."""
+    parent = {s.name: s.multiplexer_signal for s in sigs}
+    for s in sigs:
+        name: str | None = s.name
+        for _ in range(MAX_MUX_DEPTH + 1):
+            name = parent.get(name) if name is not None else None
+            if name is None:
+                break
+        else:
+            raise TablesError(f"{where} signal {s.name!r}: multiplexed in a loop or deeper than {MAX_MUX_DEPTH}")
 
 
 # --- the slow-path decoder --------------------------------------------------------------------------------------
