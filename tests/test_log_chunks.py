@@ -118,3 +118,46 @@ def test_replaying_a_candump_log_imports_neither_python_can_nor_cantools(tmp_pat
     assert second["dbc_cache"] == {"hit_disk": 2}  # the built-in DBC and the given one, from the cache
     assert second["mods"] == [], second["mods"]
     assert second["frames"] == first["frames"] > 7000 and second["windows_scored"] == first["windows_scored"] > 0
+
+
+def _both(p: Path) -> tuple[object, object]:
+    """What each path makes of a file: (frames, labels, counts), or the LogUnreadable text."""
+    from agent.sources.logfile import LogUnreadable
+
+    out: list[object] = []
+    for read in (open_log, open_chunks):
+        errors: Counter[str] = Counter()
+        try:
+            items = list(read(p, errors))
+        except LogUnreadable as e:
+            out.append(str(e))
+            continue
+        if read is open_log:
+            fb, labels = FrameBatch.from_messages(items, ""), [bus_label(m.channel) for m in items]
+        else:
+            fb = FrameBatch.concat([c.frames for c in items], "")
+            labels = [c.labels[i] for c in items for i in c.label.tolist()]
+        out.append(([getattr(fb, c).tolist() for c in COLUMNS], labels, dict(errors)))
+    return out[0], out[1]
+
+
+@settings(max_examples=120, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 1), st.binary(min_size=1, max_size=64)), max_size=5),
+       st.one_of(st.none(), st.floats(0, 1)))
+def test_blf_without_python_can_reads_damaged_files_as_the_message_path(patches: list[tuple[float, bytes]],
+                                                                        cut: float | None) -> None:
+    """Random damage anywhere in the real BLF, and cuts: our BLF reader gives the frames, bus labels and counts
+    (log_bad_record, log_unreadable) of python-can's reader as the message path drives it, or the same error."""
+    import tempfile
+
+    raw = bytearray(shared_file("can/formats/jd5055e_highRPM1.blf").read_bytes())
+    for where, b in patches:
+        at = int(where * (len(raw) - 1))
+        raw[at : at + len(b)] = b
+    if cut is not None:
+        raw = raw[: int(cut * len(raw))]
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "damaged.blf"
+        p.write_bytes(bytes(raw))
+        want, got = _both(p)
+        assert got == want

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from agent.frames import LabelledFrames
+from agent.sources.blf import BlfReader
 from agent.sources.candump import looks_like_candump, read_candump, read_candump_chunks
 from agent.sources.logerror import LogUnreadable as LogUnreadable
 from agent.sources.logerror import why
@@ -143,13 +144,37 @@ def _message_chunks(msgs: Iterator[can.Message], errors: Counter[str]) -> Iterat
         yield LabelledFrames.from_messages(batch)
 
 
+def _blf_chunks(path: Path, errors: Counter[str]) -> Iterator[LabelledFrames]:
+    try:
+        reader = BlfReader(path, errors)
+    except Exception as e:  # what the reader raises on a header it cannot take (struct.error, BLFParseError)
+        raise LogUnreadable(why(e)) from None
+    given = False
+    chunks = reader.chunks()
+    while True:
+        try:
+            lf = next(chunks)
+        except StopIteration:
+            return
+        except Exception as e:  # a record it cannot read around: what came before is kept, the cut counted
+            if not given:
+                raise LogUnreadable(why(e)) from None
+            errors["log_unreadable"] += 1
+            return
+        given = True
+        yield lf
+
+
 def open_chunks(path: Path, errors: Counter[str]) -> Iterator[LabelledFrames]:
     """Every frame of one log as columns, a chunk at a time, under `open_log`'s contract (a log with no frame to
     give is `LogUnreadable` here; bad lines and records counted the same). candump -L and MF4 are read in bulk
-    (no Python object per frame); the other formats through their per-message readers, converted per chunk."""
+    (no Python object per frame), BLF by our own port of python-can's reader (no python-can import); the other
+    formats through their per-message readers, converted per chunk."""
     suffix = _check(path)
     if suffix == ".log" and looks_like_candump(path):
         return _first(path, suffix, errors, lambda: _candump_chunks(path, errors))
     if suffix == ".mf4":
         return _first(path, suffix, errors, lambda: _mf4_chunks(path, errors))
+    if suffix == ".blf":
+        return _first(path, suffix, errors, lambda: _blf_chunks(path, errors))
     return _first(path, suffix, errors, lambda: _message_chunks(_messages(path, suffix, errors), errors))
