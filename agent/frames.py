@@ -110,6 +110,47 @@ class LabelledFrames:
         return cls(FrameBatch.from_messages(msgs, ""), label, list(names))
 
 
+class FrameCollector:
+    """Frames gathered one at a time as plain values (readers that parse record by record), turned into columns a
+    chunk at a time: no can.Message per frame."""
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self.ts: list[float] = []
+        self.channel: list[object] = []
+        self.can_id: list[int] = []
+        self.extended: list[bool] = []
+        self.bad: list[bool] = []
+        self.payload: list[bytes] = []
+
+    def add(self, ts: float, channel: object, can_id: int, extended: bool, data: bytes, bad: bool = False) -> None:
+        """`bad`: an error or remote frame; a payload longer than 8 bytes is bad too (as in `from_messages`)."""
+        self.ts.append(ts)
+        self.channel.append(channel)
+        self.can_id.append(can_id & 0x1FFFFFFF)
+        self.extended.append(extended)
+        self.bad.append(bad or len(data) > 8)
+        self.payload.append(data[:8])
+
+    def __len__(self) -> int:
+        return len(self.ts)
+
+    def take(self) -> LabelledFrames:
+        n = len(self.ts)
+        dlc = np.fromiter((len(p) for p in self.payload), np.uint8, n)
+        raw = b"".join(p.ljust(8, bytes([PAD])) for p in self.payload)
+        names: dict[str, int] = {}
+        label = np.fromiter((names.setdefault(bus_label(c), len(names)) for c in self.channel), np.int32, n)
+        data = np.frombuffer(raw, np.uint8).reshape(n, 8).copy() if n else np.zeros((0, 8), np.uint8)
+        lf = LabelledFrames(FrameBatch(np.array(self.ts, np.float64), np.array(self.can_id, np.uint32), dlc, data,
+                                       np.array(self.extended, np.bool_), np.array(self.bad, np.bool_), ""),
+                            label, list(names))
+        self.clear()
+        return lf
+
+
 class Rebatcher:
     """Frames of several buses in, batches of `size` frames of one bus out: each batch when it fills, in the order
     they fill across buses, then (`flush`) what is left of each bus, buses in order of first appearance. These are

@@ -161,3 +161,66 @@ def test_blf_without_python_can_reads_damaged_files_as_the_message_path(patches:
         p.write_bytes(bytes(raw))
         want, got = _both(p)
         assert got == want
+
+
+_asc_byte = st.one_of(st.integers(0, 255).map(lambda b: f"{b:02X}"), st.sampled_from(["100", "-1", "0x1F", "Z", "7"]))
+asc_line = st.one_of(
+    st.builds(lambda ts, ch, ident, x, d, n, data: f" {ts} {ch}  {ident}{x}  {d}   d {n} {' '.join(data)}",
+              st.sampled_from(["0.000000", "12.500000", "1.5", "3", "x.1"]), st.sampled_from(["1", "2", "0", "A"]),
+              st.sampled_from(["18FEEE00", "CF00400", "123", "1FFFFFFFF", "GG", "7FF"]),
+              st.sampled_from(["x", "X", ""]), st.sampled_from(["Rx", "Tx", "Zx"]),
+              st.sampled_from(["8", "3", "0", "F", "9", "-2", "-40", "Q"]), st.lists(_asc_byte, max_size=10)),
+    st.builds(lambda ts, ch, ident, rest: f" {ts} {ch}  {ident}  Rx   r {rest}", st.sampled_from(["1.0", "2.25"]),
+              st.sampled_from(["1", "3"]), st.sampled_from(["18FEEE00x", "12"]), st.sampled_from(["", "8", "x", "²"])),
+    st.builds(lambda ts, ch: f" {ts} {ch}  ErrorFrame", st.sampled_from(["1.0", "4.5"]), st.sampled_from(["1", "2"])),
+    st.builds(lambda ts, ch, ident, brs, dlc, ln, data: (
+        f" {ts} CANFD {ch} Rx {ident} {brs} 0 {dlc} {ln} {' '.join(data)} 0 0 0 0 0 0 0 0"),
+        st.sampled_from(["1.0", "2.5"]), st.sampled_from(["1", "2", "x"]),
+        st.sampled_from(["18FEEE00x", "123", "ZZ"]), st.sampled_from(["1", "Name 1", "Name"]),
+        st.sampled_from(["8", "f", "9", "1F", "-20"]), st.sampled_from(["8", "0", "12", "64", "-1"]),
+        st.lists(_asc_byte, max_size=14)),
+    st.sampled_from([" 1.0 CANFD 1 Rx ErrorFrame", "// a comment", "Begin Triggerblock Thu Jan 01 00:00:00.0 1970",
+                     " 0.000000 Start of measurement", "End TriggerBlock", " 1.0 1 Statistic: D 0 R 0",
+                     " 2.0 J1939TP FEE3p 6 0 0 - Rx d 23 ...", "", "   ", "base dec", "base HEX timestamps absolute",
+                     "date Tue Nov 24 01:04:12.548 2026", "internal events logged", " 3.0 1  12  Rx",
+                     " 1.0 CANFD 1 Rx 18FEEE00x 1 0 -20 8 01 02 03 04 05 06 07 08 0 0 0 0 0 0 0 0",
+                     " 1.0 1  18FEEE00x  Rx   d -20 01 02"]),
+    st.binary(min_size=1, max_size=30).map(lambda b: (b"\xff" + b.replace(b"\n", b"")).decode("latin-1")),
+)
+asc_header = st.lists(st.sampled_from(["date Tue Nov 24 01:04:12.548 2026", "base hex  timestamps absolute",
+                                       "base dec", "base Hex", "// comment", "no internal events logged",
+                                       "internal events logged", "Begin Triggerblock Thu Jan 01 00:00:00.0 1970"]),
+                      max_size=5)
+
+
+@settings(max_examples=200, deadline=None)
+@given(asc_header, st.lists(asc_line, max_size=30), st.booleans())
+def test_asc_without_python_can_reads_any_lines_as_the_message_path(header: list[str], body: list[str],
+                                                                    crlf: bool) -> None:
+    """Headers and lines of every kind ASC holds (frames classic and FD, remote, error frames, events, comments),
+    broken ones, and bytes that are not text: our ASC reader gives python-can's frames and counts, as the message
+    path drives its reader (restarted after each line it cannot parse)."""
+    import tempfile
+
+    text = ("\r\n" if crlf else "\n").join([*header, *body]).encode("utf-8", "surrogateescape")
+    text = text.replace("\xff".encode(), b"\xff")  # the junk lines' first byte: not UTF-8
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "fuzz.asc"
+        p.write_bytes(text)
+        if not text:
+            return
+        want, got = _both(p)
+        assert got == want
+
+
+def test_asc_without_python_can_reads_the_real_file_with_bad_lines_as_the_message_path(tmp_path: Path) -> None:
+    lines = shared_file("can/formats/jd5055e_highRPM1.asc").read_bytes().splitlines(keepends=True)
+    bad = [b" 17.500000 1  ZZZZZZZZx       Rx   d 8 00 11 22 33 44 55 66 77\n", b"\xff\xfe\x00 not text\n",
+           b"0" * 70_000 + b"\n", b" 18.0 1  18FEEE00x Rx d 8 00 11 22 33 44 55 66 777\n"]
+    for i, b in zip([len(lines) // 5, len(lines) // 3, len(lines) // 2, len(lines) - 3], bad, strict=True):
+        lines.insert(i, b)
+    p = tmp_path / "garbled.asc"
+    p.write_bytes(b"".join(lines))
+    want, got = _both(p)
+    assert got == want
+    assert isinstance(got, tuple) and got[2] == {"log_bad_line": 4}

@@ -20,9 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-import numpy as np
-
-from agent.frames import PAD, FrameBatch, LabelledFrames, bus_label
+from agent.frames import FrameCollector, LabelledFrames
 
 FILE_HEADER = struct.Struct("<4sLBBBBBBBBQQLL8H8H")
 OBJ_HEADER_BASE = struct.Struct("<4sHHLL")
@@ -53,46 +51,10 @@ def _systemtime(st: tuple[int, ...]) -> float:
         return 0
 
 
-class _Frames:
-    """Frames collected as plain values, turned into columns a chunk at a time."""
-
-    def __init__(self) -> None:
-        self.clear()
-
-    def clear(self) -> None:
-        self.ts: list[float] = []
-        self.channel: list[int] = []
-        self.can_id: list[int] = []
-        self.extended: list[bool] = []
-        self.bad: list[bool] = []
-        self.payload: list[bytes] = []
-
-    def add(self, ts: float, channel: int, can_id: int, data: bytes, error: bool = False,
-            remote: bool = False) -> None:
-        if remote:
-            data = b""  # as can.Message keeps a remote frame: no data
-        self.ts.append(ts)
-        self.channel.append(channel)
-        self.can_id.append(can_id & 0x1FFFFFFF)
-        self.extended.append(bool(can_id & CAN_MSG_EXT))
-        self.bad.append(error or remote or len(data) > 8)
-        self.payload.append(data[:8])
-
-    def __len__(self) -> int:
-        return len(self.ts)
-
-    def take(self) -> LabelledFrames:
-        n = len(self.ts)
-        dlc = np.fromiter((len(p) for p in self.payload), np.uint8, n)
-        raw = b"".join(p.ljust(8, bytes([PAD])) for p in self.payload)
-        names: dict[str, int] = {}
-        label = np.fromiter((names.setdefault(bus_label(c), len(names)) for c in self.channel), np.int32, n)
-        lf = LabelledFrames(FrameBatch(np.array(self.ts, np.float64), np.array(self.can_id, np.uint32), dlc,
-                                       np.frombuffer(raw, np.uint8).reshape(n, 8).copy(),
-                                       np.array(self.extended, np.bool_), np.array(self.bad, np.bool_), ""),
-                            label, list(names))
-        self.clear()
-        return lf
+def _add(out: FrameCollector, ts: float, channel: int, can_id: int, data: bytes, error: bool = False,
+         remote: bool = False) -> None:
+    # As can.Message keeps them: a remote frame has no data; the id's top bit says extended.
+    out.add(ts, channel, can_id, bool(can_id & CAN_MSG_EXT), b"" if remote else data, error or remote)
 
 
 class BlfReader:
@@ -116,7 +78,7 @@ class BlfReader:
         self._tail = b""
         self._pos = 0
         self._after_loss = False
-        self._out = _Frames()
+        self._out = FrameCollector()
 
     def _resync(self) -> bool:
         """Move the file to the next object signature after the current position; False at end of file."""
@@ -240,18 +202,18 @@ class BlfReader:
             ts = (timestamp / 100_000 if flags == 1 else timestamp / 1_000_000_000) + start_timestamp
             if obj_type in (CAN_MESSAGE, CAN_MESSAGE2):
                 channel, mflags, dlc, can_id, can_data = CAN_MSG.unpack_from(data, pos)
-                out.add(ts, channel - 1, can_id, can_data[:dlc], remote=bool(mflags & REMOTE_FLAG))
+                _add(out, ts, channel - 1, can_id, can_data[:dlc], remote=bool(mflags & REMOTE_FLAG))
             elif obj_type == CAN_ERROR_EXT_TYPE:
                 m = CAN_ERROR_EXT.unpack_from(data, pos)
-                out.add(ts, m[0] - 1, m[7], m[9][: m[5]], error=True)
+                _add(out, ts, m[0] - 1, m[7], m[9][: m[5]], error=True)
             elif obj_type == CAN_FD_MESSAGE:
                 channel, mflags, _, can_id, _, _, _, valid_bytes, can_data = CAN_FD_MSG.unpack_from(data, pos)
-                out.add(ts, channel - 1, can_id, can_data[:valid_bytes], remote=bool(mflags & REMOTE_FLAG))
+                _add(out, ts, channel - 1, can_id, can_data[:valid_bytes], remote=bool(mflags & REMOTE_FLAG))
             elif obj_type == CAN_FD_MESSAGE_64:
                 m = CAN_FD_MSG_64.unpack_from(data, pos)
                 channel, valid_bytes, can_id, fd_flags, ext_data_offset = m[0], m[2], m[4], m[6], m[13]
                 length = min(valid_bytes, (ext_data_offset or obj_size) - header_size - CAN_FD_MSG_64.size)
                 at = pos + CAN_FD_MSG_64.size
-                out.add(ts, channel - 1, can_id, data[at : at + length].ljust(valid_bytes, b"\x00"),
-                        remote=bool(fd_flags & 0x0010))
+                _add(out, ts, channel - 1, can_id, data[at : at + length].ljust(valid_bytes, b"\x00"),
+                     remote=bool(fd_flags & 0x0010))
             pos = next_pos

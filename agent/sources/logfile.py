@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from agent.frames import LabelledFrames
+from agent.sources.asc import read_asc_chunks
 from agent.sources.blf import BlfReader
 from agent.sources.candump import looks_like_candump, read_candump, read_candump_chunks
 from agent.sources.logerror import LogUnreadable as LogUnreadable
@@ -168,8 +169,8 @@ def _blf_chunks(path: Path, errors: Counter[str]) -> Iterator[LabelledFrames]:
 def open_chunks(path: Path, errors: Counter[str]) -> Iterator[LabelledFrames]:
     """Every frame of one log as columns, a chunk at a time, under `open_log`'s contract (a log with no frame to
     give is `LogUnreadable` here; bad lines and records counted the same). candump -L and MF4 are read in bulk
-    (no Python object per frame), BLF by our own port of python-can's reader (no python-can import); the other
-    formats through their per-message readers, converted per chunk."""
+    (no Python object per frame), BLF and ASC by our own ports of python-can's readers (no python-can import);
+    the other formats through their per-message readers, converted per chunk."""
     suffix = _check(path)
     if suffix == ".log" and looks_like_candump(path):
         return _first(path, suffix, errors, lambda: _candump_chunks(path, errors))
@@ -177,4 +178,6 @@ def open_chunks(path: Path, errors: Counter[str]) -> Iterator[LabelledFrames]:
         return _first(path, suffix, errors, lambda: _mf4_chunks(path, errors))
     if suffix == ".blf":
         return _first(path, suffix, errors, lambda: _blf_chunks(path, errors))
+    if suffix == ".asc":
+        return _first(path, suffix, errors, lambda: read_asc_chunks(path, errors))
     return _first(path, suffix, errors, lambda: _message_chunks(_messages(path, suffix, errors), errors))
