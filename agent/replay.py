@@ -17,13 +17,13 @@ import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from agent.decode import dbc_cache
 from agent.decode.j1939 import J1939Decoder
-from agent.frames import FrameBatch, LabelledFrames, Rebatcher, bus_label
+from agent.frames import FrameBatch, LabelledFrames, Rebatcher
 from agent.metrics import Metrics
 from agent.pipeline import Pipeline
 from agent.records import SampleArrays
@@ -32,9 +32,6 @@ from agent.signals import SignalRegistry
 from agent.sources.logfile import LogUnreadable, open_chunks
 from agent.store import Store
 from agent.writer import StoreWriter
-
-if TYPE_CHECKING:
-    import can
 
 BATCH = 5000
 
@@ -80,10 +77,6 @@ def _open(path: Path, errors: Counter[str]) -> Iterator[LabelledFrames]:
         return open_chunks(path, errors)
     except LogUnreadable as e:
         raise ReplayError(str(e)) from None
-
-
-def _bus_label(msg: can.Message) -> str:
-    return bus_label(msg.channel)
 
 
 def batches(chunks: Iterator[LabelledFrames], errors: Counter[str]) -> Iterator[tuple[str, FrameBatch]]:

@@ -43,8 +43,8 @@ def replay(log: str, dbc: str, model: str) -> dict[str, Any]:
     from agent.replay import replay as run
 
     out = run([Path(log)], [Path(dbc)], model=Path(model) if model else None)
-    return {k: out[k] for k in ("frames", "frames_decoded", "windows", "windows_scored", "alerts", "dbc_cache",
-                                "seconds")}
+    return {**{k: out[k] for k in ("frames", "frames_decoded", "windows", "windows_scored", "alerts", "dbc_cache",
+                                   "seconds")}, "log_bad_line": out["errors"].get("log_bad_line", 0)}
 
 
 if __name__ == "__main__":

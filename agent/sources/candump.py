@@ -156,10 +156,10 @@ def parse_chunk(chunk: bytes, errors: Counter[str]) -> LabelledFrames:
     """Whole lines (the last one may lack its newline) → their frames as columns; bad lines counted."""
     rows = _LINE.findall(chunk)
     if not rows:
-        return _columns([], [], [], [], [], errors)
+        return _columns([], [], [], [], [])
     ts_l, ch_l, id_l, data_l, other_l = zip(*rows, strict=True)
     if not any(other_l) and b"" not in ts_l:  # every line of the common shape
-        return _columns(list(ts_l), list(ch_l), list(id_l), list(data_l), [], errors)
+        return _columns(list(ts_l), list(ch_l), list(id_l), list(data_l), [])
     fast = np.array(ts_l, dtype="S1").view(np.uint8) != 0  # a captured timestamp: the common shape
     idx = np.flatnonzero(fast).tolist()
     slow: list[tuple[int, Fields]] = []
@@ -176,11 +176,11 @@ def parse_chunk(chunk: bytes, errors: Counter[str]) -> LabelledFrames:
         except _BAD:
             errors["log_bad_line"] += 1
     return _columns([ts_l[i] for i in idx], [ch_l[i] for i in idx], [id_l[i] for i in idx],
-                    [data_l[i] for i in idx], slow, errors, idx)
+                    [data_l[i] for i in idx], slow, idx)
 
 
 def _columns(ts_l: list[bytes], ch_l: list[bytes], id_l: list[bytes], data_l: list[bytes],
-             slow: list[tuple[int, Fields]], errors: Counter[str], at: list[int] | None = None) -> LabelledFrames:
+             slow: list[tuple[int, Fields]], at: list[int] | None = None) -> LabelledFrames:
     """The common-shape lines' captures (at row positions `at`) and the other lines' parsed fields, merged back
     into line order."""
     n_fast, n = len(ts_l), len(ts_l) + len(slow)
