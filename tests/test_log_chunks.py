@@ -224,3 +224,41 @@ def test_asc_without_python_can_reads_the_real_file_with_bad_lines_as_the_messag
     want, got = _both(p)
     assert got == want
     assert isinstance(got, tuple) and got[2] == {"log_bad_line": 4}
+
+
+@pytest.mark.parametrize("order", ["sorted", "backwards"])
+def test_mf4_groups_merge_as_python_can_merges_them(tmp_path: Path, order: str) -> None:
+    """Data, error and remote frames on two channels, written by python-can's MF4 writer (one channel group per
+    kind): merged by timestamp as python-can's reader merges them. A group whose timestamps go backwards is read
+    message by message instead (python-can's merge of unsorted input is its own), with the same result."""
+    pytest.importorskip("asammdf", reason="MF4 needs the mf4 extra (asammdf); the dev extra installs it")
+    import random
+
+    import can
+
+    from agent.sources import mf4
+
+    rng = random.Random(3)
+    t = 1000.0
+    msgs = []
+    for _ in range(400):
+        t += rng.random() * 0.01 * (1 if order == "sorted" or rng.random() < 0.9 else -30)
+        k, ch = rng.random(), rng.choice([0, 1])
+        if k < 0.1:
+            msgs.append(can.Message(timestamp=t, is_error_frame=True, channel=ch))
+        elif k < 0.2:
+            msgs.append(can.Message(timestamp=t, arbitration_id=0x123, is_remote_frame=True, is_extended_id=False,
+                                    dlc=3, channel=ch))
+        else:
+            msgs.append(can.Message(timestamp=t, arbitration_id=rng.randrange(1 << 29), channel=ch,
+                                    data=bytes(rng.randrange(256) for _ in range(rng.randrange(9)))))
+    p = tmp_path / "written.mf4"
+    with can.Logger(str(p)) as w:
+        for m in msgs:
+            w.on_message_received(m)
+    if order == "backwards":
+        with pytest.raises(mf4.NotMonotonic):
+            mf4.read_mf4(p, Counter())
+    want, got = _both(p)
+    assert got == want
+    assert isinstance(got, tuple) and len(got[1]) == 400 and set(got[1]) == {"can0", "can1"}
