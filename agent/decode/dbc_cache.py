@@ -83,8 +83,10 @@ def _read(path: Path) -> bytes:
         raise DbcError(f"{path}: not a usable DBC: {e}") from None
 
 
-def _parse(path: Path, sha: str) -> Any:
-    """cantools' parse of the file, checked to be the content that hashed to `sha` (else it changed meanwhile)."""
+def _parse(path: Path, sha: str, keep: bool) -> Any:
+    """cantools' parse of the file, checked to be the content that hashed to `sha` (else it changed meanwhile).
+    `keep`: hold it for the rest of the process (SlowMessage's fallback); a parse only to make tables is not kept,
+    so that an agent started without its cache does not carry cantools' objects of a large DBC from then on."""
     key = (str(path), sha)
     db = _parsed.get(key)
     if db is not None:
@@ -100,7 +102,8 @@ def _parse(path: Path, sha: str) -> Any:
     if hashlib.sha256(_read(path)).hexdigest() != sha:
         raise DbcError(f"{path}: changed on disk while it was being loaded")
     STATS["parsed"] += 1
-    _parsed[key] = db
+    if keep:
+        _parsed[key] = db
     return db
 
 
@@ -193,7 +196,7 @@ def load(path: Path) -> tuple[DbcTables, Callable[[], Any]]:
 
     def parsed() -> Any:
         with _lock:
-            return _parse(path, sha)
+            return _parse(path, sha, keep=True)
 
     with _lock:
         tables = _tables.get(key)
@@ -205,7 +208,7 @@ def load(path: Path) -> tuple[DbcTables, Callable[[], Any]]:
         if tables is not None:
             STATS["hit_disk"] += 1
         else:
-            tables = from_cantools(_parse(path, sha), sha)
+            tables = from_cantools(_parse(path, sha, keep=False), sha)
             if folder is not None:
                 _to_disk(folder, tables)
         _tables[key] = tables
