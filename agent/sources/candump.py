@@ -216,8 +216,14 @@ def _columns(ts_l: list[bytes], ch_l: list[bytes], id_l: list[bytes], data_l: li
     # Channels: the common shape's are printable ASCII, so decoding them as the line parser does gives the same.
     raw_names: dict[bytes, int] = {}
     code = np.empty(n, np.int32)
-    if n_fast:
-        code[fast_at] = [raw_names.setdefault(c, len(raw_names)) for c in ch_l]
+    if n_fast and ch_l.count(ch_l[0]) == n_fast:  # one bus, as most logs
+        raw_names[ch_l[0]] = 0
+        code[fast_at] = 0
+    elif n_fast:
+        raw_names = {c: k for k, c in enumerate(dict.fromkeys(ch_l))}  # numbered in order of first appearance
+        arr = np.array(ch_l, dtype="S64")
+        for c, k in raw_names.items():
+            code[fast_at[arr == c]] = k
     names = {c.decode("ascii"): k for c, k in raw_names.items()}
     for j, (_, f) in zip(slow_at.tolist(), slow, strict=True):
         code[j] = names.setdefault(f.channel, len(names))
