@@ -1,11 +1,12 @@
 """`harvester-agent replay`: recorded CAN logs through the exact on-vehicle pipeline, as fast as it will go.
 
-Any format python-can reads (candump -L, ASC, BLF, TRC, python-can CSV, SQLite; MF4 with asammdf installed). Frames
-of multi-channel logs keep their channel as the bus label. A log with no frame to give (missing, empty, not that
-format, every record bad) is an error before any work, as is a `db` in a folder that does not exist; bad lines of
-a text log are skipped and counted (`errors.log_bad_line`), as are damaged BLF containers (`errors.log_bad_record`);
-a binary log cut or corrupt part-way gives what came before and is counted (`errors.log_unreadable`) where the
-format tells. See agent/sources/logfile.py.
+Any format python-can reads (candump -L, ASC, BLF, TRC, python-can CSV, SQLite; MF4 with asammdf installed), read as
+columns a chunk at a time (candump -L and MF4 in bulk, agent/sources/logfile.py) and fed per bus label in batches
+of BATCH frames. Frames of multi-channel logs keep their channel as the bus label. A log with no frame to give
+(missing, empty, not that format, every record bad) is an error before any work, as is a `db` in a folder that
+does not exist; bad lines of a text log are skipped and counted (`errors.log_bad_line`), as are damaged BLF
+containers (`errors.log_bad_record`); a binary log cut or corrupt part-way gives what came before and is counted
+(`errors.log_unreadable`) where the format tells. See agent/sources/logfile.py.
 """
 
 from __future__ import annotations
@@ -18,17 +19,17 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import can
 import numpy as np
 
+from agent.decode import dbc_cache
 from agent.decode.j1939 import J1939Decoder
-from agent.frames import FrameBatch
+from agent.frames import FrameBatch, LabelledFrames, Rebatcher
 from agent.metrics import Metrics
 from agent.pipeline import Pipeline
 from agent.records import SampleArrays
 from agent.scoring import Scorer
 from agent.signals import SignalRegistry
-from agent.sources.logfile import LogUnreadable, open_log
+from agent.sources.logfile import LogUnreadable, open_chunks
 from agent.store import Store
 from agent.writer import StoreWriter
 
@@ -71,18 +72,27 @@ class _SignalStats:
         return dict(sorted(out.items()))
 
 
-def _open(path: Path, errors: Counter[str]) -> Iterator[can.Message]:
+def _open(path: Path, errors: Counter[str]) -> Iterator[LabelledFrames]:
     try:
-        return open_log(path, errors)
+        return open_chunks(path, errors)
     except LogUnreadable as e:
         raise ReplayError(str(e)) from None
 
 
-def _bus_label(msg: can.Message) -> str:
-    ch = msg.channel
-    if ch is None or ch == "":
-        return "can0"
-    return str(ch) if not isinstance(ch, int) else f"can{ch}"
+def batches(chunks: Iterator[LabelledFrames], errors: Counter[str]) -> Iterator[tuple[str, FrameBatch]]:
+    """(bus label, FrameBatch) of one log in the order and sizes replay feeds them: per label, a batch every BATCH
+    frames, the rest of each label at the end of the file (the batches a frame-by-frame loop would make)."""
+    rb = Rebatcher(BATCH)
+    while True:
+        try:
+            lf = next(chunks)
+        except StopIteration:
+            break
+        except Exception:  # a reader meeting a truncated or corrupt record: keep what came before
+            errors["log_unreadable"] += 1
+            break
+        yield from rb.feed(lf)
+    yield from rb.flush()
 
 
 def replay(
@@ -93,6 +103,7 @@ def replay(
     progress: bool = False,
 ) -> dict[str, Any]:
     errors: Counter[str] = Counter()
+    cache_before = Counter(dbc_cache.STATS)
     if db is not None and not db.parent.is_dir():
         raise ReplayError(f"{db.parent}: no such folder (--db names a file in a folder that exists)")
     readers = [(p, _open(p, errors)) for p in logs]  # every file opens before any work: fail fast, fail whole
@@ -111,39 +122,24 @@ def replay(
     writer.resume(pipe)
     t0 = time.perf_counter()
     frames = 0
-    for i, (path, it) in enumerate(readers):
-        batch: dict[str, list[can.Message]] = {}
-        while True:
-            try:
-                msg = next(it)
-            except StopIteration:
-                break
-            except Exception:  # a reader meeting a truncated or corrupt record: keep what came before
-                errors["log_unreadable"] += 1
-                break
-            label = _bus_label(msg)
+    for i, (path, chunks) in enumerate(readers):
+        for label, fb in batches(chunks, errors):
             if label not in pipe.decoders:
                 pipe.decoders[label] = J1939Decoder(registry, dbcs, label)
-            b = batch.setdefault(label, [])
-            b.append(msg)
-            if len(b) >= BATCH:
-                pipe.feed(label, FrameBatch.from_messages(b, label))
-                frames += len(b)
-                b.clear()
-                pipe.heartbeat()
-                writer.maybe_flush(1.0, 50_000)
-                if progress:
-                    rate = frames / max(1e-9, time.perf_counter() - t0)
-                    print(
-                        f"\rreplay [{i + 1}/{len(readers)}] {path.name[:40]:40s} {frames:10d} frames {rate:9.0f}/s",
-                        end="",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-        for label, b in batch.items():
-            if b:
-                pipe.feed(label, FrameBatch.from_messages(b, label))
-                frames += len(b)
+            pipe.feed(label, fb)
+            frames += len(fb)
+            if len(fb) < BATCH:
+                continue  # the rest of a label at the end of its file
+            pipe.heartbeat()
+            writer.maybe_flush(1.0, 50_000)
+            if progress:
+                rate = frames / max(1e-9, time.perf_counter() - t0)
+                print(
+                    f"\rreplay [{i + 1}/{len(readers)}] {path.name[:40]:40s} {frames:10d} frames {rate:9.0f}/s",
+                    end="",
+                    file=sys.stderr,
+                    flush=True,
+                )
     pipe.drain_dtcs()  # what the DTC debouncers hold goes out with the rest
     writer.flush()
     seconds = time.perf_counter() - t0
@@ -176,6 +172,8 @@ def replay(
         "model": (f"{scorer.contract.model_name} {scorer.contract.model_version}" if scorer else None),
         "signals": stats.by_name(),
         "metrics": metrics.snapshot(),  # the same registry the agent reports (its counters beside those above)
+        # DBC loads of this replay: from this process's memory, the disk cache, or parsed (agent/decode/dbc_cache.py)
+        "dbc_cache": dict(sorted((Counter(dbc_cache.STATS) - cache_before).items())),
     }
     store.close()
     if tmp is not None:

@@ -68,3 +68,28 @@ def _rss_mb() -> float:
     return float("nan")
 
 
+SIM_EPOCH = 1_700_000_000.0
+
+
+def _sim_frames(sim_seconds: float, seed: int = 7) -> list[Any]:
+    """The simulator's J1939 traffic (a healthy harvester at harvest duty), timestamps on a wall-clock epoch: the
+    traffic the shipped model is built for, so a pipeline figure measured on it really scores windows."""
+    from harvester_sim.j1939_tx import J1939Transmitter
+    from harvester_sim.physics import Harvester
+
+    frames = list(J1939Transmitter(Harvester(seed=seed)).frames_until(sim_seconds))
+    for m in frames:
+        m.timestamp += SIM_EPOCH
+        m.channel = "can0"
+    return frames
+
+
+def _sim_log(folder: Path, sim_seconds: float) -> Path:
+    """`_sim_frames` written as a candump -L log, so both sides of a figure read it with python-can's LogReader."""
+    import can
+
+    path = folder / "sim_candumpL.log"
+    with can.Logger(str(path)) as w:
+        for m in _sim_frames(sim_seconds):
+            w.on_message_received(m)
+    return path

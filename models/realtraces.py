@@ -63,29 +63,12 @@ def _totals(root: Path, traces: dict[str, dict[str, Any]], skipped: list[str]) -
 
 def _replay_batches(path: Path) -> Iterator[tuple[str, Any]]:
     """(bus label, FrameBatch) of one log in the order and sizes `harvester-agent replay` feeds them
-    (agent/replay.py: per label, a batch every BATCH frames, the rest at the end of the file)."""
-    from agent.frames import FrameBatch
-    from agent.replay import BATCH, _bus_label
-    from agent.sources.logfile import open_log
+    (agent/replay.py `batches`: per label, a batch every BATCH frames, the rest at the end of the file)."""
+    from agent.replay import batches
+    from agent.sources.logfile import open_chunks
 
-    it = open_log(path, Counter())  # LogUnreadable before any batch: the caller leaves the file out
-    batch: dict[str, list[Any]] = {}
-    while True:
-        try:
-            msg = next(it)
-        except StopIteration:
-            break
-        except Exception:  # a reader meeting a truncated or corrupt record: keep what came before, as replay does
-            break
-        label = _bus_label(msg)
-        b = batch.setdefault(label, [])
-        b.append(msg)
-        if len(b) >= BATCH:
-            yield label, FrameBatch.from_messages(b, label)
-            b.clear()
-    for label, b in batch.items():
-        if b:
-            yield label, FrameBatch.from_messages(b, label)
+    errors: Counter[str] = Counter()
+    return batches(open_chunks(path, errors), errors)  # LogUnreadable before any batch: the caller leaves it out
 
 
 def evaluate_real_models(root: Path, models: Mapping[str, bytes]) -> dict[str, dict[str, Any]]:

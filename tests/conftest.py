@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +20,12 @@ from harvester_testing.broker import MosquittoBroker, find_mosquitto
 from harvester_testing.data import SHARED_DATA, shared_file
 
 __all__ = ["SHARED_DATA", "shared_file"]
+
+# The DBC tables cache (agent/decode/dbc_cache.py) of this run, child processes included: a fresh folder, not the
+# user's ~/.cache. Tests of the cache itself point it elsewhere.
+if "HARVESTER_DBC_CACHE" not in os.environ:
+    os.environ["HARVESTER_DBC_CACHE"] = tempfile.mkdtemp(prefix="harvester-dbc-cache-")
+    atexit.register(shutil.rmtree, os.environ["HARVESTER_DBC_CACHE"], True)
 
 
 @pytest.fixture

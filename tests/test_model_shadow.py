@@ -38,7 +38,8 @@ class Recorder:
     def append_samples(self, samples: SampleArrays) -> None:
         pass
 
-    def append_records(self, records: list[tuple[str, dict[str, Any]]], state: dict[str, Any]) -> None:
+    def append_records(self, records: list[tuple[str, dict[str, Any]]], state: dict[str, Any],
+                       urgent: bool = True) -> None:
         self.records += records
 
     def set_state(self, key: str, value: Any) -> bool:

@@ -1,9 +1,10 @@
 """J1939 decoding: DBC messages looked up by PGN, signals extracted for whole batches at once.
 
-cantools parses the DBC and is the reference decoder; the hot path compiles each little-endian, non-multiplexed
-signal into (shift, mask, scale, offset) and extracts it from every frame of that PGN in one numpy operation
-(tests check it against cantools frame by frame). Anything the fast path cannot express (big-endian, multiplexed,
-floats) falls back to cantools per frame.
+cantools parses the DBC (once; its tables are then cached on disk, agent/decode/dbc_cache.py) and is the reference
+decoder; the hot path compiles each little-endian, non-multiplexed signal into (shift, mask, scale, offset) and
+extracts it from every frame of that PGN in one numpy operation (tests check it against cantools frame by frame).
+Anything the fast path cannot express (big-endian, multiplexed, floats) is decoded per frame as cantools does, from
+the same tables (`SlowMessage`, agent/decode/dbc_tables.py).
 
 J1939 reserves the top of each parameter's range: for a field of 8 bits or more, a top byte of 0xFB..0xFF is not a
 reading (0xFE error, 0xFF not available); for 2..7-bit fields the two highest codes are. Those become missing
@@ -17,6 +18,7 @@ in arrival order, and a claim that changes an address's holder splits the batch 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.resources
 import math
 from collections import Counter
@@ -25,11 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cantools
 import numpy as np
 import numpy.typing as npt
 
+from agent.decode import dbc_cache
 from agent.decode.base import Decoded
+from agent.decode.dbc_cache import DbcError as DbcError
+from agent.decode.dbc_tables import MessageSpec, SlowMessage
 from agent.decode.j1939_addr import PGN_ADDRESS_CLAIMED, AddressBook, AddressChange, name_hex
 from agent.decode.j1939_dtc import DtcTracker, LegacyState, parse_legacy_state
 from agent.decode.j1939_id import J1939Ids, split_ids
@@ -40,10 +44,6 @@ from agent.signals import SignalRegistry
 from harvester_common.j1939_text import DtcText, spn_names_from_signals
 
 DTC_STATE_KEY = "dtc_active/{bus}"
-
-
-class DbcError(ValueError):
-    """A DBC file that cannot be loaded or merged."""
 
 
 def default_dbc() -> Path:
@@ -66,7 +66,7 @@ class _FastSignal:
 class _CompiledMessage:
     name: str
     pgn: int
-    message: Any  # cantools Message, for the slow path
+    message: Any  # SlowMessage (agent/decode/dbc_tables.py): decodes like cantools' Message, for the slow path
     fast: list[_FastSignal]
     slow: list[str]  # signal names the fast path cannot do
     sids: dict[tuple[str, int], npt.NDArray[np.int32]] = field(default_factory=dict)
@@ -109,12 +109,12 @@ class _CompiledMessage:
         self.half = np.array([float(1 << (x.length - 1)) for x in f])
 
 
-def _compile(msg: Any) -> _CompiledMessage:
+def _compile(msg: MessageSpec, slow_decoder: Any) -> _CompiledMessage:
     fast: list[_FastSignal] = []
     slow: list[str] = []
     for s in msg.signals:
         simple = (
-            s.byte_order == "little_endian"
+            not s.big_endian
             and not s.is_float
             and s.multiplexer_ids is None
             and not s.is_multiplexer
@@ -124,39 +124,48 @@ def _compile(msg: Any) -> _CompiledMessage:
         if simple:
             mask = (1 << s.length) - 1
             fast.append(
-                _FastSignal(full, s.unit or "", s.start, mask, s.length, s.is_signed, float(s.scale), float(s.offset))
+                _FastSignal(full, s.unit or "", s.start, mask, s.length, s.signed, float(s.scale), float(s.offset))
             )
         else:
             slow.append(s.name)
     pgn = (msg.frame_id >> 8) & 0x3FFFF
     if ((pgn >> 8) & 0xFF) < 240:
         pgn &= 0x3FF00
-    cm = _CompiledMessage(msg.name, pgn, msg, fast, slow)
+    cm = _CompiledMessage(msg.name, pgn, slow_decoder, fast, slow)
     cm.columns()
     return cm
 
 
+# Compiled messages per DBC content (hash), built once per process. Decoders get copies: `sids` is per decoder.
+_COMPILED: dict[str, list[_CompiledMessage]] = {}
+
+
+def _compiled(path: Path) -> list[_CompiledMessage]:
+    tables, parsed = dbc_cache.load(path)
+    done = _COMPILED.get(tables.sha256)
+    if done is None:
+        def real(name: str) -> Any:
+            return lambda: parsed().get_message_by_name(name)
+
+        done = [_compile(m, SlowMessage(m, real(m.name))) for m in tables.messages]
+        _COMPILED[tables.sha256] = done
+    return done
+
+
 def load_dbcs(paths: Sequence[Path]) -> dict[int, _CompiledMessage]:
-    """Merge DBCs by PGN; a later file overrides an earlier one for the same PGN (users refine the defaults)."""
+    """Merge DBCs by PGN; a later file overrides an earlier one for the same PGN (users refine the defaults).
+    Each DBC is parsed once per process and its tables cached on disk (agent/decode/dbc_cache.py); the slow-path
+    signals decode from those tables too (`SlowMessage`), without cantools."""
     by_pgn: dict[int, _CompiledMessage] = {}
     for p in paths:
-        try:
-            db = cantools.database.load_file(str(p), strict=False)
-        except FileNotFoundError:
-            raise DbcError(f"{p}: no such DBC file") from None
-        except Exception as e:  # cantools raises many types for bad files
-            raise DbcError(f"{p}: not a usable DBC: {e}") from None
-        for msg in getattr(db, "messages", []):
-            if not msg.is_extended_frame:
-                continue
-            cm = _compile(msg)
-            by_pgn[cm.pgn] = cm
+        for cm in _compiled(Path(p)):
+            by_pgn[cm.pgn] = dataclasses.replace(cm, sids={})
     return by_pgn
 
 
 def dbc_spns(messages: Mapping[int, _CompiledMessage]) -> list[tuple[int, str]]:
-    """(SPN, signal name) of every signal with the DBC's `SPN` attribute (cantools reads it into `Signal.spn`); SPN 0,
-    the attribute's usual default, names nothing."""
+    """(SPN, signal name) of every signal with the DBC's `SPN` attribute (kept in the cached tables: no cantools parse
+    for it); SPN 0, the attribute's usual default, names nothing."""
     return [(s.spn, s.name) for cm in messages.values() for s in cm.message.signals if s.spn]
 
 
