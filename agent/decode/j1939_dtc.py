@@ -77,7 +77,6 @@ class DtcTracker:
         saved state moved."""
         ecu = self._ecus.pop(key, None)  # re-inserted below: the dict's order is "least recently heard first"
         before = ecu.dtcs if ecu is not None else {}
-        saved_before = ecu.saved() if ecu is not None else None
         lamps = lamps_of(dm)
         lamps_changed = ecu is not None and ecu.lamps is not None and ecu.lamps != lamps
         now = {(d.spn, d.fmi): d.occurrence for d in dm.dtcs}
@@ -101,7 +100,13 @@ class DtcTracker:
         if after:
             self._ecus[key] = _Ecu(lamps, after)
             self._bound()
-        moved = (self._ecus[key].saved() if after else None) != saved_before
+        # The saved state (`_Ecu.saved`) moved iff the lamps, a DTC, its count or its source did: compared directly,
+        # not by building both states, which a storm of DM1s would pay for on every frame.
+        if ecu is None or not after:
+            moved = (ecu is None) != (not after)
+        else:
+            moved = ecu.lamps != lamps or before.keys() != after.keys() or any(
+                (a.occurrence, a.source) != (before[k].occurrence, before[k].source) for k, a in after.items())
         return events, moved
 
     def dm2(self, ts: float, key: str, source: str, sa: int, dm: Dm1) -> list[Event]:
