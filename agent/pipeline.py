@@ -395,7 +395,7 @@ class Pipeline:
         self._samples(res.samples)
         # Saved with the events, in their transaction: a restart continues from exactly what was announced.
         state = {dec.state_key: dec.state()} if res.state_changed and dec.state_key is not None else {}
-        self._events(source, res.events, batch, state)
+        self._events(source, res.events, batch, state, res.state_urgent)
 
     def source_event(self, event: Event) -> None:
         """A source's own event (`source_down`, `source_up`: agent/sources/health.py), stored and synced like any
@@ -743,9 +743,10 @@ class Pipeline:
             deb = self.debouncers[source] = DtcDebouncer(self.dtc_policy)
         return deb
 
-    def _events(self, source: str, events: list[Event], batch: Sized, state: dict[str, Any]) -> None:
+    def _events(self, source: str, events: list[Event], batch: Sized, state: dict[str, Any],
+                state_urgent: bool = False) -> None:
         """A decoder's events through its DTC debouncer (agent/dtcdebounce.py), on the data's clock: the batch's
-        latest time."""
+        latest time. `state_urgent`: the decoder's state must be written at once (Decoded.state_urgent)."""
         deb = self._debouncer(source)
         if events or deb.active:
             before = deb.decoded
@@ -756,7 +757,7 @@ class Pipeline:
         else:
             out, urgent = [], False
         if out or state:
-            self._dtc_out(out, state, urgent)
+            self._dtc_out(out, state, urgent or state_urgent)
 
     def _dtc_out(self, out: list[Event], state: dict[str, Any], urgent: bool) -> None:
         """One transaction for what a batch lets out and the decoder and debouncer state it leaves."""

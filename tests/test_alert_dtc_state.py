@@ -211,3 +211,23 @@ def test_the_name_map_and_dtcs_survive_a_restart_and_an_address_move(tmp_path: P
 def _dm1_frames(t: float, sa: int, dtcs: list[Dtc]) -> list[can.Message]:
     return [can.Message(timestamp=t, arbitration_id=(6 << 26) | (0xFECA << 8) | sa, is_extended_id=True,
                         data=encode_dm1(dtcs))]
+
+
+def test_an_address_claim_is_saved_at_once_not_with_the_next_flush(tmp_path: Path) -> None:
+    """ECUs claim their addresses at power-up and rarely again: a NAME learned just before a crash must not wait for
+    the writer's next flush, or the restarted agent names the ECU by its address until the next power-up. Real
+    SQLite; the crash comes before any flush."""
+    path = tmp_path / "s.sqlite"
+    name = make_name(identity=7, manufacturer=0x123, function=0)
+    store = Store(path, first_seq=1)
+    reg = SignalRegistry()
+    p, _ = _started_with_writer(store, reg, {"can0": J1939Decoder(reg)})
+    p.feed("can0", FrameBatch.from_messages([address_claim_frame(name, 0x00, 0.0)]))
+    store.db.close()  # as a crash leaves it: no flush after the claim
+
+    store = Store(path, first_seq=1)
+    reg = SignalRegistry()
+    dec = J1939Decoder(reg)
+    _started(store, reg, {"can0": dec})
+    assert dec.source(0x00) == f"can0/{name:016X}"
+    store.close()

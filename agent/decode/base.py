@@ -27,6 +27,9 @@ class Decoded:
     # The decoder's `state()` moved with these events: it is saved in their transaction, so that a restart
     # continues from exactly what was announced.
     state_changed: bool = False
+    # ... and in a way no later input will tell again (an address claim: ECUs claim at power-up): the state is
+    # written at once, not with the next flush, so a crash right after cannot lose it.
+    state_urgent: bool = False
 
 
 @runtime_checkable

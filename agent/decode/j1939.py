@@ -251,6 +251,7 @@ class J1939Decoder:
                          np.concatenate([s.value for s in samples])) if samples else _empty(),
             [e for p in parts for e in p.events],
             moved or any(p.state_changed for p in parts),
+            state_urgent=moved,
         )
 
     def _address_changed(self, change: AddressChange | None) -> None:
