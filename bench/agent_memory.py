@@ -80,6 +80,13 @@ def rss_mb(pid: int, key: str = "VmRSS") -> float:
     raise RuntimeError(f"no {key} for process {pid}")
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (/proc/PID/stat, fields 14 and 15)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _vehicle_venv() -> Path:
     given = os.environ.get("AGENT_RSS_VENV")
     if given:
@@ -184,6 +191,9 @@ class Soak:
     naive: list[tuple[float, float]] = field(default_factory=list)
     agent_peak_mb: float = 0.0
     naive_peak_mb: float = 0.0
+    # CPU, % of one core, from AGENT_RSS_WARM_S to the end: the same live load over socketcand, across processes
+    agent_cpu_percent: float = 0.0
+    naive_cpu_percent: float = 0.0
     frames: int = 0
     windows_scored: int = 0
     naive_frames: int = 0
@@ -240,13 +250,20 @@ def soak(warm_s: float, end_s: float) -> Soak:
         procs.append(naive)
         names[naive.pid] = "the naive gateway"
         t0 = time.monotonic()
+        cpu0: tuple[float, float, float] | None = None
         while (now := time.monotonic() - t0) < end_s:
             for p in procs:
                 if p.poll() is not None:
                     raise RuntimeError(f"{names[p.pid]} exited ({p.returncode}); logs in {tmp}")
             out.agent.append((now, rss_mb(agent.pid)))
             out.naive.append((now, rss_mb(naive.pid)))
+            if cpu0 is None and now >= warm_s:
+                cpu0 = (time.monotonic(), cpu_s(agent.pid), cpu_s(naive.pid))
             time.sleep(SAMPLE_S)
+        if cpu0 is not None:
+            wall = time.monotonic() - cpu0[0]
+            out.agent_cpu_percent = 100 * (cpu_s(agent.pid) - cpu0[1]) / wall
+            out.naive_cpu_percent = 100 * (cpu_s(naive.pid) - cpu0[2]) / wall
         out.agent_peak_mb = rss_mb(agent.pid, "VmHWM")
         out.naive_peak_mb = rss_mb(naive.pid, "VmHWM")
         _stop(naive)
@@ -294,6 +311,7 @@ def _run_once() -> Soak:
 def _extra(s: Soak) -> dict[str, Any]:
     return {"warm_s": s.warm_s, "end_s": s.end_s, "frames": s.frames, "windows_scored": s.windows_scored,
             "naive_frames": s.naive_frames, "acked_batches": s.acked_batches,
+            "agent_cpu_percent": round(s.agent_cpu_percent, 2), "naive_cpu_percent": round(s.naive_cpu_percent, 2),
             "agent_peak_mb": round(s.agent_peak_mb, 1), "naive_peak_mb": round(s.naive_peak_mb, 1)}
 
 
