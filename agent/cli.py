@@ -48,6 +48,9 @@ def stop_on_signals() -> threading.Event:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from agent.keepout import keep_out
+
+    late = keep_out()  # before anything below imports python-can
     from agent.decode.j1939 import DbcError
     from agent.service import Agent
     from agent.sources.can import virtual_bus_warning
@@ -59,6 +62,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.allow_absent:
         raise CliError("--allow-absent goes with --check-config only")
     setup_logging(cfg.log.level)
+    if late:
+        logging.getLogger("agent").warning("replay-only modules were loaded before `run` started: %s", late)
     warning = virtual_bus_warning(cfg.can)
     if warning:
         logging.getLogger("agent").warning("%s", warning)
@@ -261,15 +266,21 @@ def vehicle_signals(cfg: AgentConfig) -> set[str]:
 COMMAND_GROUP = "harvester_agent.commands"
 OPTIONAL_COMMANDS = {"simulate": "harvester-sim", "demo": "harvester-demo"}
 
-def add_plugin_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_plugin_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser], command: str | None = None) -> None:
+    """`command`: the one named on this command line (None: none yet, e.g. `--help`, so every plugin is loaded to
+    list its help). Only that plugin is imported: `run` on a machine with the simulator installed must not load it,
+    nor what it imports (python-can's file readers, asammdf and pandas with the MF4 extra)."""
     found: set[str] = set()
     for ep in sorted(entry_points(group=COMMAND_GROUP), key=lambda e: e.name):
+        found.add(ep.name)
+        if command is not None and ep.name != command:
+            _unavailable(sub, ep.name, "was not loaded (name it first on the command line)")
+            continue
         try:
             register: Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None] = ep.load()
             register(sub)
         except Exception as e:  # a broken plugin must not take `run` or `status` down with it
             _unavailable(sub, ep.name, f"cannot be loaded ({ep.value}: {type(e).__name__}: {e})")
-        found.add(ep.name)
     for name, dist in OPTIONAL_COMMANDS.items():
         if name not in found:
             _unavailable(sub, name, f"comes with the {dist} package, which is not installed here (a vehicle's "
@@ -287,7 +298,7 @@ def _unavailable(sub: argparse._SubParsersAction[argparse.ArgumentParser], name:
     p.set_defaults(func=fail)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="harvester-agent",
         description="Edge agent for orange harvesters: reads CAN (J1939) and serial sensors, scores windows with "
@@ -341,12 +352,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_commands(m.add_subparsers(dest="model_command", required=True, metavar="MODEL_COMMAND"),
                        vehicle_signals)
 
-    add_plugin_commands(sub)
+    add_plugin_commands(sub, command)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_cli(build_parser(), argv, (ConfigError, CliError))
+    words = list(sys.argv[1:] if argv is None else argv)
+    command = next((w for w in words if not w.startswith("-")), None)  # the top level has options only before it
+    return run_cli(build_parser(command), argv, (ConfigError, CliError))
 
 
 if __name__ == "__main__":

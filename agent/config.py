@@ -56,8 +56,14 @@ class CanBusConfig(_Section):
     batch_max_frames: int = Field(2000, ge=1, le=100_000, description=(
         "frames are handed to the pipeline in batches of at most this many ..."))
     batch_max_s: float = Field(0.2, gt=0, le=10, description=(
-        "... or after this long since a batch's first frame, or as soon as the bus falls quiet for this long. "
+        "... or after this long since a batch's first frame, or as soon as a read finds the bus quiet. "
         "One batch is one entry of the pipeline's queue (`[pipeline] queue_max_batches`)."))
+    read_interval_s: float = Field(0.05, gt=0, le=1, description=(
+        "while a batch fills, the source sleeps this long between reads and takes all that arrived meanwhile: "
+        "one thread wake-up per read instead of one per frame. The interface queues frames meanwhile: a "
+        "SocketCAN socket's receive buffer (the agent asks for 1 MiB; the kernel caps it at "
+        "`net.core.rmem_max`) must hold this long of traffic; its overflows are counted "
+        "(`source.<name>.dropped{rx_overflow}`)."))
     reconnect_min_s: float = Field(0.5, gt=0, description=(
         "first delay before reopening a bus that failed (doubles each time). The outage is a `source_down` "
         "event, its end `source_up` (docs/delivery.md)."))

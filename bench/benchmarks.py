@@ -26,7 +26,7 @@ from typing import Any
 from benchkit import FIGURES, REPO, Figure, _big_dbc, _cpu, _trace_files, figure
 
 # Topic modules register their figures on import (bench/benchkit.py): add a new topic's module here.
-TOPICS: tuple[str, ...] = ("ingest", "live_lane", "dtc_storm")
+TOPICS: tuple[str, ...] = ("ingest", "live_lane", "dtc_storm", "agent_memory")
 
 
 def _baseline_decode(files: list[Path]) -> tuple[int, float]:

@@ -66,11 +66,12 @@ if os.geteuid() == 0:
     # (os_unix.c, robust_fchown). The service runs as its own user and never calls it.
     DENIED_ON_PURPOSE.add("fchown")
 
-# What python-can's SocketCAN bus calls (can/interfaces/socketcan/socketcan.py: socket, setsockopt, bind, which in
-# CPython asks SIOCGIFINDEX by ioctl, recvmsg with a timestamp, select, send). The traced run reads CAN over
-# socketcand because this machine may have no AF_CAN, so these are checked by name.
-SOCKETCAN_SYSCALLS = {"socket", "setsockopt", "getsockopt", "bind", "ioctl", "recvmsg", "pselect6", "select",
-                      "poll", "sendto", "close"}
+# What the agent's SocketCAN reader calls (agent/sources/rawcan.py: socket, setsockopt, bind, which in CPython asks
+# SIOCGIFINDEX by ioctl, select, recvmmsg with timestamps), and python-can's SocketCAN bus where options send a bus
+# there (recvmsg, send). The traced run reads CAN over socketcand because this machine may have no AF_CAN, so these
+# are checked by name.
+SOCKETCAN_SYSCALLS = {"socket", "setsockopt", "getsockopt", "bind", "ioctl", "recvmmsg", "recvmsg", "pselect6",
+                      "select", "poll", "sendto", "close"}
 
 # Files outside the process's own /proc entries that the agent reads; ProcSubset=pid hides them. onnxruntime reads
 # /proc/cpuinfo to identify the CPU: without it, it logs "cpuinfo_initialize failed" and takes the CPU's features

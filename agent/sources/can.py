@@ -1,5 +1,22 @@
 """CAN source: any python-can interface chosen by name in the config, read in batches.
 
+One wake-up per read, not per frame: the source waits for a frame, then takes everything the interface has queued,
+sleeps `read_interval_s` while more arrives and takes that, until the batch holds `batch_max_frames`, is
+`batch_max_s` old, or a read finds the bus quiet; then it hands the batch over. How a read takes what is queued
+depends on the interface (`open_reader`):
+
+- `socketcan` (a vehicle's bus): a raw socket read with recvmmsg, up to 256 frames per system call, straight into
+  columns (agent/sources/rawcan.py). With `options` set, python-can's socketcan bus instead (it knows them).
+- `socketcand`: the agent's own client, every frame of a TCP read parsed at once
+  (agent/sources/socketcand_reader.py). With options other than `host` and `port`, python-can's client.
+- any other python-can interface: `recv(0)` until nothing is pending, then one FrameBatch of the messages
+  (agent/sources/pycan.py).
+
+Only that last case imports python-can: a vehicle reading SocketCAN does not load it.
+
+What a reader has to refuse or learns was lost (the kernel's receive-queue overflows, records or elements that are
+no frame) is counted under `source.<name>.dropped{reason}` (agent/sources/canframes.py lists the reasons).
+
 A bus that fails to open or errors while running (bus-off, adapter unplugged) is shut down, counted and reopened
 with exponential backoff; the agent never needs a restart for it. The outage is told to the cloud as a
 `source_down` event and its end as `source_up` (agent/sources/health.py).
@@ -13,21 +30,27 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
-
-import can
+from typing import TYPE_CHECKING, Any
 
 from agent.backoff import backoff_delay
 from agent.config import CanBusConfig
 from agent.frames import FrameBatch
 from agent.metrics import Metrics
 from agent.records import Event
+from agent.sources.canframes import concat_batches
+from agent.sources.canread import FrameReader
 from agent.sources.health import SourceHealth
+
+if TYPE_CHECKING:
+    import can
 
 log = logging.getLogger("agent.sources.can")
 
 
 def open_bus(cfg: CanBusConfig) -> can.BusABC:
+    """The configured bus as a python-can bus (for sending, as the simulator does, or reading message by message)."""
+    import can
+
     kwargs = dict(cfg.options)
     if cfg.bitrate is not None:
         kwargs["bitrate"] = cfg.bitrate
@@ -40,6 +63,22 @@ def open_bus(cfg: CanBusConfig) -> can.BusABC:
         bus: can.BusABC = SocketcandBus(cfg.channel, connect_timeout_s=cfg.connect_timeout_s, **kwargs)
         return bus
     return can.Bus(interface=cfg.interface, channel=cfg.channel, **kwargs)
+
+
+def open_reader(cfg: CanBusConfig) -> FrameReader:
+    """The configured bus opened for the CAN source: the agent's own reader where it has one (module docstring)."""
+    if cfg.interface == "socketcan" and not cfg.options:
+        from agent.sources.rawcan import RawCanReader, open_socketcan
+
+        return RawCanReader(open_socketcan(cfg.channel), cfg.name)
+    if cfg.interface == "socketcand" and set(cfg.options) == {"host", "port"}:
+        from agent.sources.socketcand_reader import SocketcandReader
+
+        return SocketcandReader(str(cfg.options["host"]), int(cfg.options["port"]), cfg.channel, cfg.name,
+                                cfg.connect_timeout_s)
+    from agent.sources.pycan import MessageReader
+
+    return MessageReader(open_bus(cfg), cfg.name)
 
 
 def virtual_bus_warning(buses: list[CanBusConfig]) -> str | None:
@@ -56,8 +95,11 @@ def virtual_bus_warning(buses: list[CanBusConfig]) -> str | None:
 
 class CanSource:
     def __init__(self, cfg: CanBusConfig, sink: Callable[[FrameBatch], None], seed: int | None = None,
-                 metrics: Metrics | None = None, on_event: Callable[[Event], None] | None = None) -> None:
+                 metrics: Metrics | None = None, on_event: Callable[[Event], None] | None = None,
+                 opener: Callable[[CanBusConfig], FrameReader] | None = None) -> None:
         self.cfg = cfg
+        # How the bus is opened: `open_reader`, unless given (a test's reader on a socket standing in for SocketCAN).
+        self._open = opener if opener is not None else open_reader
         self.sink = sink
         self.metrics = metrics if metrics is not None else Metrics()
         self.component = f"source.{cfg.name}"
@@ -66,7 +108,7 @@ class CanSource:
         self.reconnects = 0
         self.up = False
         self.metrics.collect(self.component, self._counters)
-        self.bus: can.BusABC | None = None
+        self.bus: FrameReader | None = None
         self._rng = random.Random(seed)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -79,30 +121,56 @@ class CanSource:
     def _counters(self) -> dict[str, Any]:
         return {"frames": self.frames, "reconnects": self.reconnects}
 
-    def _read(self, bus: can.BusABC) -> None:
-        max_frames, max_s = self.cfg.batch_max_frames, self.cfg.batch_max_s
-        msgs: list[can.Message] = []
-        started = time.monotonic()
+    def _read(self, reader: FrameReader) -> None:
         while not self._stop.is_set():
-            m = bus.recv(timeout=self.cfg.receive_timeout_s if not msgs else max_s)
-            if m is not None:
-                msgs.append(m)
-            if msgs and (m is None or len(msgs) >= max_frames or time.monotonic() - started >= max_s):
-                self.frames += len(msgs)
-                self.sink(FrameBatch.from_messages(msgs, self.cfg.name))
-                msgs = []
-                started = time.monotonic()
-            elif not msgs:
-                started = time.monotonic()
-        if msgs:
-            self.frames += len(msgs)
-            self.sink(FrameBatch.from_messages(msgs, self.cfg.name))
+            if not reader.wait(self.cfg.receive_timeout_s):
+                continue
+            batch, failure = self._fill(reader)
+            self._count(reader)
+            if len(batch):
+                self.frames += len(batch)
+                self.sink(batch)
+            if failure is not None:
+                raise failure
+
+    def _fill(self, reader: FrameReader) -> tuple[FrameBatch, Exception | None]:
+        """One batch, and the failure that ended it early (after its frames are handed over, the bus is reopened).
+        Between reads the thread sleeps: the interface queues what arrives meanwhile."""
+        cfg = self.cfg
+        deadline = time.monotonic() + cfg.batch_max_s
+        parts = [reader.drain(cfg.batch_max_frames)]
+        n = len(parts[0])
+        failure: Exception | None = None
+        while n < cfg.batch_max_frames:
+            left = deadline - time.monotonic()
+            if left <= 0 or self._stop.wait(min(left, cfg.read_interval_s)):
+                break
+            try:
+                more = reader.drain(cfg.batch_max_frames - n)
+            except (OSError, ValueError) as e:
+                failure = e
+                break
+            if not len(more):  # the bus fell quiet: no reason to hold what we have
+                break
+            parts.append(more)
+            n += len(more)
+        return concat_batches(parts, cfg.name), failure
+
+    def _count(self, reader: FrameReader) -> None:
+        if reader.dropped:
+            for reason, k in reader.dropped.items():
+                self.metrics.drop(self.component, reason, k, f"CAN bus {self.cfg.name}")
+            reader.dropped.clear()
+        if reader.errors:
+            for reason, k in reader.errors.items():
+                self.metrics.error(self.component, reason, k, f"CAN bus {self.cfg.name}")
+            reader.errors.clear()
 
     def run(self) -> None:
         attempt = 0
         while not self._stop.is_set():
             try:
-                bus = open_bus(self.cfg)
+                bus = self._open(self.cfg)
             except Exception as e:  # python-can raises CanError, OSError, ImportError... per interface
                 delay = backoff_delay(attempt, self.cfg.reconnect_min_s, self.cfg.reconnect_max_s, self._rng)
                 attempt += 1
@@ -119,7 +187,7 @@ class CanSource:
             attempt = 0
             try:
                 self._read(bus)
-            except (can.CanError, OSError, ValueError) as e:
+            except (OSError, ValueError) as e:
                 self.metrics.error(self.component, "bus_error", detail=f"{e}; reopening")
                 if not self._stop.is_set():
                     self.health.failed("bus_error", e)

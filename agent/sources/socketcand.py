@@ -8,7 +8,9 @@
   is made first, within the bus's `connect_timeout_s`, and a refusal fails the open at once (the CAN source's
   backoff does the retrying).
 
-Everything else (handshake `< hi >` / `< open BUS >` / `< rawmode >`, frame parsing) is python-can's own.
+Everything else (handshake `< hi >` / `< open BUS >` / `< rawmode >`, frame parsing) is python-can's own. This is
+what `open_bus` gives (the simulator sends through it); the agent's CAN source reads socketcand with its own client,
+agent/sources/socketcand_reader.py.
 """
 
 from __future__ import annotations
