@@ -394,13 +394,14 @@ class Store:
             cur.close()
         return out
 
-    def newest_sample_ts(self) -> float | None:
-        """The data time (`ts_hi`, Unix seconds) of the newest sample segment held, by sequence number; None when
-        none is held. Through the (prio, seq_lo) index: one row read."""
+    def newest_sample(self) -> tuple[int, float] | None:
+        """(`seq_lo`, data time `ts_hi` in Unix seconds) of the newest sample segment held, by sequence number: the
+        one written last, whatever its time says; None when none is held or it has no time. Through the
+        (prio, seq_lo) index: one row read."""
         with self._lock:
-            row = self.db.execute("SELECT ts_hi FROM outbox WHERE prio=? ORDER BY seq_lo DESC LIMIT 1",
+            row = self.db.execute("SELECT seq_lo, ts_hi FROM outbox WHERE prio=? ORDER BY seq_lo DESC LIMIT 1",
                                   (PRIO_SAMPLES,)).fetchone()
-        return None if row is None or row[0] is None else float(row[0])
+        return None if row is None or row[1] is None else (int(row[0]), float(row[1]))
 
     def pending_live_first(self, exclude: set[int], since: float, max_bytes: int) -> list[OutboxRow]:
         """The sample segments of the next batch when a live lane is kept: first the lane, newest first (walking

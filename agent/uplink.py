@@ -108,6 +108,27 @@ TABLES_STATE_KEY = "uplink.confirmed_tables"
 MAX_CONFIRMED_TABLES = wire.MAX_ACK_TABLES
 
 
+class LaneReference:
+    """Where the live lane is measured from: the data time of the sample segment written last that this process
+    has seen held (the highest sequence number), whatever the times of others say.
+
+    Not the newest still held: once the live minute is acked, the history must not become the next "live" minute,
+    so the reference stays with the last segment seen after it is gone. Not the largest time ever seen either: one
+    segment stamped far in the future (a clock that jumped, a bad fix) would hold the reference there and turn the
+    lane off until a restart; by sequence number, the next segment written puts it back where the data is (and a
+    clock set back moves it back with the data). Pure."""
+
+    def __init__(self) -> None:
+        self.seq = -1
+        self.ts = -math.inf
+
+    def observe(self, newest: tuple[int, float] | None) -> float:
+        """Note the newest segment held, (`seq_lo`, `ts_hi`) or None; returns the reference (-inf before any)."""
+        if newest is not None and newest[0] > self.seq and math.isfinite(newest[1]):
+            self.seq, self.ts = newest
+        return self.ts
+
+
 @dataclass(slots=True)
 class UplinkStats:
     connected: bool = False
@@ -155,7 +176,7 @@ class Uplink:
         self._rng = random.Random(seed)
         self._inflight: dict[int, _InFlight] = {}
         self._parked: set[int] = set()  # seq_lo of rows the cloud rejected for good: kept, not resent
-        self._newest_ts = -math.inf  # the newest sample data time seen stored: where the live lane is measured from
+        self._lane = LaneReference()
         # The last `recent_batches` acked/rejected batch ids: a replayed ack is told from a forged one by these.
         self._done: OrderedDict[int, None] = OrderedDict()
         saved = store.get_state(TABLES_STATE_KEY)
@@ -494,12 +515,7 @@ class Uplink:
             if not due:
                 break
             if self.cfg.live_lane_s > 0:
-                # The lane is measured from the newest data this process has seen stored, not from the newest
-                # still held: once the live minute is acked, the history must not become the next "live" minute.
-                newest = self.store.newest_sample_ts()
-                if newest is not None:
-                    self._newest_ts = max(self._newest_ts, newest)
-                since = self._newest_ts - self.cfg.live_lane_s
+                since = self._lane.observe(self.store.newest_sample()) - self.cfg.live_lane_s
                 rows = self.store.pending_live_first(busy, since, self.cfg.batch_max_bytes)
             else:
                 rows = self.store.pending(False, busy, self.cfg.batch_max_bytes)

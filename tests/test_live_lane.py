@@ -4,6 +4,7 @@ Real SQLite files; the delivery across a real broker and cloud is tests/test_liv
 
 from __future__ import annotations
 
+import math
 import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.store import Store
+from agent.uplink import LaneReference
 from harvester_common import backfill, wire
 
 T0 = 1_800_000_000.0
@@ -36,9 +38,9 @@ def store(tmp_path: Path) -> Iterator[Store]:
 def since(store: Store, lane_s: float = 60.0) -> float:
     """Where a lane of `lane_s` starts, measured from the newest segment held (the uplink measures it from the newest
     it has seen: the same here, where nothing has been acked)."""
-    newest = store.newest_sample_ts()
+    newest = store.newest_sample()
     assert newest is not None
-    return newest - lane_s
+    return newest[1] - lane_s
 
 
 def fill(store: Store, minutes: int, every_s: float = 10.0) -> list[int]:
@@ -167,3 +169,16 @@ def test_a_claim_is_a_sequence_number_or_ignored_with_a_reason(value: object) ->
     else:
         assert position is None and why in ("not_an_integer", "out_of_range")
     assert backfill.claim({}) == (None, "")
+
+
+def test_the_lane_reference_follows_the_segment_written_last_not_the_largest_time() -> None:
+    ref = LaneReference()
+    assert ref.observe(None) == -math.inf
+    assert ref.observe((10, 1_000.0)) == 1_000.0
+    assert ref.observe((11, 1e12)) == 1e12  # a clock that jumped: the newest written, so the reference, for now
+    assert ref.observe((12, 1_010.0)) == 1_010.0  # the next segment puts it back where the data is
+    assert ref.observe((12, 5.0)) == 1_010.0  # the same segment again (nothing new written)
+    assert ref.observe((9, 2_000.0)) == 1_010.0  # an older segment (the newest was acked): history stays history
+    assert ref.observe(None) == 1_010.0  # all acked: the last segment seen still holds it
+    assert ref.observe((13, math.nan)) == 1_010.0  # a time that is no number is not a reference
+    assert ref.observe((14, 900.0)) == 900.0  # a clock set back: the lane moves back with the data

@@ -243,3 +243,29 @@ def test_with_the_lane_off_samples_go_oldest_first_as_before(broker: MosquittoBr
         up.stop()
         acker.close()
         store.close()
+
+
+def test_a_segment_stamped_in_the_future_does_not_turn_the_lane_off(rig: Rig) -> None:
+    """While connected, one segment is stamped a year ahead (a clock that jumped and was set right) and goes to the
+    cloud; then an outage, during which the writer goes on with the right time. The lane follows the segment
+    written last, not the largest time: after the outage the newest minute still goes first. (Measured from the
+    largest time ever seen, no segment would be within a minute of it, and every outage's backlog would go oldest
+    first until the agent restarted.)"""
+    rx = rig.start_cloud()
+    rig.up.start()
+    rig.write(3)
+    t = rig.t
+    rig.t = t + 365 * 86400
+    rig.write(1)
+    rig.t = t
+    wait_for(rig.drained, what="caught up before the outage, the stray segment with the rest")
+    rig.stop_cloud()
+    rig.broker.kill()
+    wait_for(lambda: not rig.up.connected, what="the vehicle to notice the outage")
+    backlog = rig.write(30)
+    rig.broker.start()
+    rx = rig.start_cloud()
+    wait_for(rig.drained, timeout=120, what="the backfill to complete")
+    tele = [s.ranges[0][0] for s in rx.stored if s.leaf == "telemetry"]
+    assert tele[:7] == backlog[-7:][::-1]  # the newest minute, newest first
+    assert list(dict.fromkeys(tele[7:])) == backlog[:-7]  # then the history, oldest first
