@@ -3,10 +3,11 @@ and how much it grows over an hour.
 
 One run gives both. The agent is installed as a vehicle installs it (docs/deploy.md): the wheels of this tree in a
 fresh venv, their dependencies from the package registry, no extras (tests/vehicle.py builds it; set
-AGENT_RSS_VENV=PATH to reuse one built before). It runs `harvester-agent run` with the full J1939 DBC (545 PGNs)
-and the shipped int8 model, sends to a real Mosquitto on 127.0.0.1 where a client acks every batch as cloud_sync
-does (so the outbox is drained as on a vehicle in coverage), and reads a socketcand server on 127.0.0.1 fed by
-`harvester-agent simulate --socketcand` sped up to 1,500 frames/s.
+AGENT_RSS_VENV=PATH to reuse one built before). It runs `harvester-agent run` with the full J1939 DBC (545 PGNs),
+the shipped int8 model and a trusted signing key (as a vehicle that takes model updates), sends to a real
+Mosquitto on 127.0.0.1 where a client acks every batch as cloud_sync does (so the outbox is drained as on a vehicle
+in coverage), and reads a socketcand server on 127.0.0.1 fed by `harvester-agent simulate --socketcand` sped up to
+1,500 frames/s.
 
 Baseline, in the same run from the same server and venv: the naive gateway, python-can's socketcand client and
 cantools `decode` of every frame with the same DBC, nothing else.
@@ -155,6 +156,7 @@ options = {{host = "127.0.0.1", port = {socketcand_port}}}
 
 [model]
 path = "{REPO / 'models' / 'harvester-anomaly.int8.onnx'}"
+trusted_keys = ["{_public_key(path.parent)}"]
 
 [store]
 path = "{path.parent / 'agent.sqlite'}"
@@ -172,6 +174,13 @@ report_every_s = 10
 seed = 7
 """)
     return path
+
+
+def _public_key(folder: Path) -> Path:
+    """A signing key the agent trusts, as every vehicle that takes model updates has."""
+    from harvester_common.modelpkg import generate_keypair
+
+    return generate_keypair(folder / "keys")[1]
 
 
 def _sim_speed() -> float:

@@ -68,13 +68,15 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from typing import TYPE_CHECKING, Any, Protocol
 
 from harvester_common import wire
+
+# `cryptography` (~7 MB resident with OpenSSL's bindings) is imported where a signature is made or checked, not
+# here: a vehicle's agent loads its trusted keys at every start but checks a signature only when a package comes
+# (docs/model_updates.md, "Memory"). The canonical public key file is read without it (`_ed25519_spki_pem`).
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 MAGIC = b"HVMP"
 FORMAT = 1
@@ -146,9 +148,49 @@ def package_sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def key_id(public_key: Ed25519PublicKey) -> str:
-    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return hashlib.sha256(raw).hexdigest()[:16]
+class PublicKey(Protocol):
+    """What a trusted key is to this module: cryptography's Ed25519PublicKey, or a `RawEd25519PublicKey` read
+    without it."""
+
+    def public_bytes_raw(self) -> bytes: ...
+
+    def verify(self, signature: bytes, data: bytes) -> None: ...
+
+
+class RawEd25519PublicKey:
+    """An Ed25519 public key as its 32 raw bytes; `verify` imports cryptography on first use and raises what
+    cryptography's key raises (InvalidSignature)."""
+
+    __slots__ = ("_key", "_raw")
+
+    def __init__(self, raw: bytes) -> None:
+        if len(raw) != 32:
+            raise ValueError(f"an Ed25519 public key is 32 bytes, not {len(raw)}")
+        self._raw = bytes(raw)
+        self._key: PublicKey | None = None
+
+    def public_bytes_raw(self) -> bytes:
+        return self._raw
+
+    def verify(self, signature: bytes, data: bytes) -> None:
+        if self._key is None:
+            from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+            self._key = Ed25519PublicKey.from_public_bytes(self._raw)
+        self._key.verify(signature, data)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RawEd25519PublicKey) and other._raw == self._raw
+
+    def __hash__(self) -> int:
+        return hash(self._raw)
+
+    def __repr__(self) -> str:
+        return f"RawEd25519PublicKey(key_id={key_id(self)})"
+
+
+def key_id(public_key: PublicKey) -> str:
+    return hashlib.sha256(public_key.public_bytes_raw()).hexdigest()[:16]
 
 
 def version_tuple(text: str) -> tuple[int, ...]:
@@ -258,7 +300,7 @@ def parse_package(data: bytes) -> Package:
     return Package(m, bytes(data[model_at:card_at]), bytes(data[card_at:sig_at]), package_sha256(data))
 
 
-def verify_package(data: bytes, trusted: Mapping[str, Ed25519PublicKey]) -> Package:
+def verify_package(data: bytes, trusted: Mapping[str, PublicKey]) -> Package:
     """A package whose structure, key, signature and hashes check out, in that order; PackageError otherwise.
     `trusted` maps key ids to public keys (`load_public_keys`)."""
     pkg = parse_package(data)
@@ -270,9 +312,11 @@ def verify_package(data: bytes, trusted: Mapping[str, Ed25519PublicKey]) -> Pack
                                               "accepted)")
         raise PackageError("unknown_key", f"signed with key {kid}, which is not trusted here (trusted: "
                                           f"{', '.join(sorted(trusted)[:8])}{', ...' if len(trusted) > 8 else ''})")
+    from cryptography.exceptions import InvalidSignature
+
     body = memoryview(data)[: len(data) - SIGNATURE_BYTES]
     try:
-        key.verify(bytes(data[len(data) - SIGNATURE_BYTES :]), body)
+        key.verify(bytes(data[len(data) - SIGNATURE_BYTES :]), body)  # type: ignore[arg-type]
     except InvalidSignature:
         raise PackageError("bad_signature", f"the signature does not verify with key {kid}: the package was "
                                             "changed after signing, or signed with another key") from None
@@ -341,6 +385,10 @@ def _read_key_file(path: Path) -> bytes:
 
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     data = _read_key_file(path)
     try:
         key = serialization.load_pem_private_key(data, password=None)
@@ -354,8 +402,42 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
     return key
 
 
-def load_public_key(path: Path) -> Ed25519PublicKey:
+# An Ed25519 SubjectPublicKeyInfo (RFC 8410): SEQUENCE { SEQUENCE { OID 1.3.101.112 }, BIT STRING (32 bytes) }.
+_ED25519_SPKI_PREFIX = bytes.fromhex("302a300506032b6570032100")
+_PEM_PUBLIC = re.compile(
+    rb"\A\s*-----BEGIN PUBLIC KEY-----\r?\n([A-Za-z0-9+/=\r\n]{1,200})-----END PUBLIC KEY-----\s*\Z")
+
+
+def _ed25519_spki_pem(data: bytes) -> bytes | None:
+    """The 32 raw bytes of a PEM file holding exactly one Ed25519 SubjectPublicKeyInfo, as `cloud-sync model keygen`
+    and OpenSSL write it; None for anything else (which `load_public_key` hands to cryptography to judge)."""
+    import base64
+    import binascii
+
+    m = _PEM_PUBLIC.match(data)
+    if m is None:
+        return None
+    try:
+        der = base64.b64decode(b"".join(m.group(1).split()), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    if len(der) != len(_ED25519_SPKI_PREFIX) + 32 or not der.startswith(_ED25519_SPKI_PREFIX):
+        return None
+    return der[len(_ED25519_SPKI_PREFIX):]
+
+
+def load_public_key(path: Path) -> PublicKey:
+    """The Ed25519 public key in a PEM file (SubjectPublicKeyInfo). The canonical form is read without importing
+    cryptography; anything else (another algorithm, another layout) goes to cryptography's reader, which accepts
+    or refuses it with the reason."""
     data = _read_key_file(path)
+    raw = _ed25519_spki_pem(data)
+    if raw is not None:
+        return RawEd25519PublicKey(raw)
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     try:
         key = serialization.load_pem_public_key(data)
     except (ValueError, UnsupportedAlgorithm):
@@ -365,11 +447,11 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
     return key
 
 
-def load_public_keys(paths: Iterable[Path]) -> dict[str, Ed25519PublicKey]:
+def load_public_keys(paths: Iterable[Path]) -> dict[str, PublicKey]:
     """The trusted keys by id. Each path is a public key file, or a directory whose every `*.pub` is one (not
     searched further down; none at all is no key). PackageError(bad_key_file) naming the first file that is missing
     or not an Ed25519 public key: a vehicle told to trust a key it cannot read says so rather than trust fewer."""
-    out: dict[str, Ed25519PublicKey] = {}
+    out: dict[str, PublicKey] = {}
     for p in paths:
         p = Path(p)
         if p.is_dir():
@@ -399,6 +481,9 @@ def generate_keypair(out_dir: Path) -> tuple[Path, Path, str]:
     """A new signing key pair in `out_dir` (created, mode 0700, if missing): `<key_id>.key`, the private key,
     mode 0600, and `<key_id>.pub`, the public key to install on vehicles. Returns (private, public, key id).
     PackageError(bad_key_file) if either file exists already (never overwritten); OSError for I/O failures."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     private = Ed25519PrivateKey.generate()

@@ -332,7 +332,7 @@ def test_generate_keypair_writes_private_0600_public_spki_never_overwrites(
     # The same key again (forced): neither file is touched, and no half pair is left.
     same = mp.load_private_key(key_path)
     before = (key_path.read_bytes(), pub_path.read_bytes())
-    monkeypatch.setattr(mp.Ed25519PrivateKey, "generate", staticmethod(lambda: same))
+    monkeypatch.setattr(Ed25519PrivateKey, "generate", staticmethod(lambda: same))
     with pytest.raises(mp.PackageError, match="exists already") as e:
         mp.generate_keypair(tmp_path / "k")
     assert e.value.code == "bad_key_file"
@@ -379,6 +379,64 @@ def test_key_files_that_are_not_ed25519_keys_are_named(tmp_path: Path) -> None:
         with pytest.raises(mp.PackageError, match=match) as e:
             mp.load_private_key(path)
         assert e.value.code == "bad_key_file" and str(path) in str(e.value)
+
+
+def _pem(public: Any) -> bytes:
+    return bytes(public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(min_size=32, max_size=32), st.sampled_from(["as written", "crlf", "blank lines around"]))
+def test_a_public_key_file_is_read_without_cryptography_exactly_as_cryptography_reads_it(
+    raw: bytes, layout: str
+) -> None:
+    """The canonical PEM (what keygen and OpenSSL write) is parsed by `_ed25519_spki_pem`, not by cryptography: the
+    same 32 bytes cryptography finds, whatever the key."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    pem = _pem(Ed25519PublicKey.from_public_bytes(raw))
+    pem = {"as written": pem, "crlf": pem.replace(b"\n", b"\r\n"), "blank lines around": b"\n" + pem + b"\n\n"}[layout]
+    assert mp._ed25519_spki_pem(pem) == raw
+    assert serialization.load_pem_public_key(pem).public_bytes_raw() == raw  # type: ignore[union-attr]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=120), st.integers(min_value=0, max_value=200))
+def test_the_fast_reader_takes_nothing_cryptography_would_not(noise: bytes, pos: int) -> None:
+    """A damaged file is either still the same Ed25519 key to both readers, or not taken by the fast reader (and
+    then cryptography judges it, as before)."""
+    pem = _pem(KEY.public_key())
+    pos %= len(pem)
+    bad = pem[:pos] + noise + pem[pos + len(noise):]
+    raw = mp._ed25519_spki_pem(bad)
+    if raw is not None:
+        assert serialization.load_pem_public_key(bad).public_bytes_raw() == raw  # type: ignore[union-attr]
+
+
+def test_keys_read_without_cryptography_verify_as_cryptography_keys_do(tmp_path: Path) -> None:
+    pub = tmp_path / "k.pub"
+    pub.write_bytes(_pem(KEY.public_key()))
+    key = mp.load_public_key(pub)
+    assert isinstance(key, mp.RawEd25519PublicKey)
+    assert key == mp.RawEd25519PublicKey(KEY.public_key().public_bytes_raw())
+    assert mp.load_public_keys([pub]) == {mp.key_id(KEY.public_key()): key}
+    assert mp.verify_package(PKG, {mp.key_id(key): key}).manifest.name == mp.verify_package(PKG, TRUSTED).manifest.name
+    forged = PKG[:-1] + bytes([PKG[-1] ^ 1])
+    assert code_of(forged, {mp.key_id(key): key}) == "bad_signature"
+    with pytest.raises(ValueError):
+        mp.RawEd25519PublicKey(bytes(31))
+
+
+def test_loading_trusted_keys_does_not_import_cryptography(tmp_path: Path) -> None:
+    """A vehicle's agent loads its trusted keys at every start; cryptography (~7 MB resident) waits for the first
+    package to check (docs/model_updates.md, "Memory")."""
+    _, pub, kid = mp.generate_keypair(tmp_path / "keys")
+    code = ("import sys; from harvester_common import modelpkg as mp; "
+            f"keys = mp.load_public_keys([{str(pub)!r}]); "
+            "print(list(keys), sorted({m.split('.')[0] for m in sys.modules} & {'cryptography'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert out.stdout.split() == [f"['{kid}']", "[]"]
 
 
 # --- Fuzzing: only PackageError, whatever the bytes ---

@@ -18,6 +18,7 @@ import threading
 from pathlib import Path
 
 from agent.keepout import REPLAY_ONLY
+from harvester_common.modelpkg import generate_keypair
 from harvester_sim import Harvester, J1939Transmitter
 from harvester_sim.socketcand_server import SocketcandServer
 from harvester_testing.broker import MosquittoBroker
@@ -64,6 +65,7 @@ def _windows_scored(log: Path) -> int:
 def test_run_loads_nothing_only_replay_models_cloud_or_the_simulator_use(broker: MosquittoBroker,
                                                                          tmp_path: Path) -> None:
     srv = SocketcandServer(0, "can0")
+    _, pub, _ = generate_keypair(tmp_path / "keys")  # a vehicle trusts a signing key, to take model updates
     dbc = f'dbc = ["{FULL_DBC}"]' if FULL_DBC.exists() else ""  # the built-in definitions otherwise
     cfg = tmp_path / "agent.toml"
     cfg.write_text(f"""
@@ -79,6 +81,7 @@ options = {{host = "127.0.0.1", port = {srv.address[1]}}}
 
 [model]
 path = "{REPO / 'models' / 'harvester-anomaly.int8.onnx'}"
+trusted_keys = ["{pub}"]
 
 [store]
 path = "{tmp_path / 'agent.sqlite'}"
@@ -132,6 +135,9 @@ report_every_s = 1
             "paho.mqtt.client"} <= loaded
     wrong = sorted(m for m in loaded if m.split(".")[0] in NOT_ON_A_VEHICLE)
     assert not wrong, f"`run` loaded {wrong[:20]}"
+    # On a vehicle, but loaded only when a model package is checked (~7 MB resident; docs/model_updates.md,
+    # "Memory"): the trusted key was read without it.
+    assert "harvester_common.modelpkg" in loaded and "cryptography" not in loaded
 
 
 def test_without_the_keep_out_python_can_would_load_asammdf_here() -> None:

@@ -40,8 +40,6 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
 from agent.config import ModelConfig
 from agent.metrics import counts
 from agent.scoring import Scorer
@@ -50,7 +48,7 @@ from agent.update.modeldir import Choice, LoadError, ModelDir, ModelDirError, Mo
 from agent.update.shadow import Figures, ShadowBounds, UpdateEvent
 from agent.update.verify import check_package
 from harvester_common import modelwire as mw
-from harvester_common.modelpkg import PackageError
+from harvester_common.modelpkg import PackageError, PublicKey
 
 log = logging.getLogger("agent.update")
 
@@ -102,7 +100,7 @@ class ModelManager:
         cfg: ModelConfig,
         mdir: ModelDir,
         signals: set[str],
-        trusted: Mapping[str, Ed25519PublicKey],
+        trusted: Mapping[str, PublicKey],
         active: ModelRef | None,
         previous: ModelRef | None,
         installed_path: Path | None = None,
@@ -551,7 +549,7 @@ class ModelManager:
                 "download_bytes_requested": float(dl.bytes_requested) if dl else 0.0}
 
 
-def start(cfg: ModelConfig, root: Path, trusted: Mapping[str, Ed25519PublicKey],
+def start(cfg: ModelConfig, root: Path, trusted: Mapping[str, PublicKey],
           signals: set[str]) -> tuple[Choice, ModelManager | None]:
     """What the agent scores with at start (modeldir.choose) and the manager that carries on from the saved step;
     no manager (updates off, said) when the model directory cannot be used."""

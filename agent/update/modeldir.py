@@ -31,12 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
 from agent.contract import ContractError
 from agent.scoring import ModelLoadError, Scorer
 from agent.update.verify import check_package
-from harvester_common.modelpkg import MAX_PACKAGE_BYTES, PackageError
+from harvester_common.modelpkg import MAX_PACKAGE_BYTES, PackageError, PublicKey
 
 log = logging.getLogger("agent.update")
 
@@ -266,7 +264,7 @@ def load_installed(path: Path, signals: set[str], threads: int, batch: int) -> L
     return Loaded(scorer, ModelRef("", c.model_name, c.model_version, sha))
 
 
-def load_package(mdir: ModelDir, sha: str, trusted: Mapping[str, Ed25519PublicKey], signals: set[str],
+def load_package(mdir: ModelDir, sha: str, trusted: Mapping[str, PublicKey], signals: set[str],
                  threads: int, batch: int) -> Loaded:
     """A kept package, verified again (a key no longer trusted, a file damaged on disk: refused)."""
     try:
@@ -279,7 +277,7 @@ def load_package(mdir: ModelDir, sha: str, trusted: Mapping[str, Ed25519PublicKe
     return Loaded(v.scorer, ModelRef(v.package.package_sha256, m.name, m.version, m.sha256))
 
 
-def load_ref(mdir: ModelDir, ref: ModelRef, installed_path: Path, trusted: Mapping[str, Ed25519PublicKey],
+def load_ref(mdir: ModelDir, ref: ModelRef, installed_path: Path, trusted: Mapping[str, PublicKey],
              signals: set[str], threads: int, batch: int) -> Loaded:
     if ref.installed:
         loaded = load_installed(installed_path, signals, threads, batch)
@@ -309,7 +307,7 @@ class Choice:
         return f"{c.model_name} {c.model_version}"
 
 
-def choose(mdir: ModelDir | None, installed_path: Path, trusted: Mapping[str, Ed25519PublicKey], signals: set[str],
+def choose(mdir: ModelDir | None, installed_path: Path, trusted: Mapping[str, PublicKey], signals: set[str],
            threads: int, batch: int) -> Choice:
     """The model to start with: the pointer's active package, else its previous one, else the installed model."""
     notes: list[str] = []

@@ -23,14 +23,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
 from agent import __version__
 from agent.config import ModelConfig
 from agent.contract import CONTRACT_KEY, ContractError, parse_contract
 from agent.scoring import ModelLoadError, Scorer, open_session
 from harvester_common import wire
-from harvester_common.modelpkg import Package, PackageError, verify_package, version_at_least
+from harvester_common.modelpkg import Package, PackageError, PublicKey, verify_package, version_at_least
 
 _MODEL = ModelConfig()
 
@@ -51,7 +49,7 @@ def agent_version(version: str = __version__) -> str:
     return m.group(0) if m else "0"
 
 
-def check_package(data: bytes, trusted: Mapping[str, Ed25519PublicKey], signals: set[str],
+def check_package(data: bytes, trusted: Mapping[str, PublicKey], signals: set[str],
                   threads: int = _MODEL.threads, batch: int = _MODEL.batch_windows, *,
                   version: str = __version__) -> Verified:
     """Every check a vehicle makes before a package's model may score, in order (the module's docstring).
