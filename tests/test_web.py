@@ -22,8 +22,10 @@ from typing import Any
 
 import pytest
 
+from cloud_sync.config import WebConfig, load_config
 from cloud_sync.db_sqlite import CloudDB
 from cloud_sync.web import WebServer, make_server
+from cloud_sync.web.signin import check_password, hash_password
 from harvester_common import backfill, wire
 from tests.test_cloud_db import T0, alert, event, samples, seed_fleet
 from tests.test_cloud_rollouts_db import package, report
@@ -69,8 +71,9 @@ def site(tmp_path: Path) -> Iterator[str]:
         tx.mark_sent(rid, ["v1"])
         tx.set_state(rid, "halted", f"wave 1 of 2: 1 of 1 vehicles failed: v1 rejected ({HOSTILE})")
     db.set_model_status("f1", "v1", report(3, "rejected", new, active=old, reason=HOSTILE))
-    # A name a reverse proxy forwards, allowed as `cloud-sync web --allow-host` allows it.
-    server: WebServer = make_server(db, "127.0.0.1", 0, allowed_hosts=["Fleet.example"])
+    # A name a reverse proxy forwards, allowed as `cloud-sync web --allow-host` allows it (which asks for sign-in:
+    # turned off here, as only a caller on loopback may; the sign-in tests below have it on).
+    server: WebServer = make_server(db, "127.0.0.1", 0, allowed_hosts=["Fleet.example"], sign_in=False)
     t = threading.Thread(target=server.serve_forever, daemon=True)
     t.start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
@@ -147,8 +150,12 @@ def test_json_endpoints_and_their_errors(site: str) -> None:
         assert r.headers["Content-Type"].startswith("text/html")
     assert "<table id=\"fleet\">" in page and "http://" not in page.replace("http://www.w3.org/2000/svg", "")
     # No inline code for the CSP to allow: the script and style are files of their own.
-    assert "<style" not in page and re.findall(r"<script[^>]*>", page) == ['<script src="/static/page.js">']
-    for path, ctype in (("/static/page.js", "text/javascript"), ("/static/page.css", "text/css")):
+    assert "<style" not in page and re.findall(r"<script[^>]*>", page) == [
+        '<script src="/static/vendor/uplot/uPlot.iife.min.js">', '<script src="/static/common.js">',
+        '<script src="/static/page.js">']
+    for path, ctype in (("/static/page.js", "text/javascript"), ("/static/page.css", "text/css"),
+                        ("/static/common.js", "text/javascript"), ("/static/vendor/uplot/uPlot.min.css", "text/css"),
+                        ("/static/vendor/uplot/uPlot.iife.min.js", "text/javascript")):
         with urllib.request.urlopen(site + path, timeout=10) as r:
             assert r.headers["Content-Type"].startswith(ctype) and len(r.read()) > 500
 
@@ -159,7 +166,8 @@ CSP = {"default-src": "'none'", "script-src": "'self'", "style-src": "'self'", "
 
 def test_every_response_has_a_strict_csp(site: str) -> None:
     for path in ("/", "/static/page.js", "/static/page.css", "/api/fleet", "/api/rollouts", "/api/alert/v1/x",
-                 "/nope"):
+                 "/nope", "/vehicle/v1", "/alert/v1/1001", "/signin", "/api/vehicle/v1", "/api/vehicle/nobody",
+                 "/static/vendor/uplot/uPlot.iife.min.js", "/static/nope.js", "/alert/v1/x"):
         try:
             r = urllib.request.urlopen(site + path, timeout=10)
         except urllib.error.HTTPError as e:
@@ -197,7 +205,7 @@ def test_host_header_check_stops_dns_rebinding(site: str) -> None:
     for forged in ("evil.example", f"evil.example:{port}", f"127.0.0.1.evil.example:{port}", f"localhost:{port + 1}",
                    "localhost", "127.0.0.1", f"fleet.example:{port}", f"127.0.0.1:{port}@evil.example", "",
                    f"[::1]:{port}:1", "\u00e9vil:80"):
-        for path in ("/", "/api/fleet", "/api/alert/v1/1001", "/static/page.js", "/nope"):
+        for path in ("/", "/api/fleet", "/api/alert/v1/1001", "/static/page.js", "/nope", "/vehicle/v1", "/api/stream"):
             assert status(forged, path=path) == 421, (forged, path)
     code, body = http_raw(site, f"GET / HTTP/1.1\r\nHost: evil.example:{port}\r\nConnection: close\r\n")
     assert code == 421 and b"harvester" not in body.lower() and b"v1" not in body  # nothing of the fleet
@@ -205,12 +213,17 @@ def test_host_header_check_stops_dns_rebinding(site: str) -> None:
     assert status(f"127.0.0.1:{port}", "evil.example") == 400  # two: which one would a proxy have checked?
 
 
+PASSWORD = "orange grove 7"
+PASSWORD_HASH = hash_password(PASSWORD, salt=b"fixed salt tests")  # scrypt once per run, not per test
+
+
 def test_cli_web_checks_host_with_allow_host(tmp_path: Path) -> None:
-    """`cloud-sync web --allow-host` as run from a shell: the name a proxy forwards is served, another is not."""
+    """`cloud-sync web --allow-host` as run from a shell: the name a proxy forwards is served, another is not; and
+    with a name to answer to, the page asks for sign-in (the config holds the password's hash)."""
     db = CloudDB(tmp_path / "cloud.sqlite")
     seed_fleet(db)
     db.close()
-    (tmp_path / "cloud.toml").write_text('[db]\npath = "cloud.sqlite"\n')
+    (tmp_path / "cloud.toml").write_text(f'[db]\npath = "cloud.sqlite"\n[web]\npassword_hash = "{PASSWORD_HASH}"\n')
     env = {"PYTHONPATH": str(Path(__file__).resolve().parent.parent), "PATH": "/usr/bin:/bin"}
     p = subprocess.Popen([sys.executable, "-m", "cloud_sync", "web", "--config", str(tmp_path / "cloud.toml"),
                           "--port", "0", "--allow-host", "fleet.example", "--allow-host", "fleet.example:8443"],
@@ -218,19 +231,55 @@ def test_cli_web_checks_host_with_allow_host(tmp_path: Path) -> None:
     try:
         assert p.stderr is not None
         line = p.stderr.readline()
-        m = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+        m = re.search(r"http://127\.0\.0\.1:(\d+)/ \(.*; sign-in required\)", line)
         assert m, line
         site = f"http://127.0.0.1:{m.group(1)}"
 
-        def status(host: str) -> int:
-            return http_raw(site, f"GET /api/fleet HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n")[0]
+        def status(host: str, path: str = "/api/session") -> int:
+            return http_raw(site, f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n")[0]
 
         assert [status(h) for h in ("fleet.example", "fleet.example:8443", f"127.0.0.1:{m.group(1)}")] == [200] * 3
+        assert status("fleet.example", "/api/fleet") == 401  # not signed in
         assert [status(h) for h in ("fleet.example:80", "evil.example", "other.example:8443")] == [421] * 3
     finally:
         p.terminate()
         p.communicate(timeout=30)
     assert p.returncode == 0
+
+
+@pytest.mark.parametrize("args", [["--allow-host", "fleet.example"], ["--host", "0.0.0.0"], ["--host", "::"],
+                                  ["--host", "fleet.example"]])
+def test_cli_web_refuses_to_serve_off_loopback_without_a_password(tmp_path: Path, args: list[str]) -> None:
+    """Off loopback (or answering a name a proxy forwards) without `[web] password_hash`: one line, exit 2, and
+    nothing listens (the refusal comes before the bind, so no address here is ever opened)."""
+    CloudDB(tmp_path / "cloud.sqlite").close()
+    (tmp_path / "cloud.toml").write_text('[db]\npath = "cloud.sqlite"\n')
+    r = subprocess.run([sys.executable, "-m", "cloud_sync", "web", "--config", str(tmp_path / "cloud.toml"),
+                        "--port", "0", *args], capture_output=True, text=True, timeout=60,
+                       env={"PYTHONPATH": str(Path(__file__).resolve().parent.parent), "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 2 and r.stdout == "", r
+    (line,) = r.stderr.splitlines()
+    assert line.startswith("cloud-sync: error: ") and "[web] password_hash is empty" in line, line
+    assert "hash-password" in line
+
+
+def test_hash_password_command_makes_a_hash_that_signs_in(tmp_path: Path) -> None:
+    """`cloud-sync hash-password` reads the password from a pipe and prints the config line; the hash checks the
+    password and no other, and a short password is refused in one line."""
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parent.parent), "PATH": "/usr/bin:/bin"}
+    r = subprocess.run([sys.executable, "-m", "cloud_sync", "hash-password"], input=PASSWORD + "\n",
+                       capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 0, r.stderr
+    m = re.fullmatch(r'password_hash = "(scrypt\$[^"]+)"\n', r.stdout)
+    assert m, r.stdout
+    assert PASSWORD not in r.stdout and check_password(PASSWORD, m.group(1))
+    assert not check_password(PASSWORD + " ", m.group(1)) and not check_password("", m.group(1))
+    assert m.group(1) != hash_password(PASSWORD)  # salted: the same password never gives the same hash
+    (tmp_path / "cloud.toml").write_text(f'[web]\n{r.stdout}')
+    assert load_config(tmp_path / "cloud.toml").web.password_hash == m.group(1)  # the line is valid config
+    r = subprocess.run([sys.executable, "-m", "cloud_sync", "hash-password"], input="short\n",
+                       capture_output=True, text=True, timeout=60, env=env)
+    assert (r.returncode, r.stderr) == (2, "cloud-sync: error: the password must be 10 to 1024 characters long\n")
 
 
 @pytest.fixture
