@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.client
 import json
 import math
+import os
 import re
 import shutil
 import socket
@@ -317,6 +318,60 @@ def browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
         d.quit()
 
 
+def check_alert_plot(browser: Any, t0: float) -> None:
+    """v1's alert a1 as plotted: its one signal (a top feature: marked, first) with the unit from the vehicle's
+    signal table on the axis, all 500 points, the x axis fitted to the samples there are (T0+0.1..T0+99.9) around the
+    window the model saw (T0+20..T0+50, shaded on the canvas), and zooming by dragging across it."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    (plot,) = browser.find_elements(By.CSS_SELECTOR, "#detail div.plot")
+    assert (plot.get_attribute("data-signal"), plot.get_attribute("data-unit"), plot.get_attribute("data-points")) \
+        == ("ET1.EngCoolantTemp", "degC", "500")
+    assert "top" in plot.get_attribute("class").split()
+    assert plot.find_element(By.CSS_SELECTOR, ".plot-title").text.split("\n") == [
+        "ET1.EngCoolantTemp", "degC", "top feature 1 · contribution 0.40"]
+    lo, hi = map(float, plot.get_attribute("data-xrange").split(","))
+    assert (round(lo - t0, 1), round(hi - t0, 1)) == (0.1, 99.9)  # its samples are every other one from T0
+    x0, x1, top, bottom = map(float, plot.get_attribute("data-window").split(","))
+    over = plot.find_element(By.CSS_SELECTOR, ".u-over")
+    width = over.size["width"]
+    assert width > 500 and over.size["height"] > 100  # rendered, not just in the DOM
+    # The window's place on the canvas follows the time axis: 20 s and 50 s into 99.9 s.
+    left = float(browser.execute_script("return arguments[0].getBoundingClientRect().left - "
+                                        "arguments[0].closest('.uplot').querySelector('canvas')"
+                                        ".getBoundingClientRect().left", over))
+    assert abs((x0 - left) / width - 20 / 99.9) < 0.01 and abs((x1 - left) / width - 50 / 99.9) < 0.01
+    # Shaded on the canvas inside the window, not outside it (pixels read back from the canvas).
+    rgb = browser.execute_script(  # one read of the row between both points (each read back costs a warning)
+        "const c = arguments[0].querySelector('canvas'), r = window.devicePixelRatio || 1;"
+        "const a = Math.round(arguments[1] * r), b = Math.round(arguments[2] * r);"
+        "const d = c.getContext('2d').getImageData(a, Math.round((arguments[3] + 3) * r), b - a + 1, 1).data;"
+        "return [Array.from(d.slice(0, 4)), Array.from(d.slice((b - a) * 4, (b - a) * 4 + 4))];",
+        plot, (x0 + x1) / 2, x1 + (x1 - x0), top)
+    inside, outside = rgb
+    assert inside[0] - inside[2] > 15 and abs(outside[0] - outside[2]) < 10, rgb
+    # Drag across the middle third: the x axis zooms in to it.
+    ActionChains(browser).move_to_element_with_offset(over, int(-width / 6), 0).click_and_hold() \
+        .move_by_offset(int(width / 3), 0).release().perform()
+    WebDriverWait(browser, 10).until(lambda d: plot.get_attribute("data-xrange") != f"{lo},{hi}")
+    zlo, zhi = map(float, plot.get_attribute("data-xrange").split(","))
+    assert lo + 25 < zlo < zhi < hi - 25 and 25 < zhi - zlo < 40, (zlo - t0, zhi - t0)
+
+
+def shoot(browser: Any, name: str) -> Path:
+    """A screenshot of the page as it stands, kept as a test artefact: $HARVESTER_TEST_ARTIFACTS, else
+    /tmp/harvester-test-artifacts (its path printed)."""
+    out = Path(os.environ.get("HARVESTER_TEST_ARTIFACTS", "/tmp/harvester-test-artifacts")) / "web"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.png"
+    browser.save_screenshot(str(path))
+    assert path.stat().st_size > 10_000  # a page, not a blank
+    print(f"screenshot: {path}")
+    return path
+
+
 def test_page_shows_fleet_and_alerts_and_plots_an_alert(site: str, browser: Any, tmp_path: Path) -> None:
     from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
@@ -352,7 +407,7 @@ def test_page_shows_fleet_and_alerts_and_plots_an_alert(site: str, browser: Any,
         ro_row.text
     assert f"v1 rejected ({HOSTILE})" in ro_row.find_element(By.CSS_SELECTOR, "td.failed").text
     # The markup id stayed text: shown verbatim, no element made of it, nothing ran.
-    assert browser.execute_script("return window.pwned === undefined && document.scripts.length === 1")
+    assert browser.execute_script("return window.pwned === undefined && document.scripts.length === 3")
     assert not browser.find_elements(By.CSS_SELECTOR, "table#fleet script, table#rollouts script")
     alerts = browser.find_elements(By.CSS_SELECTOR, "table#alerts tbody tr")
     by_id = {(r.get_attribute("data-vehicle"), r.get_attribute("data-seq")): r.text for r in alerts}
@@ -361,25 +416,15 @@ def test_page_shows_fleet_and_alerts_and_plots_an_alert(site: str, browser: Any,
     assert by_id[(HOSTILE, "12")].startswith("?")  # the malformed record's row is there, its time unknown
 
     next(r for r in alerts if r.get_attribute("data-vehicle") == "v1").click()
-    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#detail svg.plot polyline"))
-    plot = browser.find_element(By.CSS_SELECTOR, "#detail svg.plot")
-    assert plot.get_attribute("data-signal") == "ET1.EngCoolantTemp"
-    points = browser.find_element(By.CSS_SELECTOR, "#detail svg.plot polyline").get_attribute("points").split()
-    assert len(points) == 500
-    xs = [float(p.split(",")[0]) for p in points]
-    ys = {float(p.split(",")[1]) for p in points}
-    assert xs == sorted(xs) and xs[-1] - xs[0] > 100 and len(ys) > 50  # a real line across the plot, in time order
-    shade = browser.find_element(By.CSS_SELECTOR, "#detail svg.plot rect.window")
-    assert float(shade.get_attribute("width")) > 10
-    assert plot.size["width"] > 500 and plot.size["height"] > 100  # rendered, not just in the DOM
-    browser.save_screenshot(str(tmp_path / "fleet.png"))
-    assert (tmp_path / "fleet.png").stat().st_size > 10_000
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#detail div.plot canvas"))
+    check_alert_plot(browser, T0)
+    shoot(browser, "fleet")
 
     # The malformed alert opens too, with a message instead of plots.
     next(r for r in browser.find_elements(By.CSS_SELECTOR, "table#alerts tbody tr")
          if r.get_attribute("data-seq") == "12").click()
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#detail p.empty"))
-    assert not browser.find_elements(By.CSS_SELECTOR, "#detail svg.plot")
+    assert not browser.find_elements(By.CSS_SELECTOR, "#detail div.plot")
 
     # Filtering goes back to the server and redraws.
     Select(browser.find_element(By.ID, "f-state")).select_by_visible_text("closed")
@@ -605,7 +650,7 @@ def test_page_records_a_verdict_and_a_breakdown_and_shows_quality(site: str, bro
     # The page's POSTs carried its Origin (they were taken); the only console errors are the refusals' 400s.
     errors = [e["message"] for e in browser.get_log("browser") if e.get("level") in ("SEVERE", "WARNING")]
     assert errors and all("status of 400" in m for m in errors), errors
-    browser.save_screenshot(str(tmp_path / "learning.png"))
+    shoot(browser, "learning")
 
 
 def test_a_forged_cross_origin_post_from_another_site_is_refused(site: str, browser: Any, tmp_path: Path) -> None:

@@ -72,9 +72,12 @@ function plotSignal(name, pts, d, win, rank, width) {
     cursor: { sync: { key: "alert" }, drag: { x: true, y: false } },
     scales: { x: { time: true } },
     legend: { live: true },
-    axes: [{ label: "time (UTC)", labelSize: 18, stroke: "#5f6b7a", grid: { stroke: "#eef1f4" } },
+    // Ticks in UTC, 24 h, the date under the first tick and wherever the day changes.
+    axes: [{ label: "time (UTC)", labelSize: 18, stroke: "#5f6b7a", grid: { stroke: "#eef1f4" }, size: 48,
+      values: (u, splits) => splits.map((v, i) => { const s = when(v), day = s.slice(0, 10);
+        return i === 0 || day !== when(splits[i - 1]).slice(0, 10) ? s.slice(11) + "\n" + day : s.slice(11); }) },
       { label: unit || "value", labelSize: 18, size: 64, stroke: "#5f6b7a", grid: { stroke: "#eef1f4" } }],
-    series: [{ label: "time (UTC)" }, { label: name, stroke: rank >= 0 ? "#c0640a" : "#1f5fbf", width: 1.5,
+    series: [{ label: "time (UTC)", value: (u, v) => v == null ? "-" : when(v) }, { label: name, stroke: rank >= 0 ? "#c0640a" : "#1f5fbf", width: 1.5,
       value: (u, v) => v == null ? "-" : (Math.abs(v) >= 1e5 ? v.toExponential(3) : +v.toPrecision(6)) +
         (unit ? " " + unit : "") }],
     hooks: {
