@@ -104,7 +104,8 @@ def dtc_row(seq: int, kind: str, ts: Any, data: dict[str, Any]) -> dict[str, Any
         text = _DTC_TEXT.text(spn, fmi)
     if kind == "dtc_previous":  # a DM2 answer: the DTCs the ECU remembers, each with its own words
         parts = []
-        for d in data.get("dtcs") or []:
+        dtcs = data.get("dtcs")
+        for d in dtcs if isinstance(dtcs, list) else []:
             d = _obj(d)
             s, f = _int(d.get("spn")), _int(d.get("fmi"))
             t = _text(d.get("text"))

@@ -78,7 +78,13 @@ async function load() {
   });
 }
 
+// The period is part of the address (?since=&until=): a link to a vehicle's week is a link anyone can open.
+const given = new URLSearchParams(location.search);
+for (const k of ["since", "until"]) if (given.get(k)) $("v-" + k).value = given.get(k);
 $("period-form").addEventListener("submit", (ev) => { ev.preventDefault();
+  const q = new URLSearchParams();
+  for (const [k, v] of Object.entries(fields($("period-form")))) if (v) q.set(k, v);
+  history.replaceState(null, "", location.pathname + (q.size ? "?" + q : ""));
   load().then(() => say($("v-msg"), "", true)).catch((e) => say($("v-msg"), e.message, false)); });
 for (const b of document.querySelectorAll("button.preset"))
   b.addEventListener("click", () => { $("v-since").value = new Date(Date.now() - b.dataset.hours * HOUR * 1000)
