@@ -316,8 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_alert_commands(al)
     w = sub.add_parser("web", help="serve the fleet page: vehicles, alerts, and the signals around an alert")
     w.add_argument("--config", required=True, help="cloud_sync TOML config")
-    w.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; any other address needs "
-                   "[web] password_hash: the page then asks for sign-in; docs/cloud_sync.md, \"Sign-in\")")
+    w.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; any other "
+                   "address needs [web] password_hash: the page then asks for sign-in; docs/cloud_sync.md, "
+                   "\"Sign-in\")")
     w.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
     w.add_argument("--allow-host", action="append", default=[], type=_host_value, metavar="HOST[:PORT]",
                    help="also answer requests whose Host header is exactly this (the name a reverse proxy "

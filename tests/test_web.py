@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from cloud_sync.config import WebConfig, load_config
+from cloud_sync.config import load_config
 from cloud_sync.db_sqlite import CloudDB
 from cloud_sync.web import WebServer, make_server
 from cloud_sync.web.signin import check_password, hash_password
@@ -334,7 +334,7 @@ def check_alert_plot(browser: Any, t0: float) -> None:
         "ET1.EngCoolantTemp", "degC", "top feature 1 · contribution 0.40"]
     lo, hi = map(float, plot.get_attribute("data-xrange").split(","))
     assert (round(lo - t0, 1), round(hi - t0, 1)) == (0.1, 99.9)  # its samples are every other one from T0
-    x0, x1, top, bottom = map(float, plot.get_attribute("data-window").split(","))
+    x0, x1, top, _ = map(float, plot.get_attribute("data-window").split(","))
     over = plot.find_element(By.CSS_SELECTOR, ".u-over")
     width = over.size["width"]
     assert width > 500 and over.size["height"] > 100  # rendered, not just in the DOM

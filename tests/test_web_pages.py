@@ -31,7 +31,7 @@ from cloud_sync.web.signin import Sessions, Throttle, check_password
 from harvester_common import wire
 from tests import test_web
 from tests.test_cloud_db import T0, alert, samples, seed_fleet
-from tests.test_web import HOSTILE, PASSWORD, PASSWORD_HASH, check_alert_plot, http_raw, shoot
+from tests.test_web import HOSTILE, PASSWORD, PASSWORD_HASH, check_alert_plot, shoot
 
 browser = test_web.browser  # the same headless Chromium fixture
 REPO = Path(__file__).resolve().parent.parent
@@ -207,7 +207,7 @@ def test_vehicle_and_alert_pages_in_a_browser(history: str, browser: Any) -> Non
                                  "AMB.AmbientAirTemp:mean:30s"]]
     assert table("v-models") == [["harvester-anomaly", "1.0.0", "2026-09-21 14:14:10", "2026-09-21 14:14:30", "1",
                                   "1"]]
-    assert table("v-evictions") == [["2026-09-21 14:14:35", "2000–2009", "10", "10", "0"]]
+    assert table("v-evictions") == [["2026-09-21 14:14:35", "2000\u20132009", "10", "10", "0"]]
     status = browser.find_element(By.ID, "v-status").text
     assert "1.0.0" in status and "3.0 / 50.0 MiB today" in status
     assert browser.execute_script("return window.pwned === undefined")

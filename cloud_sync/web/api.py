@@ -240,8 +240,9 @@ class Api:
 
     def vehicle(self, vehicle: str, query: Query) -> dict[str, Any] | None:
         """A vehicle's page: its fleet row (last status, model now) and its history over [since, until) (default:
-        the week to now, or to the vehicle's last contact when that is older): alerts, DTC events with their words, drift reports, evictions, and the model versions its
-        alerts and drift reports named. Each list newest first, at most HISTORY_ROWS (`truncated` names those cut)."""
+        the week to now, or to the vehicle's last contact when that is older): alerts, DTC events with their words,
+        drift reports, evictions, and the model versions its alerts and drift reports named. Each list newest first,
+        at most HISTORY_ROWS (`truncated` names those cut)."""
         until_q, since_q = _time(query, "until"), _time(query, "since")
         until = time.time() if until_q is None else until_q
         lim = f" ORDER BY ts DESC, seq DESC LIMIT {HISTORY_ROWS + 1}"
@@ -290,9 +291,10 @@ class Api:
             out_evicted.append({"seq": int(seq), "ts": finite(ts), "ranges": ranges[:50],
                                 "seqs": sum(hi - lo + 1 for lo, hi in ranges), "samples": _int(d.get("samples")),
                                 "records": _int(d.get("records"))})
-        return plain({"vehicle": row, "period": [since, until], "alerts": out_alerts, "dtcs": out_dtcs,
-                      "drift": out_drift, "evictions": out_evicted,
-                      "models": _versions(out_alerts, out_drift), "truncated": truncated})
+        out: dict[str, Any] = plain({
+            "vehicle": row, "period": [since, until], "alerts": out_alerts, "dtcs": out_dtcs, "drift": out_drift,
+            "evictions": out_evicted, "models": _versions(out_alerts, out_drift), "truncated": truncated})
+        return out
 
     # --- what the live stream (/api/stream) polls ----------------------------------------------------------------
 

@@ -103,9 +103,11 @@ async function showAlert(box, vehicle, seq) {
   const h = el("h2", "", `Alert on ${vehicle}: ${a.label || "fault"} (${a.state}), score ` +
     (typeof a.score === "number" ? a.score.toFixed(2) : "?"));
   head.appendChild(h);
-  const open = el("a", "open-alert", "alert page"); open.setAttribute("href", alertUrl(vehicle, seq));
-  const veh = el("a", "open-vehicle", "vehicle page"); veh.setAttribute("href", vehicleUrl(vehicle));
-  head.append(open, veh);
+  if (!location.pathname.startsWith("/alert/")) {  // on the fleet page: the alert's and the vehicle's own pages
+    const open = el("a", "open-alert", "alert page"); open.setAttribute("href", alertUrl(vehicle, seq));
+    const veh = el("a", "open-vehicle", "vehicle page"); veh.setAttribute("href", vehicleUrl(vehicle));
+    head.append(open, veh);
+  }
   box.appendChild(head);
   const facts = el("div", "facts");
   const fact = (k, v) => { const s = el("span"); s.append(k + " ", el("b", "", v)); facts.appendChild(s); };

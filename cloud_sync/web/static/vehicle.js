@@ -57,7 +57,7 @@ async function load() {
   rows("v-dtcs", d.dtcs, 8, "No DTC event in this period.", (tr, x) => {
     tr.dataset.seq = x.seq;
     cell(tr, when(x.ts)); cell(tr, x.kind.replace("dtc_", ""), x.kind === "dtc_open" ? "open" : "");
-    cell(tr, x.source + (x.sa !== null ? " SA " + x.sa : ""));
+    cell(tr, x.source + (x.sa !== null ? " SA " + x.sa : ""), "source");
     cell(tr, x.spn === null ? "" : String(x.spn), "num"); cell(tr, x.fmi === null ? "" : String(x.fmi), "num");
     cell(tr, x.text, "text");
     const lamps = cell(tr, ""); for (const l of x.lamps) lamps.appendChild(el("span", "lamp", l.replace("_", " ")));
@@ -65,7 +65,7 @@ async function load() {
   });
   rows("v-drift", d.drift, 4, "No drift report in this period.", (tr, x) => {
     cell(tr, when(x.ts)); cell(tr, x.drift ? "drifted" : "stable", x.drift ? "yes" : "");
-    cell(tr, x.model + " " + x.model_version); cell(tr, x.drifted.join(", "));
+    cell(tr, x.model + " " + x.model_version, "model"); cell(tr, x.drifted.join(", "));
   });
   rows("v-models", d.models, 6, "No alert or drift report named a model in this period.", (tr, m) => {
     cell(tr, m.model); cell(tr, m.version); cell(tr, when(m.first)); cell(tr, when(m.last));
