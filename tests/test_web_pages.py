@@ -24,8 +24,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cloud_sync.config import WebConfig
+from cloud_sync.db import FleetDB
 from cloud_sync.db_sqlite import CloudDB
-from cloud_sync.web import WebServer, make_server
+from cloud_sync.web import Api, WebServer, make_server
 from cloud_sync.web.api import dtc_row
 from cloud_sync.web.signin import Sessions, Throttle, check_password
 from harvester_common import wire
@@ -41,7 +42,7 @@ def ev(seq: int, kind: str, ts: float, data: dict[str, Any]) -> wire.Segment:
     return wire.Segment("event", seq, seq, record={"kind": kind, "ts": ts, "data": data})
 
 
-def seed_history(db: CloudDB) -> None:
+def seed_history(db: FleetDB) -> None:
     """seed_fleet, and for v1 the history its page shows: DTCs as today's vehicles send them (with their words) and
     as older ones did (numbers only), one whose text is markup, a DM2 answer, a drift report, an eviction report, and
     a DTC a month before (outside the period the tests choose); and a vehicle whose id is markup."""
@@ -147,6 +148,26 @@ def test_vehicle_history_endpoint(history: str) -> None:
         assert b"<script>window" not in body  # the markup id is escaped in the page (data-vehicle, title)
     assert request(history, "GET", "/alert/v1/x")[0] == 400
     assert request(history, "GET", "/alert/v1")[0] == 404
+
+
+def test_history_and_stream_queries_on_both_engines(cloud_db: FleetDB) -> None:
+    """What the vehicle page and the live stream read, on SQLite and on PostgreSQL alike."""
+    seed_history(cloud_db)
+    api = Api(cloud_db, WebConfig())
+    d = api.vehicle("v1", {"since": [str(T0 - 3600)], "until": [str(T0 + 3600)]})
+    assert d is not None
+    assert [x["seq"] for x in d["dtcs"]] == [1007, 1003, 1004, 1002] and [a["seq"] for a in d["alerts"]] == [1001]
+    assert [x["seq"] for x in d["drift"]] == [1005] and [x["seq"] for x in d["evictions"]] == [1006]
+    assert api.vehicle("nobody", {}) is None
+    marks = api.alert_marks()
+    assert marks == {"v1": 1001, "v2": 102, HOSTILE: 11}
+    cloud_db.ingest([wire.Batch("f1", "v2", 2, [alert(103, "a3", "open", T0 + 200), alert(104, "a3", "closed",
+                                                                                            T0 + 260)])])
+    now = api.alert_marks()
+    assert [(a["seq"], a["state"]) for a in api.alerts_after(marks, now)] == [(104, "closed"), (103, "open")]
+    assert api.alerts_after(now, now) == []
+    one = api.alert("v1", "1001")
+    assert one is not None and one["units"] == {"ET1.EngCoolantTemp": "degC"} and one["top"] == ["ET1.EngCoolantTemp"]
 
 
 @settings(max_examples=300, deadline=None)
