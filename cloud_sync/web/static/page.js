@@ -108,7 +108,7 @@ async function loadAlerts(fresh) {
     linkCell(tr, a.vehicle, vehicleUrl(a.vehicle));
     cell(tr, a.state, a.state === "open" ? "open" : "");
     cell(tr, a.label || ""); cell(tr, typeof a.score === "number" ? a.score.toFixed(2) : "", "num");
-    cell(tr, (a.model || "") + " " + (a.model_version || ""));
+    cell(tr, (a.model || "") + " " + (a.model_version || ""), "model");
     const vd = a.verdict && typeof a.verdict === "object" ? a.verdict : null;
     const vc = cell(tr, vd ? vd.label + (vd.fault ? " (" + vd.fault + ")" : "") : "-", "verdict");
     if (vd) vc.setAttribute("title", vd.by + ", " + when(vd.at) + (vd.note ? ": " + vd.note : ""));
