@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from cloud_sync.config import WebConfig
 from cloud_sync.db import FleetDB
 from cloud_sync.db_sqlite import CloudDB
-from cloud_sync.web import Api, WebServer, make_server
+from cloud_sync.web import Api, SignInError, WebServer, make_server
 from cloud_sync.web.api import dtc_row
 from cloud_sync.web.signin import Sessions, Throttle, check_password
 from harvester_common import wire
@@ -423,6 +423,17 @@ def test_sign_in_rules_without_waiting() -> None:
     assert s.valid(tok, now=99) and not s.valid(tok, now=100) and not s.valid(tok, now=50)  # expired, then gone
     assert not s.valid("", now=0) and not s.valid("x" * 1000, now=0)
     assert not check_password("anything", "scrypt$1$1$1$AAAAAAAAAAAAAAAAAAAAAA==$" + "A" * 44)  # n=1: invalid, False
+
+
+def test_a_hash_that_cannot_sign_anyone_in_is_refused_at_start(tmp_path: Path) -> None:
+    db = CloudDB(tmp_path / "cloud.sqlite")
+    try:
+        for bad, why in ((PASSWORD_HASH[:-8], "not of the form"),
+                         (PASSWORD_HASH.replace("$16384$", "$1000$"), "scrypt parameters N=1000")):
+            with pytest.raises(SignInError, match=r"\[web\] password_hash is " + why):
+                make_server(db, "127.0.0.1", 0, cfg=WebConfig(require_sign_in=True, password_hash=bad))
+    finally:
+        db.close()
 
 
 def test_sign_in_in_a_browser(signin_site: str, browser: Any) -> None:

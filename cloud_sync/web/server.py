@@ -107,4 +107,6 @@ def make_server(db: FleetDB, host: str, port: int, allowed_hosts: Iterable[str] 
                else "with [web] require_sign_in" if is_loopback(host) else f"on {host} (not loopback)")
         raise SignInError(f"the page asks for sign-in {why}, and [web] password_hash is empty: "
                           "set it to what `cloud-sync hash-password` prints")
+    if sign_in and (problem := signin.hash_problem(cfg.password_hash)):
+        raise SignInError(f"[web] password_hash is {problem}")
     return WebServer((host, port), Api(db, cfg, quality), allowed, sign_in)

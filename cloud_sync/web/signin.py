@@ -42,6 +42,18 @@ def hash_password(password: str, salt: bytes | None = None) -> str:
     return f"scrypt${_N}${_R}${_P}${base64.b64encode(salt).decode()}${base64.b64encode(h).decode()}"
 
 
+def hash_problem(stored: str) -> str | None:
+    """Why `stored` is not a hash `check_password` can use (None: it is): a hand-edited or truncated one would
+    otherwise refuse every password without saying why."""
+    m = HASH_FORMAT.fullmatch(stored)
+    if not m:
+        return "not of the form cloud-sync hash-password prints (scrypt$N$r$p$salt$hash)"
+    n, r, p = int(m[1]), int(m[2]), int(m[3])
+    if n < 2 or n & (n - 1) or not 1 <= r * p < 2**30 or 128 * n * r > 1024 * 1024 * 1024:
+        return f"scrypt parameters N={n}, r={r}, p={p} are not usable (N a power of 2, at most 1 GiB of memory)"
+    return None
+
+
 def check_password(password: str, stored: str) -> bool:
     """Whether `password` is the one `stored` (hash_password's form) was made from; False for a malformed hash."""
     m = HASH_FORMAT.fullmatch(stored)
