@@ -285,8 +285,8 @@ def open_stream(site: str) -> tuple[http.client.HTTPConnection, http.client.HTTP
 def test_live_stream_sends_the_fleet_and_new_alerts_and_is_bounded(tmp_path: Path) -> None:
     """/api/stream over real HTTP: the fleet at once, then each alert stored afterwards (read by the server from the
     database, written here through a connection of its own) with the fleet's new open-alert count; no more streams
-    than `max_streams` (503, and one freed is one taken again); and shutdown ends open streams instead of waiting on
-    them."""
+    than `max_streams` (503, and one freed is one taken again); and shutdown ends open streams cleanly instead of
+    waiting on them."""
     db = CloudDB(tmp_path / "cloud.sqlite")
     seed_fleet(db)
     writer = CloudDB(tmp_path / "cloud.sqlite")
@@ -316,11 +316,9 @@ def test_live_stream_sends_the_fleet_and_new_alerts_and_is_bounded(tmp_path: Pat
         assert set(kinds) == {"fleet", "alerts"}, got
         assert [(a["vehicle"], a["seq"], a["label"]) for a in kinds["alerts"]["new"]] == [("v2", 103, "fan_belt")]
         assert {v["vehicle"]: v["open_alerts"] for v in kinds["fleet"]["vehicles"]}["v2"] == 1
-        t0 = time.monotonic()
         assert server.hub.open >= 1
-    # serving() returned: shutdown ended the open stream rather than waiting for its client (which never left),
-    # and the stream's body ends (a read does not wait for the connection's 30 s timeout).
-    assert time.monotonic() - t0 < 10
+    # serving() returned: shutdown ended the open stream itself rather than waiting for its client (which never
+    # left) or cutting it off: its body is complete (a chunked body cut off is IncompleteRead here).
     r1.read()
     c1.close()
     assert server.hub.open == 0
