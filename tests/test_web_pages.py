@@ -392,9 +392,16 @@ def test_sign_in_over_http(signin_site: str) -> None:
     _, headers, _ = request(site, "POST", "/api/signin", {"password": PASSWORD}, {"X-Forwarded-Proto": "https",
                                                                                   "Origin": site})
     assert "secure" in {a.strip().lower() for a in headers["set-cookie"].split(";")}
-    # Signing out ends the session on the server, not just in the browser.
+    # Signing out ends the session on the server, not just in the browser, and the live stream it had open.
+    u = urllib.parse.urlsplit(site)
+    conn = http.client.HTTPConnection(u.hostname or "", u.port, timeout=30)
+    conn.request("GET", "/api/stream", headers={"Cookie": session})
+    stream = conn.getresponse()
+    assert stream.status == 200 and read_events(stream, 1)[0][0] == "fleet"
     assert request(site, "POST", "/api/signout", {}, {"Cookie": session})[0] == 200
     assert request(site, "GET", "/api/fleet", headers={"Cookie": session})[0] == 401
+    stream.read()  # the stream ends, complete, at its next poll
+    conn.close()
     # Wrong passwords: 401 each, then the address waits (429, Retry-After), the right password included.
     for _ in range(5):
         status, _, body = request(site, "POST", "/api/signin", {"password": "guess"})

@@ -257,6 +257,10 @@ def create_app(api: Api, sessions: signin.Sessions | None, password_hash: str, s
         if hub.open >= hub.max_streams:
             return _json({"error": f"{hub.max_streams} live pages are open already: this one polls"}, 503)
         hub.open += 1
+        token = request.cookies.get(signin.COOKIE)
+
+        def signed_out() -> bool:  # a session that ended (signed out, expired) ends its stream too
+            return sessions is not None and not sessions.valid(token)
 
         async def events() -> AsyncIterator[bytes]:
             try:
@@ -266,7 +270,7 @@ def create_app(api: Api, sessions: signin.Sessions | None, password_hash: str, s
                 beat = time.monotonic()
                 while not hub.stopping.is_set():
                     await hub.pause(hub.poll_s)
-                    if hub.stopping.is_set():
+                    if hub.stopping.is_set() or signed_out():
                         break
                     fleet, now_marks = await hub.snapshot()
                     if _fleet_key(fleet) != key:
