@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cloud_sync.config import WebConfig
@@ -185,6 +185,21 @@ def test_a_dtc_event_of_any_shape_gives_a_row(kind: str, data: dict[str, Any]) -
     assert all(row[k] is None or (isinstance(row[k], int) and not isinstance(row[k], bool))
                for k in ("spn", "fmi", "sa", "occurrence"))
     json.dumps(row, allow_nan=False)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(vehicle=st.text(min_size=1, max_size=40), seq=st.text(max_size=25), since=st.text(max_size=30))
+def test_any_vehicle_seq_or_period_in_a_path_is_answered_not_failed(history: str, vehicle: str, seq: str,
+                                                                     since: str) -> None:
+    """Whatever a client puts in the page's paths and period, the answer is a page, 400 or 404 with a reason, never
+    a 500 (the reason of which would be in the log) and never the text raw."""
+    v, q = urllib.parse.quote(vehicle, safe=""), urllib.parse.quote(seq, safe="")
+    for path in (f"/api/vehicle/{v}?since={urllib.parse.quote(since)}", f"/api/alert/{v}/{q}", f"/vehicle/{v}",
+                 f"/alert/{v}/{q}"):
+        status, headers, body = request(history, "GET", path)
+        assert status in (200, 400, 404), (path, status, body)
+        if headers["content-type"].startswith("application/json"):
+            assert b"<" not in body and (status == 200 or "error" in json.loads(body))
 
 
 def test_vehicle_and_alert_pages_in_a_browser(history: str, browser: Any) -> None:
