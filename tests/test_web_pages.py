@@ -29,7 +29,7 @@ from cloud_sync.db_sqlite import CloudDB
 from cloud_sync.web import Api, SignInError, WebServer, make_server
 from cloud_sync.web.api import dtc_row
 from cloud_sync.web.signin import Sessions, Throttle, check_password
-from harvester_common import wire
+from harvester_common import backfill, wire
 from tests import test_web
 from tests.test_cloud_db import T0, alert, samples, seed_fleet
 from tests.test_web import HOSTILE, PASSWORD, PASSWORD_HASH, check_alert_plot, shoot
@@ -160,12 +160,21 @@ def test_history_and_stream_queries_on_both_engines(cloud_db: FleetDB) -> None:
     assert [x["seq"] for x in d["drift"]] == [1005] and [x["seq"] for x in d["evictions"]] == [1006]
     assert api.vehicle("nobody", {}) is None
     marks = api.alert_marks()
-    assert marks == {"v1": 1001, "v2": 102, HOSTILE: 11}
+    assert marks == {"v1": (1, 1001), "v2": (2, 102), HOSTILE: (1, 11)}
     cloud_db.ingest([wire.Batch("f1", "v2", 2, [alert(103, "a3", "open", T0 + 200), alert(104, "a3", "closed",
                                                                                             T0 + 260)])])
     now = api.alert_marks()
+    assert now["v2"] == (4, 104)
     assert [(a["seq"], a["state"]) for a in api.alerts_after(marks, now)] == [(104, "closed"), (103, "open")]
     assert api.alerts_after(now, now) == []
+    # A record backfilled below the highest seq (v1 still holds 1002..1499): the marks change, so the stream says
+    # so, though it is not among the ones above the old highest.
+    cloud_db.ingest([wire.Batch("f1", "v1", 3, [samples(1500, 10, T0 + 10_000), alert(1600, "a7", "open", T0 + 300)],
+                                extra={backfill.KEY: 1010})])
+    before = api.alert_marks()
+    cloud_db.ingest([wire.Batch("f1", "v1", 4, [alert(1010, "a8", "open", T0 + 250)], extra={backfill.KEY: 1011})])
+    after = api.alert_marks()
+    assert before["v1"] == (2, 1600) and after["v1"] == (3, 1600) and api.alerts_after(before, after) == []
     one = api.alert("v1", "1001")
     assert one is not None and one["units"] == {"ET1.EngCoolantTemp": "degC"} and one["top"] == ["ET1.EngCoolantTemp"]
 

@@ -298,17 +298,25 @@ class Api:
 
     # --- what the live stream (/api/stream) polls ----------------------------------------------------------------
 
-    def alert_marks(self) -> dict[str, int]:
-        """Each vehicle's highest alert seq: a new alert record raises its vehicle's."""
+    def alert_marks(self) -> dict[str, tuple[int, int]]:
+        """Each vehicle's alert records stored (the count ingest keeps) and its highest alert seq: any new record
+        changes the first, one above all before it the second (a record backfilled below it changes only the
+        count)."""
         with self._lock:
-            return {str(v): int(s) for v, s in self.db.read("SELECT vehicle, MAX(seq) FROM alerts GROUP BY vehicle")}
+            counts = {str(v): int(n) for v, n in self.db.read(
+                "SELECT vehicle, value FROM counters WHERE name='stored:alerts'")}
+            tops = {str(v): int(s) for v, s in self.db.read("SELECT vehicle, MAX(seq) FROM alerts GROUP BY vehicle")}
+        return {v: (counts.get(v, 0), tops[v]) for v in tops}
 
-    def alerts_after(self, marks: dict[str, int], now: dict[str, int], limit: int = 100) -> list[dict[str, Any]]:
-        """The alert records stored since `marks` was read (`now` is the later reading), newest first."""
+    def alerts_after(self, marks: dict[str, tuple[int, int]], now: dict[str, tuple[int, int]], limit: int = 100
+                     ) -> list[dict[str, Any]]:
+        """The alert records stored since `marks` was read (`now` is the later reading) above each vehicle's
+        highest seq then, newest first (a record backfilled below it is not among them: the page reloads its list
+        on any change anyway)."""
         out: list[dict[str, Any]] = []
         with self._lock:
-            for vehicle, hi in now.items():
-                lo = marks.get(vehicle, -1)
+            for vehicle, (_, hi) in now.items():
+                lo = marks.get(vehicle, (0, -1))[1]
                 if hi > lo:
                     out += [{**_obj(_load(rec)), "vehicle": vehicle, "seq": int(seq)} for seq, rec in self.db.read(
                         f"SELECT seq, record FROM alerts WHERE vehicle=? AND seq>? ORDER BY seq DESC LIMIT {limit}",

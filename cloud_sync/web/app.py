@@ -67,7 +67,7 @@ def vehicle_url(vehicle: str) -> str:
 
 
 class Hub:
-    """The live stream's shared reads: the fleet and each vehicle's highest alert seq, read at most once per
+    """The live stream's shared reads: the fleet and each vehicle's alert marks (Api.alert_marks), read at most once per
     `poll_s` however many pages are open, and the count of open streams (bounded)."""
 
     def __init__(self, api: Api, poll_s: float, max_streams: int) -> None:
@@ -76,9 +76,9 @@ class Hub:
         self.stopping = threading.Event()  # set by WebServer.shutdown: every stream ends within a slice
         self._lock = asyncio.Lock()
         self._at = -1e18
-        self._snap: tuple[list[dict[str, Any]], dict[str, int]] = ([], {})
+        self._snap: tuple[list[dict[str, Any]], dict[str, tuple[int, int]]] = ([], {})
 
-    async def snapshot(self) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    async def snapshot(self) -> tuple[list[dict[str, Any]], dict[str, tuple[int, int]]]:
         async with self._lock:
             if time.monotonic() - self._at >= self.poll_s * 0.9:
                 fleet = await run_in_threadpool(self.api.fleet)
