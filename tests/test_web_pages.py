@@ -61,7 +61,9 @@ def seed_history(db: FleetDB) -> None:
                                                                                 "occurrence": 3}]}),
         ev(1008, "dtc_open", T0 - 30 * 86400, {"source": "can0", "sa": 0, "spn": 110, "fmi": 0}),
     ])])
-    db.ingest([wire.Batch("f1", HOSTILE, 1, [samples(1, 10), alert(11, "a9", "open", T0 + 5)])])
+    db.ingest([wire.Batch("f1", HOSTILE, 1, [samples(1, 10), alert(11, "a9", "open", T0 + 5),
+                                             alert(12, "a10", "open", T0 + 6, label="overspeed",
+                                                   top_features=[["EEC1.EngSpeed:max:30s", 0.7]])])])
 
 
 @contextmanager
@@ -160,7 +162,7 @@ def test_history_and_stream_queries_on_both_engines(cloud_db: FleetDB) -> None:
     assert [x["seq"] for x in d["drift"]] == [1005] and [x["seq"] for x in d["evictions"]] == [1006]
     assert api.vehicle("nobody", {}) is None
     marks = api.alert_marks()
-    assert marks == {"v1": (1, 1001), "v2": (2, 102), HOSTILE: (1, 11)}
+    assert marks == {"v1": (1, 1001), "v2": (2, 102), HOSTILE: (2, 12)}
     cloud_db.ingest([wire.Batch("f1", "v2", 2, [alert(103, "a3", "open", T0 + 200), alert(104, "a3", "closed",
                                                                                             T0 + 260)])])
     now = api.alert_marks()
@@ -277,6 +279,16 @@ def test_vehicle_and_alert_pages_in_a_browser(history: str, browser: Any) -> Non
     browser.get(history + "/alert/" + urllib.parse.quote(HOSTILE, safe="") + "/11")
     wait.until(lambda d: loaded(d) and d.find_elements(By.CSS_SELECTOR, "#detail div.plot canvas"))
     assert browser.execute_script("return window.pwned === undefined")
+    # An alert whose top feature is one signal and whose snapshot names another: the top one first and marked,
+    # each with its own unit.
+    browser.get(history + "/alert/" + urllib.parse.quote(HOSTILE, safe="") + "/12")
+    wait.until(lambda d: loaded(d) and len(d.find_elements(By.CSS_SELECTOR, "#detail div.plot canvas")) == 2)
+    plots = browser.find_elements(By.CSS_SELECTOR, "#detail div.plot")
+    assert [(p.get_attribute("data-signal"), p.get_attribute("data-unit"), "top" in p.get_attribute("class").split(),
+             [b.text for b in p.find_elements(By.CSS_SELECTOR, ".badge")]) for p in plots] == [
+        ("EEC1.EngSpeed", "rpm", True, ["top feature 1 · contribution 0.70"]),
+        ("ET1.EngCoolantTemp", "degC", False, [])]
+    shoot(browser, "alert-two-signals")
     errors = [e for e in browser.get_log("browser") if e.get("level") in ("SEVERE", "WARNING")]
     assert errors == [], errors
 
