@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import io
 import logging
 import re
@@ -24,7 +25,7 @@ from cloud_sync.present import clean_alert, dumps, terminal
 from cloud_sync.reports import Reports
 from cloud_sync.rollout_cli import add_model_commands, add_rollout_commands
 from cloud_sync.times import parse_time
-from harvester_common.clirun import run_cli
+from harvester_common.clirun import UserError, run_cli
 
 T = TypeVar("T")
 
@@ -189,7 +190,7 @@ def _host_value(s: str) -> str:
 
 
 def cmd_web(args: argparse.Namespace) -> int:
-    from cloud_sync.web import make_server
+    from cloud_sync.web import SignInError, make_server
 
     cfg = _config_with_logging(args)
     db = existing_db(cfg)
@@ -198,9 +199,14 @@ def cmd_web(args: argparse.Namespace) -> int:
     except OSError as e:
         db.close()
         raise CloudDBError(f"cannot listen on {args.host}:{args.port}: {e.strerror}") from None
+    except SignInError as e:
+        db.close()
+        raise ConfigError(f"{args.config}: {e}") from None
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
     host, port = str(server.server_address[0]), int(server.server_address[1])
-    print(f"fleet page on http://{host}:{port}/ (database {db.where}); Ctrl-C stops it", file=sys.stderr, flush=True)
+    signed = "sign-in required" if server.sessions is not None else "no sign-in: loopback only"
+    print(f"fleet page on http://{host}:{port}/ (database {db.where}; {signed}); Ctrl-C stops it", file=sys.stderr,
+          flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -208,6 +214,25 @@ def cmd_web(args: argparse.Namespace) -> int:
     finally:
         server.server_close()
         db.close()
+    return 0
+
+
+MIN_PASSWORD_CHARS = 10  # a shared workshop password: short ones fall to the rate limit's patience
+
+
+def cmd_hash_password(args: argparse.Namespace) -> int:
+    from cloud_sync.web.signin import MAX_PASSWORD_CHARS, hash_password
+
+    # From a terminal, asked for twice without echo; from a pipe, its first line (`... < secret.txt`).
+    if sys.stdin.isatty():
+        first, again = getpass.getpass("password: "), getpass.getpass("again: ")
+        if first != again:
+            raise UserError("the two passwords differ")
+    else:
+        first = sys.stdin.readline().rstrip("\r\n")
+    if len(first) < MIN_PASSWORD_CHARS or len(first) > MAX_PASSWORD_CHARS:
+        raise UserError(f"the password must be {MIN_PASSWORD_CHARS} to {MAX_PASSWORD_CHARS} characters long")
+    print(f'password_hash = "{hash_password(first)}"')
     return 0
 
 
@@ -291,14 +316,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_alert_commands(al)
     w = sub.add_parser("web", help="serve the fleet page: vehicles, alerts, and the signals around an alert")
     w.add_argument("--config", required=True, help="cloud_sync TOML config")
-    w.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: put a reverse "
-                   "proxy with authentication in front before exposing it)")
+    w.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; any other "
+                   "address needs [web] password_hash: the page then asks for sign-in; docs/cloud_sync.md, "
+                   "\"Sign-in\")")
     w.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
     w.add_argument("--allow-host", action="append", default=[], type=_host_value, metavar="HOST[:PORT]",
                    help="also answer requests whose Host header is exactly this (the name a reverse proxy "
                    "forwards); repeatable. Without it only 127.0.0.1, localhost, [::1] and --host, with the port, "
                    "are answered: a check against DNS rebinding")
     w.set_defaults(func=cmd_web)
+    hp = sub.add_parser("hash-password", help="read the fleet page's sign-in password (from the terminal, or a "
+                        "pipe's first line) and print the `[web] password_hash` line that holds its scrypt hash")
+    hp.set_defaults(func=cmd_hash_password)
     ex = sub.add_parser("export", help="the data as a Parquet dataset (samples, alerts, events, verdicts, "
                         "breakdowns) for retraining",
                         description="Write the selected data into DIR as a Parquet dataset partitioned by vehicle "

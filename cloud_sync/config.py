@@ -77,6 +77,23 @@ class WebConfig(_Section):
         "signals plotted for one alert: those of its top features first, then those of its snapshot"))
     max_points: int = Field(20_000, ge=1, le=1_000_000, description=(
         "most points of one signal in an alert's plot (270 s of a 10 Hz signal is ~2,700)"))
+    password_hash: str = Field("", pattern=r"^(|scrypt\$[0-9]+\$[0-9]+\$[0-9]+\$[A-Za-z0-9+/=]+\$[A-Za-z0-9+/=]+)$",
+                               description=(
+        "the page's sign-in secret (a password or a long token) as `cloud-sync hash-password` prints it: a salted "
+        "scrypt hash, never the secret itself. Required when `cloud-sync web` listens off loopback or answers an "
+        "`--allow-host` name; it refuses to start without it"))
+    require_sign_in: bool = Field(False, description=(
+        "ask for the secret on loopback too (off loopback it is always asked for)"))
+    session_hours: float = Field(12.0, gt=0, le=24 * 30, description=(
+        "a sign-in lasts this long (sessions live in the server's memory: a restart signs everyone out)"))
+    secure_cookie: bool = Field(False, description=(
+        "mark the session cookie Secure even when the request came over http: for an https reverse proxy that does "
+        "not send `X-Forwarded-Proto` (one that does, from 127.0.0.1, gets a Secure cookie without this)"))
+    stream_poll_s: float = Field(2.0, ge=0.2, le=600, description=(
+        "live updates (`/api/stream`): how often the server reads the fleet and new alerts from the database for "
+        "the pages open (one read serves every open page)"))
+    max_streams: int = Field(16, ge=1, le=1000, description=(
+        "pages open with live updates at once; one more is refused (503) and polls instead"))
 
 
 class RolloutConfig(_Section):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.client
 import json
 import math
+import os
 import re
 import shutil
 import socket
@@ -22,8 +23,10 @@ from typing import Any
 
 import pytest
 
+from cloud_sync.config import load_config
 from cloud_sync.db_sqlite import CloudDB
 from cloud_sync.web import WebServer, make_server
+from cloud_sync.web.signin import check_password, hash_password
 from harvester_common import backfill, wire
 from tests.test_cloud_db import T0, alert, event, samples, seed_fleet
 from tests.test_cloud_rollouts_db import package, report
@@ -69,8 +72,9 @@ def site(tmp_path: Path) -> Iterator[str]:
         tx.mark_sent(rid, ["v1"])
         tx.set_state(rid, "halted", f"wave 1 of 2: 1 of 1 vehicles failed: v1 rejected ({HOSTILE})")
     db.set_model_status("f1", "v1", report(3, "rejected", new, active=old, reason=HOSTILE))
-    # A name a reverse proxy forwards, allowed as `cloud-sync web --allow-host` allows it.
-    server: WebServer = make_server(db, "127.0.0.1", 0, allowed_hosts=["Fleet.example"])
+    # A name a reverse proxy forwards, allowed as `cloud-sync web --allow-host` allows it (which asks for sign-in:
+    # turned off here, as only a caller on loopback may; the sign-in tests below have it on).
+    server: WebServer = make_server(db, "127.0.0.1", 0, allowed_hosts=["Fleet.example"], sign_in=False)
     t = threading.Thread(target=server.serve_forever, daemon=True)
     t.start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
@@ -147,8 +151,12 @@ def test_json_endpoints_and_their_errors(site: str) -> None:
         assert r.headers["Content-Type"].startswith("text/html")
     assert "<table id=\"fleet\">" in page and "http://" not in page.replace("http://www.w3.org/2000/svg", "")
     # No inline code for the CSP to allow: the script and style are files of their own.
-    assert "<style" not in page and re.findall(r"<script[^>]*>", page) == ['<script src="/static/page.js">']
-    for path, ctype in (("/static/page.js", "text/javascript"), ("/static/page.css", "text/css")):
+    assert "<style" not in page and re.findall(r"<script[^>]*>", page) == [
+        '<script src="/static/vendor/uplot/uPlot.iife.min.js">', '<script src="/static/common.js">',
+        '<script src="/static/page.js">']
+    for path, ctype in (("/static/page.js", "text/javascript"), ("/static/page.css", "text/css"),
+                        ("/static/common.js", "text/javascript"), ("/static/vendor/uplot/uPlot.min.css", "text/css"),
+                        ("/static/vendor/uplot/uPlot.iife.min.js", "text/javascript")):
         with urllib.request.urlopen(site + path, timeout=10) as r:
             assert r.headers["Content-Type"].startswith(ctype) and len(r.read()) > 500
 
@@ -159,7 +167,8 @@ CSP = {"default-src": "'none'", "script-src": "'self'", "style-src": "'self'", "
 
 def test_every_response_has_a_strict_csp(site: str) -> None:
     for path in ("/", "/static/page.js", "/static/page.css", "/api/fleet", "/api/rollouts", "/api/alert/v1/x",
-                 "/nope"):
+                 "/nope", "/vehicle/v1", "/alert/v1/1001", "/signin", "/api/vehicle/v1", "/api/vehicle/nobody",
+                 "/static/vendor/uplot/uPlot.iife.min.js", "/static/nope.js", "/alert/v1/x"):
         try:
             r = urllib.request.urlopen(site + path, timeout=10)
         except urllib.error.HTTPError as e:
@@ -197,7 +206,7 @@ def test_host_header_check_stops_dns_rebinding(site: str) -> None:
     for forged in ("evil.example", f"evil.example:{port}", f"127.0.0.1.evil.example:{port}", f"localhost:{port + 1}",
                    "localhost", "127.0.0.1", f"fleet.example:{port}", f"127.0.0.1:{port}@evil.example", "",
                    f"[::1]:{port}:1", "\u00e9vil:80"):
-        for path in ("/", "/api/fleet", "/api/alert/v1/1001", "/static/page.js", "/nope"):
+        for path in ("/", "/api/fleet", "/api/alert/v1/1001", "/static/page.js", "/nope", "/vehicle/v1", "/api/stream"):
             assert status(forged, path=path) == 421, (forged, path)
     code, body = http_raw(site, f"GET / HTTP/1.1\r\nHost: evil.example:{port}\r\nConnection: close\r\n")
     assert code == 421 and b"harvester" not in body.lower() and b"v1" not in body  # nothing of the fleet
@@ -205,12 +214,17 @@ def test_host_header_check_stops_dns_rebinding(site: str) -> None:
     assert status(f"127.0.0.1:{port}", "evil.example") == 400  # two: which one would a proxy have checked?
 
 
+PASSWORD = "orange grove 7"
+PASSWORD_HASH = hash_password(PASSWORD, salt=b"fixed salt tests")  # scrypt once per run, not per test
+
+
 def test_cli_web_checks_host_with_allow_host(tmp_path: Path) -> None:
-    """`cloud-sync web --allow-host` as run from a shell: the name a proxy forwards is served, another is not."""
+    """`cloud-sync web --allow-host` as run from a shell: the name a proxy forwards is served, another is not; and
+    with a name to answer to, the page asks for sign-in (the config holds the password's hash)."""
     db = CloudDB(tmp_path / "cloud.sqlite")
     seed_fleet(db)
     db.close()
-    (tmp_path / "cloud.toml").write_text('[db]\npath = "cloud.sqlite"\n')
+    (tmp_path / "cloud.toml").write_text(f'[db]\npath = "cloud.sqlite"\n[web]\npassword_hash = "{PASSWORD_HASH}"\n')
     env = {"PYTHONPATH": str(Path(__file__).resolve().parent.parent), "PATH": "/usr/bin:/bin"}
     p = subprocess.Popen([sys.executable, "-m", "cloud_sync", "web", "--config", str(tmp_path / "cloud.toml"),
                           "--port", "0", "--allow-host", "fleet.example", "--allow-host", "fleet.example:8443"],
@@ -218,19 +232,55 @@ def test_cli_web_checks_host_with_allow_host(tmp_path: Path) -> None:
     try:
         assert p.stderr is not None
         line = p.stderr.readline()
-        m = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+        m = re.search(r"http://127\.0\.0\.1:(\d+)/ \(.*; sign-in required\)", line)
         assert m, line
         site = f"http://127.0.0.1:{m.group(1)}"
 
-        def status(host: str) -> int:
-            return http_raw(site, f"GET /api/fleet HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n")[0]
+        def status(host: str, path: str = "/api/session") -> int:
+            return http_raw(site, f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n")[0]
 
         assert [status(h) for h in ("fleet.example", "fleet.example:8443", f"127.0.0.1:{m.group(1)}")] == [200] * 3
+        assert status("fleet.example", "/api/fleet") == 401  # not signed in
         assert [status(h) for h in ("fleet.example:80", "evil.example", "other.example:8443")] == [421] * 3
     finally:
         p.terminate()
         p.communicate(timeout=30)
     assert p.returncode == 0
+
+
+@pytest.mark.parametrize("args", [["--allow-host", "fleet.example"], ["--host", "0.0.0.0"], ["--host", "::"],
+                                  ["--host", "fleet.example"]])
+def test_cli_web_refuses_to_serve_off_loopback_without_a_password(tmp_path: Path, args: list[str]) -> None:
+    """Off loopback (or answering a name a proxy forwards) without `[web] password_hash`: one line, exit 2, and
+    nothing listens (the refusal comes before the bind, so no address here is ever opened)."""
+    CloudDB(tmp_path / "cloud.sqlite").close()
+    (tmp_path / "cloud.toml").write_text('[db]\npath = "cloud.sqlite"\n')
+    r = subprocess.run([sys.executable, "-m", "cloud_sync", "web", "--config", str(tmp_path / "cloud.toml"),
+                        "--port", "0", *args], capture_output=True, text=True, timeout=60,
+                       env={"PYTHONPATH": str(Path(__file__).resolve().parent.parent), "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 2 and r.stdout == "", r
+    (line,) = r.stderr.splitlines()
+    assert line.startswith("cloud-sync: error: ") and "[web] password_hash is empty" in line, line
+    assert "hash-password" in line
+
+
+def test_hash_password_command_makes_a_hash_that_signs_in(tmp_path: Path) -> None:
+    """`cloud-sync hash-password` reads the password from a pipe and prints the config line; the hash checks the
+    password and no other, and a short password is refused in one line."""
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parent.parent), "PATH": "/usr/bin:/bin"}
+    r = subprocess.run([sys.executable, "-m", "cloud_sync", "hash-password"], input=PASSWORD + "\n",
+                       capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 0, r.stderr
+    m = re.fullmatch(r'password_hash = "(scrypt\$[^"]+)"\n', r.stdout)
+    assert m, r.stdout
+    assert PASSWORD not in r.stdout and check_password(PASSWORD, m.group(1))
+    assert not check_password(PASSWORD + " ", m.group(1)) and not check_password("", m.group(1))
+    assert m.group(1) != hash_password(PASSWORD)  # salted: the same password never gives the same hash
+    (tmp_path / "cloud.toml").write_text(f'[web]\n{r.stdout}')
+    assert load_config(tmp_path / "cloud.toml").web.password_hash == m.group(1)  # the line is valid config
+    r = subprocess.run([sys.executable, "-m", "cloud_sync", "hash-password"], input="short\n",
+                       capture_output=True, text=True, timeout=60, env=env)
+    assert (r.returncode, r.stderr) == (2, "cloud-sync: error: the password must be 10 to 1024 characters long\n")
 
 
 @pytest.fixture
@@ -268,6 +318,60 @@ def browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
         d.quit()
 
 
+def check_alert_plot(browser: Any, t0: float) -> None:
+    """v1's alert a1 as plotted: its one signal (a top feature: marked, first) with the unit from the vehicle's
+    signal table on the axis, all 500 points, the x axis fitted to the samples there are (T0+0.1..T0+99.9) around the
+    window the model saw (T0+20..T0+50, shaded on the canvas), and zooming by dragging across it."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    (plot,) = browser.find_elements(By.CSS_SELECTOR, "#detail div.plot")
+    assert (plot.get_attribute("data-signal"), plot.get_attribute("data-unit"), plot.get_attribute("data-points")) \
+        == ("ET1.EngCoolantTemp", "degC", "500")
+    assert "top" in plot.get_attribute("class").split()
+    assert plot.find_element(By.CSS_SELECTOR, ".plot-title").text.split("\n") == [
+        "ET1.EngCoolantTemp", "degC", "top feature 1 · contribution 0.40"]
+    lo, hi = map(float, plot.get_attribute("data-xrange").split(","))
+    assert (round(lo - t0, 1), round(hi - t0, 1)) == (0.1, 99.9)  # its samples are every other one from T0
+    x0, x1, top, _ = map(float, plot.get_attribute("data-window").split(","))
+    over = plot.find_element(By.CSS_SELECTOR, ".u-over")
+    width = over.size["width"]
+    assert width > 500 and over.size["height"] > 100  # rendered, not just in the DOM
+    # The window's place on the canvas follows the time axis: 20 s and 50 s into 99.9 s.
+    left = float(browser.execute_script("return arguments[0].getBoundingClientRect().left - "
+                                        "arguments[0].closest('.uplot').querySelector('canvas')"
+                                        ".getBoundingClientRect().left", over))
+    assert abs((x0 - left) / width - 20 / 99.9) < 0.01 and abs((x1 - left) / width - 50 / 99.9) < 0.01
+    # Shaded on the canvas inside the window, not outside it (pixels read back from the canvas).
+    rgb = browser.execute_script(  # one read of the row between both points (each read back costs a warning)
+        "const c = arguments[0].querySelector('canvas'), r = window.devicePixelRatio || 1;"
+        "const a = Math.round(arguments[1] * r), b = Math.round(arguments[2] * r);"
+        "const d = c.getContext('2d').getImageData(a, Math.round((arguments[3] + 3) * r), b - a + 1, 1).data;"
+        "return [Array.from(d.slice(0, 4)), Array.from(d.slice((b - a) * 4, (b - a) * 4 + 4))];",
+        plot, (x0 + x1) / 2, x1 + (x1 - x0), top)
+    inside, outside = rgb
+    assert inside[0] - inside[2] > 15 and abs(outside[0] - outside[2]) < 10, rgb
+    # Drag across the middle third: the x axis zooms in to it.
+    ActionChains(browser).move_to_element_with_offset(over, int(-width / 6), 0).click_and_hold() \
+        .move_by_offset(int(width / 3), 0).release().perform()
+    WebDriverWait(browser, 10).until(lambda d: plot.get_attribute("data-xrange") != f"{lo},{hi}")
+    zlo, zhi = map(float, plot.get_attribute("data-xrange").split(","))
+    assert lo + 25 < zlo < zhi < hi - 25 and 25 < zhi - zlo < 40, (zlo - t0, zhi - t0)
+
+
+def shoot(browser: Any, name: str) -> Path:
+    """A screenshot of the page as it stands, kept as a test artefact: $HARVESTER_TEST_ARTIFACTS, else
+    /tmp/harvester-test-artifacts (its path printed)."""
+    out = Path(os.environ.get("HARVESTER_TEST_ARTIFACTS", "/tmp/harvester-test-artifacts")) / "web"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.png"
+    browser.save_screenshot(str(path))
+    assert path.stat().st_size > 10_000  # a page, not a blank
+    print(f"screenshot: {path}")
+    return path
+
+
 def test_page_shows_fleet_and_alerts_and_plots_an_alert(site: str, browser: Any, tmp_path: Path) -> None:
     from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
@@ -303,7 +407,7 @@ def test_page_shows_fleet_and_alerts_and_plots_an_alert(site: str, browser: Any,
         ro_row.text
     assert f"v1 rejected ({HOSTILE})" in ro_row.find_element(By.CSS_SELECTOR, "td.failed").text
     # The markup id stayed text: shown verbatim, no element made of it, nothing ran.
-    assert browser.execute_script("return window.pwned === undefined && document.scripts.length === 1")
+    assert browser.execute_script("return window.pwned === undefined && document.scripts.length === 3")
     assert not browser.find_elements(By.CSS_SELECTOR, "table#fleet script, table#rollouts script")
     alerts = browser.find_elements(By.CSS_SELECTOR, "table#alerts tbody tr")
     by_id = {(r.get_attribute("data-vehicle"), r.get_attribute("data-seq")): r.text for r in alerts}
@@ -312,25 +416,15 @@ def test_page_shows_fleet_and_alerts_and_plots_an_alert(site: str, browser: Any,
     assert by_id[(HOSTILE, "12")].startswith("?")  # the malformed record's row is there, its time unknown
 
     next(r for r in alerts if r.get_attribute("data-vehicle") == "v1").click()
-    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#detail svg.plot polyline"))
-    plot = browser.find_element(By.CSS_SELECTOR, "#detail svg.plot")
-    assert plot.get_attribute("data-signal") == "ET1.EngCoolantTemp"
-    points = browser.find_element(By.CSS_SELECTOR, "#detail svg.plot polyline").get_attribute("points").split()
-    assert len(points) == 500
-    xs = [float(p.split(",")[0]) for p in points]
-    ys = {float(p.split(",")[1]) for p in points}
-    assert xs == sorted(xs) and xs[-1] - xs[0] > 100 and len(ys) > 50  # a real line across the plot, in time order
-    shade = browser.find_element(By.CSS_SELECTOR, "#detail svg.plot rect.window")
-    assert float(shade.get_attribute("width")) > 10
-    assert plot.size["width"] > 500 and plot.size["height"] > 100  # rendered, not just in the DOM
-    browser.save_screenshot(str(tmp_path / "fleet.png"))
-    assert (tmp_path / "fleet.png").stat().st_size > 10_000
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#detail div.plot canvas"))
+    check_alert_plot(browser, T0)
+    shoot(browser, "fleet")
 
     # The malformed alert opens too, with a message instead of plots.
     next(r for r in browser.find_elements(By.CSS_SELECTOR, "table#alerts tbody tr")
          if r.get_attribute("data-seq") == "12").click()
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#detail p.empty"))
-    assert not browser.find_elements(By.CSS_SELECTOR, "#detail svg.plot")
+    assert not browser.find_elements(By.CSS_SELECTOR, "#detail div.plot")
 
     # Filtering goes back to the server and redraws.
     Select(browser.find_element(By.ID, "f-state")).select_by_visible_text("closed")
@@ -556,7 +650,7 @@ def test_page_records_a_verdict_and_a_breakdown_and_shows_quality(site: str, bro
     # The page's POSTs carried its Origin (they were taken); the only console errors are the refusals' 400s.
     errors = [e["message"] for e in browser.get_log("browser") if e.get("level") in ("SEVERE", "WARNING")]
     assert errors and all("status of 400" in m for m in errors), errors
-    browser.save_screenshot(str(tmp_path / "learning.png"))
+    shoot(browser, "learning")
 
 
 def test_a_forged_cross_origin_post_from_another_site_is_refused(site: str, browser: Any, tmp_path: Path) -> None:
