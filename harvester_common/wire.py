@@ -73,14 +73,15 @@ MAGIC = b"HV"
 WIRE_VERSION = 1
 SCHEMA_VERSION = 1
 CODEC_NONE = 0
-CODEC_ZSTD = 1  # zstd, level 3: what every agent before CODEC_ZSTD_D1 sent; decoded for ever
-CODEC_ZSTD_D1 = 2  # zstd with the dictionary ZSTD_DICT_D1, magicless frames (what today's agent sends)
-ZSTD_LEVEL = 3  # the level of a large body (a backlog's batch), and of every CODEC_ZSTD message
-# A small body (the steady state: one 10 s segment, a few KiB) is compressed at ZSTD_LEVEL_SMALL: ~1 ms for 8 KiB on
-# the vehicle every 10 s, 8 % fewer bytes than level 3. Past ZSTD_SMALL_BODY (a backlog drained in MiB batches),
-# level 19 would cost ~0.1 s a MiB of the vehicle's CPU for ~3 %, so ZSTD_LEVEL.
-ZSTD_LEVEL_SMALL = 19
-ZSTD_SMALL_BODY = 128 * 1024
+CODEC_ZSTD = 1  # zstd at ZSTD_LEVEL: what agents before CODEC_ZSTD_D1 sent, and today's for a large body
+CODEC_ZSTD_D1 = 2  # zstd at ZSTD_LEVEL_D1 with the dictionary ZSTD_DICT_D1, magicless frames: a small body
+ZSTD_LEVEL = 3
+# A body up to ZSTD_SMALL_BODY (the steady state: one 10 s segment, ~8 KiB) goes as CODEC_ZSTD_D1: the dictionary
+# and level 19 take 16 % off level 3 alone on the real traces, for ~1 ms of the vehicle's CPU every 10 s. A larger
+# one (a backlog drained in big batches) goes as CODEC_ZSTD, as before: there the dictionary no longer helps (past
+# ~100 KiB it costs a few %), and level 19 would cost ~0.1 s a MiB of the vehicle's CPU.
+ZSTD_LEVEL_D1 = 19
+ZSTD_SMALL_BODY = 64 * 1024
 # CODEC_ZSTD_D1's dictionary (zstd "raw content": earlier text the compressor may refer back to). A 10 s batch is
 # a few KiB, too small for zstd to learn the header's keys from itself, so the keys are here, in the order
 # encode_batch writes them (the samples segment of steady state last: the nearest, cheapest to refer to). These
@@ -743,12 +744,13 @@ def split_columns(cols: SampleColumns) -> list[SampleColumns]:
 
 
 def encode_batch(batch: Batch, compress: bool = True, known_tables: Container[str] = (),
-                 codec: int = CODEC_ZSTD_D1) -> bytes:
-    """The message of `batch`, its body compressed as `codec` says (none without `compress`). A samples segment
+                 codec: int | None = None) -> bytes:
+    """The message of `batch`, its body compressed as `codec` says (none without `compress`; by default the codec
+    for its size, `body_codec`). A samples segment
     whose signal table's digest is in `known_tables` (tables the receiver confirmed it stores) carries
     `table: digest` instead of the table; `batch.tables` and `batch.referenced` are set to what the message
     carries."""
-    if codec not in (CODEC_NONE, CODEC_ZSTD, CODEC_ZSTD_D1):
+    if codec not in (None, CODEC_NONE, CODEC_ZSTD, CODEC_ZSTD_D1):
         raise ValueError(f"no encoder for codec {codec}")
     segs: list[dict[str, Any]] = []
     blobs: list[bytes] = []
@@ -796,6 +798,8 @@ def encode_batch(batch: Batch, compress: bool = True, known_tables: Container[st
         raise LimitError(f"body of {len(body)} bytes, more than {MAX_DECOMPRESSED_BYTES}")
     if not compress:
         codec = CODEC_NONE
+    elif codec is None:
+        codec = body_codec(len(body))
     out = _PREFIX.pack(MAGIC, WIRE_VERSION, codec) + _compress(body, codec)
     if len(out) > MAX_MESSAGE_BYTES:
         raise LimitError(f"message of {len(out)} bytes, more than {MAX_MESSAGE_BYTES}")
@@ -805,9 +809,9 @@ def encode_batch(batch: Batch, compress: bool = True, known_tables: Container[st
 _DICT_D1 = zstandard.ZstdCompressionDict(ZSTD_DICT_D1, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
 
 
-def zstd_level(body_len: int) -> int:
-    """The level a CODEC_ZSTD_D1 body of `body_len` bytes is compressed at."""
-    return ZSTD_LEVEL_SMALL if body_len <= ZSTD_SMALL_BODY else ZSTD_LEVEL
+def body_codec(body_len: int) -> int:
+    """The codec a body of `body_len` bytes is sent with (ZSTD_SMALL_BODY says why)."""
+    return CODEC_ZSTD_D1 if body_len <= ZSTD_SMALL_BODY else CODEC_ZSTD
 
 
 def _compress(body: bytes, codec: int) -> bytes:
@@ -818,7 +822,7 @@ def _compress(body: bytes, codec: int) -> bytes:
     # Magicless (the prefix says it is zstd already) and without a checksum (MQTT runs over TCP/TLS, and the
     # decoded columns are checked); the content size stays, so that a decoder's window is the body's size.
     params = zstandard.ZstdCompressionParameters.from_level(
-        zstd_level(len(body)), source_size=len(body), format=zstandard.FORMAT_ZSTD1_MAGICLESS,
+        ZSTD_LEVEL_D1, source_size=len(body), format=zstandard.FORMAT_ZSTD1_MAGICLESS,
         write_content_size=1, write_checksum=0, write_dict_id=0)
     return zstandard.ZstdCompressor(dict_data=_DICT_D1, compression_params=params).compress(body)
 
