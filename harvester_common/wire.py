@@ -2,11 +2,11 @@
 
 A message is `MAGIC | version u8 | codec u8 | body`, where body is `header_len u32le | header JSON | blob`, sent as
 the codec says: 0 as it is; 1 (CODEC_ZSTD, what agents before codec 2 sent) a zstd frame; 2 (CODEC_ZSTD_D1) a
-magicless zstd frame made with the dictionary ZSTD_DICT_D1, whose bytes are part of the protocol. A receiver
-decodes all three for ever and refuses any other codec (receivers that predate codec 2 refuse it as unknown).
-The header carries schema version, fleet, vehicle, batch id and the sequence range; each segment in it is either
-a JSON record (alert, event) or a columnar block of samples whose columns sit in the blob at the offset the header
-gives.
+magicless zstd frame made with the dictionary ZSTD_DICT_D1 (wiredict.py), whose bytes are part of the protocol.
+A receiver decodes all three for ever and refuses any other codec (receivers that predate codec 2 refuse it as
+unknown). The header carries schema version, fleet, vehicle, batch id and the sequence range; each segment in it
+is either a JSON record (alert, event) or a columnar block of samples whose columns sit in the blob at the offset
+the header gives.
 
 A samples segment holds n samples in sequence order (sample i has sequence number seq_lo + i) and a `signals`
 table; its header field `enc` names the layout of its columns. A receiver decodes both layouts below for ever
@@ -69,6 +69,8 @@ import numpy as np
 import numpy.typing as npt
 import zstandard
 
+from harvester_common import wiredict
+
 MAGIC = b"HV"
 WIRE_VERSION = 1
 SCHEMA_VERSION = 1
@@ -78,25 +80,15 @@ CODEC_ZSTD_D1 = 2  # zstd at ZSTD_LEVEL_D1 with the dictionary ZSTD_DICT_D1, mag
 ZSTD_LEVEL = 3
 # A body up to ZSTD_SMALL_BODY (the steady state: one 10 s segment, ~8 KiB) goes as CODEC_ZSTD_D1: the dictionary
 # and level 19 take 16 % off level 3 alone on the real traces, for ~1 ms of the vehicle's CPU every 10 s. A larger
-# one (a backlog drained in big batches) goes as CODEC_ZSTD, as before: there the dictionary no longer helps (past
-# ~100 KiB it costs a few %), and level 19 would cost ~0.1 s a MiB of the vehicle's CPU.
+# one (a backlog drained in big batches) goes as CODEC_ZSTD, as before: there the dictionary no longer pays (about
+# nothing at 200 KiB, +2 % at 450 KiB), and level 19 would cost ~0.1 s a MiB of the vehicle's CPU.
 ZSTD_LEVEL_D1 = 19
 ZSTD_SMALL_BODY = 64 * 1024
-# CODEC_ZSTD_D1's dictionary (zstd "raw content": earlier text the compressor may refer back to). A 10 s batch is
-# a few KiB, too small for zstd to learn the header's keys from itself, so the keys are here, in the order
-# encode_batch writes them (the samples segment of steady state last: the nearest, cheapest to refer to). These
+# CODEC_ZSTD_D1's dictionary: zstd's own trainer's output (entropy tables and content) from J1939 traces the
+# benchmarks do not measure (bench/wire_dictionary.py). A 10 s batch is a few KiB, too small for zstd to learn the
+# header's keys, the J1939 names of a signal table or the statistics of the columns from the message itself. Its
 # bytes are part of the protocol: never edit them; a new dictionary is a new codec number.
-ZSTD_DICT_D1 = (
-    b'{"kind":"alert","seq_lo":1,"seq_hi":1,"record":{"alert_id":"","state":"open","model":"","model_version":"",'
-    b'"score":0.0,"threshold":0.0,"window_start":0.0,"window_end":0.0,"ts":0.0,"label":"","top_features":[],'
-    b'"snapshot":{},"reason":"","features_present":[]}},{"kind":"event","seq_lo":1,"seq_hi":1,"record":{"kind":'
-    b'"dtc_open","ts":0.0,"data":{"source":"can0/00","sa":0,"spn":0,"fmi":0,"occurrence":1,"mil":0,"red_stop":0,'
-    b'"amber_warning":0,"protect":0,"spn_name":"","fmi_text":"","text":""}}},{"kind":"samples","seq_lo":1,'
-    b'"seq_hi":1,"enc":2,"n":1,"t0_us":0,"signals":[["","can0/00","",1,0],["","gps",""]],"offset":0,"length":0}],'
-    b'"extra":{"backfill_from":1}}{"schema":1,"fleet":"","vehicle":"","batch":0,"seq_lo":1,"seq_hi":1,'
-    b'"sent_at":0.0,"segments":[{"kind":"samples","seq_lo":1,"seq_hi":1,"enc":2,"n":1,"t0_us":0,"table":"",'
-    b'"offset":0,"length":0}]}'
-)
+ZSTD_DICT_D1 = wiredict.D1
 # A samples segment's column layout, its header's `enc` (absent: ENC_V1, what agents before it wrote; a receiver
 # decodes both, for ever, and refuses any other).
 ENC_V1 = 1  # float64 bits XOR-ed, timestamp deltas, a signal index per sample
@@ -806,7 +798,7 @@ def encode_batch(batch: Batch, compress: bool = True, known_tables: Container[st
     return out
 
 
-_DICT_D1 = zstandard.ZstdCompressionDict(ZSTD_DICT_D1, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+_DICT_D1 = zstandard.ZstdCompressionDict(ZSTD_DICT_D1, dict_type=zstandard.DICT_TYPE_FULLDICT)
 
 
 def body_codec(body_len: int) -> int:

@@ -31,7 +31,7 @@ def header(payload: bytes) -> dict[str, object]:
     if payload[3] == wire.CODEC_ZSTD:
         body = zstandard.ZstdDecompressor().decompressobj().decompress(payload[4:])
     elif payload[3] == wire.CODEC_ZSTD_D1:  # magicless zstd with the protocol's dictionary (its bytes)
-        d = zstandard.ZstdCompressionDict(wire.ZSTD_DICT_D1, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+        d = zstandard.ZstdCompressionDict(wire.ZSTD_DICT_D1)
         dz = zstandard.ZstdDecompressor(dict_data=d, format=zstandard.FORMAT_ZSTD1_MAGICLESS)
         body = dz.decompressobj().decompress(payload[4:])
     else:
