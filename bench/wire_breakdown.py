@@ -2,7 +2,7 @@
 connected uplink sends them in steady state), each message taken apart into its framing, every header field, the
 signal table and every column of its ENC_V2 blob.
 
-    bench/wire_breakdown.py [--codec 1|2] [--per-trace]
+    python bench/wire_breakdown.py [--codec 1|2] [--per-trace]
 
 Each part's compressed cost is what it adds to the compressed body, given everything written before it:
 z(parts[:k+1]) - z(parts[:k]), z being the codec's compressor and z(nothing) the frame's own bytes. So the parts

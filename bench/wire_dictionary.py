@@ -1,7 +1,7 @@
 """How harvester_common/wiredict.py (codec 2's dictionary, D1) was made; kept so that the making can be checked.
 
-    bench/wire_dictionary.py           # train and print the dictionary's SHA-256 and size
-    bench/wire_dictionary.py --write   # (re)write harvester_common/wiredict.py: ONLY for a NEW codec number
+    python bench/wire_dictionary.py           # train and print the dictionary's SHA-256 and size
+    python bench/wire_dictionary.py --write   # (re)write harvester_common/wiredict.py: ONLY for a NEW codec number
 
 Trained with zstd's own trainer (fastCover) on the bodies of steady-state messages made from the CSS Electronics
 CANedge truck traces (../shared/data/can/css_canedge), never from the John Deere traces that wire_bytes_per_sample
