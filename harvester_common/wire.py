@@ -79,7 +79,7 @@ CODEC_ZSTD = 1  # zstd at ZSTD_LEVEL: what agents before CODEC_ZSTD_D1 sent, and
 CODEC_ZSTD_D1 = 2  # zstd at ZSTD_LEVEL_D1 with the dictionary ZSTD_DICT_D1, magicless frames: a small body
 ZSTD_LEVEL = 3
 # A body up to ZSTD_SMALL_BODY (the steady state: one 10 s segment, ~8 KiB) goes as CODEC_ZSTD_D1: the dictionary
-# and level 19 take 16 % off level 3 alone on the real traces, for ~1 ms of the vehicle's CPU every 10 s. A larger
+# and level 19 take 20 % off CODEC_ZSTD on the real traces, for ~1 ms of the vehicle's CPU every 10 s. A larger
 # one (a backlog drained in big batches) goes as CODEC_ZSTD, as before: there the dictionary no longer pays (about
 # nothing at 200 KiB, +2 % at 450 KiB), and level 19 would cost ~0.1 s a MiB of the vehicle's CPU.
 ZSTD_LEVEL_D1 = 19
@@ -738,10 +738,9 @@ def split_columns(cols: SampleColumns) -> list[SampleColumns]:
 def encode_batch(batch: Batch, compress: bool = True, known_tables: Container[str] = (),
                  codec: int | None = None) -> bytes:
     """The message of `batch`, its body compressed as `codec` says (none without `compress`; by default the codec
-    for its size, `body_codec`). A samples segment
-    whose signal table's digest is in `known_tables` (tables the receiver confirmed it stores) carries
-    `table: digest` instead of the table; `batch.tables` and `batch.referenced` are set to what the message
-    carries."""
+    for its size, `body_codec`). A samples segment whose signal table's digest is in `known_tables` (tables the
+    receiver confirmed it stores) carries `table: digest` instead of the table; `batch.tables` and
+    `batch.referenced` are set to what the message carries."""
     if codec not in (None, CODEC_NONE, CODEC_ZSTD, CODEC_ZSTD_D1):
         raise ValueError(f"no encoder for codec {codec}")
     segs: list[dict[str, Any]] = []
