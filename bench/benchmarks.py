@@ -93,8 +93,8 @@ def ingest_frames_per_s_real_traces() -> Figure:
     return _ingest_figure(_trace_files(), "the 44 real John Deere 5055E logs")
 
 
-def _decoded_trace_samples(files: list[Path]) -> list[tuple[Any, Any, Any, Any]]:
-    """(registry, ts, sid, value) per log, decoded by the agent's own decoder and sorted by time."""
+def _decoded_trace_samples(files: list[Path]) -> list[tuple[Path, Any, Any, Any, Any]]:
+    """(log, registry, ts, sid, value) per log that decodes to anything, by the agent's own decoder, by time."""
     import can
     import numpy as np
 
@@ -109,7 +109,30 @@ def _decoded_trace_samples(files: list[Path]) -> list[tuple[Any, Any, Any, Any]]
         r = dec.decode(FrameBatch.from_messages(list(can.LogReader(str(f))), "can0")).samples
         if len(r):
             o = np.argsort(r.ts, kind="stable")
-            out.append((reg, r.ts[o], r.sid[o], r.value[o]))
+            out.append((f, reg, r.ts[o], r.sid[o], r.value[o]))
+    return out
+
+
+def ten_second_batches() -> list[tuple[Path, Any]]:
+    """(log, columns) of each 10 s batch of the real traces, as the vehicle's writer makes a segment of them (the
+    batches wire_bytes_per_sample sends; bench/wire_breakdown.py takes them apart)."""
+    import numpy as np
+
+    from agent.records import SampleArrays
+    from agent.writer import SampleBuffer
+
+    out = []
+    for f, reg, ts, sid, val in _decoded_trace_samples(_trace_files()):
+        edges = np.arange(ts[0], ts[-1] + 10.0, 10.0)
+        for a, b in itertools.pairwise(edges):
+            sel = (ts >= a) & (ts < b)
+            if not sel.any():
+                continue
+            buf = SampleBuffer(reg)
+            buf.add(SampleArrays(ts[sel], sid[sel], val[sel]))
+            cols = buf.take()
+            assert cols is not None
+            out.append((f, cols))
     return out
 
 
@@ -145,52 +168,62 @@ def wire_bytes_per_sample() -> Figure:
     connected uplink sends them in steady state: a signal table goes in full until the cloud has confirmed storing
     it, by reference after (the cloud's side simulated here as the receiver does it: the tables each batch carried
     are stored and confirmed before the next batch, the traces played one after the other as one vehicle);
-    baseline: what a user would pick instead for the same batches, zstd-compressed JSON lines (same zstd level as
-    ours); Parquet with zstd (pyarrow) beside it. Cold: every batch with its full table (a cloud that holds none)."""
+    baseline: what a user would pick instead for the same batches, zstd-compressed JSON lines at the level our
+    small messages use (ZSTD_LEVEL_D1; at zstd's default level 3 beside it); Parquet with zstd (pyarrow) beside
+    it. Cold: every batch with its full table (a cloud that holds none)."""
     import numpy as np
     import zstandard
 
-    from agent.records import SampleArrays
-    from agent.writer import SampleBuffer
     from harvester_common import wire
 
-    zc = zstandard.ZstdCompressor(level=wire.ZSTD_LEVEL)
-    ours = cold = jsonl_zstd = jsonl_raw = parquet = n = batches = as_int = full_batches = ref_bytes = ref_n = 0
+    # The baseline at the level our small messages use (the stricter comparison), and at zstd's default beside it.
+    zc = zstandard.ZstdCompressor(level=wire.ZSTD_LEVEL_D1)
+    zc3 = zstandard.ZstdCompressor(level=3)
+    ours = cold = jsonl_zstd = jsonl_zstd3 = jsonl_raw = parquet = n = batches = as_int = full_batches = 0
+    ref_bytes = ref_n = 0
+    codec1 = vehicle_like = vehicle_like1 = 0
     first_batch: tuple[int, int] | None = None  # (bytes, samples) of the very first batch, necessarily cold
     cloud: dict[str, list[Any]] = {}  # the receiver's (vehicle, digest) -> table, for this one vehicle
-    for reg, ts, sid, val in _decoded_trace_samples(_trace_files()):
-        edges = np.arange(ts[0], ts[-1] + 10.0, 10.0)
-        for a, b in itertools.pairwise(edges):
-            sel = (ts >= a) & (ts < b)
-            if not sel.any():
-                continue
-            buf = SampleBuffer(reg)
-            buf.add(SampleArrays(ts[sel], sid[sel], val[sel]))
-            cols = buf.take()
-            assert cols is not None
-            head, blob = wire.encode_columns(cols)
-            # samples whose signal went as raw integers (a 5-element entry in the table), not as float bits
-            as_int += int(np.array([len(e) == 5 for e in head["signals"]])[cols.sig].sum())
-            seg = wire.Segment("samples", n + 1, n + len(cols), encoded=(head, blob))
-            batch = wire.Batch("fleet-1", "harvester-0001", batches, [seg])
-            msg = wire.encode_batch(batch, known_tables=cloud)
-            full_batches += 1 if batch.tables else 0
-            if not batch.tables:
-                ref_bytes, ref_n = ref_bytes + len(msg), ref_n + len(cols)
-            got = wire.decode_batch(msg, tables=cloud.get)
-            cloud.update(got.tables)  # stored and listed in the ack: referenced from the next batch on
-            back = got.segments[0].columns
-            assert back is not None and np.array_equal(back.value.view(np.uint64), cols.value.view(np.uint64))
-            ours += len(msg)
-            cold += len(wire.encode_batch(wire.Batch("fleet-1", "harvester-0001", batches, [seg])))
-            if first_batch is None:
-                first_batch = (len(msg), len(cols))
-            lines = _json_lines(cols)
-            jsonl_raw += len(lines)
-            jsonl_zstd += len(zc.compress(lines))
-            parquet += len(_parquet_zstd(cols))
-            n += len(cols)
-            batches += 1
+    for _, cols in ten_second_batches():
+        head, blob = wire.encode_columns(cols)
+        # samples whose signal went as raw integers (a 5-element entry in the table), not as float bits
+        as_int += int(np.array([len(e) == 5 for e in head["signals"]])[cols.sig].sum())
+        seg = wire.Segment("samples", n + 1, n + len(cols), encoded=(head, blob))
+        batch = wire.Batch("fleet-1", "harvester-0001", batches, [seg])
+        msg = wire.encode_batch(batch, known_tables=cloud)
+        full_batches += 1 if batch.tables else 0
+        if not batch.tables:
+            ref_bytes, ref_n = ref_bytes + len(msg), ref_n + len(cols)
+        got = wire.decode_batch(msg, tables=cloud.get)
+        cloud.update(got.tables)  # stored and listed in the ack: referenced from the next batch on
+        back = got.segments[0].columns
+        assert back is not None and np.array_equal(back.value.view(np.uint64), cols.value.view(np.uint64))
+        ours += len(msg)
+        # The same message as agents before codec 2 sent it (zstd level 3, no dictionary), in this run.
+        codec1 += len(wire.encode_batch(wire.Batch("fleet-1", "harvester-0001", batches, [seg]),
+                                        known_tables=cloud.keys() - batch.tables.keys(), codec=wire.CODEC_ZSTD))
+        # With header values as a vehicle's uplink writes them (the numbers above are small): sequence numbers from
+        # the store's microsecond floor, batch ids from a millisecond clock, sent_at, backfill_from.
+        lo = 1_764_000_000_000_000 + n + 1
+        real_seg = wire.Segment("samples", lo, lo + len(cols) - 1, encoded=(head, blob))
+        for codec in (None, wire.CODEC_ZSTD):
+            real = wire.Batch("fleet-1", "harvester-0001", 1_764_000_000_123 + 10_000 * batches, [real_seg],
+                              1_764_000_000.123456 + 10 * batches, extra={"backfill_from": lo + len(cols)})
+            size = len(wire.encode_batch(real, known_tables=cloud.keys() - batch.tables.keys(), codec=codec))
+            if codec is None:
+                vehicle_like += size
+            else:
+                vehicle_like1 += size
+        cold += len(wire.encode_batch(wire.Batch("fleet-1", "harvester-0001", batches, [seg])))
+        if first_batch is None:
+            first_batch = (len(msg), len(cols))
+        lines = _json_lines(cols)
+        jsonl_raw += len(lines)
+        jsonl_zstd += len(zc.compress(lines))
+        jsonl_zstd3 += len(zc3.compress(lines))
+        parquet += len(_parquet_zstd(cols))
+        n += len(cols)
+        batches += 1
     assert first_batch is not None
     v, base = ours / n, jsonl_zstd / n
     return Figure(v, "bytes/sample", base, v / base,
@@ -200,14 +233,22 @@ def wire_bytes_per_sample() -> Figure:
                   f"had confirmed ({ref_bytes / max(ref_n, 1):.3f} B/sample in those alone); "
                   f"{100 * as_int / n:.1f} % of samples sent as raw integers, the rest as float bits; "
                   f"values bit-identical after decoding; cold (every table in full) {cold / n:.3f} B, the first "
-                  f"batch {first_batch[0]} bytes for {first_batch[1]} samples; baseline zstd JSON lines {base:.3f} B; "
+                  f"batch {first_batch[0]} bytes for {first_batch[1]} samples; codec {wire.CODEC_ZSTD_D1} (zstd level "
+                  f"{wire.ZSTD_LEVEL_D1} with dictionary D1); baseline zstd JSON lines {base:.3f} B at level "
+                  f"{wire.ZSTD_LEVEL_D1} ({jsonl_zstd3 / n:.3f} B at level 3: ours = {v / (jsonl_zstd3 / n):.3f} "
+                  f"of it); "
                   f"Parquet+zstd {parquet / n:.3f} B (ours = {v / (parquet / n):.3f} of it); uncompressed JSON lines "
-                  f"{jsonl_raw / n:.1f} B",
+                  f"{jsonl_raw / n:.1f} B; as agents before codec 2 sent the same batches (codec 1) {codec1 / n:.4f} B;"
+                  f" with a vehicle's header values {vehicle_like / n:.4f} B ({vehicle_like1 / n:.4f} B as codec 1)",
                   {"samples": n, "batches": batches, "full_table_batches": full_batches, "tables": len(cloud),
                    "referenced_bytes_per_sample": ref_bytes / max(ref_n, 1),
                    "cold_bytes_per_sample": cold / n, "first_batch_bytes": first_batch[0],
                    "first_batch_samples": first_batch[1], "parquet_zstd_bytes_per_sample": parquet / n,
                    "ratio_to_parquet_zstd": v / (parquet / n), "json_lines_bytes_per_sample": jsonl_raw / n,
+                   "json_lines_zstd3_bytes_per_sample": jsonl_zstd3 / n,
+                   "ratio_to_json_lines_zstd3": v / (jsonl_zstd3 / n),
+                   "codec1_bytes_per_sample": codec1 / n, "vehicle_header_bytes_per_sample": vehicle_like / n,
+                   "vehicle_header_codec1_bytes_per_sample": vehicle_like1 / n,
                    "raw_integer_share": as_int / n})
 
 

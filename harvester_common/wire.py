@@ -1,9 +1,12 @@
 """The wire format between vehicle and cloud (docs/protocol.md), shared by `agent` and `cloud_sync`.
 
-A message is `MAGIC | version u8 | codec u8 | body`, where body (zstd-compressed when codec is 1) is
-`header_len u32le | header JSON | blob`. The header carries schema version, fleet, vehicle, batch id and the
-sequence range; each segment in it is either a JSON record (alert, event) or a columnar block of samples whose
-columns sit in the blob at the offset the header gives.
+A message is `MAGIC | version u8 | codec u8 | body`, where body is `header_len u32le | header JSON | blob`, sent as
+the codec says: 0 as it is; 1 (CODEC_ZSTD, what agents before codec 2 sent) a zstd frame; 2 (CODEC_ZSTD_D1) a
+magicless zstd frame made with the dictionary ZSTD_DICT_D1 (wiredict.py), whose bytes are part of the protocol.
+A receiver decodes all three for ever and refuses any other codec (receivers that predate codec 2 refuse it as
+unknown). The header carries schema version, fleet, vehicle, batch id and the sequence range; each segment in it
+is either a JSON record (alert, event) or a columnar block of samples whose columns sit in the blob at the offset
+the header gives.
 
 A samples segment holds n samples in sequence order (sample i has sequence number seq_lo + i) and a `signals`
 table; its header field `enc` names the layout of its columns. A receiver decodes both layouts below for ever
@@ -66,12 +69,26 @@ import numpy as np
 import numpy.typing as npt
 import zstandard
 
+from harvester_common import wiredict
+
 MAGIC = b"HV"
 WIRE_VERSION = 1
 SCHEMA_VERSION = 1
 CODEC_NONE = 0
-CODEC_ZSTD = 1
+CODEC_ZSTD = 1  # zstd at ZSTD_LEVEL: what agents before CODEC_ZSTD_D1 sent, and today's for a large body
+CODEC_ZSTD_D1 = 2  # zstd at ZSTD_LEVEL_D1 with the dictionary ZSTD_DICT_D1, magicless frames: a small body
 ZSTD_LEVEL = 3
+# A body up to ZSTD_SMALL_BODY (the steady state: one 10 s segment, ~8 KiB) goes as CODEC_ZSTD_D1: the dictionary
+# and level 19 take 20 % off CODEC_ZSTD on the real traces, for ~1 ms of the vehicle's CPU every 10 s. A larger
+# one (a backlog drained in big batches) goes as CODEC_ZSTD, as before: there the dictionary no longer pays (about
+# nothing at 200 KiB, +2 % at 450 KiB), and level 19 would cost ~0.1 s a MiB of the vehicle's CPU.
+ZSTD_LEVEL_D1 = 19
+ZSTD_SMALL_BODY = 64 * 1024
+# CODEC_ZSTD_D1's dictionary: zstd's own trainer's output (entropy tables and content) from J1939 traces the
+# benchmarks do not measure (bench/wire_dictionary.py). A 10 s batch is a few KiB, too small for zstd to learn the
+# header's keys, the J1939 names of a signal table or the statistics of the columns from the message itself. Its
+# bytes are part of the protocol: never edit them; a new dictionary is a new codec number.
+ZSTD_DICT_D1 = wiredict.D1
 # A samples segment's column layout, its header's `enc` (absent: ENC_V1, what agents before it wrote; a receiver
 # decodes both, for ever, and refuses any other).
 ENC_V1 = 1  # float64 bits XOR-ed, timestamp deltas, a signal index per sample
@@ -718,10 +735,14 @@ def split_columns(cols: SampleColumns) -> list[SampleColumns]:
     return out
 
 
-def encode_batch(batch: Batch, compress: bool = True, known_tables: Container[str] = ()) -> bytes:
-    """The message of `batch`. A samples segment whose signal table's digest is in `known_tables` (tables the
+def encode_batch(batch: Batch, compress: bool = True, known_tables: Container[str] = (),
+                 codec: int | None = None) -> bytes:
+    """The message of `batch`, its body compressed as `codec` says (none without `compress`; by default the codec
+    for its size, `body_codec`). A samples segment whose signal table's digest is in `known_tables` (tables the
     receiver confirmed it stores) carries `table: digest` instead of the table; `batch.tables` and
     `batch.referenced` are set to what the message carries."""
+    if codec not in (None, CODEC_NONE, CODEC_ZSTD, CODEC_ZSTD_D1):
+        raise ValueError(f"no encoder for codec {codec}")
     segs: list[dict[str, Any]] = []
     blobs: list[bytes] = []
     offset = 0
@@ -766,13 +787,35 @@ def encode_batch(batch: Batch, compress: bool = True, known_tables: Container[st
     body = _U32.pack(len(hj)) + hj + b"".join(blobs)
     if len(body) > MAX_DECOMPRESSED_BYTES:
         raise LimitError(f"body of {len(body)} bytes, more than {MAX_DECOMPRESSED_BYTES}")
-    if compress:
-        out = _PREFIX.pack(MAGIC, WIRE_VERSION, CODEC_ZSTD) + zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(body)
-    else:
-        out = _PREFIX.pack(MAGIC, WIRE_VERSION, CODEC_NONE) + body
+    if not compress:
+        codec = CODEC_NONE
+    elif codec is None:
+        codec = body_codec(len(body))
+    out = _PREFIX.pack(MAGIC, WIRE_VERSION, codec) + _compress(body, codec)
     if len(out) > MAX_MESSAGE_BYTES:
         raise LimitError(f"message of {len(out)} bytes, more than {MAX_MESSAGE_BYTES}")
     return out
+
+
+_DICT_D1 = zstandard.ZstdCompressionDict(ZSTD_DICT_D1, dict_type=zstandard.DICT_TYPE_FULLDICT)
+
+
+def body_codec(body_len: int) -> int:
+    """The codec a body of `body_len` bytes is sent with (ZSTD_SMALL_BODY says why)."""
+    return CODEC_ZSTD_D1 if body_len <= ZSTD_SMALL_BODY else CODEC_ZSTD
+
+
+def _compress(body: bytes, codec: int) -> bytes:
+    if codec == CODEC_NONE:
+        return body
+    if codec == CODEC_ZSTD:
+        return zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(body)
+    # Magicless (the prefix says it is zstd already) and without a checksum (MQTT runs over TCP/TLS, and the
+    # decoded columns are checked); the content size stays, so that a decoder's window is the body's size.
+    params = zstandard.ZstdCompressionParameters.from_level(
+        ZSTD_LEVEL_D1, source_size=len(body), format=zstandard.FORMAT_ZSTD1_MAGICLESS,
+        write_content_size=1, write_checksum=0, write_dict_id=0)
+    return zstandard.ZstdCompressor(dict_data=_DICT_D1, compression_params=params).compress(body)
 
 
 def _inflate(payload: bytes, max_bytes: int, truncate: bool = False) -> bytes:
@@ -792,11 +835,17 @@ def _inflate(payload: bytes, max_bytes: int, truncate: bool = False) -> bytes:
                 return data[:max_bytes]
             raise WireError(f"message body past {max_bytes} bytes")
         return data
-    if codec != CODEC_ZSTD:
+    if codec == CODEC_ZSTD:
+        dz = zstandard.ZstdDecompressor(max_window_size=MAX_DECOMPRESSED_BYTES)
+    elif codec == CODEC_ZSTD_D1:
+        dz = zstandard.ZstdDecompressor(dict_data=_DICT_D1, max_window_size=MAX_DECOMPRESSED_BYTES,
+                                        format=zstandard.FORMAT_ZSTD1_MAGICLESS)
+    else:
         raise WireError(f"unknown codec {codec}")
     try:
-        # Stream in chunks so the size cap holds even when the frame does not declare its content size.
-        reader = zstandard.ZstdDecompressor().stream_reader(data)
+        # Stream in chunks so the size cap holds even when the frame does not declare its content size; the
+        # window cap keeps a forged frame from making the decoder reserve more than the body could be.
+        reader = dz.stream_reader(data)
         chunks: list[bytes] = []
         total = 0
         while True:

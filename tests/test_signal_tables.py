@@ -28,7 +28,14 @@ from tests.test_uplink import wait_for
 
 def header(payload: bytes) -> dict[str, object]:
     """A message's header JSON, read here without the wire module (what is really on the wire)."""
-    body = zstandard.ZstdDecompressor().decompressobj().decompress(payload[4:]) if payload[3] == 1 else payload[4:]
+    if payload[3] == wire.CODEC_ZSTD:
+        body = zstandard.ZstdDecompressor().decompressobj().decompress(payload[4:])
+    elif payload[3] == wire.CODEC_ZSTD_D1:  # magicless zstd with the protocol's dictionary (its bytes)
+        d = zstandard.ZstdCompressionDict(wire.ZSTD_DICT_D1)
+        dz = zstandard.ZstdDecompressor(dict_data=d, format=zstandard.FORMAT_ZSTD1_MAGICLESS)
+        body = dz.decompressobj().decompress(payload[4:])
+    else:
+        body = payload[4:]
     (n,) = struct.unpack_from("<I", body)
     h = json.loads(body[4 : 4 + n])
     assert isinstance(h, dict)

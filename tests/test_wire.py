@@ -63,6 +63,8 @@ def test_compression_pays_for_itself_on_periodic_signals() -> None:
         (b"XX\x01\x01abc", "bad magic"),
         (b"HV\x09\x01abc", "unsupported wire version"),
         (b"HV\x01\x07abc", "unknown codec"),
+        (b"HV\x01\x03abc", "unknown codec"),
+        (b"HV\x01\x02not zstd at all", "corrupt zstd"),
         (b"HV\x01\x01not zstd at all", "corrupt zstd"),
         (b"HV\x01\x00\x05\x00\x00\x00{}", "header length"),
         (b"HV\x01\x00\x02\x00\x00\x00[]", "not an object"),
@@ -80,12 +82,25 @@ def test_truncated_message_is_rejected() -> None:
             wire.decode_batch(msg[:cut])
 
 
-def test_decompression_bomb_is_capped() -> None:
+@pytest.mark.parametrize("codec", [wire.CODEC_ZSTD, wire.CODEC_ZSTD_D1])
+def test_decompression_bomb_is_capped(codec: int) -> None:
+    body = wire._compress(b"\0" * (8 * 1024 * 1024), codec)
+    with pytest.raises(wire.WireError, match="inflates past"):
+        wire.decode_batch(b"HV\x01" + bytes([codec]) + body, max_bytes=1024 * 1024)
+
+
+@pytest.mark.parametrize("codec", [wire.CODEC_ZSTD, wire.CODEC_ZSTD_D1])
+def test_a_frame_that_asks_for_a_window_past_the_body_cap_is_refused(codec: int) -> None:
+    """A few bytes declaring a 128 MiB window (zstd's default limit) must not make the receiver reserve it."""
     import zstandard
 
-    body = zstandard.ZstdCompressor().compress(b"\0" * (8 * 1024 * 1024))
-    with pytest.raises(wire.WireError, match="inflates past"):
-        wire.decode_batch(b"HV\x01\x01" + body, max_bytes=1024 * 1024)
+    fmt = zstandard.FORMAT_ZSTD1_MAGICLESS if codec == wire.CODEC_ZSTD_D1 else zstandard.FORMAT_ZSTD1
+    params = zstandard.ZstdCompressionParameters(window_log=27, format=fmt, write_content_size=0)
+    co = zstandard.ZstdCompressor(compression_params=params).compressobj()  # streaming: no content size
+    frame = co.compress(b"x" * 1000) + co.flush()
+    assert zstandard.get_frame_parameters(frame, format=fmt).window_size == 2**27
+    with pytest.raises(wire.WireError, match="corrupt zstd"):
+        wire.decode_batch(b"HV\x01" + bytes([codec]) + frame)
 
 
 def test_sequence_range_must_match_segments() -> None:
@@ -99,7 +114,7 @@ def test_sequence_range_must_match_segments() -> None:
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=400))
 def test_random_bytes_never_crash_the_decoder(data: bytes) -> None:
-    for payload in (data, b"HV\x01\x00" + data, b"HV\x01\x01" + data):
+    for payload in (data, b"HV\x01\x00" + data, b"HV\x01\x01" + data, b"HV\x01\x02" + data):
         with contextlib.suppress(wire.WireError):
             wire.decode_batch(payload)
 
@@ -195,10 +210,16 @@ POISON = {
 }
 
 
+POISON["header length 2**32-1"] = b"HV\x01\x00" + b"\xff\xff\xff\xff" + b"{}"
+
+
+@pytest.mark.parametrize("codec", [wire.CODEC_NONE, wire.CODEC_ZSTD, wire.CODEC_ZSTD_D1])
 @pytest.mark.parametrize("name", sorted(POISON))
-def test_poison_is_a_wire_error_with_a_reason(name: str) -> None:
+def test_poison_is_a_wire_error_with_a_reason(name: str, codec: int) -> None:
+    """The same poisoned body under every codec: what the body checks refuse does not depend on how it came."""
+    body = POISON[name][4:]
     with pytest.raises(wire.WireError) as e:
-        wire.decode_batch(POISON[name])
+        wire.decode_batch(b"HV\x01" + bytes([codec]) + wire._compress(body, codec))
     assert str(e.value)
 
 
@@ -239,9 +260,10 @@ def test_any_value_in_any_header_field_is_decoded_or_a_wire_error(key: str, valu
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.binary(max_size=64), st.integers(min_value=0, max_value=10_000), st.sampled_from([True, False]))
-def test_mutated_messages_raise_only_wire_error(noise: bytes, pos: int, compress: bool) -> None:
-    raw = bytearray(wire.encode_batch(_batch(30), compress=compress))
+@given(st.binary(max_size=64), st.integers(min_value=0, max_value=10_000),
+       st.sampled_from([wire.CODEC_NONE, wire.CODEC_ZSTD, wire.CODEC_ZSTD_D1]))
+def test_mutated_messages_raise_only_wire_error(noise: bytes, pos: int, codec: int) -> None:
+    raw = bytearray(wire.encode_batch(_batch(30), compress=codec != wire.CODEC_NONE, codec=codec))
     p = pos % len(raw)
     raw[p : p + len(noise)] = noise
     with contextlib.suppress(wire.WireError):
@@ -743,3 +765,110 @@ def test_ack_tables_round_trip_and_a_bad_list_is_refused() -> None:
         payload = json.dumps({"schema": 1, "vehicle": "v", "batch": 3, "ranges": [], "tables": bad}).encode()
         with pytest.raises(wire.WireError, match="tables"):
             wire.decode_ack(payload)
+
+
+# --- Codecs: CODEC_ZSTD (agents before the dictionary) and CODEC_ZSTD_D1 (zstd with the shipped dictionary). ---
+
+# A message exactly as the agent on main before CODEC_ZSTD_D1 wrote it (codec 1, zstd level 3; an ENC_V2 and an
+# ENC_V1 segment of the same 12 samples, and a DTC event), made by that code: vehicles in the field send this, and
+# their stores hold rows that become it after an upgrade.
+CODEC_1_MESSAGE = bytes.fromhex(
+    "4856010128b52ffd60c9023d0d00f617503560679b0e68230856c10ae6a597ac4120001ce2ea1fed7690de1499889050db8dc050"
+    "a1cb869d8b3c866fdb8afe1c609033f0b05f063d003d004100af99b1e13e49ccdcdc2bd83cb4fc3696c68e8780e62e39f3357cdf"
+    "9813ae9eb229d793eeded099a4a67c5f51fddc7d7643e8dbdc1fd592231fa1ba38107bcababe670ec0f139df3fdd16812846180d"
+    "12897c025f8c26f995100dcfefd2dce3777177627f5be376d9d0a29ebcfb132787474cdce58c4d450a8c19f2cdf7b4ef635b55e3"
+    "ccc7fdb92aa7afc68c4de9475b161ecbb2d8c2c35d9a516cf8650941d59761d891b06d0f89fab1a86698f1c1aa8230443e598657"
+    "61690c0e03b22c33f000623a1a0e2ad743632bcb54225165261a4830a82c98502091a08260a1ba58a8423593a822a82a54150086"
+    "35aabaa006c20972705ec3350bf497c1308cdd270afa72b3022b20a0820906e73c188213f1d7140408d463410cbfe66ae170a924"
+    "6cc99437a4fb049ab9596c60099e7bc35d1ea7e668883b3712a3833603c8863f71b15809d71cc1c279b0d58f9a87d5ca6f9ac169"
+    "926d60c3321c0e4b0d18bdb63b7f91df608071b928"
+)
+CODEC_1_VALUES = [1500.0, 81.0, 1500.25, 80.0, 1500.5, 82.0, 1500.75, 81.0, 1501.0, 80.0, 1501.25, 82.0]
+
+
+def test_a_codec_1_message_from_before_the_dictionary_decodes_for_ever() -> None:
+    assert CODEC_1_MESSAGE[3] == wire.CODEC_ZSTD
+    b = wire.decode_batch(CODEC_1_MESSAGE)
+    assert (b.fleet, b.vehicle, b.batch, b.sent_at, b.extra) == ("demo", "harvester-001", 1764000000123,
+                                                                 1764000000.5, {"backfill_from": 3001})
+    v2, v1, event = b.segments
+    for seg in (v2, v1):
+        assert seg.columns is not None and seg.n == 12
+        np.testing.assert_array_equal(seg.columns.ts_us, 1_764_000_000_000_000 + np.arange(12) * 50_000)
+        np.testing.assert_array_equal(_bits(seg.columns.value), _bits(np.array(CODEC_1_VALUES)))
+    assert event.record == {"kind": "dtc_open", "ts": 1.5, "data": {"spn": 110, "fmi": 0}}
+    # Re-encoding it as that agent did gives the very same bytes: codec 1 is still what it was.
+    same = wire.Batch(b.fleet, b.vehicle, b.batch, [wire.Segment(s.kind, s.seq_lo, s.seq_hi, record=s.record,
+                      encoded=wire.encode_columns(s.columns, wire.ENC_V2 if i == 0 else wire.ENC_V1)
+                      if s.columns is not None else None) for i, s in enumerate(b.segments)],
+                      b.sent_at, extra=b.extra)
+    assert same.segments[0].encoded is not None
+    same.segments[0].encoded[0]["signals"] = [["EEC1.EngSpeed", "can0/00", "rpm", 0.125, 0],
+                                              ["ET1.EngCoolantTemp", "can0/00", "degC", 1, -40]]
+    assert wire.encode_batch(same, codec=wire.CODEC_ZSTD) == CODEC_1_MESSAGE
+
+
+def test_the_dictionary_is_frozen() -> None:
+    """Its bytes are part of the protocol: a receiver decodes codec 2 with exactly these. A new one is a new codec."""
+    import hashlib
+
+    assert hashlib.sha256(wire.ZSTD_DICT_D1).hexdigest() == (
+        "07e2edd069b43c43dbf3203ac5763a90436fbf734593722c6aa37690c54bbc8a")
+
+
+@pytest.mark.parametrize("n", [0, 1, 3000, 60_000])
+def test_a_small_body_goes_as_codec_2_a_large_one_as_codec_1_both_bit_for_bit(n: int) -> None:
+    cols = _j1939_like(n) if n >= 5 else _cols(n)
+    b = wire.Batch("demo", "v1", 7, [wire.Segment("samples", 5, 4 + n, columns=cols)] if n else
+                   [wire.Segment("event", 5, 5, record={"kind": "x", "ts": 0.0, "data": {}})], 12.5)
+    large = len(wire.encode_batch(b, compress=False)) - 4 > wire.ZSTD_SMALL_BODY
+    assert large == (n == 60_000)
+    msg = wire.encode_batch(b)
+    assert msg[:4] == b"HV\x01" + bytes([wire.CODEC_ZSTD if large else wire.CODEC_ZSTD_D1])
+    out = wire.decode_batch(msg)
+    assert (out.fleet, out.vehicle, out.batch, out.sent_at) == ("demo", "v1", 7, 12.5)
+    if n:
+        c = out.segments[0].columns
+        assert c is not None
+        np.testing.assert_array_equal(c.sig, cols.sig)
+        np.testing.assert_array_equal(c.ts_us, cols.ts_us)
+        np.testing.assert_array_equal(_bits(c.value), _bits(cols.value))
+    assert wire.peek_batch_id(msg) == (7, [(5, 4 + max(n, 1))])
+
+
+def test_codec_2_is_smaller_than_codec_1_on_a_small_batch() -> None:
+    b = wire.Batch("demo", "harvester-001", 1764000000123, [wire.Segment("samples", 1, 3000,
+                   columns=_j1939_like(3000))], 1764000000.5, extra={"backfill_from": 3001})
+    assert len(wire.encode_batch(b)) < len(wire.encode_batch(b, codec=wire.CODEC_ZSTD))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=2000))
+def test_any_body_in_a_valid_codec_2_frame_is_decoded_or_a_wire_error(body: bytes) -> None:
+    """Well-formed zstd (made with the dictionary) around a forged body: the header and blob checks still hold."""
+    with contextlib.suppress(wire.WireError):
+        wire.decode_batch(b"HV\x01\x02" + wire._compress(body, wire.CODEC_ZSTD_D1))
+    with contextlib.suppress(wire.WireError):
+        raw = wire.encode_batch(_batch(20), compress=False)[4:]  # a real body, cut or extended with the bytes
+        wire.decode_batch(b"HV\x01\x02" + wire._compress(raw[: len(body)] + body, wire.CODEC_ZSTD_D1))
+
+
+def test_a_truncated_codec_2_message_is_a_wire_error() -> None:
+    msg = wire.encode_batch(_batch(500))
+    for cut in range(4, len(msg), max(1, len(msg) // 50)):
+        with pytest.raises(wire.WireError):
+            wire.decode_batch(msg[:cut])
+
+
+@settings(max_examples=200, deadline=None)
+@given(_columns(), st.sampled_from([None, wire.CODEC_ZSTD, wire.CODEC_ZSTD_D1]))
+def test_any_columns_round_trip_bit_for_bit_through_a_message_of_any_codec(cols: wire.SampleColumns,
+                                                                           codec: int | None) -> None:
+    b = wire.Batch("demo", "v1", 3, [wire.Segment("samples", 10, 9 + len(cols), columns=cols)], 5.5)
+    msg = wire.encode_batch(b, codec=codec)
+    assert msg[3] == (codec if codec is not None else wire.CODEC_ZSTD_D1)  # a small body: codec 2 by default
+    out = wire.decode_batch(msg).segments[0].columns
+    assert out is not None
+    np.testing.assert_array_equal(out.sig, cols.sig)
+    np.testing.assert_array_equal(out.ts_us, cols.ts_us)
+    np.testing.assert_array_equal(_bits(out.value), _bits(cols.value))
