@@ -530,9 +530,10 @@ class Assistant:
 
     def _how_to(self, p: Parsed, now: float) -> Answer:
         hits = self.kb.search(p.question, limit=3)
-        if p.fault is not None and not any(p.fault in h.faults for h in hits[:1]):
-            first = self._check_first(fault=p.fault)
-            hits = ([first] if first else []) + hits
+        generic = re.search(r"\b(procedure|check|steps|what should|what do we|look for)\b", p.question.lower())
+        if p.fault is not None and (generic or not any(p.fault in h.faults for h in hits[:1])):
+            first = self._check_first(fault=p.fault)  # a fault's procedure begins with what to check first
+            hits = ([first] if first else []) + [h for h in hits if h != first]
         if not hits:
             return Answer(f"I don't know: the knowledge base has nothing on that. I can answer, for example: "
                           f"{CAN_ANSWER}.", "how_to")

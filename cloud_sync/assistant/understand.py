@@ -23,6 +23,7 @@ INTENTS = ("needs_attention", "vehicle_status", "alert_why", "dtc_meaning", "fau
            "model_changes", "signal_value", "how_to", "unknown")
 MAX_QUESTION_CHARS = 500  # a question longer than this is cut: no one types more, and matching stays cheap
 DAY = 86400.0
+_UNIT = {"hr": "hour", "h": "hour", "d": "day", "wk": "week"}
 
 FAULT_WORDS: dict[str, tuple[str, ...]] = {
     # The faults the model knows (harvester_sim/physics.py FAULTS, the model card's classes), most specific first.
@@ -35,7 +36,7 @@ FAULT_WORDS: dict[str, tuple[str, ...]] = {
 VEHICLE_WORDS = {"harvester": "h", "harvesters": "h", "harvestor": "h", "truck": "t", "tractor": "t",
                  "vehicle": "", "machine": "", "unit": "", "number": "", "no": "", "#": ""}
 SIGNAL_SYNONYMS = {"temp": "temperature", "temps": "temperature", "press": "pressure", "rpm": "speed",
-                   "revs": "speed", "hours": "hours", "hydraulic": "hyd", "level": "level"}
+                   "revs": "speed"}
 VOCABULARY = sorted({
     "attention", "today", "yesterday", "week", "season", "month", "alert", "alerts", "fire", "fired", "trigger",
     "triggered", "flagged", "raised", "wrong", "problem", "problems", "status", "synced", "sync", "reported",
@@ -88,13 +89,27 @@ class Parsed:
 _TOKEN = re.compile(r"#?[a-z0-9]+(?:[-_.][a-z0-9]+)*")
 
 
+def _edits(a: str, b: str) -> int:
+    """Levenshtein distance (the words are short)."""
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+
+
 def _correct(words: list[str], extra: Sequence[str]) -> list[str]:
-    vocab = set(VOCABULARY) | set(extra)
+    """Each word of 4 letters or more that is not in the vocabulary, replaced by the closest one that is (difflib
+    finds the candidates; the fewest edits, then the same length, picks: "sinced" is "synced", not "since")."""
+    vocab = VOCABULARY + list(extra)
+    known = set(vocab)
     out = []
     for w in words:
-        if len(w) >= 4 and w.isalpha() and w not in vocab:
-            close = difflib.get_close_matches(w, VOCABULARY + list(extra), n=1, cutoff=0.8)
-            w = close[0] if close else w
+        if len(w) >= 4 and w.isalpha() and w not in known:
+            close = difflib.get_close_matches(w, vocab, n=4, cutoff=0.8)
+            if close:
+                w = min(close, key=lambda c: (_edits(w, c), abs(len(c) - len(w))))
         out.append(w)
     return out
 
@@ -166,7 +181,7 @@ def parse_span(text: str, now: float, month_day: str) -> Span | None:
         n, unit = int(m.group(1)), m.group(2)
         sec = {"hour": 3600.0, "hr": 3600.0, "h": 3600.0, "day": DAY, "d": DAY, "week": 7 * DAY, "wk": 7 * DAY,
                "month": 30 * DAY}[unit]
-        return Span(now - n * sec, now, f"in the last {n} {unit}{'s' if n != 1 else ''}")
+        return Span(now - n * sec, now, f"in the last {n} {_UNIT.get(unit, unit)}{'s' if n != 1 else ''}")
     d0 = _day0(now)
     if re.search(r"\byesterday\b", text):
         return Span(d0 - DAY, d0, f"yesterday ({_date(d0 - DAY)})", after)
@@ -227,7 +242,7 @@ def parse(question: str, vehicles: Sequence[str], signals: Sequence[str], alert_
           month_day: str = "10-01") -> Parsed:
     q = question[:MAX_QUESTION_CHARS]
     p = Parsed(question=q)
-    lowered = q.lower().replace("’", "'")
+    lowered = re.sub(r"'s\b", "", q.lower().replace("’", "'"))
     vocab_extra = [w for v in vehicles for w in _TOKEN.findall(v.lower()) if w.isalpha()]
     words = _correct(_TOKEN.findall(lowered.replace("'", "")), vocab_extra)
     p.words = words
@@ -268,8 +283,8 @@ def _intent(t: str, p: Parsed) -> str:
                r"connect|connected|uploaded|contact|sent)\b", r"\b(offline|silent|gone quiet|quiet)\b",
             r"\bnot (been )?(seen|online)\b", r"\blast (sync|synced|seen|contact)\b.*\bwhich\b"):
         return "not_synced"
-    if p.fault is not None and _has(t, r"\bhow many\b", r"\bhow often\b", r"\bwhen\b", r"\blast (time|had|have)\b",
-                                    r"\bcount\b", r"\bnumber of\b", r"\bhistory\b", r"\bever\b"):
+    if p.fault is not None and (p.span is not None and _has(t, r"\balerts?\b") or _has(t, r"\bhow many\b", r"\bhow often\b", r"\bwhen\b", r"\blast (time|had|have)\b",
+                                    r"\bcount\b", r"\bnumber of\b", r"\bhistory\b", r"\bever\b")):
         return "fault_history"
     wrong = (r"\bwrong\b", r"\bproblems?\b", r"\bissues?\b", r"\btrouble\b", r"\bstatus\b", r"\bhow is\b",
              r"\bhows\b", r"\bhealth\b", r"\bdoing\b", r"\bstate of\b", r"\bwhat about\b", r"\bok\b", r"\bbroken\b",
