@@ -113,13 +113,17 @@ def _samples(seq: int, t_end: float, seed: int, fault: str | None) -> tuple[wire
         vals = h.values()
         t = t_end - (SESSION_S - 1 - k)
         for i, n in enumerate(names):
-            ts.append(int(round(t * 1e6)))
+            ts.append(round(t * 1e6))
             sig.append(i)
             val.append(float(vals[n]))
             last[n] = float(vals[n])
     cols = wire.SampleColumns([(n, "can0/00", u) for n, u in SIGNALS], np.array(sig, np.uint16),
                               np.array(ts, np.int64), np.array(val, np.float64))
     return wire.Segment("samples", seq, seq + len(ts) - 1, columns=cols), last
+
+
+def _next(segs: list[wire.Segment]) -> int:
+    return segs[-1].seq_hi + 1 if segs else 1
 
 
 def alert_id(vehicle: str, opened: float) -> str:
@@ -138,15 +142,10 @@ def build(db: FleetDB, now: float = NOW) -> list[Vehicle]:
     vehicles = fleet(now)
     for v in vehicles:
         segs: list[wire.Segment] = []
-        seq = 1
-
-        def add(seg: wire.Segment) -> None:
-            nonlocal seq
-            segs.append(seg)
-            seq = seg.seq_hi + 1
+        add = segs.append
 
         for a in v.alerts:
-            seg, last = _samples(seq, a.opened, v.seed, a.label)
+            seg, last = _samples(_next(segs), a.opened, v.seed, a.label)
             add(seg)
             aid = alert_id(v.name, a.opened)
             feats = TOP_FEATURES[a.label]
@@ -155,20 +154,21 @@ def build(db: FleetDB, now: float = NOW) -> list[Vehicle]:
                    "model": "harvester-anomaly", "model_version": a.version, "label": a.label,
                    "window_start": a.opened - 30, "window_end": a.opened, "top_features": [list(f) for f in feats],
                    "snapshot": snap, "reason": "", "features_present": [f for f, _ in feats]}
-            add(wire.Segment("alert", seq, seq, record=rec))
+            add(wire.Segment("alert", _next(segs), _next(segs), record=rec))
             if a.closed is not None:
-                add(wire.Segment("alert", seq, seq, record={**rec, "state": "closed", "ts": a.closed, "score": 0.2,
-                                                             "window_end": a.closed, "top_features": []}))
+                closing = {**rec, "state": "closed", "ts": a.closed, "score": 0.2, "window_end": a.closed,
+                           "top_features": []}
+                add(wire.Segment("alert", _next(segs), _next(segs), record=closing))
         for spn, fmi, opened, closed in v.dtcs:
             for kind, ts in (("dtc_open", opened), ("dtc_close", closed)):
                 if ts is not None:
-                    add(wire.Segment("event", seq, seq, record={"kind": kind, "ts": ts, "data": {
+                    add(wire.Segment("event", _next(segs), _next(segs), record={"kind": kind, "ts": ts, "data": {
                         "source": "can0/00", "sa": 0, "spn": spn, "fmi": fmi, "occurrence": 1,
                         **text.fields(spn, fmi)}}))
         for ts, version, drifted in v.drift:
-            add(wire.Segment("event", seq, seq, record={"kind": "drift", "ts": ts, "data": {
+            add(wire.Segment("event", _next(segs), _next(segs), record={"kind": "drift", "ts": ts, "data": {
                 "model": "harvester-anomaly", "model_version": version, "drift": drifted, "windows": 600}}))
-        seg, _ = _samples(seq, v.last_seen, v.seed + 100, None)
+        seg, _ = _samples(_next(segs), v.last_seen, v.seed + 100, None)
         add(seg)
         db.ingest([wire.Batch(FLEET, v.name, 1, segs)])
         db.set_status(FLEET, v.name, {

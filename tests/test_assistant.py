@@ -1,7 +1,7 @@
-"""The maintenance assistant (docs/assistant.md) over the workshop fleet (harvester_testing/workshop.py: samples from the
-simulator, alerts, DTCs and drift reports as the agent writes them, stored through `FleetDB.ingest`): the question
-set (tests/assistant_questions.json) on SQLite and on PostgreSQL, the plans of the queries that touch samples, the
-knowledge base's index and hostile documents, `cloud-sync ask`, and fuzzed questions."""
+"""The maintenance assistant (docs/assistant.md) over the workshop fleet (harvester_testing/workshop.py: samples
+from the simulator, alerts, DTCs and drift reports as the agent writes them, stored through `FleetDB.ingest`): the
+question set (tests/assistant_questions.json) on SQLite and on PostgreSQL, the plans of the queries that touch
+samples, the knowledge base's index and hostile documents, `cloud-sync ask`, and fuzzed questions."""
 
 from __future__ import annotations
 

@@ -46,7 +46,8 @@ Q_LAST_SAMPLE = ("SELECT seq, ts, value FROM samples WHERE vehicle=? AND signal_
                  "ORDER BY ts DESC LIMIT 1")
 Q_OPENED_V = ("SELECT seq, alert_id, ts, record FROM alerts WHERE vehicle=? AND state='open' AND ts>=? AND ts<? "
               "ORDER BY ts, seq")
-Q_OPENED = "SELECT vehicle, seq, alert_id, ts, record FROM alerts WHERE state='open' AND ts>=? AND ts<? ORDER BY ts, seq"
+Q_OPENED = ("SELECT vehicle, seq, alert_id, ts, record FROM alerts WHERE state='open' AND ts>=? AND ts<? "
+            "ORDER BY ts, seq")
 Q_LAST_FAULT = ("SELECT seq, alert_id, ts, record FROM alerts WHERE vehicle=? AND state='open' AND label=? "
                 "ORDER BY ts DESC, seq DESC LIMIT 1")
 Q_NOT_SYNCED = "SELECT vehicle, fleet, last_seen FROM vehicles WHERE last_seen < ? ORDER BY last_seen, vehicle"
@@ -460,8 +461,9 @@ class Assistant:
         for table, sql in (("alerts", Q_MARKS_ALERTS), ("events", Q_MARKS_DRIFT)):
             for seq, ts, rec in self.db.read(sql, (vehicle,)):
                 r = _rec(rec)
-                if table == "events":
-                    r = r.get("data") if isinstance(r.get("data"), dict) else {}
+                if table == "events":  # a drift report: what it is about is in its data
+                    data = r.get("data")
+                    r = data if isinstance(data, dict) else {}
                 version = r.get("model_version")
                 if isinstance(version, str) and version:
                     marks.append((float(ts), version, table, int(seq)))

@@ -40,8 +40,7 @@ INDEX_VERSION = 1  # bumped when the index's tables change: an older index is re
 _HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
 _WORD = re.compile(r"[a-z0-9]+")
 STOPWORDS = frozenset(
-    "a an and are at be by can do does did for from how i in is it its of on or our the this that to we what when "
-    "which who why with you me my should there any have has had was were will".split())
+    ["a", "an", "and", "are", "at", "be", "by", "can", "do", "does", "did", "for", "from", "how", "i", "in", "is", "it", "its", "of", "on", "or", "our", "the", "this", "that", "to", "we", "what", "when", "which", "who", "why", "with", "you", "me", "my", "should", "there", "any", "have", "has", "had", "was", "were", "will"])
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +83,7 @@ def parse_doc(text: str, fallback_title: str) -> _Doc:
                faults=[f.lower() for f in items.get("faults", [])],
                spns=[int(s) for s in items.get("spns", []) if s.isdigit()],
                signals=items.get("signals", []))
-    heading, body = "", []
+    heading, body = "", list[str]()
     for ln in lines:
         m = _HEADING.match(ln)
         if m and len(m.group(1)) == 1 and not doc.title:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import calendar
 import difflib
+import itertools
 import re
 import time
 from collections.abc import Sequence
@@ -146,7 +147,7 @@ def match_vehicle(text: str, vehicles: Sequence[str]) -> tuple[str | None, list[
     named = {k[0]: v for v, k in keys.items() if k[1] is None and len(k[0]) >= 4}
     if named:
         toks = _TOKEN.findall(text)
-        grams = toks + [a + b for a, b in zip(toks, toks[1:], strict=False)]
+        grams = toks + [a + b for a, b in itertools.pairwise(toks)]
         for g in grams:
             close = difflib.get_close_matches(re.sub(r"[^a-z0-9]", "", g), list(named), n=2, cutoff=0.8)
             if close:
@@ -242,7 +243,7 @@ def parse(question: str, vehicles: Sequence[str], signals: Sequence[str], alert_
           month_day: str = "10-01") -> Parsed:
     q = question[:MAX_QUESTION_CHARS]
     p = Parsed(question=q)
-    lowered = re.sub(r"'s\b", "", q.lower().replace("’", "'"))
+    lowered = re.sub(r"'s\b", "", q.lower().replace("\u2019", "'"))
     vocab_extra = [w for v in vehicles for w in _TOKEN.findall(v.lower()) if w.isalpha()]
     words = _correct(_TOKEN.findall(lowered.replace("'", "")), vocab_extra)
     p.words = words
@@ -283,8 +284,9 @@ def _intent(t: str, p: Parsed) -> str:
                r"connect|connected|uploaded|contact|sent)\b", r"\b(offline|silent|gone quiet|quiet)\b",
             r"\bnot (been )?(seen|online)\b", r"\blast (sync|synced|seen|contact)\b.*\bwhich\b"):
         return "not_synced"
-    if p.fault is not None and (p.span is not None and _has(t, r"\balerts?\b") or _has(t, r"\bhow many\b", r"\bhow often\b", r"\bwhen\b", r"\blast (time|had|have)\b",
-                                    r"\bcount\b", r"\bnumber of\b", r"\bhistory\b", r"\bever\b")):
+    history = (r"\bhow many\b", r"\bhow often\b", r"\bwhen\b", r"\blast (time|had|have)\b", r"\bcount\b",
+               r"\bnumber of\b", r"\bhistory\b", r"\bever\b")
+    if p.fault is not None and ((p.span is not None and _has(t, r"\balerts?\b")) or _has(t, *history)):
         return "fault_history"
     wrong = (r"\bwrong\b", r"\bproblems?\b", r"\bissues?\b", r"\btrouble\b", r"\bstatus\b", r"\bhow is\b",
              r"\bhows\b", r"\bhealth\b", r"\bdoing\b", r"\bstate of\b", r"\bwhat about\b", r"\bok\b", r"\bbroken\b",
