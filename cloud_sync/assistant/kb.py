@@ -39,8 +39,10 @@ INDEX_VERSION = 1  # bumped when the index's tables change: an older index is re
 
 _HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
 _WORD = re.compile(r"[a-z0-9]+")
-STOPWORDS = frozenset(
-    ["a", "an", "and", "are", "at", "be", "by", "can", "do", "does", "did", "for", "from", "how", "i", "in", "is", "it", "its", "of", "on", "or", "our", "the", "this", "that", "to", "we", "what", "when", "which", "who", "why", "with", "you", "me", "my", "should", "there", "any", "have", "has", "had", "was", "were", "will"])
+STOPWORDS = frozenset((
+    "a", "an", "and", "are", "at", "be", "by", "can", "do", "does", "did", "for", "from", "how", "i", "in", "is", "it",
+    "its", "of", "on", "or", "our", "the", "this", "that", "to", "we", "what", "when", "which", "who", "why", "with",
+    "you", "me", "my", "should", "there", "any", "have", "has", "had", "was", "were", "will"))
 
 
 @dataclass(frozen=True, slots=True)
