@@ -15,9 +15,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import cloud_sync.assistant as ac
 from cloud_sync.assistant import INTENTS, Assistant, KnowledgeBase
-from cloud_sync.assistant import core as ac
-from cloud_sync.assistant.understand import parse
+from cloud_sync.assistant_understand import parse
 from cloud_sync.cli import main as cloud_main
 from cloud_sync.database import open_db
 from cloud_sync.db import FleetDB

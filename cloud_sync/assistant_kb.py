@@ -31,7 +31,7 @@ from pathlib import Path
 
 from harvester_common.clirun import UserError
 
-SHIPPED = Path(__file__).resolve().parent.parent / "kb"
+SHIPPED = Path(__file__).resolve().parent / "kb"
 SHIPPED_LABEL = "cloud_sync/kb"  # how a shipped document is named in an answer's sources
 MAX_DOC_BYTES = 256 * 1024  # a procedure is a few KB; anything this large is not one
 MAX_DOCS = 5000  # per folder: a kb_dirs entry pointed at a whole disk stops here (and says so)

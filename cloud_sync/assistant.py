@@ -1,4 +1,12 @@
-"""The assistant: a question in, an answer out, from the fleet database and the knowledge base only.
+"""The maintenance assistant (docs/assistant.md): a workshop's question in, an answer out, from the fleet database
+and the maintenance knowledge base only, with the rows and documents it used. No cloud AI service.
+
+    kb = KnowledgeBase(cfg.assistant.kb_dirs, cfg.assistant.index_path)
+    answer = Assistant(db, kb, cfg.assistant.season_start).ask("what is wrong with harvester 7?")
+    answer.answer, answer.intent, answer.slots, answer.sources, answer.clarify, answer.to_json()
+
+Understanding is cloud_sync/assistant_understand.py (pure), the knowledge base cloud_sync/assistant_kb.py, the
+answer's shape cloud_sync/assistant_answer.py; the intents' queries are here.
 
 Every number in an answer comes from a query whose rows are named in the answer's sources; the knowledge base gives
 words (what a code means, what to check first), never figures about the fleet. Nothing matched: "I don't know",
@@ -19,12 +27,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from cloud_sync.assistant.answer import Answer, Source
-from cloud_sync.assistant.kb import Hit, KnowledgeBase
-from cloud_sync.assistant.understand import DAY, Parsed, Span, parse, season_start
+from cloud_sync.assistant_answer import Answer, Source
+from cloud_sync.assistant_kb import Hit, KnowledgeBase
+from cloud_sync.assistant_understand import DAY, INTENTS, Parsed, Span, parse, season_start
 from cloud_sync.db import FleetDB
 from cloud_sync.present import clean_alert, finite
 from harvester_common.j1939_text import DtcText
+
+__all__ = ["INTENTS", "Answer", "Assistant", "KnowledgeBase", "Source"]
 
 MAX_EVENTS_READ = 2000  # a vehicle's latest DTC events read to find the active ones (a storm is summarised anyway)
 MAX_MARKS_READ = 200  # a vehicle's latest drift reports and openings read to find when its model last changed
