@@ -25,6 +25,7 @@ import json
 import os
 import re
 import sqlite3
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,11 +118,13 @@ class KnowledgeBase:
         self.roots: list[tuple[Path, str]] = ([(SHIPPED, SHIPPED_LABEL)] if shipped else []) + [
             (Path(d), str(d)) for d in dirs]
         self.skipped: list[tuple[str, str]] = []  # (document, why) of the last refresh
+        self._lock = threading.Lock()
         where = str(index_path) if index_path is not None else ":memory:"
         try:
             if index_path is not None:
                 Path(index_path).parent.mkdir(parents=True, exist_ok=True)
-            self.con = sqlite3.connect(where, isolation_level=None, timeout=30)
+            # One connection, used under `_lock`: a web server's threads may share the knowledge base.
+            self.con = sqlite3.connect(where, isolation_level=None, timeout=30, check_same_thread=False)
             self._schema()
         except (OSError, sqlite3.DatabaseError) as e:
             raise UserError(f"{where}: cannot use it as the knowledge base index: {e}") from None
@@ -158,6 +161,10 @@ class KnowledgeBase:
 
     def refresh(self) -> None:
         """Bring the index to the documents on disk: new, changed and removed ones; the rest are not read."""
+        with self._lock:
+            self._refresh()
+
+    def _refresh(self) -> None:
         self.skipped = []
         c = self.con
         c.execute("BEGIN IMMEDIATE")  # one process rebuilds at a time; the others then find it current
@@ -223,7 +230,9 @@ class KnowledgeBase:
 
     def _hits(self, sql: str, args: Sequence[object]) -> list[Hit]:
         out = []
-        for path, title, heading, body, faults, spns, rank in self.con.execute(sql, tuple(args)):
+        with self._lock:
+            rows = self.con.execute(sql, tuple(args)).fetchall()
+        for path, title, heading, body, faults, spns, rank in rows:
             out.append(Hit(str(path), str(title), str(heading), str(body), tuple(json.loads(faults)),
                            tuple(json.loads(spns)), float(rank)))
         return out
@@ -245,4 +254,5 @@ class KnowledgeBase:
         return [h for h in rows if (fault is not None and fault in h.faults) or (spn is not None and spn in h.spns)]
 
     def close(self) -> None:
-        self.con.close()
+        with self._lock:
+            self.con.close()

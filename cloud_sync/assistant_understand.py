@@ -273,18 +273,19 @@ def _intent(t: str, p: Parsed) -> str:
     has_vehicle = p.vehicle is not None or bool(p.vehicle_choices) or p.vehicle_mention is not None
     if p.spn is not None:
         return "dtc_meaning"
-    if _has(t, r"\bwhy\b.*\b(alert|alerts|alarm|fire|fired|firing|flag|flagged|trigger|triggered|raised|go off)\b",
+    if _has(t, r"\bwhy\b.*\b(alert|alerts|alerting|alarm|alarming|fire|fired|firing|flag|flagged|trigger|triggered|"
+               r"raised|go off|went off)\b",
             r"\bexplain\b.*\balert", r"\bwhat (caused|triggered|set off)\b") or (
             p.alert_id is not None and not _has(t, r"\bhow many\b")):
         return "alert_why"
     if _has(t, r"\bmodel\b.*\b(update|updated|rollout|change|changed|switch|switched|version)\b",
             r"\b(since|after)\b.*\b(new|last) model\b", r"\bchanged\b.*\bmodel\b"):
         return "model_changes"
-    if _has(t, r"\b(not|never|haven'?t|hasn'?t|stopped|no)\b.*\b(sync|synced|syncing|report|reported|reporting|heard|"
-               r"connect|connected|uploaded|contact|sent)\b", r"\b(offline|silent|gone quiet|quiet)\b",
+    if _has(t, r"\b(not|never|havent|hasnt|stopped|no)\b.*\b(sync|synced|syncing|report|reported|reporting|heard|"
+               r"connect|connected|uploaded|contact|sent|phoned|called|checked in)\b", r"\b(offline|silent|gone quiet|quiet)\b",
             r"\bnot (been )?(seen|online)\b", r"\blast (sync|synced|seen|contact)\b.*\bwhich\b"):
         return "not_synced"
-    history = (r"\bhow many\b", r"\bhow often\b", r"\bwhen\b", r"\blast (time|had|have)\b", r"\bcount\b",
+    history = (r"\bhow many\b", r"\bhow often\b", r"\bwhen\b", r"\blast\b.*\balerts?\b", r"\bcount\b",
                r"\bnumber of\b", r"\bhistory\b", r"\bever\b")
     if p.fault is not None and ((p.span is not None and _has(t, r"\balerts?\b")) or _has(t, *history)):
         return "fault_history"
@@ -298,7 +299,8 @@ def _intent(t: str, p: Parsed) -> str:
     if _has(t, r"\battention\b", r"\b(look at|check on|worry|worried|priority|priorities|urgent|needs?)\b",
             r"\bwhich\b.*\b(harvesters|machines|vehicles|trucks)\b.*\b(wrong|problem|alert|fault)",
             r"\b(anything|any|something|what)\b.*\b(wrong|problems?|alerts?)\b.*\b(today|fleet|now)\b",
-            r"\bopen alerts\b") and not _has(t, r"\bhow (do|to|should|can)\b", r"\bprocedure\b"):
+            r"\bopen alerts\b", r"\b(problem|issue|fault|alert|trouble)s? (list|report)\b",
+            r"\btoday (problems?|issues?|alerts?|faults?)\b") and not _has(t, r"\bhow (do|to|should|can)\b", r"\bprocedure\b"):
         return "needs_attention"
     if _has(t, r"\bhow (do|to|should|can|would)\b", r"\bprocedure\b", r"\bsteps?\b", r"\bcheck\b", r"\breplace\b",
             r"\brepair\b", r"\bfix\b", r"\binspect\b", r"\bbleed\b", r"\btest\b", r"\bwhat (should|do) we\b",
