@@ -269,43 +269,48 @@ def parse(question: str, vehicles: Sequence[str], signals: Sequence[str], alert_
     return p
 
 
+# What each intent's questions say, tried in this order (the first that matches wins; an SPN in the question is a
+# DTC question whatever else it says). Patterns run on the corrected, lower-cased words without apostrophes.
+WHY = (r"\bwhy\b.*\b(alert|alerts|alerting|alarm|alarming|fire|fired|firing|flag|flagged|trigger|triggered|raised|"
+       r"go off|went off)\b", r"\bexplain\b.*\balert", r"\bwhat (caused|triggered|set off)\b")
+MODEL = (r"\bmodel\b.*\b(update|updated|rollout|change|changed|switch|switched|version)\b",
+         r"\b(since|after)\b.*\b(new|last) model\b", r"\bchanged\b.*\bmodel\b")
+SILENT = (r"\b(not|never|havent|hasnt|stopped|no)\b.*\b(sync|synced|syncing|report|reported|reporting|heard|connect|"
+          r"connected|uploaded|contact|sent|phoned|called|checked in)\b", r"\b(offline|silent|gone quiet|quiet)\b",
+          r"\bnot (been )?(seen|online)\b", r"\blast (sync|synced|seen|contact)\b.*\bwhich\b")
+HISTORY = (r"\bhow many\b", r"\bhow often\b", r"\bwhen\b", r"\blast\b.*\balerts?\b", r"\bcount\b",
+           r"\bnumber of\b", r"\bhistory\b", r"\bever\b")
+WRONG = (r"\bwrong\b", r"\bproblems?\b", r"\bissues?\b", r"\btrouble\b", r"\bstatus\b", r"\bhow is\b",
+         r"\bhows\b", r"\bhealth\b", r"\bdoing\b", r"\bstate of\b", r"\bwhat about\b", r"\bok\b", r"\bbroken\b",
+         r"\bfaults?\b", r"\bgoing on\b", r"\bdiagnos")
+ATTENTION = (r"\battention\b", r"\b(look at|check on|worry|worried|priority|priorities|urgent|needs?)\b",
+             r"\bwhich\b.*\b(harvesters|machines|vehicles|trucks)\b.*\b(wrong|problem|alert|fault)",
+             r"\b(anything|any|something|what)\b.*\b(wrong|problems?|alerts?)\b.*\b(today|fleet|now)\b",
+             r"\bopen alerts\b", r"\b(problem|issue|fault|alert|trouble)s? (list|report)\b",
+             r"\btoday (problems?|issues?|alerts?|faults?)\b")
+HOW_TO = (r"\bhow (do|to|should|can|would)\b", r"\bprocedure\b", r"\bsteps?\b", r"\bcheck\b", r"\breplace\b",
+          r"\brepair\b", r"\bfix\b", r"\binspect\b", r"\bbleed\b", r"\btest\b", r"\bwhat (should|do) we\b",
+          r"\bsafety\b", r"\bcauses?\b")
+
+
 def _intent(t: str, p: Parsed) -> str:
     has_vehicle = p.vehicle is not None or bool(p.vehicle_choices) or p.vehicle_mention is not None
     if p.spn is not None:
         return "dtc_meaning"
-    if _has(t, r"\bwhy\b.*\b(alert|alerts|alerting|alarm|alarming|fire|fired|firing|flag|flagged|trigger|triggered|"
-               r"raised|go off|went off)\b",
-            r"\bexplain\b.*\balert", r"\bwhat (caused|triggered|set off)\b") or (
-            p.alert_id is not None and not _has(t, r"\bhow many\b")):
+    if _has(t, *WHY) or (p.alert_id is not None and not _has(t, r"\bhow many\b")):
         return "alert_why"
-    if _has(t, r"\bmodel\b.*\b(update|updated|rollout|change|changed|switch|switched|version)\b",
-            r"\b(since|after)\b.*\b(new|last) model\b", r"\bchanged\b.*\bmodel\b"):
+    if _has(t, *MODEL):
         return "model_changes"
-    if _has(t, r"\b(not|never|havent|hasnt|stopped|no)\b.*\b(sync|synced|syncing|report|reported|reporting|heard|"
-               r"connect|connected|uploaded|contact|sent|phoned|called|checked in)\b", r"\b(offline|silent|gone quiet|quiet)\b",
-            r"\bnot (been )?(seen|online)\b", r"\blast (sync|synced|seen|contact)\b.*\bwhich\b"):
+    if _has(t, *SILENT):
         return "not_synced"
-    history = (r"\bhow many\b", r"\bhow often\b", r"\bwhen\b", r"\blast\b.*\balerts?\b", r"\bcount\b",
-               r"\bnumber of\b", r"\bhistory\b", r"\bever\b")
-    if p.fault is not None and ((p.span is not None and _has(t, r"\balerts?\b")) or _has(t, *history)):
+    if p.fault is not None and ((p.span is not None and _has(t, r"\balerts?\b")) or _has(t, *HISTORY)):
         return "fault_history"
-    wrong = (r"\bwrong\b", r"\bproblems?\b", r"\bissues?\b", r"\btrouble\b", r"\bstatus\b", r"\bhow is\b",
-             r"\bhows\b", r"\bhealth\b", r"\bdoing\b", r"\bstate of\b", r"\bwhat about\b", r"\bok\b", r"\bbroken\b",
-             r"\bfaults?\b", r"\bgoing on\b", r"\bdiagnos")
-    if p.signal is not None and has_vehicle and not _has(t, *wrong):
+    if p.signal is not None and has_vehicle and not _has(t, *WRONG):
         return "signal_value"
-    if has_vehicle and _has(t, *wrong):
+    if has_vehicle and _has(t, *WRONG):
         return "vehicle_status"
-    if _has(t, r"\battention\b", r"\b(look at|check on|worry|worried|priority|priorities|urgent|needs?)\b",
-            r"\bwhich\b.*\b(harvesters|machines|vehicles|trucks)\b.*\b(wrong|problem|alert|fault)",
-            r"\b(anything|any|something|what)\b.*\b(wrong|problems?|alerts?)\b.*\b(today|fleet|now)\b",
-            r"\bopen alerts\b", r"\b(problem|issue|fault|alert|trouble)s? (list|report)\b",
-            r"\btoday (problems?|issues?|alerts?|faults?)\b") and not _has(t, r"\bhow (do|to|should|can)\b", r"\bprocedure\b"):
+    if _has(t, *ATTENTION) and not _has(t, r"\bhow (do|to|should|can)\b", r"\bprocedure\b"):
         return "needs_attention"
-    if _has(t, r"\bhow (do|to|should|can|would)\b", r"\bprocedure\b", r"\bsteps?\b", r"\bcheck\b", r"\breplace\b",
-            r"\brepair\b", r"\bfix\b", r"\binspect\b", r"\bbleed\b", r"\btest\b", r"\bwhat (should|do) we\b",
-            r"\bsafety\b", r"\bcauses?\b") or (p.fault is not None and not has_vehicle):
+    if _has(t, *HOW_TO) or (p.fault is not None and not has_vehicle):
         return "how_to"
-    if has_vehicle:
-        return "vehicle_status"
-    return "unknown"
+    return "vehicle_status" if has_vehicle else "unknown"

@@ -217,3 +217,18 @@ def test_any_question_gets_an_answer_not_a_traceback(assistant: Assistant, quest
     assert out.intent in INTENTS and out.answer
     assert out.intent == "unknown" or out.sources or out.clarify is not None or out.intent == "how_to"
     json.loads(out.to_json())
+
+
+def test_numbers_come_from_queries_not_from_documents(fleet_db: CloudDB, tmp_path: Path) -> None:
+    """A document that states fleet figures (a site's notes, an old report) changes no figure in an answer."""
+    site = tmp_path / "site"
+    site.mkdir()
+    _doc(site / "notes.md", "---\nfaults: coolant_leak\nspns: 110\n---\n## Check first\nH-007 had 99 coolant_leak "
+         "alerts this season; SPN 110 was reported 42 times.\n")
+    kb = KnowledgeBase([site], tmp_path / "kb.sqlite")
+    a = Assistant(fleet_db, kb)
+    history = a.ask("how many coolant alerts has h7 had this season", now=workshop.NOW)
+    assert "this season (since 2026-10-01): 4." in history.answer and "99" not in history.answer
+    meaning = a.ask("spn 110 fmi 0", now=workshop.NOW)
+    assert "H-007 2 times" in meaning.answer and "42" not in meaning.answer
+    kb.close()
