@@ -29,10 +29,10 @@ from typing import Any
 
 from cloud_sync.assistant_answer import Answer, Source
 from cloud_sync.assistant_kb import Hit, KnowledgeBase
-from cloud_sync.assistant_understand import DAY, INTENTS, Parsed, Span, parse, season_start
+from cloud_sync.assistant_understand import DAY, INTENTS, MAX_QUESTION_CHARS, Parsed, Span, parse, season_start
 from cloud_sync.db import FleetDB
 from cloud_sync.present import clean_alert, finite
-from harvester_common.j1939_text import DtcText
+from harvester_common.j1939_text import DtcText, fmi_text
 
 __all__ = ["INTENTS", "Answer", "Assistant", "KnowledgeBase", "Source"]
 
@@ -100,7 +100,6 @@ class Dtc:
     text: str
     since: float
     seq: int
-    occurrence: Any
 
 
 class Assistant:
@@ -127,7 +126,7 @@ class Assistant:
         vehicles = [str(r[0]) for r in self._vehicles()]
         # Alert ids are only looked up when the question holds something that looks like one.
         ids: list[str] = []
-        for tok in re.findall(r"\b[0-9a-fA-F]{6,64}\b", question[:500]):
+        for tok in re.findall(r"\b[0-9a-fA-F]{6,64}\b", question[:MAX_QUESTION_CHARS]):
             ids += [str(r[0]) for r in self.db.read(
                 "SELECT DISTINCT alert_id FROM alerts WHERE alert_id >= ? AND alert_id < ? LIMIT 5",
                 (tok.lower(), tok.lower() + "\U0010ffff"))]
@@ -181,30 +180,37 @@ class Assistant:
                 said = d.get("text")
                 text = said[:200] if isinstance(said, str) and said.startswith(f"SPN {spn} ") else \
                     self.dtc_text.text(spn, fmi)
-                out.append(Dtc(spn, fmi, text, ts, seq, d.get("occurrence")))
+                out.append(Dtc(spn, fmi, text, ts, seq))
         return out
 
     def _status(self, row: tuple[Any, ...]) -> dict[str, Any]:
         st = _rec(row[4]) if row[4] else {}
         return st
 
-    def _vehicle_findings(self, vehicle: str, row: tuple[Any, ...], now: float, span: Span | None,
-                          sources: list[Source]) -> list[str]:
-        """Why a vehicle needs looking at, each reason with its rows added to `sources`."""
+    def _vehicle_findings(self, vehicle: str, row: tuple[Any, ...], span: Span | None, sources: list[Source],
+                          fleet: tuple[list[tuple[str, int, dict[str, Any]]], list[tuple[Any, ...]]] | None = None,
+                          ) -> list[str]:
+        """Why a vehicle needs looking at, each reason with its rows added to `sources`. `fleet`: the fleet's open
+        alerts and the alerts opened in `span`, read once for every vehicle (else they are read for this one)."""
         reasons: list[str] = []
-        opened = self._open_alerts(vehicle)
+        if fleet is not None:
+            opened = [o for o in fleet[0] if o[0] == vehicle]
+            in_span = [r[1:] for r in fleet[1] if r[0] == vehicle]
+            q_open, q_span = Q_OPEN.format(v=""), Q_OPENED
+        else:
+            opened = self._open_alerts(vehicle)
+            in_span = self.db.read(Q_OPENED_V, (vehicle, span.since, span.until)) if span is not None else []
+            q_open, q_span = Q_OPEN.format(v=" AND a.vehicle=?"), Q_OPENED_V
         if opened:
-            sources.append(Source("db", "alerts", [{"vehicle": v, "seq": s} for v, s, _ in opened],
-                                  Q_OPEN.format(v=" AND a.vehicle=?")))
+            sources.append(Source("db", "alerts", [{"vehicle": v, "seq": s} for v, s, _ in opened], q_open))
             for _, _, a in opened[:MAX_LISTED]:
                 reasons.append(f"open alert {a['label'] or '(no label)'} since {when(a['ts'])} (score "
                                f"{_fmt(a['score'])}, alert {a['alert_id'][:12]})")
         if span is not None:
-            closed = [r for r in self.db.read(Q_OPENED_V, (vehicle, span.since, span.until))
-                      if str(r[1]) not in {a["alert_id"] for _, _, a in opened}]
+            closed = [r for r in in_span if str(r[1]) not in {a["alert_id"] for _, _, a in opened}]
             if closed:
                 sources.append(Source("db", "alerts", [{"vehicle": vehicle, "seq": int(r[0])} for r in closed],
-                                      Q_OPENED_V))
+                                      q_span))
                 labels = Counter(str(_rec(r[3]).get("label") or "(no label)") for r in closed)
                 reasons.append(f"{_n(len(closed), 'alert')} opened and closed {span.label}: "
                                + ", ".join(f"{k} {v}" for k, v in sorted(labels.items())))
@@ -229,9 +235,10 @@ class Assistant:
         sources: list[Source] = []
         lines = []
         rows = self._vehicles()
+        fleet = (self._open_alerts(None), self.db.read(Q_OPENED, (span.since, span.until)))
         for row in rows:
             v = str(row[0])
-            reasons = self._vehicle_findings(v, row, now, span, sources)
+            reasons = self._vehicle_findings(v, row, span, sources, fleet)
             if reasons:
                 lines.append(f"- {v}: " + "; ".join(reasons))
         silent = [str(r[0]) for r in rows if float(r[3]) < span.since]
@@ -268,7 +275,7 @@ class Assistant:
         sources: list[Source] = [Source("db", "vehicles", [{"vehicle": p.vehicle}],
                                         "SELECT vehicle, fleet, online, last_seen, status FROM vehicles WHERE "
                                         "vehicle=?")]
-        reasons = self._vehicle_findings(p.vehicle, row, now, p.span, sources)
+        reasons = self._vehicle_findings(p.vehicle, row, p.span, sources)
         st = self._status(row)
         seen = f"last heard from {when(float(row[3]))} ({'online' if row[2] else 'offline'})"
         model = st.get("model_version")
@@ -368,9 +375,8 @@ class Assistant:
         first = self._check_first(spn=p.spn)
         if name is None and first is not None and first.title.startswith(f"SPN {p.spn} "):
             name = first.title.removeprefix(f"SPN {p.spn} ")  # the knowledge base's own document names it
-            self.dtc_text.spn_names.setdefault(p.spn, name)
         if p.fmi is not None:
-            head = self.dtc_text.text(p.spn, p.fmi) + "."
+            head = f"SPN {p.spn} {name or '(unknown)'}, FMI {p.fmi}: {fmi_text(p.fmi)}."
         else:
             head = f"SPN {p.spn} is {name or '(an SPN I have no name for)'}; name the FMI to know how it failed."
         sources: list[Source] = [Source("kb", path="harvester_common/j1939_text.py",
