@@ -50,8 +50,10 @@ CAN_ANSWER = (
 Q_VEHICLES = "SELECT vehicle, fleet, online, last_seen, status FROM vehicles ORDER BY vehicle"
 Q_OPEN = ("SELECT a.vehicle, a.seq, a.alert_id, a.ts, a.record FROM alerts a WHERE a.state='open'{v} AND a.seq = "
           "(SELECT MAX(b.seq) FROM alerts b WHERE b.vehicle=a.vehicle AND b.alert_id=a.alert_id) ORDER BY a.ts")
-Q_DTC = ("SELECT seq, kind, ts, record FROM events WHERE vehicle=? AND kind IN ('dtc_open','dtc_update','dtc_close') "
-         f"ORDER BY ts DESC, seq DESC LIMIT {MAX_EVENTS_READ}")
+# One kind at a time, newest first: each stops after its LIMIT rows of the (vehicle, kind, ts) index, where an IN over
+# the kinds would sort all of a vehicle's DTC events (a storm's million) to find the latest.
+DTC_KINDS = ("dtc_open", "dtc_update", "dtc_close")
+Q_DTC = f"SELECT seq, kind, ts, record FROM events WHERE vehicle=? AND kind=? ORDER BY ts DESC LIMIT {MAX_EVENTS_READ}"
 Q_LAST_SAMPLE = ("SELECT seq, ts, value FROM samples WHERE vehicle=? AND signal_id=? AND ts<=? "
                  "ORDER BY ts DESC LIMIT 1")
 Q_OPENED_V = ("SELECT seq, alert_id, ts, record FROM alerts WHERE vehicle=? AND state='open' AND ts>=? AND ts<? "
@@ -59,7 +61,7 @@ Q_OPENED_V = ("SELECT seq, alert_id, ts, record FROM alerts WHERE vehicle=? AND 
 Q_OPENED = ("SELECT vehicle, seq, alert_id, ts, record FROM alerts WHERE state='open' AND ts>=? AND ts<? "
             "ORDER BY ts, seq")
 Q_LAST_FAULT = ("SELECT seq, alert_id, ts, record FROM alerts WHERE vehicle=? AND state='open' AND label=? "
-                "ORDER BY ts DESC, seq DESC LIMIT 1")
+                "ORDER BY ts DESC LIMIT 1")
 Q_NOT_SYNCED = "SELECT vehicle, fleet, last_seen FROM vehicles WHERE last_seen < ? ORDER BY last_seen, vehicle"
 Q_MARKS_ALERTS = (f"SELECT seq, ts, record FROM alerts WHERE vehicle=? AND state='open' ORDER BY ts DESC "
                   f"LIMIT {MAX_MARKS_READ}")
@@ -166,7 +168,9 @@ class Assistant:
 
     def _active_dtcs(self, vehicle: str) -> list[Dtc]:
         latest: dict[tuple[str, int, int], tuple[str, float, int, dict[str, Any]]] = {}
-        for seq, kind, ts, rec in self.db.read(Q_DTC, (vehicle,)):
+        rows = [r for kind in DTC_KINDS for r in self.db.read(Q_DTC, (vehicle, kind))]
+        rows.sort(key=lambda r: (float(r[2]), int(r[0])), reverse=True)
+        for seq, kind, ts, rec in rows:
             d = _rec(rec).get("data")
             if not isinstance(d, dict) or not isinstance(d.get("spn"), int) or not isinstance(d.get("fmi"), int):
                 continue
@@ -184,8 +188,7 @@ class Assistant:
         return out
 
     def _status(self, row: tuple[Any, ...]) -> dict[str, Any]:
-        st = _rec(row[4]) if row[4] else {}
-        return st
+        return _rec(row[4]) if row[4] else {}
 
     def _vehicle_findings(self, vehicle: str, row: tuple[Any, ...], span: Span | None, sources: list[Source],
                           fleet: tuple[list[tuple[str, int, dict[str, Any]]], list[tuple[Any, ...]]] | None = None,
