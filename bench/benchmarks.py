@@ -26,7 +26,7 @@ from typing import Any
 from benchkit import FIGURES, REPO, Figure, _big_dbc, _cpu, _trace_files, figure
 
 # Topic modules register their figures on import (bench/benchkit.py): add a new topic's module here.
-TOPICS: tuple[str, ...] = ("ingest", "live_lane", "dtc_storm", "agent_memory")
+TOPICS: tuple[str, ...] = ("ingest", "live_lane", "dtc_storm", "agent_memory", "assistant")
 
 
 def _baseline_decode(files: list[Path]) -> tuple[int, float]:
@@ -881,12 +881,12 @@ FLEET_SEGMENT = 10_000  # samples per received segment, a few seconds of a busy 
 FLEET_GAP_EVERY = 100  # one segment in 100 never arrived (its samples are stored; its range is not)
 
 
-def _fleet_db(path: Path, n_samples: int) -> float:
+def _fleet_db(path: Path, n_samples: int, prefix: str = "harvester") -> float:
     """A cloud database as `cloud-sync serve` would have left it after storing `n_samples` samples from 10
     vehicles, filled straight into SQLite (generated rows, not through the wire): the current schema and its
     indexes, received ranges as ingest merges them (with a gap every FLEET_GAP_EVERY segments), the per-vehicle
     counts ingest keeps, 20 alerts and 5
-    events per vehicle, a status each. Returns the seconds the fill took."""
+    events per vehicle, a status each; vehicles `{prefix}-00`... Returns the seconds the fill took."""
     import sqlite3
 
     from cloud_sync.db_sqlite import CloudDB
@@ -897,7 +897,7 @@ def _fleet_db(path: Path, n_samples: int) -> float:
     db = CloudDB(path)  # the schema, at the current version
     per = n_samples // FLEET_VEHICLES
     for i in range(FLEET_VEHICLES):
-        v = f"harvester-{i:02d}"
+        v = f"{prefix}-{i:02d}"
         alerts = [wire.Segment("alert", per + 1 + k, per + 1 + k, record={
             "alert_id": f"a{k // 2}", "state": "open" if k % 2 == 0 else "closed", "ts": 1.79e9 + k * 600,
             "score": 0.9, "model": "harvester-anomaly", "model_version": "1.0.0", "label": "coolant_leak"})
@@ -918,7 +918,7 @@ def _fleet_db(path: Path, n_samples: int) -> float:
     con.executemany("INSERT INTO signals (id, name, source, unit) VALUES (?,?,?,?)",
                     [(k, f"MSG{k}.Signal{k}", "can0/00", "") for k in range(1, 65)])
     for i in range(FLEET_VEHICLES):
-        v = f"harvester-{i:02d}"
+        v = f"{prefix}-{i:02d}"
         con.execute(
             "INSERT INTO samples SELECT ?, x, 1.79e9 + x * 0.01, x % 64 + 1, (x % 1000) * 0.1 FROM "
             "(WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < ?) SELECT x FROM c)",

@@ -271,6 +271,34 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ask(args: argparse.Namespace) -> int:
+    from cloud_sync.assistant import Assistant, KnowledgeBase
+
+    cfg = load_config(args.config)
+    db = existing_db(cfg)
+    try:
+        kb = KnowledgeBase(cfg.assistant.kb_dirs, cfg.assistant.index_path)
+    except BaseException:
+        db.close()
+        raise
+    for doc, why in kb.skipped:  # a site's bad document is said, once per run, and costs only itself
+        print(f"cloud-sync ask: knowledge base: skipped {terminal(doc)}: {why}", file=sys.stderr)
+    try:
+        answer = Assistant(db, kb, cfg.assistant.season_start).ask(args.question)
+    finally:
+        db.close()
+        kb.close()
+    if args.json:
+        print(dumps(answer.to_dict()))
+        return 0
+    print("\n".join(terminal(line) for line in answer.answer.splitlines()))
+    if answer.sources:
+        print("\nsources:")
+        for s in answer.sources:
+            print(f"  - {terminal(s.cite())}")
+    return 0
+
+
 def model_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
                    ) -> argparse._SubParsersAction[argparse.ArgumentParser]:
     """The `model` group: each module with model commands adds its own to what this returns."""
@@ -344,6 +372,17 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--chunk-rows", type=_chunk_rows, default=DEFAULT_CHUNK_ROWS, metavar="N",
                     help=f"rows read at once: what memory is bounded by (default {DEFAULT_CHUNK_ROWS:,})")
     ex.set_defaults(func=cmd_export)
+    ak = sub.add_parser("ask", help="the maintenance assistant: a workshop's question answered from the fleet "
+                        "database and the knowledge base, with its sources",
+                        description="Answer QUESTION from the fleet database and the maintenance knowledge base "
+                        "(docs/assistant.md): which vehicles need attention, what is wrong with one, why an alert "
+                        "fired, what a DTC means, a fault's history, who has not synced, what changed since a model "
+                        "update. Every answer names the rows and documents it used; nothing is made up.")
+    ak.add_argument("question", help="the question, in quotes")
+    ak.add_argument("--config", required=True, help="cloud_sync TOML config")
+    ak.add_argument("--json", action="store_true", help="print one JSON object: answer, intent, slots, sources, "
+                    "clarify")
+    ak.set_defaults(func=cmd_ask)
     model_sub = model_commands(sub)
     packaging.add_commands(model_sub)
     add_model_commands(model_sub)

@@ -133,6 +133,17 @@ class QualityConfig(_Section):
         "hours before it; the lead time is measured from the earliest such alert"))
 
 
+class AssistantConfig(_Section):
+    kb_dirs: list[Path] = Field(default_factory=list, description=(
+        "`cloud-sync ask`: folders of the site's own Markdown maintenance documents (`*.md`, searched below each "
+        "folder), indexed beside the ones shipped in cloud_sync/kb; docs/assistant.md gives their format"))
+    index_path: Path = Field(Path("assistant-kb.sqlite"), description=(
+        "the knowledge base's full-text index (SQLite FTS5; relative to the config file): brought up to date at each "
+        "start for the documents whose size, time or content changed; it may be deleted at any time"))
+    season_start: str = Field("10-01", pattern=r"^(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])$", description=(
+        "`this season` in a question starts on this month-day (UTC) of the current or the previous year"))
+
+
 class LogConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description=(
         "logs go to stderr"))
@@ -148,6 +159,7 @@ class CloudConfig(_Section):
     web: WebConfig = WebConfig()
     rollout: RolloutConfig = RolloutConfig()
     quality: QualityConfig = QualityConfig()
+    assistant: AssistantConfig = AssistantConfig()
     log: LogConfig = LogConfig()
 
 

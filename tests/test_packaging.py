@@ -33,8 +33,10 @@ def test_every_role_folder_packages_itself_and_the_vehicle_package_holds_only_th
     for d in ROLE_DIRS:
         meta = tomllib.loads((REPO / d / "pyproject.toml").read_text())
         assert meta["tool"]["setuptools"]["package-dir"] == {d: "."}, d
-        subpackages = sorted(p.parent.relative_to(REPO / d) for p in (REPO / d).rglob("__init__.py"))
-        assert subpackages == [Path(".")], f"{d} has subpackages {subpackages}: list them in its pyproject.toml"
+        # A subpackage not listed would be left out of the wheel (setuptools installs only what `packages` names).
+        found = sorted(".".join((d, *p.parent.relative_to(REPO / d).parts)) for p in (REPO / d).rglob("__init__.py"))
+        listed = sorted(meta["tool"]["setuptools"].get("packages", [d]))
+        assert found == listed, f"{d} has packages {found}, its pyproject.toml lists {listed}"
     assert "harvester-common==0.1.0" in root["project"]["dependencies"]
 
 
