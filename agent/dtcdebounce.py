@@ -38,11 +38,13 @@ The rules, applied to a decoder's events in the order they arrive:
   opened) and `open_not_listed` (opens merged past that list). A storm summary is not itself bounded: one per source
   and window at most.
 - A DTC's first open (one whose DTC has no quiet period running: it had not changed for a period; without
-  debouncing, every open) is what a mechanic needs, so no other kind of event can crowd it out: it goes out at once
-  while its source has let out fewer than `max_events_per_min` first opens in the window, however many other events
-  went out or were merged (it counts towards their bound too). Only a source announcing more new DTCs than that in a
-  minute (a truly random storm) has its first opens merged, listed in the summary's `open`. So a source lets out at
-  most twice the bound a minute, and at most the bound of anything but first opens.
+  debouncing, every open) is what a mechanic needs, so no other kind of event can crowd it out: `reserve(limit)`
+  (half) of a window's bound is kept for first opens. Other events go out while the window has let out fewer than
+  `limit - reserve` of them (and nothing was merged yet); a first open goes out while the window has let out fewer
+  than `limit` events of any kind, even while the source's other events are being merged. So, however noisy the
+  rest, at least `reserve` first opens a minute go out as themselves; only a source announcing more new DTCs than
+  the bound leaves room for (a truly random storm) has them merged, named in the summary's `open`. The bound on what
+  a source writes stays `max_events_per_min`.
 - Nothing is lost silently: every decoded DTC event goes out as itself (`passed`), inside an event that went out
   (`merged`: a summary's `transitions`, a coalesced update's `updates`, a transition's superseded `updates`), or is
   still held (`held`): decoded = passed + merged + held.
@@ -50,7 +52,7 @@ The rules, applied to a decoder's events in the order they arrive:
   restart (held transitions and updates, each source's window), saved in the same transaction as the events it goes
   with. A restart forgets the periods that hold nothing: the next transition or update of such a DTC goes out at
   once. A state saved as version 1 (before updates were debounced) is read too: it holds no updates, and its windows
-  no count of first opens.
+  no count of first opens (what they let out counts as other events).
 - The clock is the latest data time seen (a time that is not a finite number is ignored). If the data's time
   steps back by more than a period (a log from before, a clock set back), every period and window ends at once,
   what they hold goes out, and the clock starts again from there.
@@ -435,15 +437,18 @@ class DtcDebouncer:
         return w
 
     def _bounded(self, e: Event, weight: int, urgent: bool, first: bool = False, summary: bool = False) -> None:
-        """Out, unless its source has had its minute's worth: then merged into the source's storm summary. A first
-        open has its own allowance, which nothing else uses up."""
+        """Out, unless its source has had its minute's worth: then merged into the source's storm summary. Part of
+        the minute's worth is kept for first opens (`first`), which nothing else can use up."""
         limit = self.policy.max_events_per_min
         source = e.data.get("source")
         if not limit or not isinstance(source, str):
             self._let_out(e, weight, urgent, summary)
             return
         w = self._open_window(source)
-        allowed = w.opened < limit if first else w.sent < limit and not w.merged
+        if first:
+            allowed = w.sent < limit
+        else:
+            allowed = not w.merged and w.sent < limit and w.sent - w.opened < limit - reserve(limit)
         if allowed:
             w.sent += 1
             w.opened += first
@@ -584,6 +589,11 @@ class DtcDebouncer:
             self._tie += 1
             heapq.heappush(self._windows_due, (w.start + WINDOW_S, self._tie, source))
         return True
+
+
+def reserve(limit: int) -> int:
+    """How much of a window's bound of `limit` events only first opens may use."""
+    return limit // 2
 
 
 def _num(x: Any) -> float:
