@@ -289,7 +289,8 @@ class DtcDebouncer:
         if q is None or q.at_once < 2:
             superseded = self._take_updates(key)
             out = Event(kind, e.ts, e.data | {"updates": superseded}) if superseded else e
-            self._bounded(out, 1 + superseded, urgent=kind == OPEN, first=first)
+            if not self._bounded(out, 1 + superseded, urgent=kind == OPEN, first=first) and first:
+                return  # merged, as what a storming source sends is: no period (a random storm makes many DTCs)
             if q is None:
                 # From the clock, which an event late in its batch (or a batch behind another source's time) may
                 # be behind: a period must not end before it starts.
@@ -436,14 +437,14 @@ class DtcDebouncer:
             heapq.heappush(self._windows_due, (start + WINDOW_S, self._tie, source))
         return w
 
-    def _bounded(self, e: Event, weight: int, urgent: bool, first: bool = False, summary: bool = False) -> None:
-        """Out, unless its source has had its minute's worth: then merged into the source's storm summary. Part of
-        the minute's worth is kept for first opens (`first`), which nothing else can use up."""
+    def _bounded(self, e: Event, weight: int, urgent: bool, first: bool = False, summary: bool = False) -> bool:
+        """Out (True), unless its source has had its minute's worth: then merged into the source's storm summary.
+        Part of the minute's worth is kept for first opens (`first`), which nothing else can use up."""
         limit = self.policy.max_events_per_min
         source = e.data.get("source")
         if not limit or not isinstance(source, str):
             self._let_out(e, weight, urgent, summary)
-            return
+            return True
         w = self._open_window(source)
         if first:
             allowed = w.sent < limit
@@ -453,7 +454,7 @@ class DtcDebouncer:
             w.sent += 1
             w.opened += first
             self._let_out(e, weight, urgent, summary)
-            return
+            return True
         if not w.merged:
             # The source's storm begins: what its DTCs hold would most likely end up here too, so it goes now.
             for key in list(self._holding.get(source, ())):
@@ -461,6 +462,7 @@ class DtcDebouncer:
             for key in list(self._holding_updates.get(source, ())):
                 self._merge_updates(w, key)
         self._merge(w, e, weight)
+        return False
 
     def _let_out(self, e: Event, weight: int, urgent: bool, summary: bool) -> None:
         """`summary`: `e` stands for `weight` events (a flapping summary, a coalesced update); else it is one,
@@ -549,15 +551,19 @@ class DtcDebouncer:
     def state(self) -> dict[str, Any]:
         """What is held, as JSON, to be saved with the events of the same batch; taking it clears `changed`."""
         self.changed = False
+        # Taken after every batch that changed it: only the DTCs holding something (at most HELD_MAX), never all
+        # those in a quiet period (a storm makes many), in an order that does not depend on set iteration.
+        quiet = [(k, self._quiet[k]) for k in sorted(k for keys in self._holding.values() for k in keys)]
+        updates = [(k, self._updates[k]) for k in sorted(k for keys in self._holding_updates.values() for k in keys)]
         return {
             "v": STATE_VERSION,
             "clock": self.clock if _finite(self.clock) else None,
             "quiet": [[k[0], k[1], k[2], q.until, q.n, q.opens, q.closes, q.first, q.last.kind,
                        q.last.ts if _finite(q.last.ts) else None, q.last.data, q.updates]
-                      for k, q in self._quiet.items() if q.n and q.last is not None],
+                      for k, q in quiet if q.n and q.last is not None],
             "updates": [[k[0], k[1], k[2], u.until, u.n, u.first, u.last.ts if _finite(u.last.ts) else None,
                          u.last.data, list(u.changed)]
-                        for k, u in self._updates.items() if u.n and u.last is not None],
+                        for k, u in updates if u.n and u.last is not None],
             "windows": [[s, w.start, w.sent, w.merged, w.weight, dict(w.kinds), w.first if w.merged else None,
                          w.last if w.merged else None, [list(k) for k in w.open], w.open_not_listed, w.opened]
                         for s, w in self._windows.items()],
