@@ -228,7 +228,10 @@ def test_any_sequence_adds_up_and_respects_the_bound(steps: list[tuple[float, in
             now = t = t + ticks[i]
         got, urgent = d.feed([e], now)
         out += [(d.clock, g) for g in got]
-        assert urgent == any(g.kind == "dtc_open" and g.data["x"] == i for g in got)  # an open let out at once
+        # Urgent: this batch's open let out at once. (With a later data time in the batch, it may also have been
+        # held and let out late, when its period ended in the same batch: that is not urgent.)
+        own_open_out = any(g.kind == "dtc_open" and g.data["x"] == i for g in got)
+        assert urgent == own_open_out if now is None else (own_open_out or not urgent)
         assert d.decoded == d.passed + d.merged + d.held  # every decoded event accounted for, always
         held = d.state()  # nothing waits past its period or window
         assert all(until > d.clock for _, _, _, until, *_ in held["quiet"])
