@@ -40,11 +40,12 @@ The rules, applied to a decoder's events in the order they arrive:
 - A DTC's first open (one whose DTC has no quiet period running: it had not changed for a period; without
   debouncing, every open) is what a mechanic needs, so no other kind of event can crowd it out: `reserve(limit)`
   (half) of a window's bound is kept for first opens. Other events go out while the window has let out fewer than
-  `limit - reserve` of them (and nothing was merged yet); a first open goes out while the window has let out fewer
-  than `limit` events of any kind, even while the source's other events are being merged. So, however noisy the
-  rest, at least `reserve` first opens a minute go out as themselves; only a source announcing more new DTCs than
-  the bound leaves room for (a truly random storm) has them merged, named in the summary's `open`. The bound on what
-  a source writes stays `max_events_per_min`.
+  `limit - reserve` of them and fewer than `limit` in all (and nothing was merged yet); a first open goes out while
+  the window has let out fewer than `limit` events of any kind, even while the source's other events are being
+  merged. So, however noisy the rest, at least `reserve` first opens a minute go out as themselves; only a source
+  announcing more new DTCs than the bound leaves room for (a truly random storm) has them merged, named in the
+  summary's `open`; a first open merged starts no quiet period (the DTC's next open is a first open again). The
+  bound on what a source writes stays `max_events_per_min`.
 - Nothing is lost silently: every decoded DTC event goes out as itself (`passed`), inside an event that went out
   (`merged`: a summary's `transitions`, a coalesced update's `updates`, a transition's superseded `updates`), or is
   still held (`held`): decoded = passed + merged + held.
