@@ -107,12 +107,15 @@ class PipelineConfig(_Section):
     dtc_debounce_s: float = Field(60.0, ge=0, le=3600, description=(
         "quiet period of a DTC (source, SPN, FMI), in data time, from its first transition: that one and the next "
         "go out at once; more within it (a flapping DTC) become one `dtc_flapping` event with their count and "
-        "first and last time, sent when the period ends (or at a stop), one per period while it flaps; 0: every "
-        "transition goes out as itself (docs/delivery.md, \"DTC storms\")."))
+        "first and last time, sent when the period ends (or at a stop), one per period while it flaps. A DTC's "
+        "`dtc_update`s have a period of their own: the first goes out at once, the rest within it become one "
+        "`dtc_update` (the last, with their count and first and last time); 0: every transition and update goes "
+        "out as itself (docs/delivery.md, \"DTC storms\")."))
     dtc_max_events_per_min: int = Field(30, ge=0, le=100_000, description=(
-        "at most this many DTC events per source address per minute of data time; the rest are merged into one "
-        "`dtc_storm` summary per source and minute (counts by kind, first and last time, DTCs left open) and "
-        "counted (`pipeline.dtc_events_merged`); 0: no bound."))
+        "at most this many DTC events per source address per minute of data time, half of which (rounded down) "
+        "only first opens may use (a DTC new or quiet for a period: other events cannot crowd those out); the rest "
+        "are merged into one `dtc_storm` summary per source and minute (counts by kind, first and last time, DTCs "
+        "left open) and counted (`pipeline.dtc_events_merged`); 0: no bound."))
 
     def dtc_policy(self) -> DtcPolicy:
         return DtcPolicy(self.dtc_debounce_s, self.dtc_max_events_per_min)

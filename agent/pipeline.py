@@ -3,12 +3,12 @@ a `Sink`.
 
 Every source's batches go through its decoder (agent/decode/base.py), the samples through features and scoring to
 alerts; samples, alerts and events go to the sink. A decoder's events go through that source's DTC debouncer
-first (agent/dtcdebounce.py, on the batch's own data time): a flapping DTC becomes one event a period, a source's
-storm one summary a minute, every decoded event counted. Alerts and a DTC's first open are marked urgent (written
-at once); the decoder's other events may wait for the samples' flush. The live service (agent/service.py) and log
-replay both drive this same object with the store writer (agent/writer.py) as the sink, so what a fleet engineer
-replays is exactly what runs on the vehicle. When and how the sink writes, and what it does when it cannot, is the
-writer's.
+first (agent/dtcdebounce.py, on the batch's own data time): a flapping DTC becomes one event a period, as do a
+DTC's updates, a source's storm one summary a minute, every decoded event counted. Alerts and a DTC's first open
+are marked urgent (written at once); the decoder's other events may wait for the samples' flush. The live service
+(agent/service.py) and log replay both drive this same object with the store writer (agent/writer.py) as the sink,
+so what a fleet engineer replays is exactly what runs on the vehicle. When and how the sink writes, and what it
+does when it cannot, is the writer's.
 
 What is open survives a restart. The open alert and each decoder's state (a bus's DM1 active set) go to the sink
 (state keys `alerts/open`, `dtc_active/<bus>`, and what the DTC debouncer holds, `dtc_debounce/<bus>`) with the
@@ -111,7 +111,7 @@ class PipelineStats:
     alerts_carried: int = 0  # open alerts taken over from the previous run
     dtc_events: int = 0  # decoded (DM1 transitions and any other dtc_* event a decoder gives)
     dtc_events_written: int = 0  # to the sink: as themselves, and the summaries of those merged
-    dtc_events_merged: int = 0  # decoded events that went out inside a summary (dtc_flapping, dtc_storm)
+    dtc_events_merged: int = 0  # decoded events that went out inside another (a summary, a coalesced update, ...)
     dtc_events_held: int = 0  # decoded events the debouncers hold now (dtc_events = passed + merged + held)
     serial_lines: int = 0
     source_events: int = 0  # source_down / source_up passed on to the sink

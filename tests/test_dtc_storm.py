@@ -27,13 +27,14 @@ from agent.decode.j1939_id import make_id
 from agent.decode.j1939_tp import PGN_DM1, Dtc
 from agent.dtcdebounce import FLAPPING, STORM, DtcPolicy
 from agent.frames import FrameBatch
-from agent.pipeline import Pipeline
+from agent.pipeline import DTC_DEBOUNCE_STATE_KEY, Pipeline
 from agent.signals import SignalRegistry
 from agent.store import Store
 from agent.writer import StoreWriter
-from harvester_sim import encode_dm1
+from harvester_sim import bam_frames, encode_dm1
 from harvester_testing import flapproc
 from harvester_testing.storm import STORM_EPOCH, storm_frames, write_candump
+from tests.test_dtcdebounce import V1_STATE
 from tests.test_uplink import wait_for
 
 Record = tuple[str, dict[str, Any]]
@@ -50,10 +51,24 @@ def _records(db: Path) -> list[Record]:
 
 
 def weight(rec: dict[str, Any]) -> int:
-    """How many decoded DTC events a record stands for."""
-    if rec["kind"] in (FLAPPING, STORM):
-        return int(rec["data"]["transitions"])
-    return 1 if rec["kind"].startswith("dtc_") else 0
+    """How many decoded DTC events a record stands for: a summary its `transitions` (a flapping one also the updates
+    it superseded), a coalesced update its `updates`, a transition itself and the updates it superseded."""
+    kind, d = rec["kind"], rec["data"]
+    if kind == STORM:
+        return int(d["transitions"])
+    if kind == FLAPPING:
+        return int(d["transitions"]) + int(d.get("updates", 0))
+    if kind == "dtc_update":
+        return int(d.get("updates", 1))
+    if kind in ("dtc_open", "dtc_close"):
+        return 1 + int(d.get("updates", 0))
+    return 1 if kind.startswith("dtc_") else 0
+
+
+def merged(rec: dict[str, Any]) -> int:
+    """How many of the decoded DTC events a record stands for went out inside it rather than as itself."""
+    summary = rec["kind"] in (FLAPPING, STORM) or (rec["kind"] == "dtc_update" and "updates" in rec["data"])
+    return weight(rec) if summary else weight(rec) - 1
 
 
 def _event(i: int) -> Record:
@@ -102,15 +117,17 @@ def test_a_fuzzed_storm_replay_writes_at_most_the_bound_and_reconciles(tmp_path:
     # Every decoded event is written as itself or inside a summary; nothing is held after the replay.
     assert len(recs) == out["dtc_events_written"] == metrics["pipeline.dtc_events_written"]
     assert sum(weight(rec) for rec in recs) == out["dtc_events"]
-    assert out["dtc_events_merged"] == sum(weight(rec) for rec in recs if rec["kind"] in (FLAPPING, STORM)) > 0
+    assert out["dtc_events_merged"] == sum(merged(rec) for rec in recs) > 0
     assert out["metrics"]["gauges"]["pipeline.dtc_events_held"] == 0
-    # The bound: 30 a minute per source (the default), and a summary per source and minute, over 125 s.
+    # The bound: 30 a minute per source (the default), of which 15 only first opens may use, and a summary per
+    # source and minute, over 125 s.
     windows = 3
     by_source: dict[str, list[str]] = defaultdict(list)
     for rec in recs:
         by_source[rec["data"]["source"]].append(rec["kind"])
     assert len(by_source) > 200  # random source addresses
     for kinds in by_source.values():
+        assert sum(k not in (STORM, "dtc_open") for k in kinds) <= 15 * windows
         assert sum(k != STORM for k in kinds) <= 30 * windows and kinds.count(STORM) <= windows
     assert len(recs) < out["dtc_events"] / 2
     # One records transaction per batch at most (5,000 frames), plus the samples' own flushes and the last one.
@@ -166,6 +183,55 @@ def test_a_flapping_dtc_becomes_one_event_per_period(tmp_path: Path) -> None:
     assert out["dtc_events_merged"] == sum(weight(rec) for rec in flap[2:])
 
 
+def _lamp_follows_log(path: Path, seconds: int, new_fault_at: int) -> dict[int, int]:
+    """Crafted DM1 traffic from one ECU (SA 0x00) over TP.BAM, once a second: three steady DTCs (111/1, 112/1,
+    113/1) all along, DTC 110/0 active every other second (a loose connector), and the ECU's amber lamp following
+    110/0, so that each flap changes the lamps of the three steady DTCs too; from `new_fault_at` on, an unrelated
+    DTC 5000/3 is active as well. Returns how many DM1s changed each steady DTC's lamps (a `dtc_update` each)."""
+    msgs: list[can.Message] = []
+    updates: dict[int, int] = defaultdict(int)
+    steady = [Dtc(111, 1, 1), Dtc(112, 1, 1), Dtc(113, 1, 1)]
+    for i in range(seconds):
+        t = STORM_EPOCH + i
+        flapping = i % 2 == 0
+        dtcs = ([Dtc(110, 0, 1)] if flapping else []) + steady + ([Dtc(5000, 3, 1)] if i >= new_fault_at else [])
+        msgs += bam_frames(PGN_DM1, encode_dm1(dtcs, lamps=0x04 if flapping else 0x00), 0x00, t)
+        if i:
+            for d in steady:
+                updates[d.spn] += 1
+    write_candump(path, iter(msgs))
+    return updates
+
+
+def test_a_lamp_following_a_flapping_dtc_does_not_hide_a_new_fault(tmp_path: Path) -> None:
+    """Issue 15's review: each flap made a `dtc_update` for each steady DTC, which tripped the source's bound, and
+    the storm summary swallowed an unrelated DTC's first open. Through `harvester-agent replay`, default policy."""
+    log = tmp_path / "lamp_candumpL.log"
+    updates = _lamp_follows_log(log, 600, new_fault_at=300)  # ten minutes
+    db = tmp_path / "replay.sqlite"
+    r = subprocess.run([sys.executable, "-m", "agent", "replay", "--json", "--no-model", "--db", str(db), str(log)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    recs = [rec for _, rec in _records(db)]
+    assert all(rec["kind"] != STORM for rec in recs)  # the source stays under its bound
+    new = [rec for rec in recs if rec["data"]["spn"] == 5000]
+    assert new[0]["kind"] == "dtc_open" and STORM_EPOCH + 300 <= new[0]["ts"] < STORM_EPOCH + 301  # its own record
+    assert {rec["kind"] for rec in new[1:]} == {"dtc_update"}  # then it follows the lamp like the others
+    for spn, n in updates.items():
+        mine = [rec for rec in recs if rec["data"]["spn"] == spn]
+        assert mine[0]["kind"] == "dtc_open" and {rec["kind"] for rec in mine[1:]} == {"dtc_update"}
+        # The first update at once, then one per minute: the last of its minute, with how many it stands for.
+        assert 10 <= len(mine) - 1 <= 12 and sum(weight(rec) for rec in mine[1:]) == n
+        for rec in mine[2:]:
+            d = rec["data"]
+            assert d["changed"] == ["lamps"] and d["updates"] > 1 and d["first_ts"] < d["last_ts"] == rec["ts"]
+            assert d["amber_warning"] == (1 if round(rec["ts"] - STORM_EPOCH) % 2 == 0 else 0)  # the last one's
+    assert sum(weight(rec) for rec in recs) == out["dtc_events"] and len(recs) < 60
+    assert out["dtc_events_merged"] == sum(merged(rec) for rec in recs)
+    _check([(rec["kind"], rec) for rec in recs])  # every DTC's records in its order: no update of a DTC not open
+
+
 # --- restarts --------------------------------------------------------------------------------------------------
 
 
@@ -175,19 +241,24 @@ def _dm1_batch(t: float, flapping: bool) -> FrameBatch:
     return FrameBatch.from_messages(msgs)
 
 
-def _run(path: Path, batches: list[FrameBatch], flushed: bool) -> None:
+POLICY = DtcPolicy(10.0, 30)
+
+
+def _run(path: Path, batches: list[FrameBatch], flushed: bool, policy: DtcPolicy = POLICY) -> tuple[int, int]:
     """One agent's life on the store: started from what it saved, fed, and crashed (no clean stop), after the
-    writer's flush or before it."""
+    writer's flush or before it. Returns the saved debouncer states it refused, and the events it took back held."""
     store = Store(path, first_seq=1)
     reg = SignalRegistry()
     w = StoreWriter(store, reg)
-    p = Pipeline(reg, {"can0": J1939Decoder(reg)}, None, w, dtc_policy=DtcPolicy(10.0, 30))
+    p = Pipeline(reg, {"can0": J1939Decoder(reg)}, None, w, dtc_policy=policy)
     w.resume(p)
+    resumed = (p.stats.errors["dtc_debounce_state_unreadable"], sum(d.held for d in p.debouncers.values()))
     for fb in batches:
         p.feed(fb.bus, fb)
     if flushed:
         w.flush_records()
     store.db.close()
+    return resumed
 
 
 def _check(recs: list[Record]) -> dict[int, bool]:
@@ -204,6 +275,8 @@ def _check(recs: list[Record]) -> dict[int, bool]:
             assert d["opens"] + d["closes"] == d["transitions"] and abs(d["opens"] - d["closes"]) <= 1
             assert (d["state"] == "open") == (state[spn] != (d["transitions"] % 2 == 1))
             state[spn] = d["state"] == "open"
+        elif rec["kind"] == "dtc_update":
+            assert state[spn], f"an update of {spn} before its open"
     return dict(state)
 
 
@@ -249,6 +322,27 @@ def test_a_crash_before_the_flush_loses_the_held_events_with_their_state_and_the
     recs = _records(path)
     assert [(r["kind"], r["data"]["spn"], r["ts"]) for _, r in recs][2:] == [("dtc_close", 110, 2.0)]
     assert _check(recs) == {111: True, 110: False}
+
+
+def test_a_debouncer_state_saved_by_the_agent_before_is_let_out_and_an_unknown_one_is_counted(
+        tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite"
+    store = Store(path, first_seq=1)
+    store.set_state(DTC_DEBOUNCE_STATE_KEY.format(source="can0"), V1_STATE)  # as the agent before saved it
+    store.db.close()
+    held = _run(path, [_dm1_batch(t, False) for t in (106, 111, 165)], flushed=True, policy=DtcPolicy(10.0, 8))
+    assert held == (0, 3)  # read, not refused: its three held events
+    recs = [r for _, r in _records(path)]
+    assert [(r["kind"], r["data"]["source"], r["data"].get("spn")) for r in recs] == [
+        ("dtc_open", "can0/00", 111), (FLAPPING, "can0/00", 110), (STORM, "can0/01", None)]
+    assert recs[1]["data"]["transitions"] == 2 and recs[2]["data"]["transitions"] == 1
+    # A state this agent cannot read (a newer agent's, or damaged): refused, counted, and the agent carries on.
+    path = tmp_path / "t.sqlite"
+    store = Store(path, first_seq=1)
+    store.set_state(DTC_DEBOUNCE_STATE_KEY.format(source="can0"), V1_STATE | {"v": 99})
+    store.db.close()
+    assert _run(path, [_dm1_batch(1.0, True)], flushed=True) == (1, 0)
+    assert sorted(r["data"]["spn"] for _, r in _records(path)) == [110, 111]
 
 
 def _agent_config(tmp: Path) -> Path:
