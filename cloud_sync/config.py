@@ -142,6 +142,10 @@ class AssistantConfig(_Section):
         "start for the documents whose size, time or content changed; it may be deleted at any time"))
     season_start: str = Field("10-01", pattern=r"^(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])$", description=(
         "`this season` in a question starts on this month-day (UTC) of the current or the previous year"))
+    refresh_s: float = Field(30.0, ge=0, le=86400, description=(
+        "`cloud-sync web`'s chat panel: before a question, the knowledge base is brought up to date with its folders "
+        "when it was last looked at longer ago than this (0: before every question); a document added or edited "
+        "is found by the next question after that"))
 
 
 class LogConfig(_Section):
