@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import subprocess
+import sys
 import threading
 import urllib.parse
 from collections.abc import Iterator, Sequence
@@ -327,3 +329,17 @@ def test_the_panel_in_a_browser(chat_site: str, browser: Any) -> None:
     assert browser.find_element(By.ID, "chat-q").is_displayed() and toggle.get_attribute("aria-expanded") == "true"
     shoot(browser, "assistant-narrow")
     browser.set_window_size(1200, 1600)
+
+
+def test_cli_web_with_an_unusable_index_says_so_in_one_line(tmp_path: Path) -> None:
+    """`cloud-sync web` opens the knowledge base before it listens: an index path holding something else is one
+    line and exit 2, nothing served."""
+    CloudDB(tmp_path / "cloud.sqlite").close()
+    (tmp_path / "kb.sqlite").write_bytes(b"not a database, but the notes someone kept here" * 100)
+    (tmp_path / "cloud.toml").write_text('[db]\npath = "cloud.sqlite"\n[assistant]\nindex_path = "kb.sqlite"\n')
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parent.parent), "PATH": "/usr/bin:/bin"}
+    r = subprocess.run([sys.executable, "-m", "cloud_sync", "web", "--config", str(tmp_path / "cloud.toml"),
+                        "--port", "0"], capture_output=True, text=True, timeout=120, env=env)
+    assert (r.returncode, r.stdout) == (2, "")
+    assert r.stderr == (f"cloud-sync: error: {tmp_path / 'kb.sqlite'}: cannot use it as the knowledge base index: "
+                        "file is not a database\n")
