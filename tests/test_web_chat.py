@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -245,6 +246,29 @@ def test_slow_questions_hold_up_neither_the_stream_nor_the_other_requests(fleet_
     finally:
         db.go.set()
         db.close()
+
+
+class FailingDB(CloudDB):
+    """The workshop database, where the assistant's vehicle list fails as a database gone wrong would."""
+
+    def read(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        if sql == Q_VEHICLES:
+            raise sqlite3.OperationalError("disk I/O error at /srv/secret/path")
+        return super().read(sql, args)
+
+
+def test_a_failing_question_is_a_clean_500_and_frees_its_place(fleet_path: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    db = FailingDB(fleet_path)
+    try:
+        with serving(db, sign_in=False, clock=lambda: workshop.NOW) as (site, server):
+            for _ in range(MAX_ASKING + 1):  # more than the places: each failure gave its place back
+                assert ask(site, {"question": NEEDS}) == (500, {"error": "internal error"})
+            assert server.chat._asking == 0
+            assert request(site, "GET", "/api/fleet")[0] == 200  # the rest of the page goes on
+    finally:
+        db.close()
+    assert any("disk I/O error" in str(r.exc_info[1]) for r in caplog.records if r.exc_info)  # said in the log
 
 
 def test_the_panel_in_a_browser(chat_site: str, browser: Any) -> None:
