@@ -103,6 +103,9 @@
   }
 
   for (const entry of history.slice(-KEEP)) { try { show(entry); } catch (e) { /* a stored entry of another shape */ } }
-  form.addEventListener("submit", (ev) => { ev.preventDefault(); const q = input.value; input.value = ""; ask(q); });
+  // While an answer is coming the box keeps what is typed (one question at a time from a tab).
+  form.addEventListener("submit", (ev) => { ev.preventDefault();
+    if (asking || !input.value.trim()) return;
+    const q = input.value; input.value = ""; ask(q); });
   $("chat-clear").addEventListener("click", () => { history = []; save(); log.replaceChildren(); });
 })();
