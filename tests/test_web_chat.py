@@ -242,7 +242,7 @@ def test_slow_questions_hold_up_neither_the_stream_nor_the_other_requests(fleet_
                 t.join(timeout=60)
             assert [s for s, _ in results] == [200] * MAX_ASKING
             assert ask(site, {"question": NEEDS})[0] == 200  # the places were given back
-            assert server.chat._asking == 0
+            assert server.chat.asking == 0
     finally:
         db.go.set()
         db.close()
@@ -264,7 +264,7 @@ def test_a_failing_question_is_a_clean_500_and_frees_its_place(fleet_path: Path,
         with serving(db, sign_in=False, clock=lambda: workshop.NOW) as (site, server):
             for _ in range(MAX_ASKING + 1):  # more than the places: each failure gave its place back
                 assert ask(site, {"question": NEEDS}) == (500, {"error": "internal error"})
-            assert server.chat._asking == 0
+            assert server.chat.asking == 0
             assert request(site, "GET", "/api/fleet")[0] == 200  # the rest of the page goes on
     finally:
         db.close()

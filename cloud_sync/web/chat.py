@@ -88,6 +88,11 @@ class Chat:
                 raise Busy(f"{MAX_ASKING} questions are being answered: ask again in a moment")
             self._asking += 1
 
+    @property
+    def asking(self) -> int:
+        """Questions being answered now."""
+        return self._asking
+
     def end(self) -> None:
         with self._count_lock:
             self._asking -= 1
