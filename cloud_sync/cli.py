@@ -195,7 +195,11 @@ def cmd_web(args: argparse.Namespace) -> int:
     cfg = _config_with_logging(args)
     db = existing_db(cfg)
     try:
-        server = make_server(db, args.host, args.port, args.allow_host, cfg.web, cfg.quality)
+        server = make_server(db, args.host, args.port, args.allow_host, cfg.web, cfg.quality,
+                             assistant=cfg.assistant)
+    except UserError:  # the knowledge base's index cannot be opened: said in one line by main
+        db.close()
+        raise
     except OSError as e:
         db.close()
         raise CloudDBError(f"cannot listen on {args.host}:{args.port}: {e.strerror}") from None

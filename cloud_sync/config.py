@@ -135,13 +135,19 @@ class QualityConfig(_Section):
 
 class AssistantConfig(_Section):
     kb_dirs: list[Path] = Field(default_factory=list, description=(
-        "`cloud-sync ask`: folders of the site's own Markdown maintenance documents (`*.md`, searched below each "
-        "folder), indexed beside the ones shipped in cloud_sync/kb; docs/assistant.md gives their format"))
+        "`cloud-sync ask` and the fleet page's assistant panel: folders of the site's own Markdown maintenance "
+        "documents (`*.md`, searched below each folder), indexed beside the ones shipped in cloud_sync/kb; "
+        "docs/assistant.md gives their format"))
     index_path: Path = Field(Path("assistant-kb.sqlite"), description=(
         "the knowledge base's full-text index (SQLite FTS5; relative to the config file): brought up to date at each "
-        "start for the documents whose size, time or content changed; it may be deleted at any time"))
+        "start (and by `cloud-sync web` before a question, every `refresh_s`) for the documents whose size, time or "
+        "content changed; it may be deleted at any time"))
     season_start: str = Field("10-01", pattern=r"^(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])$", description=(
         "`this season` in a question starts on this month-day (UTC) of the current or the previous year"))
+    refresh_s: float = Field(30.0, ge=0, le=86400, description=(
+        "`cloud-sync web`'s chat panel: before a question, the knowledge base is brought up to date with its folders "
+        "when it was last looked at longer ago than this (0: before every question); a document added or edited "
+        "is found by the next question after that"))
 
 
 class LogConfig(_Section):

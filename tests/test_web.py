@@ -153,8 +153,9 @@ def test_json_endpoints_and_their_errors(site: str) -> None:
     # No inline code for the CSP to allow: the script and style are files of their own.
     assert "<style" not in page and re.findall(r"<script[^>]*>", page) == [
         '<script src="/static/vendor/uplot/uPlot.iife.min.js">', '<script src="/static/common.js">',
-        '<script src="/static/page.js">']
+        '<script src="/static/chat.js">', '<script src="/static/page.js">']
     for path, ctype in (("/static/page.js", "text/javascript"), ("/static/page.css", "text/css"),
+                        ("/static/chat.js", "text/javascript"),
                         ("/static/common.js", "text/javascript"), ("/static/vendor/uplot/uPlot.min.css", "text/css"),
                         ("/static/vendor/uplot/uPlot.iife.min.js", "text/javascript")):
         with urllib.request.urlopen(site + path, timeout=10) as r:
@@ -407,7 +408,7 @@ def test_page_shows_fleet_and_alerts_and_plots_an_alert(site: str, browser: Any,
         ro_row.text
     assert f"v1 rejected ({HOSTILE})" in ro_row.find_element(By.CSS_SELECTOR, "td.failed").text
     # The markup id stayed text: shown verbatim, no element made of it, nothing ran.
-    assert browser.execute_script("return window.pwned === undefined && document.scripts.length === 3")
+    assert browser.execute_script("return window.pwned === undefined && document.scripts.length === 4")
     assert not browser.find_elements(By.CSS_SELECTOR, "table#fleet script, table#rollouts script")
     alerts = browser.find_elements(By.CSS_SELECTOR, "table#alerts tbody tr")
     by_id = {(r.get_attribute("data-vehicle"), r.get_attribute("data-seq")): r.text for r in alerts}

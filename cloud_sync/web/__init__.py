@@ -1,5 +1,6 @@
 """`cloud-sync web`: the fleet page a workshop lives in — the fleet, its alerts, a page per vehicle and per alert
-(the signals the model saw, plotted with uPlot), verdicts and breakdowns, model quality, live without reloading.
+(the signals the model saw, plotted with uPlot), verdicts and breakdowns, model quality, live without reloading, and
+the maintenance assistant's chat panel beside every page.
 
 Starlette served by uvicorn (docs/cloud_sync.md, "The fleet page"):
 
@@ -7,6 +8,8 @@ Starlette served by uvicorn (docs/cloud_sync.md, "The fleet page"):
     app.py      routes, Jinja2 templates (templates/), static files (static/: our JS and CSS, vendored uPlot),
                 POST checks, the sign-in gate, the live stream (server-sent events)
     api.py      the JSON each endpoint answers, from the database (no HTTP)
+    chat.py     the assistant's chat panel behind POST /api/ask: the question's checks, the knowledge base opened
+                once and refreshed, at most MAX_ASKING questions at once (no HTTP)
     signin.py   password hashing (scrypt), sessions, the rate limit on failed sign-ins
     server.py   the socket, uvicorn, `make_server`
 

@@ -35,6 +35,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from cloud_sync.present import plain
 from cloud_sync.web import signin
 from cloud_sync.web.api import Api, BadRequest, parse_seq
+from cloud_sync.web.chat import Busy, Chat, question_of
 from cloud_sync.web.guard import json_body, refuse
 
 log = logging.getLogger("cloud_sync.web")
@@ -151,7 +152,7 @@ async def read_json(request: Request) -> Any:
 
 
 def create_app(api: Api, sessions: signin.Sessions | None, password_hash: str, secure_cookie: bool,
-               hub: Hub) -> Starlette:
+               hub: Hub, chat: Chat) -> Starlette:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
                              undefined=jinja2.StrictUndefined)
     templates = Jinja2Templates(env=env)
@@ -213,6 +214,23 @@ def create_app(api: Api, sessions: signin.Sessions | None, password_hash: str, s
             except BadRequest as e:
                 return _json({"error": str(e)}, 400)
         return endpoint
+
+    async def ask(request: Request) -> Response:
+        """The chat panel's question: checked as every POST is, then answered in a worker thread (the event loop,
+        and with it every live stream, goes on while a slow question runs)."""
+        try:
+            question = question_of(await read_json(request))
+            chat.begin()
+        except Refused as e:
+            return _json({"error": str(e)}, e.status, {"connection": "close"})
+        except BadRequest as e:
+            return _json({"error": str(e)}, 400)
+        except Busy as e:
+            return _json({"error": str(e)}, 503, {"retry-after": "2"})
+        try:
+            return _json(await run_in_threadpool(chat.ask, question))
+        finally:
+            chat.end()
 
     async def sign_in(request: Request) -> Response:
         if sessions is None:
@@ -315,6 +333,7 @@ def create_app(api: Api, sessions: signin.Sessions | None, password_hash: str, s
         Route("/api/session", session),
         Route("/api/verdict", post(api.add_verdict), methods=["POST"]),
         Route("/api/breakdown", post(api.add_breakdown), methods=["POST"]),
+        Route("/api/ask", ask, methods=["POST"]),
         Route("/api/signin", sign_in, methods=["POST"]),
         Route("/api/signout", sign_out, methods=["POST"]),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),

@@ -9,15 +9,17 @@ import contextlib
 import ipaddress
 import socket
 import threading
-from collections.abc import Generator, Iterable
+import time
+from collections.abc import Callable, Generator, Iterable
 
 import uvicorn
 
-from cloud_sync.config import QualityConfig, WebConfig
+from cloud_sync.config import AssistantConfig, QualityConfig, WebConfig
 from cloud_sync.db import FleetDB
 from cloud_sync.web import signin
 from cloud_sync.web.api import Api
 from cloud_sync.web.app import Gate, Hub, create_app
+from cloud_sync.web.chat import Chat
 from cloud_sync.web.guard import Guard, accepted_hosts
 
 
@@ -43,8 +45,9 @@ class _Uvicorn(uvicorn.Server):
 
 
 class WebServer:
-    def __init__(self, addr: tuple[str, int], api: Api, allowed_hosts: Iterable[str], sign_in: bool) -> None:
-        self.api = api
+    def __init__(self, addr: tuple[str, int], api: Api, allowed_hosts: Iterable[str], sign_in: bool,
+                 chat: Chat) -> None:
+        self.api, self.chat = api, chat
         family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
         self.socket = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -61,7 +64,7 @@ class WebServer:
         cfg = api.cfg
         self.sessions = signin.Sessions(cfg.session_hours * 3600.0) if sign_in else None
         self.hub = Hub(api, cfg.stream_poll_s, cfg.max_streams)
-        app = create_app(api, self.sessions, cfg.password_hash, cfg.secure_cookie, self.hub)
+        app = create_app(api, self.sessions, cfg.password_hash, cfg.secure_cookie, self.hub, chat)
         asgi = Guard(Gate(app, self.sessions), set(self.accepted_hosts))
         # proxy_headers: behind a reverse proxy on this machine its X-Forwarded-Proto/For count (https → Secure
         # cookie; the client's address for the sign-in rate limit); from anywhere else they are ignored.
@@ -87,13 +90,17 @@ class WebServer:
 
     def server_close(self) -> None:
         self.socket.close()
+        self.chat.close()
 
 
 def make_server(db: FleetDB, host: str, port: int, allowed_hosts: Iterable[str] = (),
                 cfg: WebConfig | None = None, quality: QualityConfig | None = None,
-                sign_in: bool | None = None) -> WebServer:
+                sign_in: bool | None = None, assistant: AssistantConfig | None = None,
+                clock: Callable[[], float] = time.time) -> WebServer:
     """The fleet page's server on (host, port); `cfg`: the `[web]` section, `quality` the `[quality]` one (their
-    defaults when None). Sign-in is asked for off loopback, for `allowed_hosts` names, and with `[web]
+    defaults when None), `assistant` the `[assistant]` one for the chat panel (None: the shipped knowledge base,
+    indexed in memory; `clock`: where the assistant's "today" is, fixed by tests). UserError when its knowledge
+    base index cannot be opened. Sign-in is asked for off loopback, for `allowed_hosts` names, and with `[web]
     require_sign_in`; `sign_in=False` turns it off, on loopback only. SignInError when it is needed and `[web]
     password_hash` is empty. The listen address has its defaults in one place, `cloud-sync web`'s options."""
     cfg = cfg if cfg is not None else WebConfig()
@@ -109,4 +116,9 @@ def make_server(db: FleetDB, host: str, port: int, allowed_hosts: Iterable[str] 
                           "set it to what `cloud-sync hash-password` prints")
     if sign_in and (problem := signin.hash_problem(cfg.password_hash)):
         raise SignInError(f"[web] password_hash is {problem}")
-    return WebServer((host, port), Api(db, cfg, quality), allowed, sign_in)
+    chat = Chat(db, assistant, clock)
+    try:
+        return WebServer((host, port), Api(db, cfg, quality), allowed, sign_in, chat)
+    except BaseException:
+        chat.close()
+        raise
