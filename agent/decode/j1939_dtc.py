@@ -55,8 +55,20 @@ def lamps_of(dm: Dm1) -> Lamps:
     return dm.mil, dm.red_stop, dm.amber_warning, dm.protect
 
 
+_LAMP_KEYS = ("mil", "red_stop", "amber_warning", "protect")
+# Every lamp state there is (four 2-bit fields): the dict each DTC event carries is built once, not per event (a
+# DTC storm decodes ~100,000 events a minute; the dicts are only ever read, splatted into an event's data).
+_LAMP_FIELDS: dict[Lamps, dict[str, int]] = {}
+
+
 def lamp_fields(lamps: Lamps) -> dict[str, int]:
-    return dict(zip(("mil", "red_stop", "amber_warning", "protect"), lamps, strict=True))
+    """The lamps as an event's keys; the returned dict is shared: read it, never change it."""
+    out = _LAMP_FIELDS.get(lamps)
+    if out is None:
+        out = dict(zip(_LAMP_KEYS, lamps, strict=True))
+        if len(_LAMP_FIELDS) < 256:  # 4^4 states of 2-bit fields; anything else (never from parse_dm1) is not kept
+            _LAMP_FIELDS[lamps] = out
+    return out
 
 
 class DtcTracker:
