@@ -117,6 +117,12 @@ class SocketcandServer:
         with self._lock:
             return len(self._clients)
 
+    @property
+    def raw_clients(self) -> int:
+        """Clients in rawmode: those every `send()` from now on reaches."""
+        with self._lock:
+            return sum(1 for c in self._clients if c.raw)
+
     def shutdown(self) -> None:
         self._stop.set()
         self._listener.close()
