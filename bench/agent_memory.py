@@ -324,6 +324,14 @@ def _extra(s: Soak) -> dict[str, Any]:
             "agent_peak_mb": round(s.agent_peak_mb, 1), "naive_peak_mb": round(s.naive_peak_mb, 1)}
 
 
+def _naive(s: Soak) -> str:
+    """What the baseline did: a gateway that read nothing is an idle process, and its figures say so."""
+    if s.naive_frames:
+        return f"the naive gateway read {s.naive_frames:,} frames"
+    return ("the naive gateway read NO frames (python-can's socketcand client stalled on this stream, logging 'Got "
+            "incomplete message'): its RSS is an idle gateway's (imports and the DBC), its CPU means nothing")
+
+
 def _scored(s: Soak) -> str:
     note = f"{s.windows_scored} windows scored"
     return note + (" (the model scored NOTHING in this run)" if not s.windows_scored else "")
@@ -337,7 +345,8 @@ def agent_rss_mb() -> Figure:
     ours, base = s.at(s.agent, s.warm_s), s.at(s.naive, s.warm_s)
     return Figure(ours, "MB", base, ours / base,
                   f"at {s.warm_s:.0f} s of 1,500 frames/s ({s.frames:,} frames in {s.end_s:.0f} s); target "
-                  f"{TARGET_MB:.0f} MB; peak {s.agent_peak_mb:.1f} MB (naive {s.naive_peak_mb:.1f}); {_scored(s)}",
+                  f"{TARGET_MB:.0f} MB; peak {s.agent_peak_mb:.1f} MB (naive {s.naive_peak_mb:.1f}); {_scored(s)}; "
+                  f"{_naive(s)}",
                   _extra(s))
 
 
@@ -351,7 +360,7 @@ def agent_rss_growth_mb_1h() -> Figure:
     return Figure(ours, "MB", base, ours / base if base else float("nan"),
                   f"from {s.warm_s:.0f} s to {s.end_s:.0f} s ({span / 60:.0f} min"
                   f"{'' if span >= 3600 else ', a trial: the figure is defined over 60 min'}); target "
-                  f"{TARGET_GROWTH_MB:.0f} MB; {_scored(s)}", _extra(s))
+                  f"{TARGET_GROWTH_MB:.0f} MB; {_scored(s)}; {_naive(s)}", _extra(s))
 
 
 def main() -> None:
