@@ -72,9 +72,11 @@ Q_DTC_SINCE = ("SELECT seq, ts, record FROM events WHERE vehicle=? AND kind='dtc
 Q_BREAKDOWNS = "SELECT id, at, fault, note FROM breakdowns WHERE vehicle=? AND at>=? AND at<? ORDER BY at"
 
 
-def when(ts: float | None) -> str:
+def when(ts: float | None, seconds: bool = False) -> str:
+    """A time for people, in UTC; to the second where a span is short (a model's window is 30 s)."""
     try:
-        return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ts)) if ts is not None else "?"
+        fmt = "%Y-%m-%d %H:%M:%S UTC" if seconds else "%Y-%m-%d %H:%M UTC"
+        return time.strftime(fmt, time.gmtime(ts)) if ts is not None else "?"
     except (OverflowError, OSError, ValueError):
         return "?"
 
@@ -342,7 +344,7 @@ class Assistant:
                 + f" and labelled it {a['label'] or '(no label)'}."]
         ws, we = finite(a.get("window_start")), finite(a.get("window_end"))
         if ws is not None and we is not None:
-            text.append(f"The window it scored: {when(ws)} to {when(we)}.")
+            text.append(f"The window it scored: {when(ws, seconds=True)} to {when(we, seconds=True)}.")
         feats = a["top_features"]
         if feats:
             text.append("Top features: " + ", ".join(f"{f} ({_fmt(c)})" for f, c in feats[:5]) + ".")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,16 @@ def test_question_set_on_postgres(pg_server: postgres.TempPostgres, tmp_path: Pa
     finally:
         kb.close()
         db.close()
+
+
+def test_an_alerts_window_is_told_to_the_second(assistant: Assistant) -> None:
+    """A model's window is 30 s: to the minute, its start and end read the same ("07:39 UTC to 07:39 UTC")."""
+    out = assistant.ask("why did the last alert on h-002 fire", now=workshop.NOW)
+    assert out.intent == "alert_why"
+    m = re.search(r"The window it scored: (\S+ \S+) UTC to (\S+ \S+) UTC\.", out.answer)
+    assert m is not None, out.answer
+    start, end = m.groups()
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}", start) and start < end
 
 
 def test_every_answer_names_its_sources(assistant: Assistant) -> None:
