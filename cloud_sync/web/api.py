@@ -94,23 +94,26 @@ def _text(v: Any, n: int = 300) -> str:
     return v[:n] if isinstance(v, str) else ""
 
 
+def _words(spn: int | None, fmi: int | None, said: Any) -> str:
+    """A DTC's words: the vehicle's own when it sent them, else made here for a valid SPN/FMI, else ""."""
+    text = _text(said)
+    if not text and spn is not None and fmi is not None and 0 <= spn <= SPN_MAX and 0 <= fmi <= 31:
+        text = _DTC_TEXT.text(spn, fmi)
+    return text
+
+
 def dtc_row(seq: int, kind: str, ts: Any, data: dict[str, Any]) -> dict[str, Any]:
     """A DTC event for people: its SPN/FMI and their words. Events carry `spn_name`, `fmi_text` and `text` since
     vehicles send them; for an older event the words are made here from the built-in SPN names
     (harvester_common/j1939_text.py)."""
     spn, fmi = _int(data.get("spn")), _int(data.get("fmi"))
-    text = _text(data.get("text"))
-    if not text and spn is not None and fmi is not None and 0 <= spn <= SPN_MAX and 0 <= fmi <= 31:
-        text = _DTC_TEXT.text(spn, fmi)
+    text = _words(spn, fmi, data.get("text"))
     if kind == "dtc_previous":  # a DM2 answer: the DTCs the ECU remembers, each with its own words
         parts = []
         dtcs = data.get("dtcs")
         for d in dtcs if isinstance(dtcs, list) else []:
             d = _obj(d)
-            s, f = _int(d.get("spn")), _int(d.get("fmi"))
-            t = _text(d.get("text"))
-            if not t and s is not None and f is not None and 0 <= s <= SPN_MAX and 0 <= f <= 31:
-                t = _DTC_TEXT.text(s, f)
+            t = _words(_int(d.get("spn")), _int(d.get("fmi")), d.get("text"))
             if t:
                 parts.append(t)
         text = "previously active: " + ("; ".join(parts[:16]) if parts else "none")
