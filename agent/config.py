@@ -170,7 +170,9 @@ class ModelConfig(_Section):
         "chunks of a package requested and not yet received at any time (`model/get`): bounds what a lost link "
         "wastes and what the cloud sends at once."))
     chunk_timeout_s: float = Field(30.0, gt=0, le=3600, description=(
-        "a requested chunk not received within this time is requested again."))
+        "when no chunk at all arrived for this long, the chunks requested and not received are requested again "
+        "(a slow link whose chunks keep coming is not asked twice); each further timeout without a chunk doubles "
+        "the wait, up to 8x, and a chunk resets it. A reconnect to a session the broker kept does not ask again."))
     chunk_max_bad: int = Field(5, ge=1, le=1000, description=(
         "a chunk that arrives this many times with data that does not match its hash fails the download "
         "(`failed`, the reason names the chunk); each bad one is dropped, counted and requested again."))
@@ -239,9 +241,10 @@ class MqttConfig(_Section):
     cert_file: Path | None = Field(None, description="this vehicle's client certificate.")
     key_file: Path | None = Field(None, description="its private key.")
     session_expiry_s: int = Field(3600, ge=0, le=wire.MQTT_SESSION_EXPIRY_MAX, description=(
-        "how long the broker keeps this vehicle's session (its subscription to acks, and acks queued for it) "
-        "while the vehicle is away. An ack lost with the session costs only a resend after `ack_timeout_s` (the "
-        "cloud dedups)."))
+        "how long the broker keeps this vehicle's session (its subscriptions, and the acks and model chunks "
+        "queued for it) while the vehicle is away. An ack lost with the session costs only a resend after "
+        "`ack_timeout_s` (the cloud dedups); chunks lost with it are asked for again at the reconnect (a resumed "
+        "session's are waited for, not asked again)."))
     connack_timeout_s: float = Field(30.0, gt=0, le=600, description=(
         "a connection the broker has not accepted (CONNACK) within this time is dropped and tried again with "
         "the reconnect backoff."))

@@ -19,9 +19,10 @@ Model updates (docs/model_updates.md) travel on the same connection when a model
 subscribes `model/desired` and `model/chunk`, decodes them (harvester_common/modelwire.py) and hands them to the
 manager; whatever does not decode is dropped and counted by reason (`model_rejected`), never raised out of the
 loop. The manager's `model/status` reports and `model/get` requests are published ahead of every batch, so a
-model never waits behind raw samples. Model bytes either way are counted (`model_bytes_in`, `model_bytes_out`)
-and, like batches, against the day's budget (`daily_budget_bytes`); once it is spent, no chunk is requested
-until the next day (reports still go).
+model never waits behind raw samples. On a reconnect the manager learns whether the broker resumed the session
+(`session_present`): if it did, the chunks it asked for before are queued there and not asked for again. Model
+bytes either way are counted (`model_bytes_in`, `model_bytes_out`) and, like batches, against the day's budget
+(`daily_budget_bytes`); once it is spent, no chunk is requested until the next day (reports still go).
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def configure_tls(client: mqtt.Client, cfg: MqttConfig) -> None:
 class ModelChannel(Protocol):
     """The model manager as the uplink sees it (agent/update/manager.py); called on the uplink thread."""
 
-    def on_connect(self) -> None: ...
+    def on_connect(self, session_present: bool) -> None: ...
 
     def on_desired(self, d: mw.Desired | None) -> None: ...
 
@@ -88,6 +89,10 @@ class ModelChannel(Protocol):
 
     def outgoing(self, allow_get: bool) -> list[tuple[str, bytes, bool]]:
         """(leaf, payload, retain) to publish now."""
+        ...
+
+    def unsent(self, items: list[tuple[str, bytes, bool]]) -> None:
+        """Of what `outgoing` gave, what never reached paho (the connection went meanwhile)."""
         ...
 
 
@@ -133,6 +138,7 @@ class LaneReference:
 class UplinkStats:
     connected: bool = False
     connects: int = 0
+    sessions_resumed: int = 0  # connects to which the broker resumed the session (what was queued for us arrives)
     connect_failures: int = 0
     batches_sent: int = 0
     bytes_sent: int = 0
@@ -230,13 +236,17 @@ class Uplink:
         self._connected = True
         self.stats.connected = True
         self.stats.connects += 1
+        if flags.session_present:
+            self.stats.sessions_resumed += 1
         # Anything in flight before the reconnect may never be acked: send it again (the cloud dedups).
         self._inflight.clear()
         subs = [(self.topic("ack"), 1)]
         if self.model is not None:
             # A retained desired message arrives on every subscribe: the manager takes it again idempotently.
             subs += [(self.topic(mw.LEAF_DESIRED), 1), (self.topic(mw.LEAF_CHUNK), 1)]
-            self.model.on_connect()
+            # Resumed (clean_start false, within session_expiry_s): chunks answering requests made before the
+            # outage are queued in the session and arrive now; the manager must not ask for them again.
+            self.model.on_connect(bool(flags.session_present))
         client.subscribe(subs)
         self._publish_status("online")
         log.info("connected to %s:%d", self.cfg.host, self.cfg.port)
@@ -324,11 +334,17 @@ class Uplink:
     def _publish_model(self) -> bool:
         """The manager's reports and chunk requests, ahead of any batch; False if paho would not queue one."""
         assert self.model is not None
-        for leaf, payload, retain in self.model.outgoing(not self.budget_spent()):
+        items = self.model.outgoing(not self.budget_spent())
+        for n, (leaf, payload, retain) in enumerate(items):
             info = self._client.publish(self.topic(leaf), payload, qos=1, retain=retain)
             if info.rc != mqtt.MQTT_ERR_SUCCESS:
-                # Lost with the connection: the manager sends its latest report and asks for chunks again on the
-                # next connect.
+                # The connection went. paho keeps a QoS 1 message it could not send for lack of one (NO_CONN) and
+                # sends it after the reconnect; the rest never reached it: back to the manager, which asks for
+                # their chunks again (its latest report goes again on every connect).
+                kept = info.rc == mqtt.MQTT_ERR_NO_CONN
+                if kept:
+                    self._model_bytes(len(payload), incoming=False)  # it will go, and count then
+                self.model.unsent(items[n + 1 if kept else n :])
                 return False
             self._model_bytes(len(payload), incoming=False)
         return True

@@ -1,11 +1,13 @@
 """The cloud's part of a model update, for tests: signed packages of real ONNX models, and a real MQTT client that
 publishes a vehicle's retained `model/desired`, answers its `model/get` requests with chunks of the packages it
 holds, and records its `model/status` reports, with faults to inject: a chunk dropped, duplicated or corrupted the
-first time it is asked for, and no answer at all while `answering` is clear (a cloud that went away)."""
+first time it is asked for, no answer at all while `answering` is clear (a cloud that went away), answers held
+back until `release()` after `hold()` (a cloud that answers late), and a delay before each chunk (a slow link)."""
 
 from __future__ import annotations
 
 import json
+import queue
 import threading
 import time
 from pathlib import Path
@@ -15,6 +17,8 @@ import onnx
 import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from agent.contract import CONTRACT_KEY
 from harvester_common import modelpkg, wire
@@ -54,11 +58,18 @@ def desired_of(package: bytes, rollout: str = "1", mode: str = "update", chunk_b
 
 
 class ModelServer:
-    def __init__(self, host: str, port: int, fleet: str, vehicle: str, chunk_bytes: int = 4096) -> None:
+    """`session_expiry_s` > 0: the server's own MQTT session outlives a disconnect (as cloud_sync's does), so the
+    requests a vehicle makes while the server reconnects are queued for it by a broker that kept the session."""
+
+    def __init__(self, host: str, port: int, fleet: str, vehicle: str, chunk_bytes: int = 4096,
+                 session_expiry_s: int = 0) -> None:
         self.fleet, self.vehicle = fleet, vehicle
         self.chunk_bytes = chunk_bytes
         self.packages: dict[str, bytes] = {}
         self.requests: list[mw.GetRequest] = []
+        # Of those, the broker's redeliveries (DUP set): QoS 1 is at least once, and a broker restarted from its saved
+        # sessions delivers again what it had not recorded as acknowledged. Answered like any other.
+        self.redelivered: list[mw.GetRequest] = []
         self.statuses: list[mw.ModelStatus] = []
         self.bad_messages = 0  # get/status messages that did not decode (the vehicle must never send one)
         self.drop_once: set[int] = set()
@@ -66,21 +77,32 @@ class ModelServer:
         self.corrupt_once: set[int] = set()
         self.answering = threading.Event()
         self.answering.set()
-        self.delay_s = 0.0  # before each chunk: a slow link, so that a download lasts long enough to be cut
+        # Before each chunk: a slow link. Such answers leave from a thread of their own, one chunk at a time (sent
+        # from paho's callback, they would all leave together when it returns: a burst after a silence).
+        self.delay_s = 0.0
+        self._slow: queue.Queue[mw.GetRequest | None] = queue.Queue()
+        threading.Thread(target=self._answer_slowly, name="model-server-slow", daemon=True).start()
         self.desired: mw.Desired | None = None
+        self._held: list[mw.GetRequest] | None = None  # requests kept unanswered until release(), while holding
+        self._hold_from = 0
         self._lock = threading.Lock()
         self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"model-server-{vehicle}", protocol=mqtt.MQTTv5)
+        self.subscribed = threading.Event()  # requests reach it: one made before would be lost (no session yet)
         self.c.on_connect = self._on_connect
         self.c.on_message = self._on_message
-        self.c.connect(host, port)
+        self.c.on_subscribe = lambda *a: self.subscribed.set()
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = session_expiry_s
+        self.c.connect(host, port, clean_start=session_expiry_s == 0, properties=props)
         self.c.loop_start()
 
     def topic(self, leaf: str) -> str:
         return wire.vehicle_topic(self.fleet, self.vehicle, leaf)
 
-    def _on_connect(self, c: mqtt.Client, *a: Any) -> None:
+    def _on_connect(self, c: mqtt.Client, userdata: object, flags: mqtt.ConnectFlags, *a: Any) -> None:
         c.subscribe([(self.topic(mw.LEAF_GET), 1), (self.topic(mw.LEAF_STATUS), 1)])
-        if self.desired is not None:  # a broker restarted without persistence forgot the retained message
+        # A broker restarted without persistence forgot the retained message; one that kept our session kept it.
+        if self.desired is not None and not flags.session_present:
             c.publish(self.topic(mw.LEAF_DESIRED), mw.encode_desired(self.desired), qos=1, retain=True)
 
     def _on_message(self, c: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
@@ -96,8 +118,42 @@ class ModelServer:
             return
         with self._lock:
             self.requests.append(g)
+            if msg.dup:
+                self.redelivered.append(g)
+            if self._held is not None and g.first >= self._hold_from:
+                self._held.append(g)
+                return
         if not self.answering.is_set():
             return
+        if self.delay_s:
+            self._slow.put(g)
+        else:
+            self._answer(g)
+
+    def _answer_slowly(self) -> None:
+        while (g := self._slow.get()) is not None:
+            self._answer(g)
+
+    def hold(self, from_chunk: int = 0) -> None:
+        """Keep the requests that arrive from now on, from chunk `from_chunk` on, unanswered until `release()`."""
+        with self._lock:
+            self._held = []
+            self._hold_from = from_chunk
+
+    def held(self) -> set[int]:
+        """The chunk indexes asked for by the requests held now."""
+        with self._lock:
+            return {i for g in self._held or [] for i in range(g.first, g.first + g.count)}
+
+    def release(self) -> None:
+        """Answer the held requests (in the order they came), and answer at once from now on."""
+        with self._lock:
+            held, self._held = self._held or [], None
+        for g in held:
+            self._answer(g)
+
+    def _answer(self, g: mw.GetRequest) -> None:
+        c = self.c
         pkg = self.packages.get(g.package_sha256)
         if pkg is None:
             return
@@ -149,5 +205,6 @@ class ModelServer:
             return [s.state for s in self.statuses]
 
     def close(self) -> None:
+        self._slow.put(None)
         self.c.loop_stop()
         self.c.disconnect()

@@ -1,6 +1,7 @@
 """The chunk download on real files: resume by re-hashing the partial file (only what is missing is asked for
-again), a bounded window of requests, timeouts, and every kind of wrong chunk dropped and counted; fuzzed with
-hypothesis (any order, duplicates and corruptions end in the exact package or a stated failure)."""
+again), a bounded window of requests, timeouts on silence (not on a request's age) that back off, requests kept
+across a resumed session, and every kind of wrong chunk dropped and counted; fuzzed with hypothesis (any order,
+duplicates and corruptions end in the exact package or a stated failure)."""
 
 from __future__ import annotations
 
@@ -44,10 +45,10 @@ def test_a_bounded_window_in_contiguous_runs_then_the_exact_file(tmp_path: Path)
     reqs = d.requests(0.0)
     assert reqs == [mw.GetRequest(SHA, 0, 4)] and d.requests(0.0) == []  # nothing more while 4 are out
     for i in (0, 1):
-        assert d.accept(chunk(i)) == "stored"
+        assert d.accept(chunk(i), 0.0) == "stored"
     assert asked(d.requests(0.0)) == [4, 5]
     for i in range(2, 10):
-        d.accept(chunk(i))
+        d.accept(chunk(i), 0.0)
     assert d.complete
     d.finish()
     assert d.part.read_bytes() == PKG and d.bytes_received == len(PKG)
@@ -56,7 +57,7 @@ def test_a_bounded_window_in_contiguous_runs_then_the_exact_file(tmp_path: Path)
 def test_resume_asks_only_for_what_the_partial_file_lacks(tmp_path: Path) -> None:
     d = dl(tmp_path)
     for i in (0, 1, 2, 5):
-        d.accept(chunk(i))
+        d.accept(chunk(i), 0.0)
     d.close()  # the process dies here; what it wrote is on disk
     with open(d.part, "r+b") as f:  # and chunk 2's slot was torn
         f.seek(2 * CB + 10)
@@ -66,7 +67,7 @@ def test_resume_asks_only_for_what_the_partial_file_lacks(tmp_path: Path) -> Non
     got = asked(again.requests(0.0))
     assert got == [2, 3, 4, 6, 7, 8, 9] and again.bytes_requested == 7 * CB  # not from zero
     for i in got:
-        again.accept(chunk(i))
+        again.accept(chunk(i), 0.0)
     again.finish()
     assert again.part.read_bytes() == PKG
 
@@ -75,36 +76,81 @@ def test_wrong_chunks_are_dropped_and_counted(tmp_path: Path) -> None:
     d = dl(tmp_path)
     d.requests(0.0)
     other = random.Random(4).randbytes(10_000)
-    assert d.accept(chunk(0, other)) == "other_package"
-    assert d.accept(mw.Chunk(SHA, 0, 11, PKG[:CB])) == "wrong_total"
-    assert d.accept(mw.Chunk(SHA, 9, 10, PKG[9 * CB :] + b"x")) == "wrong_size"
-    assert d.accept(mw.Chunk(SHA, 1, 10, bytes(CB))) == "hash_mismatch"
+    assert d.accept(chunk(0, other), 0.0) == "other_package"
+    assert d.accept(mw.Chunk(SHA, 0, 11, PKG[:CB]), 0.0) == "wrong_total"
+    assert d.accept(mw.Chunk(SHA, 9, 10, PKG[9 * CB :] + b"x"), 0.0) == "wrong_size"
+    assert d.accept(mw.Chunk(SHA, 1, 10, bytes(CB)), 0.0) == "hash_mismatch"
     assert 1 not in d.asked and asked(d.requests(0.0)) == [1]  # asked for again at once
-    assert d.accept(chunk(0)) == "stored"
-    assert d.accept(chunk(0)) == "duplicate"
+    assert d.accept(chunk(0), 0.0) == "stored"
+    assert d.accept(chunk(0), 0.0) == "duplicate"
+    assert d.accept(mw.Chunk(SHA, 0, 10, bytes(CB)), 0.0) == "duplicate"  # even one that would not match
+    assert d.bytes_received == CB and d.part.read_bytes()[:CB] == PKG[:CB]  # written once, the first time
     assert dict(d.dropped) == {"other_package": 1, "wrong_total": 1, "wrong_size": 1, "hash_mismatch": 1,
-                               "duplicate": 1}
+                               "duplicate": 2}
     assert d.n_have == 1
 
 
 def test_a_chunk_never_matching_its_hash_fails_the_download(tmp_path: Path) -> None:
     d = dl(tmp_path, max_bad=3)
     for _ in range(2):
-        assert d.accept(mw.Chunk(SHA, 4, 10, bytes(CB))) == "hash_mismatch"
+        assert d.accept(mw.Chunk(SHA, 4, 10, bytes(CB)), 0.0) == "hash_mismatch"
     with pytest.raises(DownloadError) as e:
-        d.accept(mw.Chunk(SHA, 4, 10, bytes(CB)))
+        d.accept(mw.Chunk(SHA, 4, 10, bytes(CB)), 0.0)
     assert e.value.code == "chunk_never_matches" and "chunk 4" in str(e.value)
 
 
-def test_a_request_not_answered_in_time_is_made_again(tmp_path: Path) -> None:
+def test_requests_time_out_on_silence_not_on_age(tmp_path: Path) -> None:
+    """A slow link: chunks keep coming, each later than the one before, so the window's tail is older than the
+    timeout when it arrives. It is on its way: not asked again (that would pay for it twice)."""
     d = dl(tmp_path, window=2, timeout=10.0)
     assert asked(d.requests(0.0)) == [0, 1]
-    d.accept(chunk(1))
-    assert asked(d.requests(5.0)) == [2]
-    assert asked(d.requests(11.0)) == [0]  # 0 timed out; 2 still out
-    assert d.timeouts == 1
-    d.forget_requests()  # the link went down
-    assert asked(d.requests(12.0)) == [0, 2]
+    d.accept(chunk(1), 8.0)
+    assert asked(d.requests(8.0)) == [2]
+    assert d.requests(15.0) == []  # chunk 0 was asked for 15 s ago, but a chunk came 7 s ago
+    d.accept(chunk(2), 17.0)
+    assert asked(d.requests(17.0)) == [3]
+    assert d.requests(27.0) == []  # 10 s without a chunk: not more than the timeout yet
+    assert asked(d.requests(27.5)) == [0, 3]  # silence past it: every outstanding chunk again
+    assert (d.stalls, d.backoffs, d.timeouts) == (1, 0, 2)
+
+
+def test_repeated_timeouts_back_off_up_to_a_cap_and_a_chunk_resets_them(tmp_path: Path) -> None:
+    d = dl(tmp_path, window=2, timeout=10.0)
+    assert asked(d.requests(0.0)) == [0, 1]
+    assert asked(d.requests(10.5)) == [0, 1]  # the first timeout: then 20 s
+    assert d.requests(30.0) == []
+    assert asked(d.requests(30.6)) == [0, 1]  # then 40 s
+    assert d.requests(70.5) == []
+    assert asked(d.requests(70.7)) == [0, 1]  # then 80 s: the cap (MAX_BACKOFF)
+    assert asked(d.requests(150.8)) == [0, 1]
+    assert d.requests(230.7) == []  # still 80 s
+    assert asked(d.requests(230.9)) == [0, 1]
+    assert (d.stalls, d.backoffs, d.timeouts) == (5, 4, 10)
+    d.accept(chunk(0), 231.0)  # the link is back: the plain timeout again
+    assert asked(d.requests(231.0)) == [2]
+    assert d.wait_s() == 10.0 and asked(d.requests(241.1)) == [1, 2]
+    assert (d.stalls, d.backoffs) == (6, 4)
+
+
+def test_a_resumed_session_keeps_the_requests_a_new_one_asks_again(tmp_path: Path) -> None:
+    d = dl(tmp_path, window=2, timeout=10.0)
+    assert asked(d.requests(0.0)) == [0, 1]
+    d.session_resumed(50.0)  # away from the broker until 50 s: the answers are queued in the session for us
+    assert d.requests(55.0) == []  # the time away is not silence from the cloud
+    d.accept(chunk(0), 56.0)
+    assert asked(d.requests(56.0)) == [2]
+    d.forget_requests()  # a reconnect to a new session: nothing is queued for us
+    assert asked(d.requests(57.0)) == [1, 2]
+    assert d.timeouts == 0 and d.chunks_requested == 5
+
+
+def test_a_request_that_never_left_is_asked_for_again_and_not_paid_for(tmp_path: Path) -> None:
+    d = dl(tmp_path, window=4)
+    assert asked(d.requests(0.0)) == [0, 1, 2, 3] and d.bytes_requested == 4 * CB
+    d.unask(mw.GetRequest(SHA, 2, 2))
+    d.unask(mw.GetRequest("ab" * 32, 0, 4))  # not this package's: nothing
+    assert d.asked == {0, 1} and d.bytes_requested == 2 * CB and d.chunks_requested == 2
+    assert asked(d.requests(0.0)) == [2, 3]
 
 
 def test_hashes_that_agree_but_a_package_that_does_not(tmp_path: Path) -> None:
@@ -115,7 +161,7 @@ def test_hashes_that_agree_but_a_package_that_does_not(tmp_path: Path) -> None:
     d = Download(lie, tmp_path / "x.part", 16, 30, 3)
     d.open()
     for i in range(10):
-        assert d.accept(mw.Chunk(SHA, i, 10, other[i * CB : (i + 1) * CB])) == "stored"
+        assert d.accept(mw.Chunk(SHA, i, 10, other[i * CB : (i + 1) * CB]), 0.0) == "stored"
     with pytest.raises(DownloadError) as e:
         d.finish()
     assert e.value.code == "package_hash_mismatch"
@@ -134,10 +180,10 @@ def test_any_delivery_ends_in_the_exact_package_or_a_stated_failure(
         for i, kind in deliveries:
             d.requests(0.0)
             c = chunk(i) if kind == "good" else mw.Chunk(SHA, i, 10, bytes(CB)) if kind == "bad" else chunk(i, other)
-            d.accept(c)
+            d.accept(c, 0.0)
             assert len(d.asked) <= window
         for i in range(10):  # then every chunk, once, as a good server sends
-            d.accept(chunk(i))
+            d.accept(chunk(i), 0.0)
         d.finish()
     except DownloadError as e:
         assert e.code == "chunk_never_matches"

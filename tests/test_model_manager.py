@@ -134,12 +134,38 @@ def test_a_good_package_goes_through_every_step_and_survives_a_restart(tmp_path:
     rig.restart()  # a new process: it scores with the package and reports on from a higher seq
     assert rig.p.scorer is not None and rig.p.scorer.contract.model_version == "2"
     rig.mgr.on_desired(d)  # the retained desired message again: nothing to do
-    rig.mgr.on_connect()
+    rig.mgr.on_connect(session_present=False)
     rig.pump()
     assert rig.statuses[-1].seq == last.seq and rig.statuses[-1].state == "active"
     rig.offer(rig.package("3"))
     rig.pump()
     assert rig.statuses[-1].seq > last.seq
+
+
+def test_requests_survive_a_resumed_session_and_go_again_after_a_new_one_or_when_never_sent(
+    tmp_path: Path, keys: Keys
+) -> None:
+    """What the uplink tells the manager: a reconnect that resumed the session (the answers are queued for us: not
+    asked again), one that did not (asked again at once), and requests it could not publish (asked again, not
+    paid for)."""
+    rig = Rig(tmp_path, keys, download_window=2)
+    d = rig.offer(rig.package("2"))
+    assert d.chunks > 2
+
+    def gets() -> list[mw.GetRequest]:
+        return [mw.decode_get(p) for leaf, p, _ in rig.mgr.outgoing(True) if leaf == mw.LEAF_GET]
+
+    assert gets() == [mw.GetRequest(d.package_sha256, 0, 2)]
+    dl = rig.mgr._download
+    assert dl is not None and dl.chunks_requested == 2
+    rig.mgr.on_connect(session_present=True)
+    assert gets() == []
+    rig.mgr.on_connect(session_present=False)
+    assert gets() == [mw.GetRequest(d.package_sha256, 0, 2)] and dl.chunks_requested == 4
+    rig.mgr.unsent([(mw.LEAF_STATUS, b"{}", True), (mw.LEAF_GET, mw.encode_get(mw.GetRequest(d.package_sha256, 0, 2)),
+                                                    False)])
+    assert dl.chunks_requested == 2 and dl.bytes_requested == 2 * 700  # not sent: not asked, not paid for
+    assert gets() == [mw.GetRequest(d.package_sha256, 0, 2)] and dl.chunks_requested == 4
 
 
 def test_a_desired_model_already_active_is_reported_active(tmp_path: Path, keys: Keys) -> None:
@@ -195,7 +221,7 @@ def test_a_package_that_fails_verification_never_replaces_the_working_model(tmp_
     # The same desired message again (a reconnect): its outcome again, not a second download.
     n = len(rig.gets)
     rig.mgr.on_desired(d)
-    rig.mgr.on_connect()
+    rig.mgr.on_connect(session_present=True)
     rig.pump()
     assert len(rig.gets) == n and rig.statuses[-1].state == "rejected"
     # A tampered package whose chunk hashes match its bytes: refused by its signature.
@@ -341,7 +367,8 @@ def test_any_sequence_of_model_messages_leaves_the_manager_standing(
     n = d_good.chunks
 
     op = st.one_of(
-        st.sampled_from([("desired", d_good), ("desired", d_ghost), ("desired", None), ("connect", None)]),
+        st.sampled_from([("desired", d_good), ("desired", d_ghost), ("desired", None), ("connect", False),
+                         ("connect", True)]),
         st.tuples(st.just("chunk"), st.integers(0, n - 1)),
         st.tuples(st.just("junk"), st.tuples(st.sampled_from([d_good.package_sha256, "ab" * 32]),
                                              st.integers(0, 3), st.binary(min_size=1, max_size=800))),
@@ -356,7 +383,7 @@ def test_any_sequence_of_model_messages_leaves_the_manager_standing(
             if kind == "desired":
                 rig.mgr.on_desired(arg)  # type: ignore[arg-type]
             elif kind == "connect":
-                rig.mgr.on_connect()
+                rig.mgr.on_connect(bool(arg))
             elif kind == "chunk":
                 rig.mgr.on_chunk(mw.chunk_of(good, d_good.package_sha256, int(arg), 700))  # type: ignore[call-overload]
             else:

@@ -7,12 +7,19 @@ chunk hashes: the slots that match are the chunks it has, so it asks only for th
 damaged sector is simply a slot that does not match).
 
 Requests (mw.GetRequest, contiguous runs of at most mw.MAX_GET_COUNT chunks) keep at most `window` chunks asked
-for and not yet received; a chunk not received `chunk_timeout_s` after it was asked for is asked for again.
+for and not yet received. They time out on lack of progress, not on their age: one timer for the window, started
+when a request goes out into an empty window and restarted whenever any chunk of this download arrives; only when
+no chunk at all arrived for `chunk_timeout_s` are the chunks still outstanding asked for again (a slow link, whose
+window takes longer than the timeout to deliver, never pays for its tail twice). Each further timeout without a
+chunk in between doubles the wait, up to MAX_BACKOFF times `chunk_timeout_s` (a stalled link is not asked again
+every `chunk_timeout_s` for the same chunks); the first chunk to arrive resets it. A reconnect that resumed the
+MQTT session keeps the outstanding requests (their answers are queued in the session for us) and restarts the timer
+(time away from the broker is not silence from the cloud); one that did not forgets them: they are asked at once.
 Every chunk is checked the moment it arrives, and dropped and counted by reason when it is not the one expected:
-`duplicate` (already have it: ignored), `other_package`, `wrong_total` (a total that is not the package's),
-`wrong_size` (not the length its slot must have), `hash_mismatch` (asked for again; `max_bad` of them for one slot
-fail the download). When every slot matches, the whole file's hash is checked (`finish`), then the caller verifies
-the package (agent/update/verify.py).
+`duplicate` (already have it: ignored, never written twice), `other_package`, `wrong_total` (a total that is not
+the package's), `wrong_size` (not the length its slot must have), `hash_mismatch` (asked for again; `max_bad` of
+them for one slot fail the download). When every slot matches, the whole file's hash is checked (`finish`), then
+the caller verifies the package (agent/update/verify.py).
 """
 
 from __future__ import annotations
@@ -25,6 +32,10 @@ from pathlib import Path
 
 from harvester_common import modelwire as mw
 
+# The longest wait for a chunk, as a multiple of `chunk_timeout_s`, after timeouts with no chunk in between: long
+# enough that a stall of a few timeouts costs a few re-asks, not one per timeout; short enough that a request the
+# cloud really lost (a `busy` refusal, a receiver that died) is asked again within minutes at the default 30 s.
+MAX_BACKOFF = 8
 
 class DownloadError(Exception):
     """A download that cannot finish; `code` (`chunk_never_matches`, `package_hash_mismatch`, `io_error`) and why."""
@@ -45,16 +56,20 @@ class Download:
         self.have = bytearray(n)  # 1 where the slot holds its chunk
         self.n_have = 0
         self.resumed = 0  # chunks found good in the file at open (not asked for again)
-        self.asked: dict[int, float] = {}  # chunk -> when it was last asked for
+        self.asked: set[int] = set()  # chunks asked for and not yet received
         self.bad: Counter[int] = Counter()  # hash mismatches per chunk
         self.dropped: Counter[str] = Counter()  # chunks dropped, by reason
-        self.timeouts = 0  # requests that went unanswered for chunk_timeout_s (asked for again)
+        self.timeouts = 0  # chunks asked for again because no chunk at all arrived for the (backed-off) timeout
+        self.stalls = 0  # times the window's timer ran out (each asks every outstanding chunk again)
+        self.backoffs = 0  # stalls that came with no chunk since the previous one (each doubled the wait, capped)
         self.chunks_requested = 0
         self.bytes_requested = 0
         self.bytes_received = 0  # chunk data accepted into the file
         self.bytes_have = 0
         self._fd: int | None = None
         self._scan = 0  # every chunk below this index is had or asked for (where the next request starts looking)
+        self._since = 0.0  # the window's timer: the last chunk's arrival, or the request into an empty window
+        self._silent = 0  # stalls since the last chunk arrived: the wait is chunk_timeout_s * 2**_silent, capped
 
     # --- the file ------------------------------------------------------------------------------------------------
 
@@ -95,13 +110,21 @@ class Download:
     def complete(self) -> bool:
         return self.n_have == self.desired.chunks
 
+    def wait_s(self) -> float:
+        """How long the window waits without a chunk before it asks for its outstanding chunks again."""
+        return self.chunk_timeout_s * min(1 << self._silent, MAX_BACKOFF)
+
     def requests(self, now: float) -> list[mw.GetRequest]:
-        """What to ask for now: chunks neither had nor asked for, up to the window, in contiguous runs."""
-        for i, at in list(self.asked.items()):
-            if now - at > self.chunk_timeout_s:
-                del self.asked[i]
-                self.timeouts += 1
-                self._scan = min(self._scan, i)
+        """What to ask for now: chunks neither had nor asked for, up to the window, in contiguous runs; every
+        outstanding chunk again when no chunk arrived for `wait_s()`."""
+        if self.asked and now - self._since > self.wait_s():
+            self.stalls += 1
+            if self._silent:
+                self.backoffs += 1
+            self._silent += 1 if 1 << self._silent < MAX_BACKOFF else 0
+            self.timeouts += len(self.asked)
+            self._scan = min(self._scan, *self.asked)
+            self.asked.clear()
         free = self.window - len(self.asked)
         if free <= 0 or self.complete:
             return []
@@ -114,29 +137,57 @@ class Download:
             elif not want:
                 self._scan = i + 1
             i += 1
+        if want and not self.asked:
+            self._since = now  # nothing was outstanding: no silence to count before this request
         out: list[mw.GetRequest] = []
         for i in want:
             if out and out[-1].first + out[-1].count == i and out[-1].count < mw.MAX_GET_COUNT:
                 out[-1] = mw.GetRequest(d.package_sha256, out[-1].first, out[-1].count + 1)
             else:
                 out.append(mw.GetRequest(d.package_sha256, i, 1))
-            self.asked[i] = now
+            self.asked.add(i)
             lo, hi = d.chunk_range(i)
             self.bytes_requested += hi - lo
         self.chunks_requested += len(want)
         return out
 
+    def unask(self, g: mw.GetRequest) -> None:
+        """A request that never left (the connection went as the list it was in was being published): its chunks
+        are not on their way, nor paid for, so they are asked for at the next call."""
+        if g.package_sha256 != self.desired.package_sha256:
+            return
+        for i in range(g.first, g.first + g.count):
+            if i in self.asked:
+                self.asked.discard(i)
+                self._scan = min(self._scan, i)
+                lo, hi = self.desired.chunk_range(i)
+                self.bytes_requested -= hi - lo
+                self.chunks_requested -= 1
+
     def forget_requests(self) -> None:
-        """The link went down: whatever was asked for may never come; ask again at once when it is back."""
+        """A new MQTT session (the broker kept none for us): whatever was asked for will not be answered to us;
+        ask again at once."""
         self.asked.clear()
         self._scan = 0
+        self._silent = 0
+
+    def session_resumed(self, now: float) -> None:
+        """A reconnect to the session we had: the outstanding requests' answers are queued there for us, so they
+        stay asked for; the timer restarts, as no chunk could arrive while we were away."""
+        self._since = now
 
     # --- chunks ----------------------------------------------------------------------------------------------------
 
-    def accept(self, c: mw.Chunk) -> str:
-        """Take one chunk: "stored", or the reason it was dropped (counted in `dropped`). Raises DownloadError when
-        the download cannot finish (a chunk that keeps failing its hash, the file cannot be written)."""
+    def accept(self, c: mw.Chunk, now: float) -> str:
+        """Take one chunk, arrived at `now` (the clock of `requests`): "stored", or the reason it was dropped
+        (counted in `dropped`). Raises DownloadError when the download cannot finish (a chunk that keeps failing its
+        hash, the file cannot be written)."""
         d = self.desired
+        if c.package_sha256 == d.package_sha256 and c.total == d.chunks:
+            # A chunk of this download, whatever its fate below: the link and the cloud are answering, so what is
+            # still outstanding is likely behind it, not lost. The window's timer starts over.
+            self._since = now
+            self._silent = 0
         reason = ""
         if c.package_sha256 != d.package_sha256:
             reason = "other_package"
@@ -151,7 +202,7 @@ class Download:
             elif hashlib.sha256(c.data).hexdigest() != d.chunk_sha256[c.index]:
                 reason = "hash_mismatch"
                 self.bad[c.index] += 1
-                self.asked.pop(c.index, None)  # ask again at once
+                self.asked.discard(c.index)  # ask again at once
                 self._scan = min(self._scan, c.index)
                 if self.bad[c.index] >= self.max_bad:
                     self.dropped[reason] += 1
@@ -167,7 +218,7 @@ class Download:
             raise DownloadError("io_error", f"{self.part}: {e.strerror or e}") from None
         self.have[c.index] = 1
         self.n_have += 1
-        self.asked.pop(c.index, None)
+        self.asked.discard(c.index)
         self.bytes_received += len(c.data)
         self.bytes_have += len(c.data)
         return "stored"

@@ -24,8 +24,9 @@ clock in milliseconds at start: it increases strictly across restarts, even if `
   mid-watch the watch starts again (the previous model is loaded and kept warm); a step cut short before the
   switch starts again when the retained desired message arrives (the download resumes from its partial file).
 
-Threads: `on_desired`, `on_chunk`, `outgoing` and `on_connect` run on the uplink thread (downloads are file writes,
-verification loads the model); `drive` and `on_update` on the pipeline thread, which alone scores. One lock.
+Threads: `on_desired`, `on_chunk`, `outgoing`, `unsent` and `on_connect` run on the uplink thread (downloads are
+file writes, verification loads the model); `drive` and `on_update` on the pipeline thread, which alone scores.
+One lock.
 """
 
 from __future__ import annotations
@@ -214,13 +215,31 @@ class ModelManager:
 
     # --- the uplink thread ----------------------------------------------------------------------------------------
 
-    def on_connect(self) -> None:
-        """A (re)connection: requests in flight are lost; the latest report goes again (retained, same seq)."""
+    def on_connect(self, session_present: bool) -> None:
+        """A (re)connection. When the broker resumed our session, the answers to the requests in flight are queued
+        in it for us: they stay asked for (asking again would bring each chunk twice, and pay for it twice);
+        otherwise they are lost and asked for again. The latest report goes again (retained, same seq)."""
         with self._lock:
             if self._download is not None:
-                self._download.forget_requests()
-            if self._last_payload and not any(leaf == mw.LEAF_STATUS for leaf, _, _ in self._out):
-                self._out.append((mw.LEAF_STATUS, self._last_payload, True))
+                if session_present:
+                    self._download.session_resumed(time.monotonic())
+                else:
+                    self._download.forget_requests()
+            self._resend_report()
+
+    def _resend_report(self) -> None:
+        if self._last_payload and not any(leaf == mw.LEAF_STATUS for leaf, _, _ in self._out):
+            self._out.append((mw.LEAF_STATUS, self._last_payload, True))
+
+    def unsent(self, items: list[tuple[str, bytes, bool]]) -> None:
+        """What `outgoing` gave that the uplink could not publish (the connection went meanwhile). Requests: their
+        chunks are asked for again (a resumed session would otherwise wait a whole timeout for them); reports: the
+        next connection sends the latest one anyway."""
+        with self._lock:
+            dl = self._download
+            for leaf, payload, _ in items:
+                if leaf == mw.LEAF_GET and dl is not None:
+                    dl.unask(mw.decode_get(payload))
 
     def outgoing(self, allow_get: bool = True) -> list[tuple[str, bytes, bool]]:
         """What to publish now: reports, then chunk requests (none when `allow_get` is False: the day's budget)."""
@@ -234,7 +253,12 @@ class ModelManager:
             out = list(self._out)
             self._out.clear()
             if dl is not None and allow_get:
+                was = (dl.timeouts, dl.stalls, dl.backoffs)
                 out += [(mw.LEAF_GET, mw.encode_get(g), False) for g in dl.requests(now)]
+                for name, before, after in zip(("chunks_timed_out", "download_stalls", "download_backoffs"), was,
+                                               (dl.timeouts, dl.stalls, dl.backoffs), strict=True):
+                    if after > before:
+                        self.counters[name] += after - before
             return out
 
     def on_desired(self, d: mw.Desired | None) -> None:
@@ -248,7 +272,7 @@ class ModelManager:
             if same and self._step in (*IN_PROGRESS, "watch", "switching"):
                 return  # the retained message again (a reconnect): the step goes on
             if same and self._step in STICKY:
-                self.on_connect()  # its outcome again, not a second attempt
+                self._resend_report()  # its outcome again, not a second attempt
                 return
             if self.active is not None and d.package_sha256 == self.active.package:
                 self._pending = None
@@ -259,7 +283,7 @@ class ModelManager:
                 last = self._last or {}
                 if last.get("state") == "active" and last.get("healthy") is True \
                         and (last.get("target") or {}).get("package_sha256") == d.package_sha256:
-                    self.on_connect()
+                    self._resend_report()
                 else:
                     self._step = "active"
                     self._report("active", healthy=True, reason="already active")
@@ -282,7 +306,7 @@ class ModelManager:
                 self.counters["chunks_not_downloading"] += 1
                 return
             try:
-                got = dl.accept(c)
+                got = dl.accept(c, time.monotonic())
             except DownloadError as e:
                 self.counters[f"chunks_{'hash_mismatch' if e.code == 'chunk_never_matches' else e.code}"] += 1
                 self._fail(e)
@@ -332,7 +356,8 @@ class ModelManager:
             self.counters["downloads_failed"] += 1
         self._step = "failed"
         self._report("failed", reason=f"{e.code}: {e}",
-                     figures={"bytes_requested": dl.bytes_requested, "timeouts": dl.timeouts} | dict(dl.dropped)
+                     figures={"bytes_requested": dl.bytes_requested, "timeouts": dl.timeouts, "stalls": dl.stalls,
+                              "backoffs": dl.backoffs} | dict(dl.dropped)
                      if dl else None, progress=dl.progress() if dl else None)
 
     def _finish_download(self) -> None:
