@@ -26,6 +26,11 @@ tracker and drift monitor; its windows that closed after the old model's last on
 before) are scored by it at once; and the old model stays in memory, its windows fed, until the watch ends, so
 that a rollback is a swap too. Windows no model scored across a switch (a gap on the new model's grid, or a window
 it started cold) are counted (`model_switch_unscored_windows`): zero by construction, and tested.
+
+The status message's active DTCs (`dtc_status`, read on the uplink's thread) are an immutable snapshot made here, on
+the pipeline thread, from every decoder that tracks DTCs (the J1939 ones), after a batch that changed a decoder's
+state, at most every `dtc_snapshot_s` of wall time (and when idle, from `heartbeat`): a DTC storm changes the state
+with every batch, and a snapshot walks a bus's whole active set. The uplink thread never reads a decoder's dicts.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sized
 from dataclasses import dataclass, field
-from typing import Any, Protocol, cast
+from typing import Any, Protocol, cast, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -44,6 +49,7 @@ import numpy.typing as npt
 from agent.alerts import AlertContext, AlertTracker, closed_for
 from agent.config import ModelConfig, PipelineConfig
 from agent.decode.base import Decoder, Lines
+from agent.decode.j1939_dtc import ActiveDtc, status_order
 from agent.drift import DriftMonitor, DriftPolicy
 from agent.dtcdebounce import DtcDebouncer, DtcPolicy
 from agent.features import FeatureEngine, FeatureRow
@@ -53,6 +59,7 @@ from agent.records import Event, SampleArrays
 from agent.scoring import ScoreBatch, Scorer
 from agent.signals import SignalRegistry
 from agent.update.shadow import Figures, ShadowBounds, ShadowRun, UpdateEvent, decide, doomed
+from harvester_common.wire import MAX_STATUS_DTCS
 
 log = logging.getLogger("agent.pipeline")
 
@@ -61,6 +68,24 @@ DTC_DEBOUNCE_STATE_KEY = "dtc_debounce/{source}"  # what a decoder's DTC debounc
 # The defaults of the keys the pipeline takes, for callers without a config (replay, tests, benchmarks).
 _MODEL = ModelConfig()
 _MODEL_DTC = PipelineConfig().dtc_policy()
+
+
+@runtime_checkable
+class DtcSnapshots(Protocol):
+    """A decoder that tracks active DTCs (agent/decode/j1939.py)."""
+
+    def active_snapshot(self, limit: int) -> tuple[tuple[ActiveDtc, ...], int]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class DtcSnapshot:
+    """Every source's active DTCs for the status message: the first MAX_STATUS_DTCS in `status_order`, and how many
+    there are in all. Replaced whole, never changed: the uplink thread reads it while the pipeline makes the next."""
+    active: tuple[ActiveDtc, ...] = ()
+    total: int = 0
+
+    def status(self) -> dict[str, Any]:
+        return {"active": [d.to_dict() for d in self.active], "more": self.total - len(self.active)}
 
 
 class Sink(Protocol):
@@ -226,6 +251,7 @@ class Pipeline:
         metrics: Metrics | None = None,
         on_update: Callable[[UpdateEvent], None] | None = None,
         dtc_policy: DtcPolicy | None = None,
+        dtc_snapshot_s: float = 1.0,
     ) -> None:
         self.tap = tap  # sees every decoded sample batch (replay statistics)
         self.registry = registry
@@ -236,6 +262,10 @@ class Pipeline:
         self.stats = PipelineStats()
         self.dtc_policy = dtc_policy or _MODEL_DTC
         self.debouncers: dict[str, DtcDebouncer] = {}  # per source, as its first events come (or its state)
+        self.dtc_snapshot_s = dtc_snapshot_s
+        self._dtcs = DtcSnapshot()  # read by the uplink thread: only ever replaced (one reference store)
+        self._dtcs_stale = False
+        self._dtcs_at = -math.inf  # time.monotonic() of the last snapshot
         self._alert_saved_at = 0.0
         self.active = ModelSlot(scorer) if scorer is not None else None
         self.drift: DriftMonitor | None = None
@@ -316,6 +346,7 @@ class Pipeline:
             saved_dec = saved.get(dec.state_key)
             if saved_dec is not None and not dec.restore(saved_dec):
                 self.stats.errors["dtc_state_unreadable"] += 1
+        self._snapshot_dtcs()  # the first status after a restart names what is still active
         for source in self.decoders:
             held = saved.get(DTC_DEBOUNCE_STATE_KEY.format(source=source))
             if held is not None and not self._debouncer(source).restore(held):
@@ -358,6 +389,25 @@ class Pipeline:
         if self.tracker is not None and self.tracker.open is not None \
                 and time.time() - self._alert_saved_at >= self.alert_heartbeat_s:
             self._emit([], self._alert_state())
+        self._refresh_dtcs()
+
+    def _refresh_dtcs(self) -> None:
+        if self._dtcs_stale and time.monotonic() - self._dtcs_at >= self.dtc_snapshot_s:
+            self._snapshot_dtcs()
+
+    def _snapshot_dtcs(self) -> None:
+        """Every DTC-tracking decoder's active set, merged in the status message's order: each gives its first
+        MAX_STATUS_DTCS, of which the first MAX_STATUS_DTCS of all are kept."""
+        parts = [d.active_snapshot(MAX_STATUS_DTCS) for d in self.decoders.values() if isinstance(d, DtcSnapshots)]
+        active = sorted((a for kept, _ in parts for a in kept),
+                        key=lambda a: status_order(a.source, a.spn, a.fmi, a.lamps))[:MAX_STATUS_DTCS]
+        self._dtcs = DtcSnapshot(tuple(active), sum(n for _, n in parts))
+        self._dtcs_stale, self._dtcs_at = False, time.monotonic()
+
+    def dtc_status(self) -> dict[str, Any]:
+        """For the status message (any thread): the active DTCs of the latest snapshot, `{"active": [...], "more":
+        n}` (docs/protocol.md "Status")."""
+        return self._dtcs.status()
 
     def drain_dtcs(self) -> None:
         """Every DTC event the debouncers hold, out now (a stop, the end of a replay), with their emptied state."""
@@ -396,6 +446,9 @@ class Pipeline:
         # Saved with the events, in their transaction: a restart continues from exactly what was announced.
         state = {dec.state_key: dec.state()} if res.state_changed and dec.state_key is not None else {}
         self._events(source, res.events, batch, state, res.state_urgent)
+        if res.state_changed:  # the active set, its counts, lamps or sources moved
+            self._dtcs_stale = True
+            self._refresh_dtcs()
 
     def source_event(self, event: Event) -> None:
         """A source's own event (`source_down`, `source_up`: agent/sources/health.py), stored and synced like any
@@ -762,10 +815,12 @@ class Pipeline:
     def _dtc_out(self, out: list[Event], state: dict[str, Any], urgent: bool) -> None:
         """One transaction for what a batch lets out and the decoder and debouncer state it leaves."""
         st = self.stats
+        info = log.isEnabledFor(logging.INFO)  # asked once, not per event of a storm
         for e in out:
             if e.kind.startswith("dtc_"):
                 st.dtc_events_written += 1
-                log.info("%s %s", e.kind, e.data)
+                if info:
+                    log.info("%s %s", e.kind, e.data)
         # Kept as plain numbers: the metrics collector reads them from another thread.
         st.dtc_events_merged = sum(d.merged for d in self.debouncers.values())
         st.dtc_events_held = sum(d.held for d in self.debouncers.values())

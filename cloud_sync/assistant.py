@@ -31,7 +31,7 @@ from cloud_sync.assistant_answer import Answer, Source
 from cloud_sync.assistant_kb import Hit, KnowledgeBase
 from cloud_sync.assistant_understand import DAY, INTENTS, MAX_QUESTION_CHARS, Parsed, Span, parse, season_start
 from cloud_sync.db import FleetDB
-from cloud_sync.present import clean_alert, finite
+from cloud_sync.present import clean_alert, finite, status_dtcs
 from harvester_common.j1939_text import DtcText, fmi_text
 
 __all__ = ["INTENTS", "Answer", "Assistant", "KnowledgeBase", "Source"]
@@ -69,6 +69,7 @@ Q_MARKS_DRIFT = (f"SELECT seq, ts, record FROM events WHERE vehicle=? AND kind='
                  f"LIMIT {MAX_MARKS_READ}")
 Q_DTC_SINCE = ("SELECT seq, ts, record FROM events WHERE vehicle=? AND kind='dtc_open' AND ts>=? AND ts<? "
                "ORDER BY ts")
+Q_STATUS = "SELECT status FROM vehicles WHERE vehicle=?"
 Q_BREAKDOWNS = "SELECT id, at, fault, note FROM breakdowns WHERE vehicle=? AND at>=? AND at<? ORDER BY at"
 
 
@@ -102,8 +103,24 @@ class Dtc:
     spn: int
     fmi: int
     text: str
-    since: float
-    seq: int
+    since: float | None  # when its event says it opened; None: from the vehicle's status, which does not say
+    seq: int | None  # the event it was read from; None: from the vehicle's status
+    occurrence: int | None = None
+    reported: float | None = None  # the time of the status that listed it
+
+    def told(self) -> str:
+        """When, for people: since it opened (from its events), or when the vehicle last said it was active."""
+        if self.seq is not None:
+            return f"since {when(self.since)}"
+        occ = f"{_n(self.occurrence, 'occurrence')}, " if self.occurrence else ""
+        return f"({occ}active in the vehicle's status of {when(self.reported)})"
+
+
+@dataclass(slots=True)
+class ActiveDtcs:
+    dtcs: list[Dtc]
+    source: Source  # the rows they were read from: the vehicle's status, or its DTC events
+    more: int = 0  # active DTCs the vehicle's status says it did not list
 
 
 class Assistant:
@@ -168,7 +185,17 @@ class Assistant:
         return [(str(v), int(s), clean_alert({**_rec(r), "vehicle": v, "seq": s, "alert_id": a, "ts": ts}))
                 for v, s, a, ts, r in rows]
 
-    def _active_dtcs(self, vehicle: str) -> list[Dtc]:
+    def _active_dtcs(self, vehicle: str, status: dict[str, Any]) -> ActiveDtcs:
+        """The vehicle's active DTCs: the list its last status message carries when it has one (the vehicle's own
+        set, however old the DTC or lost its events), else rebuilt from its newest DTC events (an agent from before
+        the status carried them, or a vehicle whose last word was its Will)."""
+        listed = status_dtcs(status)
+        if listed is not None:
+            at = finite(status.get("ts"))
+            dtcs = [Dtc(d["spn"], d["fmi"], self.dtc_text.words(d["spn"], d["fmi"], d["text"]), None, None,
+                        d["occurrence"], at) for d in listed.active]
+            return ActiveDtcs(dtcs, Source("db", "vehicles", [{"vehicle": vehicle, "field": "status.dtcs"}],
+                                           Q_STATUS), listed.more)
         latest: dict[tuple[str, int, int], tuple[str, float, int, dict[str, Any]]] = {}
         rows = [r for kind in DTC_KINDS for r in self.db.read(Q_DTC, (vehicle, kind))]
         rows.sort(key=lambda r: (float(r[2]), int(r[0])), reverse=True)
@@ -182,12 +209,9 @@ class Assistant:
         out = []
         for (_, spn, fmi), (kind, ts, seq, d) in sorted(latest.items(), key=lambda kv: kv[1][1]):
             if kind != "dtc_close":
-                # The vehicle's own wording (its DBCs name more SPNs than the built-in table) when it sent one.
-                said = d.get("text")
-                text = said[:200] if isinstance(said, str) and said.startswith(f"SPN {spn} ") else \
-                    self.dtc_text.text(spn, fmi)
-                out.append(Dtc(spn, fmi, text, ts, seq))
-        return out
+                out.append(Dtc(spn, fmi, self.dtc_text.words(spn, fmi, d.get("text")) or f"SPN {spn}, FMI {fmi}",
+                               ts, seq))
+        return ActiveDtcs(out, Source("db", "events", [{"vehicle": vehicle, "seq": d.seq} for d in out], Q_DTC))
 
     def _status(self, row: tuple[Any, ...]) -> dict[str, Any]:
         return _rec(row[4]) if row[4] else {}
@@ -219,12 +243,15 @@ class Assistant:
                 labels = Counter(str(_rec(r[3]).get("label") or "(no label)") for r in closed)
                 reasons.append(f"{_n(len(closed), 'alert')} opened and closed {span.label}: "
                                + ", ".join(f"{k} {v}" for k, v in sorted(labels.items())))
-        dtcs = self._active_dtcs(vehicle)
-        if dtcs:
-            sources.append(Source("db", "events", [{"vehicle": vehicle, "seq": d.seq} for d in dtcs], Q_DTC))
-            for d in dtcs[:MAX_LISTED]:
-                reasons.append(f"active DTC {d.text} since {when(d.since)}")
         st = self._status(row)
+        active = self._active_dtcs(vehicle, st)
+        if active.dtcs or active.more:
+            sources.append(active.source)
+            for d in active.dtcs[:MAX_LISTED]:
+                reasons.append(f"active DTC {d.text} {d.told()}")
+            unlisted = len(active.dtcs[MAX_LISTED:]) + active.more
+            if unlisted:
+                reasons.append(f"{_n(unlisted, 'more active DTC')}")
         drift = st.get("drift")
         if isinstance(drift, dict) and drift.get("drift") is True:
             sources.append(Source("db", "vehicles", [{"vehicle": vehicle}], "SELECT status FROM vehicles WHERE "

@@ -15,15 +15,26 @@ escapes or bidi overrides, a number may be NaN or a string, a record may be nest
 - `dumps(v)`: JSON for a terminal or a file, ASCII only (every non-ASCII character, C1 and bidi controls
   included, as `\\uXXXX`), from `plain(v)`.
 - `clean_alert(a)`: an alert record with the fields people see typed, whatever the vehicle put in them.
+- `status_dtcs(status)`: the active DTCs a vehicle's status message lists (docs/protocol.md "Status"), only the
+  well-typed entries, the rest counted.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
+from dataclasses import dataclass, field
 from typing import Any
 
+from harvester_common.j1939_text import FMI_MAX, SAID_MAX, SPN_MAX
+from harvester_common.wire import MAX_STATUS_DTCS, SOURCE_PATTERN
+
 MAX_DEPTH = 32  # nesting kept from a vehicle's record; the reports read two levels
+LAMPS = ("mil", "red_stop", "amber_warning", "protect")
+OCCURRENCE_MAX = 127  # a DM1's occurrence count is 7 bits (126: 126 or more; 127: not available)
+MORE_MAX = 2**31 - 1  # `more` past this is not a count a vehicle can have (256 ECUs per bus): ignored
+_SOURCE = re.compile(SOURCE_PATTERN)
 _SHORT = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
 
 
@@ -79,4 +90,49 @@ def clean_alert(a: dict[str, Any]) -> dict[str, Any]:
                            if isinstance(f, list) and f and isinstance(f[0], str)] if isinstance(feats, list) else []
     if not isinstance(out.get("snapshot"), dict):
         out["snapshot"] = {}
+    return out
+
+
+def _small_int(v: Any, hi: int) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= hi else None
+
+
+@dataclass(slots=True)
+class StatusDtcs:
+    """A status message's `dtcs`, checked: each entry in `active` has `source` (str), `spn` (0..2^19-1), `fmi`
+    (0..31), `occurrence` (0..127 or None), the four lamps (0..3 or None each) and `text` (the vehicle's words, at
+    most SAID_MAX characters, or None)."""
+
+    active: list[dict[str, Any]] = field(default_factory=list)
+    more: int = 0  # active DTCs the vehicle says it left out of its list (0 when it said nothing usable)
+    ignored: int = 0  # entries left out here: not well typed, a repeat of one kept, or past MAX_STATUS_DTCS
+
+
+def status_dtcs(status: object) -> StatusDtcs | None:
+    """The active DTCs a vehicle's stored status lists, or None when it lists none: no `dtcs` (an agent from before
+    it was sent, a Will's "offline"), or one that is not `{"active": [...]}` at all. Hostile input, never raises: an
+    entry whose `source`, `spn` or `fmi` is not well typed (a bool, a float, out of range, a source outside the wire's
+    pattern) is left out and counted in `ignored`, as are repeats of a (source, SPN, FMI) already kept and entries
+    past MAX_STATUS_DTCS (more than a vehicle sends); an ill-typed `occurrence`, lamp or `text` is None, the DTC kept
+    (that it is active matters more than its count)."""
+    dtcs = status.get("dtcs") if isinstance(status, dict) else None
+    active = dtcs.get("active") if isinstance(dtcs, dict) else None
+    if not isinstance(dtcs, dict) or not isinstance(active, list):
+        return None
+    out = StatusDtcs(more=_small_int(dtcs.get("more"), MORE_MAX) or 0, ignored=max(0, len(active) - MAX_STATUS_DTCS))
+    seen: set[tuple[str, int, int]] = set()
+    for d in active[:MAX_STATUS_DTCS]:
+        source = d.get("source") if isinstance(d, dict) else None
+        spn = _small_int(d.get("spn"), SPN_MAX) if isinstance(d, dict) else None
+        fmi = _small_int(d.get("fmi"), FMI_MAX) if isinstance(d, dict) else None
+        if not (isinstance(d, dict) and isinstance(source, str) and _SOURCE.fullmatch(source) and spn is not None
+                and fmi is not None and (source, spn, fmi) not in seen):
+            out.ignored += 1
+            continue
+        seen.add((source, spn, fmi))
+        text = d.get("text")
+        out.active.append({"source": source, "spn": spn, "fmi": fmi,
+                           "occurrence": _small_int(d.get("occurrence"), OCCURRENCE_MAX),
+                           **{k: _small_int(d.get(k), 3) for k in LAMPS},
+                           "text": text[:SAID_MAX] if isinstance(text, str) else None})
     return out

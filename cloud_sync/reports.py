@@ -74,23 +74,27 @@ class Reports:
                 out.append(data)
         return out
 
-    def stats(self) -> list[VehicleStats]:
+    def stats(self, only: str | None = None) -> list[VehicleStats]:
+        """Every vehicle's, or only one vehicle's (its rows alone read: a page about one vehicle of a large fleet)."""
         out: list[VehicleStats] = []
+        one, arg = ("", ()) if only is None else (" AND vehicle=?", (only,))
         with self.db.read_lock():
-            vehicles = self.db.read(
-                "SELECT vehicle, fleet, online, last_seen, status FROM vehicles ORDER BY fleet, vehicle")
+            vehicles = self.db.read(f"SELECT vehicle, fleet, online, last_seen, status FROM vehicles WHERE 1=1{one} "
+                                    "ORDER BY fleet, vehicle", arg)
             stored: dict[str, dict[str, int]] = {}
-            for vehicle, name, value in self.db.read(
-                    "SELECT vehicle, name, value FROM counters WHERE name LIKE ?", ("stored:%",)):
-                stored.setdefault(vehicle, {})[name.split(":", 1)[1]] = int(value)
-            positions = {str(v): int(p) for v, p in self.db.read("SELECT vehicle, backfill_from FROM backfill")}
+            for v, name, value in self.db.read(
+                    f"SELECT vehicle, name, value FROM counters WHERE name LIKE ?{one}", ("stored:%", *arg)):
+                stored.setdefault(v, {})[name.split(":", 1)[1]] = int(value)
+            positions = {str(v): int(p) for v, p in
+                         self.db.read(f"SELECT vehicle, backfill_from FROM backfill WHERE 1=1{one}", arg)}
             ignored: Counter[str] = Counter()
-            for vehicle, value in self.db.read("SELECT vehicle, value FROM counters WHERE name LIKE ?",
-                                               ("backfill_ignored:%",)):
-                ignored[str(vehicle)] += int(value)
+            for v, value in self.db.read(f"SELECT vehicle, value FROM counters WHERE name LIKE ?{one}",
+                                         ("backfill_ignored:%", *arg)):
+                ignored[str(v)] += int(value)
             received: dict[str, list[tuple[int, int]]] = {}
-            for vehicle, lo, hi in self.db.read("SELECT vehicle, seq_lo, seq_hi FROM ranges"):  # merged at ingest
-                received.setdefault(vehicle, []).append((int(lo), int(hi)))
+            for v, lo, hi in self.db.read(f"SELECT vehicle, seq_lo, seq_hi FROM ranges WHERE 1=1{one}",
+                                          arg):  # merged at ingest
+                received.setdefault(v, []).append((int(lo), int(hi)))
             for vehicle, fleet, online, last_seen, status in vehicles:
                 counts = {k: stored.get(vehicle, {}).get(k, 0) for k in STORED_KINDS}  # kept at ingest
                 covered = merge_ranges(received.get(vehicle, []))
@@ -132,19 +136,21 @@ class Reports:
                 )
         return out
 
-    def fleet(self, now: float | None = None) -> list[dict[str, Any]]:
-        """One row per vehicle for people: what `cloud-sync fleet` and the web page show (docs/cloud_sync.md)."""
+    def fleet(self, now: float | None = None, vehicle: str | None = None) -> list[dict[str, Any]]:
+        """One row per vehicle for people: what `cloud-sync fleet` and the web page show (docs/cloud_sync.md); with
+        `vehicle`, that vehicle's row alone (none if unknown), its rows alone read."""
         now = time.time() if now is None else now
+        one, arg = ("", ()) if vehicle is None else (" AND a.vehicle=?", (vehicle,))
         open_alerts: dict[str, int] = {}
-        for vehicle, n in self.db.read(
+        for v_id, n in self.db.read(
             "SELECT a.vehicle, COUNT(*) FROM alerts a WHERE a.seq = (SELECT MAX(b.seq) FROM alerts b "
-            "WHERE b.vehicle=a.vehicle AND b.alert_id=a.alert_id) AND a.state='open' GROUP BY a.vehicle"
+            f"WHERE b.vehicle=a.vehicle AND b.alert_id=a.alert_id) AND a.state='open'{one} GROUP BY a.vehicle", arg
         ):
-            open_alerts[vehicle] = int(n)
+            open_alerts[v_id] = int(n)
         models = self.db.vehicle_models()
         desired = self.db.desired_models()
         rows = []
-        for v in self.stats():
+        for v in self.stats(vehicle):
             st = v.status
             backlog, budget, drift, evicted_vehicle = (
                 _obj(st.get(k)) for k in ("backlog", "budget", "drift", "evicted"))

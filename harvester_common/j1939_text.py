@@ -20,6 +20,7 @@ import re
 from collections.abc import Iterable, Mapping
 
 SPN_MAX = (1 << 19) - 1
+SAID_MAX = 300  # a vehicle's words for one DTC, at most: longer is cut
 FMI_MAX = 31
 MAX_NAME_CHARS = 120  # a DBC signal name can be any length; the text stays one readable line
 
@@ -121,8 +122,28 @@ class DtcText:
     def text(self, spn: int, fmi: int) -> str:
         """ "SPN 110 Engine Coolant Temperature, FMI 0: above normal, most severe"; "SPN 5246 (unknown), FMI 31:
         condition exists" for an SPN nobody named."""
-        return f"SPN {spn} {self.spn_names.get(spn, '(unknown)')}, FMI {fmi}: {fmi_text(fmi)}"
+        return self.parts(spn, fmi)[2]
+
+    def parts(self, spn: int, fmi: int) -> tuple[str | None, str, str]:
+        """`fields`' values, (`spn_name`, `fmi_text`, `text`), each looked up once: a decoder makes them for every
+        DTC event, ~100,000 a minute in a storm."""
+        name = self.spn_names.get(spn)
+        failure = fmi_text(fmi)
+        return name, failure, f"SPN {spn} {'(unknown)' if name is None else name}, FMI {fmi}: {failure}"
+
+    def words(self, spn: int | None, fmi: int | None, said: object) -> str:
+        """A stored DTC event's words for people, one rule for every reader (the fleet page, the assistant): the
+        vehicle's own `said` when they are about this DTC (a string that starts "SPN <spn> " and names ", FMI <fmi>: ";
+        a vehicle's DBCs name more SPNs than the built-in table), cut to SAID_MAX characters; else made here for a
+        valid SPN and FMI; else "". Anything else a vehicle sent (words about another DTC, an event from before
+        vehicles sent words, not a string) is not shown as this DTC's words."""
+        if spn is None or fmi is None or not (0 <= spn <= SPN_MAX and 0 <= fmi <= FMI_MAX):
+            return ""
+        if isinstance(said, str) and said.startswith(f"SPN {spn} ") and f", FMI {fmi}: " in said[:SAID_MAX]:
+            return said[:SAID_MAX]
+        return self.text(spn, fmi)
 
     def fields(self, spn: int, fmi: int) -> dict[str, str | None]:
         """The keys every DTC event carries: `spn_name` (None when unknown), `fmi_text`, `text`."""
-        return {"spn_name": self.spn_name(spn), "fmi_text": fmi_text(fmi), "text": self.text(spn, fmi)}
+        name, failure, text = self.parts(spn, fmi)
+        return {"spn_name": name, "fmi_text": failure, "text": text}

@@ -113,6 +113,10 @@ MAX_RECORD_BYTES = 256 * 1024  # one alert/event record, as JSON
 MAX_JSON_DEPTH = 32  # nesting of the header (and so of a record); deeper JSON is refused before it is parsed
 MAX_BATCH_BYTES = 4 * 1024 * 1024  # the highest `mqtt.batch_max_bytes` a vehicle may configure
 MAX_STATUS_BYTES = 64 * 1024  # one retained status message (JSON)
+# Active DTCs a status message lists (its `dtcs.active`; `dtcs.more` counts the rest): with the longest sources and
+# words a vehicle makes (49 and 194 ASCII characters) they take under 24 KiB of MAX_STATUS_BYTES, beside the 16 KiB
+# of counters (tests/test_status_dtcs.py measures the whole message).
+MAX_STATUS_DTCS = 64
 # An ack names one range per segment of its batch: "[seq,seq]," is at most 42 bytes with 19-digit numbers, plus the
 # vehicle id, the batch id and a reason of up to 500 characters (6 bytes each once JSON-escaped). A vehicle must accept
 # an ack this large (`mqtt.max_ack_bytes` may not go below it), or it would drop the ack of a legal batch as

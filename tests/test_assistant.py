@@ -246,3 +246,26 @@ def test_numbers_come_from_queries_not_from_documents(fleet_db: CloudDB, tmp_pat
     meaning = a.ask("spn 110 fmi 0", now=workshop.NOW)
     assert "H-007 2 times" in meaning.answer and "42" not in meaning.answer
     kb.close()
+
+
+def test_a_vehicles_dtc_words_follow_the_pages_rule(tmp_path: Path) -> None:
+    """The assistant reads a stored DTC's words by the page's rule (DtcText.words): the vehicle's own when they name
+    this SPN and FMI, else the table's; words about another DTC never stand for this one."""
+    from harvester_common import wire
+
+    db = CloudDB(tmp_path / "cloud.sqlite")
+    t = workshop.NOW - 3600
+    db.ingest([wire.Batch(workshop.FLEET, "H-900", 1, [
+        wire.Segment("event", 1, 1, record={"kind": "dtc_open", "ts": t, "data": {
+            "source": "can0/00", "sa": 0, "spn": 110, "fmi": 0, "text": "SPN 96 Fuel Level, FMI 0: fine"}}),
+        wire.Segment("event", 2, 2, record={"kind": "dtc_open", "ts": t + 1, "data": {
+            "source": "can0/00", "sa": 0, "spn": 520192, "fmi": 0,
+            "text": "SPN 520192 Auger Bearing Temperature, FMI 0: above normal, most severe"}})])])
+    kb = KnowledgeBase(index_path=tmp_path / "kb.sqlite")
+    out = Assistant(db, kb).ask("how is H-900", now=workshop.NOW)
+    kb.close()
+    db.close()
+    assert out.intent == "vehicle_status", out.answer
+    assert "active DTC SPN 110 Engine Coolant Temperature, FMI 0: above normal, most severe" in out.answer
+    assert "active DTC SPN 520192 Auger Bearing Temperature, FMI 0: above normal, most severe" in out.answer
+    assert "Fuel Level" not in out.answer

@@ -115,6 +115,19 @@ def test_fleet_rows_and_alert_filters(db: FleetDB) -> None:
     assert series["ET1.EngCoolantTemp"][0] == pytest.approx((T0 + 0.1, 90.01))
 
 
+
+def test_one_vehicles_fleet_row_is_its_row_of_the_whole_fleet(db: FleetDB) -> None:
+    """The vehicle page asks for one row and reads that vehicle's rows alone: the same row as the whole fleet's, on
+    both engines; a vehicle nobody heard from, or a name made of SQL's wildcards, has none."""
+    seed_fleet(db)
+    db.ingest([wire.Batch("f1", "v1", 2, [samples(2000, 10)])])  # v1: a gap, so gaps are compared too
+    rows = {r["vehicle"]: r for r in Reports(db).fleet(now=T0 + 100)}
+    for vehicle, row in rows.items():
+        assert Reports(db).fleet(now=T0 + 100, vehicle=vehicle) == [row]
+    assert rows["v1"]["gaps"] == 1
+    for nobody in ("v4", "%", "v_", "", "v1' OR '1'='1"):
+        assert Reports(db).fleet(now=T0 + 100, vehicle=nobody) == []
+
 def test_schema_is_versioned_and_a_newer_database_is_refused(tmp_path: Path) -> None:
     db = CloudDB(tmp_path / "c.sqlite")
     db.db.execute("PRAGMA user_version=99")

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from agent.decode.j1939 import J1939Decoder
 from agent.decode.j1939_addr import AddressBook, name_fields
+from agent.decode.j1939_dtc import lamp_fields
 from agent.decode.j1939_id import make_id
 from agent.decode.j1939_tp import PGN_DM1, PGN_DM2, Dtc
 from agent.frames import FrameBatch
@@ -94,6 +95,23 @@ def test_the_32_fmis_and_the_text_a_mechanic_reads() -> None:
     assert text.fields(475711, 2)["spn_name"] is None
 
 
+def test_stored_words_are_the_vehicles_only_when_they_are_about_this_dtc() -> None:
+    """One rule for every reader of stored DTC events (the fleet page, the assistant): a vehicle's words are shown
+    when they name this SPN and FMI (its DBC may name an SPN the built-in table does not); otherwise, words about
+    another DTC, an event from before vehicles sent words, a number, the words are made from the table."""
+    table = DtcText()
+    own = "SPN 520192 Auger Bearing Temperature, FMI 0: above normal, most severe"
+    assert table.words(520192, 0, own) == own
+    assert table.words(520192, 0, own + " " + "x" * 400) == (own + " " + "x" * 400)[:300]
+    made = "SPN 110 Engine Coolant Temperature, FMI 0: above normal, most severe"
+    for said in (None, 110, "", "SPN 111 Coolant Level, FMI 1: below normal, most severe",  # another SPN
+                 "SPN 110 Engine Coolant Temperature, FMI 1: below normal, most severe",  # another FMI
+                 "SPN 1100 x, FMI 0: y", "<script>x</script>", "SPN 110 " + "x" * 400 + ", FMI 0: y"):
+        assert table.words(110, 0, said) == made, said
+    for spn, fmi in ((None, 0), (110, None), (-1, 0), (1 << 19, 0), (110, 32), (110, -1)):
+        assert table.words(spn, fmi, own) == "", (spn, fmi)
+
+
 def test_spn_names_come_from_the_dbcs_signal_attributes(tmp_path: Path) -> None:
     assert words_of("EngOilTemp1") == "Engine Oil Temperature 1"
     assert words_of("AftrtrtmntSCROprtrIndcmntSvrity") == "Aftertreatment SCR Operator Inducement Severity"
@@ -141,6 +159,9 @@ def test_every_dtc_event_carries_lamps_occurrence_and_text() -> None:
     # The lamps as they are when it closed; the last occurrence count it had.
     assert (closed.data["red_stop"], closed.data["amber_warning"], closed.data["occurrence"]) == (0, 0, 3)
     assert closed.data["text"] == opened.data["text"]
+    # The keys in the order records have always been written in (the JSON's bytes), the lamps as lamp_fields has them.
+    order = ["source", "sa", "spn", "fmi", "occurrence", *lamp_fields((0, 1, 1, 0)), "spn_name", "fmi_text", "text"]
+    assert list(opened.data) == list(closed.data) == order
 
 
 def test_occurrence_and_lamp_changes_of_an_active_dtc_are_updates_and_repeats_are_silent() -> None:
@@ -155,7 +176,7 @@ def test_occurrence_and_lamp_changes_of_an_active_dtc_are_updates_and_repeats_ar
     (up,) = r.feed(dm1(0, 5.0, [Dtc(110, 0, 2), Dtc(100, 1, 5)], amber))
     assert (up.kind, up.data["spn"], up.data["occurrence"], up.data["changed"]) == ("dtc_update", 110, 2,
                                                                                       ["occurrence"])
-    assert set(up.data) == DTC_KEYS | {"changed"}
+    assert set(up.data) == DTC_KEYS | {"changed"} and list(up.data)[-2:] == ["text", "changed"]  # written last
     lamps = r.feed(dm1(0, 6.0, [Dtc(110, 0, 2), Dtc(100, 1, 5)], red))  # escalation: every active DTC says so
     assert [(e.kind, e.data["spn"], e.data["changed"], e.data["red_stop"]) for e in lamps] == [
         ("dtc_update", 100, ["lamps"], 1), ("dtc_update", 110, ["lamps"], 1)]

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.store import Store, StoreError, time_seq_floor
+from agent.store import Store, StoreError, finite_dumps, time_seq_floor
 from harvester_common import wire
 
 
@@ -146,3 +146,28 @@ def test_migrations_cover_every_version_and_run_in_order(tmp_path: Path) -> None
     tables = {r[0] for r in s.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert {"outbox", "meta"} <= tables
     s.close()
+
+
+@pytest.mark.parametrize("obj", [
+    {"kind": "dtc_open", "ts": 1700000123.4565, "data": {"source": "can0/3F", "sa": 63, "spn": 412345, "fmi": 17,
+                                                          "occurrence": None, "spn_name": None, "ok": True,
+                                                          "text": "SPN 412345 (unknown), FMI 17: é ✓ \"q\"\n"}},
+    {"v": 2, "clock": None, "quiet": [["can0/00", 110, 0, 61.5, 2, 1, 1, 1.0, "dtc_open", None, {}, 0]],
+     "windows": [["can0/00", 0.0, 30, 5, 7, {"dtc_open": 5}, 1.0, 2.0, [[110, 0], (111, 1)], 0, 3]]},
+    [1, -2.5, 1e300, 5e-324, 0.1, "x", [], {}, False], "a string", 3, 2.0, None,
+])
+def test_finite_dumps_writes_what_json_dumps_writes(obj: object) -> None:
+    # The store's encoder is made once (agent/store.py, _strict_json): byte for byte what json.dumps would write.
+    assert finite_dumps(obj) == json.dumps(obj, allow_nan=False)
+
+
+def test_finite_dumps_writes_non_finite_numbers_as_null_and_refuses_what_is_not_json() -> None:
+    nan, inf = float("nan"), float("inf")
+    assert finite_dumps({"x": nan, "y": [inf, -inf, 2.0]}) == '{"x": null, "y": [null, null, 2.0]}'
+    assert finite_dumps({"x": 1}) == '{"x": 1}'  # an error before leaves nothing behind for the next record
+    with pytest.raises(TypeError):
+        finite_dumps({"x": object()})
+    loop: list[object] = []
+    loop.append(loop)
+    with pytest.raises((ValueError, RecursionError)):
+        finite_dumps(loop)

@@ -37,6 +37,9 @@ from tests.test_web import HOSTILE, PASSWORD, PASSWORD_HASH, check_alert_plot, s
 browser = test_web.browser  # the same headless Chromium fixture
 REPO = Path(__file__).resolve().parent.parent
 
+# Words a vehicle sends for a DTC its DBC names with markup: about this DTC, so shown, as text.
+HOSTILE_WORDS = f"SPN 5246 {HOSTILE}, FMI 31: condition exists"
+
 
 def ev(seq: int, kind: str, ts: float, data: dict[str, Any]) -> wire.Segment:
     return wire.Segment("event", seq, seq, record={"kind": kind, "ts": ts, "data": data})
@@ -53,7 +56,7 @@ def seed_history(db: FleetDB) -> None:
                                        "fmi_text": "above normal, most severe",
                                        "text": "SPN 110 Engine Coolant Temperature, FMI 0: above normal, most severe"}),
         ev(1003, "dtc_close", T0 + 60, {"source": "can0", "sa": 0, "spn": 110, "fmi": 0, "occurrence": 1}),
-        ev(1004, "dtc_open", T0 + 40, {"source": "can1", "sa": 3, "spn": 5246, "fmi": 31, "text": HOSTILE}),
+        ev(1004, "dtc_open", T0 + 40, {"source": "can1", "sa": 3, "spn": 5246, "fmi": 31, "text": HOSTILE_WORDS}),
         ev(1005, "drift", T0 + 70, {"drift": True, "model": "harvester-anomaly", "model_version": "1.0.0",
                                     "drifted": ["AMB.AmbientAirTemp:mean:30s"]}),
         ev(1006, "evicted", T0 + 75, {"ranges": [[2000, 2009]], "count": 10, "samples": 10, "records": 0}),
@@ -61,6 +64,18 @@ def seed_history(db: FleetDB) -> None:
                                                                                 "occurrence": 3}]}),
         ev(1008, "dtc_open", T0 - 30 * 86400, {"source": "can0", "sa": 0, "spn": 110, "fmi": 0}),
     ])])
+    # What v1 says is active now (docs/protocol.md "Status"): one DTC with its lamps, one whose words are markup,
+    # one not well typed (ignored), and more than it listed.
+    db.set_status("f1", "v1", {"state": "online", "model_version": "1.0.0", "ts": T0 + 90,
+                               "backlog": {"samples": 500, "records": 1}, "evicted": {"samples": 0, "records": 0},
+                               "budget": {"used_today": 3 * 1048576, "daily_bytes": 50 * 1048576},
+                               "drift": {"enabled": True, "drift": True, "features": ["AMB.AmbientAirTemp:mean:30s"]},
+                               "dtcs": {"active": [
+                                   {"source": "can0/00", "spn": 110, "fmi": 0, "occurrence": 2, "mil": 0,
+                                    "red_stop": 1, "amber_warning": 0, "protect": 0},
+                                   {"source": "can1/03", "spn": 5246, "fmi": 31, "occurrence": None,
+                                    "text": HOSTILE_WORDS},
+                                   {"source": "can0/00", "spn": 2**19, "fmi": 0}], "more": 3}})
     db.ingest([wire.Batch("f1", HOSTILE, 1, [samples(1, 10), alert(11, "a9", "open", T0 + 5),
                                              alert(12, "a10", "open", T0 + 6, label="overspeed",
                                                    top_features=[["EEC1.EngSpeed:max:30s", 0.7]])])])
@@ -121,10 +136,17 @@ def test_vehicle_history_endpoint(history: str) -> None:
         (1007, "dtc_previous", None, None, "previously active: SPN 100 Engine Oil Pressure, FMI 1: below normal, "
                                            "most severe"),
         (1003, "dtc_close", 110, 0, "SPN 110 Engine Coolant Temperature, FMI 0: above normal, most severe"),
-        (1004, "dtc_open", 5246, 31, HOSTILE),  # the vehicle's own text, markup and all: shown as text
+        (1004, "dtc_open", 5246, 31, HOSTILE_WORDS),  # the vehicle's own words, markup and all: shown as text
         (1002, "dtc_open", 110, 0, "SPN 110 Engine Coolant Temperature, FMI 0: above normal, most severe")]
     assert d["dtcs"][3]["lamps"] == ["mil", "amber_warning"] and d["dtcs"][1]["spn_name"] == \
         "Engine Coolant Temperature"
+    # What the vehicle's status says is active now, whatever the period: its own set, words by the one rule.
+    assert d["active_dtcs"] == {"from": "status", "more": 3, "ignored": 1, "reported": T0 + 90, "active": [
+        {"source": "can0/00", "spn": 110, "fmi": 0, "occurrence": 2, "lamps": ["red_stop"],
+         "text": "SPN 110 Engine Coolant Temperature, FMI 0: above normal, most severe"},
+        {"source": "can1/03", "spn": 5246, "fmi": 31, "occurrence": None, "lamps": [], "text": HOSTILE_WORDS}]}
+    status, _, body = request(history, "GET", "/api/vehicle/v2")
+    assert status == 200 and json.loads(body)["active_dtcs"]["from"] == "events"  # its status lists none
     assert d["drift"] == [{"seq": 1005, "ts": T0 + 70, "drift": True, "model": "harvester-anomaly",
                            "model_version": "1.0.0", "drifted": ["AMB.AmbientAirTemp:mean:30s"]}]
     assert d["evictions"] == [{"seq": 1006, "ts": T0 + 75, "ranges": [[2000, 2009]], "seqs": 10, "samples": 10,
@@ -179,6 +201,20 @@ def test_history_and_stream_queries_on_both_engines(cloud_db: FleetDB) -> None:
     assert before["v1"] == (2, 1600) and after["v1"] == (3, 1600) and api.alerts_after(before, after) == []
     one = api.alert("v1", "1001")
     assert one is not None and one["units"] == {"ET1.EngCoolantTemp": "degC"} and one["top"] == ["ET1.EngCoolantTemp"]
+
+
+def test_a_vehicles_words_about_another_dtc_are_not_shown_for_this_one() -> None:
+    """The page's rule is the assistant's (DtcText.words): words that do not name this SPN and FMI are replaced by
+    the table's, and the vehicle's SPN name and FMI text go with them."""
+    row = dtc_row(1, "dtc_open", T0, {"spn": 110, "fmi": 0, "spn_name": "Fuel Level", "fmi_text": "fine",
+                                      "text": "SPN 96 Fuel Level, FMI 0: above normal, most severe"})
+    assert (row["text"], row["spn_name"], row["fmi_text"]) == (
+        "SPN 110 Engine Coolant Temperature, FMI 0: above normal, most severe", "Engine Coolant Temperature",
+        "above normal, most severe")
+    own = dtc_row(1, "dtc_open", T0, {"spn": 520192, "fmi": 0, "spn_name": "Auger Bearing Temperature",
+                                      "text": "SPN 520192 Auger Bearing Temperature, FMI 0: above normal, most severe"})
+    assert (own["text"], own["spn_name"]) == ("SPN 520192 Auger Bearing Temperature, FMI 0: above normal, most "
+                                              "severe", "Auger Bearing Temperature")
 
 
 @settings(max_examples=300, deadline=None)
@@ -243,11 +279,17 @@ def test_vehicle_and_alert_pages_in_a_browser(history: str, browser: Any) -> Non
                                                    "normal, most severe"],
         ["2026-09-21 14:14:20", "close", "110", "0", "SPN 110 Engine Coolant Temperature, FMI 0: above normal, most "
                                                     "severe"],
-        ["2026-09-21 14:14:00", "open", "5246", "31", HOSTILE],
+        ["2026-09-21 14:14:00", "open", "5246", "31", HOSTILE_WORDS],
         ["2026-09-21 14:13:50", "open", "110", "0", "SPN 110 Engine Coolant Temperature, FMI 0: above normal, most "
                                                    "severe"]]
     assert [e.text for e in browser.find_elements(By.CSS_SELECTOR, "table#v-dtcs tr:last-child span.lamp")] == [
         "mil", "amber warning"]
+    assert table("v-active-dtcs") == [
+        ["can0/00", "110", "0", "SPN 110 Engine Coolant Temperature, FMI 0: above normal, most severe", "red stop",
+         "2"],
+        ["can1/03", "5246", "31", HOSTILE_WORDS, "", ""]]
+    assert browser.find_element(By.ID, "v-active-from").text == \
+        "as the vehicle's status of 2026-09-21 14:14:50 UTC lists them; 3 more not listed; 1 malformed ignored"
     assert table("v-alerts") == [["2026-09-21 14:14:10", "open", "coolant_leak", "0.93", "harvester-anomaly 1.0.0",
                                   "-", "ET1.EngCoolantTemp:mean:30s"]]
     assert table("v-drift") == [["2026-09-21 14:14:30", "drifted", "harvester-anomaly 1.0.0",
@@ -276,6 +318,7 @@ def test_vehicle_and_alert_pages_in_a_browser(history: str, browser: Any) -> Non
     browser.get(history + "/vehicle/" + urllib.parse.quote(HOSTILE, safe=""))
     wait.until(loaded)
     assert browser.find_element(By.ID, "v-title").text == "f1/" + HOSTILE
+    assert table("v-active-dtcs") == [["Not reported by this vehicle."]]
     browser.get(history + "/alert/" + urllib.parse.quote(HOSTILE, safe="") + "/11")
     wait.until(lambda d: loaded(d) and d.find_elements(By.CSS_SELECTOR, "#detail div.plot canvas"))
     assert browser.execute_script("return window.pwned === undefined")

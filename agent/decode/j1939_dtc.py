@@ -14,16 +14,21 @@ Events only on change, so their number is bounded by what the ECUs change: an EC
 makes no event. At most MAX_ECUS ECUs are tracked per bus; past that the one heard from least recently is forgotten
 without a close (counted, `dtc_ecus_forgotten`): that takes more ECU identities than a bus has addresses, i.e. a
 bus claiming ever new NAMEs.
+
+`snapshot(limit)` is the active set as the status message names it (docs/protocol.md "Status"): immutable, so the
+pipeline thread can hand it to the uplink's.
 """
 
 from __future__ import annotations
 
+import heapq
 import re
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from agent.decode.j1939_tp import Dm1
+from agent.decode.j1939_tp import Lamps
 from agent.records import Event
 from harvester_common.j1939_text import DtcText
 from harvester_common.wire import SOURCE_PATTERN
@@ -31,7 +36,6 @@ from harvester_common.wire import SOURCE_PATTERN
 MAX_ECUS = 256
 _KEY = re.compile(r"[0-9A-F]{2}|[0-9A-F]{16}")
 _SOURCE = re.compile(SOURCE_PATTERN)
-Lamps = tuple[int, int, int, int]  # malfunction indicator, red stop, amber warning, protect: 0 off, 1 on, 3 n/a
 LegacyState = dict[int, set[tuple[int, int]]]  # the state saved before NAMEs: SA -> active (SPN, FMI) pairs
 
 
@@ -51,8 +55,30 @@ class _Ecu:
                 "dtcs": [[k[0], k[1], a.occurrence, a.source] for k, a in sorted(self.dtcs.items())]}
 
 
-def lamps_of(dm: Dm1) -> Lamps:
-    return dm.mil, dm.red_stop, dm.amber_warning, dm.protect
+@dataclass(frozen=True, slots=True)
+class ActiveDtc:
+    """One active DTC as the status message names it (immutable: built on the pipeline thread, read on the
+    uplink's)."""
+    source: str  # what it was opened under (its updates and close carry the same)
+    spn: int
+    fmi: int
+    occurrence: int | None  # None: not known (restored from a state saved before counts were kept)
+    lamps: Lamps | None  # its ECU's lamps at its latest DM1; None: not heard since a restart from such a state
+    text: str  # the vehicle's words for it (DtcText.text: this bus's DBC names)
+
+    def to_dict(self) -> dict[str, Any]:
+        # Not lamp_fields: this runs on the uplink's thread, and that cache is the pipeline thread's.
+        lamps = dict(zip(_LAMP_KEYS, self.lamps or (None,) * 4, strict=True))
+        return {"source": self.source, "spn": self.spn, "fmi": self.fmi, "occurrence": self.occurrence, **lamps,
+                "text": self.text}
+
+
+def status_order(source: str, spn: int, fmi: int, lamps: Lamps | None) -> tuple[int, str, int, int]:
+    """The order the status lists active DTCs in: those whose ECU lights its red stop lamp first, then those whose
+    ECU lights any other lamp, then the rest; within each, by source, SPN, FMI. So a bus with more active DTCs than
+    the status carries still shows the ones a driver is told to stop for."""
+    rank = 2 if lamps is None else 0 if lamps[1] == 1 else 1 if 1 in lamps else 2
+    return rank, source, spn, fmi
 
 
 _LAMP_KEYS = ("mil", "red_stop", "amber_warning", "protect")
@@ -66,7 +92,7 @@ def lamp_fields(lamps: Lamps) -> dict[str, int]:
     out = _LAMP_FIELDS.get(lamps)
     if out is None:
         out = dict(zip(_LAMP_KEYS, lamps, strict=True))
-        if len(_LAMP_FIELDS) < 256:  # 4^4 states of 2-bit fields; anything else (never from parse_dm1) is not kept
+        if len(_LAMP_FIELDS) < 256:  # 4^4 states of 2-bit fields; anything else (never from dm1_fields) is not kept
             _LAMP_FIELDS[lamps] = out
     return out
 
@@ -79,39 +105,52 @@ class DtcTracker:
         self._dm2_last: dict[str, tuple[Lamps, tuple[tuple[int, int, int], ...]]] = {}
         self.dm2_unchanged = 0
 
-    def _event(self, kind: str, ts: float, source: str, sa: int, spn: int, fmi: int, occurrence: int | None,
-               lamps: Lamps, **extra: Any) -> Event:
-        return Event(kind, ts, {"source": source, "sa": sa, "spn": spn, "fmi": fmi, "occurrence": occurrence,
-                                **lamp_fields(lamps), **self.text.fields(spn, fmi), **extra})
+    def _data(self, source: str, sa: int, k: tuple[int, int], occurrence: int | None,
+              lamps: Lamps) -> dict[str, Any]:
+        """A DTC event's data (docs/j1939.md) for the DTC `k` (SPN, FMI); the caller adds `changed` to an update. The
+        lamps' keys written out as `lamp_fields` names them, in its order: one dict built, not two merged."""
+        spn, fmi = k
+        name, failure, text = self.text.parts(spn, fmi)
+        mil, red_stop, amber_warning, protect = lamps
+        return {"source": source, "sa": sa, "spn": spn, "fmi": fmi, "occurrence": occurrence, "mil": mil,
+                "red_stop": red_stop, "amber_warning": amber_warning, "protect": protect, "spn_name": name,
+                "fmi_text": failure, "text": text}
 
-    def dm1(self, ts: float, key: str, source: str, sa: int, dm: Dm1) -> tuple[list[Event], bool]:
-        """One DM1 from the ECU `key` (now at `sa`, its signals' source `source`): the events, and whether the
-        saved state moved."""
+    def dm1(self, ts: float, key: str, source: str, sa: int, lamps: Lamps,
+            dtcs: Sequence[tuple[int, int, int]]) -> tuple[list[Event], bool]:
+        """One DM1 (`dm1_fields`: its lamps, and (SPN, FMI, occurrence) of each DTC) from the ECU `key` (now at `sa`,
+        its signals' source `source`): the events, and whether the saved state moved."""
         ecu = self._ecus.pop(key, None)  # re-inserted below: the dict's order is "least recently heard first"
         before = ecu.dtcs if ecu is not None else {}
-        lamps = lamps_of(dm)
         lamps_changed = ecu is not None and ecu.lamps is not None and ecu.lamps != lamps
-        now = {(d.spn, d.fmi): d.occurrence for d in dm.dtcs}
+        now = {(spn, fmi): occurrence for spn, fmi, occurrence in dtcs}
         events: list[Event] = []
         after: dict[tuple[int, int], _Active] = {}
-        for k in sorted(now):
+        for k in sorted(now) if len(now) > 1 else now:
+            occurrence = now[k]
             a = before.get(k)
             if a is None:
-                after[k] = _Active(now[k], source)
-                events.append(self._event("dtc_open", ts, source, sa, k[0], k[1], now[k], lamps))
+                after[k] = _Active(occurrence, source)
+                events.append(Event("dtc_open", ts, self._data(source, sa, k, occurrence, lamps)))
                 continue
-            changed = (["occurrence"] if a.occurrence is not None and a.occurrence != now[k] else []) + \
-                (["lamps"] if lamps_changed else [])
+            if a.occurrence is not None and a.occurrence != occurrence:
+                changed = ["occurrence", "lamps"] if lamps_changed else ["occurrence"]
+            else:
+                changed = ["lamps"] if lamps_changed else []
             if changed:
-                events.append(self._event("dtc_update", ts, a.source, sa, k[0], k[1], now[k], lamps,
-                                          changed=changed))
-            after[k] = _Active(now[k], a.source)
-        for k in sorted(before.keys() - now.keys()):
-            a = before[k]
-            events.append(self._event("dtc_close", ts, a.source, sa, k[0], k[1], a.occurrence, lamps))
+                data = self._data(a.source, sa, k, occurrence, lamps)
+                data["changed"] = changed
+                events.append(Event("dtc_update", ts, data))
+            after[k] = _Active(occurrence, a.source)
+        if before:
+            gone = before.keys() - now.keys()
+            for k in sorted(gone) if len(gone) > 1 else gone:
+                a = before[k]
+                events.append(Event("dtc_close", ts, self._data(a.source, sa, k, a.occurrence, lamps)))
         if after:
             self._ecus[key] = _Ecu(lamps, after)
-            self._bound()
+            if len(self._ecus) > MAX_ECUS:
+                self._bound()
         # The saved state (`_Ecu.saved`) moved iff the lamps, a DTC, its count or its source did: compared directly,
         # not by building both states, which a storm of DM1s would pay for on every frame.
         if ecu is None or not after:
@@ -121,11 +160,11 @@ class DtcTracker:
                 (a.occurrence, a.source) != (before[k].occurrence, before[k].source) for k, a in after.items())
         return events, moved
 
-    def dm2(self, ts: float, key: str, source: str, sa: int, dm: Dm1) -> list[Event]:
-        """One DM2 (previously active DTCs): a `dtc_previous` event with the list, unless it is what this ECU
-        answered last time (someone requesting it every second makes one event, not one a second)."""
-        lamps = lamps_of(dm)
-        content = (lamps, tuple((d.spn, d.fmi, d.occurrence) for d in dm.dtcs))
+    def dm2(self, ts: float, key: str, source: str, sa: int, lamps: Lamps,
+            dtcs: Sequence[tuple[int, int, int]]) -> list[Event]:
+        """One DM2 (previously active DTCs; `dm1_fields`): a `dtc_previous` event with the list, unless it is what
+        this ECU answered last time (someone requesting it every second makes one event, not one a second)."""
+        content = (lamps, tuple(dtcs))
         if self._dm2_last.pop(key, None) == content:
             self._dm2_last[key] = content
             self.dm2_unchanged += 1
@@ -133,9 +172,9 @@ class DtcTracker:
         self._dm2_last[key] = content
         while len(self._dm2_last) > MAX_ECUS:
             del self._dm2_last[next(iter(self._dm2_last))]
-        dtcs = [{"spn": d.spn, "fmi": d.fmi, "occurrence": d.occurrence, **self.text.fields(d.spn, d.fmi)}
-                for d in dm.dtcs]
-        return [Event("dtc_previous", ts, {"source": source, "sa": sa, **lamp_fields(lamps), "dtcs": dtcs})]
+        listed = [{"spn": spn, "fmi": fmi, "occurrence": occurrence, **self.text.fields(spn, fmi)}
+                  for spn, fmi, occurrence in dtcs]
+        return [Event("dtc_previous", ts, {"source": source, "sa": sa, **lamp_fields(lamps), "dtcs": listed})]
 
     def _bound(self) -> None:
         while len(self._ecus) > MAX_ECUS:
@@ -166,6 +205,16 @@ class DtcTracker:
             for k, a in ecu.dtcs.items():
                 out.setdefault(a.source, []).append(k)
         return {s: sorted(v) for s, v in sorted(out.items())}
+
+    def snapshot(self, limit: int) -> tuple[tuple[ActiveDtc, ...], int]:
+        """The first `limit` active DTCs in `status_order`, and how many there are in all. Words are made for those
+        kept only: a bus can hold many thousands."""
+        keys = ((status_order(a.source, k[0], k[1], ecu.lamps), a.occurrence, ecu.lamps)
+                for ecu in self._ecus.values() for k, a in ecu.dtcs.items())
+        first = heapq.nsmallest(limit, keys, key=lambda t: t[0])
+        total = sum(len(ecu.dtcs) for ecu in self._ecus.values())
+        return tuple(ActiveDtc(src, spn, fmi, occ, lamps, self.text.text(spn, fmi))
+                     for (_, src, spn, fmi), occ, lamps in first), total
 
     def state(self) -> dict[str, Any]:
         return {k: e.saved() for k, e in self._ecus.items()}

@@ -119,13 +119,23 @@ class Dm1:
     dtcs: tuple[Dtc, ...]
 
 
+Lamps = tuple[int, int, int, int]  # malfunction indicator, red stop, amber warning, protect: 0 off, 1 on, 3 n/a
+
+
 def parse_dm1(payload: bytes) -> Dm1:
     """DM1 or DM2 (J1939-73): 2 lamp bytes then 4-byte DTCs (SPN 19 bits, FMI 5 bits, CM 1 bit, OC 7 bits). Bytes
     after the last whole DTC are ignored (single-frame DM1s pad to 8 bytes with 0xFF)."""
+    lamps, dtcs = dm1_fields(payload)
+    return Dm1(*lamps, tuple(Dtc(*d) for d in dtcs))
+
+
+def dm1_fields(payload: bytes) -> tuple[Lamps, list[tuple[int, int, int]]]:
+    """`parse_dm1`'s content as plain tuples: the lamps, and (SPN, FMI, occurrence) of each DTC. What the decoder
+    takes: making the frozen dataclasses cost twice the parsing, paid for every DM1 of a storm."""
     if len(payload) < 6:
         raise ValueError(f"DM1 of {len(payload)} bytes, need at least 6")
     lamps = payload[0]
-    dtcs: list[Dtc] = []
+    dtcs: list[tuple[int, int, int]] = []
     for i in range(2, len(payload) - 3, 4):
         b0, b1, b2, b3 = payload[i : i + 4]
         if b0 == b1 == b2 == b3 == 0xFF:
@@ -134,5 +144,5 @@ def parse_dm1(payload: bytes) -> Dm1:
         fmi = b2 & 0x1F
         if spn == 0 and fmi == 0:
             continue  # "no active DTC"
-        dtcs.append(Dtc(spn, fmi, b3 & 0x7F))
-    return Dm1((lamps >> 6) & 3, (lamps >> 4) & 3, (lamps >> 2) & 3, lamps & 3, tuple(dtcs))
+        dtcs.append((spn, fmi, b3 & 0x7F))
+    return ((lamps >> 6) & 3, (lamps >> 4) & 3, (lamps >> 2) & 3, lamps & 3), dtcs

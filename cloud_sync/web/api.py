@@ -17,10 +17,10 @@ from typing import Any
 
 from cloud_sync.config import QualityConfig, WebConfig
 from cloud_sync.db import FleetDB, LearningError
-from cloud_sync.present import clean_alert, finite, plain
+from cloud_sync.present import LAMPS, clean_alert, finite, plain, status_dtcs
 from cloud_sync.reports import Reports
 from cloud_sync.times import TimeError, parse_time
-from harvester_common.j1939_text import SPN_MAX, DtcText
+from harvester_common.j1939_text import FMI_MAX, SAID_MAX, DtcText, fmi_text
 
 _SEQ = re.compile(r"[0-9]{1,19}")  # ASCII digits only (int() would take "\u0663"); then bounded to 64 bits
 SEQ_MAX = 2**63 - 1  # what both databases store
@@ -94,26 +94,19 @@ def _text(v: Any, n: int = 300) -> str:
     return v[:n] if isinstance(v, str) else ""
 
 
-def _words(spn: int | None, fmi: int | None, said: Any) -> str:
-    """A DTC's words: the vehicle's own when it sent them, else made here for a valid SPN/FMI, else ""."""
-    text = _text(said)
-    if not text and spn is not None and fmi is not None and 0 <= spn <= SPN_MAX and 0 <= fmi <= 31:
-        text = _DTC_TEXT.text(spn, fmi)
-    return text
-
-
 def dtc_row(seq: int, kind: str, ts: Any, data: dict[str, Any]) -> dict[str, Any]:
-    """A DTC event for people: its SPN/FMI and their words. Events carry `spn_name`, `fmi_text` and `text` since
-    vehicles send them; for an older event the words are made here from the built-in SPN names
-    (harvester_common/j1939_text.py)."""
+    """A DTC event for people: its SPN/FMI and their words, by the one rule of DtcText.words (the vehicle's own words
+    when they are about this DTC, else made here from the built-in SPN names: events from before vehicles sent words,
+    or words about another DTC)."""
     spn, fmi = _int(data.get("spn")), _int(data.get("fmi"))
-    text = _words(spn, fmi, data.get("text"))
+    said = _text(data.get("text"), SAID_MAX)
+    text = _DTC_TEXT.words(spn, fmi, said)
     if kind == "dtc_previous":  # a DM2 answer: the DTCs the ECU remembers, each with its own words
         parts = []
         dtcs = data.get("dtcs")
         for d in dtcs if isinstance(dtcs, list) else []:
             d = _obj(d)
-            t = _words(_int(d.get("spn")), _int(d.get("fmi")), d.get("text"))
+            t = _DTC_TEXT.words(_int(d.get("spn")), _int(d.get("fmi")), d.get("text"))
             if t:
                 parts.append(t)
         text = "previously active: " + ("; ".join(parts[:16]) if parts else "none")
@@ -124,8 +117,26 @@ def dtc_row(seq: int, kind: str, ts: Any, data: dict[str, Any]) -> dict[str, Any
     lamps = [k for k in ("mil", "red_stop", "amber_warning", "protect") if data.get(k) in (1, True, "on")]
     return {"seq": seq, "ts": finite(ts), "kind": kind, "source": _text(data.get("source"), 64),
             "sa": _int(data.get("sa")), "spn": spn, "fmi": fmi, "occurrence": _int(data.get("occurrence")),
-            "spn_name": _text(data.get("spn_name")) or (_DTC_TEXT.spn_name(spn) if spn is not None else None),
-            "fmi_text": _text(data.get("fmi_text")), "text": text, "lamps": lamps}
+            # The vehicle's SPN name goes with its words: shown only where they were.
+            "spn_name": (_text(data.get("spn_name")) if said and text == said else "")
+            or (_DTC_TEXT.spn_name(spn) if spn is not None else None),
+            # FMI words are the public table's, whatever the vehicle said.
+            "fmi_text": fmi_text(fmi) if fmi is not None and 0 <= fmi <= FMI_MAX else "", "text": text, "lamps": lamps}
+
+
+def active_dtcs(status: Any) -> dict[str, Any]:
+    """The vehicle's active DTCs as its last status lists them (cloud_sync/present.py `status_dtcs` checks them),
+    each with its words by DtcText.words: `from` "status"; or `from` "events" and an empty list when the status lists
+    none (an agent from before it did, or the Will of a vehicle that went away): the page then points at the DTC
+    events, the assistant rebuilds the set from them."""
+    listed = status_dtcs(_obj(status))
+    if listed is None:
+        return {"from": "events", "active": [], "more": 0, "ignored": 0, "reported": None}
+    rows = [{"source": d["source"], "spn": d["spn"], "fmi": d["fmi"], "occurrence": d["occurrence"],
+             "text": _DTC_TEXT.words(d["spn"], d["fmi"], d["text"]), "lamps": [k for k in LAMPS if d[k] == 1]}
+            for d in listed.active]
+    return {"from": "status", "active": rows, "more": listed.more, "ignored": listed.ignored,
+            "reported": finite(_obj(status).get("ts"))}
 
 
 class Api:
@@ -245,14 +256,16 @@ class Api:
         """A vehicle's page: its fleet row (last status, model now) and its history over [since, until) (default:
         the week to now, or to the vehicle's last contact when that is older): alerts, DTC events with their words,
         drift reports, evictions, and the model versions its alerts and drift reports named. Each list newest first,
-        at most HISTORY_ROWS (`truncated` names those cut)."""
+        at most HISTORY_ROWS (`truncated` names those cut). And `active_dtcs`, what its last status says is active now
+        (`active_dtcs` above)."""
         until_q, since_q = _time(query, "until"), _time(query, "since")
         until = time.time() if until_q is None else until_q
         lim = f" ORDER BY ts DESC, seq DESC LIMIT {HISTORY_ROWS + 1}"
         with self._lock:
-            row = next((v for v in Reports(self.db).fleet() if v["vehicle"] == vehicle), None)
+            row = next(iter(Reports(self.db).fleet(vehicle=vehicle)), None)
             if row is None:
                 return None
+            status = self.db.read("SELECT status FROM vehicles WHERE vehicle=?", (vehicle,))
             # Unchosen, the period is the week to now, reaching back to the week before the vehicle's last contact
             # when that is older: a harvester parked for a month still shows what it did last.
             since = since_q if since_q is not None else min(until, row["last_seen"]) - DEFAULT_HISTORY_S
@@ -295,7 +308,8 @@ class Api:
                                 "seqs": sum(hi - lo + 1 for lo, hi in ranges), "samples": _int(d.get("samples")),
                                 "records": _int(d.get("records"))})
         out: dict[str, Any] = plain({
-            "vehicle": row, "period": [since, until], "alerts": out_alerts, "dtcs": out_dtcs, "drift": out_drift,
+            "vehicle": row, "period": [since, until], "alerts": out_alerts, "dtcs": out_dtcs,
+            "active_dtcs": active_dtcs(_load(status[0][0]) if status and status[0][0] else {}), "drift": out_drift,
             "evictions": out_evicted, "models": _versions(out_alerts, out_drift), "truncated": truncated})
         return out
 

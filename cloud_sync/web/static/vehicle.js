@@ -36,6 +36,22 @@ function rows(id, list, cols, empty, fill) {
   if (!list.length) emptyRow(body, cols, empty);
 }
 
+// What the vehicle's last status says is active now (its own set, not rebuilt from the events below); an agent from
+// before the status carried it, or a vehicle whose last word was its Will, lists nothing: the events tell.
+function activeDtcs(a) {
+  const fromStatus = a.from === "status";
+  $("v-active-from").textContent = fromStatus
+    ? "as the vehicle's status of " + when(a.reported) + " UTC lists them" +
+      (a.more ? "; " + a.more + " more not listed" : "") + (a.ignored ? "; " + a.ignored + " malformed ignored" : "")
+    : "the vehicle's last status does not list them: see the DTC events below";
+  rows("v-active-dtcs", a.active, 6, fromStatus ? "No active DTC." : "Not reported by this vehicle.", (tr, x) => {
+    cell(tr, x.source, "source");
+    cell(tr, String(x.spn), "num"); cell(tr, String(x.fmi), "num"); cell(tr, x.text, "text");
+    const lamps = cell(tr, ""); for (const l of x.lamps) lamps.appendChild(el("span", "lamp", l.replace("_", " ")));
+    cell(tr, x.occurrence === null ? "" : String(x.occurrence), "num");
+  });
+}
+
 let shown = null;
 async function load() {
   const q = new URLSearchParams();
@@ -54,6 +70,7 @@ async function load() {
     cell(tr, a.verdict ? a.verdict.label + (a.verdict.fault ? " (" + a.verdict.fault + ")" : "") : "-", "verdict");
     cell(tr, a.top_features.map((f) => f[0]).join(", "));
   });
+  activeDtcs(d.active_dtcs);
   rows("v-dtcs", d.dtcs, 8, "No DTC event in this period.", (tr, x) => {
     tr.dataset.seq = x.seq;
     cell(tr, when(x.ts)); cell(tr, x.kind.replace("dtc_", ""), x.kind === "dtc_open" ? "open" : "");
