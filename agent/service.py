@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from agent import __version__
+from agent import __version__, allocator
 from agent.config import AgentConfig, model_dir
 from agent.contract import ContractError
 from agent.decode.base import Decoder
@@ -129,6 +129,7 @@ class Agent:
                             for b in cfg.can]
         self.serial_sources = [SerialSource(s, self._on_lines, metrics=self.metrics, on_event=self._on_source_event)
                                for s in cfg.serial]
+        self.allocator = allocator.running()  # what the status names; fixed for the process's life
         self.uplink = Uplink(cfg.mqtt, cfg.vehicle, self.store, self._status_extra, metrics=self.metrics,
                              model=self.updates)
         self._stop = threading.Event()
@@ -180,9 +181,11 @@ class Agent:
         return {
             "model_version": self.scorer.contract.model_version if self.scorer else "",
             "model_status": self.model_status,
+            "allocator": self.allocator,
             "model": self.model_summary(),
             "drift": self.pipeline.drift_status(),
             "scoring": self.pipeline.scoring_status(),
+            "dtcs": self.pipeline.dtc_status(),
             "backlog": {"samples": st["backlog"].get("samples", {}).get("records", 0),
                         "records": st["backlog_records"] - st["backlog"].get("samples", {}).get("records", 0)},
             "evicted": st["evicted"],
@@ -294,9 +297,12 @@ class Agent:
             src.start()
         notify("READY=1")
         notify(f"STATUS=running; model {self.model_status}")
-        log.info("agent %s started: vehicle %s/%s, %d CAN bus(es), %d serial device(s), model %s",
+        log.info("agent %s started: vehicle %s/%s, %d CAN bus(es), %d serial device(s), model %s, %s",
                  __version__, self.cfg.vehicle.fleet, self.cfg.vehicle.id, len(self.can_sources),
-                 len(self.serial_sources), self.model_status)
+                 len(self.serial_sources), self.model_status, self.allocator)
+        wrong = allocator.problem(self.allocator, allocator.asked())
+        if wrong:
+            log.warning("%s", wrong)
 
     def stop(self, drain_s: float | None = None) -> None:
         """Stop cleanly; the uplink sends the backlog for up to `drain_s` first (default: `[mqtt] stop_drain_s`)."""

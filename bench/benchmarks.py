@@ -849,12 +849,19 @@ def ingest_cpu_percent_at_1500fps() -> Figure:
     preserved, so the agent's windows close at the data's pace and the model scores them), consumed by the whole
     agent (all its threads: source, pipeline with the model, store, uplink) in a child process; the consumer's
     CPU is the process's minus the sender thread's own. Baseline: the naive gateway (recv + cantools decode per
-    frame) in the same harness."""
+    frame) in the same harness. Both run with the allocator settings of the agent's systemd unit (jemalloc where
+    libjemalloc2 is installed), as a vehicle runs the agent."""
     import subprocess
+
+    from agent import allocator
+    from tests.vehicle import unit_environment
+
+    env = os.environ | {k: v for k, v in unit_environment().items()
+                        if k in ("LD_PRELOAD", "MALLOC_CONF", "MALLOC_ARENA_MAX")}
 
     def run(mode: str) -> dict[str, Any]:
         out = subprocess.run([sys.executable, str(REPO / "bench" / "live_cpu.py"), mode, "1500", "45"],
-                             capture_output=True, text=True, timeout=300, check=True).stdout
+                             capture_output=True, text=True, timeout=300, check=True, env=env).stdout
         r: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
         return r
 
@@ -865,7 +872,9 @@ def ingest_cpu_percent_at_1500fps() -> Figure:
     return Figure(ours["cpu_percent"], "% of one core", base["cpu_percent"], ours["cpu_percent"] / base["cpu_percent"],
                   f"{ours['sent']} frames at 1,500 frames/s (the simulator at {ours['speed']:.1f}x); the agent "
                   f"decodes, windows, scores and stores: {scored}",
-                  {"frames": ours["sent"], "windows": ours["windows"], "windows_scored": ours["windows_scored"]})
+                  {"frames": ours["sent"], "windows": ours["windows"], "windows_scored": ours["windows_scored"],
+                   "allocator": ours.get("allocator", "unknown"), "naive_allocator": base.get("allocator", "unknown"),
+                   "asked_allocator": allocator.asked(env.get("LD_PRELOAD", "")) or allocator.GLIBC})
 
 
 def _finite_or_none(obj: Any) -> Any:

@@ -24,6 +24,7 @@ import can
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from agent import allocator  # noqa: E402
 from harvester_testing.data import SHARED_DATA  # noqa: E402
 
 
@@ -116,7 +117,7 @@ def main() -> None:
     wall = time.monotonic() - w0
     consumer_cpu = _proc_cpu() - p0 - sender_cpu[0]
     out: dict[str, Any] = {"mode": mode, "cpu_s": consumer_cpu, "wall_s": wall, "sent": sent[0],
-                           "cpu_percent": 100 * consumer_cpu / wall, "speed": speed}
+                           "cpu_percent": 100 * consumer_cpu / wall, "speed": speed, "allocator": allocator.running()}
     if mode == "agent":
         time.sleep(0.5)  # the last batch through the pipeline before reading its counters
         st = consumer.pipeline.stats

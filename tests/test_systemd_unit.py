@@ -12,6 +12,7 @@ is harmless, and the run shows it: it starts, scores, syncs, pings the watchdog 
 
 from __future__ import annotations
 
+import glob
 import ipaddress
 import os
 import re
@@ -43,6 +44,7 @@ from tests.vehicle import (
     exec_start,
     syscall_sets,
     systemd_analyze,
+    unit_environment,
     unit_settings,
     vehicle_env,
     write_unit,
@@ -76,8 +78,10 @@ SOCKETCAN_SYSCALLS = {"socket", "setsockopt", "getsockopt", "bind", "ioctl", "re
 # Files outside the process's own /proc entries that the agent reads; ProcSubset=pid hides them. onnxruntime reads
 # /proc/cpuinfo to identify the CPU: without it, it logs "cpuinfo_initialize failed" and takes the CPU's features
 # from CPUID (x86) or HWCAP (ARM). (With its telemetry on it also read /proc/1/cgroup and
-# /proc/sys/kernel/osrelease; agent/__init__.py turns that off.)
-PROC_READS_HIDDEN = {"/proc/cpuinfo"}
+# /proc/sys/kernel/osrelease; agent/__init__.py turns that off.) jemalloc, which the unit preloads, reads
+# /proc/sys/vm/overcommit_memory once at start: without it, it takes overcommit as off and decommits the pages it
+# hands back (mmap PROT_NONE) instead of only purging them (docs/deploy.md, "Memory and CPU").
+PROC_READS_HIDDEN = {"/proc/cpuinfo", "/proc/sys/vm/overcommit_memory"}
 
 # DevicePolicy=closed keeps these; DeviceAllow= adds the serial device classes.
 CLOSED_POLICY_DEVICES = {"/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom", "/dev/tty",
@@ -365,7 +369,7 @@ seed = 3
     env = vehicle_env(NOTIFY_SOCKET=str(notify.path),
                       # The unit's WatchdogSec= is 30 s (a ping every 15 s); 2 s here sees several pings quickly.
                       WATCHDOG_USEC="2000000",
-                      **dict(e.split("=", 1) for e in settings.get("Environment", [])))
+                      **unit_environment())
     umask = int(settings["UMask"][0], 8)
     t0 = time.monotonic()
     with agent_log.open("wb") as f:
@@ -436,6 +440,10 @@ seed = 3
     foreign = {p for p in proc_paths
                if not re.match(r"/proc/(self|thread-self)(/|$)", p) and p.split("/")[2] not in own}
     assert foreign <= PROC_READS_HIDDEN, foreign - PROC_READS_HIDDEN
+    # The unit's allocator was loaded where it is installed (the loader opens it before anything else), so all of
+    # the above ran on it.
+    if glob.glob("/usr/lib/*/libjemalloc.so.2"):
+        assert re.search(r"open(?:at)?\((?:AT_FDCWD, )?\"[^\"]*libjemalloc\.so\.2\", O_RDONLY\|O_CLOEXEC\) = \d", text)
     if prefix:  # and here they were really gone, and the agent did all of the above without them
         assert re.search(r"\"/proc/cpuinfo\", O_RDONLY\) = -1 ENOENT", text)
     if mdwe:  # nothing asked for writable and executable memory, or made memory executable later

@@ -112,6 +112,17 @@ def unit_settings(path: Path = UNIT, section: str = "Service") -> dict[str, list
     return out
 
 
+def unit_environment(path: Path = UNIT) -> dict[str, str]:
+    """The variables the unit's `Environment=` lines set, as systemd reads them: each line holds one or more
+    quoted or bare `NAME=value` words, later ones win."""
+    env: dict[str, str] = {}
+    for line in unit_settings(path).get("Environment", []):
+        for word in shlex.split(line):
+            name, _, value = word.partition("=")
+            env[name] = value
+    return env
+
+
 def exec_start(path: Path = UNIT) -> list[str]:
     values = unit_settings(path)["ExecStart"]
     assert len(values) == 1, "the unit has one ExecStart"
