@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from agent import __version__, allocator
+from agent import __version__, allocator, numpy_memory
 from agent.config import AgentConfig, model_dir
 from agent.contract import ContractError
 from agent.decode.base import Decoder
@@ -290,16 +290,16 @@ class Agent:
         return [*self.can_sources, *self.serial_sources]
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="pipeline", daemon=True)
+        self._thread = numpy_memory.thread(self._run, "pipeline")
         self._thread.start()
         self.uplink.start()
         for src in self._sources():
             src.start()
         notify("READY=1")
         notify(f"STATUS=running; model {self.model_status}")
-        log.info("agent %s started: vehicle %s/%s, %d CAN bus(es), %d serial device(s), model %s, %s",
+        log.info("agent %s started: vehicle %s/%s, %d CAN bus(es), %d serial device(s), model %s, %s, %s",
                  __version__, self.cfg.vehicle.fleet, self.cfg.vehicle.id, len(self.can_sources),
-                 len(self.serial_sources), self.model_status, self.allocator)
+                 len(self.serial_sources), self.model_status, self.allocator, numpy_memory.status())
         wrong = allocator.problem(self.allocator, allocator.asked())
         if wrong:
             log.warning("%s", wrong)

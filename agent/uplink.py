@@ -44,7 +44,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent import __version__
+from agent import __version__, numpy_memory
 from agent.backoff import backoff_delay
 from agent.config import MqttConfig, VehicleConfig
 from agent.metrics import Metrics, counts
@@ -601,7 +601,7 @@ class Uplink:
             log.debug("error while saying goodbye", exc_info=True)
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self.run, name="uplink", daemon=True)
+        self._thread = numpy_memory.thread(self.run, "uplink")
         self._thread.start()
 
     def flush(self) -> None:

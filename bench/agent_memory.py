@@ -208,6 +208,9 @@ class Soak:
     windows_scored: int = 0
     naive_frames: int = 0
     acked_batches: int = 0
+    # numpy's small-block cache in the agent (harvester_testing/numpy_cache.py), at AGENT_RSS_WARM_S and at the end:
+    # {"bytes", "blocks", "sizes"}, or {"error": why it could not be read}
+    numpy_cache: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def at(self, series: list[tuple[float, float]], t: float) -> float:
         """The sample nearest to `t` seconds."""
@@ -287,7 +290,9 @@ def soak(warm_s: float, end_s: float) -> Soak:
             out.naive.append((now, rss_mb(naive.pid)))
             if cpu0 is None and now >= warm_s:
                 cpu0 = (time.monotonic(), cpu_s(agent.pid), cpu_s(naive.pid))
+                out.numpy_cache["warm"] = _numpy_cache(agent.pid)
             time.sleep(SAMPLE_S)
+        out.numpy_cache["end"] = _numpy_cache(agent.pid)
         if cpu0 is not None:
             wall = time.monotonic() - cpu0[0]
             out.agent_cpu_percent = 100 * (cpu_s(agent.pid) - cpu0[1]) / wall
@@ -309,6 +314,15 @@ def soak(warm_s: float, end_s: float) -> Soak:
         acker.close()
         broker.stop()
     return out
+
+
+def _numpy_cache(pid: int) -> dict[str, Any]:
+    from harvester_testing.numpy_cache import fill
+
+    try:
+        return fill(pid).to_dict()
+    except (OSError, LookupError, ValueError) as e:  # no ptrace access, a stripped or changed numpy
+        return {"error": str(e)}
 
 
 def _wait_port(port: int, p: subprocess.Popen[Any]) -> None:
@@ -345,7 +359,9 @@ def _extra(s: Soak) -> dict[str, Any]:
             "agent_sample_mb_at_warm": round(s.at(s.agent, s.warm_s), 2),
             "agent_sample_mb_at_end": round(s.at(s.agent, s.end_s), 2),
             "agent_spread_mb_at_warm": round(s.spread(s.agent, s.warm_s), 2),
-            "agent_spread_mb_at_end": round(s.spread(s.agent, s.end_s), 2)}
+            "agent_spread_mb_at_end": round(s.spread(s.agent, s.end_s), 2),
+            # what numpy's small-block cache held in the agent (agent/numpy_memory.py turns it off in its threads)
+            "numpy_cache_at_warm": s.numpy_cache.get("warm"), "numpy_cache_at_end": s.numpy_cache.get("end")}
 
 
 def _naive(s: Soak) -> str:

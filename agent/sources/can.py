@@ -32,6 +32,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from agent import numpy_memory
 from agent.backoff import backoff_delay
 from agent.config import CanBusConfig
 from agent.frames import FrameBatch
@@ -202,7 +203,7 @@ class CanSource:
                 self._stop.wait(self.cfg.reconnect_min_s)
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self.run, name=f"can-{self.cfg.name}", daemon=True)
+        self._thread = numpy_memory.thread(self.run, f"can-{self.cfg.name}")
         self._thread.start()
 
     def stop(self) -> None:

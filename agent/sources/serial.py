@@ -16,6 +16,7 @@ from typing import Any
 
 import serial
 
+from agent import numpy_memory
 from agent.backoff import backoff_delay
 from agent.config import SerialConfig
 from agent.metrics import Metrics
@@ -111,7 +112,7 @@ class SerialSource:
                 self._stop.wait(self.cfg.reconnect_min_s)
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self.run, name=f"serial-{self.cfg.name}", daemon=True)
+        self._thread = numpy_memory.thread(self.run, f"serial-{self.cfg.name}")
         self._thread.start()
 
     def stop(self) -> None:
