@@ -170,9 +170,11 @@ class ModelConfig(_Section):
         "chunks of a package requested and not yet received at any time (`model/get`): bounds what a lost link "
         "wastes and what the cloud sends at once."))
     chunk_timeout_s: float = Field(30.0, gt=0, le=3600, description=(
-        "when no chunk at all arrived for this long, the chunks requested and not received are requested again "
-        "(a slow link whose chunks keep coming is not asked twice); each further timeout without a chunk doubles "
-        "the wait, up to 8x, and a chunk resets it. A reconnect to a session the broker kept does not ask again."))
+        "when no answer (a chunk with its slot's size and hash, or such a copy of one requested again) arrived "
+        "for this long, the chunks requested and not received are requested again (a slow link whose chunks keep "
+        "coming is not asked twice; forged chunks do not hold it off); each further timeout without an answer "
+        "doubles the wait, up to 8x, and an answer resets it. A reconnect to a session the broker kept does not "
+        "ask again."))
     chunk_max_bad: int = Field(5, ge=1, le=1000, description=(
         "a chunk that arrives this many times with data that does not match its hash fails the download "
         "(`failed`, the reason names the chunk); each bad one is dropped, counted and requested again."))

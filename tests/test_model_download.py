@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections import Counter, deque
 from pathlib import Path
 
 import pytest
@@ -130,6 +131,103 @@ def test_repeated_timeouts_back_off_up_to_a_cap_and_a_chunk_resets_them(tmp_path
     assert asked(d.requests(231.0)) == [2]
     assert d.wait_s() == 10.0 and asked(d.requests(241.1)) == [1, 2]
     assert (d.stalls, d.backoffs) == (6, 4)
+
+
+def forgery(k: int) -> tuple[mw.Chunk, str]:
+    """The k-th of a rotation of chunks naming this package and its chunk count but not good: what anyone who can
+    publish on the vehicle's model topic can send. Wrong bytes go to a different index each time (3 to 9), so that
+    no index reaches `max_bad` and the forger can go on."""
+    kinds = [(mw.Chunk(SHA, 3 + k // 4 % 7, 10, bytes(CB)), "hash_mismatch"),
+             (mw.Chunk(SHA, 2, 10, PKG[2 * CB : 3 * CB - 1]), "wrong_size"),  # chunk 2 is outstanding
+             (chunk(0), "duplicate"),  # a replay of a chunk held, asked for once and come once
+             (mw.Chunk(SHA, 0, 10, bytes(CB)), "duplicate")]  # a forged copy of a chunk held
+    return kinds[k % 4]
+
+
+def test_forged_chunks_do_not_hold_off_asking_again(tmp_path: Path) -> None:
+    """The chunks asked for never come; forged chunks of this package (wrong bytes, wrong size, copies of a chunk
+    held) come every 2 s, well inside the 10 s timeout. The outstanding chunks are still asked for again after 10 s
+    without a good chunk, then after the backed-off 20 s, as on a silent link; every forgery is dropped and counted.
+    Before, each forgery restarted the window's timer, so the vehicle never asked again."""
+    d = dl(tmp_path, window=2, timeout=10.0, max_bad=3)
+    assert asked(d.requests(0.0)) == [0, 1]
+    assert d.accept(chunk(0), 1.0) == "stored"
+    assert asked(d.requests(1.0)) == [2]  # outstanding: 1 and 2, from here on never answered
+    k = 0
+    reasons: list[str] = []
+    for t in range(2, 11, 2):
+        c, why = forgery(k)
+        assert d.accept(c, float(t)) == why
+        assert d.requests(float(t)) == []
+        reasons.append(why)
+        k += 1
+    assert d.requests(11.0) == []  # 10 s since the last good chunk: not past the timeout yet
+    assert asked(d.requests(11.5)) == [1, 2]
+    for t in range(12, 31, 2):
+        c, why = forgery(k)
+        assert d.accept(c, float(t)) == why
+        assert d.requests(float(t)) == []
+        reasons.append(why)
+        k += 1
+    assert d.requests(31.0) == []  # backed off: 20 s from the re-ask
+    assert asked(d.requests(31.6)) == [1, 2]
+    assert (d.stalls, d.backoffs, d.timeouts) == (2, 1, 4)
+    assert d.dropped == Counter(reasons) and d.n_have == 1
+    assert d.accept(chunk(1), 32.0) == "stored"  # a good chunk: the plain timeout again
+    assert d.wait_s() == 10.0
+
+
+def slow_link(d: Download, per_s: float, quiet_until: float, pkg: bytes, chunk_bytes: int) -> Counter[int]:
+    """A link that answers every request in order, one chunk per `per_s` s, and delivers nothing before
+    `quiet_until` (its requests wait in the queue, as behind a stalled broker); the vehicle polls every 0.5 s, as
+    the manager's loop does. Returns how often each chunk was asked for."""
+    sha = hashlib.sha256(pkg).hexdigest()
+    queue: deque[int] = deque()
+    times: Counter[int] = Counter()
+    t, next_at = 0.0, quiet_until
+    while not d.complete:
+        for i in asked(d.requests(t)):
+            queue.append(i)
+            times[i] += 1
+        if queue and t >= next_at:
+            d.accept(mw.chunk_of(pkg, sha, queue.popleft(), chunk_bytes), t)
+            next_at = t + per_s
+        t += 0.5
+        assert t < 10_000, f"no end: {d.progress()}"
+    return times
+
+
+def test_a_slow_link_after_a_stall_pays_for_the_stall_once(tmp_path: Path) -> None:
+    """A link slow enough that a window takes longer than the timeout (4 chunks at 4 s each: 16 s, timeout 10 s)
+    stalls once at the start: the window is asked for again. The link delivers both answers in turn, the first
+    ones, then the copies the re-ask paid for, then the next chunks. The copies are answers to requests (asked for,
+    owed, and the true chunk), so they restart the timer as a stored chunk does; were they ignored, every window
+    after the stall would wait behind 16 s of copies, time out and be asked again, for ever."""
+    pkg = random.Random(6).randbytes(40_000)
+    d = Download(desired(pkg, CB), tmp_path / "p.part", 4, 10.0, 3)
+    d.open()
+    times = slow_link(d, per_s=4.0, quiet_until=12.0, pkg=pkg, chunk_bytes=CB)
+    d.finish()
+    assert d.part.read_bytes() == pkg
+    assert times == Counter({i: 2 if i < 4 else 1 for i in range(40)}), times  # the stalled window twice, once
+    assert d.stalls == 1 and d.timeouts == 4 and d.dropped == Counter({"duplicate": 4})
+
+
+def test_a_copy_restarts_the_timer_only_when_asked_for_and_true(tmp_path: Path) -> None:
+    """After a timeout, chunk 0 is owed twice. Its first copy is stored; a forged second copy (wrong bytes) is
+    dropped and restarts nothing; the true second copy restarts the timer; a third true copy (a replay: asked for
+    twice, come twice already) restarts nothing."""
+    d = dl(tmp_path, window=2, timeout=10.0)
+    assert asked(d.requests(0.0)) == [0, 1]
+    assert asked(d.requests(10.5)) == [0, 1]  # timed out: both owed twice
+    assert d.accept(chunk(0), 11.0) == "stored"
+    assert asked(d.requests(11.0)) == [2]
+    assert d.accept(mw.Chunk(SHA, 0, 10, bytes(CB)), 15.0) == "duplicate"  # forged: the timer runs from 11 s
+    assert d.accept(chunk(0), 18.0) == "duplicate"  # the re-ask's answer: the timer runs from 18 s
+    assert d.requests(28.0) == []
+    assert d.accept(chunk(0), 27.0) == "duplicate"  # a replay beyond what was asked for
+    assert asked(d.requests(28.5)) == [1, 2]  # 10.5 s after the last answer
+    assert d.dropped == Counter({"duplicate": 3}) and d.bytes_received == CB
 
 
 def test_a_resumed_session_keeps_the_requests_a_new_one_asks_again(tmp_path: Path) -> None:

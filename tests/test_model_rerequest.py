@@ -1,5 +1,5 @@
 """A model download over a real Mosquitto pays once for each chunk on a slow link, a stalled broker and a reconnect
-to a resumed session: requests time out on silence (no chunk at all for `chunk_timeout_s`), not on their age, back
+to a resumed session: requests time out on silence (no good chunk for `chunk_timeout_s`), not on their age, back
 off when the silence goes on, and stay asked for when the broker resumed the session holding their answers. Every
 chunk that arrives twice anyway is counted (`chunks_duplicate`) and written once.
 

@@ -8,13 +8,17 @@ damaged sector is simply a slot that does not match).
 
 Requests (mw.GetRequest, contiguous runs of at most mw.MAX_GET_COUNT chunks) keep at most `window` chunks asked
 for and not yet received. They time out on lack of progress, not on their age: one timer for the window, started
-when a request goes out into an empty window and restarted whenever any chunk of this download arrives; only when
-no chunk at all arrived for `chunk_timeout_s` are the chunks still outstanding asked for again (a slow link, whose
-window takes longer than the timeout to deliver, never pays for its tail twice). Each further timeout without a
-chunk in between doubles the wait, up to MAX_BACKOFF times `chunk_timeout_s` (a stalled link is not asked again
-every `chunk_timeout_s` for the same chunks); the first chunk to arrive resets it. A reconnect that resumed the
-MQTT session keeps the outstanding requests (their answers are queued in the session for us) and restarts the timer
-(time away from the broker is not silence from the cloud); one that did not forgets them: they are asked at once.
+when a request goes out into an empty window and restarted by every answer, a chunk of this download that is true
+(its slot's size and hash) and stored, or a true copy of one asked for again (its first answer was late, not lost:
+the copy is owed); only when no answer arrived for `chunk_timeout_s` are the chunks still outstanding asked for
+again (a slow link, whose window takes longer than the timeout to deliver, never pays for its tail twice, nor,
+after one stall, for every window behind the copies). A chunk that is not an answer (other bytes, another size, a
+copy beyond those asked for) restarts nothing: anyone who can publish on the model topic can send one, and a stream
+of them must not hold off asking again. Each further timeout without an answer in between doubles the wait, up to
+MAX_BACKOFF times `chunk_timeout_s` (a stalled link is not asked again every `chunk_timeout_s` for the same
+chunks); the first answer resets it. A reconnect that resumed the MQTT session keeps the outstanding requests
+(their answers are queued in the session for us) and restarts the timer (time away from the broker is not silence
+from the cloud); one that did not forgets them: they are asked at once, and no earlier copy is owed.
 Every chunk is checked the moment it arrives, and dropped and counted by reason when it is not the one expected:
 `duplicate` (already have it: ignored, never written twice), `other_package`, `wrong_total` (a total that is not
 the package's), `wrong_size` (not the length its slot must have), `hash_mismatch` (asked for again; `max_bad` of
@@ -57,19 +61,20 @@ class Download:
         self.n_have = 0
         self.resumed = 0  # chunks found good in the file at open (not asked for again)
         self.asked: set[int] = set()  # chunks asked for and not yet received
+        self.owed: Counter[int] = Counter()  # answers still due per chunk: times asked for, less answers come
         self.bad: Counter[int] = Counter()  # hash mismatches per chunk
         self.dropped: Counter[str] = Counter()  # chunks dropped, by reason
-        self.timeouts = 0  # chunks asked for again because no chunk at all arrived for the (backed-off) timeout
+        self.timeouts = 0  # chunks asked for again because no answer arrived for the (backed-off) timeout
         self.stalls = 0  # times the window's timer ran out (each asks every outstanding chunk again)
-        self.backoffs = 0  # stalls that came with no chunk since the previous one (each doubled the wait, capped)
+        self.backoffs = 0  # stalls that came with no answer since the previous one (each doubled the wait, capped)
         self.chunks_requested = 0
         self.bytes_requested = 0
         self.bytes_received = 0  # chunk data accepted into the file
         self.bytes_have = 0
         self._fd: int | None = None
         self._scan = 0  # every chunk below this index is had or asked for (where the next request starts looking)
-        self._since = 0.0  # the window's timer: the last chunk's arrival, or the request into an empty window
-        self._silent = 0  # stalls since the last chunk arrived: the wait is chunk_timeout_s * 2**_silent, capped
+        self._since = 0.0  # the window's timer: the last answer's arrival, or the request into an empty window
+        self._silent = 0  # stalls since the last answer arrived: the wait is chunk_timeout_s * 2**_silent, capped
 
     # --- the file ------------------------------------------------------------------------------------------------
 
@@ -111,12 +116,12 @@ class Download:
         return self.n_have == self.desired.chunks
 
     def wait_s(self) -> float:
-        """How long the window waits without a chunk before it asks for its outstanding chunks again."""
+        """How long the window waits without an answer before it asks for its outstanding chunks again."""
         return self.chunk_timeout_s * min(1 << self._silent, MAX_BACKOFF)
 
     def requests(self, now: float) -> list[mw.GetRequest]:
         """What to ask for now: chunks neither had nor asked for, up to the window, in contiguous runs; every
-        outstanding chunk again when no chunk arrived for `wait_s()`."""
+        outstanding chunk again when no answer arrived for `wait_s()`."""
         if self.asked and now - self._since > self.wait_s():
             self.stalls += 1
             if self._silent:
@@ -146,6 +151,7 @@ class Download:
             else:
                 out.append(mw.GetRequest(d.package_sha256, i, 1))
             self.asked.add(i)
+            self.owed[i] += 1
             lo, hi = d.chunk_range(i)
             self.bytes_requested += hi - lo
         self.chunks_requested += len(want)
@@ -159,6 +165,7 @@ class Download:
         for i in range(g.first, g.first + g.count):
             if i in self.asked:
                 self.asked.discard(i)
+                self._owe_one_less(i)
                 self._scan = min(self._scan, i)
                 lo, hi = self.desired.chunk_range(i)
                 self.bytes_requested -= hi - lo
@@ -168,12 +175,13 @@ class Download:
         """A new MQTT session (the broker kept none for us): whatever was asked for will not be answered to us;
         ask again at once."""
         self.asked.clear()
+        self.owed.clear()
         self._scan = 0
         self._silent = 0
 
     def session_resumed(self, now: float) -> None:
         """A reconnect to the session we had: the outstanding requests' answers are queued there for us, so they
-        stay asked for; the timer restarts, as no chunk could arrive while we were away."""
+        stay asked for (and owed); the timer restarts, as no chunk could arrive while we were away."""
         self._since = now
 
     # --- chunks ----------------------------------------------------------------------------------------------------
@@ -183,11 +191,6 @@ class Download:
         (counted in `dropped`). Raises DownloadError when the download cannot finish (a chunk that keeps failing its
         hash, the file cannot be written)."""
         d = self.desired
-        if c.package_sha256 == d.package_sha256 and c.total == d.chunks:
-            # A chunk of this download, whatever its fate below: the link and the cloud are answering, so what is
-            # still outstanding is likely behind it, not lost. The window's timer starts over.
-            self._since = now
-            self._silent = 0
         reason = ""
         if c.package_sha256 != d.package_sha256:
             reason = "other_package"
@@ -195,12 +198,13 @@ class Download:
             reason = "wrong_total"  # index < total is the decoder's; a total that is not ours says nothing true
         elif self.have[c.index]:
             reason = "duplicate"
+            if self.owed[c.index] and not self._flaw(c):
+                # The answer to a request made again while the first answer was late, not lost (a timeout): on a
+                # slow link it comes in turn, before the chunks asked for after it, so it is progress all the same.
+                self._answered(c.index, now)
         else:
-            lo, hi = d.chunk_range(c.index)
-            if len(c.data) != hi - lo:
-                reason = "wrong_size"
-            elif hashlib.sha256(c.data).hexdigest() != d.chunk_sha256[c.index]:
-                reason = "hash_mismatch"
+            reason = self._flaw(c)
+            if reason == "hash_mismatch":
                 self.bad[c.index] += 1
                 self.asked.discard(c.index)  # ask again at once
                 self._scan = min(self._scan, c.index)
@@ -213,7 +217,7 @@ class Download:
             return reason
         assert self._fd is not None, "accept before open"
         try:
-            os.pwrite(self._fd, c.data, lo)
+            os.pwrite(self._fd, c.data, d.chunk_range(c.index)[0])
         except OSError as e:
             raise DownloadError("io_error", f"{self.part}: {e.strerror or e}") from None
         self.have[c.index] = 1
@@ -221,7 +225,33 @@ class Download:
         self.asked.discard(c.index)
         self.bytes_received += len(c.data)
         self.bytes_have += len(c.data)
+        self._answered(c.index, now)
         return "stored"
+
+    def _flaw(self, c: mw.Chunk) -> str:
+        """Why `c` is not its slot's chunk (`wrong_size`, `hash_mismatch`), or "" when it is."""
+        lo, hi = self.desired.chunk_range(c.index)
+        if len(c.data) != hi - lo:
+            return "wrong_size"
+        if hashlib.sha256(c.data).hexdigest() != self.desired.chunk_sha256[c.index]:
+            return "hash_mismatch"
+        return ""
+
+    def _answered(self, i: int, now: float) -> None:
+        """Chunk `i` came, true: the link and the cloud are answering, so what is still outstanding is likely
+        behind it, not lost, and the window's timer starts over. Only such a chunk restarts it: one with other
+        bytes or another size, or a copy beyond those asked for, can come from anyone who can publish on the
+        model topic (a forgery, a replay), and says nothing of the cloud; were it to restart the timer, a forger
+        would hold off asking again for what is missing for as long as it kept sending."""
+        self._owe_one_less(i)
+        self._since = now
+        self._silent = 0
+
+    def _owe_one_less(self, i: int) -> None:
+        if self.owed[i] > 1:
+            self.owed[i] -= 1
+        else:
+            self.owed.pop(i, None)
 
     def finish(self) -> None:
         """Every chunk is in: check the whole file's hash, make it durable, close it. Raises DownloadError."""
