@@ -39,7 +39,7 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sized
+from collections.abc import Callable, Iterable, Mapping, Sized
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast, runtime_checkable
 
@@ -274,6 +274,7 @@ class Pipeline:
         self._drift_next = math.nan  # data time of the next periodic drift report
         self._drift_flag = False
         self._drift_key = ""
+        self._drift_status: dict[str, Any] = {"enabled": False}  # read by the uplink thread: only ever replaced
         self._new_drift()
         self.on_update = on_update  # the model manager, told of every step of an update (on this thread)
         self._update: _Update | None = None
@@ -302,6 +303,18 @@ class Pipeline:
             c = self.active.scorer.contract
             self.drift = DriftMonitor([f.name for f in c.features], c.training["feature_stats"], self.drift_policy)
             self._drift_key = f"drift/{c.model_name}/{c.model_version}"
+        self._snapshot_drift()
+
+    def _snapshot_drift(self, drifted: Iterable[str] | None = None) -> None:
+        """The status's view of drift (`drift_status`), made here on the pipeline thread after each change: the
+        uplink thread reads the status while this thread folds windows into the monitor's arrays, and a status made
+        from them then would mix two updates. `drifted`: the drifted features' names, when the caller has them."""
+        if self.drift is None:
+            self._drift_status = {"enabled": False}
+            return
+        names = sorted(self.drift.drifted() if drifted is None else drifted)
+        self._drift_status = {"enabled": True, "drift": self._drift_flag, "windows": self.drift.rows,
+                              "features": names}
 
     def _counters(self) -> dict[str, Any]:
         """For the metrics registry: read at each snapshot, so the hot path keeps its plain integers."""
@@ -340,6 +353,7 @@ class Pipeline:
         drift = saved.get(self._drift_key)
         if self.drift is not None and isinstance(drift, dict) and self.drift.restore(drift):
             self._drift_flag = bool(self.drift.drifted())
+            self._snapshot_drift()
         for dec in self.decoders.values():
             if dec.state_key is None:
                 continue
@@ -754,8 +768,10 @@ class Pipeline:
         self.drift.update(x, outside)
         if math.isnan(self._drift_next):
             self._drift_next = now + self.drift_interval_s
-        flag = bool(self.drift.drifted())
+        drifted = self.drift.drifted()
+        flag = bool(drifted)
         if flag == self._drift_flag and now < self._drift_next:
+            self._snapshot_drift(drifted)
             return
         assert self.scorer is not None
         c = self.scorer.contract
@@ -765,6 +781,7 @@ class Pipeline:
             log.warning("feature drift %s: %s", "detected" if flag else "cleared",
                         "; ".join(f"{k}: {v}" for k, v in report["drifted"].items()) or "all features in range")
         self._drift_flag = flag
+        self._snapshot_drift(drifted)
         self._drift_next = now + self.drift_interval_s
         self._emit([("event", Event("drift", now, report).to_dict())], {})
         if self.sink is not None and not self.sink.set_state(self._drift_key, self.drift.state()):
@@ -784,11 +801,10 @@ class Pipeline:
         }
 
     def drift_status(self) -> dict[str, Any]:
-        """For the status message: the flag and the drifted features' names (the reasons travel in events)."""
-        if self.drift is None:
-            return {"enabled": False}
-        return {"enabled": True, "drift": self._drift_flag, "windows": self.drift.rows,
-                "features": sorted(self.drift.drifted())}
+        """For the status message (any thread): the flag and the drifted features' names (the reasons travel in
+        events), as of the last window the pipeline folded in."""
+        out = self._drift_status
+        return {**out, "features": list(out["features"])} if "features" in out else dict(out)
 
     def _debouncer(self, source: str) -> DtcDebouncer:
         deb = self.debouncers.get(source)

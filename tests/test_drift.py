@@ -156,6 +156,23 @@ def test_pipeline_reports_drift_as_events_and_keeps_statistics_across_restart(tm
     assert p2.drift_status()["drift"] is True
 
 
+def test_the_status_reads_drift_as_of_the_last_window_folded_in(tmp_path: Path) -> None:
+    """The uplink thread builds the status while the pipeline thread folds windows into the monitor's arrays: the
+    status must come from what the pipeline finished, not from arrays half way through an update."""
+    store = Store(tmp_path / "s.sqlite", first_seq=1)
+    p = _run(store, 75.0, 240)
+    assert p.drift is not None
+    done = p.drift_status()
+    assert done["enabled"] and done["drift"] and done["windows"] == p.drift.rows
+    # An update in progress on the pipeline thread: rows counted, outside-range shares not yet.
+    p.drift.rows += 1_000
+    p.drift.outside[:] = 0
+    assert p.drift_status() == done
+    p.drift_status()["features"].append("changed by a reader")  # a reader's copy is its own
+    assert p.drift_status() == done
+    store.close()
+
+
 def test_windows_outside_the_training_envelope_feed_drift_with_the_features_responsible() -> None:
     rng = np.random.default_rng(2)
     m = DriftMonitor(["a", "b"], TRAIN, _policy(drift_min_windows=50, drift_unfamiliar_max=0.05))
