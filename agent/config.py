@@ -244,9 +244,10 @@ class MqttConfig(_Section):
     key_file: Path | None = Field(None, description="its private key.")
     session_expiry_s: int = Field(3600, ge=0, le=wire.MQTT_SESSION_EXPIRY_MAX, description=(
         "how long the broker keeps this vehicle's session (its subscriptions, and the acks and model chunks "
-        "queued for it) while the vehicle is away. An ack lost with the session costs only a resend after "
-        "`ack_timeout_s` (the cloud dedups); chunks lost with it are asked for again at the reconnect (a resumed "
-        "session's are waited for, not asked again)."))
+        "queued for it) while the vehicle is away. A reconnect within it resumes the session: the batches in "
+        "flight stay in flight (their acks are queued in it; their `ack_timeout_s` starts over) and the chunks "
+        "asked for are waited for. Past it, the acks and chunks were lost with the session: the batches in flight "
+        "are sent again at the reconnect (the cloud dedups) and the chunks asked for again."))
     connack_timeout_s: float = Field(30.0, gt=0, le=600, description=(
         "a connection the broker has not accepted (CONNACK) within this time is dropped and tried again with "
         "the reconnect backoff."))

@@ -7,8 +7,13 @@ newest first, so that after an outage the cloud sees the present at once), the o
 first behind them in the same batches; every batch tells the cloud where the backfill stands (`backfill_from` in its
 header, harvester_common/backfill.py), so that the holes it leaves are not taken for losses. A batch stays
 "in flight" until cloud_sync acks its ranges, which it does after its database commit; an unacknowledged batch is
-resent after `ack_timeout_s`, and on every reconnect. The broker's PUBACK means nothing to the store: only the
-cloud's ack deletes.
+resent after `ack_timeout_s`. The broker's PUBACK means nothing to the store: only the cloud's ack deletes.
+
+A reconnect to the session the broker kept (clean_start false, within `session_expiry_s`) keeps the batches in
+flight: the acks the cloud published while the vehicle was away are queued in that session and arrive now, and paho
+sends again itself any batch the broker had not acknowledged; their ack timers start over at the reconnect, so an
+outage longer than `ack_timeout_s` does not time them all out at once. A reconnect to a new session sends them again
+at once (under new batch ids): the acks queued for the old one were lost with it.
 
 An ack is believed only for a batch this process has in flight (its batch id, this vehicle), and only for the rows
 that batch carried: a row is deleted when it belongs to the batch and the ack's ranges cover it whole; whatever
@@ -100,7 +105,7 @@ class ModelChannel(Protocol):
 class _InFlight:
     batch: int
     seq_los: list[int]
-    sent_at: float
+    sent_at: float  # when its ack timer started: the send, or the reconnect that resumed its session
     n_samples: int
     ranges: list[tuple[int, int]] = field(default_factory=list)  # [seq_lo, seq_hi] of each row carried
     tables: set[str] = field(default_factory=set)  # digests of the signal tables it carried in full
@@ -139,6 +144,8 @@ class UplinkStats:
     connected: bool = False
     connects: int = 0
     sessions_resumed: int = 0  # connects to which the broker resumed the session (what was queued for us arrives)
+    inflight_kept: int = 0  # batches in flight at a reconnect to a resumed session: their acks still awaited
+    inflight_forgotten: int = 0  # batches in flight at a reconnect to a new session: their rows sent again
     connect_failures: int = 0
     batches_sent: int = 0
     bytes_sent: int = 0
@@ -238,8 +245,9 @@ class Uplink:
         self.stats.connects += 1
         if flags.session_present:
             self.stats.sessions_resumed += 1
-        # Anything in flight before the reconnect may never be acked: send it again (the cloud dedups).
-        self._inflight.clear()
+            self._keep_in_flight()
+        else:
+            self._forget_in_flight()
         subs = [(self.topic("ack"), 1)]
         if self.model is not None:
             # A retained desired message arrives on every subscribe: the manager takes it again idempotently.
@@ -251,12 +259,26 @@ class Uplink:
         self._publish_status("online")
         log.info("connected to %s:%d", self.cfg.host, self.cfg.port)
 
+    def _keep_in_flight(self) -> None:
+        """The session resumed: the acks for the batches in flight are queued in it (or come for paho's own resend
+        of a batch the broker had not acknowledged). Their timers start now: the time away was no time to answer."""
+        now = time.monotonic()
+        for inf in self._inflight.values():
+            inf.sent_at = now
+        self.stats.inflight_kept += len(self._inflight)
+
+    def _forget_in_flight(self) -> None:
+        """A new session: the acks queued for the old one are lost with it, so the batches in flight go again now
+        under new ids (the cloud dedups) rather than after `ack_timeout_s`; a late ack for an old id is dropped."""
+        self.stats.inflight_forgotten += len(self._inflight)
+        self._inflight.clear()
+
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
+        # The batches in flight stay: the next CONNACK says whether their acks can still come (_on_connect).
         if self._connected:
             log.warning("disconnected from broker: %s", rc)
         self._connected = False
         self.stats.connected = False
-        self._inflight.clear()
 
     def _counters(self) -> dict[str, Any]:
         """For the metrics registry: every UplinkStats field (flags as gauges), and the in-flight count."""
@@ -370,8 +392,8 @@ class Uplink:
                 self.stats.acks_replayed += 1
                 log.debug("ack for batch %d again (already applied)", ack.batch)
             else:
-                # Never sent, or no longer in flight (timed out or sent before a reconnect: resent under a new
-                # id, which its own ack will cover).
+                # Never sent, or no longer in flight (timed out, or sent before a reconnect to a new session:
+                # resent under a new id, which its own ack will cover).
                 self._reject("not_in_flight", f"batch {ack.batch} is not in flight")
             return
         if ack.status == "rejected" and inf.referenced and ack.reason.split(":")[0] == wire.UNKNOWN_TABLE_REASON:
@@ -581,7 +603,6 @@ class Uplink:
                 break
             self._connected = False
             self.stats.connected = False
-            self._inflight.clear()
             if not self._stop.is_set():
                 delay = backoff_delay(attempt, self.cfg.reconnect_min_s, self.cfg.reconnect_max_s, self._rng)
                 attempt += 1

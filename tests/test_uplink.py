@@ -1,9 +1,10 @@
 """The uplink against a real Mosquitto: records before samples, deletion only on the cloud's ack, resend on ack
-timeout, survival of a broker crash. The cloud here is a small real MQTT peer that decodes and acks (the full
-cloud_sync is exercised in test_end_to_end.py)."""
+timeout, survival of a broker crash, reconnects to a resumed session and to a new one. The cloud here is a small
+real MQTT peer that decodes and acks (the full cloud_sync is exercised in test_end_to_end.py)."""
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -13,13 +14,15 @@ import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from agent.backoff import backoff_delay
 from agent.config import MqttConfig, VehicleConfig
 from agent.store import Store
 from agent.uplink import Uplink
 from harvester_common import wire
-from harvester_testing.broker import MosquittoBroker
+from harvester_testing.broker import MosquittoBroker, free_port
 
 VEHICLE = VehicleConfig(fleet="f1", id="v1")
 
@@ -34,16 +37,20 @@ def wait_for(cond: Callable[[], bool], timeout: float = 20.0, what: str = "condi
 
 
 class Acker:
-    """Subscribes to the vehicle's uplink topics, records what arrives, and acks when `acking` is set."""
+    """Subscribes to the vehicle's uplink topics, records what arrives, and acks when `acking` is set. With
+    `session_s`, its session outlives its connection (as cloud_sync's): what is published while it is away waits
+    for it."""
 
-    def __init__(self, broker: MosquittoBroker) -> None:
+    def __init__(self, broker: MosquittoBroker, session_s: int = 0) -> None:
         self.batches: list[tuple[str, wire.Batch]] = []
         self.acking = threading.Event()
         self.acking.set()
         self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="acker", protocol=mqtt.MQTTv5)
         self.c.on_message = self._on_message
         self.c.on_connect = lambda c, *a: c.subscribe("fleet/+/vehicle/+/+", qos=1)
-        self.c.connect(broker.host, broker.port)
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = session_s
+        self.c.connect(broker.host, broker.port, properties=props)
         self.c.loop_start()
 
     def _on_message(self, c: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
@@ -78,8 +85,8 @@ def store(tmp_path: Path) -> Iterator[Store]:
     s.close()
 
 
-def _uplink(broker: MosquittoBroker, store: Store, **kw: object) -> Uplink:
-    cfg = MqttConfig(host=broker.host, port=broker.port, tls=False, batch_max_age_s=0.2, reconnect_min_s=0.1,
+def _uplink(broker: MosquittoBroker, store: Store, port: int | None = None, **kw: object) -> Uplink:
+    cfg = MqttConfig(host=broker.host, port=port or broker.port, tls=False, batch_max_age_s=0.2, reconnect_min_s=0.1,
                      reconnect_max_s=0.5, **kw)  # type: ignore[arg-type]
     up = Uplink(cfg, VEHICLE, store, seed=1)
     up.start()
@@ -140,6 +147,139 @@ def test_broker_crash_and_restart_loses_nothing(broker: MosquittoBroker, store: 
         wait_for(lambda: store.status()["backlog_records"] == 0, timeout=30, what="drain after restart")
         assert set(acker.seqs()) == set(range(1, 1501))
         assert up.stats.connects >= 2
+    finally:
+        up.stop()
+        acker.close()
+
+
+# --- reconnects: a resumed session keeps the batches in flight ------------------------------------------------------
+
+BIG = 2**63 - 1
+
+
+def _doors(broker: MosquittoBroker, vehicle_port: int | None) -> str:
+    """The config of a broker that saves its sessions (persistence, as a production broker's) and listens for the
+    cloud (the test's peer) on `broker.port` always, and for the vehicle on `vehicle_port` when given: a restart
+    without it leaves the vehicle out of coverage while the cloud goes on."""
+    conf = (f"persistence true\npersistence_location {broker.workdir}/\n"
+            f"listener {broker.port} {broker.host}\nallow_anonymous true\n")
+    return conf + (f"listener {vehicle_port} {broker.host}\n" if vehicle_port is not None else "")
+
+
+@pytest.fixture
+def doors(tmp_path: Path) -> Iterator[tuple[MosquittoBroker, int]]:
+    """A broker with two doors, and the vehicle's port."""
+    b = MosquittoBroker(workdir=tmp_path / "mosquitto")
+    vehicle_port = free_port()
+    b.extra_conf = _doors(b, vehicle_port)
+    b.start()
+    try:
+        yield b, vehicle_port
+    finally:
+        b.close()
+
+
+def _vehicle_away(broker: MosquittoBroker, vehicle_port: int, acker: Acker, acks: list[bytes],
+                  until: float = 0.0) -> None:
+    """The broker restarts without the vehicle's door (it saves its sessions at the stop); the cloud, back on its
+    own, publishes `acks` to the vehicle's ack topic (acknowledged by the broker: queued in the vehicle's session if
+    it has one, else dropped); the vehicle stays away until `until` (time.monotonic()), then the broker restarts
+    with both doors."""
+    broker.stop()
+    broker.extra_conf = _doors(broker, None)
+    broker.start()
+    wait_for(acker.c.is_connected, what="the cloud back on its own")
+    topic = wire.vehicle_topic("f1", "v1", "ack")
+    for info in [acker.c.publish(topic, p, qos=1) for p in acks]:
+        info.wait_for_publish(20)
+    wait_for(lambda: time.monotonic() > until, what="the vehicle's time away")
+    broker.stop()
+    broker.extra_conf = _doors(broker, vehicle_port)
+    broker.start()
+
+
+def _ack(b: wire.Batch, ranges: list[tuple[int, int]] | None = None) -> bytes:
+    return wire.encode_ack(wire.Ack(b.vehicle, b.batch, ranges or [(s.seq_lo, s.seq_hi) for s in b.segments]))
+
+
+def _outbox(store: Store) -> set[tuple[int, int]]:
+    """The rows the store holds, read on a connection of the test's own (the uplink's thread uses the store's)."""
+    con = sqlite3.connect(store.path)
+    try:
+        return {(int(lo), int(hi)) for lo, hi in con.execute("SELECT seq_lo, seq_hi FROM outbox")}
+    finally:
+        con.close()
+
+
+def _resume_rig(broker: MosquittoBroker, vehicle_port: int, store: Store, **kw: object) -> tuple[Acker, Uplink]:
+    """Eight segments of forty samples (seq 1..320), two to a batch, oldest first; the cloud does not ack."""
+    acker = Acker(broker, session_s=3600)
+    acker.acking.clear()
+    for _ in range(8):
+        store.append_samples(_cols(40, noisy=True))
+    up = _uplink(broker, store, port=vehicle_port, live_lane_s=0, batch_max_bytes=1024, **kw)
+    return acker, up
+
+
+def test_a_resumed_session_keeps_the_batches_in_flight_and_their_acks_count(
+    doors: tuple[MosquittoBroker, int], store: Store
+) -> None:
+    """Three batches in flight when the vehicle goes away; the cloud's acks for them (one naming everything, and a
+    forged one) are queued in its session. The vehicle comes back longer than `ack_timeout_s` later, to the session
+    resumed: the acks are believed for their batches (as far as those carried), nothing is sent again, and the ack
+    timers start over at the reconnect. Before, the reconnect forgot the batches: the acks were dropped as
+    `not_in_flight` and the three batches sent again."""
+    broker, vehicle_port = doors
+    acker, up = _resume_rig(broker, vehicle_port, store, max_inflight_batches=3, ack_timeout_s=5.0)
+    try:
+        wait_for(lambda: len(acker.batches) == 3 and not up._client._out_messages,
+                 what="three batches in flight, each acknowledged by the broker")
+        sent = time.monotonic()
+        assert acker.seqs() == list(range(1, 241))
+        b1, b2, b3 = (b for _, b in acker.batches)
+        forged = wire.encode_ack(wire.Ack("v1", b1.batch - 1000, [(1, BIG)]))
+        _vehicle_away(broker, vehicle_port, acker, [_ack(b1), _ack(b2, [(1, BIG)]), _ack(b3), forged],
+                      until=sent + 6.0)
+        wait_for(lambda: up.stats.acks + sum(up.stats.acks_rejected.values()) >= 4, what="the queued acks handled")
+        assert up.stats.sessions_resumed == 1 and up.stats.connects == 2
+        assert up.stats.inflight_kept == 3 and up.stats.inflight_forgotten == 0
+        assert up.stats.acks_rejected == {"not_in_flight": 1}, up.stats  # the forged one only
+        assert up.stats.acks == 3 and up.stats.acks_trimmed == 1
+        assert up.stats.ack_timeouts == 0  # away 6 s, the timeout 5 s: the timers started over at the reconnect
+        # The ack naming everything deleted only its batch's rows: the fourth batch's rows wait for their own.
+        assert _outbox(store) == {(241, 280), (281, 320)}
+        wait_for(lambda: len(acker.batches) == 4, what="the fourth batch")
+        acker.c.publish(wire.vehicle_topic("f1", "v1", "ack"), _ack(acker.batches[3][1]), qos=1)
+        wait_for(lambda: store.status()["backlog_records"] == 0, what="the backlog acked")
+        seen = acker.seqs()
+        assert seen[:240] == list(range(1, 241))  # nothing in flight at the outage was sent again
+        assert set(seen) == set(range(1, 321))
+    finally:
+        up.stop()
+        acker.close()
+
+
+def test_a_session_not_resumed_sends_the_batches_in_flight_again_at_once(
+    doors: tuple[MosquittoBroker, int], store: Store
+) -> None:
+    """The vehicle's session ends with its connection (`session_expiry_s = 0`): the acks the cloud publishes while
+    it is away are lost with it, so at the reconnect the batches in flight go again at once, not after
+    `ack_timeout_s` (ten minutes here)."""
+    broker, vehicle_port = doors
+    acker, up = _resume_rig(broker, vehicle_port, store, session_expiry_s=0, ack_timeout_s=600.0)
+    try:
+        wait_for(lambda: len(acker.batches) == 4 and not up._client._out_messages,
+                 what="four batches in flight, each acknowledged by the broker")
+        first = [b for _, b in acker.batches]
+        acker.acking.set()  # the resent batches are acked as they come
+        _vehicle_away(broker, vehicle_port, acker, [_ack(b) for b in first])
+        wait_for(lambda: store.status()["backlog_records"] == 0, what="the batches sent again and acked")
+        assert up.stats.sessions_resumed == 0 and up.stats.connects == 2
+        assert up.stats.inflight_forgotten == 4 and up.stats.inflight_kept == 0
+        assert up.stats.ack_timeouts == 0
+        assert up.stats.acks_rejected == {}  # the acks published while it was away never arrived
+        assert {b.batch for _, b in acker.batches[4:]}.isdisjoint(b.batch for b in first)  # under new ids
+        assert acker.seqs() == sorted(list(range(1, 321)) * 2)  # each row twice: before the outage and after
     finally:
         up.stop()
         acker.close()
