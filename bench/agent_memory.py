@@ -218,8 +218,9 @@ class Soak:
 
     @staticmethod
     def near(series: list[tuple[float, float]], t: float) -> list[float]:
-        """The samples within STEADY_S of `t` seconds."""
-        return [v for s, v in series if abs(s - t) <= STEADY_S]
+        """The samples within STEADY_S of `t` seconds, none from the first STEADY_S (the process starting: a trial
+        run's short warm-up would otherwise take the exec's first megabytes into its median)."""
+        return [v for s, v in series if abs(s - t) <= STEADY_S and s >= STEADY_S]
 
     def steady(self, series: list[tuple[float, float]], t: float) -> float:
         """The median of the samples within STEADY_S of `t` seconds (at the soak's end: the last STEADY_S; the one
