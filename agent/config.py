@@ -176,8 +176,10 @@ class ModelConfig(_Section):
         "doubles the wait, up to 8x, and an answer resets it. A reconnect to a session the broker kept does not "
         "ask again."))
     chunk_max_bad: int = Field(5, ge=1, le=1000, description=(
-        "a chunk that arrives this many times with data that does not match its hash fails the download "
-        "(`failed`, the reason names the chunk); each bad one is dropped, counted and requested again."))
+        "a chunk that arrives this many times, in answer to a request, with data that does not match its hash "
+        "fails the download (`failed`, the reason names the chunk; the chunks held are kept for a next attempt); "
+        "each bad one is dropped, counted and requested again. Bad data nobody asked for is dropped and counted "
+        "only."))
     shadow_windows: int = Field(120, ge=1, le=100_000, description=(
         "a verified candidate scores this many windows beside the active model (its own feature windows, once "
         "they hold a full window of data) before the decision (ten minutes at a 5 s hop)."))

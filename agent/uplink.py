@@ -11,9 +11,10 @@ resent after `ack_timeout_s`. The broker's PUBACK means nothing to the store: on
 
 A reconnect to the session the broker kept (clean_start false, within `session_expiry_s`) keeps the batches in
 flight: the acks the cloud published while the vehicle was away are queued in that session and arrive now, and paho
-sends again itself any batch the broker had not acknowledged; their ack timers start over at the reconnect, so an
-outage longer than `ack_timeout_s` does not time them all out at once. A reconnect to a new session sends them again
-at once (under new batch ids): the acks queued for the old one were lost with it.
+sends again itself any batch the broker had not acknowledged; their ack timers stop while the vehicle is away, so an
+outage longer than `ack_timeout_s` does not time them all out at once, and go on at the reconnect from where they
+stood, so a batch whose ack never comes is still sent again on a link that drops more often than that. A reconnect
+to a new session sends them again at once (under new batch ids): the acks queued for the old one were lost with it.
 
 An ack is believed only for a batch this process has in flight (its batch id, this vehicle), and only for the rows
 that batch carried: a row is deleted when it belongs to the batch and the ack's ranges cover it whole; whatever
@@ -86,7 +87,9 @@ def configure_tls(client: mqtt.Client, cfg: MqttConfig) -> None:
 class ModelChannel(Protocol):
     """The model manager as the uplink sees it (agent/update/manager.py); called on the uplink thread."""
 
-    def on_connect(self, session_present: bool) -> None: ...
+    def on_connect(self, session_present: bool, away_s: float = 0.0) -> None:
+        """`away_s`: how long the connection was down before this one (0 at the first)."""
+        ...
 
     def on_desired(self, d: mw.Desired | None) -> None: ...
 
@@ -202,6 +205,7 @@ class Uplink:
         self._flush = threading.Event()
         self._thread: threading.Thread | None = None
         self._connected = False
+        self._lost_at: float | None = None  # time.monotonic() when the connection last went; None while up
         self._last_status = 0.0
         self._client = self._make_client()
 
@@ -243,9 +247,11 @@ class Uplink:
         self._connected = True
         self.stats.connected = True
         self.stats.connects += 1
+        away_s = time.monotonic() - self._lost_at if self._lost_at is not None else 0.0
+        self._lost_at = None
         if flags.session_present:
             self.stats.sessions_resumed += 1
-            self._keep_in_flight()
+            self._keep_in_flight(away_s)
         else:
             self._forget_in_flight()
         subs = [(self.topic("ack"), 1)]
@@ -254,17 +260,19 @@ class Uplink:
             subs += [(self.topic(mw.LEAF_DESIRED), 1), (self.topic(mw.LEAF_CHUNK), 1)]
             # Resumed (clean_start false, within session_expiry_s): chunks answering requests made before the
             # outage are queued in the session and arrive now; the manager must not ask for them again.
-            self.model.on_connect(bool(flags.session_present))
+            self.model.on_connect(bool(flags.session_present), away_s)
         client.subscribe(subs)
         self._publish_status("online")
         log.info("connected to %s:%d", self.cfg.host, self.cfg.port)
 
-    def _keep_in_flight(self) -> None:
+    def _keep_in_flight(self, away_s: float) -> None:
         """The session resumed: the acks for the batches in flight are queued in it (or come for paho's own resend
-        of a batch the broker had not acknowledged). Their timers start now: the time away was no time to answer."""
+        of a batch the broker had not acknowledged). Their timers stop for the time away, which was no time to
+        answer, and go on from where they stood: restarted at every reconnect, a batch whose ack never comes would
+        never be sent again on a link that drops more often than `ack_timeout_s`."""
         now = time.monotonic()
         for inf in self._inflight.values():
-            inf.sent_at = now
+            inf.sent_at = min(now, inf.sent_at + away_s)
         self.stats.inflight_kept += len(self._inflight)
 
     def _forget_in_flight(self) -> None:
@@ -277,6 +285,12 @@ class Uplink:
         # The batches in flight stay: the next CONNACK says whether their acks can still come (_on_connect).
         if self._connected:
             log.warning("disconnected from broker: %s", rc)
+        self._went()
+
+    def _went(self) -> None:
+        """The connection is down (paho said so, or the loop gave up on it): the time away counts from the first."""
+        if self._connected or self._lost_at is None:
+            self._lost_at = time.monotonic()
         self._connected = False
         self.stats.connected = False
 
@@ -601,8 +615,7 @@ class Uplink:
                     break  # no CONNACK: start over
             if self._stop.is_set():
                 break
-            self._connected = False
-            self.stats.connected = False
+            self._went()
             if not self._stop.is_set():
                 delay = backoff_delay(attempt, self.cfg.reconnect_min_s, self.cfg.reconnect_max_s, self._rng)
                 attempt += 1

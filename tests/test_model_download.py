@@ -92,12 +92,29 @@ def test_wrong_chunks_are_dropped_and_counted(tmp_path: Path) -> None:
 
 
 def test_a_chunk_never_matching_its_hash_fails_the_download(tmp_path: Path) -> None:
-    d = dl(tmp_path, max_bad=3)
+    d = dl(tmp_path, window=10, max_bad=3)
     for _ in range(2):
+        assert 4 in asked(d.requests(0.0))  # asked (again at once after each wrong answer)
         assert d.accept(mw.Chunk(SHA, 4, 10, bytes(CB)), 0.0) == "hash_mismatch"
+    assert 4 in asked(d.requests(0.0))
     with pytest.raises(DownloadError) as e:
         d.accept(mw.Chunk(SHA, 4, 10, bytes(CB)), 0.0)
     assert e.value.code == "chunk_never_matches" and "chunk 4" in str(e.value)
+
+
+def test_forged_chunks_nobody_asked_for_cannot_fail_the_download(tmp_path: Path) -> None:
+    """Wrong bytes for a slot with no request outstanding are dropped and counted, not held against the slot: a
+    forger on the model topic cannot end the download with `max_bad` of them."""
+    d = dl(tmp_path, window=2, max_bad=3)
+    assert asked(d.requests(0.0)) == [0, 1]
+    for _ in range(10):
+        assert d.accept(mw.Chunk(SHA, 4, 10, bytes(CB)), 0.0) == "hash_mismatch"
+    assert d.dropped["hash_mismatch"] == 10 and not d.bad
+    for i in range(10):
+        d.requests(0.0)
+        assert d.accept(chunk(i), 0.0) == "stored"
+    d.finish()
+    assert d.part.read_bytes() == PKG
 
 
 def test_requests_time_out_on_silence_not_on_age(tmp_path: Path) -> None:
@@ -233,13 +250,27 @@ def test_a_copy_restarts_the_timer_only_when_asked_for_and_true(tmp_path: Path) 
 def test_a_resumed_session_keeps_the_requests_a_new_one_asks_again(tmp_path: Path) -> None:
     d = dl(tmp_path, window=2, timeout=10.0)
     assert asked(d.requests(0.0)) == [0, 1]
-    d.session_resumed(50.0)  # away from the broker until 50 s: the answers are queued in the session for us
+    d.session_resumed(50.0, 45.0)  # away from the broker from 5 s to 50 s: the answers are queued in the session
     assert d.requests(55.0) == []  # the time away is not silence from the cloud
     d.accept(chunk(0), 56.0)
     assert asked(d.requests(56.0)) == [2]
     d.forget_requests()  # a reconnect to a new session: nothing is queued for us
     assert asked(d.requests(57.0)) == [1, 2]
     assert d.timeouts == 0 and d.chunks_requested == 5
+
+
+def test_a_link_that_keeps_dropping_still_asks_again_for_what_never_came(tmp_path: Path) -> None:
+    """Each reconnect resumes the session: the timer stops while away and goes on from where it stood, so 10 s of
+    connection without an answer asks again however often the link drops (restarted at each reconnect, it never
+    would while the link dropped every 4 s)."""
+    d = dl(tmp_path, window=2, timeout=10.0)
+    assert asked(d.requests(0.0)) == [0, 1]
+    for t in (4.0, 9.0):  # connected 4 s, away 1 s, twice
+        d.session_resumed(t + 1.0, 1.0)
+        assert d.requests(t + 1.0) == []
+    assert d.requests(12.0) == []  # 10 s of connection since the ask
+    assert asked(d.requests(12.5)) == [0, 1]  # 10.5 s
+    assert d.stalls == 1 and d.timeouts == 2
 
 
 def test_a_request_that_never_left_is_asked_for_again_and_not_paid_for(tmp_path: Path) -> None:

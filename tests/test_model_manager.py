@@ -208,6 +208,34 @@ def test_an_empty_desired_cancels_a_download_and_a_new_one_replaces_it(tmp_path:
     assert list((rig.tmp / "models" / "packages").iterdir()) == []  # nothing kept that nothing uses
 
 
+def test_a_download_failed_by_a_chunk_that_never_matches_keeps_what_it_verified(tmp_path: Path, keys: Keys) -> None:
+    """`chunk_max_bad` wrong answers for one chunk fail the download, but the chunks it holds passed their hashes:
+    the cloud's next desired message for the package (a new rollout) asks only for the rest."""
+    rig = Rig(tmp_path, keys, chunk_max_bad=2, download_window=4)
+    pkg = rig.package("2")
+    d = rig.offer(pkg)
+    rig.pump(answer=False)
+    assert d.chunks >= 3
+    asked_first = [i for g in rig.gets for i in range(g.first, g.first + g.count)]
+    assert asked_first == list(range(min(4, d.chunks)))
+    for i in (0, 1):
+        rig.mgr.on_chunk(mw.chunk_of(pkg, d.package_sha256, i, 700))
+    bad = mw.Chunk(d.package_sha256, 2, d.chunks, bytes(len(mw.chunk_of(pkg, d.package_sha256, 2, 700).data)))
+    rig.mgr.on_chunk(bad)
+    rig.pump(answer=False)  # chunk 2 asked again at once
+    rig.mgr.on_chunk(bad)
+    rig.pump(answer=False)
+    assert rig.states()[-1] == "failed" and "chunk_never_matches" in (rig.statuses[-1].reason or "")
+    part = rig.tmp / "models" / "download" / f"{d.package_sha256}.part"
+    assert part.exists()
+    rig.gets.clear()
+    rig.offer(pkg, rollout="2")
+    rig.pump()
+    assert rig.statuses[-2].state == "downloading" and rig.states()[-1] == "verified"
+    asked_again = sorted(i for g in rig.gets for i in range(g.first, g.first + g.count))
+    assert asked_again == list(range(2, d.chunks))  # chunks 0 and 1 were kept
+
+
 def test_a_package_that_fails_verification_never_replaces_the_working_model(tmp_path: Path, keys: Keys) -> None:
     rig = Rig(tmp_path, keys)
     stranger = Keys(tmp_path / "other-keys")

@@ -230,7 +230,7 @@ def test_a_resumed_session_keeps_the_batches_in_flight_and_their_acks_count(
     timers start over at the reconnect. Before, the reconnect forgot the batches: the acks were dropped as
     `not_in_flight` and the three batches sent again."""
     broker, vehicle_port = doors
-    acker, up = _resume_rig(broker, vehicle_port, store, max_inflight_batches=3, ack_timeout_s=5.0)
+    acker, up = _resume_rig(broker, vehicle_port, store, max_inflight_batches=3, ack_timeout_s=10.0)
     try:
         wait_for(lambda: len(acker.batches) == 3 and not up._client._out_messages,
                  what="three batches in flight, each acknowledged by the broker")
@@ -239,13 +239,14 @@ def test_a_resumed_session_keeps_the_batches_in_flight_and_their_acks_count(
         b1, b2, b3 = (b for _, b in acker.batches)
         forged = wire.encode_ack(wire.Ack("v1", b1.batch - 1000, [(1, BIG)]))
         _vehicle_away(broker, vehicle_port, acker, [_ack(b1), _ack(b2, [(1, BIG)]), _ack(b3), forged],
-                      until=sent + 6.0)
+                      until=sent + 12.0)
         wait_for(lambda: up.stats.acks + sum(up.stats.acks_rejected.values()) >= 4, what="the queued acks handled")
         assert up.stats.sessions_resumed == 1 and up.stats.connects == 2
         assert up.stats.inflight_kept == 3 and up.stats.inflight_forgotten == 0
         assert up.stats.acks_rejected == {"not_in_flight": 1}, up.stats  # the forged one only
         assert up.stats.acks == 3 and up.stats.acks_trimmed == 1
-        assert up.stats.ack_timeouts == 0  # away 6 s, the timeout 5 s: the timers started over at the reconnect
+        # Away 12 s, the timeout 10 s: the timers stopped while the vehicle was away.
+        assert up.stats.ack_timeouts == 0
         # The ack naming everything deleted only its batch's rows: the fourth batch's rows wait for their own.
         assert _outbox(store) == {(241, 280), (281, 320)}
         wait_for(lambda: len(acker.batches) == 4, what="the fourth batch")
@@ -254,6 +255,34 @@ def test_a_resumed_session_keeps_the_batches_in_flight_and_their_acks_count(
         seen = acker.seqs()
         assert seen[:240] == list(range(1, 241))  # nothing in flight at the outage was sent again
         assert set(seen) == set(range(1, 321))
+    finally:
+        up.stop()
+        acker.close()
+
+
+def test_a_batch_whose_ack_never_comes_is_sent_again_on_a_link_that_keeps_dropping(
+    doors: tuple[MosquittoBroker, int], store: Store
+) -> None:
+    """The cloud never acks; the link drops every 2 s of connection, each time back to the session the broker kept.
+    The ack timers stop while the vehicle is away and go on at the reconnect: after `ack_timeout_s` (5 s) of
+    connection, spread over three stretches, the batches go again. Restarted at each reconnect instead, they never
+    would while the link kept dropping (none of them had by the fourth reconnect)."""
+    broker, vehicle_port = doors
+    acker, up = _resume_rig(broker, vehicle_port, store, max_inflight_batches=2, ack_timeout_s=5.0)
+    try:
+        wait_for(lambda: len(acker.batches) == 2 and not up._client._out_messages,
+                 what="two batches in flight, each acknowledged by the broker")
+        for stretch in range(1, 4):
+            time.sleep(2.0)  # connected, no ack
+            _vehicle_away(broker, vehicle_port, acker, [], until=time.monotonic() + 0.5)
+            wait_for(lambda n=stretch: up.stats.connects == n + 1 and up.stats.connected, what="back")
+        assert up.stats.sessions_resumed == 3
+        # 6 s of connection so far, 5 s the timeout: timed out during the third stretch, whatever the time away.
+        assert up.stats.ack_timeouts >= 1, up.stats
+        first = {b.batch for _, b in acker.batches[:2]}
+        wait_for(lambda: {b.batch for _, b in acker.batches[2:]} - first, what="the batches sent again")
+        resent = [q for _, b in acker.batches[2:] for seg in b.segments for q in range(seg.seq_lo, seg.seq_hi + 1)]
+        assert set(range(1, 81)) <= set(resent)  # the two batches' rows, all of them again
     finally:
         up.stop()
         acker.close()

@@ -17,8 +17,8 @@ copy beyond those asked for) restarts nothing: anyone who can publish on the mod
 of them must not hold off asking again. Each further timeout without an answer in between doubles the wait, up to
 MAX_BACKOFF times `chunk_timeout_s` (a stalled link is not asked again every `chunk_timeout_s` for the same
 chunks); the first answer resets it. A reconnect that resumed the MQTT session keeps the outstanding requests
-(their answers are queued in the session for us) and restarts the timer (time away from the broker is not silence
-from the cloud); one that did not forgets them: they are asked at once, and no earlier copy is owed.
+(their answers are queued in the session for us) and stops the timer for the time away (time away from the broker is
+not silence from the cloud); one that did not forgets them: they are asked at once, and no earlier copy is owed.
 Every chunk is checked the moment it arrives, and dropped and counted by reason when it is not the one expected:
 `duplicate` (already have it: ignored, never written twice), `other_package`, `wrong_total` (a total that is not
 the package's), `wrong_size` (not the length its slot must have), `hash_mismatch` (asked for again; `max_bad` of
@@ -179,10 +179,12 @@ class Download:
         self._scan = 0
         self._silent = 0
 
-    def session_resumed(self, now: float) -> None:
-        """A reconnect to the session we had: the outstanding requests' answers are queued there for us, so they
-        stay asked for (and owed); the timer restarts, as no chunk could arrive while we were away."""
-        self._since = now
+    def session_resumed(self, now: float, away_s: float) -> None:
+        """A reconnect to the session we had, after `away_s` without a connection: the outstanding requests'
+        answers are queued there for us, so they stay asked for (and owed). The window's timer stops for the time
+        away, when no chunk could arrive, and goes on from where it stood: restarted at every reconnect instead, a
+        link that drops more often than the timeout would never ask again for a chunk the cloud did not send."""
+        self._since = min(now, self._since + away_s)
 
     # --- chunks ----------------------------------------------------------------------------------------------------
 
@@ -204,7 +206,10 @@ class Download:
                 self._answered(c.index, now)
         else:
             reason = self._flaw(c)
-            if reason == "hash_mismatch":
+            if reason == "hash_mismatch" and c.index in self.asked:
+                # A wrong answer to a request counts toward `max_bad` (the cloud's copy may be damaged: the download
+                # must end, not loop). One nobody asked for counts only as dropped: anyone who can publish on the
+                # model topic could otherwise fail the download with `max_bad` forgeries.
                 self.bad[c.index] += 1
                 self.asked.discard(c.index)  # ask again at once
                 self._scan = min(self._scan, c.index)

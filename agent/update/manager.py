@@ -215,14 +215,14 @@ class ModelManager:
 
     # --- the uplink thread ----------------------------------------------------------------------------------------
 
-    def on_connect(self, session_present: bool) -> None:
+    def on_connect(self, session_present: bool, away_s: float = 0.0) -> None:
         """A (re)connection. When the broker resumed our session, the answers to the requests in flight are queued
         in it for us: they stay asked for (asking again would bring each chunk twice, and pay for it twice);
         otherwise they are lost and asked for again. The latest report goes again (retained, same seq)."""
         with self._lock:
             if self._download is not None:
                 if session_present:
-                    self._download.session_resumed(time.monotonic())
+                    self._download.session_resumed(time.monotonic(), away_s)
                 else:
                     self._download.forget_requests()
             self._resend_report()
@@ -352,7 +352,12 @@ class ModelManager:
         dl = self._download
         self._download = None
         if dl is not None:
-            dl.discard()
+            if e.code == "chunk_never_matches":
+                # The chunks held passed their hashes: kept for the next desired message naming this package
+                # (`open` checks each slot again; `prune` deletes the file once another package is desired).
+                dl.close()
+            else:
+                dl.discard()
             self.counters["downloads_failed"] += 1
         self._step = "failed"
         self._report("failed", reason=f"{e.code}: {e}",
