@@ -50,14 +50,18 @@ class _Handler(ctypes.Structure):
 _CAPSULE_NAME = ctypes.c_char_p(b"mem_handler")  # numpy checks a handler capsule's name; the capsule keeps a pointer
 _handler: _Handler | None = None  # made once and never freed: arrays hold its capsule for as long as they live
 _capsule: Any = None
+_lock = threading.Lock()
 reason: str | None = None  # why the cache is on in the agent's threads; None when it is off
 
 
 def _make() -> Any:
     """The handler's capsule, made on first use; None (and `reason` set) where it cannot be."""
+    with _lock:
+        return _capsule if _capsule is not None or reason is not None else _make_locked()
+
+
+def _make_locked() -> Any:
     global _handler, _capsule, reason
-    if _capsule is not None or reason is not None:
-        return _capsule
     if tracemalloc.is_tracing():
         # Python's raw allocator is then tracemalloc's hook, which would outlive tracemalloc.stop() in the handler.
         reason = "tracemalloc is tracing"
@@ -72,9 +76,15 @@ def _make() -> Any:
         return None
     raw = _Allocator()
     _capi("PyMem_GetAllocator", None, ctypes.c_int, ctypes.POINTER(_Allocator))(_PYMEM_DOMAIN_RAW, ctypes.byref(raw))
-    _handler = _Handler(NAME.encode(), 1, raw)
+    handler = _Handler(NAME.encode(), 1, raw)
     new_capsule = _capi("PyCapsule_New", ctypes.py_object, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p)
-    _capsule = new_capsule(ctypes.addressof(_handler), _CAPSULE_NAME, None)
+    capsule = new_capsule(ctypes.addressof(handler), _CAPSULE_NAME, None)
+    # The struct and the name the capsule points into must outlive every array made with it, including those the
+    # interpreter frees after this module's globals at exit: one reference each that is never given back.
+    incref = _capi("Py_IncRef", None, ctypes.py_object)
+    for keep in (handler, _CAPSULE_NAME):
+        incref(keep)
+    _handler, _capsule = handler, capsule
     return _capsule
 
 
@@ -85,9 +95,20 @@ def _capi(name: str, restype: Any, *argtypes: Any) -> Any:
 
 
 def _set_handler() -> None:
+    """numpy allocates without its cache in the calling context from now on; where it cannot, `reason` says why
+    and numpy's default stays (the agent runs either way)."""
+    global reason
     capsule = _make()
     if capsule is None:
         return
+    try:
+        _set(capsule)
+    except Exception as e:  # a numpy whose C API is not what slot 304 says: never seen, never fatal
+        with _lock:
+            reason = f"numpy refused the handler ({type(e).__name__}: {e})"
+
+
+def _set(capsule: Any) -> None:
     get_pointer = _capi("PyCapsule_GetPointer", ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)
     api = importlib.import_module(_C_MODULE)._ARRAY_API
     table = ctypes.cast(get_pointer(api, None), ctypes.POINTER(ctypes.c_void_p))

@@ -42,6 +42,9 @@ def _symbol(path: str) -> tuple[int, int]:
         found = symtab.get_symbol_by_name("datacache")  # type: ignore[attr-defined]
         if not found:
             raise LookupError(f"{path} has no datacache symbol (numpy's cache moved or was renamed)")
+        size = found[0]["st_size"]
+        if size != NBUCKETS * _BUCKET.size:
+            raise LookupError(f"{path}'s datacache is {size} bytes, not numpy's {NBUCKETS} buckets of {NCACHE}")
         low = min(seg["p_vaddr"] for seg in elf.iter_segments() if seg["p_type"] == "PT_LOAD")
         return int(found[0]["st_value"]), int(low)
 

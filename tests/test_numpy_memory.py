@@ -7,6 +7,7 @@ numpy use would fill it."""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import subprocess
 import sys
@@ -109,6 +110,13 @@ def test_a_thread_made_by_numpy_memory_allocates_without_the_cache() -> None:
     t.join()
     assert numpy_memory.reason is None
     assert seen == [(numpy_memory.NAME, numpy_memory.NAME)]
+    # Its functions are Python's raw allocator's (a handler that leaked or never freed would pass the cache tests).
+    raw = numpy_memory._Allocator()
+    numpy_memory._capi("PyMem_GetAllocator", None, ctypes.c_int, ctypes.POINTER(numpy_memory._Allocator))(
+        0, ctypes.byref(raw))
+    made = numpy_memory._handler
+    assert made is not None
+    assert [getattr(made.allocator, f) for f, _ in raw._fields_] == [getattr(raw, f) for f, _ in raw._fields_]
     assert numpy_memory.current() == "default_allocator"  # pytest's thread untouched
     assert "cache off" in numpy_memory.status()
 
