@@ -209,6 +209,9 @@ def test_a_whole_agent_tells_the_cloud_its_active_dtcs(broker: MosquittoBroker, 
 
     try:
         wait_for(lambda: latest().get("state") == "online", what="the agent online")
+        # A virtual bus delivers only to buses open on it: frames sent before the agent's CAN source opened its bus
+        # would be lost (under load the uplink can be online first: a status that never named the DTCs in CI).
+        wait_for(lambda: agent.can_sources[0].up, what="the agent's CAN source open")
         for m in dm1(0x00, 1.0, [Dtc(110, 0, 3)], AMBER) + dm1(0x03, 1.0, [Dtc(100, 1, 1), Dtc(111, 1, 4)]):
             tx.send(m)
         wait_for(lambda: len(latest().get("dtcs", {}).get("active", [])) == 3, what="a status naming the DTCs")
