@@ -170,22 +170,19 @@ def test_forged_chunks_do_not_hold_off_asking_again(tmp_path: Path) -> None:
     assert asked(d.requests(0.0)) == [0, 1]
     assert d.accept(chunk(0), 1.0) == "stored"
     assert asked(d.requests(1.0)) == [2]  # outstanding: 1 and 2, from here on never answered
-    k = 0
     reasons: list[str] = []
-    for t in range(2, 11, 2):
-        c, why = forgery(k)
-        assert d.accept(c, float(t)) == why
-        assert d.requests(float(t)) == []
-        reasons.append(why)
-        k += 1
+
+    def forgeries(times: range) -> None:
+        for t in times:
+            c, why = forgery(len(reasons))
+            assert d.accept(c, float(t)) == why
+            assert d.requests(float(t)) == []
+            reasons.append(why)
+
+    forgeries(range(2, 11, 2))
     assert d.requests(11.0) == []  # 10 s since the last good chunk: not past the timeout yet
     assert asked(d.requests(11.5)) == [1, 2]
-    for t in range(12, 31, 2):
-        c, why = forgery(k)
-        assert d.accept(c, float(t)) == why
-        assert d.requests(float(t)) == []
-        reasons.append(why)
-        k += 1
+    forgeries(range(12, 31, 2))
     assert d.requests(31.0) == []  # backed off: 20 s from the re-ask
     assert asked(d.requests(31.6)) == [1, 2]
     assert (d.stalls, d.backoffs, d.timeouts) == (2, 1, 4)
