@@ -108,7 +108,7 @@ class ModelChannel(Protocol):
 class _InFlight:
     batch: int
     seq_los: list[int]
-    sent_at: float  # when its ack timer started: the send, or the reconnect that resumed its session
+    sent_at: float  # when its ack timer started: the send, moved later by the time away at a resumed session
     n_samples: int
     ranges: list[tuple[int, int]] = field(default_factory=list)  # [seq_lo, seq_hi] of each row carried
     tables: set[str] = field(default_factory=set)  # digests of the signal tables it carried in full
